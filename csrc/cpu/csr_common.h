@@ -1,0 +1,63 @@
+// Shared pieces of the CPU CSR kernels: input checks, batch-panel packing, ISA detection.
+//
+// Layout used by every CPU CSR kernel: the dense operand X [M, K] is repacked into
+// "batch panels" [P, K, T] (P = ceil(M / T)), i.e. X^T cut into T-wide column strips.
+// For one non-zero w[r, k] the kernel then does y^T[r, 0:T] += w * panel[k, 0:T]: a
+// contiguous T-float axpy whose accumulator stays in registers for the whole row.
+// T = 64 floats = four 512-bit registers; a [4096, 64] fp32 panel is 1 MiB, the size
+// of one core's L2 on the machines we measure on, so a panel stays cache-resident
+// while every output row gathers from it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+
+namespace sparsekernels::cpu {
+
+// Panel widths. Narrow panels serve small batches (B <= 16 would waste 75% or more of
+// a 64-wide panel on padding).
+constexpr int64_t kWidePanel = 64;
+constexpr int64_t kNarrowPanel = 16;
+
+inline int64_t choose_panel(int64_t m) { return m <= kNarrowPanel ? kNarrowPanel : kWidePanel; }
+
+// True when the running CPU has AVX-512F (checked once, at run time, so the same
+// binary runs on machines without it through the portable path).
+bool cpu_has_avx512();
+
+// Scalar type the kernels compute in: double for double, float for everything else
+// (bf16 / fp16 inputs are widened while packing, so they accumulate in fp32).
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Validates a CSR matrix with n_rows rows whose column indices must lie in
+// [0, n_cols): int32 indices, 1-D tensors on the CPU, row_ptr of n_rows + 1
+// monotone entries from 0 to nnz. `what` names the op in error messages.
+void check_csr(const char* what, const at::Tensor& values, const at::Tensor& row_ptr,
+               const at::Tensor& col_idx, int64_t n_rows, int64_t n_cols);
+
+// Checks a dense operand: floating dtype equal to `dtype`, CPU, at least 1-D with
+// last dimension `k`.
+void check_dense(const char* what, const char* arg, const at::Tensor& x, at::ScalarType dtype,
+                 int64_t k);
+
+// x: [M, K] any strides, any floating dtype -> panels [P, K, T] of `compute` dtype,
+// rows M..P*T-1 zero. The result lives in workspace slot `slot`.
+at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType compute, int slot);
+
+// panels: [P, N, T] -> [M, N] of `out_dtype` (drops the padding rows).
+at::Tensor unpack_panels(const at::Tensor& panels, int64_t m, at::ScalarType out_dtype);
+
+// A per-thread scratch buffer of at least `numel` elements, reused across calls. Slot
+// `slot` (0..kWorkspaceSlots-1) lets one op hold several at once. Why: the packed panels
+// are megabytes, and a fresh allocation of that size costs its page faults on every call
+// (0.5 ms per 8 MiB measured here, as much as the kernel at high sparsity).
+constexpr int kWorkspaceSlots = 3;
+at::Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype);
+// Frees this thread's scratch buffers.
+void release_workspace();
+
+}  // namespace sparsekernels::cpu

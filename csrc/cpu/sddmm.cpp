@@ -1,0 +1,161 @@
+// sddmm on the CPU: the weight gradient at the non-zeros only,
+//   dvalues[e] = sum_b dy[b, row(e)] * x[b, col_idx[e]]   ( = (dy^T x) sampled at W's pattern ).
+//
+// Both operands are packed into batch panels (csr_common.h), so every non-zero is a
+// T-wide dot product of two contiguous rows: dy's row stays in registers for the whole
+// CSR row, x's row is gathered per non-zero. A thread owns a block of CSR rows and sums
+// over all panels itself, so no two threads ever write the same dvalues entry.
+#include "csr_common.h"
+
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace sparsekernels::cpu {
+namespace {
+
+constexpr int64_t kRowsPerTask = 32;
+
+template <typename acc_t, int64_t T>
+void sddmm_rows_generic(const acc_t* panel_dy, const acc_t* panel_x, acc_t* out,
+                        const int32_t* row_ptr, const int32_t* col_idx, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t* d = panel_dy + r * T;
+    for (int32_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+      const acc_t* x = panel_x + static_cast<int64_t>(col_idx[e]) * T;
+      acc_t s = 0;
+      for (int64_t j = 0; j < T; ++j) s += d[j] * x[j];
+      out[e] += s;
+    }
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Sums each of 16 vectors horizontally: result lane i = sum of v[i]'s 16 lanes. A shuffle
+// tree costs ~45 instructions for 16 dot products (~3 per non-zero) instead of ~8 each
+// for _mm512_reduce_add_ps.
+__attribute__((target("avx512f"))) inline __m512 reduce16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i) {
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3].
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    // Per 128-bit lane: partial sums of v[4i], v[4i+1], v[4i+2], v[4i+3] in that order.
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Fold the four 128-bit lanes: c = [u0 L0+L1, u0 L2+L3, u1 L0+L1, u1 L2+L3].
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                                 _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                                 _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88), _mm512_shuffle_f32x4(c, d, 0xDD));
+}
+
+template <int64_t T>
+__attribute__((target("avx512f"))) void sddmm_rows_avx512(const float* panel_dy,
+                                                          const float* panel_x, float* out,
+                                                          const int32_t* row_ptr,
+                                                          const int32_t* col_idx, int64_t r0,
+                                                          int64_t r1) {
+  constexpr int V = static_cast<int>(T / 16);
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 d[V];
+    for (int v = 0; v < V; ++v) d[v] = _mm512_loadu_ps(panel_dy + r * T + 16 * v);
+    int32_t e = row_ptr[r];
+    const int32_t end = row_ptr[r + 1];
+    for (; e + 16 <= end; e += 16) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) {
+        const float* x = panel_x + static_cast<int64_t>(col_idx[e + i]) * T;
+        acc[i] = _mm512_mul_ps(d[0], _mm512_loadu_ps(x));
+        for (int v = 1; v < V; ++v) acc[i] = _mm512_fmadd_ps(d[v], _mm512_loadu_ps(x + 16 * v), acc[i]);
+      }
+      _mm512_storeu_ps(out + e, _mm512_add_ps(_mm512_loadu_ps(out + e), reduce16(acc)));
+    }
+    for (; e < end; ++e) {
+      const float* x = panel_x + static_cast<int64_t>(col_idx[e]) * T;
+      __m512 acc = _mm512_mul_ps(d[0], _mm512_loadu_ps(x));
+      for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(d[v], _mm512_loadu_ps(x + 16 * v), acc);
+      out[e] += _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+#endif
+
+template <typename acc_t, int64_t T>
+void sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
+                  const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  const int64_t p_count = pdy.size(0), n = pdy.size(1), k = px.size(1);
+  const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  const acc_t* dy = pdy.data_ptr<acc_t>();
+  const acc_t* x = px.data_ptr<acc_t>();
+  acc_t* o = out.data_ptr<acc_t>();
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t r0 = begin * kRowsPerTask, r1 = std::min(n, end * kRowsPerTask);
+    for (int64_t p = 0; p < p_count; ++p) {
+      const acc_t* pd = dy + p * n * T;
+      const acc_t* pxp = x + p * k * T;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (cpu_has_avx512()) {
+          sddmm_rows_avx512<T>(pd, pxp, o, rp, ci, r0, r1);
+          continue;
+        }
+      }
+#endif
+      sddmm_rows_generic<acc_t, T>(pd, pxp, o, rp, ci, r0, r1);
+    }
+  });
+}
+
+}  // namespace
+
+// dvalues[nnz] for W = CSR (row_ptr [N+1], col_idx [nnz]) of shape [N, K];
+// dy [..., N], x [..., K] with the same leading dimensions. Returns dy's dtype.
+at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                     const at::Tensor& col_idx) {
+  TORCH_CHECK_TYPE(at::isFloatingType(dy.scalar_type()),
+                   "sddmm: dy must be a floating dtype, got ", dy.scalar_type());
+  TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "sddmm: dy and x must have at least 1 dimension");
+  check_dense("sddmm", "x", x, dy.scalar_type(), x.size(-1));
+  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    "sddmm: dy and x must have the same leading (batch) dimensions, got ",
+                    dy.sizes(), " and ", x.sizes());
+  TORCH_CHECK_VALUE(dy.device().is_cpu(), "sddmm: dy must be on the CPU, got ", dy.device());
+  const int64_t n = row_ptr.numel() - 1, k = x.size(-1);
+  TORCH_CHECK_VALUE(dy.size(-1) == n, "sddmm: dy must have last dimension ", n,
+                    " (rows of the pattern), got shape ", dy.sizes());
+  const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
+  check_csr("sddmm", placeholder, row_ptr, col_idx, n, k);
+
+  const int64_t nnz = col_idx.numel();
+  const at::Tensor dy2 = dy.reshape({-1, n}), x2 = x.reshape({-1, k});
+  const int64_t m = dy2.size(0);
+  const at::ScalarType ct = compute_type(dy.scalar_type());
+  at::Tensor out = at::zeros({nnz}, dy.options().dtype(ct));
+  if (m == 0 || nnz == 0) return out.to(dy.scalar_type());
+
+  const int64_t t = choose_panel(m);
+  const at::Tensor pdy = pack_panels(dy2, t, ct, /*slot=*/0), px = pack_panels(x2, t, ct, /*slot=*/1);
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  if (ct == at::kDouble) {
+    if (t == kWidePanel) sddmm_panels<double, kWidePanel>(pdy, px, out, rp, ci);
+    else sddmm_panels<double, kNarrowPanel>(pdy, px, out, rp, ci);
+  } else {
+    if (t == kWidePanel) sddmm_panels<float, kWidePanel>(pdy, px, out, rp, ci);
+    else sddmm_panels<float, kNarrowPanel>(pdy, px, out, rp, ci);
+  }
+  return out.to(dy.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) { m.impl("sddmm", &sddmm_cpu); }
+
+}  // namespace sparsekernels::cpu

@@ -1,0 +1,205 @@
+// spmm / spmm_t on the CPU: Y = X W^T for a CSR weight W [N, K] and a dense X [..., K].
+//
+// spmm_t (dX = dY W) is the same kernel run on W^T, whose CSR is the transpose map
+// (t_row_ptr, t_col_idx) kept with the weight; its values are values[t_perm]. So the
+// input gradient is a gather over W^T's rows, never an atomic scatter into dX.
+//
+// Work decomposition: X is packed into batch panels [P, K, T] (see csr_common.h); a task
+// is (panel p, block of output rows). Tasks are numbered panel-major so a thread sweeps
+// all its rows against one panel while that panel sits in its L2.
+#include "csr_common.h"
+
+#include <torch/library.h>
+
+#include <atomic>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace sparsekernels::cpu {
+namespace {
+
+// Rows per task: enough work (~64 * nnz/row * T FMAs) to amortise scheduling, small
+// enough that two threads split even a 1024-row weight into many tasks.
+constexpr int64_t kRowsPerTask = 32;
+
+// Portable path (any ISA, any compute type): the compiler vectorises the T-wide axpy.
+template <typename acc_t, int64_t T>
+void spmm_rows_generic(const acc_t* panel_x, acc_t* panel_y, const int32_t* row_ptr,
+                       const int32_t* col_idx, const acc_t* vals, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    acc_t acc[T] = {};
+    for (int32_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+      const acc_t w = vals[e];
+      const acc_t* x = panel_x + static_cast<int64_t>(col_idx[e]) * T;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < T; ++j) acc[j] += w * x[j];
+    }
+    acc_t* y = panel_y + r * T;
+    for (int64_t j = 0; j < T; ++j) y[j] = acc[j];
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// AVX-512 path for fp32. T / 16 accumulators per row, doubled (two non-zeros in flight)
+// so the FMA chains are independent: 8 chains for T = 64 hide the 4-cycle FMA latency.
+template <int64_t T>
+__attribute__((target("avx512f"))) void spmm_rows_avx512(const float* panel_x, float* panel_y,
+                                                         const int32_t* row_ptr,
+                                                         const int32_t* col_idx,
+                                                         const float* vals, int64_t r0,
+                                                         int64_t r1) {
+  constexpr int V = static_cast<int>(T / 16);
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 a[V], b[V];
+    for (int v = 0; v < V; ++v) {
+      a[v] = _mm512_setzero_ps();
+      b[v] = _mm512_setzero_ps();
+    }
+    int32_t e = row_ptr[r];
+    const int32_t end = row_ptr[r + 1];
+    for (; e + 1 < end; e += 2) {
+      const float* xa = panel_x + static_cast<int64_t>(col_idx[e]) * T;
+      const float* xb = panel_x + static_cast<int64_t>(col_idx[e + 1]) * T;
+      const __m512 wa = _mm512_set1_ps(vals[e]);
+      const __m512 wb = _mm512_set1_ps(vals[e + 1]);
+      for (int v = 0; v < V; ++v) {
+        a[v] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xa + 16 * v), a[v]);
+        b[v] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xb + 16 * v), b[v]);
+      }
+    }
+    if (e < end) {
+      const float* xa = panel_x + static_cast<int64_t>(col_idx[e]) * T;
+      const __m512 wa = _mm512_set1_ps(vals[e]);
+      for (int v = 0; v < V; ++v) a[v] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xa + 16 * v), a[v]);
+    }
+    float* y = panel_y + r * T;
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + 16 * v, _mm512_add_ps(a[v], b[v]));
+  }
+}
+#endif
+
+template <typename acc_t, int64_t T>
+void run_rows(const acc_t* px, acc_t* py, const int32_t* rp, const int32_t* ci, const acc_t* v,
+              int64_t r0, int64_t r1) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx512()) return spmm_rows_avx512<T>(px, py, rp, ci, v, r0, r1);
+  }
+#endif
+  spmm_rows_generic<acc_t, T>(px, py, rp, ci, v, r0, r1);
+}
+
+template <typename acc_t, int64_t T>
+void spmm_panels(const at::Tensor& px, at::Tensor& py, const at::Tensor& row_ptr,
+                 const at::Tensor& col_idx, const at::Tensor& vals) {
+  const int64_t p_count = px.size(0), k = px.size(1), n = py.size(1);
+  const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  const acc_t* x = px.data_ptr<acc_t>();
+  acc_t* y = py.data_ptr<acc_t>();
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const acc_t* v = vals.data_ptr<acc_t>();
+  at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
+      const int64_t r1 = std::min(n, r0 + kRowsPerTask);
+      run_rows<acc_t, T>(x + p * k * T, y + p * n * T, rp, ci, v, r0, r1);
+    }
+  });
+}
+
+// out[e] = vals[perm[e]] in dtype ct (workspace slot 2). Checks perm's range on the way.
+at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::ScalarType ct) {
+  const int64_t nnz = perm.numel();
+  at::Tensor out = workspace(2, {nnz}, ct);
+  const at::Tensor v = vals.contiguous(), pm = perm.contiguous();
+  std::atomic<bool> ok{true};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "gather_values", [&] {
+    const scalar_t* src = v.data_ptr<scalar_t>();
+    AT_DISPATCH_INDEX_TYPES(pm.scalar_type(), "gather_values", [&] {
+      const index_t* idx = pm.data_ptr<index_t>();
+      auto body = [&](auto* dst) {
+        at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const index_t j = idx[i];
+            if (j < 0 || j >= nnz) { ok = false; return; }
+            dst[i] = static_cast<std::remove_pointer_t<decltype(dst)>>(src[j]);
+          }
+        });
+      };
+      if (ct == at::kDouble) body(out.data_ptr<double>());
+      else body(out.data_ptr<float>());
+    });
+  });
+  TORCH_CHECK_VALUE(ok.load(), "spmm_t: t_perm entries must lie in [0, nnz = ", nnz, ")");
+  return out;
+}
+
+// Core: y[..., N] = x[..., K] @ W^T with W given by (vals, row_ptr, col_idx), N = rows.
+// perm == nullptr: W's values are `vals`; else they are vals[perm] (W^T through the
+// transpose map), gathered here into a workspace buffer in the compute dtype.
+at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& row_ptr,
+                     const at::Tensor& col_idx, const at::Tensor* perm) {
+  const int64_t k = x.size(-1), n = row_ptr.numel() - 1;
+  const at::Tensor x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  if (m == 0 || n == 0) return at::empty(out_shape, x.options());
+  if (vals.numel() == 0 || k == 0) return at::zeros(out_shape, x.options());
+
+  const at::ScalarType ct = compute_type(x.scalar_type());
+  const int64_t t = choose_panel(m);
+  const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
+  at::Tensor py = workspace(1, {px.size(0), n, t}, ct);
+  const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  if (ct == at::kDouble) {
+    if (t == kWidePanel) spmm_panels<double, kWidePanel>(px, py, rp, ci, v);
+    else spmm_panels<double, kNarrowPanel>(px, py, rp, ci, v);
+  } else {
+    if (t == kWidePanel) spmm_panels<float, kWidePanel>(px, py, rp, ci, v);
+    else spmm_panels<float, kNarrowPanel>(px, py, rp, ci, v);
+  }
+  return unpack_panels(py, m, x.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+// y[..., N] = x[..., K] W^T, W = CSR (values, row_ptr [N+1], col_idx [nnz]) of shape [N, K].
+at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                    const at::Tensor& col_idx) {
+  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
+                   "spmm: values must be a floating dtype, got ", values.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "spmm: x must have at least 1 dimension");
+  check_dense("spmm", "x", x, values.scalar_type(), x.size(-1));
+  check_csr("spmm", values, row_ptr, col_idx, row_ptr.numel() - 1, x.size(-1));
+  return spmm_core(x, values, row_ptr, col_idx, nullptr);
+}
+
+// dx[..., K] = dy[..., N] W, via W^T's CSR (t_row_ptr [K+1], t_col_idx [nnz] holding row
+// indices of W, t_perm [nnz] positions into values).
+at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& t_row_ptr,
+                      const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
+  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
+                   "spmm_t: values must be a floating dtype, got ", values.scalar_type());
+  TORCH_CHECK_VALUE(dy.dim() >= 1, "spmm_t: dy must have at least 1 dimension");
+  check_dense("spmm_t", "dy", dy, values.scalar_type(), dy.size(-1));
+  check_csr("spmm_t", values, t_row_ptr, t_col_idx, t_row_ptr.numel() - 1, dy.size(-1));
+  TORCH_CHECK_VALUE(t_perm.dim() == 1 && t_perm.numel() == values.numel(),
+                    "spmm_t: t_perm must be 1-D with nnz = ", values.numel(), " entries, got shape ",
+                    t_perm.sizes());
+  TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
+                   "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
+  return spmm_core(dy, values, t_row_ptr, t_col_idx, &t_perm);
+}
+
+TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) {
+  m.impl("spmm", &spmm_cpu);
+  m.impl("spmm_t", &spmm_t_cpu);
+}
+
+}  // namespace sparsekernels::cpu

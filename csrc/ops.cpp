@@ -1,0 +1,35 @@
+// Schemas of the compiled kernels. The public ops (torch.ops.sparsekernels.*, defined in
+// sparsekernels/ops/) choose a backend and call these for the compiled ones; the
+// device implementations register themselves next to their kernels
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/csr_common.h"
+
+namespace sparsekernels {
+
+bool cpu_has_avx512_op() { return cpu::cpu_has_avx512(); }
+void release_workspace_op() { cpu::release_workspace(); }
+
+TORCH_LIBRARY(sparsekernels_C, m) {
+  // y[..., N] = x[..., K] W^T for W = CSR(values, row_ptr, col_idx) of shape [N, K].
+  m.def("spmm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // dx[..., K] = dy[..., N] W through W^T's CSR (t_row_ptr, t_col_idx, t_perm).
+  m.def("spmm_t(Tensor dy, Tensor values, Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
+  // dvalues[nnz] = (dy^T x) sampled at W's pattern.
+  m.def("sddmm(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // True when the CPU kernels run their AVX-512 path on this machine.
+  m.def("cpu_has_avx512() -> bool", &cpu_has_avx512_op);
+  // Frees the calling thread's cached scratch buffers (packed panels).
+  m.def("release_workspace() -> ()", &release_workspace_op);
+}
+
+}  // namespace sparsekernels
+
+// `import sparsekernels._C` loads this library (and so runs the registrations above);
+// the module itself holds nothing.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

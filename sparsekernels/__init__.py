@@ -1,0 +1,20 @@
+"""sparsekernels: sparse kernels and layers that make sparse training really sparse.
+
+    import sparsekernels
+    model = sparsekernels.sparsify(model, 0.9, distribution="erk")   # nn.Linear/Conv2d -> sparse
+
+See ``sparsekernels info`` for the compiled backends.
+"""
+
+from . import _extension
+from .backends import get_backend, set_backend, use_backend
+from . import reference, ops, formats, nn  # noqa: E402  (order: extension first)
+from .formats import CSR
+from .nn import SparseConv2d, SparseLinear, densify, sparsify
+
+__version__ = "0.1.0"
+
+release_workspace = _extension.release_workspace
+
+__all__ = ["CSR", "SparseLinear", "SparseConv2d", "sparsify", "densify", "set_backend", "get_backend",
+           "use_backend", "ops", "formats", "nn", "reference", "release_workspace", "__version__"]

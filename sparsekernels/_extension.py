@@ -1,0 +1,49 @@
+"""Loads the compiled kernels (``sparsekernels._C``) if they were built.
+
+The package works without them (reference backend); ``sparsekernels info`` reports
+what is available and why something is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # the import registers torch.ops.sparsekernels_C.* (TORCH_LIBRARY in csrc/ops.cpp)
+    from . import _C  # noqa: F401
+
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def compiled() -> bool:
+    """True when the C++ extension is loaded."""
+    return LOAD_ERROR is None
+
+
+def compiled_ops() -> list[str]:
+    """Names of the ops the compiled library registered (empty when not loaded)."""
+    if not compiled():
+        return []
+    return sorted(name for name in ("spmm", "spmm_t", "sddmm") if hasattr(torch.ops.sparsekernels_C, name))
+
+
+def cpu_has_avx512() -> bool:
+    """Whether the compiled CPU kernels run their AVX-512 path on this machine."""
+    return compiled() and bool(torch.ops.sparsekernels_C.cpu_has_avx512())
+
+
+def release_workspace() -> None:
+    """Frees the calling thread's cached kernel scratch buffers (packed input panels)."""
+    if compiled():
+        torch.ops.sparsekernels_C.release_workspace()
+
+
+def require(what: str) -> None:
+    """Raises an actionable error when the compiled kernels are needed but missing."""
+    if not compiled():
+        raise RuntimeError(
+            f"{what} needs the compiled sparsekernels extension, which did not load ({LOAD_ERROR}). "
+            "Build it with `pip install --no-build-isolation -e .` (or `make build`), "
+            "or choose the reference backend: sparsekernels.set_backend('reference')."
+        )

@@ -1,0 +1,6 @@
+"""Sparse weight formats and their conversions to and from dense + mask."""
+
+from .csr import CSR, build_transpose
+from .masks import check_sparsity, kept_count, magnitude_mask, random_mask
+
+__all__ = ["CSR", "build_transpose", "check_sparsity", "kept_count", "magnitude_mask", "random_mask"]

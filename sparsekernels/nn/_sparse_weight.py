@@ -1,0 +1,92 @@
+"""What SparseLinear and SparseConv2d share: a CSR weight held as one trainable 1-D
+``values`` parameter (so optimizer state is O(nnz)) and int32 index buffers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..formats import CSR
+from ..ops import spmm
+
+_PATTERN = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
+
+
+class SparseWeightMixin(nn.Module):
+    """Holds ``values`` [nnz] (Parameter) and the CSR pattern of a ``[rows, cols]`` matrix
+    (buffers ``row_ptr``, ``col_idx``, ``t_row_ptr``, ``t_col_idx``, ``t_perm``)."""
+
+    values: nn.Parameter
+    row_ptr: Tensor
+    col_idx: Tensor
+    t_row_ptr: Tensor
+    t_col_idx: Tensor
+    t_perm: Tensor
+
+    def _init_sparse_weight(self, csr: CSR, dense_numel: int | None = None) -> None:
+        """``dense_numel``: entries of the logical dense weight (default rows * cols; a
+        grouped convolution stores a block-diagonal matrix larger than its weight)."""
+        self.values = nn.Parameter(csr.values.detach().clone())
+        for name, t in zip(_PATTERN, csr.pattern()):
+            self.register_buffer(name, t)
+        self._matrix_shape = tuple(csr.shape)
+        self._dense_numel = csr.shape[0] * csr.shape[1] if dense_numel is None else dense_numel
+
+    def set_csr(self, csr: CSR) -> None:
+        """Replaces the pattern and values in place (same Parameter object, resized), e.g.
+        after a topology update. Optimizer state must be remapped by the caller."""
+        if tuple(csr.shape) != self._matrix_shape:
+            raise ValueError(f"set_csr: expected a {self._matrix_shape} matrix, got {tuple(csr.shape)}")
+        with torch.no_grad():
+            self.values.data = csr.values.detach().to(self.values.dtype).clone()
+        for name, t in zip(_PATTERN, csr.pattern()):
+            setattr(self, name, t.to(self.values.device))
+
+    def csr(self) -> CSR:
+        """The weight as a :class:`CSR` (sharing this module's tensors)."""
+        return CSR(self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm,
+                   self._matrix_shape)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """x [..., cols] -> x @ W^T [..., rows] through the sparse kernels."""
+        return spmm(x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (trainable) weights."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self._dense_numel if self._dense_numel else 1.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the dense weight's entries that are not stored."""
+        return 1.0 - self.density
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint may hold a different nnz (another sparsity, or a later topology):
+        # take its pattern wholesale instead of failing on a size mismatch.
+        key = prefix + "values"
+        if key in state_dict and state_dict[key].shape != self.values.shape:
+            with torch.no_grad():
+                self.values.data = torch.empty_like(state_dict[key], dtype=self.values.dtype,
+                                                    device=self.values.device)
+            for name in _PATTERN:
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.values.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _check_input(self, x: object) -> Tensor:
+        """Type, dtype and device of a layer input; the layer checks the shape."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self.values.dtype:
+            raise TypeError(f"{name}: input has dtype {x.dtype} but the layer's weights are {self.values.dtype}")
+        if x.device != self.values.device:
+            raise ValueError(f"{name}: input is on {x.device} but the layer's weights are on {self.values.device}")
+        return x

@@ -1,0 +1,196 @@
+"""SparseConv2d: a drop-in ``nn.Conv2d`` whose weight is stored (and trained) as CSR.
+
+The weight [out, in/groups, kh, kw] is the matrix [out, in/groups * kh * kw]; the
+convolution is unfold (im2col) followed by the sparse matmul. Grouped convolutions are
+one block-diagonal matrix over the unfolded input [.., in * kh * kw]: a row of group g
+has its column indices shifted by g * (in/groups) * kh * kw, so every group runs in a
+single kernel call. ``col_idx`` therefore indexes unfolded input columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from ..formats import CSR, check_sparsity, magnitude_mask, random_mask
+from ._sparse_weight import SparseWeightMixin
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class SparseConv2d(SparseWeightMixin):
+    """2-D convolution with a sparse weight; arguments as ``nn.Conv2d`` plus ``sparsity``.
+
+    Input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or without N).
+    The trainable parameter is ``values`` [nnz] (see :class:`SparseLinear`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, sparsity: float = 0.9,
+                 device=None, dtype=None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self._configure(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        sparsity = check_sparsity(sparsity)
+        factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
+        mask = random_mask(self.weight_shape, sparsity, device=device, generator=generator)
+        self._init_from_masked(torch.zeros(self.weight_shape, **factory), mask)
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ configuration
+    def _configure(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode):
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"SparseConv2d: {name} must be a positive int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"SparseConv2d: in_channels ({in_channels}) and out_channels ({out_channels}) "
+                             f"must be divisible by groups ({groups})")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"SparseConv2d: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if min(self.kernel_size) <= 0 or min(self.stride) <= 0 or min(self.dilation) <= 0:
+            raise ValueError("SparseConv2d: kernel_size, stride and dilation must be positive")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"SparseConv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("SparseConv2d: padding='same' needs stride 1 (as nn.Conv2d)")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+            if min(self.padding) < 0:
+                raise ValueError(f"SparseConv2d: padding must be non-negative, got {padding!r}")
+        self.padding_mode = padding_mode
+        kh, kw = self.kernel_size
+        self.weight_shape = (out_channels, in_channels // groups, kh, kw)
+        # F.pad order (left, right, top, bottom) of the explicit padding.
+        if self.padding == "valid":
+            self._pad = (0, 0, 0, 0)
+        elif self.padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            self._pad = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+        else:
+            self._pad = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+
+    def _block_diagonal_cols(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """Column in the unfolded input of each entry (group offset added)."""
+        per_group_out = self.out_channels // self.groups
+        per_group_cols = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
+        return cols + (rows // per_group_out) * per_group_cols
+
+    def _init_from_masked(self, weight: Tensor, mask: Tensor) -> None:
+        w2 = weight.reshape(self.out_channels, -1)
+        rows, cols = mask.reshape(self.out_channels, -1).nonzero(as_tuple=True)
+        unfolded_cols = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        csr = CSR.from_indices(w2[rows, cols], rows, self._block_diagonal_cols(rows, cols),
+                               (self.out_channels, unfolded_cols))
+        self._init_sparse_weight(csr, dense_numel=math.prod(self.weight_shape))
+
+    def reset_parameters(self) -> None:
+        """As ``nn.Conv2d`` (uniform +-1/sqrt(fan_in)) with fan_in the mean kept fan-in."""
+        fan_in = self.nnz / self.out_channels
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    # ------------------------------------------------------------------ conversions
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, sparsity: float | None = None, mask: Tensor | None = None) -> "SparseConv2d":
+        """A SparseConv2d holding ``conv``'s weights at the kept positions: ``mask``
+        [out, in/groups, kh, kw] if given, else the largest-magnitude weights at ``sparsity``,
+        else the non-zero weights."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense: expected an nn.Conv2d, got {type(conv).__name__}")
+        if mask is not None and sparsity is not None:
+            raise ValueError("SparseConv2d.from_dense: give mask or sparsity, not both")
+        w = conv.weight.detach()
+        if mask is None:
+            mask = magnitude_mask(w, check_sparsity(sparsity)) if sparsity is not None else w != 0
+        elif not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(w.shape):
+            raise ValueError(f"SparseConv2d.from_dense: mask must have shape {tuple(w.shape)} (the weight's), got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        layer = cls.__new__(cls)
+        SparseWeightMixin.__init__(layer)
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        layer._configure(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
+                         conv.dilation, conv.groups, conv.padding_mode)
+        layer._init_from_masked(w, mask.to(device=w.device, dtype=torch.bool))
+        layer.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
+        layer.train(conv.training)
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        """The weight [out, in/groups, kh, kw] with zeros where pruned (no grad)."""
+        rows = self.csr().rows()
+        per_group_out = self.out_channels // self.groups
+        per_group_cols = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
+        cols = self.col_idx.long() - (rows // per_group_out) * per_group_cols
+        w = torch.zeros(self.out_channels, per_group_cols, dtype=self.values.dtype, device=self.values.device)
+        w[rows, cols] = self.values.detach()
+        return w.view(self.weight_shape)
+
+    def mask(self) -> Tensor:
+        """Boolean [out, in/groups, kh, kw] pattern."""
+        rows = self.csr().rows()
+        per_group_out = self.out_channels // self.groups
+        per_group_cols = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
+        m = torch.zeros(self.out_channels, per_group_cols, dtype=torch.bool, device=self.values.device)
+        m[rows, self.col_idx.long() - (rows // per_group_out) * per_group_cols] = True
+        return m.view(self.weight_shape)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with this layer's weights and zeros where pruned."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                          device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        dense.train(self.training)
+        return dense
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: Tensor) -> Tensor:
+        x = self._check_input(input)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"SparseConv2d: input must have shape [N, {self.in_channels}, H, W] or "
+                             f"[{self.in_channels}, H, W], got {tuple(x.shape)}")
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if any(self._pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        h_out = (h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        w_out = (w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if h_out <= 0 or w_out <= 0:
+            raise ValueError(f"SparseConv2d: input {tuple(input.shape)} is smaller than the (dilated) kernel")
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, C*kh*kw, L]
+        y = self._matmul(cols.transpose(1, 2))  # [N, L, out]
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", sparsity={self.sparsity:.4f}, nnz={self.nnz}"

@@ -1,0 +1,108 @@
+"""SparseLinear: a drop-in ``nn.Linear`` whose weight is stored (and trained) as CSR."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..formats import CSR, check_sparsity, magnitude_mask, random_mask
+from ._sparse_weight import SparseWeightMixin
+
+
+class SparseLinear(SparseWeightMixin):
+    """``y = x W^T + b`` with W [out_features, in_features] sparse.
+
+    The trainable parameter is ``values`` [nnz]: any torch optimizer works on it unchanged
+    and its state is O(nnz). The pattern lives in int32 buffers (``row_ptr``, ``col_idx``
+    and the transpose map ``t_row_ptr``, ``t_col_idx``, ``t_perm``). Forward, input
+    gradient and weight gradient all run on the sparse kernels (``sparsekernels.ops``).
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        bias: add a learnable bias [out_features].
+        sparsity: fraction of W's entries that are zero, in [0, 1); the pattern is random
+            (uniform over W) with exactly ``round((1 - sparsity) * out * in)`` non-zeros.
+        generator: random generator for the pattern (and only the pattern).
+    Shapes: input [..., in_features] -> output [..., out_features].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.9,
+                 device=None, dtype=None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"SparseLinear: {name} must be a non-negative int, got {v!r}")
+        sparsity = check_sparsity(sparsity)
+        self.in_features, self.out_features = in_features, out_features
+        factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
+        mask = random_mask((out_features, in_features), sparsity, device=device, generator=generator)
+        rows, cols = mask.nonzero(as_tuple=True)
+        self._init_sparse_weight(CSR.from_indices(torch.zeros(rows.numel(), **factory), rows, cols,
+                                                  (out_features, in_features)))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(f), 1/sqrt(f)) for weights and bias, as ``nn.Linear`` does, with f
+        the mean kept fan-in (nnz / out) instead of in_features, so the output variance
+        does not shrink with the sparsity."""
+        fan_in = self.nnz / self.out_features if self.out_features else 0
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, sparsity: float | None = None, mask: Tensor | None = None) -> "SparseLinear":
+        """A SparseLinear holding ``linear``'s weights at the kept positions.
+
+        The kept positions are ``mask`` [out, in] if given, else the
+        ``round((1 - sparsity) * out * in)`` largest-magnitude weights if ``sparsity`` is
+        given, else the non-zero weights (so ``from_dense(s.to_dense())`` restores ``s``).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
+        if mask is not None and sparsity is not None:
+            raise ValueError("SparseLinear.from_dense: give mask or sparsity, not both")
+        w = linear.weight.detach()
+        if mask is None:
+            mask = magnitude_mask(w, check_sparsity(sparsity)) if sparsity is not None else w != 0
+        elif not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(w.shape):
+            raise ValueError(f"SparseLinear.from_dense: mask must have shape {tuple(w.shape)} (the weight's), got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        layer = cls.__new__(cls)
+        SparseWeightMixin.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer._init_sparse_weight(CSR.from_dense(w, mask))
+        layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        layer.train(linear.training)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with this layer's weights and zeros where pruned."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.csr().to_dense())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        dense.train(self.training)
+        return dense
+
+    def mask(self) -> Tensor:
+        """Boolean [out_features, in_features] pattern."""
+        return self.csr().mask()
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = self._check_input(input)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        y = self._matmul(x)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, sparsity={self.sparsity:.4f}, nnz={self.nnz}")

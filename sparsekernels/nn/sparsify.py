@@ -1,0 +1,100 @@
+"""sparsify(model) / densify(model): swap nn.Linear / nn.Conv2d for their sparse twins."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..formats import check_sparsity
+from .conv import SparseConv2d
+from .distribution import layer_sparsities
+from .linear import SparseLinear
+
+_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+
+
+def _excluded(name: str, module: nn.Module, exclude: Iterable) -> bool:
+    for rule in exclude:
+        if isinstance(rule, type) and isinstance(module, rule):
+            return True
+        if isinstance(rule, str) and (name == rule or fnmatch.fnmatchcase(name, rule)):
+            return True
+    return False
+
+
+def _sparse_class(module: nn.Module, include: tuple[type, ...]) -> type | None:
+    if isinstance(module, (SparseLinear, SparseConv2d)) or not isinstance(module, include):
+        return None
+    # MultiheadAttention reads out_proj.weight directly (a NonDynamicallyQuantizableLinear),
+    # so swapping it would break attention: leave it dense.
+    if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+        return None
+    for dense_cls, sparse_cls in _SPARSE_OF.items():
+        if isinstance(module, dense_cls):
+            return sparse_cls
+    return None
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    return root
+
+
+def eligible_layers(model: nn.Module, include=(nn.Linear, nn.Conv2d), exclude=()) -> dict[str, nn.Module]:
+    """The layers :func:`sparsify` would swap, by their ``named_modules()`` name."""
+    include = tuple(include)
+    for cls in include:
+        if cls not in _SPARSE_OF:
+            raise ValueError(f"sparsify: include may hold nn.Linear and nn.Conv2d, got {cls!r}")
+    if isinstance(exclude, (str, type)):
+        exclude = (exclude,)
+    return {name: m for name, m in model.named_modules()
+            if _sparse_class(m, include) is not None and not _excluded(name, m, exclude)}
+
+
+def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "uniform",
+             include=(nn.Linear, nn.Conv2d), exclude=(), inplace: bool = True) -> nn.Module:
+    """Replaces the model's ``nn.Linear`` / ``nn.Conv2d`` layers by ``SparseLinear`` /
+    ``SparseConv2d`` keeping each layer's largest-magnitude weights.
+
+    Args:
+        sparsity: overall fraction of zeros over the swapped layers, in [0, 1).
+        distribution: ``"uniform"`` (each layer at ``sparsity``) or ``"erk"``
+            (see :func:`sparsekernels.nn.layer_sparsities`).
+        include: layer types to swap (subclasses included).
+        exclude: module names as in ``model.named_modules()`` (exact or glob patterns such
+            as ``"head.*"``) and/or module types to leave dense.
+        inplace: modify ``model`` (default) or a deep copy of it.
+    Returns:
+        The model (a new module when ``model`` itself is a swapped layer).
+    """
+    sparsity = check_sparsity(sparsity)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = eligible_layers(model, include, exclude)
+    per_layer = layer_sparsities({n: tuple(m.weight.shape) for n, m in layers.items()}, sparsity, distribution)
+    for name, module in layers.items():
+        sparse = _sparse_class(module, tuple(include)).from_dense(module, sparsity=per_layer[name])
+        model = _replace(model, name, sparse)
+    return model
+
+
+def densify(model: nn.Module, *, inplace: bool = True) -> nn.Module:
+    """Replaces every ``SparseLinear`` / ``SparseConv2d`` by the equivalent dense layer
+    (zeros where pruned). Exact inverse of :func:`sparsify`'s swap."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"densify: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    for name, module in sparse:
+        model = _replace(model, name, module.to_dense())
+    return model

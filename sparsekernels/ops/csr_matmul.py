@@ -1,0 +1,164 @@
+"""The CSR matmul op family: ``spmm``, ``spmm_t`` and ``sddmm``.
+
+For a weight W [out, in] stored as CSR (see ``sparsekernels.reference`` for the argument
+convention), the three products of a linear layer y = x W^T are:
+
+    spmm    y[..., out]  = x[..., in]  @ W^T        forward
+    spmm_t  dx[..., in]  = dy[..., out] @ W         input gradient (W^T's CSR: a gather)
+    sddmm   dvalues[nnz] = (dy^T @ x) at W's non-zeros   weight gradient, never dense
+
+Each is a ``torch.library`` custom op (``torch.ops.sparsekernels.<name>``) with a fake
+implementation (so it traces under ``torch.compile`` / ``torch.export``) and autograd
+written in terms of the other two, so gradients of gradients work too. The op body picks
+the backend (``sparsekernels.backends``); the functions at the bottom are the checked
+public entry points.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from . import _checks
+
+_NEEDS_COMPILED = {"cpu"}
+
+
+def _compiled(name: str):
+    return getattr(torch.ops.sparsekernels_C, name)
+
+
+# --------------------------------------------------------------------------- spmm
+@torch.library.custom_op("sparsekernels::spmm", mutates_args=())
+def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+             t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    backend = backends.resolve("spmm", x.device, x.dtype)
+    if backend in _NEEDS_COMPILED:
+        return _compiled("spmm")(x, values, row_ptr, col_idx)
+    return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
+@_spmm_op.register_fake
+def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
+    return x.new_empty((*x.shape[:-1], row_ptr.shape[0] - 1))
+
+
+# --------------------------------------------------------------------------- spmm_t
+@torch.library.custom_op("sparsekernels::spmm_t", mutates_args=())
+def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+               t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    backend = backends.resolve("spmm_t", dy.device, dy.dtype)
+    if backend in _NEEDS_COMPILED:
+        return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+    return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
+@_spmm_t_op.register_fake
+def _(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
+    return dy.new_empty((*dy.shape[:-1], t_row_ptr.shape[0] - 1))
+
+
+# --------------------------------------------------------------------------- sddmm
+@torch.library.custom_op("sparsekernels::sddmm", mutates_args=())
+def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+              t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    backend = backends.resolve("sddmm", dy.device, dy.dtype)
+    if backend in _NEEDS_COMPILED:
+        return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+    return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
+@_sddmm_op.register_fake
+def _(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
+    return dy.new_empty((col_idx.shape[0],))
+
+
+# --------------------------------------------------------------------------- autograd
+def _save_all(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _spmm_backward(ctx, grad):
+    x, values, *pattern = ctx.saved_tensors
+    gx = _spmm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
+    gv = _sddmm_op(grad, x, *pattern) if ctx.needs_input_grad[1] else None
+    return gx, gv, None, None, None, None, None
+
+
+def _spmm_t_backward(ctx, grad):
+    # out = dy W  =>  d dy = grad W^T (spmm),  dW[o, k] = sum_b dy[b, o] grad[b, k] (sddmm)
+    dy, values, *pattern = ctx.saved_tensors
+    gdy = _spmm_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
+    gv = _sddmm_op(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
+    return gdy, gv, None, None, None, None, None
+
+
+def _sddmm_backward(ctx, grad):
+    # out[e] = sum_b dy[b, row e] x[b, col e]
+    #   d dy[b, o] = sum_{e in row o} grad[e] x[b, col e]   = spmm(x, grad)
+    #   d x[b, k]  = sum_{e in col k} grad[e] dy[b, row e]  = spmm_t(dy, grad)
+    dy, x, *pattern = ctx.saved_tensors
+    gdy = _spmm_op(x, grad, *pattern) if ctx.needs_input_grad[0] else None
+    gx = _spmm_t_op(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
+    return gdy, gx, None, None, None, None, None
+
+
+_spmm_op.register_autograd(_spmm_backward, setup_context=_save_all)
+_spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_save_all)
+_sddmm_op.register_autograd(_sddmm_backward, setup_context=_save_all)
+
+
+# --------------------------------------------------------------------------- public entry points
+def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+         t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """``y = x @ W^T`` for a CSR weight W [out, in].
+
+    Args:
+        x: [..., in], same floating dtype and device as ``values``.
+        values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm: W's CSR and transpose map
+            (convention in ``sparsekernels.reference``).
+    Returns:
+        y: [..., out] of x's dtype. Differentiable in ``x`` and ``values``.
+    """
+    out_f, in_f = _checks.check_csr_pattern("spmm", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    _checks.check_dense("spmm", "x", x, values, in_f)
+    return _spmm_op(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
+def spmm_t(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+           t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """``dx = dy @ W`` for a CSR weight W [out, in] (the input gradient of :func:`spmm`).
+
+    Args:
+        dy: [..., out], same dtype and device as ``values``.
+    Returns:
+        dx: [..., in]. Computed from W^T's CSR (the transpose map): a gather, no atomics.
+    """
+    out_f, in_f = _checks.check_csr_pattern("spmm_t", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    _checks.check_dense("spmm_t", "dy", dy, values, out_f)
+    return _spmm_t_op(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
+def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+          t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """``dvalues[e] = sum_b dy[b, row(e)] * x[b, col(e)]``: the weight gradient of
+    :func:`spmm` at W's non-zeros only (the dense ``[out, in]`` gradient is never formed).
+
+    Args:
+        dy: [..., out]; x: [..., in] with the same leading dimensions and dtype.
+    Returns:
+        dvalues: [nnz] of dy's dtype.
+    """
+    dy = _checks.check_tensor("sddmm", "dy", dy)
+    if not dy.dtype.is_floating_point:
+        raise TypeError(f"sddmm: dy must be a floating dtype, got {dy.dtype}")
+    # sddmm has no values argument: check the pattern against a stand-in of dy's dtype.
+    nnz = col_idx.shape[0] if isinstance(col_idx, Tensor) and col_idx.dim() == 1 else 0
+    placeholder = dy.new_empty(1).expand(nnz)
+    out_f, in_f = _checks.check_csr_pattern("sddmm", placeholder, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    _checks.check_dense("sddmm", "dy", dy, placeholder, out_f)
+    _checks.check_dense("sddmm", "x", x, placeholder, in_f)
+    if dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"sddmm: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
+    return _sddmm_op(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

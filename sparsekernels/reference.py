@@ -1,0 +1,58 @@
+"""Plain-PyTorch definitions of every op: the ground truth the tests compare against.
+
+Everything here goes through a dense ``[out, in]`` weight built from the CSR pattern, so
+it is obviously right and differentiable by ordinary autograd (used for ``gradcheck``
+comparisons), not fast.
+
+Shared argument convention (the same for every CSR op):
+    values     [nnz]       float      non-zeros of W [out, in], row-major order
+    row_ptr    [out + 1]   int32      CSR row pointers of W
+    col_idx    [nnz]       int32      column of each non-zero
+    t_row_ptr  [in + 1]    int32      CSR row pointers of W^T (the transpose map)
+    t_col_idx  [nnz]       int32      row of W for each non-zero of W^T
+    t_perm     [nnz]       int32/64   position in ``values`` of each non-zero of W^T
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def csr_rows(row_ptr: Tensor) -> Tensor:
+    """Row index (int64) of every non-zero, from ``row_ptr`` [rows + 1]."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+
+
+def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
+    """Dense ``[rows, n_cols]`` matrix of a CSR matrix (differentiable in ``values``)."""
+    n_rows = row_ptr.numel() - 1
+    dense = values.new_zeros(n_rows * n_cols)
+    flat = csr_rows(row_ptr) * n_cols + col_idx.long()
+    return dense.index_put((flat,), values).view(n_rows, n_cols)
+
+
+def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+         t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """``y[..., out] = x[..., in] @ W^T``."""
+    w = csr_to_dense(values, row_ptr, col_idx, t_row_ptr.numel() - 1)
+    return x @ w.t()
+
+
+def spmm_t(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+           t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """``dx[..., in] = dy[..., out] @ W``."""
+    w = csr_to_dense(values, row_ptr, col_idx, t_row_ptr.numel() - 1)
+    return dy @ w
+
+
+def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+          t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """``dvalues[nnz] = (dy^T @ x)`` at W's pattern, batch dimensions summed.
+
+    dy: [..., out], x: [..., in] with equal leading dimensions."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    full = dy2.t() @ x2
+    return full[csr_rows(row_ptr), col_idx.long()]

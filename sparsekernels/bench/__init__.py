@@ -1,0 +1,1 @@
+"""Benchmarks behind ``sparsekernels bench`` (and the pytest-benchmark suites in bench/)."""

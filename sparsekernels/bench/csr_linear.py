@@ -1,0 +1,193 @@
+"""The CSR linear-layer benchmark (issue targets of the CPU kernels).
+
+For each (B, in, out) and sparsity it times, in one run and interleaved:
+  forward   dense ``x @ w.t()``, ``torch.sparse.mm`` on a torch CSR tensor (what a user
+            would reach for today), and ours (``sparsekernels.ops.spmm``);
+  step      forward + input grad + weight grad (+ bias) of ``nn.Linear`` and of
+            ``SparseLinear`` through autograd;
+and reports medians of per-round speed-up ratios against dense (and torch.sparse).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import statistics
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import ops
+from ..nn import SparseLinear
+from . import harness
+
+# (B, in, out): a square LLM-ish layer, a small MLP layer at two batch sizes, and
+# SparseProp's published CPU case (BERT-base FFN up-projection, B = 2048).
+SHAPES = [(256, 4096, 4096), (64, 1024, 1024), (2048, 1024, 1024), (2048, 768, 3072)]
+SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
+QUICK_SHAPES = [(256, 4096, 4096), (2048, 768, 3072)]
+QUICK_SPARSITIES = [0.9, 0.95, 0.98]
+
+# Published reference: SparseProp (Nikdan et al. 2023), CPU, B=2048, 768 -> 3072, 98%.
+SPARSEPROP = {"shape": (2048, 768, 3072), "sparsity": 0.98, "forward": 2.22, "backward": 2.35}
+
+
+@dataclass
+class CaseResult:
+    batch: int
+    in_features: int
+    out_features: int
+    sparsity: float
+    nnz: int
+    ms: dict = field(default_factory=dict)         # median ms per variant
+    speedup: dict = field(default_factory=dict)    # median of per-round ratios
+    gflops: dict = field(default_factory=dict)     # useful GFLOP/s (dense FLOPs for dense, 2*B*nnz for sparse)
+
+
+def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, seed: int = 0,
+             torch_sparse: bool = True) -> CaseResult:
+    g = torch.Generator().manual_seed(seed)
+    layer = SparseLinear(in_f, out_f, sparsity=sparsity, generator=g)
+    dense_layer = layer.to_dense()
+    w = dense_layer.weight.detach()
+    x = torch.randn(batch, in_f, generator=g)
+    dy = torch.randn(batch, out_f, generator=g)
+    pattern = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    values = layer.values.detach()
+
+    def dense_fwd():
+        return x @ w.t()
+
+    def ours_fwd():
+        return ops.spmm(x, values, *pattern)
+
+    fns = {"dense_fwd": dense_fwd, "ours_fwd": ours_fwd}
+    if torch_sparse:
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            w_csr = w.to_sparse_csr()
+        fns["torch_sparse_fwd"] = lambda: torch.sparse.mm(w_csr, x.t()).t()
+
+    xg = x.clone().requires_grad_(True)
+
+    def step(module):
+        def run():
+            xg.grad = None
+            for p in module.parameters():
+                p.grad = None
+            module(xg).backward(dy)
+        return run
+
+    fns["dense_step"] = step(dense_layer)
+    fns["ours_step"] = step(layer)
+
+    with torch.no_grad():
+        ref = dense_fwd()
+        err = ((ours_fwd() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    if err > 1e-4:
+        raise AssertionError(f"spmm disagrees with dense at {(batch, in_f, out_f, sparsity)}: rel err {err:.2e}")
+
+    samples = {}
+    with torch.no_grad():
+        fwd = {k: v for k, v in fns.items() if k.endswith("_fwd")}
+        samples.update(harness.time_round_robin(fwd, rounds))
+    samples.update(harness.time_round_robin({k: v for k, v in fns.items() if k.endswith("_step")}, rounds))
+    # Backward alone, per round: step - forward of the same variant in the same round.
+    samples["dense_bwd"] = [s - f for s, f in zip(samples["dense_step"], samples["dense_fwd"])]
+    samples["ours_bwd"] = [s - f for s, f in zip(samples["ours_step"], samples["ours_fwd"])]
+
+    res = CaseResult(batch, in_f, out_f, sparsity, layer.nnz)
+    res.ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    res.speedup = {
+        "fwd_vs_dense": harness.median_ratio(samples["dense_fwd"], samples["ours_fwd"]),
+        "step_vs_dense": harness.median_ratio(samples["dense_step"], samples["ours_step"]),
+        "bwd_vs_dense": harness.median_ratio(samples["dense_bwd"], samples["ours_bwd"]),
+    }
+    if torch_sparse:
+        res.speedup["fwd_vs_torch_sparse"] = harness.median_ratio(samples["torch_sparse_fwd"], samples["ours_fwd"])
+        res.speedup["torch_sparse_fwd_vs_dense"] = harness.median_ratio(samples["dense_fwd"], samples["torch_sparse_fwd"])
+    dense_flop = 2.0 * batch * in_f * out_f
+    sparse_flop = 2.0 * batch * layer.nnz
+    res.gflops = {"dense_fwd": dense_flop / res.ms["dense_fwd"] / 1e6, "ours_fwd": sparse_flop / res.ms["ours_fwd"] / 1e6}
+    if torch_sparse:
+        res.gflops["torch_sparse_fwd"] = sparse_flop / res.ms["torch_sparse_fwd"] / 1e6
+    return res
+
+
+def targets(results: list[CaseResult]) -> list[dict]:
+    """The issue's speed targets, checked against this run's results."""
+    by = {(r.batch, r.in_features, r.out_features, r.sparsity): r for r in results}
+    checks = []
+
+    def add(name, key, metric, goal):
+        r = by.get(key)
+        if r is not None and metric in r.speedup:
+            checks.append({"target": name, "value": round(r.speedup[metric], 3), "goal": goal,
+                           "met": r.speedup[metric] >= goal})
+
+    add("fwd vs dense, (256,4096,4096) @ 90%", (256, 4096, 4096, 0.9), "fwd_vs_dense", 4.0)
+    add("fwd vs torch.sparse.mm, (256,4096,4096) @ 90%", (256, 4096, 4096, 0.9), "fwd_vs_torch_sparse", 2.5)
+    add("layer step vs dense, (256,4096,4096) @ 90%", (256, 4096, 4096, 0.9), "step_vs_dense", 3.5)
+    add("fwd vs dense, (256,4096,4096) @ 95%", (256, 4096, 4096, 0.95), "fwd_vs_dense", 7.0)
+    sp_key = (*SPARSEPROP["shape"], SPARSEPROP["sparsity"])
+    add("fwd vs dense, SparseProp case (2048,768,3072) @ 98% (SparseProp: 2.22x)", sp_key, "fwd_vs_dense",
+        SPARSEPROP["forward"])
+    add("bwd vs dense, SparseProp case (2048,768,3072) @ 98% (SparseProp: 2.35x)", sp_key, "bwd_vs_dense",
+        SPARSEPROP["backward"])
+    return checks
+
+
+def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True, progress=None) -> dict:
+    """Runs every (shape, sparsity) case; returns the JSON-ready payload."""
+    shapes = shapes or SHAPES
+    sparsities = sparsities or SPARSITIES
+    cases = [(s, sp) for s in shapes for sp in sparsities]
+    results = []
+    for (b, i, o), sp in cases:
+        results.append(run_case(b, i, o, sp, rounds, torch_sparse=torch_sparse))
+        if progress is not None:
+            progress(f"B={b} {i}->{o} s={sp}")
+    return {
+        "benchmark": "csr_linear",
+        "machine": harness.machine_info("cpu"),
+        "rounds": rounds,
+        "results": [asdict(r) for r in results],
+        "targets": targets(results),
+    }
+
+
+def default_path(out_dir: str = os.path.join("bench", "results")) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(out_dir, f"csr-linear-cpu-{stamp}.json")
+
+
+def plot(payload: dict, path: str) -> str:
+    """Speed-up vs sparsity, one panel per shape: ours fwd, ours step, torch.sparse fwd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["results"]
+    shapes = sorted({(r["batch"], r["in_features"], r["out_features"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sel = sorted((r for r in rows if (r["batch"], r["in_features"], r["out_features"]) == shape), key=lambda r: r["sparsity"])
+        xs = [r["sparsity"] for r in sel]
+        ax.plot(xs, [r["speedup"]["fwd_vs_dense"] for r in sel], "o-", label="ours fwd")
+        ax.plot(xs, [r["speedup"]["step_vs_dense"] for r in sel], "s-", label="ours fwd+bwd")
+        if sel and "torch_sparse_fwd_vs_dense" in sel[0]["speedup"]:
+            ax.plot(xs, [r["speedup"]["torch_sparse_fwd_vs_dense"] for r in sel], "^--", label="torch.sparse.mm fwd")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"B={shape[0]}, {shape[1]}->{shape[2]}")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("speed-up vs dense (x)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"CSR linear, fp32, {payload['machine']['cpu']}, {payload['machine']['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

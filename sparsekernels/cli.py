@@ -1,0 +1,110 @@
+"""Command line: ``sparsekernels {info,bench}`` (also ``python -m sparsekernels``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .info import collect
+
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    table = Table(title="sparsekernels", show_header=False)
+    for key, value in info.items():
+        if key == "load_error" and value is None:
+            continue
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+    return 0
+
+
+def _parse_shapes(text: str | None):
+    if not text:
+        return None
+    shapes = []
+    for part in text.split(";"):
+        b, i, o = (int(v) for v in part.strip().split(","))
+        shapes.append((b, i, o))
+    return shapes
+
+
+def _cmd_bench(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .bench import csr_linear, harness
+
+    shapes = _parse_shapes(args.shapes) or (csr_linear.QUICK_SHAPES if args.quick else csr_linear.SHAPES)
+    sparsities = ([float(s) for s in args.sparsities.split(",")] if args.sparsities else
+                  (csr_linear.QUICK_SPARSITIES if args.quick else csr_linear.SPARSITIES))
+    rounds = args.rounds or (3 if args.quick else 7)
+    # The table has 13 columns: keep it readable when stdout is a pipe or a log file.
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("csr linear", total=len(shapes) * len(sparsities))
+        payload = csr_linear.run(shapes, sparsities, rounds=rounds, torch_sparse=not args.no_torch_sparse,
+                                 progress=lambda desc: progress.update(task, advance=1, description=desc))
+
+    table = Table(title=f"CSR linear, fp32, {payload['machine']['threads']} threads "
+                        f"({payload['machine']['cpu']}); ratios are medians of per-round speed-ups")
+    for col in ("B", "in", "out", "sparsity", "dense fwd ms", "ours fwd ms", "fwd x dense", "torch.sparse fwd ms",
+                "fwd x torch.sparse", "dense step ms", "ours step ms", "step x dense", "ours GFLOP/s"):
+        table.add_column(col, justify="right")
+    for r in payload["results"]:
+        ms, sp = r["ms"], r["speedup"]
+        table.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['sparsity']:.2f}",
+                      f"{ms['dense_fwd']:.2f}", f"{ms['ours_fwd']:.2f}", f"{sp['fwd_vs_dense']:.2f}",
+                      f"{ms.get('torch_sparse_fwd', float('nan')):.2f}", f"{sp.get('fwd_vs_torch_sparse', float('nan')):.2f}",
+                      f"{ms['dense_step']:.2f}", f"{ms['ours_step']:.2f}", f"{sp['step_vs_dense']:.2f}",
+                      f"{r['gflops']['ours_fwd']:.1f}")
+    console.print(table)
+    if payload["targets"]:
+        tt = Table(title="targets (this run)")
+        for col in ("target", "reached", "goal", ""):
+            tt.add_column(col)
+        for t in payload["targets"]:
+            tt.add_row(t["target"], f"{t['value']:.2f}x", f">= {t['goal']}x", "met" if t["met"] else "MISSED")
+        console.print(tt)
+    path = harness.write_json(args.out or csr_linear.default_path(), payload)
+    console.print(f"results: {path}")
+    if not args.no_plot:
+        try:
+            png = csr_linear.plot(payload, path[:-5] + ".png")
+            console.print(f"plot: {png}")
+        except ImportError:
+            console.print("plot skipped (matplotlib is not installed)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sparsekernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="compiled kernels, backends and the choice per device")
+    p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_info.set_defaults(func=_cmd_info)
+
+    p_bench = sub.add_parser("bench", help="time the CSR kernels against dense and torch.sparse")
+    p_bench.add_argument("--quick", action="store_true", help="2 shapes x 3 sparsities, 3 rounds (~1 min)")
+    p_bench.add_argument("--shapes", help='"B,in,out;B,in,out" (default: the issue\'s four shapes)')
+    p_bench.add_argument("--sparsities", help='comma separated, e.g. "0.9,0.95"')
+    p_bench.add_argument("--rounds", type=int, help="timed rounds per case (default 7, quick 3)")
+    p_bench.add_argument("--out", help="JSON path (default bench/results/csr-linear-cpu-<time>.json)")
+    p_bench.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
+    p_bench.add_argument("--no-torch-sparse", action="store_true", help="skip the torch.sparse.mm baseline")
+    p_bench.set_defaults(func=_cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""What this installation can run: compiled kernels, backends, the choice per device."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import _extension, backends
+
+
+def collect() -> dict:
+    """A dict describing the build and the backend choice (printed by ``sparsekernels info``)."""
+    info = {
+        "sparsekernels": __import__("sparsekernels").__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "compiled_extension": _extension.compiled(),
+        "compiled_ops": _extension.compiled_ops(),
+        "load_error": _extension.LOAD_ERROR,
+        "cpu_avx512_path": _extension.cpu_has_avx512(),
+        "cuda_available": torch.cuda.is_available(),
+        "requested_backend": backends.get_backend(),
+        "available": {"cpu": backends.available("cpu")},
+        "chosen": {},
+    }
+    try:
+        import triton  # noqa: F401
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    for dev in ("cpu", "cuda"):
+        if dev == "cuda" and not torch.cuda.is_available():
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                chosen = backends.resolve("spmm", torch.device(dev), dtype)
+            except (RuntimeError, ValueError) as exc:
+                chosen = f"error: {exc}"
+            info["chosen"][f"{dev}/{str(dtype).replace('torch.', '')}"] = chosen
+    return info

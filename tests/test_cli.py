@@ -1,0 +1,48 @@
+"""The command line: info and a tiny bench run (table, JSON, PNG)."""
+
+import json
+
+import pytest
+
+from sparsekernels import cli
+from sparsekernels.bench import csr_linear, harness
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["requested_backend"] in ("auto", "cpu", "reference")
+    assert "reference" in info["available"]["cpu"]
+    assert info["chosen"]["cpu/float32"] in info["available"]["cpu"]
+
+
+def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = cli.main(["bench", "--shapes", "8,48,40;3,17,9", "--sparsities", "0.5,0.9", "--rounds", "2",
+                   "--out", str(out)])
+    assert rc == 0
+    payload = json.loads(out.read_text())
+    assert len(payload["results"]) == 4
+    for r in payload["results"]:
+        assert r["speedup"]["fwd_vs_dense"] > 0 and r["ms"]["ours_step"] > 0
+        assert r["nnz"] == round((1 - r["sparsity"]) * r["in_features"] * r["out_features"])
+    assert payload["machine"]["threads"] >= 1
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert "fwd x dense" in capsys.readouterr().out
+
+
+def test_median_ratio():
+    assert harness.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 1.0]) == 4.0
+
+
+def test_targets_flag_misses():
+    r = csr_linear.CaseResult(256, 4096, 4096, 0.9, 1, speedup={"fwd_vs_dense": 3.0, "step_vs_dense": 5.0,
+                                                                 "fwd_vs_torch_sparse": 2.6})
+    checks = {c["target"]: c["met"] for c in csr_linear.targets([r])}
+    assert checks["fwd vs dense, (256,4096,4096) @ 90%"] is False
+    assert checks["layer step vs dense, (256,4096,4096) @ 90%"] is True
+
+
+def test_bench_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        cli.main(["bench", "--shapes", "8,48", "--rounds", "1", "--no-plot"])

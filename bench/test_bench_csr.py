@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsekernels import ops
-from sparsekernels.bench.csr_linear import SHAPES
+from sparsekernels.bench.csr_linear import SHAPES, layer_step
 from sparsekernels.nn import SparseLinear
 
 SPARSITIES = [0.9, 0.95, 0.98]
@@ -30,18 +30,6 @@ def case(request):
     }
 
 
-def _step(module, x, dy):
-    xg = x.clone().requires_grad_(True)
-
-    def run():
-        xg.grad = None
-        for p in module.parameters():
-            p.grad = None
-        module(xg).backward(dy)
-
-    return run
-
-
 def test_dense_fwd(benchmark, case):
     benchmark.group = case["group"]
     w = case["dense"].weight.detach()
@@ -60,9 +48,9 @@ def test_ours_fwd(benchmark, case):
 
 def test_dense_step(benchmark, case):
     benchmark.group = case["group"]
-    benchmark(_step(case["dense"], case["x"], case["dy"]))
+    benchmark(layer_step(case["dense"], case["x"], case["dy"]))
 
 
 def test_ours_step(benchmark, case):
     benchmark.group = case["group"]
-    benchmark(_step(case["layer"], case["x"], case["dy"]))
+    benchmark(layer_step(case["layer"], case["x"], case["dy"]))

@@ -6,10 +6,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..formats import CSR
+from ..formats import CSR, check_sparsity, magnitude_mask
 from ..ops import spmm
 
 _PATTERN = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
+
+
+def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor | None) -> Tensor:
+    """The positions ``from_dense`` keeps: ``mask`` if given (checked against the weight's
+    shape), else the largest-magnitude weights at ``sparsity``, else the non-zeros."""
+    if mask is not None and sparsity is not None:
+        raise ValueError(f"{owner}: give mask or sparsity, not both")
+    if mask is None:
+        return magnitude_mask(weight, check_sparsity(sparsity)) if sparsity is not None else weight != 0
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(weight.shape):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{owner}: mask must have shape {tuple(weight.shape)} (the weight's), got {got}")
+    return mask
 
 
 class SparseWeightMixin(nn.Module):

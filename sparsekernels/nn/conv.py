@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ..formats import CSR, check_sparsity, magnitude_mask, random_mask
-from ._sparse_weight import SparseWeightMixin
+from ..formats import CSR, check_sparsity, random_mask
+from ._sparse_weight import SparseWeightMixin, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -108,14 +108,8 @@ class SparseConv2d(SparseWeightMixin):
         else the non-zero weights."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense: expected an nn.Conv2d, got {type(conv).__name__}")
-        if mask is not None and sparsity is not None:
-            raise ValueError("SparseConv2d.from_dense: give mask or sparsity, not both")
         w = conv.weight.detach()
-        if mask is None:
-            mask = magnitude_mask(w, check_sparsity(sparsity)) if sparsity is not None else w != 0
-        elif not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(w.shape):
-            raise ValueError(f"SparseConv2d.from_dense: mask must have shape {tuple(w.shape)} (the weight's), got "
-                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        mask = kept_mask("SparseConv2d.from_dense", w, sparsity, mask)
         layer = cls.__new__(cls)
         SparseWeightMixin.__init__(layer)
         padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)

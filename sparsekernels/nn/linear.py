@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..formats import CSR, check_sparsity, magnitude_mask, random_mask
-from ._sparse_weight import SparseWeightMixin
+from ..formats import CSR, check_sparsity, random_mask
+from ._sparse_weight import SparseWeightMixin, kept_mask
 
 
 class SparseLinear(SparseWeightMixin):
@@ -65,14 +65,8 @@ class SparseLinear(SparseWeightMixin):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
-        if mask is not None and sparsity is not None:
-            raise ValueError("SparseLinear.from_dense: give mask or sparsity, not both")
         w = linear.weight.detach()
-        if mask is None:
-            mask = magnitude_mask(w, check_sparsity(sparsity)) if sparsity is not None else w != 0
-        elif not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(w.shape):
-            raise ValueError(f"SparseLinear.from_dense: mask must have shape {tuple(w.shape)} (the weight's), got "
-                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        mask = kept_mask("SparseLinear.from_dense", w, sparsity, mask)
         layer = cls.__new__(cls)
         SparseWeightMixin.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features

@@ -19,6 +19,10 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   m.def("spmm_t(Tensor dy, Tensor values, Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
   // dvalues[nnz] = (dy^T x) sampled at W's pattern.
   m.def("sddmm(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // The k inactive positions of W [N, K] (pattern row_ptr/col_idx) with the largest
+  // |dy^T x|, computed tile by tile (tile_elems gradient entries at a time), never dense.
+  // Returns (rows int64 [k], cols int64 [k], scores [k]), highest score first.
+  m.def("topk_grow(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int k, int tile_elems) -> (Tensor, Tensor, Tensor)");
   // True when the CPU kernels run their AVX-512 path on this machine.
   m.def("cpu_has_avx512() -> bool", &cpu_has_avx512_op);
   // Frees the calling thread's cached scratch buffers (packed panels).

@@ -25,7 +25,7 @@ def compiled_ops() -> list[str]:
     """Names of the ops the compiled library registered (empty when not loaded)."""
     if not compiled():
         return []
-    return sorted(name for name in ("spmm", "spmm_t", "sddmm") if hasattr(torch.ops.sparsekernels_C, name))
+    return sorted(name for name in ("spmm", "spmm_t", "sddmm", "topk_grow") if hasattr(torch.ops.sparsekernels_C, name))
 
 
 def cpu_has_avx512() -> bool:

@@ -62,7 +62,39 @@ class SparseWeightMixin(nn.Module):
 
     def _matmul(self, x: Tensor) -> Tensor:
         """x [..., cols] -> x @ W^T [..., rows] through the sparse kernels."""
-        return spmm(x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
+        y = spmm(x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
+        if self._capture and y.requires_grad:
+            # Topology updates score inactive weights by |dy^T x| of this step: keep the
+            # matmul's input and, through a hook, its output gradient (one step only).
+            self._captured_x = x.detach().reshape(-1, x.shape[-1])
+            y.register_hook(self._save_output_grad)
+        return y
+
+    # ------------------------------------------------------------------ capture for regrowth
+    _capture = False
+    _captured_x: Tensor | None = None
+    _captured_dy: Tensor | None = None
+
+    def _save_output_grad(self, grad: Tensor) -> None:
+        self._captured_dy = grad.detach().reshape(-1, grad.shape[-1])
+
+    def capture_next(self, enabled: bool = True) -> None:
+        """Keep (or stop keeping) the next forward's matmul input and output gradient."""
+        self._capture = enabled
+        if not enabled:
+            self._captured_x = self._captured_dy = None
+
+    def captured(self) -> tuple[Tensor, Tensor] | None:
+        """(x [M, cols], dy [M, rows]) of the last captured step, or None."""
+        if self._captured_x is None or self._captured_dy is None:
+            return None
+        return self._captured_x, self._captured_dy
+
+    @property
+    def groups_layout(self) -> tuple[int, int, int]:
+        """(groups, rows per group, columns per group) of the stored matrix: row r of
+        group r // rows_per_group may only use columns of its group's block."""
+        return 1, self._matrix_shape[0], self._matrix_shape[1]
 
     @property
     def nnz(self) -> int:

@@ -91,6 +91,10 @@ class SparseConv2d(SparseWeightMixin):
                                (self.out_channels, unfolded_cols))
         self._init_sparse_weight(csr, dense_numel=math.prod(self.weight_shape))
 
+    @property
+    def groups_layout(self) -> tuple[int, int, int]:
+        return self.groups, self.out_channels // self.groups, self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
+
     def reset_parameters(self) -> None:
         """As ``nn.Conv2d`` (uniform +-1/sqrt(fan_in)) with fan_in the mean kept fan-in."""
         fan_in = self.nnz / self.out_channels

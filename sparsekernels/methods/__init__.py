@@ -1,0 +1,13 @@
+"""Sparse-training methods: WHEN and WHICH weights move. They call ``topology`` and ``nn``,
+never a kernel directly."""
+
+from .base import SparseTrainingMethod
+from .gmp import GMP
+from .masked_reference import MaskedDenseRigL
+from .rigl import RigL
+from .schedules import cosine_drop_fraction, gmp_sparsity
+from .set_method import SET
+from .static import Static
+
+__all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "cosine_drop_fraction",
+           "gmp_sparsity"]

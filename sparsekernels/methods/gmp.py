@@ -1,0 +1,59 @@
+"""GMP (Zhu & Gupta 2017): gradual magnitude pruning from dense (or s_i) to s_f."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..formats import check_sparsity, kept_count, magnitude_mask
+from ..nn import layer_sparsities
+from .base import SparseTrainingMethod, _check_positive_int, weight_shape
+from .schedules import gmp_sparsity
+
+
+class GMP(SparseTrainingMethod):
+    """Every ``update_interval`` steps between ``start_step`` and ``end_step``, each layer
+    is pruned by magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3 (its own s_f
+    under ERK). Layers start at ``initial_sparsity`` (default 0: all weights stored, still
+    in CSR, so memory shrinks as the schedule advances). nnz changes, so GMP does not
+    combine with DDP's fixed gradient buckets."""
+
+    name = "gmp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float = 0.9,
+                 initial_sparsity: float = 0.0, start_step: int = 0, end_step: int | None = None,
+                 total_steps: int | None = None, update_interval: int = 100, distribution: str = "uniform",
+                 seed: int = 0, include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
+        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+        total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
+        end_step = _check_positive_int("end_step", end_step, allow_none=True)
+        if end_step is None:
+            if total_steps is None:
+                raise ValueError("GMP: give end_step or total_steps (end_step defaults to 75% of it)")
+            end_step = max(start_step + 1, int(0.75 * total_steps))
+        if end_step <= start_step:
+            raise ValueError(f"GMP: end_step ({end_step}) must be after start_step ({start_step})")
+        self.start_step, self.end_step = start_step, end_step
+        super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
+                         update_interval=update_interval, seed=seed, include=include, exclude=exclude)
+        shapes = {n: weight_shape(l) for n, l in self.layers.items()}
+        self.final_sparsities = layer_sparsities(shapes, self.sparsity, distribution)
+
+    def initial_mask(self, name: str, weight: Tensor, sparsity: float, generator: torch.Generator) -> Tensor:
+        return magnitude_mask(weight, self.initial_sparsity)
+
+    def target_sparsity(self, name: str, step: int) -> float:
+        return gmp_sparsity(step, self.initial_sparsity, self.final_sparsities[name], self.start_step, self.end_step)
+
+    def is_update_step(self, step: int) -> bool:
+        return self.start_step <= step <= self.end_step and (step - self.start_step) % self.update_interval == 0
+
+    def plan(self, step: int) -> dict[str, tuple[int, int]]:
+        out = {}
+        for name, layer in self.layers.items():
+            groups, rows, cols = layer.groups_layout
+            keep = kept_count(groups * rows * cols, self.target_sparsity(name, step))
+            out[name] = (max(0, layer.nnz - keep), 0)
+        return out

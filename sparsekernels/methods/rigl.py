@@ -1,0 +1,74 @@
+"""RigL (Evci et al. 2020): drop by magnitude, grow by |gradient|, cosine drop fraction."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..topology import grow_by_gradient
+from . import _distributed
+from .base import SparseTrainingMethod, _check_fraction, _check_positive_int
+from .schedules import cosine_drop_fraction
+
+
+class RigL(SparseTrainingMethod):
+    """Every ``update_interval`` steps until ``t_end``, each layer drops the
+    ``f(t) * nnz`` active weights of smallest magnitude and grows as many inactive
+    positions with the largest |dL/dW| of that step, computed by the fused ``topk_grow``
+    kernel from the layer's input and output gradient (no dense gradient is formed).
+    f(t) = drop_fraction / 2 * (1 + cos(pi t / t_end)); t_end defaults to 75% of
+    ``total_steps``. Grown weights start at zero with zero optimizer state.
+
+    Under torch.distributed the growth scores come from the inputs and output gradients
+    of all ranks (all-gathered), so every rank picks the same positions.
+    """
+
+    name = "rigl"
+    needs_gradient = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float = 0.9,
+                 distribution: str = "erk", update_interval: int = 100, drop_fraction: float = 0.3,
+                 t_end: int | None = None, total_steps: int | None = None, seed: int = 0,
+                 include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
+        self.drop_fraction = _check_fraction("drop_fraction", drop_fraction)
+        total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
+        t_end = _check_positive_int("t_end", t_end, allow_none=True)
+        if t_end is None:
+            if total_steps is None:
+                raise ValueError("RigL: give total_steps (t_end defaults to 75% of it) or t_end")
+            t_end = max(1, int(0.75 * total_steps))
+        self.t_end, self.total_steps = t_end, total_steps
+        super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
+                         update_interval=update_interval, seed=seed, include=include, exclude=exclude)
+
+    def is_update_step(self, step: int) -> bool:
+        return step % self.update_interval == 0 and step <= self.t_end
+
+    def fraction(self, step: int) -> float:
+        return cosine_drop_fraction(step, self.drop_fraction, self.t_end)
+
+    def plan(self, step: int) -> dict[str, tuple[int, int]]:
+        f = self.fraction(step)
+        out = {}
+        for name, layer in self.layers.items():
+            n = int(f * layer.nnz)  # the dropped positions alone leave room for n
+            out[name] = (n, n)
+        return out
+
+    def grow(self, name: str, layer, n: int, keep: Tensor, step: int, index: int):
+        captured = layer.captured()
+        if captured is None:
+            raise RuntimeError(f"RigL: no input / output gradient was captured for layer '{name}' at step {step}; "
+                               "the update step must run forward and backward through the model")
+        x, dy = (_distributed.all_gather_rows(t) for t in captured)
+        rows, cols, scores = grow_by_gradient(layer, x, dy, n, keep)
+        return rows, cols, scores
+
+    def update(self, step: int) -> dict:
+        record = super().update(step)
+        for layer in self.layers.values():
+            layer.capture_next(False)  # free the captured activations
+        return record
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "t_end": self.t_end, "drop_fraction": self.drop_fraction}

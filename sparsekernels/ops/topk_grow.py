@@ -1,0 +1,89 @@
+"""The fused grow-score op: ``topk_grow`` (RigL's regrowth without a dense gradient).
+
+    topk_grow(dy [M, out], x [M, in], row_ptr, col_idx, k) -> (rows [k], cols [k], scores [k])
+
+The k positions of W [out, in] outside the pattern (row_ptr, col_idx) with the largest
+``|dy^T x|`` (the magnitude of the dense weight gradient), highest first, ties in
+increasing flat position. The compiled kernel forms the gradient one tile of rows at a
+time (``tile_elems`` entries) and keeps a running top-k: extra memory O(tile + k).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from . import _checks
+
+# Gradient entries formed at once: 4 Mi fp32 = 16 MiB, small next to the dense gradient of
+# a large layer, large enough that each tile is an efficient GEMM.
+DEFAULT_TILE_ELEMS = 1 << 22
+
+
+def _order(flat: Tensor, scores: Tensor) -> Tensor:
+    """Order: highest score first, ties by increasing flat position."""
+    by_pos = torch.argsort(flat)
+    by_score = torch.sort(scores[by_pos], stable=True, descending=True).indices
+    return by_pos[by_score]
+
+
+def reference_topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain-PyTorch definition (dense gradient): the ground truth for the kernel."""
+    n, kk = dy.shape[1], x.shape[1]
+    ct = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    g = (dy.to(ct).t() @ x.to(ct)).abs()
+    g[reference.csr_rows(row_ptr), col_idx.long()] = -1.0
+    scores, flat = torch.topk(g.reshape(-1), k)
+    order = _order(flat, scores)
+    flat, scores = flat[order], scores[order]
+    return flat // kk, flat % kk, scores.to(dy.dtype)
+
+
+@torch.library.custom_op("sparsekernels::topk_grow", mutates_args=())
+def _topk_grow_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
+                  tile_elems: int) -> tuple[Tensor, Tensor, Tensor]:
+    backend = backends.resolve("topk_grow", dy.device, dy.dtype)
+    if backend == "cpu":
+        return torch.ops.sparsekernels_C.topk_grow(dy, x, row_ptr, col_idx, k, tile_elems)
+    return reference_topk_grow(dy, x, row_ptr, col_idx, k)
+
+
+@_topk_grow_op.register_fake
+def _(dy, x, row_ptr, col_idx, k, tile_elems):
+    return (dy.new_empty((k,), dtype=torch.int64), dy.new_empty((k,), dtype=torch.int64), dy.new_empty((k,)))
+
+
+def topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
+              tile_elems: int = DEFAULT_TILE_ELEMS) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` inactive positions of W with the largest ``|dy^T x|``.
+
+    Args:
+        dy: [M, out] output gradient; x: [M, in] layer input (same dtype and device).
+        row_ptr [out+1], col_idx [nnz]: int32 CSR pattern of the active positions.
+        k: how many positions, 0 <= k <= out * in - nnz.
+        tile_elems: gradient entries formed at once (memory bound of the kernel).
+    Returns:
+        (rows int64 [k], cols int64 [k], scores [k] of dy's dtype), highest score first.
+    """
+    dy = _checks.check_tensor("topk_grow", "dy", dy)
+    x = _checks.check_tensor("topk_grow", "x", x)
+    if not dy.dtype.is_floating_point or x.dtype != dy.dtype:
+        raise TypeError(f"topk_grow: dy and x must share one floating dtype, got {dy.dtype} and {x.dtype}")
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_grow: dy [M, out] and x [M, in] must be 2-D with equal M, got "
+                         f"{tuple(dy.shape)} and {tuple(x.shape)}")
+    if x.device != dy.device:
+        raise ValueError(f"topk_grow: x is on {x.device} but dy is on {dy.device}")
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        _checks.check_tensor("topk_grow", name, t)
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise TypeError(f"topk_grow: {name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if row_ptr.shape[0] != dy.shape[1] + 1:
+        raise ValueError(f"topk_grow: row_ptr must have out + 1 = {dy.shape[1] + 1} entries, got {row_ptr.shape[0]}")
+    inactive = dy.shape[1] * x.shape[1] - col_idx.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= inactive:
+        raise ValueError(f"topk_grow: k must be an int in [0, {inactive}] (inactive positions), got {k!r}")
+    if isinstance(tile_elems, bool) or not isinstance(tile_elems, int) or tile_elems <= 0:
+        raise ValueError(f"topk_grow: tile_elems must be a positive int, got {tile_elems!r}")
+    return _topk_grow_op(dy, x, row_ptr, col_idx, k, tile_elems)

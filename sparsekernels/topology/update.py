@@ -1,0 +1,78 @@
+"""Apply a topology change to a sparse layer: new CSR + transpose map, values and
+optimizer state carried over, in O(nnz log nnz) with no dense round trip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..formats import CSR
+from .optimizer_state import remap_optimizer_state
+
+
+@dataclass
+class LayerUpdate:
+    """What one update did to one layer."""
+
+    nnz_before: int
+    nnz_after: int
+    dropped: int        # active entries removed (including ones regrown at once)
+    grown: int          # positions activated (including just-dropped ones regrown)
+    new: int            # grown positions that were not active before (start at zero)
+
+
+def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, optimizers=()) -> tuple[LayerUpdate, Tensor]:
+    """Rebuilds ``layer``'s pattern as (active entries with ``keep``) + grown positions.
+
+    A grown position that was active before the drop (dropped and regrown in the same
+    update) keeps its value and optimizer state; a truly new one starts at 0 with zero
+    state. ``layer.values`` stays the same Parameter object (resized), so optimizers keep
+    working; its ``.grad`` is cleared.
+
+    Args:
+        keep: [nnz] bool over the current entries.
+        grow_rows, grow_cols: int64 positions to activate; none may be an entry kept by ``keep``.
+        optimizers: optimizers whose per-element state for ``layer.values`` is remapped.
+    Returns:
+        (stats, source) with ``source[i]`` the old index of new entry i or -1.
+    """
+    csr = layer.csr()
+    n_cols = csr.shape[1]
+    old_keys = csr.rows() * n_cols + csr.col_idx.long()
+    if keep.dtype != torch.bool or keep.shape != old_keys.shape:
+        raise ValueError(f"update_layer: keep must be a bool tensor of shape [{old_keys.numel()}]")
+    kept_idx = keep.nonzero().squeeze(1)
+    grow_keys = grow_rows.long() * n_cols + grow_cols.long()
+    # Was a grown position active before the drop? (old keys are sorted: row-major CSR.)
+    if old_keys.numel():
+        pos = torch.searchsorted(old_keys, grow_keys).clamp_max(old_keys.numel() - 1)
+        was_active = old_keys[pos] == grow_keys
+    else:
+        pos = torch.zeros_like(grow_keys)
+        was_active = torch.zeros_like(grow_keys, dtype=torch.bool)
+    if bool((was_active & keep[pos]).any()) if old_keys.numel() else False:
+        raise ValueError("update_layer: a grown position is already active")
+    if torch.unique(grow_keys).numel() != grow_keys.numel():
+        raise ValueError("update_layer: grown positions must be distinct")
+    grow_source = torch.where(was_active, pos, torch.full_like(pos, -1))
+
+    keys = torch.cat([old_keys[kept_idx], grow_keys])
+    source = torch.cat([kept_idx, grow_source])
+    order = torch.argsort(keys)
+    keys, source = keys[order], source[order]
+    old_values = layer.values.detach()
+    values = torch.zeros(keys.numel(), dtype=old_values.dtype, device=old_values.device)
+    has = source >= 0
+    values[has] = old_values[source[has]]
+    new_csr = CSR.from_indices(values, keys // n_cols, keys % n_cols, csr.shape)
+
+    old_nnz = old_values.numel()
+    layer.set_csr(new_csr)
+    layer.values.grad = None
+    for opt in optimizers:
+        remap_optimizer_state(opt, layer.values, source, old_nnz)
+    stats = LayerUpdate(old_nnz, keys.numel(), old_nnz - kept_idx.numel(), grow_keys.numel(),
+                        int((grow_source < 0).sum()))
+    return stats, source

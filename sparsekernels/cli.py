@@ -85,6 +85,17 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run
+
+    kwargs = {"epochs": args.epochs, "timing_steps": args.timing_steps, "timing_hidden": args.timing_hidden,
+              "sparsity": args.sparsity, "seed": args.seed}
+    if args.quick:
+        kwargs.update(epochs=5, timing_steps=5, timing_hidden=1024)
+    run(**kwargs)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparsekernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +112,15 @@ def main(argv=None) -> int:
     p_bench.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
     p_bench.add_argument("--no-torch-sparse", action="store_true", help="skip the torch.sparse.mm baseline")
     p_bench.set_defaults(func=_cmd_bench)
+
+    p_demo = sub.add_parser("demo", help="train an MLP dense vs RigL / SET / static at 90%% sparsity")
+    p_demo.add_argument("--epochs", type=int, default=30, help="digits epochs (default 30)")
+    p_demo.add_argument("--timing-steps", type=int, default=20, help="timed steps of the speed part")
+    p_demo.add_argument("--timing-hidden", type=int, default=4096, help="hidden width of the speed part")
+    p_demo.add_argument("--sparsity", type=float, default=0.9)
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    p_demo.set_defaults(func=_cmd_demo)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -52,7 +52,8 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     """``dvalues[nnz] = (dy^T @ x)`` at W's pattern, batch dimensions summed.
 
     dy: [..., out], x: [..., in] with equal leading dimensions."""
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
+    rows = dy.shape[:-1].numel()  # not reshape(-1, n): ambiguous when n == 0
+    dy2 = dy.reshape(rows, dy.shape[-1])
+    x2 = x.reshape(rows, x.shape[-1])
     full = dy2.t() @ x2
     return full[csr_rows(row_ptr), col_idx.long()]

@@ -6,7 +6,6 @@ RNG is seeded with it too), so a failure reproduces by rerunning that one test.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest

@@ -34,6 +34,7 @@ void check_csr(const char* what, const at::Tensor& values, const at::Tensor& row
   TORCH_CHECK_VALUE(values.device().is_cpu() && row_ptr.device().is_cpu() &&
                         col_idx.device().is_cpu(),
                     what, ": the CPU kernel needs values, row_ptr and col_idx on the CPU");
+  TORCH_CHECK_VALUE(row_ptr.numel() >= 1, what, ": row_ptr must have rows + 1 >= 1 entries, got none");
   TORCH_CHECK_VALUE(row_ptr.numel() == n_rows + 1, what, ": row_ptr must have ", n_rows + 1,
                     " entries (rows + 1), got ", row_ptr.numel());
   const int64_t nnz = values.numel();

@@ -33,6 +33,13 @@ inline at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Product of all but the last dimension (the rows of x viewed as a matrix).
+inline int64_t leading_rows(const at::Tensor& x) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return m;
+}
+
 // Validates a CSR matrix with n_rows rows whose column indices must lie in
 // [0, n_cols): int32 indices, 1-D tensors on the CPU, row_ptr of n_rows + 1
 // monotone entries from 0 to nnz. `what` names the op in error messages.

@@ -137,8 +137,8 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   check_csr("sddmm", placeholder, row_ptr, col_idx, n, k);
 
   const int64_t nnz = col_idx.numel();
-  const at::Tensor dy2 = dy.reshape({-1, n}), x2 = x.reshape({-1, k});
-  const int64_t m = dy2.size(0);
+  const int64_t m = leading_rows(dy);
+  const at::Tensor dy2 = dy.reshape({m, n}), x2 = x.reshape({m, k});
   const at::ScalarType ct = compute_type(dy.scalar_type());
   at::Tensor out = at::zeros({nnz}, dy.options().dtype(ct));
   if (m == 0 || nnz == 0) return out.to(dy.scalar_type());

@@ -155,8 +155,8 @@ at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::Sca
 at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& row_ptr,
                      const at::Tensor& col_idx, const at::Tensor* perm) {
   const int64_t k = x.size(-1), n = row_ptr.numel() - 1;
-  const at::Tensor x2 = x.reshape({-1, k});
-  const int64_t m = x2.size(0);
+  const int64_t m = leading_rows(x);  // not reshape(-1, k): ambiguous when k == 0
+  const at::Tensor x2 = x.reshape({m, k});
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   if (m == 0 || n == 0) return at::empty(out_shape, x.options());

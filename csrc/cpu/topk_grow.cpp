@@ -14,6 +14,32 @@
 
 namespace sparsekernels::cpu {
 
+namespace {
+
+// Permutation sorting candidates by score (descending), equal scores by flat position
+// (ascending): the one order every backend and the masked-dense reference agree on.
+at::Tensor by_score_then_position(const at::Tensor& scores, const at::Tensor& flat) {
+  const at::Tensor by_pos = at::argsort(flat);
+  const at::Tensor by_score =
+      std::get<1>(at::sort(scores.index_select(0, by_pos), /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  return by_pos.index_select(0, by_score);
+}
+
+// The `take` best entries of a flat score tile in that order. topk alone picks an
+// arbitrary subset of the entries tied at the cut-off; the tie is resolved here by
+// position so the answer does not depend on the tiling.
+std::pair<at::Tensor, at::Tensor> tile_best(const at::Tensor& g, int64_t take) {
+  auto [scores, idx] = at::topk(g, take, 0, /*largest=*/true, /*sorted=*/false);
+  if (take == 0) return {idx, scores};
+  const at::Tensor cut = scores.min();
+  const at::Tensor above = idx.masked_select(scores > cut);
+  const at::Tensor tied = at::nonzero(g == cut).view({-1});  // ascending positions
+  const at::Tensor flat = at::cat({above, tied.narrow(0, 0, take - above.numel())});
+  return {flat, g.index_select(0, flat)};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& dy,
                                                              const at::Tensor& x,
                                                              const at::Tensor& row_ptr,
@@ -61,25 +87,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& d
       });
     });
     const int64_t take = std::min<int64_t>(k, rows * kk);
-    auto [tile_scores, tile_idx] = at::topk(g.view({-1}), take, 0, /*largest=*/true, /*sorted=*/false);
-    at::Tensor tile_flat = tile_idx.add_(o0 * kk);
+    auto [tile_flat, tile_scores] = tile_best(g.view({-1}), take);
+    tile_flat.add_(o0 * kk);
     if (best_scores.numel() == 0) {
       best_scores = tile_scores;
       best_flat = tile_flat;
     } else {
-      at::Tensor scores = at::cat({best_scores, tile_scores});
-      at::Tensor flat = at::cat({best_flat, tile_flat});
-      auto [s, i] = at::topk(scores, std::min<int64_t>(k, scores.numel()), 0, true, false);
-      best_scores = s;
-      best_flat = flat.index_select(0, i);
+      at::Tensor order = by_score_then_position(at::cat({best_scores, tile_scores}), at::cat({best_flat, tile_flat}));
+      order = order.narrow(0, 0, std::min<int64_t>(k, order.numel()));
+      best_scores = at::cat({best_scores, tile_scores}).index_select(0, order);
+      best_flat = at::cat({best_flat, tile_flat}).index_select(0, order);
     }
   }
-  // Highest score first; equal scores in increasing flat position, so the result does not
-  // depend on the tiling or on topk's internal order.
-  at::Tensor key_order = at::argsort(best_flat);
-  best_flat = best_flat.index_select(0, key_order);
-  best_scores = best_scores.index_select(0, key_order);
-  at::Tensor order = std::get<1>(at::sort(best_scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  const at::Tensor order = by_score_then_position(best_scores, best_flat);
   best_flat = best_flat.index_select(0, order);
   best_scores = best_scores.index_select(0, order);
   return {at::div(best_flat, kk, "floor"), at::remainder(best_flat, kk), best_scores.to(dy.scalar_type())};

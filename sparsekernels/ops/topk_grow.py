@@ -21,22 +21,15 @@ from . import _checks
 DEFAULT_TILE_ELEMS = 1 << 22
 
 
-def _order(flat: Tensor, scores: Tensor) -> Tensor:
-    """Order: highest score first, ties by increasing flat position."""
-    by_pos = torch.argsort(flat)
-    by_score = torch.sort(scores[by_pos], stable=True, descending=True).indices
-    return by_pos[by_score]
-
-
 def reference_topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Plain-PyTorch definition (dense gradient): the ground truth for the kernel."""
     n, kk = dy.shape[1], x.shape[1]
     ct = torch.float64 if dy.dtype == torch.float64 else torch.float32
     g = (dy.to(ct).t() @ x.to(ct)).abs()
     g[reference.csr_rows(row_ptr), col_idx.long()] = -1.0
-    scores, flat = torch.topk(g.reshape(-1), k)
-    order = _order(flat, scores)
-    flat, scores = flat[order], scores[order]
+    # A stable descending sort of the row-major scores: ties go to the earlier position.
+    scores, flat = torch.sort(g.reshape(-1), stable=True, descending=True)
+    flat, scores = flat[:k], scores[:k]
     return flat // kk, flat % kk, scores.to(dy.dtype)
 
 

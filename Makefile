@@ -33,7 +33,7 @@ info: build
 	$(PY) -m sparsekernels info
 
 demo: build
-	$(PY) -m sparsekernels bench --quick
+	$(PY) -m sparsekernels demo
 
 bench: build
 	$(PY) -m sparsekernels bench

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
+import os
 import sys
 
 
@@ -36,7 +38,41 @@ def _parse_shapes(text: str | None):
     return shapes
 
 
+def _cmd_bench_training(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .bench import harness, training
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    kwargs = {"hidden": args.hidden, "steps": args.steps, "sparsity": args.sparsity}
+    if args.quick:
+        kwargs.update(hidden=1024, steps=5)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("training steps", total=len(training.METHODS))
+        results = training.compare(progress=lambda m: progress.update(task, advance=1, description=m), **kwargs)
+    table = Table(title=f"MLP 1024-{kwargs['hidden']}-{kwargs['hidden']}-256, batch 256, Adam, sparsity "
+                        f"{kwargs['sparsity']} (ERK): median per-step wall-clock")
+    for col in ("method", "ms / step", "x dense", "params", "topology updates"):
+        table.add_column(col, justify="right")
+    for m, r in results.items():
+        table.add_row(m, f"{r['median_step_s'] * 1e3:.1f}", f"{r['speedup_vs_dense']:.2f}", f"{r['params']:,}",
+                      str(r["updates"]))
+    console.print(table)
+    rigl = results["rigl"]["speedup_vs_dense"]
+    console.print(f"RigL training step vs dense: {rigl:.2f}x (target >= 2.5x at width >= 4096: "
+                  f"{'met' if rigl >= 2.5 and kwargs['hidden'] >= 4096 else 'not shown by this run'})")
+    out = args.out or os.path.join("bench", "results", f"training-cpu-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    payload = {"benchmark": "training_step", "machine": harness.machine_info("cpu"), "config": kwargs,
+               "results": {m: {k: v for k, v in r.items()} for m, r in results.items()}}
+    console.print(f"results: {harness.write_json(out, payload)}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
+    if args.scenario == "training":
+        return _cmd_bench_training(args)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -104,7 +140,12 @@ def main(argv=None) -> int:
     p_info.set_defaults(func=_cmd_info)
 
     p_bench = sub.add_parser("bench", help="time the CSR kernels against dense and torch.sparse")
-    p_bench.add_argument("--quick", action="store_true", help="2 shapes x 3 sparsities, 3 rounds (~1 min)")
+    p_bench.add_argument("--scenario", choices=("csr", "training"), default="csr",
+                         help="csr: the CSR linear layer (default); training: per-step time of a 4096-wide MLP")
+    p_bench.add_argument("--quick", action="store_true", help="a small, fast run (~1 min)")
+    p_bench.add_argument("--hidden", type=int, default=4096, help="training scenario: hidden width")
+    p_bench.add_argument("--steps", type=int, default=20, help="training scenario: timed steps per method")
+    p_bench.add_argument("--sparsity", type=float, default=0.9, help="training scenario: sparsity")
     p_bench.add_argument("--shapes", help='"B,in,out;B,in,out" (default: the issue\'s four shapes)')
     p_bench.add_argument("--sparsities", help='comma separated, e.g. "0.9,0.95"')
     p_bench.add_argument("--rounds", type=int, help="timed rounds per case (default 7, quick 3)")

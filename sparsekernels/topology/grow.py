@@ -78,6 +78,12 @@ def grow_random(layer, n: int, generator: torch.Generator, keep: Tensor | None =
     active = _active_keys(layer, keep).cpu()
     total_rows = groups * rpg
     chosen = torch.empty(0, dtype=torch.long)
+    if 2 * n > inactive:
+        # Rejection sampling slows to a crawl when most free positions are wanted (the last
+        # few are rarely hit); then list the free positions, O(nnz + inactive) = O(nnz + n).
+        r_all, c_all = grow_all(layer, keep)
+        free = (r_all * n_cols + c_all).cpu()
+        chosen = free[torch.randperm(free.numel(), generator=generator)[:n]]
     while chosen.numel() < n:
         want = max(2 * (n - chosen.numel()), 64)
         r = torch.randint(0, total_rows, (want,), generator=generator)

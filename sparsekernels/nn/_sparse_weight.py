@@ -65,30 +65,32 @@ class SparseWeightMixin(nn.Module):
         y = spmm(x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
         if self._capture and y.requires_grad:
             # Topology updates score inactive weights by |dy^T x| of this step: keep the
-            # matmul's input and, through a hook, its output gradient (one step only).
-            self._captured_x = x.detach().reshape(-1, x.shape[-1])
-            y.register_hook(self._save_output_grad)
+            # matmul's input and, through a hook, its output gradient. Every forward of the
+            # step gets its own slot (gradient accumulation, a layer used twice), and the
+            # slots are concatenated along the batch.
+            slot = [x.detach().reshape(x.shape[:-1].numel(), x.shape[-1]), None]
+            self._captured.append(slot)
+            y.register_hook(lambda g, slot=slot: slot.__setitem__(1, g.detach().reshape(g.shape[:-1].numel(), g.shape[-1])))
         return y
 
     # ------------------------------------------------------------------ capture for regrowth
     _capture = False
-    _captured_x: Tensor | None = None
-    _captured_dy: Tensor | None = None
-
-    def _save_output_grad(self, grad: Tensor) -> None:
-        self._captured_dy = grad.detach().reshape(-1, grad.shape[-1])
 
     def capture_next(self, enabled: bool = True) -> None:
-        """Keep (or stop keeping) the next forward's matmul input and output gradient."""
+        """Keep (or stop keeping, and free) the matmul inputs and output gradients of the
+        following forward/backward passes."""
         self._capture = enabled
-        if not enabled:
-            self._captured_x = self._captured_dy = None
+        self._captured: list = []
 
     def captured(self) -> tuple[Tensor, Tensor] | None:
-        """(x [M, cols], dy [M, rows]) of the last captured step, or None."""
-        if self._captured_x is None or self._captured_dy is None:
+        """(x [M, cols], dy [M, rows]) over the captured passes that completed a backward,
+        or None if there are none."""
+        done = [s for s in getattr(self, "_captured", []) if s[1] is not None]
+        if not done:
             return None
-        return self._captured_x, self._captured_dy
+        if len(done) == 1:
+            return done[0][0], done[0][1]
+        return torch.cat([s[0] for s in done]), torch.cat([s[1] for s in done])
 
     @property
     def groups_layout(self) -> tuple[int, int, int]:

@@ -11,6 +11,13 @@ namespace sparsekernels {
 
 bool cpu_has_avx512_op() { return cpu::cpu_has_avx512(); }
 void release_workspace_op() { cpu::release_workspace(); }
+bool built_with_cuda_op() {
+#ifdef SPARSEKERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
 
 TORCH_LIBRARY(sparsekernels_C, m) {
   // y[..., N] = x[..., K] W^T for W = CSR(values, row_ptr, col_idx) of shape [N, K].
@@ -25,6 +32,8 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   m.def("topk_grow(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int k, int tile_elems) -> (Tensor, Tensor, Tensor)");
   // True when the CPU kernels run their AVX-512 path on this machine.
   m.def("cpu_has_avx512() -> bool", &cpu_has_avx512_op);
+  // True when the CUDA kernels were compiled into this library.
+  m.def("built_with_cuda() -> bool", &built_with_cuda_op);
   // Frees the calling thread's cached scratch buffers (packed panels).
   m.def("release_workspace() -> ()", &release_workspace_op);
 }

@@ -28,6 +28,11 @@ def compiled_ops() -> list[str]:
     return sorted(name for name in ("spmm", "spmm_t", "sddmm", "topk_grow") if hasattr(torch.ops.sparsekernels_C, name))
 
 
+def compiled_with_cuda() -> bool:
+    """Whether the extension holds the CUDA kernels (built where nvcc and a CUDA torch were found)."""
+    return compiled() and bool(torch.ops.sparsekernels_C.built_with_cuda())
+
+
 def cpu_has_avx512() -> bool:
     """Whether the compiled CPU kernels run their AVX-512 path on this machine."""
     return compiled() and bool(torch.ops.sparsekernels_C.cpu_has_avx512())

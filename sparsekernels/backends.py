@@ -56,11 +56,25 @@ def use_backend(name: str | None) -> Iterator[None]:
         _override = previous
 
 
+def _triton_usable(device_type: str) -> bool:
+    from .kernels import triton as triton_kernels
+
+    if not triton_kernels.available():
+        return False
+    # On the CPU Triton only runs in its interpreter (how CI tests the kernels).
+    return device_type == "cuda" or (device_type == "cpu" and triton_kernels.interpreting())
+
+
 def available(device_type: str) -> list[str]:
-    """Backends that can run ops on tensors of ``device_type`` in this build."""
+    """Backends that can run ops on tensors of ``device_type`` in this build, in the order
+    ``"auto"`` prefers them."""
     names = []
     if device_type == "cpu" and _extension.compiled():
         names.append("cpu")
+    if device_type == "cuda" and _extension.compiled_with_cuda():
+        names.append("cuda")
+    if _triton_usable(device_type):
+        names.append("triton")
     names.append("reference")
     return names
 
@@ -68,18 +82,21 @@ def available(device_type: str) -> list[str]:
 def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype``."""
     requested = get_backend()
+    choices = available(device.type)
     if requested == "auto":
-        # Measured on this project's CPU machine: the C++ kernels beat dense matmul from
-        # 50% sparsity on and the reference (a dense matmul) by more; see bench/results.
-        return available(device.type)[0]
-    if requested == "reference":
-        return "reference"
-    if requested == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"{op}: backend 'cpu' was requested but the tensors are on {device}")
-        _extension.require(f"{op} on backend 'cpu'")
-        return "cpu"
+        # CPU: the C++ kernels (faster than dense from ~50% sparsity, bench/results);
+        # GPU: our CUDA kernels, then Triton; the reference (dense matmul) last. The
+        # Triton interpreter is never chosen automatically: it exists for testing.
+        auto = [c for c in choices if not (c == "triton" and device.type == "cpu")]
+        return auto[0]
+    if requested in choices:
+        return requested
+    if requested in ("cpu", "cuda") and requested != device.type:
+        raise ValueError(f"{op}: backend {requested!r} was requested but the tensors are on {device}")
+    if requested in ("cpu", "cuda") and not _extension.compiled():
+        _extension.require(f"{op} on backend {requested!r}")
     raise RuntimeError(
-        f"{op}: backend {requested!r} is not available in this build (available for "
-        f"{device.type}: {available(device.type)}); unset it with sparsekernels.set_backend(None)"
+        f"{op}: backend {requested!r} is not available for {device.type} tensors in this build (available: "
+        f"{choices}; 'triton' on the CPU needs TRITON_INTERPRET=1, 'cuda' an extension built with CUDA); "
+        "unset it with sparsekernels.set_backend(None)"
     )

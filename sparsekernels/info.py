@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -22,7 +23,9 @@ def collect() -> dict:
         "cpu_avx512_path": _extension.cpu_has_avx512(),
         "cuda_available": torch.cuda.is_available(),
         "requested_backend": backends.get_backend(),
-        "available": {"cpu": backends.available("cpu")},
+        "compiled_with_cuda": _extension.compiled_with_cuda(),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "available": {"cpu": backends.available("cpu"), "cuda": backends.available("cuda")},
         "chosen": {},
     }
     try:

@@ -6,10 +6,16 @@ RNG is seeded with it too), so a failure reproduces by rerunning that one test.
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU in Triton's interpreter; the variable must be set before
+# triton compiles (decorates) the kernels, i.e. before they are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sparsekernels
 from sparsekernels import CSR, backends
@@ -59,7 +65,8 @@ def gen(seed) -> torch.Generator:
 
 @pytest.fixture(params=["cpu", "reference"])
 def backend(request):
-    """Runs the test body with every op forced onto one backend."""
+    """Runs the test body with every op forced onto one backend. (Triton has its own,
+    smaller sweep in test_triton_kernels.py: the interpreter is slow.)"""
     name = request.param
     if name == "cpu" and not sparsekernels._extension.compiled():
         pytest.skip(f"compiled extension not loaded: {sparsekernels._extension.LOAD_ERROR}")

@@ -22,11 +22,17 @@ from torch import Tensor
 from .. import backends, reference
 from . import _checks
 
-_NEEDS_COMPILED = {"cpu"}
+_COMPILED = {"cpu", "cuda"}  # torch.ops.sparsekernels_C.*, dispatched on the device
 
 
 def _compiled(name: str):
     return getattr(torch.ops.sparsekernels_C, name)
+
+
+def _triton(name: str):
+    from ..kernels.triton import sddmm, spmm
+
+    return {"spmm": spmm.spmm, "spmm_t": spmm.spmm_t, "sddmm": sddmm.sddmm}[name]
 
 
 # --------------------------------------------------------------------------- spmm
@@ -34,8 +40,10 @@ def _compiled(name: str):
 def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
              t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
     backend = backends.resolve("spmm", x.device, x.dtype)
-    if backend in _NEEDS_COMPILED:
+    if backend in _COMPILED:
         return _compiled("spmm")(x, values, row_ptr, col_idx)
+    if backend == "triton":
+        return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
 
@@ -49,8 +57,10 @@ def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
     backend = backends.resolve("spmm_t", dy.device, dy.dtype)
-    if backend in _NEEDS_COMPILED:
+    if backend in _COMPILED:
         return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+    if backend == "triton":
+        return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
 
@@ -64,8 +74,10 @@ def _(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
               t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
     backend = backends.resolve("sddmm", dy.device, dy.dtype)
-    if backend in _NEEDS_COMPILED:
+    if backend in _COMPILED:
         return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+    if backend == "triton":
+        return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
 

@@ -37,7 +37,7 @@ def reference_topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
 def _topk_grow_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
                   tile_elems: int) -> tuple[Tensor, Tensor, Tensor]:
     backend = backends.resolve("topk_grow", dy.device, dy.dtype)
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return torch.ops.sparsekernels_C.topk_grow(dy, x, row_ptr, col_idx, k, tile_elems)
     return reference_topk_grow(dy, x, row_ptr, col_idx, k)
 

@@ -627,10 +627,16 @@ def test_resolve():
     assert backends.available("cpu")[-1] == "reference"
     with sparsekernels.use_backend("reference"):
         assert backends.resolve("spmm", cpu, torch.float32) == "reference"
-    for name in ("cuda", "triton"):
-        with sparsekernels.use_backend(name):
-            with pytest.raises(RuntimeError, match=name):
+    with sparsekernels.use_backend("cuda"):  # CPU tensors on the CUDA backend: a device mismatch
+        with pytest.raises(ValueError, match="cuda"):
+            backends.resolve("spmm", cpu, torch.float32)
+    with sparsekernels.use_backend("triton"):  # on the CPU only through the interpreter
+        if "triton" in backends.available("cpu"):
+            assert backends.resolve("spmm", cpu, torch.float32) == "triton"
+        else:
+            with pytest.raises(RuntimeError, match="triton"):
                 backends.resolve("spmm", cpu, torch.float32)
+    assert "triton" != backends.resolve("spmm", cpu, torch.float32)  # auto never picks the interpreter
     with sparsekernels.use_backend("cpu"):
         with pytest.raises(ValueError, match="cpu"):
             backends.resolve("spmm", torch.device("meta"), torch.float32)

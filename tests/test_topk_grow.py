@@ -19,6 +19,9 @@ BACKENDS = ["cpu", "reference"]
 TILES = [1, 7, 10**7]
 
 
+# A regression that loops forever (e.g. rejection sampling) fails instead of hanging.
+pytestmark = pytest.mark.timeout(180)
+
 # --------------------------------------------------------------------------- helpers
 def _pattern(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 (row_ptr, col_idx) of a boolean [out, in] mask, built by hand (no package code)."""

@@ -12,6 +12,9 @@ from sparsekernels.topology import (drop_smallest, grow_all, grow_by_gradient, g
                                     update_layer)
 
 
+# A regression that loops forever (e.g. rejection sampling) fails instead of hanging.
+pytestmark = pytest.mark.timeout(180)
+
 # --------------------------------------------------------------------------- helpers
 def _linear(in_f=14, out_f=11, sparsity=0.7, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)

@@ -38,29 +38,13 @@ std::pair<at::Tensor, at::Tensor> tile_best(const at::Tensor& g, int64_t take) {
   return {flat, g.index_select(0, flat)};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& dy,
-                                                             const at::Tensor& x,
-                                                             const at::Tensor& row_ptr,
-                                                             const at::Tensor& col_idx, int64_t k,
-                                                             int64_t tile_elems) {
-  TORCH_CHECK_TYPE(at::isFloatingType(dy.scalar_type()), "topk_grow: dy must be a floating dtype, got ",
-                   dy.scalar_type());
-  TORCH_CHECK_VALUE(dy.dim() == 2 && x.dim() == 2, "topk_grow: dy and x must be 2-D [M, N] and [M, K], got ",
-                    dy.sizes(), " and ", x.sizes());
-  check_dense("topk_grow", "x", x, dy.scalar_type(), x.size(-1));
-  TORCH_CHECK_VALUE(dy.device().is_cpu(), "topk_grow: dy must be on the CPU");
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), "topk_grow: dy and x must have the same number of rows, got ",
-                    dy.size(0), " and ", x.size(0));
+// Device-generic body (ATen ops only: a cuBLAS / MKL GEMM per tile, torch's topk), so
+// the same code serves the CPU and, in a CUDA build, the GPU. Inputs are checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor& dy, const at::Tensor& x,
+                                                               const at::Tensor& row_ptr,
+                                                               const at::Tensor& col_idx, int64_t k,
+                                                               int64_t tile_elems) {
   const int64_t n = dy.size(1), kk = x.size(1);
-  const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
-  check_csr("topk_grow", placeholder, row_ptr, col_idx, n, kk);
-  const int64_t inactive = n * kk - col_idx.numel();
-  TORCH_CHECK_VALUE(k >= 0 && k <= inactive, "topk_grow: k must be in [0, inactive positions = ", inactive,
-                    "], got ", k);
-  TORCH_CHECK_VALUE(tile_elems > 0, "topk_grow: tile_elems must be positive, got ", tile_elems);
-
   const auto long_opts = dy.options().dtype(at::kLong);
   // Scores are computed in fp32 at least (fp64 stays fp64) so bf16 inputs rank correctly.
   const at::ScalarType ct = compute_type(dy.scalar_type());
@@ -70,22 +54,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& d
     return {best_flat, best_flat.clone(), best_scores.to(dy.scalar_type())};
   }
   const at::Tensor dyc = dy.to(ct), xc = x.to(ct).contiguous();
-  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  const int32_t* r = rp.data_ptr<int32_t>();
-  const int32_t* c = ci.data_ptr<int32_t>();
+  // Flat position (row * K + col) of every active entry, and the row pointers on the host
+  // (one small copy per call) to slice them per tile.
+  const at::Tensor rp_host = row_ptr.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* rp = rp_host.data_ptr<int64_t>();
+  const at::Tensor counts = row_ptr.narrow(0, 1, n) - row_ptr.narrow(0, 0, n);
+  const at::Tensor active = at::repeat_interleave(at::arange(n, long_opts), counts.to(at::kLong), std::nullopt, col_idx.numel())
+                                .mul_(kk)
+                                .add_(col_idx.to(at::kLong));
   const int64_t rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(n, tile_elems / std::max<int64_t>(kk, 1)));
 
   for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
     const int64_t o1 = std::min(n, o0 + rows_per_tile), rows = o1 - o0;
     at::Tensor g = at::mm(dyc.narrow(1, o0, rows).t(), xc).abs_();  // [rows, K]
     // Knock out the active positions: |grad| >= 0, so -1 never beats an inactive one.
-    AT_DISPATCH_FLOATING_TYPES(ct, "topk_grow_mask", [&] {
-      scalar_t* gp = g.data_ptr<scalar_t>();
-      at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
-        for (int64_t row = b; row < e; ++row)
-          for (int32_t j = r[row]; j < r[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = scalar_t(-1);
-      });
-    });
+    const int64_t e0 = rp[o0], e1 = rp[o1];
+    if (e1 > e0) g.view({-1}).index_fill_(0, active.narrow(0, e0, e1 - e0) - o0 * kk, -1.0);
     const int64_t take = std::min<int64_t>(k, rows * kk);
     auto [tile_flat, tile_scores] = tile_best(g.view({-1}), take);
     tile_flat.add_(o0 * kk);
@@ -93,10 +77,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& d
       best_scores = tile_scores;
       best_flat = tile_flat;
     } else {
-      at::Tensor order = by_score_then_position(at::cat({best_scores, tile_scores}), at::cat({best_flat, tile_flat}));
+      const at::Tensor scores = at::cat({best_scores, tile_scores}), flat = at::cat({best_flat, tile_flat});
+      at::Tensor order = by_score_then_position(scores, flat);
       order = order.narrow(0, 0, std::min<int64_t>(k, order.numel()));
-      best_scores = at::cat({best_scores, tile_scores}).index_select(0, order);
-      best_flat = at::cat({best_flat, tile_flat}).index_select(0, order);
+      best_scores = scores.index_select(0, order);
+      best_flat = flat.index_select(0, order);
     }
   }
   const at::Tensor order = by_score_then_position(best_scores, best_flat);
@@ -104,6 +89,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& d
   best_scores = best_scores.index_select(0, order);
   return {at::div(best_flat, kk, "floor"), at::remainder(best_flat, kk), best_scores.to(dy.scalar_type())};
 }
+
+void check_topk_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                     const at::Tensor& col_idx, int64_t k, int64_t tile_elems) {
+  TORCH_CHECK_TYPE(at::isFloatingType(dy.scalar_type()) && x.scalar_type() == dy.scalar_type(),
+                   "topk_grow: dy and x must share one floating dtype, got ", dy.scalar_type(), " and ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0),
+                    "topk_grow: dy [M, N] and x [M, K] must be 2-D with equal M, got ", dy.sizes(), " and ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.device() == dy.device() && row_ptr.device() == dy.device() && col_idx.device() == dy.device(),
+                    "topk_grow: all tensors must be on one device");
+  const int64_t inactive = dy.size(1) * x.size(1) - col_idx.numel();
+  TORCH_CHECK_VALUE(k >= 0 && k <= inactive, "topk_grow: k must be in [0, inactive positions = ", inactive,
+                    "], got ", k);
+  TORCH_CHECK_VALUE(tile_elems > 0, "topk_grow: tile_elems must be positive, got ", tile_elems);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                             const at::Tensor& row_ptr,
+                                                             const at::Tensor& col_idx, int64_t k,
+                                                             int64_t tile_elems) {
+  check_topk_args(dy, x, row_ptr, col_idx, k, tile_elems);
+  const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
+  check_csr("topk_grow", placeholder, row_ptr, col_idx, dy.size(1), x.size(1));
+  return topk_grow_tiles(dy, x, row_ptr, col_idx, k, tile_elems);
+}
+
+#ifdef SPARSEKERNELS_WITH_CUDA
+// The GPU runs the same tiles on cuBLAS. The pattern is checked with device reductions
+// (one sync; the update step is not in the per-step hot path).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                              const at::Tensor& row_ptr,
+                                                              const at::Tensor& col_idx, int64_t k,
+                                                              int64_t tile_elems) {
+  check_topk_args(dy, x, row_ptr, col_idx, k, tile_elems);
+  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt,
+                   "topk_grow: row_ptr and col_idx must be int32");
+  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() == dy.size(1) + 1 && col_idx.dim() == 1,
+                    "topk_grow: row_ptr must have N + 1 entries");
+  if (col_idx.numel()) {
+    TORCH_CHECK_VALUE(col_idx.min().item<int32_t>() >= 0 && col_idx.max().item<int32_t>() < x.size(1),
+                      "topk_grow: col_idx entries must lie in [0, ", x.size(1), ")");
+  }
+  return topk_grow_tiles(dy, x, row_ptr, col_idx, k, tile_elems);
+}
+
+TORCH_LIBRARY_IMPL(sparsekernels_C, CUDA, m) { m.impl("topk_grow", &topk_grow_cuda); }
+#endif
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) { m.impl("topk_grow", &topk_grow_cpu); }
 

@@ -9,7 +9,7 @@ CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 SOURCES   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py pyproject.toml
 
-.PHONY: venv build test test-fast bench bench-pytest demo info clean
+.PHONY: venv build test bench bench-pytest demo info gpu-wheels clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +40,10 @@ bench: build
 
 bench-pytest: build
 	$(PY) -m pytest bench -q --benchmark-only
+
+# Wheels for the offline GPU machine (pytest and its dependencies), carried with the tree.
+gpu-wheels: venv
+	$(PIP) download -q --only-binary=:all: -d bench/.wheels pytest
 
 clean:
 	rm -rf build *.egg-info sparsekernels/_C*.so $(VENV)/.built

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine (H100/H200; python3 with torch + CUDA + triton,
+# no internet, 10 minutes per command):
+#   1. builds the extension in place for this machine's arch only (sm_90 by default),
+#   2. runs the CUDA / Triton tests against the dense reference (fresh random inputs,
+#      poisoned outputs, odd shapes, empty rows) -- tests/test_cuda.py,
+#   3. runs the GPU benchmark (cuBLAS fp32 / TF32 / bf16, cuSPARSE, ours),
+# and writes $OUT/gpu-results.json, $OUT/gpu-tests.txt and $OUT/gpu-check.log.
+# Copy them to bench/results/<device>-<date>.json and commit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu-check}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu-check.log"
+PY="${PYTHON:-python3}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do [ -x "$d/bin/nvcc" ] && export CUDA_HOME="$d" && break; done
+fi
+echo "== $(date -Is) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)" | tee "$LOG"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
+
+echo "== build" | tee -a "$LOG"
+start=$(date +%s)
+$PY setup.py build_ext --inplace >>"$LOG" 2>&1 || { echo "BUILD FAILED (see $LOG)"; tail -40 "$LOG"; exit 1; }
+echo "build took $(( $(date +%s) - start )) s" | tee -a "$LOG"
+$PY -m sparsekernels info --json > "$OUT/info.json" 2>>"$LOG"
+
+echo "== tests" | tee -a "$LOG"
+if ! $PY -c "import pytest" 2>/dev/null && [ -d bench/.wheels ]; then
+  # The GPU machine has no internet: pytest comes from wheels carried with the tree
+  # (`make gpu-wheels` here, then run with carry=["bench/.wheels"]).
+  $PY -m pip install -q --no-index --find-links bench/.wheels pytest >>"$LOG" 2>&1 || true
+fi
+if $PY -c "import pytest" 2>/dev/null; then
+  $PY -m pytest tests/test_cuda.py tests/test_triton_kernels.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.txt" | tail -15
+else
+  echo "pytest is not available: tests not run (carry bench/.wheels from 'make gpu-wheels')" | tee "$OUT/gpu-tests.txt"
+fi
+
+echo "== benchmark" | tee -a "$LOG"
+$PY - <<PYEOF 2>&1 | tee -a "$LOG" | tail -40
+import json, torch
+from sparsekernels.bench import gpu
+payload = gpu.run(progress=lambda s: print("done", s, flush=True))
+payload["tests"] = open("$OUT/gpu-tests.txt").read()[-4000:]
+json.dump(payload, open("$OUT/gpu-results.json", "w"), indent=1)
+for r in payload["results"]:
+    print(r["batch"], r["in_features"], r["out_features"], r["sparsity"], {k: round(v, 2) for k, v in r["speedup"].items()})
+PYEOF
+echo "== done: $OUT" | tee -a "$LOG"

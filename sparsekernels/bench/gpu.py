@@ -1,0 +1,144 @@
+"""GPU benchmark of the CSR kernels (run by bench/gpu_check.sh on a lent GPU machine).
+
+Per (B, in, out) and sparsity, in one run and interleaved: cuBLAS dense (fp32 with TF32
+off, fp32 with TF32 on, bf16), cuSPARSE (``torch.sparse.mm`` on a torch CSR tensor), and
+our backends (CUDA C++, Triton), forward and full layer step. Every case records the
+floor: max(FLOPs / measured peak, bytes / measured bandwidth), peaks measured on the
+machine in the same run, so the distance to the hardware limit is visible.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+
+import torch
+
+from .. import ops
+from ..backends import available, use_backend
+from ..nn import SparseLinear
+from . import harness
+
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (2048, 4096, 4096), (8192, 4096, 11008)]
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+QUICK_SPARSITIES = [0.9, 0.98]
+
+
+def _cuda_time(fn, reps: int = 10, warmup: int = 3) -> list[float]:
+    """Seconds per call, one sample per rep, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return samples
+
+
+def measure_peaks() -> dict:
+    """Dense bf16 / fp32 (TF32 off) GEMM FLOP/s and device-memory bandwidth, measured."""
+    n = 8192
+    out = {}
+    for name, dtype, tf32 in (("bf16_flops", torch.bfloat16, False), ("fp32_flops", torch.float32, False),
+                              ("tf32_flops", torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        a = torch.randn(n, n, device="cuda", dtype=dtype)
+        b = torch.randn(n, n, device="cuda", dtype=dtype)
+        t = min(_cuda_time(lambda: a @ b, reps=5))
+        out[name] = 2 * n**3 / t
+    torch.backends.cuda.matmul.allow_tf32 = False
+    big = torch.empty(512 * 2**20 // 4, device="cuda")
+    dst = torch.empty_like(big)
+    t = min(_cuda_time(lambda: dst.copy_(big), reps=5))
+    out["bandwidth"] = 2 * big.numel() * 4 / t
+    return out
+
+
+def run_case(batch: int, in_f: int, out_f: int, sparsity: float, peaks: dict, reps: int = 10) -> dict:
+    torch.manual_seed(0)
+    layer32 = SparseLinear(in_f, out_f, sparsity=sparsity, device="cuda")
+    dense32 = layer32.to_dense()
+    w32 = dense32.weight.detach()
+    w16 = w32.bfloat16()
+    x32 = torch.randn(batch, in_f, device="cuda")
+    x16 = x32.bfloat16()
+    pattern = (layer32.row_ptr, layer32.col_idx, layer32.t_row_ptr, layer32.t_col_idx, layer32.t_perm)
+    v32, v16 = layer32.values.detach(), layer32.values.detach().bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w_csr = w32.to_sparse_csr()
+
+    def tf32(on):
+        def f():
+            torch.backends.cuda.matmul.allow_tf32 = on
+            return x32 @ w32.t()
+        return f
+
+    fns = {"cublas_fp32": tf32(False), "cublas_tf32": tf32(True), "cublas_bf16": lambda: x16 @ w16.t(),
+           "cusparse_fp32": lambda: torch.sparse.mm(w_csr, x32.t()).t()}
+    for backend in [b for b in ("cuda", "triton") if b in available("cuda")]:
+        def ours(x, v, backend=backend):
+            def f():
+                with use_backend(backend):
+                    return ops.spmm(x, v, *pattern)
+            return f
+        fns[f"{backend}_fp32"] = ours(x32, v32)
+        fns[f"{backend}_bf16"] = ours(x16, v16)
+        dy = torch.randn(batch, out_f, device="cuda")
+        xg = x32.clone().requires_grad_(True)
+
+        def step(backend=backend, dy=dy, xg=xg):
+            with use_backend(backend):
+                xg.grad = None
+                layer32.values.grad = None
+                layer32(xg).backward(dy)
+        fns[f"{backend}_step_fp32"] = step
+    dy32 = torch.randn(batch, out_f, device="cuda")
+    xd = x32.clone().requires_grad_(True)
+
+    def dense_step():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        xd.grad = None
+        dense32.weight.grad = None
+        dense32(xd).backward(dy32)
+    fns["cublas_step_fp32"] = dense_step
+
+    times = {k: statistics.median(_cuda_time(f, reps)) for k, f in fns.items()}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    nnz = layer32.nnz
+    flop_dense, flop_sparse = 2.0 * batch * in_f * out_f, 2.0 * batch * nnz
+    # Floor of our fp32 forward: sparse FLOPs at the fp32 CUDA-core peak, or the bytes of
+    # values + int32 indices + x + y at the measured bandwidth, whichever is larger.
+    bytes_fp32 = nnz * 8 + (batch * in_f + batch * out_f) * 4
+    floor = {"fp32_fwd_s": max(flop_sparse / peaks["fp32_flops"], bytes_fp32 / peaks["bandwidth"]),
+             "bf16_fwd_s": max(flop_sparse / peaks["fp32_flops"], (nnz * 6 + (batch * in_f + batch * out_f) * 2)
+                               / peaks["bandwidth"])}
+    speed = {}
+    for backend in ("cuda", "triton"):
+        if f"{backend}_fp32" in times:
+            speed[f"{backend}_fwd_fp32_vs_cublas_fp32"] = times["cublas_fp32"] / times[f"{backend}_fp32"]
+            speed[f"{backend}_fwd_fp32_vs_cusparse"] = times["cusparse_fp32"] / times[f"{backend}_fp32"]
+            speed[f"{backend}_fwd_bf16_vs_cublas_bf16"] = times["cublas_bf16"] / times[f"{backend}_bf16"]
+            speed[f"{backend}_step_fp32_vs_cublas_fp32"] = times["cublas_step_fp32"] / times[f"{backend}_step_fp32"]
+    return {"batch": batch, "in_features": in_f, "out_features": out_f, "sparsity": sparsity, "nnz": nnz,
+            "ms": {k: v * 1e3 for k, v in times.items()}, "speedup": speed,
+            "floor_ms": {k: v * 1e3 for k, v in floor.items()},
+            "dense_tflops_fp32": flop_dense / times["cublas_fp32"] / 1e12}
+
+
+def run(shapes=None, sparsities=None, progress=None) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("the GPU benchmark needs a CUDA device")
+    peaks = measure_peaks()
+    results = []
+    for shape in shapes or SHAPES:
+        for s in sparsities or SPARSITIES:
+            results.append(run_case(*shape, s, peaks))
+            if progress is not None:
+                progress(f"{shape} s={s}")
+    return {"benchmark": "csr_linear_gpu", "machine": harness.machine_info("cuda"), "peaks": peaks,
+            "results": results}

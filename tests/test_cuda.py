@@ -1,0 +1,92 @@
+"""GPU backends (our CUDA C++ kernels and Triton) against the dense computation.
+
+Skipped without a GPU; run by bench/gpu_check.sh on a lent GPU machine. Outputs are
+"poisoned": the caching allocator is first filled with NaN so an output element a kernel
+forgets to write shows up as NaN instead of a stale plausible number.
+"""
+
+import pytest
+import torch
+
+import sparsekernels as sk
+from sparsekernels import backends
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+SHAPES = [(1, 7, 5), (16, 4096, 4096), (97, 1025, 259), (300, 64, 1000)]  # (batch, in, out)
+
+
+def _poison():
+    big = torch.full((64 * 2**20,), float("nan"), device="cuda")
+    del big
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _gpu_backends():
+    return [b for b in ("cuda", "triton") if b in backends.available("cuda")]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99])
+def test_gpu_ops_match_dense(backend, dtype, shape, sparsity):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} not available")
+    g = torch.Generator(device="cuda").manual_seed(hash((backend, shape, sparsity)) % 2**31)
+    b, in_f, out_f = shape
+    w = torch.randn(out_f, in_f, device="cuda", generator=g, dtype=torch.float64)
+    mask = torch.rand(out_f, in_f, device="cuda", generator=g) >= sparsity
+    mask[::5] = False                                   # empty rows
+    w = (w * mask).to(dtype)
+    csr = sk.CSR.from_dense(w, mask)
+    x = torch.randn(b, in_f, device="cuda", generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(b, out_f, device="cuda", generator=g, dtype=torch.float64).to(dtype)
+    wd, xd, dyd = w.double(), x.double(), dy.double()
+    with sk.use_backend(backend):
+        _poison()
+        y = sk.ops.spmm(x, csr.values, *csr.pattern())
+        _poison()
+        dx = sk.ops.spmm_t(dy, csr.values, *csr.pattern())
+        _poison()
+        dv = sk.ops.sddmm(dy, x, *csr.pattern())
+    torch.cuda.synchronize()
+    for name, got, want in (("spmm", y, xd @ wd.t()), ("spmm_t", dx, dyd @ wd), ("sddmm", dv, (dyd.t() @ xd)[mask])):
+        assert not got.isnan().any(), f"{name}: NaN (unwritten output?)"
+        if want.numel() and want.norm() > 0:
+            assert _rel(got, want) < TOL[dtype], f"{backend} {name} {dtype} {shape} s={sparsity}: {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_layer_training_step_matches_cpu(backend):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} not available")
+    torch.manual_seed(0)
+    layer = sk.SparseLinear(257, 129, sparsity=0.9)
+    x = torch.randn(33, 257, requires_grad=True)
+    layer(x).square().sum().backward()
+    gpu = sk.SparseLinear.from_dense(layer.to_dense().cuda())
+    xg = x.detach().cuda().requires_grad_(True)
+    with sk.use_backend(backend):
+        gpu(xg).square().sum().backward()
+    assert _rel(xg.grad.cpu(), x.grad) < 1e-4
+    assert _rel(gpu.values.grad.cpu(), layer.values.grad) < 1e-4
+
+
+def test_gpu_topk_grow_matches_reference():
+    if not sk._extension.compiled_with_cuda():
+        pytest.skip("extension built without CUDA")
+    from sparsekernels.ops.topk_grow import reference_topk_grow
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dy = torch.randn(64, 300, device="cuda", generator=g)
+    x = torch.randn(64, 500, device="cuda", generator=g)
+    csr = sk.CSR.from_dense(torch.randn(300, 500, device="cuda"), torch.rand(300, 500, device="cuda") < 0.1)
+    r, c, s = sk.ops.topk_grow(dy, x, csr.row_ptr, csr.col_idx, 1000, tile_elems=20_000)
+    rr, cc, ss = reference_topk_grow(dy, x, csr.row_ptr, csr.col_idx, 1000)
+    assert torch.equal(r.cpu(), rr.cpu()) and torch.equal(c.cpu(), cc.cpu())

@@ -54,22 +54,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
     return {best_flat, best_flat.clone(), best_scores.to(dy.scalar_type())};
   }
   const at::Tensor dyc = dy.to(ct), xc = x.to(ct).contiguous();
-  // Flat position (row * K + col) of every active entry, and the row pointers on the host
-  // (one small copy per call) to slice them per tile.
+  // Row pointers on the host (a small copy on the GPU) to slice the pattern per tile.
   const at::Tensor rp_host = row_ptr.to(at::kCPU, at::kLong).contiguous();
   const int64_t* rp = rp_host.data_ptr<int64_t>();
-  const at::Tensor counts = row_ptr.narrow(0, 1, n) - row_ptr.narrow(0, 0, n);
-  const at::Tensor active = at::repeat_interleave(at::arange(n, long_opts), counts.to(at::kLong), std::nullopt, col_idx.numel())
-                                .mul_(kk)
-                                .add_(col_idx.to(at::kLong));
+  const at::Tensor ci = col_idx.contiguous();
   const int64_t rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(n, tile_elems / std::max<int64_t>(kk, 1)));
 
   for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
     const int64_t o1 = std::min(n, o0 + rows_per_tile), rows = o1 - o0;
     at::Tensor g = at::mm(dyc.narrow(1, o0, rows).t(), xc).abs_();  // [rows, K]
-    // Knock out the active positions: |grad| >= 0, so -1 never beats an inactive one.
+    // Knock out the tile's active positions: |grad| >= 0, so -1 never beats an inactive
+    // one. Only this tile's entries are touched: extra memory stays O(tile).
     const int64_t e0 = rp[o0], e1 = rp[o1];
-    if (e1 > e0) g.view({-1}).index_fill_(0, active.narrow(0, e0, e1 - e0) - o0 * kk, -1.0);
+    if (e1 > e0 && g.is_cpu()) {
+      const int32_t* c = ci.data_ptr<int32_t>();
+      AT_DISPATCH_FLOATING_TYPES(ct, "topk_grow_mask", [&] {
+        scalar_t* gp = g.data_ptr<scalar_t>();
+        at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
+          for (int64_t row = b; row < e; ++row)
+            for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = scalar_t(-1);
+        });
+      });
+    } else if (e1 > e0) {
+      const at::Tensor counts = row_ptr.narrow(0, o0 + 1, rows) - row_ptr.narrow(0, o0, rows);
+      const at::Tensor local = at::repeat_interleave(at::arange(rows, long_opts), counts.to(at::kLong),
+                                                     std::nullopt, e1 - e0);
+      g.view({-1}).index_fill_(0, local.mul_(kk).add_(ci.narrow(0, e0, e1 - e0).to(at::kLong)), -1.0);
+    }
     const int64_t take = std::min<int64_t>(k, rows * kk);
     auto [tile_flat, tile_scores] = tile_best(g.view({-1}), take);
     tile_flat.add_(o0 * kk);

@@ -13,7 +13,7 @@ import torch
 
 import sparsekernels
 from sparsekernels.ops import topk_grow
-from sparsekernels.ops.topk_grow import reference_topk_grow
+from sparsekernels.ops.topk_grow import DEFAULT_TILE_ELEMS, reference_topk_grow
 
 BACKENDS = ["cpu", "reference"]
 TILES = [1, 7, 10**7]
@@ -302,5 +302,5 @@ def test_peak_memory_is_a_fraction_of_the_dense_gradient():
     increase_mib = (after_kib - before_kib) / 1024
     print(f"topk_grow 8192x8192, M=32, nnz 10%: peak RSS {before_kib / 1024:.1f} -> {after_kib / 1024:.1f} MiB, "
           f"increase {increase_mib:.1f} MiB = {100 * increase_mib / dense_grad_mib:.1f}% of the "
-          f"{dense_grad_mib:.0f} MiB dense gradient (tile = 16 MiB)")
+          f"{dense_grad_mib:.0f} MiB dense gradient (default tile_elems = {DEFAULT_TILE_ELEMS * 4 / 2**20:.0f} MiB fp32)")
     assert increase_mib < 0.25 * dense_grad_mib

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -44,6 +46,18 @@ class SparseWeightMixin(nn.Module):
             self.register_buffer(name, t)
         self._matrix_shape = tuple(csr.shape)
         self._dense_numel = csr.shape[0] * csr.shape[1] if dense_numel is None else dense_numel
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(f), 1/sqrt(f)) for weights and bias, as ``nn.Linear`` /
+        ``nn.Conv2d`` do, with f the mean kept fan-in (nnz / output features) instead of
+        the dense fan-in, so the output variance does not shrink with the sparsity."""
+        rows = self._matrix_shape[0]
+        fan_in = self.nnz / rows if rows else 0
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound)
+            if getattr(self, "bias", None) is not None:
+                self.bias.uniform_(-bound, bound)
 
     def set_csr(self, csr: CSR) -> None:
         """Replaces the pattern and values in place (same Parameter object, resized), e.g.

@@ -95,15 +95,6 @@ class SparseConv2d(SparseWeightMixin):
     def groups_layout(self) -> tuple[int, int, int]:
         return self.groups, self.out_channels // self.groups, self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
 
-    def reset_parameters(self) -> None:
-        """As ``nn.Conv2d`` (uniform +-1/sqrt(fan_in)) with fan_in the mean kept fan-in."""
-        fan_in = self.nnz / self.out_channels
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        with torch.no_grad():
-            self.values.uniform_(-bound, bound)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
-
     # ------------------------------------------------------------------ conversions
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, sparsity: float | None = None, mask: Tensor | None = None) -> "SparseConv2d":

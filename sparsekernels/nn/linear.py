@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -43,17 +41,6 @@ class SparseLinear(SparseWeightMixin):
                                                   (out_features, in_features)))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Uniform(-1/sqrt(f), 1/sqrt(f)) for weights and bias, as ``nn.Linear`` does, with f
-        the mean kept fan-in (nnz / out) instead of in_features, so the output variance
-        does not shrink with the sparsity."""
-        fan_in = self.nnz / self.out_features if self.out_features else 0
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        with torch.no_grad():
-            self.values.uniform_(-bound, bound)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, sparsity: float | None = None, mask: Tensor | None = None) -> "SparseLinear":

@@ -1,6 +1,7 @@
 """Sparse weight formats and their conversions to and from dense + mask."""
 
+from .bsr import BSR
 from .csr import CSR, build_transpose
 from .masks import check_sparsity, kept_count, magnitude_mask, random_mask
 
-__all__ = ["CSR", "build_transpose", "check_sparsity", "kept_count", "magnitude_mask", "random_mask"]
+__all__ = ["BSR", "CSR", "build_transpose", "check_sparsity", "kept_count", "magnitude_mask", "random_mask"]

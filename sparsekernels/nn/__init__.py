@@ -1,8 +1,9 @@
 """Sparse layers and the model-level swap."""
 
+from .bsr_linear import BSRLinear
 from .conv import SparseConv2d
 from .distribution import layer_sparsities
 from .linear import SparseLinear
 from .sparsify import densify, eligible_layers, sparsify
 
-__all__ = ["SparseLinear", "SparseConv2d", "sparsify", "densify", "eligible_layers", "layer_sparsities"]
+__all__ = ["BSRLinear", "SparseLinear", "SparseConv2d", "sparsify", "densify", "eligible_layers", "layer_sparsities"]

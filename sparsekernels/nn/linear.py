@@ -22,12 +22,25 @@ class SparseLinear(SparseWeightMixin):
         bias: add a learnable bias [out_features].
         sparsity: fraction of W's entries that are zero, in [0, 1); the pattern is random
             (uniform over W) with exactly ``round((1 - sparsity) * out * in)`` non-zeros.
+        format: ``"csr"`` (unstructured, this class) or ``"bsr"``: returns a
+            :class:`BSRLinear` with ``block_size`` x ``block_size`` blocks.
         generator: random generator for the pattern (and only the pattern).
     Shapes: input [..., in_features] -> output [..., out_features].
     """
 
+    def __new__(cls, *args, format: str = "csr", block_size: int = 32, **kwargs):
+        # SparseLinear(..., format="bsr", block_size=b) builds the block-sparse layer.
+        if format == "bsr":
+            from .bsr_linear import BSRLinear
+
+            return BSRLinear(*args, block_size=block_size, **kwargs)
+        if format != "csr":
+            raise ValueError(f"SparseLinear: format must be 'csr' or 'bsr', got {format!r}")
+        return super().__new__(cls)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.9,
-                 device=None, dtype=None, generator: torch.Generator | None = None) -> None:
+                 device=None, dtype=None, generator: torch.Generator | None = None, format: str = "csr",
+                 block_size: int = 32) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

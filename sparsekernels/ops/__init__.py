@@ -1,6 +1,7 @@
 """Custom ops (``torch.ops.sparsekernels.*``) and their checked Python entry points."""
 
+from .bsr_matmul import bsr_mm, bsr_mm_t, bsr_sddmm
 from .csr_matmul import sddmm, spmm, spmm_t
 from .topk_grow import topk_grow
 
-__all__ = ["spmm", "spmm_t", "sddmm", "topk_grow"]
+__all__ = ["spmm", "spmm_t", "sddmm", "topk_grow", "bsr_mm", "bsr_mm_t", "bsr_sddmm"]

@@ -1,0 +1,138 @@
+"""BSRLinear: ``nn.Linear`` with a block-sparse (BSR) weight; what
+``SparseLinear(..., format="bsr", block_size=b)`` builds."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..formats import BSR, check_sparsity, kept_count
+from ..formats.bsr import check_block_shape
+from ..ops import bsr_mm
+
+_PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
+
+
+class BSRLinear(nn.Module):
+    """``y = x W^T + b`` with W [out, in] stored as ``values [nb, b, b]`` (the trainable
+    parameter) plus int32 block indices (buffers).
+
+    Args:
+        sparsity: fraction of zero blocks (and so of zero weights), in [0, 1); the kept
+            blocks are chosen uniformly at random.
+        block_size: b, dividing both in_features and out_features (16, 32 or 64 map onto
+            tensor-core tiles on a GPU).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.9,
+                 block_size: int = 32, device=None, dtype=None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        sparsity = check_sparsity(sparsity)
+        check_block_shape((out_features, in_features), block_size)
+        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        nbr, nbc = out_features // block_size, in_features // block_size
+        keep = kept_count(nbr * nbc, sparsity)
+        block_mask = torch.zeros(nbr * nbc, dtype=torch.bool)
+        block_mask[torch.randperm(nbr * nbc, generator=generator)[:keep]] = True
+        weight = torch.zeros(out_features, in_features, device=device, dtype=dtype)
+        self._set_bsr(BSR.from_dense(weight, block_mask.view(nbr, nbc).to(weight.device), block_size))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def _set_bsr(self, bsr: BSR) -> None:
+        self.values = nn.Parameter(bsr.values.detach().clone())
+        for name, t in zip(_PATTERN, bsr.pattern()):
+            self.register_buffer(name, t)
+
+    def reset_parameters(self) -> None:
+        """As nn.Linear, with the mean kept fan-in (nnz / out) in place of in_features."""
+        fan_in = self.nnz / self.out_features if self.out_features else 0
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, sparsity: float | None = None, block_mask: Tensor | None = None,
+                   block_size: int = 32) -> "BSRLinear":
+        """Keeps ``block_mask`` [out/b, in/b] if given, else the blocks of largest Frobenius
+        norm at ``sparsity``, else every block holding a non-zero."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"BSRLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
+        if block_mask is not None and sparsity is not None:
+            raise ValueError("BSRLinear.from_dense: give block_mask or sparsity, not both")
+        w = linear.weight.detach()
+        check_block_shape(tuple(w.shape), block_size)
+        b = block_size
+        nbr, nbc = w.shape[0] // b, w.shape[1] // b
+        if block_mask is None and sparsity is not None:
+            norms = w.reshape(nbr, b, nbc, b).transpose(1, 2).square().sum((-1, -2)).reshape(-1)
+            order = torch.sort(norms, descending=True, stable=True).indices
+            block_mask = torch.zeros(nbr * nbc, dtype=torch.bool, device=w.device)
+            block_mask[order[:kept_count(nbr * nbc, check_sparsity(sparsity))]] = True
+            block_mask = block_mask.view(nbr, nbc)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.block_size = linear.in_features, linear.out_features, b
+        layer._set_bsr(BSR.from_dense(w, block_mask, b))
+        layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        layer.train(linear.training)
+        return layer
+
+    def bsr(self) -> BSR:
+        return BSR(self.values, self.crow, self.ccol, self.t_crow, self.t_ccol, self.t_perm,
+                   (self.out_features, self.in_features), self.block_size)
+
+    def to_dense(self) -> nn.Linear:
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.bsr().to_dense())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def mask(self) -> Tensor:
+        return self.bsr().mask()
+
+    def block_mask(self) -> Tensor:
+        return self.bsr().block_mask()
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def sparsity(self) -> float:
+        total = self.in_features * self.out_features
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"BSRLinear: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dtype != self.values.dtype:
+            raise TypeError(f"BSRLinear: input has dtype {input.dtype} but the weights are {self.values.dtype}")
+        if input.device != self.values.device:
+            raise ValueError(f"BSRLinear: input is on {input.device} but the weights are on {self.values.device}")
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(f"BSRLinear: input must have shape [..., {self.in_features}], got {tuple(input.shape)}")
+        y = bsr_mm(input, self.values, self.crow, self.ccol, self.t_crow, self.t_ccol, self.t_perm)
+        return y + self.bias if self.bias is not None else y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "values"
+        if key in state_dict and state_dict[key].shape != self.values.shape:  # another number of blocks
+            with torch.no_grad():
+                self.values.data = torch.empty_like(state_dict[key], dtype=self.values.dtype, device=self.values.device)
+            for name in _PATTERN:
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.values.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}, sparsity={self.sparsity:.4f}, blocks={self.values.shape[0]}")

@@ -1,0 +1,178 @@
+"""The BSR matmul op family: ``bsr_mm``, ``bsr_mm_t``, ``bsr_sddmm`` (block-sparse
+twins of spmm / spmm_t / sddmm) for W [N, K] in b x b blocks.
+
+Arguments: ``values [nb, b, b]``, ``crow [N/b + 1]``, ``ccol [nb]`` (int32) and the
+transpose map ``t_crow [K/b + 1]``, ``t_ccol [nb]``, ``t_perm [nb]`` (see
+``sparsekernels.formats.BSR``).
+
+    bsr_mm     y[..., N]      = x[..., K] @ W^T
+    bsr_mm_t   dx[..., K]     = dy[..., N] @ W
+    bsr_sddmm  dvalues[nb,b,b] = (dy^T @ x) at the stored blocks
+
+Backends: Triton (GPU; CPU interpreter in tests) and the reference, which gathers the
+blocks and runs one batched contraction, no dense weight (so it is also the CPU path).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from . import _checks
+
+
+# --------------------------------------------------------------------------- reference
+def _block_rows(crow: Tensor) -> Tensor:
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), (crow[1:] - crow[:-1]).long())
+
+
+def reference_bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm):
+    b = values.shape[-1]
+    lead, m = x.shape[:-1], x.shape[:-1].numel()
+    nbr = crow.numel() - 1
+    xg = x.reshape(m, -1, b)[:, ccol.long()]                       # [M, nb, b]
+    contrib = torch.einsum("mnk,nok->mno", xg, values)             # block contributions
+    y = x.new_zeros(m, nbr, b).index_add(1, _block_rows(crow), contrib)
+    return y.reshape(*lead, nbr * b)
+
+
+def reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
+    b = values.shape[-1]
+    lead, m = dy.shape[:-1], dy.shape[:-1].numel()
+    nbc = t_crow.numel() - 1
+    dyg = dy.reshape(m, -1, b)[:, _block_rows(crow)]               # [M, nb, b]
+    contrib = torch.einsum("mno,nok->mnk", dyg, values)
+    dx = dy.new_zeros(m, nbc, b).index_add(1, ccol.long(), contrib)
+    return dx.reshape(*lead, nbc * b)
+
+
+def reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like):
+    b = values_like.shape[-1]
+    m = dy.shape[:-1].numel()
+    dyg = dy.reshape(m, -1, b)[:, _block_rows(crow)]
+    xg = x.reshape(m, -1, b)[:, ccol.long()]
+    return torch.einsum("mno,mnk->nok", dyg, xg)
+
+
+def _backend(op: str, t: Tensor) -> str:
+    # The compiled CPU / CUDA libraries have no BSR kernels yet: on those backends the
+    # reference path (block gather + one batched contraction) runs.
+    return "triton" if backends.resolve(op, t.device, t.dtype) == "triton" else "reference"
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("sparsekernels::bsr_mm", mutates_args=())
+def _bsr_mm_op(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
+               t_perm: Tensor) -> Tensor:
+    if _backend("bsr_mm", x) == "triton":
+        from ..kernels.triton import bsr
+
+        return bsr.bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
+    return reference_bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
+
+
+@_bsr_mm_op.register_fake
+def _(x, values, crow, ccol, t_crow, t_ccol, t_perm):
+    return x.new_empty((*x.shape[:-1], (crow.shape[0] - 1) * values.shape[-1]))
+
+
+@torch.library.custom_op("sparsekernels::bsr_mm_t", mutates_args=())
+def _bsr_mm_t_op(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
+                 t_perm: Tensor) -> Tensor:
+    if _backend("bsr_mm_t", dy) == "triton":
+        from ..kernels.triton import bsr
+
+        return bsr.bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
+    return reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
+
+
+@_bsr_mm_t_op.register_fake
+def _(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
+    return dy.new_empty((*dy.shape[:-1], (t_crow.shape[0] - 1) * values.shape[-1]))
+
+
+@torch.library.custom_op("sparsekernels::bsr_sddmm", mutates_args=())
+def _bsr_sddmm_op(dy: Tensor, x: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
+                  t_perm: Tensor, values_like: Tensor) -> Tensor:
+    if _backend("bsr_sddmm", dy) == "triton":
+        from ..kernels.triton import bsr
+
+        return bsr.bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like)
+    return reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like)
+
+
+@_bsr_sddmm_op.register_fake
+def _(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like):
+    return dy.new_empty(values_like.shape)
+
+
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bsr_mm_backward(ctx, grad):
+    x, values, *pattern = ctx.saved_tensors
+    gx = _bsr_mm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
+    gv = _bsr_sddmm_op(grad, x, *pattern, values) if ctx.needs_input_grad[1] else None
+    return gx, gv, None, None, None, None, None
+
+
+def _bsr_mm_t_backward(ctx, grad):
+    dy, values, *pattern = ctx.saved_tensors
+    gdy = _bsr_mm_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
+    gv = _bsr_sddmm_op(dy, grad, *pattern, values) if ctx.needs_input_grad[1] else None
+    return gdy, gv, None, None, None, None, None
+
+
+def _bsr_sddmm_backward(ctx, grad):
+    dy, x, *rest = ctx.saved_tensors
+    pattern = rest[:5]
+    gdy = _bsr_mm_op(x, grad, *pattern) if ctx.needs_input_grad[0] else None
+    gx = _bsr_mm_t_op(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
+    return gdy, gx, None, None, None, None, None, None
+
+
+_bsr_mm_op.register_autograd(_bsr_mm_backward, setup_context=_save)
+_bsr_mm_t_op.register_autograd(_bsr_mm_t_backward, setup_context=_save)
+_bsr_sddmm_op.register_autograd(_bsr_sddmm_backward, setup_context=_save)
+
+
+# --------------------------------------------------------------------------- entry points
+def _check_bsr(op: str, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
+               t_perm: Tensor) -> tuple[int, int]:
+    _checks.check_tensor(op, "values", values)
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"{op}: values must be [nb, b, b], got {tuple(values.shape)}")
+    flat = values.new_empty(1).expand(values.shape[0])
+    out_blocks, in_blocks = _checks.check_csr_pattern(op, flat, crow, ccol, t_crow, t_ccol, t_perm)
+    b = values.shape[-1]
+    return out_blocks * b, in_blocks * b
+
+
+def bsr_mm(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
+           t_perm: Tensor) -> Tensor:
+    """``y [..., N] = x [..., K] @ W^T`` for a BSR weight (differentiable in x and values)."""
+    out_f, in_f = _check_bsr("bsr_mm", values, crow, ccol, t_crow, t_ccol, t_perm)
+    _checks.check_dense("bsr_mm", "x", x, values, in_f)
+    return _bsr_mm_op(x, values, crow, ccol, t_crow, t_ccol, t_perm)
+
+
+def bsr_mm_t(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
+             t_perm: Tensor) -> Tensor:
+    """``dx [..., K] = dy [..., N] @ W`` for a BSR weight."""
+    out_f, in_f = _check_bsr("bsr_mm_t", values, crow, ccol, t_crow, t_ccol, t_perm)
+    _checks.check_dense("bsr_mm_t", "dy", dy, values, out_f)
+    return _bsr_mm_t_op(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
+
+
+def bsr_sddmm(dy: Tensor, x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
+              t_perm: Tensor) -> Tensor:
+    """``dvalues [nb, b, b]``: the weight gradient of :func:`bsr_mm` at the stored blocks
+    (``values`` gives the block shape; its numbers are not used)."""
+    out_f, in_f = _check_bsr("bsr_sddmm", values, crow, ccol, t_crow, t_ccol, t_perm)
+    _checks.check_dense("bsr_sddmm", "dy", dy, values, out_f)
+    _checks.check_dense("bsr_sddmm", "x", x, values, in_f)
+    if dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"bsr_sddmm: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
+    return _bsr_sddmm_op(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values.detach())

@@ -1,0 +1,133 @@
+"""BSR format, the bsr_mm / bsr_mm_t / bsr_sddmm ops (reference and Triton) and BSRLinear."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekernels as sk
+from sparsekernels import backends
+from sparsekernels.formats import BSR
+
+from conftest import assert_close_rel
+
+TRITON = "triton" in backends.available("cpu")
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2}
+
+
+def _bsr(out_f, in_f, b, density, dtype, g):
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).to(dtype)
+    bm = torch.rand(out_f // b, in_f // b, generator=g) < density
+    return BSR.from_dense(w, bm, b), bm
+
+
+def test_bsr_round_trip_and_transpose_map(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 96, generator=g)
+    bm = torch.rand(4, 6, generator=g) < 0.5
+    bsr = BSR.from_dense(w, bm, 16)
+    mask = bm.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert torch.equal(bsr.to_dense(), w * mask) and torch.equal(bsr.mask(), mask)
+    assert torch.equal(bsr.block_mask(), bm)
+    t = BSR.from_dense((w * mask).t().contiguous(), bm.t(), 16)  # W^T's BSR
+    assert torch.equal(bsr.t_crow, t.crow) and torch.equal(bsr.t_ccol, t.ccol)
+    assert torch.equal(bsr.values[bsr.t_perm.long()].transpose(1, 2), t.values)
+    assert BSR.from_dense(w * mask, block_size=16).nnz_blocks == int(bm.sum())  # default: non-zero blocks
+
+
+@pytest.mark.parametrize("bad", [dict(block_size=24), dict(block_size=0), dict(block_mask=torch.ones(2, 2))])
+def test_bsr_bad_input(bad):
+    with pytest.raises(ValueError):
+        BSR.from_dense(torch.randn(64, 96), **{"block_size": 16, **bad})
+
+
+BACKENDS = ["reference"] + (["triton"] if TRITON else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("b,density,batch", [(16, 0.5, 5), (16, 1.0, 1), (32, 0.3, 17), (16, 0.0, 3)])
+def test_bsr_ops_match_dense(backend, dtype, b, density, batch, seed):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton's tl.dot has no fp64 path")
+    if backend == "reference" and dtype == torch.float16:
+        pytest.skip("CPU half einsum is not the point of the reference")
+    g = torch.Generator().manual_seed(seed)
+    bsr, bm = _bsr(3 * b, 2 * b, b, density, dtype, g)
+    x = torch.randn(batch, 2 * b, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(batch, 3 * b, generator=g, dtype=torch.float64).to(dtype)
+    wd, xd, dyd = bsr.to_dense().double(), x.double(), dy.double()
+    with sk.use_backend(backend):
+        y = sk.ops.bsr_mm(x, bsr.values, *bsr.pattern())
+        dx = sk.ops.bsr_mm_t(dy, bsr.values, *bsr.pattern())
+        dv = sk.ops.bsr_sddmm(dy, x, bsr.values, *bsr.pattern())
+    full = dyd.t() @ xd
+    expected_dv = full.reshape(3, b, 2, b).transpose(1, 2)[bm]
+    assert_close_rel(y, xd @ wd.t(), TOL[dtype], "bsr_mm")
+    assert_close_rel(dx, dyd @ wd, TOL[dtype], "bsr_mm_t")
+    assert_close_rel(dv, expected_dv, TOL[dtype], "bsr_sddmm")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bsr_gradcheck_and_opcheck(backend, seed):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    bsr, _ = _bsr(32, 48, 16, 0.6, dtype, g)
+    x = torch.randn(3, 48, generator=g, dtype=dtype, requires_grad=True)
+    v = bsr.values.clone().requires_grad_(True)
+    with sk.use_backend(backend):
+        if dtype == torch.float64:
+            assert torch.autograd.gradcheck(lambda x, v: sk.ops.bsr_mm(x, v, *bsr.pattern()), (x, v))
+            assert torch.autograd.gradgradcheck(lambda x, v: sk.ops.bsr_mm(x, v, *bsr.pattern()), (x, v))
+            torch.library.opcheck(torch.ops.sparsekernels.bsr_mm, (x, v, *bsr.pattern()))
+        else:  # Triton: compare the autograd gradients with the dense ones
+            sk.ops.bsr_mm(x, v, *bsr.pattern()).square().sum().backward()
+            wd = bsr.to_dense().clone().requires_grad_(True)
+            xd = x.detach().clone().requires_grad_(True)
+            (xd @ wd.t()).square().sum().backward()
+            assert_close_rel(x.grad, xd.grad, 1e-5, "x grad")
+            assert_close_rel(v.grad, wd.grad.reshape(2, 16, 3, 16).transpose(1, 2)[bsr.block_mask()], 1e-5, "v grad")
+
+
+def test_sparse_linear_bsr_format_trains_and_round_trips(seed):
+    torch.manual_seed(seed)
+    layer = sk.SparseLinear(64, 32, sparsity=0.75, format="bsr", block_size=16)
+    assert isinstance(layer, sk.nn.BSRLinear) and layer.values.shape == (2, 16, 16)
+    assert layer.sparsity == pytest.approx(0.75)
+    x = torch.randn(7, 64)
+    dense = layer.to_dense()
+    assert_close_rel(layer(x), dense(x), 1e-5, "forward")
+    again = sk.nn.BSRLinear.from_dense(dense, block_mask=layer.block_mask(), block_size=16)
+    assert torch.equal(again.values, layer.values)
+    copy_ = sk.SparseLinear(64, 32, sparsity=0.5, format="bsr", block_size=16)
+    copy_.load_state_dict(layer.state_dict())
+    assert torch.equal(copy_(x), layer(x))
+    assert type(copy.deepcopy(layer)) is sk.nn.BSRLinear
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    target = torch.randn(7, 32)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(layer(x), target)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
+
+
+def test_bsr_linear_from_dense_keeps_largest_blocks_and_rejects_bad_input():
+    lin = nn.Linear(32, 32)
+    with torch.no_grad():
+        lin.weight.mul_(0.01)
+        lin.weight[:16, 16:] = 5.0
+    layer = sk.nn.BSRLinear.from_dense(lin, sparsity=0.75, block_size=16)
+    assert torch.equal(layer.block_mask(), torch.tensor([[False, True], [False, False]]))
+    with pytest.raises(ValueError):
+        sk.SparseLinear(30, 32, format="bsr", block_size=16)
+    with pytest.raises(ValueError):
+        sk.SparseLinear(32, 32, format="coo")
+    with pytest.raises(ValueError):
+        layer(torch.randn(2, 31))
+    with pytest.raises(TypeError):
+        layer(torch.randn(2, 32, dtype=torch.float64))

@@ -90,3 +90,33 @@ def test_gpu_topk_grow_matches_reference():
     r, c, s = sk.ops.topk_grow(dy, x, csr.row_ptr, csr.col_idx, 1000, tile_elems=20_000)
     rr, cc, ss = reference_topk_grow(dy, x, csr.row_ptr, csr.col_idx, 1000)
     assert torch.equal(r.cpu(), rr.cpu()) and torch.equal(c.cpu(), cc.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_gpu_triton_bsr_matches_dense(dtype, block):
+    if "triton" not in _gpu_backends():
+        pytest.skip("triton not available")
+    from sparsekernels.formats import BSR
+
+    g = torch.Generator(device="cuda").manual_seed(block)
+    w = torch.randn(4 * block, 3 * block, device="cuda", generator=g).to(dtype)
+    bm = torch.rand(4, 3, device="cuda", generator=g) < 0.5
+    bsr = BSR.from_dense(w, bm, block)
+    x = torch.randn(77, 3 * block, device="cuda", generator=g).to(dtype)
+    dy = torch.randn(77, 4 * block, device="cuda", generator=g).to(dtype)
+    wd = bsr.to_dense().double()
+    with sk.use_backend("triton"):
+        _poison()
+        y = sk.ops.bsr_mm(x, bsr.values, *bsr.pattern())
+        _poison()
+        dx = sk.ops.bsr_mm_t(dy, bsr.values, *bsr.pattern())
+        _poison()
+        dv = sk.ops.bsr_sddmm(dy, x, bsr.values, *bsr.pattern())
+    full = dy.double().t() @ x.double()
+    expected_dv = full.reshape(4, block, 3, block).transpose(1, 2)[bm]
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+    for name, got, want in (("bsr_mm", y, x.double() @ wd.t()), ("bsr_mm_t", dx, dy.double() @ wd),
+                            ("bsr_sddmm", dv, expected_dv)):
+        assert not got.isnan().any(), name
+        assert _rel(got, want) < tol, f"{name} {dtype} b={block}: {_rel(got, want):.2e}"

@@ -25,7 +25,7 @@ DEFAULT_TILE_ELEMS = 1 << 20
 
 def reference_topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Plain-PyTorch definition (dense gradient): the ground truth for the kernel."""
-    n, kk = dy.shape[1], x.shape[1]
+    kk = x.shape[1]
     ct = torch.float64 if dy.dtype == torch.float64 else torch.float32
     g = (dy.to(ct).t() @ x.to(ct)).abs()
     g[reference.csr_rows(row_ptr), col_idx.long()] = -1.0

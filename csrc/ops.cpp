@@ -30,6 +30,9 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   // |dy^T x|, computed tile by tile (tile_elems gradient entries at a time), never dense.
   // Returns (rows int64 [k], cols int64 [k], scores [k]), highest score first.
   m.def("topk_grow(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int k, int tile_elems) -> (Tensor, Tensor, Tensor)");
+  // y[..., N] = x[..., K] W^T for a 2:4 weight: values [N, K/2], meta [N, K/4] (uint8,
+  // kept positions i0 | i1 << 2 of each group of 4 along a row).
+  m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta) -> Tensor");
   // True when the CPU kernels run their AVX-512 path on this machine.
   m.def("cpu_has_avx512() -> bool", &cpu_has_avx512_op);
   // True when the CUDA kernels were compiled into this library.

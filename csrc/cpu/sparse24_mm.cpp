@@ -1,0 +1,144 @@
+// sparse24_mm on the CPU: y[..., N] = x[..., K] W^T for a 2:4 weight W [N, K] stored as
+// values [N, K/2] + meta [N, K/4] (uint8: positions i0 | i1 << 2 of the two kept weights
+// of each group of 4 along a row).
+//
+// Same batch panels as the CSR kernels (csr_common.h), but the 2:4 structure lets a task
+// run kRows output rows in lockstep over the groups: the 4 panel rows of group g (1 KiB,
+// contiguous) are read from L2 once and then served from L1 to all kRows rows, instead
+// of each row gathering its own rows from L2 as the CSR kernel must. No column indices
+// are read at all: meta is one byte per 4 weights.
+#include "csr_common.h"
+
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace sparsekernels::cpu {
+namespace {
+
+constexpr int64_t kRows = 4;  // rows in lockstep: kRows x (T/16) = 16 zmm accumulators
+
+template <typename acc_t, int64_t T>
+void rows24_generic(const acc_t* panel_x, acc_t* panel_y, const acc_t* vals, const uint8_t* meta, int64_t groups,
+                    int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    acc_t acc[T] = {};
+    const acc_t* v = vals + r * 2 * groups;
+    const uint8_t* m = meta + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const acc_t* x0 = panel_x + (4 * g + (m[g] & 3)) * T;
+      const acc_t* x1 = panel_x + (4 * g + (m[g] >> 2)) * T;
+      const acc_t w0 = v[2 * g], w1 = v[2 * g + 1];
+      for (int64_t j = 0; j < T; ++j) acc[j] += w0 * x0[j] + w1 * x1[j];
+    }
+    for (int64_t j = 0; j < T; ++j) panel_y[r * T + j] = acc[j];
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <int64_t T>
+__attribute__((target("avx512f"))) void rows24_avx512(const float* panel_x, float* panel_y, const float* vals,
+                                                      const uint8_t* meta, int64_t groups, int64_t r0, int64_t r1) {
+  constexpr int V = static_cast<int>(T / 16);
+  int64_t r = r0;
+  for (; r + kRows <= r1; r += kRows) {
+    __m512 acc[kRows][V];
+    for (int i = 0; i < kRows; ++i)
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = panel_x + 4 * g * T;
+      for (int i = 0; i < kRows; ++i) {
+        const uint8_t m = meta[(r + i) * groups + g];
+        const float* x0 = xg + (m & 3) * T;
+        const float* x1 = xg + (m >> 2) * T;
+        const __m512 w0 = _mm512_set1_ps(vals[(r + i) * 2 * groups + 2 * g]);
+        const __m512 w1 = _mm512_set1_ps(vals[(r + i) * 2 * groups + 2 * g + 1]);
+        for (int v = 0; v < V; ++v) {
+          acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + 16 * v), acc[i][v]);
+          acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + 16 * v), acc[i][v]);
+        }
+      }
+    }
+    for (int i = 0; i < kRows; ++i)
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(panel_y + (r + i) * T + 16 * v, acc[i][v]);
+  }
+  if (r < r1) rows24_generic<float, T>(panel_x, panel_y, vals, meta, groups, r, r1);
+}
+#endif
+
+template <typename acc_t, int64_t T>
+void sparse24_panels(const at::Tensor& px, at::Tensor& py, const at::Tensor& vals, const at::Tensor& meta) {
+  const int64_t p_count = px.size(0), k = px.size(1), n = py.size(1), groups = k / 4;
+  constexpr int64_t kRowsPerTask = 32;  // a multiple of kRows
+  const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  const acc_t* x = px.data_ptr<acc_t>();
+  acc_t* y = py.data_ptr<acc_t>();
+  const acc_t* v = vals.data_ptr<acc_t>();
+  const uint8_t* m = meta.data_ptr<uint8_t>();
+  at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
+      const int64_t r1 = std::min(n, r0 + kRowsPerTask);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (cpu_has_avx512()) {
+          rows24_avx512<T>(x + p * k * T, y + p * n * T, v, m, groups, r0, r1);
+          continue;
+        }
+      }
+#endif
+      rows24_generic<acc_t, T>(x + p * k * T, y + p * n * T, v, m, groups, r0, r1);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()), "sparse24_mm: values must be a floating dtype, got ",
+                   values.scalar_type());
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "sparse24_mm: meta must be uint8, got ", meta.scalar_type());
+  TORCH_CHECK_VALUE(values.dim() == 2 && meta.dim() == 2 && values.size(0) == meta.size(0) &&
+                        values.size(1) == 2 * meta.size(1),
+                    "sparse24_mm: values [N, K/2] and meta [N, K/4] do not match: ", values.sizes(), " and ",
+                    meta.sizes());
+  TORCH_CHECK_VALUE(values.device().is_cpu() && meta.device().is_cpu(), "sparse24_mm: the CPU kernel needs CPU tensors");
+  const int64_t n = values.size(0), k = 4 * meta.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "sparse24_mm: x must have at least 1 dimension");
+  check_dense("sparse24_mm", "x", x, values.scalar_type(), k);
+  const at::Tensor mc = meta.contiguous();
+  // Every meta byte must hold two positions in [0, 4) with i0 < i1: a corrupt byte is an
+  // error, not an out-of-group read.
+  {
+    const uint8_t* mp = mc.data_ptr<uint8_t>();
+    bool ok = true;
+    for (int64_t i = 0; i < mc.numel(); ++i) ok &= (mp[i] < 16) && ((mp[i] & 3) < (mp[i] >> 2));
+    TORCH_CHECK_VALUE(ok, "sparse24_mm: meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4");
+  }
+
+  const int64_t m = leading_rows(x);
+  const at::Tensor x2 = x.reshape({m, k});
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  if (m == 0 || n == 0) return at::empty(out_shape, x.options());
+  if (k == 0) return at::zeros(out_shape, x.options());
+  const at::ScalarType ct = compute_type(x.scalar_type());
+  const int64_t t = choose_panel(m);
+  const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
+  at::Tensor py = workspace(1, {px.size(0), n, t}, ct);
+  const at::Tensor v = values.to(ct).contiguous();
+  if (ct == at::kDouble) {
+    if (t == kWidePanel) sparse24_panels<double, kWidePanel>(px, py, v, mc);
+    else sparse24_panels<double, kNarrowPanel>(px, py, v, mc);
+  } else {
+    if (t == kWidePanel) sparse24_panels<float, kWidePanel>(px, py, v, mc);
+    else sparse24_panels<float, kNarrowPanel>(px, py, v, mc);
+  }
+  return unpack_panels(py, m, x.scalar_type()).view(out_shape);
+}
+
+TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) { m.impl("sparse24_mm", &sparse24_mm_cpu); }
+
+}  // namespace sparsekernels::cpu

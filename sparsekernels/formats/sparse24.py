@@ -1,0 +1,114 @@
+"""2:4 semi-structured format: in every group of 4 consecutive weights along the
+reduction dimension (a row of W [out, in]) at most 2 are non-zero.
+
+CPU layout: ``values [out, in/2]`` (the two kept weights of each group, in column order)
+and ``meta [out, in/4]`` uint8 holding their positions in the group (i0 | i1 << 2, with
+i0 < i1). Exact round trip with dense + mask. The GPU GEMM layouts (cuSPARSELt / CUTLASS)
+are produced from this by the GPU backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# The 6 ways to keep 2 of 4: (i0, i1) with i0 < i1.
+PAIRS = list(itertools.combinations(range(4), 2))
+
+
+def check_24_shape(shape: tuple[int, int]) -> None:
+    if len(shape) != 2 or shape[1] % 4:
+        raise ValueError(f"2:4 sparsity needs in_features (the reduction dimension) divisible by 4, got weight "
+                         f"shape {tuple(shape)}")
+
+
+def prune_24(weight: Tensor) -> Tensor:
+    """Boolean 2:4 mask keeping the 2 largest |w| of every group of 4 along a row (ties to
+    the earlier position)."""
+    check_24_shape(tuple(weight.shape))
+    groups = weight.detach().abs().reshape(weight.shape[0], -1, 4)
+    # Stable descending sort: equal magnitudes keep column order, so ties are deterministic.
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :2]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.reshape(weight.shape)
+
+
+def _transposable_patterns(device) -> Tensor:
+    """The 90 4x4 0/1 patterns with exactly 2 ones in every row and every column."""
+    rows = [torch.tensor([1.0 if j in p else 0.0 for j in range(4)]) for p in PAIRS]
+    pats = [torch.stack(r) for r in itertools.product(rows, repeat=4)]
+    pats = [p for p in pats if bool((p.sum(0) == 2).all())]
+    return torch.stack(pats).to(device)  # [90, 4, 4]
+
+
+def prune_24_transposable(weight: Tensor) -> Tensor:
+    """Boolean mask that is 2:4 along rows AND columns in every aligned 4x4 tile, so W^T is
+    2:4 too (needed for the input-gradient product of 2:4 training). Per tile, the pattern
+    of the 90 valid ones keeping the largest sum of |w| (first one on ties)."""
+    out_f, in_f = weight.shape
+    if out_f % 4 or in_f % 4:
+        raise ValueError(f"transposable 2:4 needs both dimensions divisible by 4, got {tuple(weight.shape)}")
+    pats = _transposable_patterns(weight.device).to(torch.float32)               # [90, 4, 4]
+    tiles = weight.detach().abs().float().reshape(out_f // 4, 4, in_f // 4, 4).transpose(1, 2)  # [R, C, 4, 4]
+    scores = torch.einsum("rcij,pij->rcp", tiles, pats)
+    best = scores.argmax(-1)                                                      # first max on ties
+    mask = pats[best].bool()                                                      # [R, C, 4, 4]
+    return mask.transpose(1, 2).reshape(out_f, in_f)
+
+
+def is_24(mask: Tensor, dim: int = 1) -> bool:
+    """True when ``mask`` has at most 2 trues in every group of 4 along ``dim``."""
+    m = mask.transpose(0, 1) if dim == 0 else mask
+    return bool((m.reshape(m.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+@dataclass
+class Sparse24:
+    """A 2:4 ``[out, in]`` matrix: ``values [out, in/2]``, ``meta [out, in/4]`` (uint8)."""
+
+    values: Tensor
+    meta: Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> "Sparse24":
+        """Compresses ``weight`` keeping ``mask`` (default: :func:`prune_24`). A group with
+        fewer than 2 kept weights stores explicit zeros at unused positions, so the round
+        trip ``to_dense()`` is exactly ``weight * mask``."""
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError("Sparse24.from_dense: weight must be a 2-D tensor [out, in]")
+        check_24_shape(tuple(weight.shape))
+        mask = prune_24(weight) if mask is None else mask.to(device=weight.device, dtype=torch.bool)
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"Sparse24.from_dense: mask must have shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+        if not is_24(mask):
+            raise ValueError("Sparse24.from_dense: mask is not 2:4 (more than 2 kept in a group of 4 along a row)")
+        out_f, in_f = weight.shape
+        g = mask.reshape(out_f, -1, 4)
+        # Fill groups with fewer than 2 kept positions up to 2 with the first free ones
+        # (stored as explicit zeros), so every group has exactly 2 slots.
+        rank = torch.where(g, torch.zeros((), device=g.device), torch.ones((), device=g.device)) * 4 + \
+            torch.arange(4, device=g.device)
+        slots = torch.sort(rank, dim=-1).indices[..., :2].sort(-1).values          # [out, G, 2]
+        w = (weight * mask).reshape(out_f, -1, 4)
+        values = torch.gather(w, -1, slots).reshape(out_f, in_f // 2)
+        meta = (slots[..., 0] | (slots[..., 1] << 2)).to(torch.uint8)
+        return cls(values.contiguous(), meta.contiguous(), (out_f, in_f))
+
+    def columns(self) -> Tensor:
+        """Column index (int64) of every stored value, [out, in/2]."""
+        m = self.meta.long()
+        base = torch.arange(self.meta.shape[1], device=m.device) * 4
+        return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(self.values.shape)
+
+    def to_dense(self) -> Tensor:
+        dense = self.values.new_zeros(self.shape)
+        return dense.scatter(1, self.columns(), self.values.detach())
+
+    def mask(self) -> Tensor:
+        """The stored positions (explicit zeros included)."""
+        m = torch.zeros(self.shape, dtype=torch.bool, device=self.values.device)
+        return m.scatter(1, self.columns(), True)

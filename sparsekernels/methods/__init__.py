@@ -7,7 +7,8 @@ from .masked_reference import MaskedDenseRigL
 from .rigl import RigL
 from .schedules import cosine_drop_fraction, gmp_sparsity
 from .set_method import SET
+from .srste import SRSTE
 from .static import Static
 
-__all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "cosine_drop_fraction",
+__all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "cosine_drop_fraction",
            "gmp_sparsity"]

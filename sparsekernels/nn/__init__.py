@@ -4,6 +4,7 @@ from .bsr_linear import BSRLinear
 from .conv import SparseConv2d
 from .distribution import layer_sparsities
 from .linear import SparseLinear
+from .sparse24_linear import Sparse24Linear
 from .sparsify import densify, eligible_layers, sparsify
 
-__all__ = ["BSRLinear", "SparseLinear", "SparseConv2d", "sparsify", "densify", "eligible_layers", "layer_sparsities"]
+__all__ = ["BSRLinear", "Sparse24Linear", "SparseLinear", "SparseConv2d", "sparsify", "densify", "eligible_layers", "layer_sparsities"]

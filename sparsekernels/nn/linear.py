@@ -22,8 +22,9 @@ class SparseLinear(SparseWeightMixin):
         bias: add a learnable bias [out_features].
         sparsity: fraction of W's entries that are zero, in [0, 1); the pattern is random
             (uniform over W) with exactly ``round((1 - sparsity) * out * in)`` non-zeros.
-        format: ``"csr"`` (unstructured, this class) or ``"bsr"``: returns a
-            :class:`BSRLinear` with ``block_size`` x ``block_size`` blocks.
+        format: ``"csr"`` (unstructured, this class), ``"bsr"`` (returns a
+            :class:`BSRLinear` with ``block_size`` x ``block_size`` blocks) or ``"2:4"``
+            (returns a :class:`Sparse24Linear`; ``mode="fixed"`` or ``"srste"``).
         generator: random generator for the pattern (and only the pattern).
     Shapes: input [..., in_features] -> output [..., out_features].
     """
@@ -34,8 +35,13 @@ class SparseLinear(SparseWeightMixin):
             from .bsr_linear import BSRLinear
 
             return BSRLinear(*args, block_size=block_size, **kwargs)
+        if format == "2:4":
+            from .sparse24_linear import Sparse24Linear
+
+            kwargs.pop("sparsity", None)  # 2:4 is 50% by definition
+            return Sparse24Linear(*args, **kwargs)
         if format != "csr":
-            raise ValueError(f"SparseLinear: format must be 'csr' or 'bsr', got {format!r}")
+            raise ValueError(f"SparseLinear: format must be 'csr', 'bsr' or '2:4', got {format!r}")
         return super().__new__(cls)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.9,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -59,7 +60,8 @@ def eligible_layers(model: nn.Module, include=(nn.Linear, nn.Conv2d), exclude=()
 
 
 def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "uniform",
-             include=(nn.Linear, nn.Conv2d), exclude=(), inplace: bool = True) -> nn.Module:
+             include=(nn.Linear, nn.Conv2d), exclude=(), inplace: bool = True, format: str = "csr",
+             block_size: int = 32) -> nn.Module:
     """Replaces the model's ``nn.Linear`` / ``nn.Conv2d`` layers by ``SparseLinear`` /
     ``SparseConv2d`` keeping each layer's largest-magnitude weights.
 
@@ -71,6 +73,10 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
         exclude: module names as in ``model.named_modules()`` (exact or glob patterns such
             as ``"head.*"``) and/or module types to leave dense.
         inplace: modify ``model`` (default) or a deep copy of it.
+        format: ``"csr"`` (unstructured), ``"bsr"`` (``block_size`` blocks, largest-norm
+            blocks kept; Linear layers only) or ``"2:4"`` (2:4 magnitude mask, fixed;
+            Linear layers only, ``sparsity`` ignored). Layers whose shape the format cannot
+            hold are left dense with a warning naming them.
     Returns:
         The model (a new module when ``model`` itself is a swapped layer).
     """
@@ -80,10 +86,37 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
     if not inplace:
         model = copy.deepcopy(model)
     layers = eligible_layers(model, include, exclude)
+    if format not in ("csr", "bsr", "2:4"):
+        raise ValueError(f"sparsify: format must be 'csr', 'bsr' or '2:4', got {format!r}")
+    if format != "csr":
+        return _sparsify_structured(model, layers, sparsity, format, block_size)
     per_layer = layer_sparsities({n: tuple(m.weight.shape) for n, m in layers.items()}, sparsity, distribution)
     for name, module in layers.items():
         sparse = _sparse_class(module, tuple(include)).from_dense(module, sparsity=per_layer[name])
         model = _replace(model, name, sparse)
+    return model
+
+
+def _sparsify_structured(model: nn.Module, layers: dict, sparsity: float, format: str, block_size: int) -> nn.Module:
+    from .bsr_linear import BSRLinear
+    from .sparse24_linear import Sparse24Linear
+
+    skipped = []
+    for name, module in layers.items():
+        if not isinstance(module, nn.Linear):
+            skipped.append(f"{name} ({type(module).__name__})")
+            continue
+        out_f, in_f = module.weight.shape
+        if format == "2:4" and in_f % 4 == 0:
+            model = _replace(model, name, Sparse24Linear.from_dense(module))
+        elif format == "bsr" and in_f % block_size == 0 and out_f % block_size == 0:
+            model = _replace(model, name, BSRLinear.from_dense(module, sparsity=sparsity, block_size=block_size))
+        else:
+            skipped.append(f"{name} ({out_f}x{in_f})")
+    if skipped:
+        need = "in_features divisible by 4" if format == "2:4" else f"both dimensions divisible by {block_size}"
+        warnings.warn(f"sparsify(format={format!r}): left dense, as the format needs nn.Linear with {need}: "
+                      + ", ".join(skipped), stacklevel=3)
     return model
 
 

@@ -1,0 +1,153 @@
+"""Sparse24Linear: ``nn.Linear`` with a 2:4 semi-structured weight; what
+``SparseLinear(..., format="2:4")`` builds. Two training modes:
+
+* ``mode="fixed"``: the trainable parameter is ``values [out, in/2]`` (the compressed
+  weight); forward on the 2:4 kernel, input gradient through W^T's CSR, weight gradient
+  at the kept positions only. The mask never changes.
+* ``mode="srste"`` (Zhou et al. 2021): the trainable parameter is the dense master
+  ``weight [out, in]``; the 2:4 mask is recomputed from |weight| every ``update_every``
+  training forwards, the forward runs on the compressed weight, and the gradient is
+  dW = dy^T x + lambda_w * (1 - E) * W (straight-through plus sparse-refined decay).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..formats import CSR, Sparse24, prune_24, prune_24_transposable
+from ..formats.sparse24 import check_24_shape
+from ..ops import sparse24_mm, srste_linear
+
+MODES = ("fixed", "srste")
+_BUFFERS = ("meta", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
+
+
+class Sparse24Linear(nn.Module):
+    """``y = x W^T + b`` with W [out, in] 2:4 sparse along ``in`` (in % 4 == 0).
+
+    Args:
+        mode: ``"fixed"`` or ``"srste"`` (see module docstring).
+        srste_lambda: lambda_w of SR-STE (default 2e-4).
+        update_every: SR-STE recomputes the mask every this many training forwards.
+        transposable: prune each 4x4 tile 2:4 along rows and columns, so W^T is 2:4 too.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mode: str = "fixed",
+                 srste_lambda: float = 2e-4, update_every: int = 1, transposable: bool = False, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._configure(in_features, out_features, mode, srste_lambda, update_every, transposable)
+        self._init_from(dense.weight.detach(), None)
+        self.bias = dense.bias
+
+    def _configure(self, in_f, out_f, mode, lam, update_every, transposable):
+        check_24_shape((out_f, in_f))
+        if mode not in MODES:
+            raise ValueError(f"Sparse24Linear: mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every <= 0:
+            raise ValueError(f"Sparse24Linear: update_every must be a positive int, got {update_every!r}")
+        if not math.isfinite(float(lam)) or lam < 0:
+            raise ValueError(f"Sparse24Linear: srste_lambda must be a finite number >= 0, got {lam!r}")
+        if transposable and out_f % 4:
+            raise ValueError(f"Sparse24Linear: transposable 2:4 needs out_features divisible by 4, got {out_f}")
+        self.in_features, self.out_features = in_f, out_f
+        self.mode, self.srste_lambda, self.update_every, self.transposable = mode, float(lam), update_every, transposable
+        self._forwards = 0
+        self.freeze_mask = False  # SR-STE: stop recomputing the mask (kept at its last value)
+
+    def _prune(self, weight: Tensor) -> Tensor:
+        return prune_24_transposable(weight) if self.transposable else prune_24(weight)
+
+    def _set_pattern(self, weight: Tensor, mask: Tensor) -> Sparse24:
+        """Compresses ``weight`` at ``mask`` and stores meta + the CSR view buffers."""
+        s24 = Sparse24.from_dense(weight, mask)
+        cols = s24.columns()
+        rows = torch.arange(self.out_features, device=weight.device).repeat_interleave(cols.shape[1])
+        csr = CSR.from_indices(s24.values.reshape(-1), rows, cols.reshape(-1), (self.out_features, self.in_features))
+        for name, t in zip(_BUFFERS, (s24.meta, *csr.pattern())):
+            if name in self._buffers:
+                setattr(self, name, t)
+            else:
+                self.register_buffer(name, t)
+        self.register_buffer("stored_mask", s24.mask(), persistent=False)
+        return s24
+
+    def _init_from(self, weight: Tensor, mask: Tensor | None) -> None:
+        mask = self._prune(weight) if mask is None else mask
+        s24 = self._set_pattern(weight, mask)
+        if self.mode == "fixed":
+            self.values = nn.Parameter(s24.values.clone())
+        else:
+            self.weight = nn.Parameter(weight.clone())
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, mask: Tensor | None = None, mode: str = "fixed",
+                   srste_lambda: float = 2e-4, update_every: int = 1, transposable: bool = False) -> "Sparse24Linear":
+        """From an ``nn.Linear``: keeps ``mask`` (must be 2:4) or the 2:4 magnitude mask."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Sparse24Linear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._configure(linear.in_features, linear.out_features, mode, srste_lambda, update_every, transposable)
+        layer._init_from(linear.weight.detach(), mask)
+        layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        return layer
+
+    # ------------------------------------------------------------------ views
+    def mask(self) -> Tensor:
+        """Boolean [out, in] of the stored positions."""
+        return self.stored_mask.clone()
+
+    def dense_weight(self) -> Tensor:
+        """The effective (2:4-pruned) weight [out, in], no grad."""
+        if self.mode == "fixed":
+            return Sparse24(self.values.detach(), self.meta, (self.out_features, self.in_features)).to_dense()
+        return self.weight.detach() * self.stored_mask
+
+    def to_dense(self) -> nn.Linear:
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.meta.device, dtype=self.dense_weight().dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @property
+    def nnz(self) -> int:
+        return self.out_features * self.in_features // 2
+
+    @property
+    def sparsity(self) -> float:
+        return 0.5
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: Tensor) -> Tensor:
+        param = self.values if self.mode == "fixed" else self.weight
+        if not isinstance(input, Tensor):
+            raise TypeError(f"Sparse24Linear: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dtype != param.dtype:
+            raise TypeError(f"Sparse24Linear: input has dtype {input.dtype} but the weights are {param.dtype}")
+        if input.device != param.device:
+            raise ValueError(f"Sparse24Linear: input is on {input.device} but the weights are on {param.device}")
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(f"Sparse24Linear: input must have shape [..., {self.in_features}], got {tuple(input.shape)}")
+        pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
+        if self.mode == "fixed":
+            y = sparse24_mm(input, self.values, self.meta, *pattern)
+        else:
+            if self.training and torch.is_grad_enabled() and not self.freeze_mask:
+                if self._forwards % self.update_every == 0:
+                    self._set_pattern(self.weight.detach(), self._prune(self.weight.detach()))
+                    pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
+                self._forwards += 1
+            y = srste_linear(input, self.weight, self.meta, *pattern, self.stored_mask, self.srste_lambda)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode}, transposable={self.transposable}")

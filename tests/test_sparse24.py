@@ -1,0 +1,171 @@
+"""2:4 semi-structured sparsity on the CPU: masks, compression, the sparse24_mm kernel,
+the SR-STE gradient, Sparse24Linear in both modes, sparsify(format="2:4"), SRSTE."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekernels as sk
+from sparsekernels.formats import Sparse24, is_24, prune_24, prune_24_transposable
+from sparsekernels.methods import SRSTE
+
+from conftest import assert_close_rel
+
+
+def _sparse24_args(weight, mask=None):
+    layer = sk.nn.Sparse24Linear.from_dense(_linear_from(weight), mask=mask)
+    return layer
+
+
+def _linear_from(weight):
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
+
+
+def test_prune_24_keeps_the_two_largest_per_group(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(7, 20, generator=g)
+    m = prune_24(w)
+    assert is_24(m) and int(m.sum()) == 7 * 10
+    groups, kept = w.abs().reshape(7, 5, 4), m.reshape(7, 5, 4)
+    assert bool(((groups * kept).sum(-1) >= torch.topk(groups, 2, -1).values.sum(-1) - 1e-6).all())
+    ties = torch.ones(1, 8)
+    assert prune_24(ties).tolist() == [[True, True, False, False, True, True, False, False]]
+    with pytest.raises(ValueError, match="divisible by 4"):
+        prune_24(torch.randn(3, 10))
+
+
+def test_transposable_mask_is_24_both_ways_and_optimal(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 12, generator=g)
+    m = prune_24_transposable(w)
+    assert is_24(m) and is_24(m, dim=0) and int(m.sum()) == 8 * 12 // 2
+    # Brute force over all 4x4 patterns with two per row and column, tile by tile.
+    rows = [p for p in itertools.product([0, 1], repeat=4) if sum(p) == 2]
+    pats = [torch.tensor(p, dtype=torch.float32) for p in itertools.product(rows, repeat=4)]
+    pats = [p for p in pats if bool((p.sum(0) == 2).all())]
+    assert len(pats) == 90
+    for r in range(0, 8, 4):
+        for c in range(0, 12, 4):
+            tile = w[r:r + 4, c:c + 4].abs()
+            best = max(float((tile * p).sum()) for p in pats)
+            assert float((tile * m[r:r + 4, c:c + 4]).sum()) == pytest.approx(best, rel=1e-6)
+
+
+def test_sparse24_round_trip_and_bad_masks(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 16, generator=g)
+    m = prune_24(w)
+    s = Sparse24.from_dense(w, m)
+    assert s.values.shape == (5, 8) and s.meta.shape == (5, 4) and s.meta.dtype == torch.uint8
+    assert torch.equal(s.to_dense(), w * m) and torch.equal(s.mask(), m)
+    sparse_group = m.clone()
+    sparse_group[0, :4] = torch.tensor([False, False, True, False])  # one kept: an explicit zero fills the slot
+    assert torch.equal(Sparse24.from_dense(w, sparse_group).to_dense(), w * sparse_group)
+    bad = m.clone()
+    bad[0, :4] = True
+    with pytest.raises(ValueError, match="not 2:4"):
+        Sparse24.from_dense(w, bad)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4, 3), (5, 20, 7), (70, 36, 33), (3, 2, 64, 17)])
+def test_sparse24_mm_matches_dense(backend, dtype, shape, seed):
+    if backend == "cpu" and not sk._extension.compiled():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(seed)
+    *lead, k, n = shape
+    w = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype)
+    layer = _sparse24_args(w)
+    x = torch.randn(*lead, k, generator=g, dtype=torch.float64).to(dtype)
+    with sk.use_backend(backend):
+        y = layer(x)
+    want = x.double() @ (w.double() * layer.mask()).t()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    assert_close_rel(y, want, tol, "sparse24_mm")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sparse24_gradcheck_and_opcheck(backend, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    layer = _sparse24_args(w)
+    pattern = (layer.meta, layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = layer.values.detach().clone().requires_grad_(True)
+    with sk.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, v: sk.ops.sparse24_mm(x, v, *pattern), (x, v))
+        torch.library.opcheck(torch.ops.sparsekernels.sparse24_mm, (x, v, *pattern))
+
+
+def test_sparse24_kernel_rejects_corrupt_meta():
+    x = torch.randn(2, 8)
+    with pytest.raises((ValueError, RuntimeError), match="meta"):
+        torch.ops.sparsekernels_C.sparse24_mm(x, torch.randn(3, 4), torch.full((3, 2), 0b0111, dtype=torch.uint8))
+
+
+def test_srste_gradient_formula_elementwise(seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(12, 8, bias=False, dtype=torch.float64)
+    layer = sk.nn.Sparse24Linear.from_dense(lin, mode="srste", srste_lambda=0.1)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    layer.train()
+    layer(x).backward(dy)
+    w = layer.weight.detach()
+    e = prune_24(w)
+    assert torch.equal(layer.mask(), e)
+    expected_dw = dy.t() @ x.detach() + 0.1 * (~e) * w
+    torch.testing.assert_close(layer.weight.grad, expected_dw, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, dy @ (w * e), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "srste"])
+def test_sparse24_mlp_trains(mode, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    if mode == "fixed":
+        model = sk.sparsify(model, format="2:4")
+        assert all(isinstance(model[i], sk.nn.Sparse24Linear) for i in (0, 2))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        method = SRSTE(model, opt)
+        first_masks = method.masks()
+    x, y = torch.randn(128, 16), torch.randn(128, 4)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    for layer in (model[0], model[2]):
+        assert is_24(layer.mask())
+    if mode == "srste":
+        assert any(not torch.equal(first_masks[n], m) for n, m in method.masks().items())  # masks move
+        method.remove()
+        frozen = method.masks()
+        model(x).sum().backward()
+        opt.step()
+        model(x)
+        assert all(torch.equal(frozen[n], m) for n, m in method.masks().items())
+
+
+def test_sparsify_24_skips_unsupported_layers_with_a_warning():
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="0 \\(8x10\\)"):
+        sk.sparsify(model, format="2:4")
+    assert isinstance(model[0], nn.Linear) and isinstance(model[2], sk.nn.Sparse24Linear)
+    layer = sk.SparseLinear(8, 4, format="2:4")
+    assert isinstance(layer, sk.nn.Sparse24Linear) and layer.sparsity == 0.5
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sk.SparseLinear(10, 4, format="2:4")
+    with pytest.raises(ValueError, match="mode"):
+        sk.SparseLinear(8, 4, format="2:4", mode="dense")

@@ -103,6 +103,14 @@ def _cmd_bench(args) -> int:
                       f"{ms['dense_step']:.2f}", f"{ms['ours_step']:.2f}", f"{sp['step_vs_dense']:.2f}",
                       f"{r['gflops']['ours_fwd']:.1f}")
     console.print(table)
+    if payload.get("sparse24"):
+        t24 = Table(title="2:4 (50%) forward, fp32, our kernel on the compressed form vs dense")
+        for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense"):
+            t24.add_column(col, justify="right")
+        for r in payload["sparse24"]:
+            t24.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['ms']['dense_fwd']:.2f}",
+                        f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}")
+        console.print(t24)
     if payload["targets"]:
         tt = Table(title="targets (this run)")
         for col in ("target", "reached", "goal", ""):

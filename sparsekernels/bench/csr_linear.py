@@ -118,7 +118,22 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, se
     return res
 
 
-def targets(results: list[CaseResult]) -> list[dict]:
+def run_sparse24_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int = 0) -> dict:
+    """2:4 forward (our C++ kernel on the compressed form) vs dense, fp32, same run."""
+    from ..nn import Sparse24Linear
+
+    g = torch.Generator().manual_seed(seed)
+    layer = Sparse24Linear(in_f, out_f, bias=False)
+    w = layer.dense_weight()
+    x = torch.randn(batch, in_f, generator=g)
+    with torch.no_grad():
+        samples = harness.time_round_robin({"dense_fwd": lambda: x @ w.t(), "sparse24_fwd": lambda: layer(x)}, rounds)
+    return {"batch": batch, "in_features": in_f, "out_features": out_f,
+            "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
+            "fwd_vs_dense": harness.median_ratio(samples["dense_fwd"], samples["sparse24_fwd"])}
+
+
+def targets(results: list[CaseResult], sparse24: list[dict] = ()) -> list[dict]:
     """The issue's speed targets, checked against this run's results."""
     by = {(r.batch, r.in_features, r.out_features, r.sparsity): r for r in results}
     checks = []
@@ -138,6 +153,10 @@ def targets(results: list[CaseResult]) -> list[dict]:
         SPARSEPROP["forward"])
     add("bwd vs dense, SparseProp case (2048,768,3072) @ 98% (SparseProp: 2.35x)", sp_key, "bwd_vs_dense",
         SPARSEPROP["backward"])
+    for r in sparse24:
+        if (r["batch"], r["in_features"], r["out_features"]) == (256, 4096, 4096):
+            checks.append({"target": "2:4 fwd vs dense, (256,4096,4096)", "value": round(r["fwd_vs_dense"], 3),
+                           "goal": 1.6, "met": r["fwd_vs_dense"] >= 1.6})
     return checks
 
 
@@ -151,12 +170,14 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
         results.append(run_case(b, i, o, sp, rounds, torch_sparse=torch_sparse))
         if progress is not None:
             progress(f"B={b} {i}->{o} s={sp}")
+    sparse24 = [run_sparse24_case(b, i, o, rounds) for (b, i, o) in shapes if i % 4 == 0]
     return {
         "benchmark": "csr_linear",
         "machine": harness.machine_info("cpu"),
         "rounds": rounds,
         "results": [asdict(r) for r in results],
-        "targets": targets(results),
+        "sparse24": sparse24,
+        "targets": targets(results, sparse24),
     }
 
 

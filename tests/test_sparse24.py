@@ -169,3 +169,22 @@ def test_sparsify_24_skips_unsupported_layers_with_a_warning():
         sk.SparseLinear(10, 4, format="2:4")
     with pytest.raises(ValueError, match="mode"):
         sk.SparseLinear(8, 4, format="2:4", mode="dense")
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_compress_kernel_matches_the_python_definition(transposable, seed):
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(seed)
+    for w in (torch.randn(12, 20 if not transposable else 16, generator=g),
+              torch.randn(8, 8, generator=g).round(),  # many exact ties
+              torch.ones(4, 8)):
+        values, meta, mask = torch.ops.sparsekernels_C.sparse24_compress(w, transposable)
+        ref = prune_24_transposable(w) if transposable else prune_24(w)
+        s = Sparse24.from_dense(w, ref)
+        assert torch.equal(mask, ref) and torch.equal(values, s.values) and torch.equal(meta, s.meta)
+    with pytest.raises((ValueError, RuntimeError), match="divisible by 4"):
+        torch.ops.sparsekernels_C.sparse24_compress(torch.randn(4, 6), False)
+    with sk.use_backend("reference"):  # compress_24 falls back to the Python definition
+        s24, m = sk.formats.compress_24(torch.ones(4, 8), transposable)
+    assert torch.equal(m, prune_24_transposable(torch.ones(4, 8)) if transposable else prune_24(torch.ones(4, 8)))

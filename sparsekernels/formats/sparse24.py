@@ -51,8 +51,8 @@ def prune_24_transposable(weight: Tensor) -> Tensor:
     out_f, in_f = weight.shape
     if out_f % 4 or in_f % 4:
         raise ValueError(f"transposable 2:4 needs both dimensions divisible by 4, got {tuple(weight.shape)}")
-    pats = _transposable_patterns(weight.device).to(torch.float32)               # [90, 4, 4]
-    tiles = weight.detach().abs().float().reshape(out_f // 4, 4, in_f // 4, 4).transpose(1, 2)  # [R, C, 4, 4]
+    pats = _transposable_patterns(weight.device).to(torch.float64)               # [90, 4, 4]
+    tiles = weight.detach().abs().double().reshape(out_f // 4, 4, in_f // 4, 4).transpose(1, 2)  # [R, C, 4, 4]
     scores = torch.einsum("rcij,pij->rcp", tiles, pats)
     best = scores.argmax(-1)                                                      # first max on ties
     mask = pats[best].bool()                                                      # [R, C, 4, 4]
@@ -112,3 +112,20 @@ class Sparse24:
         """The stored positions (explicit zeros included)."""
         m = torch.zeros(self.shape, dtype=torch.bool, device=self.values.device)
         return m.scatter(1, self.columns(), True)
+
+
+def compress_24(weight: Tensor, transposable: bool = False) -> tuple[Sparse24, Tensor]:
+    """Prune ``weight`` to 2:4 by magnitude and compress it: ``(Sparse24, mask)``. One pass
+    of the C++ kernel on the CPU when the extension is built; the same result through
+    :func:`prune_24` / :func:`prune_24_transposable` + :meth:`Sparse24.from_dense` otherwise."""
+    from .. import _extension, backends
+
+    check_24_shape(tuple(weight.shape))
+    w = weight.detach()
+    if w.device.type == "cpu" and _extension.compiled() and backends.get_backend() in ("auto", "cpu"):
+        import torch as _torch
+
+        values, meta, mask = _torch.ops.sparsekernels_C.sparse24_compress(w, transposable)
+        return Sparse24(values, meta, tuple(w.shape)), mask
+    mask = prune_24_transposable(w) if transposable else prune_24(w)
+    return Sparse24.from_dense(w, mask), mask

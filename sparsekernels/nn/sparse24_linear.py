@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..formats import CSR, Sparse24, prune_24, prune_24_transposable
+from ..formats import CSR, Sparse24, compress_24
 from ..formats.sparse24 import check_24_shape
 from ..ops import sparse24_mm, srste_linear
 
@@ -59,12 +59,10 @@ class Sparse24Linear(nn.Module):
         self._forwards = 0
         self.freeze_mask = False  # SR-STE: stop recomputing the mask (kept at its last value)
 
-    def _prune(self, weight: Tensor) -> Tensor:
-        return prune_24_transposable(weight) if self.transposable else prune_24(weight)
-
-    def _set_pattern(self, weight: Tensor, mask: Tensor) -> Sparse24:
-        """Compresses ``weight`` at ``mask`` and stores meta + the CSR view buffers."""
-        s24 = Sparse24.from_dense(weight, mask)
+    def _set_pattern(self, weight: Tensor, mask: Tensor | None) -> Sparse24:
+        """Compresses ``weight`` at ``mask`` (None: prune by magnitude, one pass) and stores
+        meta + the CSR view buffers."""
+        s24 = compress_24(weight, self.transposable)[0] if mask is None else Sparse24.from_dense(weight, mask)
         cols = s24.columns()
         rows = torch.arange(self.out_features, device=weight.device).repeat_interleave(cols.shape[1])
         csr = CSR.from_indices(s24.values.reshape(-1), rows, cols.reshape(-1), (self.out_features, self.in_features))
@@ -77,7 +75,6 @@ class Sparse24Linear(nn.Module):
         return s24
 
     def _init_from(self, weight: Tensor, mask: Tensor | None) -> None:
-        mask = self._prune(weight) if mask is None else mask
         s24 = self._set_pattern(weight, mask)
         if self.mode == "fixed":
             self.values = nn.Parameter(s24.values.clone())
@@ -142,7 +139,7 @@ class Sparse24Linear(nn.Module):
         else:
             if self.training and torch.is_grad_enabled() and not self.freeze_mask:
                 if self._forwards % self.update_every == 0:
-                    self._set_pattern(self.weight.detach(), self._prune(self.weight.detach()))
+                    self._set_pattern(self.weight.detach(), None)
                     pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
                 self._forwards += 1
             y = srste_linear(input, self.weight, self.meta, *pattern, self.stored_mask, self.srste_lambda)

@@ -79,3 +79,16 @@ def test_triton_gradcheck_float64(seed):
     x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     with sk.use_backend("triton"):
         assert torch.autograd.gradcheck(lambda x, v: sk.ops.spmm(x, v, *csr.pattern()), (x, values))
+
+
+def test_triton_sparse24_compress_matches_the_python_definition(seed):
+    from sparsekernels.formats import Sparse24, compress_24, prune_24
+
+    g = torch.Generator().manual_seed(seed)
+    for w in (torch.randn(6, 16, generator=g), torch.randn(4, 8, generator=g).round(), torch.ones(3, 8),
+              torch.randn(5, 12, generator=g).half()):
+        with sk.use_backend("triton"):
+            s24, mask = compress_24(w)
+        ref = prune_24(w)
+        expected = Sparse24.from_dense(w, ref)
+        assert torch.equal(mask, ref) and torch.equal(s24.values, expected.values) and torch.equal(s24.meta, expected.meta)

@@ -115,17 +115,25 @@ class Sparse24:
 
 
 def compress_24(weight: Tensor, transposable: bool = False) -> tuple[Sparse24, Tensor]:
-    """Prune ``weight`` to 2:4 by magnitude and compress it: ``(Sparse24, mask)``. One pass
-    of the C++ kernel on the CPU when the extension is built; the same result through
-    :func:`prune_24` / :func:`prune_24_transposable` + :meth:`Sparse24.from_dense` otherwise."""
+    """Prune ``weight`` to 2:4 by magnitude and compress it in one pass: ``(Sparse24, mask)``.
+
+    Runs the C++ kernel for CPU tensors (extension built), the Triton kernel on a GPU (plain
+    2:4) or when the "triton" backend is forced (interpreter), and otherwise the Python
+    definition (:func:`prune_24` / :func:`prune_24_transposable` + ``from_dense``), which
+    every kernel matches exactly."""
     from .. import _extension, backends
 
     check_24_shape(tuple(weight.shape))
     w = weight.detach()
-    if w.device.type == "cpu" and _extension.compiled() and backends.get_backend() in ("auto", "cpu"):
-        import torch as _torch
+    requested = backends.get_backend()
+    if w.device.type == "cpu" and _extension.compiled() and requested in ("auto", "cpu"):
+        values, meta, mask = torch.ops.sparsekernels_C.sparse24_compress(w, transposable)
+        return Sparse24(values, meta, tuple(w.shape)), mask
+    triton_ok = "triton" in backends.available(w.device.type)
+    if not transposable and triton_ok and (requested == "triton" or (requested == "auto" and w.device.type == "cuda")):
+        from ..kernels.triton.sparse24 import sparse24_compress
 
-        values, meta, mask = _torch.ops.sparsekernels_C.sparse24_compress(w, transposable)
+        values, meta, mask = sparse24_compress(w)
         return Sparse24(values, meta, tuple(w.shape)), mask
     mask = prune_24_transposable(w) if transposable else prune_24(w)
     return Sparse24.from_dense(w, mask), mask

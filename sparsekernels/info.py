@@ -28,6 +28,10 @@ def collect() -> dict:
         "available": {"cpu": backends.available("cpu"), "cuda": backends.available("cuda")},
         "chosen": {},
     }
+    from .ops.sparse24 import GPU_MIN_ROWS
+
+    info["sparse24_gpu_policy"] = (f"2:4 GEMM through torch semi-structured tensors for fp16/bf16 with >= "
+                                   f"{GPU_MIN_ROWS} rows; dense cuBLAS otherwise (unverified on a GPU)")
     try:
         import triton  # noqa: F401
 

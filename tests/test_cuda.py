@@ -120,3 +120,19 @@ def test_gpu_triton_bsr_matches_dense(dtype, block):
                             ("bsr_sddmm", dv, expected_dv)):
         assert not got.isnan().any(), name
         assert _rel(got, want) < tol, f"{name} {dtype} b={block}: {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 512])
+def test_gpu_sparse24_linear_matches_dense(dtype, m):
+    torch.manual_seed(0)
+    layer = sk.nn.Sparse24Linear(256, 128, device="cuda", dtype=dtype)
+    x = torch.randn(m, 256, device="cuda", dtype=dtype)
+    want = x.double() @ layer.dense_weight().double().t() + layer.bias.double()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = layer(x)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+    assert _rel(got, want) < tol

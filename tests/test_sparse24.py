@@ -188,3 +188,13 @@ def test_compress_kernel_matches_the_python_definition(transposable, seed):
     with sk.use_backend("reference"):  # compress_24 falls back to the Python definition
         s24, m = sk.formats.compress_24(torch.ones(4, 8), transposable)
     assert torch.equal(m, prune_24_transposable(torch.ones(4, 8)) if transposable else prune_24(torch.ones(4, 8)))
+
+
+def test_gpu_plan_picks_dense_where_2_4_loses():
+    from sparsekernels.ops.sparse24 import GPU_MIN_ROWS, gpu_plan
+
+    assert gpu_plan(4096, 4096, 4096, torch.bfloat16) == "semi_structured"
+    assert gpu_plan(1, 4096, 4096, torch.bfloat16).startswith("dense")
+    assert gpu_plan(GPU_MIN_ROWS - 1, 4096, 4096, torch.float16).startswith("dense")
+    assert "fp16 / bf16" in gpu_plan(4096, 4096, 4096, torch.float32)
+    assert "tile" in gpu_plan(4096, 100, 4096, torch.float16)

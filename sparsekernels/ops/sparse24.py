@@ -34,11 +34,53 @@ def reference_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
     return x @ dense.t()
 
 
+# GPU policy (UNVERIFIED until bench/gpu_check.sh runs): 2:4 GEMMs on sparse tensor cores
+# through torch's semi-structured tensors (cuSPARSELt, or CUTLASS); below this many rows of
+# x the weight's bytes dominate and torch's 2:4 was measured by others at 0.11x of dense for
+# one row, so dense cuBLAS runs instead. To be replaced by measured per-shape choices.
+GPU_MIN_ROWS = 256
+_warned: set = set()
+
+
+def gpu_plan(m: int, n: int, k: int, dtype: torch.dtype) -> str:
+    """``"semi_structured"`` or ``"dense"`` (and why) for a 2:4 product on the GPU."""
+    from torch.sparse import semi_structured as ss
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "dense: 2:4 tensor cores need fp16 / bf16"
+    # The weight must fit the tiles of whichever library torch picks (CUTLASS or cuSPARSELt).
+    cfgs = [getattr(ss, name)._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
+            for name in ("SparseSemiStructuredTensorCUTLASS", "SparseSemiStructuredTensorCUSPARSELT") if hasattr(ss, name)]
+    if not cfgs or any(c is None or n % c.sparse_min_rows or k % c.sparse_min_cols for c in cfgs):
+        return "dense: weight shape not a multiple of the 2:4 GEMM tile"
+    if m < GPU_MIN_ROWS:
+        return f"dense: fewer than {GPU_MIN_ROWS} rows (2:4 loses to dense there)"
+    return "semi_structured"
+
+
+def _gpu_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
+    dense = values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, _columns(meta), values)
+    x2 = x.reshape(-1, x.shape[-1])
+    plan = gpu_plan(x2.shape[0], dense.shape[0], dense.shape[1], x.dtype)
+    if plan != "semi_structured":
+        if plan not in _warned:  # never a silent fallback: say it once per reason
+            _warned.add(plan)
+            import warnings
+
+            warnings.warn(f"sparse24_mm on the GPU runs {plan}", stacklevel=3)
+        return (x2 @ dense.t()).reshape(*x.shape[:-1], dense.shape[0])
+    w = torch.sparse.to_sparse_semi_structured(dense)
+    return torch.nn.functional.linear(x2, w).reshape(*x.shape[:-1], dense.shape[0])
+
+
 @torch.library.custom_op("sparsekernels::sparse24_mm", mutates_args=())
 def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                     t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    if backends.resolve("sparse24_mm", x.device, x.dtype) == "cpu":
+    backend = backends.resolve("sparse24_mm", x.device, x.dtype)
+    if backend == "cpu":
         return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
+    if x.is_cuda and backend in ("cuda", "triton"):
+        return _gpu_sparse24_mm(x, values, meta)
     return reference_sparse24_mm(x, values, meta)
 
 

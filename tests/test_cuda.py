@@ -136,3 +136,16 @@ def test_gpu_sparse24_linear_matches_dense(dtype, m):
         got = layer(x)
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
     assert _rel(got, want) < tol
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sparse24_compress_matches_cpu(transposable, dtype):
+    if not sk._extension.compiled_with_cuda():
+        pytest.skip("extension built without CUDA")
+    w = torch.randn(64, 128).to(dtype)
+    w[0, :4] = 1.0  # ties
+    got = torch.ops.sparsekernels_C.sparse24_compress(w.cuda(), transposable)
+    want = torch.ops.sparsekernels_C.sparse24_compress(w, transposable)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)

@@ -187,6 +187,50 @@ def run_regrowth_case(out_f: int = 4096, in_f: int = 11008, batch: int = 2048, s
             "extra_memory_fraction_of_dense_grad": extra / (out_f * in_f * 4)}
 
 
+def run_sparse24_cases(reps: int = 10) -> list[dict]:
+    """2:4 in bf16 against cuBLAS bf16 and torch's to_sparse_semi_structured (the anchor a
+    user has today): forward GEMM at (8192, 8192, 8192) and (8192, 4096, 11008), our
+    prune + compress of a 4096 x 11008 weight against one dense forward of that layer, and
+    the full Sparse24Linear training step against nn.Linear."""
+    from ..formats import compress_24
+    from ..nn import Sparse24Linear
+
+    out = []
+    for batch, in_f, out_f in ((8192, 8192, 8192), (8192, 4096, 11008), (1, 4096, 4096)):
+        torch.manual_seed(0)
+        layer = Sparse24Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+        w = layer.dense_weight()
+        x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
+        w_ss = torch.sparse.to_sparse_semi_structured(w)
+        t = {
+            "cublas_bf16": statistics.median(_cuda_time(lambda: x @ w.t(), reps)),
+            "torch_semi_structured": statistics.median(_cuda_time(lambda: torch.nn.functional.linear(x, w_ss), reps)),
+            "ours_fwd": statistics.median(_cuda_time(lambda: layer(x), reps)),
+            "ours_prune_compress": statistics.median(_cuda_time(lambda: compress_24(w), reps)),
+        }
+        dense = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(batch, out_f, device="cuda", dtype=torch.bfloat16)
+        xg = x.clone().requires_grad_(True)
+
+        def step(module):
+            def f():
+                xg.grad = None
+                for p in module.parameters():
+                    p.grad = None
+                module(xg).backward(dy)
+            return f
+        t["dense_step"] = statistics.median(_cuda_time(step(dense), reps))
+        t["ours_step"] = statistics.median(_cuda_time(step(layer), reps))
+        out.append({"batch": batch, "in_features": in_f, "out_features": out_f,
+                    "ms": {k: v * 1e3 for k, v in t.items()},
+                    "fwd_vs_cublas_bf16": t["cublas_bf16"] / t["ours_fwd"],
+                    "fwd_vs_torch_semi_structured": t["torch_semi_structured"] / t["ours_fwd"],
+                    "torch_semi_structured_vs_cublas": t["cublas_bf16"] / t["torch_semi_structured"],
+                    "prune_compress_fraction_of_dense_fwd": t["ours_prune_compress"] / t["cublas_bf16"],
+                    "step_vs_dense": t["dense_step"] / t["ours_step"]})
+    return out
+
+
 def run(shapes=None, sparsities=None, progress=None) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("the GPU benchmark needs a CUDA device")
@@ -202,7 +246,7 @@ def run(shapes=None, sparsities=None, progress=None) -> dict:
             if progress is not None:
                 progress(f"{shape} s={s}")
     extra = {}
-    for name, fn in (("bsr", run_bsr_case), ("regrowth", run_regrowth_case)):
+    for name, fn in (("bsr", run_bsr_case), ("regrowth", run_regrowth_case), ("sparse24", run_sparse24_cases)):
         try:
             extra[name] = fn()
         except Exception as exc:  # record and go on: one failure must not lose the rest

@@ -117,8 +117,9 @@ class Sparse24:
 def compress_24(weight: Tensor, transposable: bool = False) -> tuple[Sparse24, Tensor]:
     """Prune ``weight`` to 2:4 by magnitude and compress it in one pass: ``(Sparse24, mask)``.
 
-    Runs the C++ kernel for CPU tensors (extension built), the Triton kernel on a GPU (plain
-    2:4) or when the "triton" backend is forced (interpreter), and otherwise the Python
+    Runs our compiled kernel (C++ on the CPU, CUDA C++ on a GPU) when built, else the
+    Triton kernel (plain 2:4; also when the "triton" backend is forced, e.g. in the
+    interpreter), and otherwise the Python
     definition (:func:`prune_24` / :func:`prune_24_transposable` + ``from_dense``), which
     every kernel matches exactly."""
     from .. import _extension, backends
@@ -126,7 +127,9 @@ def compress_24(weight: Tensor, transposable: bool = False) -> tuple[Sparse24, T
     check_24_shape(tuple(weight.shape))
     w = weight.detach()
     requested = backends.get_backend()
-    if w.device.type == "cpu" and _extension.compiled() and requested in ("auto", "cpu"):
+    compiled = (w.device.type == "cpu" and _extension.compiled() and requested in ("auto", "cpu")) or (
+        w.device.type == "cuda" and _extension.compiled_with_cuda() and requested in ("auto", "cuda"))
+    if compiled:
         values, meta, mask = torch.ops.sparsekernels_C.sparse24_compress(w, transposable)
         return Sparse24(values, meta, tuple(w.shape)), mask
     triton_ok = "triton" in backends.available(w.device.type)

@@ -30,6 +30,9 @@ def collect() -> dict:
     }
     from .ops.sparse24 import GPU_MIN_ROWS
 
+    info["cpu_dense_from_density"] = (f"auto runs CSR products as a dense matmul at density >= "
+                                      f"{backends.CPU_DENSE_FROM_DENSITY} (measured crossover)")
+
     info["sparse24_gpu_policy"] = (f"2:4 GEMM through torch semi-structured tensors for fp16/bf16 with >= "
                                    f"{GPU_MIN_ROWS} rows; dense cuBLAS otherwise (unverified on a GPU)")
     try:

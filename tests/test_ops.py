@@ -640,3 +640,13 @@ def test_resolve():
     with sparsekernels.use_backend("cpu"):
         with pytest.raises(ValueError, match="cpu"):
             backends.resolve("spmm", torch.device("meta"), torch.float32)
+
+
+def test_auto_sends_nearly_dense_weights_to_a_dense_matmul():
+    cpu = torch.device("cpu")
+    fast = "cpu" if sparsekernels._extension.compiled() else "reference"
+    assert backends.resolve("spmm", cpu, torch.float32, density=0.1) == fast
+    assert backends.resolve("spmm", cpu, torch.float32, density=backends.CPU_DENSE_FROM_DENSITY) == "reference"
+    assert backends.resolve("spmm", cpu, torch.float32, density=1.0) == "reference"
+    with sparsekernels.use_backend("cpu" if sparsekernels._extension.compiled() else "reference"):
+        assert backends.resolve("spmm", cpu, torch.float32, density=1.0) == fast  # an explicit choice wins

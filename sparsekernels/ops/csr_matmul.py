@@ -25,6 +25,11 @@ from . import _checks
 _COMPILED = {"cpu", "cuda"}  # torch.ops.sparsekernels_C.*, dispatched on the device
 
 
+def _density(values: Tensor, row_ptr: Tensor, t_row_ptr: Tensor) -> float:
+    total = (row_ptr.shape[0] - 1) * (t_row_ptr.shape[0] - 1)
+    return values.shape[0] / total if total else 1.0
+
+
 def _compiled(name: str):
     return getattr(torch.ops.sparsekernels_C, name)
 
@@ -39,7 +44,7 @@ def _triton(name: str):
 @torch.library.custom_op("sparsekernels::spmm", mutates_args=())
 def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
              t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    backend = backends.resolve("spmm", x.device, x.dtype)
+    backend = backends.resolve("spmm", x.device, x.dtype, _density(values, row_ptr, t_row_ptr))
     if backend in _COMPILED:
         return _compiled("spmm")(x, values, row_ptr, col_idx)
     if backend == "triton":
@@ -56,7 +61,7 @@ def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 @torch.library.custom_op("sparsekernels::spmm_t", mutates_args=())
 def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    backend = backends.resolve("spmm_t", dy.device, dy.dtype)
+    backend = backends.resolve("spmm_t", dy.device, dy.dtype, _density(values, row_ptr, t_row_ptr))
     if backend in _COMPILED:
         return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
     if backend == "triton":
@@ -73,7 +78,7 @@ def _(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 @torch.library.custom_op("sparsekernels::sddmm", mutates_args=())
 def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
               t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    backend = backends.resolve("sddmm", dy.device, dy.dtype)
+    backend = backends.resolve("sddmm", dy.device, dy.dtype, _density(col_idx, row_ptr, t_row_ptr))
     if backend in _COMPILED:
         return _compiled("sddmm")(dy, x, row_ptr, col_idx)
     if backend == "triton":

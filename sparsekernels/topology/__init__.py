@@ -5,7 +5,7 @@ No dense weight or dense gradient is formed for a sparse layer."""
 from .drop import drop_smallest
 from .grow import grow_all, grow_by_gradient, grow_random, inactive_count
 from .optimizer_state import remap_optimizer_state
-from .update import LayerUpdate, update_layer
+from .update import LayerUpdate, grow_to_dense, prune_to, update_layer
 
 __all__ = ["drop_smallest", "grow_by_gradient", "grow_random", "grow_all", "inactive_count",
-           "remap_optimizer_state", "update_layer", "LayerUpdate"]
+           "remap_optimizer_state", "update_layer", "LayerUpdate", "prune_to", "grow_to_dense"]

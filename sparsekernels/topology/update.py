@@ -76,3 +76,25 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
     stats = LayerUpdate(old_nnz, keys.numel(), old_nnz - kept_idx.numel(), grow_keys.numel(),
                         int((grow_source < 0).sum()))
     return stats, source
+
+
+def prune_to(layer, k: int, optimizers=()) -> LayerUpdate:
+    """Keeps the ``k`` active weights of largest magnitude (dense-to-sparse phases: GMP,
+    AC/DC's sparse phase, GaP). Ties as :func:`drop_smallest`."""
+    from .drop import drop_smallest
+
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= layer.nnz:
+        raise ValueError(f"prune_to: k must be an int in [0, nnz = {layer.nnz}], got {k!r}")
+    keep = drop_smallest(layer.values, layer.nnz - k)
+    empty = torch.empty(0, dtype=torch.long, device=keep.device)
+    return update_layer(layer, keep, empty, empty, optimizers)[0]
+
+
+def grow_to_dense(layer, optimizers=()) -> LayerUpdate:
+    """Activates every in-block position (AC/DC's dense phase, GaP): new weights start at
+    zero with zero optimizer state; the active ones keep theirs."""
+    from .grow import grow_all
+
+    rows, cols = grow_all(layer)
+    keep = torch.ones(layer.nnz, dtype=torch.bool, device=layer.values.device)
+    return update_layer(layer, keep, rows, cols, optimizers)[0]

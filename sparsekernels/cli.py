@@ -133,7 +133,7 @@ def _cmd_demo(args) -> int:
     from .demo import run
 
     kwargs = {"epochs": args.epochs, "timing_steps": args.timing_steps, "timing_hidden": args.timing_hidden,
-              "sparsity": args.sparsity, "seed": args.seed}
+              "sparsity": args.sparsity, "seed": args.seed, "out_dir": args.out_dir}
     if args.quick:
         kwargs.update(epochs=5, timing_steps=5, timing_hidden=1024)
     run(**kwargs)
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     p_demo.add_argument("--sparsity", type=float, default=0.9)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    p_demo.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where demo.png goes")
     p_demo.set_defaults(func=_cmd_demo)
 
     args = parser.parse_args(argv)

@@ -46,3 +46,10 @@ def test_targets_flag_misses():
 def test_bench_rejects_bad_shapes():
     with pytest.raises(ValueError):
         cli.main(["bench", "--shapes", "8,48", "--rounds", "1", "--no-plot"])
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "masked_rigl" in out and "x dense" in out and "RigL (sparse kernels) vs masked-dense RigL" in out
+    assert (tmp_path / "demo.png").stat().st_size > 1000

@@ -7,7 +7,11 @@
 #   3. runs the GPU benchmark (cuBLAS fp32 / TF32 / bf16, cuSPARSE, ours),
 # and writes $OUT/gpu-results.json, $OUT/gpu-tests.txt and $OUT/gpu-check.log.
 # Copy them to bench/results/<device>-<date>.json and commit.
+# Stages: `bench/gpu_check.sh [all|build|test|bench]` (default all), so a session can split
+# the work over several 10-minute commands; the bench also stops starting new cases after
+# ~5.5 minutes and lists the ones it skipped.
 set -uo pipefail
+STAGE="${1:-all}"
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-check}"
 mkdir -p "$OUT"
@@ -18,15 +22,18 @@ export MAX_JOBS="${MAX_JOBS:-16}"
 if [ -z "${CUDA_HOME:-}" ]; then
   for d in /usr/local/cuda /usr/local/cuda-*; do [ -x "$d/bin/nvcc" ] && export CUDA_HOME="$d" && break; done
 fi
-echo "== $(date -Is) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)" | tee "$LOG"
+echo "== $(date -Is) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null) stage=$STAGE" | tee -a "$LOG"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
 
+if [ "$STAGE" = all ] || [ "$STAGE" = build ]; then
 echo "== build" | tee -a "$LOG"
 start=$(date +%s)
 $PY setup.py build_ext --inplace >>"$LOG" 2>&1 || { echo "BUILD FAILED (see $LOG)"; tail -40 "$LOG"; exit 1; }
 echo "build took $(( $(date +%s) - start )) s" | tee -a "$LOG"
 $PY -m sparsekernels info --json > "$OUT/info.json" 2>>"$LOG"
+fi
 
+if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
 echo "== tests" | tee -a "$LOG"
 if ! $PY -c "import pytest" 2>/dev/null && [ -d bench/.wheels ]; then
   # The GPU machine has no internet: pytest comes from wheels carried with the tree
@@ -39,14 +46,20 @@ else
   echo "pytest is not available: tests not run (carry bench/.wheels from 'make gpu-wheels')" | tee "$OUT/gpu-tests.txt"
 fi
 
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
 echo "== benchmark" | tee -a "$LOG"
 $PY - <<PYEOF 2>&1 | tee -a "$LOG" | tail -40
 import json, torch
 from sparsekernels.bench import gpu
 payload = gpu.run(progress=lambda s: print("done", s, flush=True))
-payload["tests"] = open("$OUT/gpu-tests.txt").read()[-4000:]
+import os
+payload["tests"] = open("$OUT/gpu-tests.txt").read()[-4000:] if os.path.exists("$OUT/gpu-tests.txt") else "not run"
 json.dump(payload, open("$OUT/gpu-results.json", "w"), indent=1)
 for r in payload["results"]:
-    print(r["batch"], r["in_features"], r["out_features"], r["sparsity"], {k: round(v, 2) for k, v in r["speedup"].items()})
+    print(r["batch"], r["in_features"], r["out_features"], r["sparsity"], r.get("error") or {k: round(v, 2) for k, v in r["speedup"].items()})
+print("skipped for time:", payload["skipped_for_time"])
 PYEOF
+fi
 echo "== done: $OUT" | tee -a "$LOG"

@@ -48,7 +48,10 @@ class GMP(SparseTrainingMethod):
         return gmp_sparsity(step, self.initial_sparsity, self.final_sparsities[name], self.start_step, self.end_step)
 
     def is_update_step(self, step: int) -> bool:
-        return self.start_step <= step <= self.end_step and (step - self.start_step) % self.update_interval == 0
+        # Every update_interval steps from start_step, and at end_step itself so the final
+        # sparsity is reached even when end_step is off that grid.
+        on_grid = (step - self.start_step) % self.update_interval == 0
+        return self.start_step <= step <= self.end_step and (on_grid or step == self.end_step)
 
     def plan(self, step: int) -> dict[str, tuple[int, int]]:
         out = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +27,7 @@ class RigL(SparseTrainingMethod):
 
     name = "rigl"
     needs_gradient = True
+    _gathered: dict = {}
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float = 0.9,
                  distribution: str = "erk", update_interval: int = 100, drop_fraction: float = 0.3,
@@ -52,22 +55,38 @@ class RigL(SparseTrainingMethod):
         out = {}
         for name, layer in self.layers.items():
             n = int(f * layer.nnz)  # the dropped positions alone leave room for n
-            out[name] = (n, n)
+            out[name] = (n, n) if self._gathered.get(name) is not None else (0, 0)
         return out
 
     def grow(self, name: str, layer, n: int, keep: Tensor, step: int, index: int):
-        captured = layer.captured()
-        if captured is None:
-            raise RuntimeError(f"RigL: no input / output gradient was captured for layer '{name}' at step {step}; "
-                               "the update step must run forward and backward through the model")
-        x, dy = (_distributed.all_gather_rows(t) for t in captured)
+        x, dy = self._gathered[name]
         rows, cols, scores = grow_by_gradient(layer, x, dy, n, keep)
         return rows, cols, scores
 
     def update(self, step: int) -> dict:
-        record = super().update(step)
-        for layer in self.layers.values():
-            layer.capture_next(False)  # free the captured activations
+        # Gather every layer's input / output gradient first (same order on every rank; a
+        # rank where a layer had no forward contributes zero rows), so a layer unused in
+        # this step is skipped as a whole before any layer changes.
+        self._gathered = {}
+        for name, layer in self.layers.items():
+            captured = layer.captured()
+            if captured is None:
+                rows, cols = layer.csr().shape
+                captured = (layer.values.new_zeros(0, cols), layer.values.new_zeros(0, rows))
+            x, dy = (_distributed.all_gather_rows(t) for t in captured)
+            self._gathered[name] = (x, dy) if x.shape[0] else None
+        try:
+            record = super().update(step)
+        finally:
+            for layer in self.layers.values():
+                layer.capture_next(False)  # free the captured activations
+            skipped = [n for n, g in self._gathered.items() if g is None]
+            self._gathered = {}
+        for name in skipped:
+            record["layers"][name]["skipped"] = "no forward / backward through this layer in the update step"
+        if skipped:
+            warnings.warn(f"RigL step {step}: layers {skipped} had no forward / backward in the update step; "
+                          "their masks were left unchanged", stacklevel=2)
         return record
 
     def state_dict(self) -> dict:

@@ -14,6 +14,23 @@ from ..ops import spmm
 _PATTERN = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 
 
+def resize_parameter(param: nn.Parameter, data: Tensor) -> None:
+    """Gives ``param`` new data of any shape, keeping the Parameter object (optimizers and
+    DDP hold it) and dropping its ``.grad``.
+
+    Why not just ``param.data = data``: autograd caches the parameter's gradient
+    accumulator while any earlier graph is alive (the usual ``loss`` variable of a loop),
+    and that accumulator still expects the old shape, so the next backward would fail. Torch
+    drops the cached accumulator when ``.data`` changes dtype, so for a new shape we pass
+    through a one-element tensor of another dtype first. For the same shape the accumulator
+    is kept: DDP registers its gradient hooks on it (RigL / SET keep nnz, so DDP works)."""
+    if tuple(data.shape) != tuple(param.shape):
+        other = torch.float32 if data.dtype != torch.float32 else torch.float64
+        param.data = torch.empty(1, dtype=other, device=data.device)
+    param.data = data
+    param.grad = None
+
+
 def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor | None) -> Tensor:
     """The positions ``from_dense`` keeps: ``mask`` if given (checked against the weight's
     shape), else the largest-magnitude weights at ``sparsity``, else the non-zeros."""
@@ -64,8 +81,7 @@ class SparseWeightMixin(nn.Module):
         after a topology update. Optimizer state must be remapped by the caller."""
         if tuple(csr.shape) != self._matrix_shape:
             raise ValueError(f"set_csr: expected a {self._matrix_shape} matrix, got {tuple(csr.shape)}")
-        with torch.no_grad():
-            self.values.data = csr.values.detach().to(self.values.dtype).clone()
+        resize_parameter(self.values, csr.values.detach().to(self.values.dtype).clone())
         for name, t in zip(_PATTERN, csr.pattern()):
             setattr(self, name, t.to(self.values.device))
 
@@ -132,9 +148,8 @@ class SparseWeightMixin(nn.Module):
         # take its pattern wholesale instead of failing on a size mismatch.
         key = prefix + "values"
         if key in state_dict and state_dict[key].shape != self.values.shape:
-            with torch.no_grad():
-                self.values.data = torch.empty_like(state_dict[key], dtype=self.values.dtype,
-                                                    device=self.values.device)
+            resize_parameter(self.values, torch.empty_like(state_dict[key], dtype=self.values.dtype,
+                                                           device=self.values.device))
             for name in _PATTERN:
                 if prefix + name in state_dict:
                     setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.values.device))

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import bsr_mm
+from ._sparse_weight import resize_parameter
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
 
@@ -126,8 +127,8 @@ class BSRLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "values"
         if key in state_dict and state_dict[key].shape != self.values.shape:  # another number of blocks
-            with torch.no_grad():
-                self.values.data = torch.empty_like(state_dict[key], dtype=self.values.dtype, device=self.values.device)
+            resize_parameter(self.values, torch.empty_like(state_dict[key], dtype=self.values.dtype,
+                                                           device=self.values.device))
             for name in _PATTERN:
                 if prefix + name in state_dict:
                     setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.values.device))

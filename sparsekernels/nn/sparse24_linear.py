@@ -22,6 +22,13 @@ from ..formats.sparse24 import check_24_shape
 from ..ops import sparse24_mm, srste_linear
 
 MODES = ("fixed", "srste")
+
+
+def _meta_columns(meta: Tensor) -> Tensor:
+    """Column of every stored value, [out, in/2], from 2:4 metadata."""
+    m = meta.long()
+    base = torch.arange(meta.shape[1], device=meta.device) * 4
+    return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(meta.shape[0], -1)
 _BUFFERS = ("meta", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 
 
@@ -93,6 +100,12 @@ class Sparse24Linear(nn.Module):
         layer._init_from(linear.weight.detach(), mask)
         layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The mask is derived from meta (not saved twice): rebuild it from the loaded meta.
+        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.meta.device)
+        self.stored_mask = mask.scatter(1, _meta_columns(self.meta), True)
 
     # ------------------------------------------------------------------ views
     def mask(self) -> Tensor:

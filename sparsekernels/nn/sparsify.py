@@ -121,13 +121,18 @@ def _sparsify_structured(model: nn.Module, layers: dict, sparsity: float, format
 
 
 def densify(model: nn.Module, *, inplace: bool = True) -> nn.Module:
-    """Replaces every ``SparseLinear`` / ``SparseConv2d`` by the equivalent dense layer
-    (zeros where pruned). Exact inverse of :func:`sparsify`'s swap."""
+    """Replaces every sparse layer (``SparseLinear``, ``SparseConv2d``, ``BSRLinear``,
+    ``Sparse24Linear``) by the equivalent dense layer (zeros where pruned). Exact inverse
+    of :func:`sparsify`'s swap."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"densify: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    from .bsr_linear import BSRLinear
+    from .sparse24_linear import Sparse24Linear
+
+    swapped = (SparseLinear, SparseConv2d, BSRLinear, Sparse24Linear)
+    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, swapped)]
     for name, module in sparse:
         model = _replace(model, name, module.to_dense())
     return model

@@ -56,3 +56,36 @@ def check_dense(op: str, name: str, x: object, values: Tensor, features: int) ->
     if x.dim() < 1 or x.shape[-1] != features:
         raise ValueError(f"{op}: {name} must have shape [..., {features}], got {tuple(x.shape)}")
     return x
+
+
+def check_pattern_contents(op: str, ptr: Tensor, idx: Tensor, n_cols: int, ptr_name: str = "row_ptr",
+                           idx_name: str = "col_idx") -> None:
+    """Checks the index *values* of a CSR-like pattern: ``ptr`` runs from 0 to nnz without
+    decreasing and every ``idx`` lies in [0, n_cols). O(nnz) with torch ops (a device sync on
+    a GPU); run on the paths that would otherwise read out of bounds or wrap silently."""
+    nnz = idx.shape[0]
+    if ptr.numel() == 0 or int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+        raise ValueError(f"{op}: {ptr_name} must start at 0 and end at nnz = {nnz}")
+    if ptr.numel() > 1 and bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"{op}: {ptr_name} must be non-decreasing")
+    if nnz and (int(idx.min()) < 0 or int(idx.max()) >= n_cols):
+        raise ValueError(f"{op}: {idx_name} entries must lie in [0, {n_cols})")
+
+
+def check_csr_contents(op: str, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor, t_col_idx: Tensor,
+                       t_perm: Tensor) -> None:
+    """:func:`check_pattern_contents` for W and W^T, and ``t_perm`` in [0, nnz)."""
+    out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
+    check_pattern_contents(op, row_ptr, col_idx, in_f)
+    check_pattern_contents(op, t_row_ptr, t_col_idx, out_f, "t_row_ptr", "t_col_idx")
+    nnz = col_idx.shape[0]
+    if nnz and (int(t_perm.min()) < 0 or int(t_perm.max()) >= nnz):
+        raise ValueError(f"{op}: t_perm entries must lie in [0, nnz = {nnz})")
+
+
+def check_meta(op: str, meta: Tensor) -> None:
+    """2:4 metadata bytes must be i0 | i1 << 2 with 0 <= i0 < i1 < 4."""
+    if meta.numel():
+        m = meta.to(torch.int32)
+        if bool(((m >= 16) | ((m & 3) >= (m >> 2))).any()):
+            raise ValueError(f"{op}: meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4")

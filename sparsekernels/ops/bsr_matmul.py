@@ -31,7 +31,7 @@ def reference_bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm):
     b = values.shape[-1]
     lead, m = x.shape[:-1], x.shape[:-1].numel()
     nbr = crow.numel() - 1
-    xg = x.reshape(m, -1, b)[:, ccol.long()]                       # [M, nb, b]
+    xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()]         # [M, nb, b]
     contrib = torch.einsum("mnk,nok->mno", xg, values)             # block contributions
     y = x.new_zeros(m, nbr, b).index_add(1, _block_rows(crow), contrib)
     return y.reshape(*lead, nbr * b)
@@ -41,7 +41,7 @@ def reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
     b = values.shape[-1]
     lead, m = dy.shape[:-1], dy.shape[:-1].numel()
     nbc = t_crow.numel() - 1
-    dyg = dy.reshape(m, -1, b)[:, _block_rows(crow)]               # [M, nb, b]
+    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, _block_rows(crow)]  # [M, nb, b]
     contrib = torch.einsum("mno,nok->mnk", dyg, values)
     dx = dy.new_zeros(m, nbc, b).index_add(1, ccol.long(), contrib)
     return dx.reshape(*lead, nbc * b)
@@ -50,8 +50,8 @@ def reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
 def reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like):
     b = values_like.shape[-1]
     m = dy.shape[:-1].numel()
-    dyg = dy.reshape(m, -1, b)[:, _block_rows(crow)]
-    xg = x.reshape(m, -1, b)[:, ccol.long()]
+    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, _block_rows(crow)]
+    xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()]
     return torch.einsum("mno,mnk->nok", dyg, xg)
 
 
@@ -146,6 +146,11 @@ def _check_bsr(op: str, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tens
         raise ValueError(f"{op}: values must be [nb, b, b], got {tuple(values.shape)}")
     flat = values.new_empty(1).expand(values.shape[0])
     out_blocks, in_blocks = _checks.check_csr_pattern(op, flat, crow, ccol, t_crow, t_ccol, t_perm)
+    # No compiled BSR kernel checks indices, and a bad one would wrap or read out of bounds.
+    _checks.check_pattern_contents(op, crow, ccol, in_blocks, "crow", "ccol")
+    _checks.check_pattern_contents(op, t_crow, t_ccol, out_blocks, "t_crow", "t_ccol")
+    if values.shape[0] and (int(t_perm.min()) < 0 or int(t_perm.max()) >= values.shape[0]):
+        raise ValueError(f"{op}: t_perm entries must lie in [0, {values.shape[0]})")
     b = values.shape[-1]
     return out_blocks * b, in_blocks * b
 

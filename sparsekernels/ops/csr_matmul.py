@@ -47,6 +47,9 @@ def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_
     backend = backends.resolve("spmm", x.device, x.dtype, _density(values, row_ptr, t_row_ptr))
     if backend in _COMPILED:
         return _compiled("spmm")(x, values, row_ptr, col_idx)
+    # The compiled kernels check the pattern themselves; the others would wrap or read out
+    # of bounds on a corrupt one.
+    _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     if backend == "triton":
         return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
@@ -64,6 +67,7 @@ def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_r
     backend = backends.resolve("spmm_t", dy.device, dy.dtype, _density(values, row_ptr, t_row_ptr))
     if backend in _COMPILED:
         return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+    _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     if backend == "triton":
         return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
@@ -81,6 +85,7 @@ def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr
     backend = backends.resolve("sddmm", dy.device, dy.dtype, _density(col_idx, row_ptr, t_row_ptr))
     if backend in _COMPILED:
         return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+    _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     if backend == "triton":
         return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

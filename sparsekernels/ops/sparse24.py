@@ -79,6 +79,7 @@ def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, co
     backend = backends.resolve("sparse24_mm", x.device, x.dtype)
     if backend == "cpu":
         return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
+    _checks.check_meta("sparse24_mm", meta)  # the CPU kernel checks it itself
     if x.is_cuda and backend in ("cuda", "triton"):
         return _gpu_sparse24_mm(x, values, meta)
     return reference_sparse24_mm(x, values, meta)
@@ -121,6 +122,8 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
                                             t_col_idx, t_perm)
     if in_f != 4 * meta.shape[1]:
         raise ValueError(f"sparse24_mm: the transpose map has {in_f} columns, meta implies {4 * meta.shape[1]}")
+    if col_idx.shape[0] != values.numel() or row_ptr.shape[0] != values.shape[0] + 1:
+        raise ValueError("sparse24_mm: the CSR view must have one row per output and values.numel() entries")
     _checks.check_dense("sparse24_mm", "x", x, values, in_f)
     return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 

@@ -87,7 +87,7 @@ def _rows(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, perm: Tensor | 
 
     if perm is None:
         perm = torch.arange(values.shape[0], dtype=torch.int32, device=values.device)
-    _bsr_rows_kernel[grid](x2, y, values.contiguous(), perm, crow, ccol, m, nb_rows,
+    _bsr_rows_kernel[grid](x2, y, values.contiguous(), perm.contiguous(), crow.contiguous(), ccol.contiguous(), m, nb_rows,
                            x2.stride(0), y.stride(0), B=b, TRANS_W=trans_w,
                            PRECISION=_dot_precision(x.dtype))
     return y.reshape(*lead, n_out)
@@ -114,6 +114,6 @@ def bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like: Tensor):
     x2 = x.reshape(m, x.shape[-1]).contiguous()
     counts = (crow[1:] - crow[:-1]).long()
     brow = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), counts).to(torch.int32)
-    _bsr_sddmm_kernel[(nb,)](dy2, x2, out, brow, ccol, m, dy2.stride(0), x2.stride(0), B=b,
+    _bsr_sddmm_kernel[(nb,)](dy2, x2, out, brow, ccol.contiguous(), m, dy2.stride(0), x2.stride(0), B=b,
                              PRECISION=_dot_precision(dy.dtype))
     return out

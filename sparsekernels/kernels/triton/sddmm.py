@@ -55,5 +55,5 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     def grid(meta):
         return (triton.cdiv(nnz, meta["BLOCK_E"]),)
 
-    _sddmm_kernel[grid](dyt, xt, out, rows, col_idx, nnz, m, dyt.stride(0), xt.stride(0), ACC=acc_type(dy.dtype))
+    _sddmm_kernel[grid](dyt, xt, out, rows, col_idx.contiguous(), nnz, m, dyt.stride(0), xt.stride(0), ACC=acc_type(dy.dtype))
     return out

@@ -55,6 +55,9 @@ def _rows_mm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, perm: 
     if m == 0 or n == 0 or values.numel() == 0 or k == 0:
         return x.new_zeros((*lead, n))
     xt = x.reshape(m, k).t().contiguous()                      # [K, M]
+    # The kernel indexes these as flat arrays: strides other than 1 would be misread.
+    values, row_ptr, col_idx = values.contiguous(), row_ptr.contiguous(), col_idx.contiguous()
+    perm = perm.contiguous() if perm is not None else None
     yt = torch.empty((n, m), dtype=x.dtype, device=x.device)   # [N, M]
 
     def grid(meta):

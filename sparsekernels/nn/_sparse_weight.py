@@ -31,6 +31,20 @@ def resize_parameter(param: nn.Parameter, data: Tensor) -> None:
     param.grad = None
 
 
+def check_layer_input(owner: str, x: object, weight: Tensor, in_features: int | None = None) -> Tensor:
+    """A layer input's type, dtype and device against the layer's weight, and (for linear
+    layers) its last dimension: TypeError / ValueError naming the layer."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{owner}: input has dtype {x.dtype} but the layer's weights are {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{owner}: input is on {x.device} but the layer's weights are on {weight.device}")
+    if in_features is not None and (x.dim() < 1 or x.shape[-1] != in_features):
+        raise ValueError(f"{owner}: input must have shape [..., {in_features}], got {tuple(x.shape)}")
+    return x
+
+
 def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor | None) -> Tensor:
     """The positions ``from_dense`` keeps: ``mask`` if given (checked against the weight's
     shape), else the largest-magnitude weights at ``sparsity``, else the non-zeros."""
@@ -158,11 +172,4 @@ class SparseWeightMixin(nn.Module):
 
     def _check_input(self, x: object) -> Tensor:
         """Type, dtype and device of a layer input; the layer checks the shape."""
-        name = type(self).__name__
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != self.values.dtype:
-            raise TypeError(f"{name}: input has dtype {x.dtype} but the layer's weights are {self.values.dtype}")
-        if x.device != self.values.device:
-            raise ValueError(f"{name}: input is on {x.device} but the layer's weights are on {self.values.device}")
-        return x
+        return check_layer_input(type(self).__name__, x, self.values)

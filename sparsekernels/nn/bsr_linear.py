@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import bsr_mm
-from ._sparse_weight import resize_parameter
+from ._sparse_weight import check_layer_input, resize_parameter
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
 
@@ -113,14 +113,7 @@ class BSRLinear(nn.Module):
         return 1.0 - self.nnz / total if total else 0.0
 
     def forward(self, input: Tensor) -> Tensor:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"BSRLinear: input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dtype != self.values.dtype:
-            raise TypeError(f"BSRLinear: input has dtype {input.dtype} but the weights are {self.values.dtype}")
-        if input.device != self.values.device:
-            raise ValueError(f"BSRLinear: input is on {input.device} but the weights are on {self.values.device}")
-        if input.dim() < 1 or input.shape[-1] != self.in_features:
-            raise ValueError(f"BSRLinear: input must have shape [..., {self.in_features}], got {tuple(input.shape)}")
+        check_layer_input("BSRLinear", input, self.values, self.in_features)
         y = bsr_mm(input, self.values, self.crow, self.ccol, self.t_crow, self.t_ccol, self.t_perm)
         return y + self.bias if self.bias is not None else y
 

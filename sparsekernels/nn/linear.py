@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats import CSR, check_sparsity, random_mask
-from ._sparse_weight import SparseWeightMixin, kept_mask
+from ._sparse_weight import SparseWeightMixin, check_layer_input, kept_mask
 
 
 class SparseLinear(SparseWeightMixin):
@@ -97,9 +97,7 @@ class SparseLinear(SparseWeightMixin):
         return self.csr().mask()
 
     def forward(self, input: Tensor) -> Tensor:
-        x = self._check_input(input)
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"SparseLinear: input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        x = check_layer_input("SparseLinear", input, self.values, self.in_features)
         y = self._matmul(x)
         return y + self.bias if self.bias is not None else y
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..formats import CSR, Sparse24, compress_24
 from ..formats.sparse24 import check_24_shape
 from ..ops import sparse24_mm, srste_linear
+from ._sparse_weight import check_layer_input
 
 MODES = ("fixed", "srste")
 
@@ -137,15 +138,8 @@ class Sparse24Linear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
-        param = self.values if self.mode == "fixed" else self.weight
-        if not isinstance(input, Tensor):
-            raise TypeError(f"Sparse24Linear: input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dtype != param.dtype:
-            raise TypeError(f"Sparse24Linear: input has dtype {input.dtype} but the weights are {param.dtype}")
-        if input.device != param.device:
-            raise ValueError(f"Sparse24Linear: input is on {input.device} but the weights are on {param.device}")
-        if input.dim() < 1 or input.shape[-1] != self.in_features:
-            raise ValueError(f"Sparse24Linear: input must have shape [..., {self.in_features}], got {tuple(input.shape)}")
+        check_layer_input("Sparse24Linear", input, self.values if self.mode == "fixed" else self.weight,
+                          self.in_features)
         pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
         if self.mode == "fixed":
             y = sparse24_mm(input, self.values, self.meta, *pattern)

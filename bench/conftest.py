@@ -19,8 +19,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("speed-up vs dense (ratio of medians)")
     for group, stats in sorted(groups.items()):
         parts = []
-        for kind in ("fwd", "step"):
+        for kind in ("fwd", "step", "fwd_24"):
             dense, ours = stats.get(f"dense_{kind}"), stats.get(f"ours_{kind}")
             if dense and ours:
                 parts.append(f"{kind} {dense / ours:.2f}x")
+        if stats.get("dense_grad_topk") and stats.get("ours_topk_grow"):
+            parts.append(f"topk_grow {stats['dense_grad_topk'] / stats['ours_topk_grow']:.2f}x")
         terminalreporter.write_line(f"{group}: " + ", ".join(parts))

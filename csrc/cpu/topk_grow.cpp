@@ -38,6 +38,23 @@ std::pair<at::Tensor, at::Tensor> tile_best(const at::Tensor& g, int64_t take) {
   return {flat, g.index_select(0, flat)};
 }
 
+// The best `k` of a candidate pool (scores, flat positions) under the same rule: all
+// above the cut-off value, then the tied ones of lowest position. O(pool), no sort of
+// the pool (a full ordering per tile made the op 7x slower than dense + topk at k = 30% nnz).
+std::pair<at::Tensor, at::Tensor> cut_best(const at::Tensor& scores, const at::Tensor& flat, int64_t k) {
+  if (scores.numel() <= k) return {flat, scores};
+  auto [top, idx] = at::topk(scores, k, 0, /*largest=*/true, /*sorted=*/false);
+  const at::Tensor cut = top.min();
+  const at::Tensor above = scores > cut;
+  const at::Tensor tied_flat = flat.masked_select(scores == cut);
+  const at::Tensor tied_sorted = std::get<0>(at::sort(tied_flat));
+  const int64_t n_above = above.sum().item<int64_t>();
+  const at::Tensor keep_flat = at::cat({flat.masked_select(above), tied_sorted.narrow(0, 0, k - n_above)});
+  const at::Tensor keep_scores =
+      at::cat({scores.masked_select(above), at::full({k - n_above}, cut.item<double>(), scores.options())});
+  return {keep_flat, keep_scores};
+}
+
 // Device-generic body (ATen ops only: a cuBLAS / MKL GEMM per tile, torch's topk), so
 // the same code serves the CPU and, in a CUDA build, the GPU. Inputs are checked.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor& dy, const at::Tensor& x,
@@ -59,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
   const int64_t* rp = rp_host.data_ptr<int64_t>();
   const at::Tensor ci = col_idx.contiguous();
   const int64_t rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(n, tile_elems / std::max<int64_t>(kk, 1)));
+  at::Tensor threshold;  // the pool's k-th best score once the pool holds k candidates
 
   for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
     const int64_t o1 = std::min(n, o0 + rows_per_tile), rows = o1 - o0;
@@ -81,20 +99,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
                                                      std::nullopt, e1 - e0);
       g.view({-1}).index_fill_(0, local.mul_(kk).add_(ci.narrow(0, e0, e1 - e0).to(at::kLong)), -1.0);
     }
-    const int64_t take = std::min<int64_t>(k, rows * kk);
-    auto [tile_flat, tile_scores] = tile_best(g.view({-1}), take);
-    tile_flat.add_(o0 * kk);
-    if (best_scores.numel() == 0) {
-      best_scores = tile_scores;
-      best_flat = tile_flat;
+    // Candidates of this tile: its best k while the pool is not full yet; afterwards only
+    // entries >= the pool's k-th score (ties kept, resolved by position at the cut), which
+    // is a small fraction of the tile.
+    at::Tensor tile_flat, tile_scores;
+    const at::Tensor gflat = g.view({-1});
+    if (!threshold.defined()) {
+      std::tie(tile_flat, tile_scores) = tile_best(gflat, std::min<int64_t>(k, rows * kk));
     } else {
-      const at::Tensor scores = at::cat({best_scores, tile_scores}), flat = at::cat({best_flat, tile_flat});
-      at::Tensor order = by_score_then_position(scores, flat);
-      order = order.narrow(0, 0, std::min<int64_t>(k, order.numel()));
-      best_scores = scores.index_select(0, order);
-      best_flat = flat.index_select(0, order);
+      tile_flat = at::nonzero(gflat >= threshold).view({-1});
+      tile_scores = gflat.index_select(0, tile_flat);
+    }
+    tile_flat.add_(o0 * kk);
+    best_scores = best_scores.numel() ? at::cat({best_scores, tile_scores}) : tile_scores;
+    best_flat = best_flat.numel() ? at::cat({best_flat, tile_flat}) : tile_flat;
+    if (best_scores.numel() >= 2 * k || (!threshold.defined() && best_scores.numel() >= k)) {
+      std::tie(best_flat, best_scores) = cut_best(best_scores, best_flat, k);
+      if (best_scores.numel() == k) threshold = best_scores.min();
     }
   }
+  std::tie(best_flat, best_scores) = cut_best(best_scores, best_flat, k);
   const at::Tensor order = by_score_then_position(best_scores, best_flat);
   best_flat = best_flat.index_select(0, order);
   best_scores = best_scores.index_select(0, order);

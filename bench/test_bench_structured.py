@@ -1,0 +1,60 @@
+"""2:4 forward and fused regrowth on the CPU (pytest-benchmark; `make bench-pytest`).
+
+Groups pair each of our ops with the dense baseline, so the table shows them side by side
+and bench/conftest.py prints the ratios."""
+
+import pytest
+import torch
+
+import sparsekernels as sk
+from sparsekernels.formats import CSR, random_mask
+from sparsekernels.ops import topk_grow
+
+SHAPES = [(256, 4096, 4096), (2048, 768, 3072)]
+
+
+@pytest.fixture(scope="module", params=SHAPES, ids=lambda s: f"B{s[0]}-{s[1]}x{s[2]}")
+def case24(request):
+    b, i, o = request.param
+    torch.manual_seed(0)
+    layer = sk.nn.Sparse24Linear(i, o, bias=False)
+    return {"group": f"2:4 B{b}-{i}x{o}", "layer": layer, "w": layer.dense_weight(), "x": torch.randn(b, i)}
+
+
+def test_dense_fwd_24(benchmark, case24):
+    benchmark.group = case24["group"]
+    with torch.no_grad():
+        benchmark(lambda: case24["x"] @ case24["w"].t())
+
+
+def test_ours_fwd_24(benchmark, case24):
+    benchmark.group = case24["group"]
+    with torch.no_grad():
+        benchmark(lambda: case24["layer"](case24["x"]))
+
+
+@pytest.fixture(scope="module")
+def regrowth():
+    torch.manual_seed(0)
+    out_f, in_f, batch = 4096, 4096, 256
+    mask = random_mask((out_f, in_f), 0.9)
+    csr = CSR.from_dense(torch.randn(out_f, in_f), mask)
+    return {"csr": csr, "mask": mask, "dy": torch.randn(batch, out_f), "x": torch.randn(batch, in_f),
+            "k": int(0.3 * csr.nnz)}
+
+
+def test_dense_grad_topk(benchmark, regrowth):
+    benchmark.group = "regrowth 4096x4096 @ 90%"
+
+    def run():
+        g = (regrowth["dy"].t() @ regrowth["x"]).abs_()
+        g[regrowth["mask"]] = -1
+        return torch.topk(g.view(-1), regrowth["k"])
+
+    benchmark(run)
+
+
+def test_ours_topk_grow(benchmark, regrowth):
+    benchmark.group = "regrowth 4096x4096 @ 90%"
+    c = regrowth["csr"]
+    benchmark(lambda: topk_grow(regrowth["dy"], regrowth["x"], c.row_ptr, c.col_idx, regrowth["k"]))

@@ -25,6 +25,14 @@ def csr_rows(row_ptr: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
 
 
+def meta_columns(meta: Tensor) -> Tensor:
+    """Column (int64) of every stored value of a 2:4 matrix, [out, in/2], from its metadata
+    ``meta [out, in/4]`` (uint8, kept positions i0 | i1 << 2 of each group of 4)."""
+    m = meta.long()
+    base = torch.arange(meta.shape[1], device=meta.device) * 4
+    return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(meta.shape[0], -1)
+
+
 def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
     """Dense ``[rows, n_cols]`` matrix of a CSR matrix (differentiable in ``values``)."""
     n_rows = row_ptr.numel() - 1

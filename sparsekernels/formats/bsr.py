@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..reference import csr_rows
 from .csr import build_transpose, row_ptr_from_rows
 
 BLOCK_SIZES = (16, 32, 64)
@@ -82,7 +83,7 @@ class BSR:
     def block_mask(self) -> Tensor:
         b = self.block_size
         m = torch.zeros(self.shape[0] // b, self.shape[1] // b, dtype=torch.bool, device=self.values.device)
-        rows = torch.repeat_interleave(torch.arange(m.shape[0], device=m.device), (self.crow[1:] - self.crow[:-1]).long())
+        rows = csr_rows(self.crow)
         m[rows, self.ccol.long()] = True
         return m
 
@@ -95,6 +96,6 @@ class BSR:
         b = self.block_size
         nbr, nbc = self.shape[0] // b, self.shape[1] // b
         dense = self.values.new_zeros(nbr, nbc, b, b)
-        rows = torch.repeat_interleave(torch.arange(nbr, device=dense.device), (self.crow[1:] - self.crow[:-1]).long())
+        rows = csr_rows(self.crow)
         dense[rows, self.ccol.long()] = self.values.detach()
         return dense.transpose(1, 2).reshape(self.shape)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..reference import meta_columns
+
 # The 6 ways to keep 2 of 4: (i0, i1) with i0 < i1.
 PAIRS = list(itertools.combinations(range(4), 2))
 
@@ -100,9 +102,7 @@ class Sparse24:
 
     def columns(self) -> Tensor:
         """Column index (int64) of every stored value, [out, in/2]."""
-        m = self.meta.long()
-        base = torch.arange(self.meta.shape[1], device=m.device) * 4
-        return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(self.values.shape)
+        return meta_columns(self.meta)
 
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros(self.shape)

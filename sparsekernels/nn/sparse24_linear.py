@@ -20,16 +20,11 @@ from torch import Tensor, nn
 from ..formats import CSR, Sparse24, compress_24
 from ..formats.sparse24 import check_24_shape
 from ..ops import sparse24_mm, srste_linear
+from ..reference import meta_columns
 from ._sparse_weight import check_layer_input
 
 MODES = ("fixed", "srste")
 
-
-def _meta_columns(meta: Tensor) -> Tensor:
-    """Column of every stored value, [out, in/2], from 2:4 metadata."""
-    m = meta.long()
-    base = torch.arange(meta.shape[1], device=meta.device) * 4
-    return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(meta.shape[0], -1)
 _BUFFERS = ("meta", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 
 
@@ -106,7 +101,7 @@ class Sparse24Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The mask is derived from meta (not saved twice): rebuild it from the loaded meta.
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.meta.device)
-        self.stored_mask = mask.scatter(1, _meta_columns(self.meta), True)
+        self.stored_mask = mask.scatter(1, meta_columns(self.meta), True)
 
     # ------------------------------------------------------------------ views
     def mask(self) -> Tensor:

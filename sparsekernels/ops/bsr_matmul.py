@@ -19,21 +19,18 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..reference import csr_rows
 from . import _checks
 
 
 # --------------------------------------------------------------------------- reference
-def _block_rows(crow: Tensor) -> Tensor:
-    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), (crow[1:] - crow[:-1]).long())
-
-
 def reference_bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm):
     b = values.shape[-1]
     lead, m = x.shape[:-1], x.shape[:-1].numel()
     nbr = crow.numel() - 1
     xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()]         # [M, nb, b]
     contrib = torch.einsum("mnk,nok->mno", xg, values)             # block contributions
-    y = x.new_zeros(m, nbr, b).index_add(1, _block_rows(crow), contrib)
+    y = x.new_zeros(m, nbr, b).index_add(1, csr_rows(crow), contrib)
     return y.reshape(*lead, nbr * b)
 
 
@@ -41,7 +38,7 @@ def reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
     b = values.shape[-1]
     lead, m = dy.shape[:-1], dy.shape[:-1].numel()
     nbc = t_crow.numel() - 1
-    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, _block_rows(crow)]  # [M, nb, b]
+    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, csr_rows(crow)]  # [M, nb, b]
     contrib = torch.einsum("mno,nok->mnk", dyg, values)
     dx = dy.new_zeros(m, nbc, b).index_add(1, ccol.long(), contrib)
     return dx.reshape(*lead, nbc * b)
@@ -50,7 +47,7 @@ def reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
 def reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like):
     b = values_like.shape[-1]
     m = dy.shape[:-1].numel()
-    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, _block_rows(crow)]
+    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, csr_rows(crow)]
     xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()]
     return torch.einsum("mno,mnk->nok", dyg, xg)
 

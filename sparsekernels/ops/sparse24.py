@@ -19,19 +19,18 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..reference import meta_columns
 from . import _checks
 from .csr_matmul import _sddmm_op, _spmm_t_op
 
 
-def _columns(meta: Tensor) -> Tensor:
-    m = meta.long()
-    base = torch.arange(meta.shape[1], device=meta.device) * 4
-    return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(meta.shape[0], -1)
+def _dense_24(values: Tensor, meta: Tensor) -> Tensor:
+    """The 2:4 weight [N, K] as a dense tensor (differentiable in values)."""
+    return values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, meta_columns(meta), values)
 
 
 def reference_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
-    dense = values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, _columns(meta), values)
-    return x @ dense.t()
+    return x @ _dense_24(values, meta).t()
 
 
 # GPU policy (UNVERIFIED until bench/gpu_check.sh runs): 2:4 GEMMs on sparse tensor cores
@@ -59,7 +58,7 @@ def gpu_plan(m: int, n: int, k: int, dtype: torch.dtype) -> str:
 
 
 def _gpu_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
-    dense = values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, _columns(meta), values)
+    dense = _dense_24(values, meta)
     x2 = x.reshape(-1, x.shape[-1])
     plan = gpu_plan(x2.shape[0], dense.shape[0], dense.shape[1], x.dtype)
     if plan != "semi_structured":
@@ -134,7 +133,7 @@ class _SRSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, mask, lam):
-        values = weight.gather(1, _columns(meta))
+        values = weight.gather(1, meta_columns(meta))
         ctx.save_for_backward(x, weight, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, mask)
         ctx.lam = lam
         return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

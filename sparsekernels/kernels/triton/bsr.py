@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...reference import csr_rows
 from ._config import configs
 
 
@@ -112,8 +113,7 @@ def bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like: Tensor):
         return out
     dy2 = dy.reshape(m, dy.shape[-1]).contiguous()
     x2 = x.reshape(m, x.shape[-1]).contiguous()
-    counts = (crow[1:] - crow[:-1]).long()
-    brow = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), counts).to(torch.int32)
+    brow = csr_rows(crow).to(torch.int32)
     _bsr_sddmm_kernel[(nb,)](dy2, x2, out, brow, ccol.contiguous(), m, dy2.stride(0), x2.stride(0), B=b,
                              PRECISION=_dot_precision(dy.dtype))
     return out

@@ -45,6 +45,19 @@ def check_layer_input(owner: str, x: object, weight: Tensor, in_features: int | 
     return x
 
 
+def dense_linear(weight: Tensor, bias: Tensor | None, training: bool) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` [out, in] and ``bias`` (the ``to_dense``
+    of every sparse linear layer)."""
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    dense.train(training)
+    return dense
+
+
 def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor | None) -> Tensor:
     """The positions ``from_dense`` keeps: ``mask`` if given (checked against the weight's
     shape), else the largest-magnitude weights at ``sparsity``, else the non-zeros."""

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import bsr_mm
-from ._sparse_weight import check_layer_input, resize_parameter
+from ._sparse_weight import check_layer_input, dense_linear, resize_parameter
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
 
@@ -89,13 +89,8 @@ class BSRLinear(nn.Module):
                    (self.out_features, self.in_features), self.block_size)
 
     def to_dense(self) -> nn.Linear:
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.bsr().to_dense())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        """An ``nn.Linear`` with this layer's weights and zeros in the pruned blocks."""
+        return dense_linear(self.bsr().to_dense(), self.bias, self.training)
 
     def mask(self) -> Tensor:
         return self.bsr().mask()

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats import CSR, check_sparsity, random_mask
-from ._sparse_weight import SparseWeightMixin, check_layer_input, kept_mask
+from ._sparse_weight import SparseWeightMixin, check_layer_input, dense_linear, kept_mask
 
 
 class SparseLinear(SparseWeightMixin):
@@ -83,14 +83,7 @@ class SparseLinear(SparseWeightMixin):
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with this layer's weights and zeros where pruned."""
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.csr().to_dense())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        dense.train(self.training)
-        return dense
+        return dense_linear(self.csr().to_dense(), self.bias, self.training)
 
     def mask(self) -> Tensor:
         """Boolean [out_features, in_features] pattern."""

@@ -21,7 +21,7 @@ from ..formats import CSR, Sparse24, compress_24
 from ..formats.sparse24 import check_24_shape
 from ..ops import sparse24_mm, srste_linear
 from ..reference import meta_columns
-from ._sparse_weight import check_layer_input
+from ._sparse_weight import check_layer_input, dense_linear
 
 MODES = ("fixed", "srste")
 
@@ -115,13 +115,8 @@ class Sparse24Linear(nn.Module):
         return self.weight.detach() * self.stored_mask
 
     def to_dense(self) -> nn.Linear:
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.meta.device, dtype=self.dense_weight().dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        """An ``nn.Linear`` with the effective (2:4-pruned) weight."""
+        return dense_linear(self.dense_weight(), self.bias, self.training)
 
     @property
     def nnz(self) -> int:

@@ -21,11 +21,15 @@ bool built_with_cuda_op() {
 
 TORCH_LIBRARY(sparsekernels_C, m) {
   // y[..., N] = x[..., K] W^T for W = CSR(values, row_ptr, col_idx) of shape [N, K].
-  m.def("spmm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // row_order (GPU only, ignored on the CPU): int32 permutation of the rows, the order in
+  // which the kernel takes them (longest first, for load balance). On the GPU col_idx may
+  // also be int16 (fewer index bytes); the CPU kernels take int32.
+  m.def("spmm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? row_order=None) -> Tensor");
   // dx[..., K] = dy[..., N] W through W^T's CSR (t_row_ptr, t_col_idx, t_perm).
-  m.def("spmm_t(Tensor dy, Tensor values, Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
+  m.def("spmm_t(Tensor dy, Tensor values, Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm, "
+        "Tensor? row_order=None) -> Tensor");
   // dvalues[nnz] = (dy^T x) sampled at W's pattern.
-  m.def("sddmm(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  m.def("sddmm(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor? row_order=None) -> Tensor");
   // The k inactive positions of W [N, K] (pattern row_ptr/col_idx) with the largest
   // |dy^T x|, computed tile by tile (tile_elems gradient entries at a time), never dense.
   // Returns (rows int64 [k], cols int64 [k], scores [k]), highest score first.

@@ -1,17 +1,25 @@
 """Backend choice for every op: by device and dtype, overridable.
 
 Backends: ``"cpu"`` (compiled C++ kernels), ``"cuda"`` (compiled CUDA kernels),
-``"triton"`` and ``"reference"`` (plain PyTorch, ``sparsekernels.reference``).
-``"auto"`` picks the fastest one available for the tensors at hand.
+``"triton"`` and ``"reference"`` (plain PyTorch, ``sparsekernels.reference``: a dense
+matmul of the densified weight). ``"auto"`` picks the fastest one available for the
+tensors at hand: for products big enough that the choice matters (``MEASURE_MIN_FLOPS``)
+:func:`dispatch` times every available backend on the first call of each (op, device,
+dtype, shape, density) class, checks its output against the reference, and keeps the
+fastest; smaller products follow a fixed order (:func:`resolve`).
 Override with :func:`set_backend` / :func:`use_backend` or the environment variable
-``SPARSEKERNELS_BACKEND``.
+``SPARSEKERNELS_BACKEND``; ``SPARSEKERNELS_MEASURE=0`` turns measuring off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -109,3 +117,145 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, density: float | 
         f"{choices}; 'triton' on the CPU needs TRITON_INTERPRET=1, 'cuda' an extension built with CUDA); "
         "unset it with sparsekernels.set_backend(None)"
     )
+
+
+# --------------------------------------------------------------------------- measured choice
+MEASURE_ENV_VAR = "SPARSEKERNELS_MEASURE"
+# Products below this many (dense-equivalent) FLOPs follow the fixed order of resolve():
+# they take well under a millisecond, so timing them would cost more than a wrong choice.
+MEASURE_MIN_FLOPS = float(1 << 27)
+MEASURE_REPS = 3
+# Relative Frobenius distance to the reference above which a backend's output is rejected
+# (loose: it catches broken kernels, not rounding; TF32 alone gives ~1e-3 in fp32).
+_AGREE_TOL = {torch.float64: 1e-8, torch.float32: 5e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+_measured: dict[tuple, dict] = {}
+T = TypeVar("T")
+
+
+def measuring_enabled() -> bool:
+    return os.environ.get(MEASURE_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def measured() -> list[dict]:
+    """The choices made by measurement so far, one dict per problem class: ``op``,
+    ``device``, ``dtype``, ``key`` (shape / density class), ``choice``, ``times_ms``
+    (best of ``MEASURE_REPS`` per backend) and ``rejected`` (backend -> why)."""
+    return [dict(entry) for entry in _measured.values()]
+
+
+def measured_choice(op: str, device: torch.device, dtype: torch.dtype, key: tuple) -> str | None:
+    """The backend measurement chose for ``op`` on this problem class, or None (not measured)."""
+    entry = _measured.get((op, str(device), str(dtype).replace("torch.", ""), *key))
+    return None if entry is None else entry["choice"]
+
+
+def clear_measurements() -> None:
+    """Forgets every measured choice (the next call of each class measures again)."""
+    _measured.clear()
+
+
+def shape_class(m: int, *dims: int, density: float | None = None) -> tuple:
+    """The key under which a measured choice is reused: the batch rounded up to a power of
+    two (batches differ a little between steps), the other dimensions exact, the density
+    to 0.05 (it drifts under gradual pruning)."""
+    bucket = 1 << max(0, math.ceil(math.log2(max(m, 1))))
+    return (bucket, *dims, None if density is None else round(round(density / 0.05) * 0.05, 2))
+
+
+def auto_candidates(device_type: str) -> list[str]:
+    """The backends "auto" may choose on ``device_type`` (never the Triton interpreter)."""
+    return [c for c in available(device_type) if not (c == "triton" and device_type == "cpu")]
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _distance(got, want) -> float | None:
+    """Relative Frobenius distance of two outputs (tensors or tuples of tensors); None when
+    the reference itself is not finite (nothing to compare against)."""
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    worst = 0.0
+    for g, w in zip(got, want):
+        if not w.dtype.is_floating_point:
+            if not torch.equal(g, w):
+                return math.inf
+            continue
+        w64, g64 = w.double(), g.double()
+        if not bool(torch.isfinite(w64).all()):
+            return None
+        if g64.shape != w64.shape:
+            return math.inf
+        worst = max(worst, float((g64 - w64).norm() / w64.norm().clamp_min(1e-30)))
+    return worst
+
+
+def dispatch(op: str, device: torch.device, dtype: torch.dtype, run: Callable[[str], T], *,
+             density: float | None = None, flops: float = 0.0, key: tuple = (),
+             candidates: Sequence[str] | None = None) -> T:
+    """Runs ``run(backend)`` on the backend that should run ``op``, and returns its result.
+
+    Explicit requests (:func:`set_backend`, the environment variable) are obeyed; under
+    ``"auto"``, problems of at least ``MEASURE_MIN_FLOPS`` are measured once per ``key``
+    (see :func:`shape_class`): every candidate backend runs, is compared with the
+    reference's output, is timed, and the fastest correct one is kept for later calls.
+    Measuring is skipped while a CUDA graph is being captured (no syncs are allowed then).
+    """
+    static = resolve(op, device, dtype, density)
+    cands = list(candidates) if candidates is not None else auto_candidates(device.type)
+    if (get_backend() != "auto" or flops < MEASURE_MIN_FLOPS or len(cands) < 2 or not measuring_enabled()
+            or _capturing(device)):
+        return run(static)
+    full_key = (op, str(device), str(dtype).replace("torch.", ""), *key)
+    entry = _measured.get(full_key)
+    if entry is not None:
+        return run(entry["choice"])
+    return _measure(op, full_key, cands, run, device, dtype)
+
+
+def _measure(op: str, full_key: tuple, cands: list[str], run: Callable[[str], T], device: torch.device,
+             dtype: torch.dtype) -> T:
+    # The reference runs first: it is the ground truth every other backend is checked against.
+    order = sorted(cands, key=lambda c: c != "reference")
+    times: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    want = None
+    best_out, best = None, None
+    for name in order:
+        try:
+            out = run(name)  # warm-up (Triton compiles here) and the output to check
+            _sync(device)
+        except Exception as exc:  # a backend that cannot run this case is skipped, not fatal
+            rejected[name] = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        if name == "reference":
+            want = out
+        elif want is not None:
+            dist = _distance(out, want)
+            if dist is not None and not dist <= _AGREE_TOL.get(dtype, 3e-2):
+                rejected[name] = f"output differs from the reference (relative error {dist:.2e})"
+                continue
+        elapsed = math.inf
+        for _ in range(MEASURE_REPS):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = run(name)
+            _sync(device)
+            elapsed = min(elapsed, time.perf_counter() - t0)
+        times[name] = elapsed * 1e3
+        if best is None or elapsed * 1e3 < times[best]:
+            best, best_out = name, out
+    for name, why in rejected.items():
+        warnings.warn(f"{op}: backend {name!r} rejected for {full_key[1:]}: {why}", RuntimeWarning, stacklevel=3)
+    if best is None:
+        raise RuntimeError(f"{op}: no backend could run {full_key[1:]}: {rejected}")
+    _measured[full_key] = {"op": op, "device": full_key[1], "dtype": full_key[2], "key": full_key[3:],
+                           "choice": best, "times_ms": times, "rejected": rejected}
+    return best_out

@@ -30,11 +30,17 @@ def collect() -> dict:
     }
     from .ops.sparse24 import GPU_MIN_ROWS
 
-    info["cpu_dense_from_density"] = (f"auto runs CSR products as a dense matmul at density >= "
-                                      f"{backends.CPU_DENSE_FROM_DENSITY} (measured crossover)")
-
-    info["sparse24_gpu_policy"] = (f"2:4 GEMM through torch semi-structured tensors for fp16/bf16 with >= "
-                                   f"{GPU_MIN_ROWS} rows; dense cuBLAS otherwise (unverified on a GPU)")
+    measuring = "on" if backends.measuring_enabled() else f"off ({backends.MEASURE_ENV_VAR}=0)"
+    info["dispatch_policy"] = (
+        f"auto: products of >= {backends.MEASURE_MIN_FLOPS:.0f} dense-equivalent FLOPs are measured once per "
+        f"(op, device, dtype, batch bucket, shape, density) on every available backend, checked against the "
+        f"reference, and the fastest kept [measuring {measuring}]; smaller ones take the first available "
+        f"backend (CPU: dense matmul at density >= {backends.CPU_DENSE_FROM_DENSITY})")
+    info["measured"] = backends.measured()
+    info["sparse24_gpu_policy"] = (f"2:4 GEMM (bias fused) through torch semi-structured tensors for fp16/bf16 "
+                                   f"with >= {GPU_MIN_ROWS} rows, measured against dense cuBLAS per shape; "
+                                   "dense otherwise, with a warning once per reason (unverified on a GPU); no "
+                                   "fused activation (torch's 2:4 GEMMs take none)")
     try:
         import triton  # noqa: F401
 

@@ -15,7 +15,11 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
-SHAPES = [(1, 7, 5), (16, 4096, 4096), (97, 1025, 259), (300, 64, 1000)]  # (batch, in, out)
+# (batch, in, out): batch <= 16 runs the small-batch CUDA kernel (5: a partial tile of 8),
+# above it the strip kernel (17: one lane busy; 97: strips not 16-byte aligned, scalar
+# loads; 256 and 300: vector loads); in = 40000 keeps int32 column indices (int16 below).
+SHAPES = [(1, 7, 5), (5, 40000, 33), (16, 4096, 4096), (17, 96, 130), (97, 1025, 259), (256, 520, 264),
+          (300, 64, 1000)]
 
 
 def _poison():
@@ -139,6 +143,34 @@ def test_gpu_sparse24_linear_matches_dense(dtype, m):
 
 
 @pytest.mark.parametrize("transposable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_sparse24_training_step_matches_dense(transposable, dtype, monkeypatch):
+    """Fixed-mask 2:4 layer at a size where the semi-structured path runs (and, with a
+    transposable mask, the input gradient on W^T too): y, dx, dvalues, dbias vs float64."""
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
+    backends.clear_measurements()
+    torch.manual_seed(1)
+    layer = sk.nn.Sparse24Linear(512, 256, device="cuda", dtype=dtype, transposable=transposable)
+    x = torch.randn(512, 512, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(512, 256, device="cuda", dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _poison()
+        y = layer(x)
+        y.backward(dy)
+    w, xd, dyd = layer.dense_weight().double(), x.detach().double(), dy.double()
+    tol = {torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+    assert _rel(y, xd @ w.t() + layer.bias.double()) < tol
+    assert _rel(x.grad, dyd @ w) < tol
+    kept = layer.mask()
+    assert _rel(layer.values.grad.reshape(-1), (dyd.t() @ xd)[kept]) < tol
+    assert _rel(layer.bias.grad, dyd.sum(0)) < tol
+    assert all(e["rejected"] == {} for e in backends.measured()), backends.measured()
+
+
+@pytest.mark.parametrize("transposable", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_sparse24_compress_matches_cpu(transposable, dtype):
     if not sk._extension.compiled_with_cuda():
@@ -149,3 +181,32 @@ def test_gpu_sparse24_compress_matches_cpu(transposable, dtype):
     want = torch.ops.sparsekernels_C.sparse24_compress(w, transposable)
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
+
+
+def test_gpu_launch_plan_narrows_indices_and_orders_rows():
+    from sparsekernels.ops._launch_plan import launch_plan
+
+    mask = torch.rand(300, 1000, device="cuda") < 0.1
+    mask[7] = True                                      # the longest row comes first
+    csr = sk.CSR.from_dense(torch.randn(300, 1000, device="cuda") * mask, mask)
+    order, cols = launch_plan(csr.row_ptr, csr.col_idx, 1000)
+    assert cols.dtype == torch.int16 and torch.equal(cols.int(), csr.col_idx)
+    assert order.dtype == torch.int32 and int(order[0]) == 7
+    assert launch_plan(csr.row_ptr, csr.col_idx, 1000)[0] is order           # cached
+    assert launch_plan(csr.row_ptr, csr.col_idx, 40000)[1].dtype == torch.int32
+
+
+def test_gpu_measured_dispatch_accepts_every_backend(monkeypatch):
+    """auto measures every GPU backend against the reference on a big enough product: a
+    backend rejected for a wrong output means a broken kernel."""
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
+    backends.clear_measurements()
+    mask = torch.rand(1024, 1024, device="cuda") < 0.1
+    csr = sk.CSR.from_dense(torch.randn(1024, 1024, device="cuda") * mask, mask)
+    x = torch.randn(512, 1024, device="cuda")
+    with sk.use_backend("auto"):
+        y = sk.ops.spmm(x, csr.values, *csr.pattern())
+    assert _rel(y, x.double() @ csr.to_dense().double().t()) < TOL[torch.float32]
+    (entry,) = [e for e in backends.measured() if e["op"] == "spmm"]
+    assert entry["rejected"] == {}, entry
+    assert set(entry["times_ms"]) == set(backends.auto_candidates("cuda"))

@@ -198,3 +198,37 @@ def test_gpu_plan_picks_dense_where_2_4_loses():
     assert gpu_plan(GPU_MIN_ROWS - 1, 4096, 4096, torch.float16).startswith("dense")
     assert "fp16 / bf16" in gpu_plan(4096, 4096, 4096, torch.float32)
     assert "tile" in gpu_plan(4096, 100, 4096, torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("transposable", [False, True])
+def test_sparse24_mm_fused_bias_and_gradients(backend, transposable, seed):
+    if backend == "cpu" and not sk._extension.compiled():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    layer = sk.nn.Sparse24Linear.from_dense(_linear_from(w), transposable=transposable)
+    pattern = (layer.meta, layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    v = layer.values.detach().clone().requires_grad_(True)
+    b = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True)
+    with sk.use_backend(backend):
+        y = sk.ops.sparse24_mm(x, v, *pattern, b, transposable=transposable)
+        dense = layer.dense_weight()
+        assert_close_rel(y, x.detach() @ dense.t() + b.detach(), 1e-12, "sparse24_mm + bias")
+        fn = lambda x, v, b: sk.ops.sparse24_mm(x, v, *pattern, b, transposable=transposable)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, v, b))
+        torch.library.opcheck(torch.ops.sparsekernels.sparse24_mm, (x, v, *pattern, b, transposable))
+
+
+def test_sparse24_mm_rejects_bad_bias():
+    w = torch.randn(8, 8)
+    layer = _sparse24_args(w)
+    pattern = (layer.meta, layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    v = layer.values.detach()
+    with pytest.raises(ValueError, match="bias"):
+        sk.ops.sparse24_mm(torch.randn(2, 8), v, *pattern, torch.randn(7))
+    with pytest.raises(TypeError, match="bias"):
+        sk.ops.sparse24_mm(torch.randn(2, 8), v, *pattern, torch.randn(8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="transposable"):
+        sk.ops.sparse24_mm(torch.randn(2, 8), v, *pattern, transposable=1)

@@ -121,7 +121,7 @@ void sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
 // dvalues[nnz] for W = CSR (row_ptr [N+1], col_idx [nnz]) of shape [N, K];
 // dy [..., N], x [..., K] with the same leading dimensions. Returns dy's dtype.
 at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
-                     const at::Tensor& col_idx) {
+                     const at::Tensor& col_idx, const std::optional<at::Tensor>& /*row_order: GPU only*/) {
   TORCH_CHECK_TYPE(at::isFloatingType(dy.scalar_type()),
                    "sddmm: dy must be a floating dtype, got ", dy.scalar_type());
   TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "sddmm: dy and x must have at least 1 dimension");

@@ -4,11 +4,24 @@
 //
 // Layout (as Sputnik, Gale et al. 2020): the dense operand is transposed once to
 // X^T [K, M], so the sparse matrix is on the left, Y^T = W X^T, and each non-zero w[n, k]
-// reads one contiguous strip X^T[k, m0 : m0 + kTileM] (coalesced). One warp owns one row
-// of W and one strip of M; the warp loads 32 (column, value) pairs at a time with one
-// coalesced load and broadcasts them with shuffles, each lane accumulating kTileM / 32
-// outputs in fp32 registers. spmm_t runs the same kernel on W^T's CSR (the transpose
-// map), reading values through t_perm: a gather, no atomics.
+// reads one contiguous strip X^T[k, m0 : m0 + tile]. Two kernels, by batch size M:
+//
+// * csr_rows_kernel (M > kSmallM, training / prefill): one warp owns one row of W and one
+//   strip of M; it loads 32 (column, value) pairs with one coalesced load and broadcasts
+//   them with shuffles; each lane accumulates kVec consecutive outputs in fp32 registers
+//   and reads its part of the strip with ONE 16-byte vector load per non-zero (4 fp32,
+//   8 fp16 / bf16). Strips are re-read by other rows through L1 (__ldg).
+// * csr_rows_small_m_kernel (M <= kSmallM, decode: the weight's bytes dominate): one warp
+//   per row, lanes split the row's non-zeros (coalesced value / index loads: the bytes
+//   that matter), each lane keeps all M <= 16 partial sums and the warp reduces them with
+//   butterfly shuffles. X (at most 16 x K) stays in L1 / L2.
+//
+// Load balance: rows are taken in `row_order` (rows sorted by length, longest first; the
+// "row swizzle" of Sputnik) so the warps of a block get similar work and the long rows
+// start first. Index width: col_idx may be int16 (when the column count fits) to halve the
+// index bytes; the caller keeps that narrow copy (sparsekernels/ops/_launch_plan.py).
+// spmm_t runs the same kernels on W^T's CSR (the transpose map), reading values through
+// t_perm: a gather, no atomics.
 //
 // Indices are trusted to be in range here (patterns are validated where they are built:
 // CSR.from_*, the topology update); an out-of-range column is skipped rather than read,
@@ -20,39 +33,33 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "cuda_common.cuh"
+
 namespace sparsekernels::cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
-constexpr int kTileM = 128;                  // outputs per warp along M: 4 per lane
-constexpr int kPerLane = kTileM / kWarp;
+constexpr int kSmallM = 16;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
-  return static_cast<typename Acc<T>::type>(v);
-}
-template <> __device__ __forceinline__ float to_acc<at::Half>(at::Half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_acc<at::BFloat16>(at::BFloat16 v) {
-  return static_cast<float>(v);
-}
-
-template <typename scalar_t, bool kPerm>
+template <typename scalar_t, typename index_t, bool kPerm>
 __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
     csr_rows_kernel(const scalar_t* __restrict__ xt, scalar_t* __restrict__ yt,
                     const scalar_t* __restrict__ vals, const int32_t* __restrict__ perm,
-                    const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ col_idx,
-                    int64_t n_rows, int64_t n_cols, int64_t m) {
+                    const int32_t* __restrict__ row_ptr, const index_t* __restrict__ col_idx,
+                    const int32_t* __restrict__ row_order, int64_t n_rows, int64_t n_cols, int64_t m,
+                    bool vec_ok) {
   using acc_t = typename Acc<scalar_t>::type;
+  constexpr int kVec = VecWidth<scalar_t>::value;
+  constexpr int kTileM = kWarp * kVec;
   const int lane = threadIdx.x % kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (row >= n_rows) return;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
-  acc_t acc[kPerLane];
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (slot >= n_rows) return;  // warp-uniform
+  const int64_t row = row_order ? row_order[slot] : slot;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM + lane * kVec;  // this lane's outputs
+  const bool full = vec_ok && m0 + kVec <= m;
+  acc_t acc[kVec];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) acc[i] = acc_t(0);
+  for (int i = 0; i < kVec; ++i) acc[i] = acc_t(0);
 
   const int32_t start = row_ptr[row], end = row_ptr[row + 1];
   for (int32_t base = start; base < end; base += kWarp) {
@@ -61,32 +68,69 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
     int32_t my_col = -1;
     acc_t my_val = acc_t(0);
     if (e < end) {
-      my_col = col_idx[e];
+      my_col = static_cast<int32_t>(col_idx[e]);
       my_val = to_acc(vals[kPerm ? perm[e] : e]);
     }
     const int count = min(kWarp, end - base);
     for (int j = 0; j < count; ++j) {
       const int32_t col = __shfl_sync(0xffffffffu, my_col, j);
       const acc_t w = __shfl_sync(0xffffffffu, my_val, j);
-      if (col < 0 || col >= n_cols) continue;  // corrupt index: skip, never read out of bounds
-      const scalar_t* xrow = xt + static_cast<int64_t>(col) * m + m0;
+      if (col < 0 || col >= n_cols) continue;  // warp-uniform; corrupt index: never read
+      const scalar_t* strip = xt + static_cast<int64_t>(col) * m + m0;
+      if (full) {
+        acc_t xv[kVec];
+        load_vec<scalar_t, kVec>(strip, xv);
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int64_t mm = lane + i * kWarp;
-        if (m0 + mm < m) acc[i] += w * to_acc(xrow[mm]);
+        for (int i = 0; i < kVec; ++i) acc[i] += w * xv[i];
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i)
+          if (m0 + i < m) acc[i] += w * ldg_acc(strip + i);
       }
     }
   }
-  scalar_t* yrow = yt + row * m + m0;
+  scalar_t* out = yt + row * m + m0;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int64_t mm = lane + i * kWarp;
-    if (m0 + mm < m) yrow[mm] = static_cast<scalar_t>(acc[i]);
+  for (int i = 0; i < kVec; ++i)
+    if (m0 + i < m) out[i] = from_acc<scalar_t>(acc[i]);
+}
+
+template <typename scalar_t, typename index_t, bool kPerm, int kM>
+__global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
+    csr_rows_small_m_kernel(const scalar_t* __restrict__ xt, scalar_t* __restrict__ yt,
+                            const scalar_t* __restrict__ vals, const int32_t* __restrict__ perm,
+                            const int32_t* __restrict__ row_ptr, const index_t* __restrict__ col_idx,
+                            const int32_t* __restrict__ row_order, int64_t n_rows, int64_t n_cols,
+                            int64_t m) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (slot >= n_rows) return;  // warp-uniform
+  const int64_t row = row_order ? row_order[slot] : slot;
+  acc_t acc[kM];
+#pragma unroll
+  for (int j = 0; j < kM; ++j) acc[j] = acc_t(0);
+  const int32_t start = row_ptr[row], end = row_ptr[row + 1];
+  for (int32_t e = start + lane; e < end; e += kWarp) {
+    const int32_t col = static_cast<int32_t>(col_idx[e]);
+    if (col < 0 || col >= n_cols) continue;  // corrupt index: never read
+    const acc_t w = to_acc(vals[kPerm ? perm[e] : e]);
+    const scalar_t* xcol = xt + static_cast<int64_t>(col) * m;
+#pragma unroll
+    for (int j = 0; j < kM; ++j)
+      if (j < m) acc[j] += w * ldg_acc(xcol + j);
   }
+#pragma unroll
+  for (int j = 0; j < kM; ++j) acc[j] = warp_sum(acc[j]);  // every lane holds every sum
+  scalar_t* out = yt + row * m;
+#pragma unroll
+  for (int j = 0; j < kM; ++j)
+    if (lane == j && j < m) out[j] = from_acc<scalar_t>(acc[j]);
 }
 
 void check_cuda_inputs(const char* op, const at::Tensor& x, const at::Tensor& values,
-                       const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+                       const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                       const std::optional<at::Tensor>& row_order) {
   TORCH_CHECK_VALUE(x.is_cuda() && values.is_cuda() && row_ptr.is_cuda() && col_idx.is_cuda(), op,
                     ": all tensors must be on the same CUDA device");
   TORCH_CHECK_VALUE(x.device() == values.device() && row_ptr.device() == values.device() &&
@@ -94,19 +138,56 @@ void check_cuda_inputs(const char* op, const at::Tensor& x, const at::Tensor& va
                     op, ": all tensors must be on one device");
   TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x has dtype ", x.scalar_type(),
                    " but values has ", values.scalar_type());
-  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt, op,
-                   ": row_ptr and col_idx must be int32");
+  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt, op, ": row_ptr must be int32");
+  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt || col_idx.scalar_type() == at::kShort, op,
+                   ": col_idx must be int32 or int16, got ", col_idx.scalar_type());
   TORCH_CHECK_VALUE(values.dim() == 1 && row_ptr.dim() == 1 && col_idx.dim() == 1 &&
                         col_idx.numel() == values.numel() && row_ptr.numel() >= 1,
                     op, ": malformed CSR (values [nnz], row_ptr [rows+1], col_idx [nnz])");
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_row_order(op, row_order, row_ptr);
+}
+
+template <typename scalar_t, typename index_t, bool kPerm>
+void launch(const at::Tensor& xt, at::Tensor& yt, const at::Tensor& v, const int32_t* perm,
+            const at::Tensor& rp, const at::Tensor& ci, const int32_t* order, int64_t n, int64_t k,
+            int64_t m, cudaStream_t stream) {
+  const dim3 block(kWarp * kWarpsPerBlock);
+  const unsigned row_blocks = static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const scalar_t* x = xt.data_ptr<scalar_t>();
+  scalar_t* y = yt.data_ptr<scalar_t>();
+  const scalar_t* vals = v.data_ptr<scalar_t>();
+  const int32_t* ptr = rp.data_ptr<int32_t>();
+  const index_t* cols = ci.data_ptr<index_t>();
+  if (m <= kSmallM) {
+    const dim3 grid(row_blocks);
+#define SK_SMALL_M(KM)                                                                             \
+  csr_rows_small_m_kernel<scalar_t, index_t, kPerm, KM><<<grid, block, 0, stream>>>(x, y, vals, perm, \
+                                                                                 ptr, cols, order, n, k, m)
+    if (m <= 1) SK_SMALL_M(1);
+    else if (m <= 2) SK_SMALL_M(2);
+    else if (m <= 4) SK_SMALL_M(4);
+    else if (m <= 8) SK_SMALL_M(8);
+    else SK_SMALL_M(16);
+#undef SK_SMALL_M
+    return;
+  }
+  constexpr int kTileM = kWarp * VecWidth<scalar_t>::value;
+  const dim3 grid(row_blocks, static_cast<unsigned>((m + kTileM - 1) / kTileM));
+  TORCH_CHECK_VALUE(grid.y <= 65535, "spmm: batch too large for one launch (", m, " rows)");
+  // 16-byte loads need every strip 16-byte aligned: rows of X^T are m elements apart.
+  const bool vec_ok = (m * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  csr_rows_kernel<scalar_t, index_t, kPerm><<<grid, block, 0, stream>>>(x, y, vals, perm, ptr, cols, order,
+                                                                       n, k, m, vec_ok);
 }
 
 // y[..., N] = x[..., K] A^T with A = CSR(values[perm or identity], row_ptr, col_idx) [N, K].
 at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                   const at::Tensor& col_idx, const at::Tensor* perm) {
+                   const at::Tensor& col_idx, const at::Tensor* perm,
+                   const std::optional<at::Tensor>& row_order, int64_t k) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t k = x.size(-1), n = row_ptr.numel() - 1;
+  const int64_t n = row_ptr.numel() - 1;
   int64_t m = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -115,22 +196,17 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const at::Tensor xt = x.reshape({m, k}).t().contiguous();  // [K, M]
   at::Tensor yt = at::empty({n, m}, x.options());             // [N, M]
   const at::Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  const at::Tensor pm = perm ? perm->to(at::kInt).contiguous() : ci;
-  const dim3 block(kWarp * kWarpsPerBlock);
-  const dim3 grid(static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock),
-                  static_cast<unsigned>((m + kTileM - 1) / kTileM));
-  TORCH_CHECK_VALUE(grid.y <= 65535, "spmm: batch too large for one launch (", m, " rows)");
+  const at::Tensor pm = perm ? perm->to(at::kInt).contiguous() : at::Tensor();
+  const at::Tensor order = row_order ? row_order->contiguous() : at::Tensor();
+  const int32_t* order_ptr = order.defined() ? order.data_ptr<int32_t>() : nullptr;
+  const int32_t* perm_ptr = pm.defined() ? pm.data_ptr<int32_t>() : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_rows_kernel", [&] {
-    if (perm) {
-      csr_rows_kernel<scalar_t, true><<<grid, block, 0, stream>>>(
-          xt.data_ptr<scalar_t>(), yt.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), pm.data_ptr<int32_t>(),
-          rp.data_ptr<int32_t>(), ci.data_ptr<int32_t>(), n, k, m);
-    } else {
-      csr_rows_kernel<scalar_t, false><<<grid, block, 0, stream>>>(
-          xt.data_ptr<scalar_t>(), yt.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), nullptr,
-          rp.data_ptr<int32_t>(), ci.data_ptr<int32_t>(), n, k, m);
-    }
+    const bool narrow = ci.scalar_type() == at::kShort;
+    if (perm && narrow) launch<scalar_t, int16_t, true>(xt, yt, v, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
+    else if (perm) launch<scalar_t, int32_t, true>(xt, yt, v, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
+    else if (narrow) launch<scalar_t, int16_t, false>(xt, yt, v, nullptr, rp, ci, order_ptr, n, k, m, stream);
+    else launch<scalar_t, int32_t, false>(xt, yt, v, nullptr, rp, ci, order_ptr, n, k, m, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return yt.t().reshape(out_shape);
@@ -139,17 +215,18 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
 }  // namespace
 
 at::Tensor spmm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                     const at::Tensor& col_idx) {
-  check_cuda_inputs("spmm", x, values, row_ptr, col_idx);
-  return rows_mm(x, values, row_ptr, col_idx, nullptr);
+                     const at::Tensor& col_idx, const std::optional<at::Tensor>& row_order) {
+  check_cuda_inputs("spmm", x, values, row_ptr, col_idx, row_order);
+  return rows_mm(x, values, row_ptr, col_idx, nullptr, row_order, x.size(-1));
 }
 
 at::Tensor spmm_t_cuda(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& t_row_ptr,
-                       const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
-  check_cuda_inputs("spmm_t", dy, values, t_row_ptr, t_col_idx);
+                       const at::Tensor& t_col_idx, const at::Tensor& t_perm,
+                       const std::optional<at::Tensor>& row_order) {
+  check_cuda_inputs("spmm_t", dy, values, t_row_ptr, t_col_idx, row_order);
   TORCH_CHECK_VALUE(t_perm.is_cuda() && t_perm.dim() == 1 && t_perm.numel() == values.numel(),
                     "spmm_t: t_perm must be a 1-D CUDA tensor with nnz entries");
-  return rows_mm(dy, values, t_row_ptr, t_col_idx, &t_perm);
+  return rows_mm(dy, values, t_row_ptr, t_col_idx, &t_perm, row_order, dy.size(-1));
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CUDA, m) {

@@ -9,12 +9,14 @@ machine in the same run, so the distance to the hardware limit is visible.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import warnings
 
 import torch
 
 from .. import ops
+from ..ops._launch_plan import INT16_MAX_COLS
 from ..backends import available, use_backend
 from ..nn import SparseLinear
 from . import harness
@@ -90,7 +92,25 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, peaks: dict, re
 
     fns = {"cublas_fp32": tf32(False), "cublas_tf32": tf32(True), "cublas_bf16": lambda: x16 @ w16.t(),
            "cusparse_fp32": lambda: torch.sparse.mm(w_csr, x32.t()).t()}
-    for backend in [b for b in ("cuda", "triton") if b in available("cuda")]:
+    layer16 = copy.deepcopy(layer32).to(torch.bfloat16)
+    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
+    dy32 = torch.randn(batch, out_f, device="cuda")
+    dy16 = dy32.bfloat16()
+
+    def step_of(module, x, dy, backend=None):
+        xg = x.clone().requires_grad_(True)
+
+        def f():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            xg.grad = None
+            for p in module.parameters():
+                p.grad = None
+            with use_backend(backend):
+                module(xg).backward(dy)
+        return f
+
+    # "auto" is the measured choice (backends.dispatch): the first call measures.
+    for backend in [b for b in ("cuda", "triton") if b in available("cuda")] + ["auto"]:
         def ours(x, v, backend=backend):
             def f():
                 with use_backend(backend):
@@ -98,38 +118,27 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, peaks: dict, re
             return f
         fns[f"{backend}_fp32"] = ours(x32, v32)
         fns[f"{backend}_bf16"] = ours(x16, v16)
-        dy = torch.randn(batch, out_f, device="cuda")
-        xg = x32.clone().requires_grad_(True)
-
-        def step(backend=backend, dy=dy, xg=xg):
-            with use_backend(backend):
-                xg.grad = None
-                layer32.values.grad = None
-                layer32(xg).backward(dy)
-        fns[f"{backend}_step_fp32"] = step
-    dy32 = torch.randn(batch, out_f, device="cuda")
-    xd = x32.clone().requires_grad_(True)
-
-    def dense_step():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        xd.grad = None
-        dense32.weight.grad = None
-        dense32(xd).backward(dy32)
-    fns["cublas_step_fp32"] = dense_step
+        fns[f"{backend}_step_fp32"] = step_of(layer32, x32, dy32, backend)
+        fns[f"{backend}_step_bf16"] = step_of(layer16, x16, dy16, backend)
+    fns["cublas_step_fp32"] = step_of(dense32, x32, dy32)
+    fns["cublas_step_bf16"] = step_of(dense16, x16, dy16)
 
     times = {k: statistics.median(_cuda_time(f, reps)) for k, f in fns.items()}
     torch.backends.cuda.matmul.allow_tf32 = False
     nnz = layer32.nnz
     flop_dense, flop_sparse = 2.0 * batch * in_f * out_f, 2.0 * batch * nnz
-    # Floor of our fp32 forward: sparse FLOPs at the fp32 CUDA-core peak, or the bytes of
-    # values + int32 indices + x + y at the measured bandwidth, whichever is larger.
-    bytes_fp32 = nnz * 8 + (batch * in_f + batch * out_f) * 4
-    floor = {"fp32_fwd_s": max(flop_sparse / peaks["fp32_flops"], bytes_fp32 / peaks["bandwidth"]),
-             "bf16_fwd_s": max(flop_sparse / peaks["fp32_flops"], (nnz * 6 + (batch * in_f + batch * out_f) * 2)
-                               / peaks["bandwidth"])}
+    # Floor of our forward: sparse FLOPs at the fp32 CUDA-core peak, or the bytes of values
+    # + column indices (int16 when in_features fits, as the CUDA kernel reads them) + x + y
+    # at the measured bandwidth, whichever is larger.
+    idx_bytes = 2 if in_f <= INT16_MAX_COLS else 4
+    floor = {"fp32_fwd_s": max(flop_sparse / peaks["fp32_flops"],
+                               (nnz * (4 + idx_bytes) + (batch * in_f + batch * out_f) * 4) / peaks["bandwidth"]),
+             "bf16_fwd_s": max(flop_sparse / peaks["fp32_flops"],
+                               (nnz * (2 + idx_bytes) + (batch * in_f + batch * out_f) * 2) / peaks["bandwidth"])}
     speed = {}
-    for backend in ("cuda", "triton"):
+    for backend in ("cuda", "triton", "auto"):
         if f"{backend}_fp32" in times:
+            speed[f"{backend}_step_bf16_vs_cublas_bf16"] = times["cublas_step_bf16"] / times[f"{backend}_step_bf16"]
             speed[f"{backend}_fwd_fp32_vs_cublas_fp32"] = times["cublas_fp32"] / times[f"{backend}_fp32"]
             speed[f"{backend}_fwd_fp32_vs_cusparse"] = times["cusparse_fp32"] / times[f"{backend}_fp32"]
             speed[f"{backend}_fwd_bf16_vs_cublas_bf16"] = times["cublas_bf16"] / times[f"{backend}_bf16"]
@@ -208,7 +217,9 @@ def run_sparse24_cases(reps: int = 10) -> list[dict]:
     out = []
     for batch, in_f, out_f in ((8192, 8192, 8192), (8192, 4096, 11008), (1, 4096, 4096)):
         torch.manual_seed(0)
-        layer = Sparse24Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+        # Transposable mask: the input gradient runs on sparse tensor cores too.
+        layer = Sparse24Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16, transposable=True)
+        srste = Sparse24Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16, mode="srste")
         w = layer.dense_weight()
         x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
         w_ss = torch.sparse.to_sparse_semi_structured(w)
@@ -231,13 +242,15 @@ def run_sparse24_cases(reps: int = 10) -> list[dict]:
             return f
         t["dense_step"] = statistics.median(_cuda_time(step(dense), reps))
         t["ours_step"] = statistics.median(_cuda_time(step(layer), reps))
+        t["ours_srste_step"] = statistics.median(_cuda_time(step(srste), reps))  # re-prunes every step
         out.append({"batch": batch, "in_features": in_f, "out_features": out_f,
                     "ms": {k: v * 1e3 for k, v in t.items()},
                     "fwd_vs_cublas_bf16": t["cublas_bf16"] / t["ours_fwd"],
                     "fwd_vs_torch_semi_structured": t["torch_semi_structured"] / t["ours_fwd"],
                     "torch_semi_structured_vs_cublas": t["cublas_bf16"] / t["torch_semi_structured"],
                     "prune_compress_fraction_of_dense_fwd": t["ours_prune_compress"] / t["cublas_bf16"],
-                    "step_vs_dense": t["dense_step"] / t["ours_step"]})
+                    "step_vs_dense": t["dense_step"] / t["ours_step"],
+                    "srste_step_vs_dense": t["dense_step"] / t["ours_srste_step"]})
     return out
 
 

@@ -132,14 +132,15 @@ class Sparse24Linear(nn.Module):
                           self.in_features)
         pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
         if self.mode == "fixed":
-            y = sparse24_mm(input, self.values, self.meta, *pattern)
-        else:
-            if self.training and torch.is_grad_enabled() and not self.freeze_mask:
-                if self._forwards % self.update_every == 0:
-                    self._set_pattern(self.weight.detach(), None)
-                    pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
-                self._forwards += 1
-            y = srste_linear(input, self.weight, self.meta, *pattern, self.stored_mask, self.srste_lambda)
+            # Bias fused into the GEMM where the backend can; with a transposable mask the
+            # input gradient runs on sparse tensor cores too (GPU).
+            return sparse24_mm(input, self.values, self.meta, *pattern, self.bias, transposable=self.transposable)
+        if self.training and torch.is_grad_enabled() and not self.freeze_mask:
+            if self._forwards % self.update_every == 0:
+                self._set_pattern(self.weight.detach(), None)
+                pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
+            self._forwards += 1
+        y = srste_linear(input, self.weight, self.meta, *pattern, self.stored_mask, self.srste_lambda)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -21,13 +21,17 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _checks
+from ._launch_plan import launch_plan
 
-_COMPILED = {"cpu", "cuda"}  # torch.ops.sparsekernels_C.*, dispatched on the device
 
-
-def _density(values: Tensor, row_ptr: Tensor, t_row_ptr: Tensor) -> float:
-    total = (row_ptr.shape[0] - 1) * (t_row_ptr.shape[0] - 1)
-    return values.shape[0] / total if total else 1.0
+def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run):
+    """Runs ``run(backend)`` on the backend chosen for a CSR product of W [out, in] with
+    ``nnz`` non-zeros and a dense operand ``lead`` [..., *] (``backends.dispatch``)."""
+    out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
+    m = lead.shape[:-1].numel()
+    density = nnz / (out_f * in_f) if out_f * in_f else 1.0
+    return backends.dispatch(op, lead.device, lead.dtype, run, density=density, flops=2.0 * m * out_f * in_f,
+                             key=backends.shape_class(m, out_f, in_f, density=density))
 
 
 def _compiled(name: str):
@@ -44,15 +48,20 @@ def _triton(name: str):
 @torch.library.custom_op("sparsekernels::spmm", mutates_args=())
 def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
              t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    backend = backends.resolve("spmm", x.device, x.dtype, _density(values, row_ptr, t_row_ptr))
-    if backend in _COMPILED:
-        return _compiled("spmm")(x, values, row_ptr, col_idx)
-    # The compiled kernels check the pattern themselves; the others would wrap or read out
-    # of bounds on a corrupt one.
-    _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-    if backend == "triton":
-        return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-    return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    def run(backend: str) -> Tensor:
+        if backend == "cpu":
+            return _compiled("spmm")(x, values, row_ptr, col_idx)
+        if backend == "cuda":
+            order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
+            return _compiled("spmm")(x, values, row_ptr, cols, order)
+        # The compiled kernels check the pattern themselves; the others would wrap or read
+        # out of bounds on a corrupt one.
+        _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        if backend == "triton":
+            return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+    return _dispatch("spmm", x, row_ptr, t_row_ptr, values.shape[0], run)
 
 
 @_spmm_op.register_fake
@@ -64,13 +73,18 @@ def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 @torch.library.custom_op("sparsekernels::spmm_t", mutates_args=())
 def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    backend = backends.resolve("spmm_t", dy.device, dy.dtype, _density(values, row_ptr, t_row_ptr))
-    if backend in _COMPILED:
-        return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
-    _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-    if backend == "triton":
-        return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-    return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    def run(backend: str) -> Tensor:
+        if backend == "cpu":
+            return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+        if backend == "cuda":
+            order, cols = launch_plan(t_row_ptr, t_col_idx, row_ptr.shape[0] - 1)
+            return _compiled("spmm_t")(dy, values, t_row_ptr, cols, t_perm, order)
+        _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        if backend == "triton":
+            return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+    return _dispatch("spmm_t", dy, row_ptr, t_row_ptr, values.shape[0], run)
 
 
 @_spmm_t_op.register_fake
@@ -82,13 +96,18 @@ def _(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 @torch.library.custom_op("sparsekernels::sddmm", mutates_args=())
 def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
               t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    backend = backends.resolve("sddmm", dy.device, dy.dtype, _density(col_idx, row_ptr, t_row_ptr))
-    if backend in _COMPILED:
-        return _compiled("sddmm")(dy, x, row_ptr, col_idx)
-    _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-    if backend == "triton":
-        return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-    return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    def run(backend: str) -> Tensor:
+        if backend == "cpu":
+            return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+        if backend == "cuda":
+            order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
+            return _compiled("sddmm")(dy, x, row_ptr, cols, order)
+        _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        if backend == "triton":
+            return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+    return _dispatch("sddmm", dy, row_ptr, t_row_ptr, col_idx.shape[0], run)
 
 
 @_sddmm_op.register_fake

@@ -5,9 +5,10 @@ A 2:4 weight W [N, K] is ``values [N, K/2]`` + ``meta [N, K/4]`` (see
 matrix with K/2 entries per row, so the backward products reuse the CSR ops: the layer
 keeps ``row_ptr``, ``col_idx`` and the transpose map next to ``meta``.
 
-    sparse24_mm(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        forward on the compressed form (C++ CPU kernel; reference elsewhere),
-        dx = dy W through W^T's CSR (spmm_t), dvalues at the kept positions (sddmm).
+    sparse24_mm(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
+        forward on the compressed form (C++ CPU kernel; sparse tensor cores on the GPU,
+        bias fused), dx = dy W through W^T's CSR (spmm_t) or, for a transposable mask on
+        the GPU, through sparse tensor cores on W^T; dvalues at the kept positions (sddmm).
     srste_linear(x, weight, meta, ..., lam)
         SR-STE (Zhou et al. 2021): forward with the 2:4-pruned weight, straight-through
         dense gradient plus the sparse-refined term: dW = dy^T x + lam * (1 - E) * W.
@@ -34,82 +35,148 @@ def reference_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
 
 
 # GPU policy (UNVERIFIED until bench/gpu_check.sh runs): 2:4 GEMMs on sparse tensor cores
-# through torch's semi-structured tensors (cuSPARSELt, or CUTLASS); below this many rows of
-# x the weight's bytes dominate and torch's 2:4 was measured by others at 0.11x of dense for
-# one row, so dense cuBLAS runs instead. To be replaced by measured per-shape choices.
+# through torch's semi-structured tensors (cuSPARSELt, or CUTLASS), bias fused by the
+# library. Below GPU_MIN_ROWS rows of x the weight's bytes dominate (torch's 2:4 was
+# measured by others at 0.11x of dense for one row) and dense cuBLAS runs; from there on
+# "auto" measures 2:4 against dense per shape (backends.dispatch) and keeps the faster.
 GPU_MIN_ROWS = 256
 _warned: set = set()
 
 
-def gpu_plan(m: int, n: int, k: int, dtype: torch.dtype) -> str:
-    """``"semi_structured"`` or ``"dense"`` (and why) for a 2:4 product on the GPU."""
+def _warn_once(message: str) -> None:
+    """Never a silent fallback to dense: each reason is said once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=4)
+
+
+def gpu_support(n: int, k: int, dtype: torch.dtype) -> str | None:
+    """Why a 2:4 weight [n, k] (2:4 along k) cannot run on sparse tensor cores, or None."""
     from torch.sparse import semi_structured as ss
 
     if dtype not in (torch.float16, torch.bfloat16):
-        return "dense: 2:4 tensor cores need fp16 / bf16"
+        return "2:4 tensor cores need fp16 / bf16"
     # The weight must fit the tiles of whichever library torch picks (CUTLASS or cuSPARSELt).
     cfgs = [getattr(ss, name)._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
             for name in ("SparseSemiStructuredTensorCUTLASS", "SparseSemiStructuredTensorCUSPARSELT") if hasattr(ss, name)]
     if not cfgs or any(c is None or n % c.sparse_min_rows or k % c.sparse_min_cols for c in cfgs):
-        return "dense: weight shape not a multiple of the 2:4 GEMM tile"
+        return f"weight shape {(n, k)} not a multiple of the 2:4 GEMM tile"
+    return None
+
+
+def gpu_plan(m: int, n: int, k: int, dtype: torch.dtype) -> str:
+    """``"semi_structured"`` or ``"dense: <why>"`` for a GPU product of x [m, k] with a 2:4
+    weight [n, k] (before any measurement)."""
+    why = gpu_support(n, k, dtype)
+    if why is not None:
+        return f"dense: {why}"
     if m < GPU_MIN_ROWS:
         return f"dense: fewer than {GPU_MIN_ROWS} rows (2:4 loses to dense there)"
     return "semi_structured"
 
 
-def _gpu_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
-    dense = _dense_24(values, meta)
+def _linear_24(x: Tensor, dense: Tensor, bias: Tensor | None, op: str) -> Tensor:
+    """``x [..., k] @ dense^T (+ bias)`` for a dense tensor [n, k] that is 2:4 along k: on
+    sparse tensor cores where ``gpu_plan`` allows, else dense (saying so once)."""
     x2 = x.reshape(-1, x.shape[-1])
     plan = gpu_plan(x2.shape[0], dense.shape[0], dense.shape[1], x.dtype)
-    if plan != "semi_structured":
-        if plan not in _warned:  # never a silent fallback: say it once per reason
-            _warned.add(plan)
-            import warnings
+    if plan == "semi_structured":
+        y = torch.nn.functional.linear(x2, torch.sparse.to_sparse_semi_structured(dense), bias)
+    else:
+        _warn_once(f"{op} on the GPU runs {plan}")
+        y = torch.nn.functional.linear(x2, dense, bias)
+    return y.reshape(*x.shape[:-1], dense.shape[0])
 
-            warnings.warn(f"sparse24_mm on the GPU runs {plan}", stacklevel=3)
-        return (x2 @ dense.t()).reshape(*x.shape[:-1], dense.shape[0])
-    w = torch.sparse.to_sparse_semi_structured(dense)
-    return torch.nn.functional.linear(x2, w).reshape(*x.shape[:-1], dense.shape[0])
+
+def _dispatch_24(op: str, x: Tensor, n: int, k: int, run):
+    """``backends.dispatch`` for a 2:4 product of x [..., k] with a weight [n, k]; on the
+    GPU, says once when measurement found dense faster than 2:4 for a shape."""
+    m = x.shape[:-1].numel()
+    key = backends.shape_class(m, n, k)
+    cands = None
+    if x.is_cuda:
+        cands = ["cuda", "reference"] if gpu_plan(m, n, k, x.dtype) == "semi_structured" else []
+    out = backends.dispatch(op, x.device, x.dtype, run, flops=2.0 * m * n * k, key=key, candidates=cands)
+    if x.is_cuda and backends.measured_choice(op, x.device, x.dtype, key) == "reference":
+        _warn_once(f"{op}: dense measured faster than 2:4 for x [{m}, {k}] and W [{n}, {k}] ({x.dtype}); running "
+                   "dense (sparsekernels info lists the measured choices)")
+    return out
 
 
 @torch.library.custom_op("sparsekernels::sparse24_mm", mutates_args=())
 def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
-                    t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    backend = backends.resolve("sparse24_mm", x.device, x.dtype)
-    if backend == "cpu":
-        return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
-    _checks.check_meta("sparse24_mm", meta)  # the CPU kernel checks it itself
-    if x.is_cuda and backend in ("cuda", "triton"):
-        return _gpu_sparse24_mm(x, values, meta)
-    return reference_sparse24_mm(x, values, meta)
+                    t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None,
+                    transposable: bool = False) -> Tensor:
+    def run(backend: str) -> Tensor:
+        if backend == "cpu":
+            y = torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
+            return y.add_(bias) if bias is not None else y
+        _checks.check_meta("sparse24_mm", meta)  # the CPU kernel checks it itself
+        if x.is_cuda and backend in ("cuda", "triton"):
+            return _linear_24(x, _dense_24(values, meta), bias, "sparse24_mm")
+        return torch.nn.functional.linear(x, _dense_24(values, meta), bias)
+
+    return _dispatch_24("sparse24_mm", x, values.shape[0], 4 * meta.shape[1], run)
 
 
 @_sparse24_mm_op.register_fake
-def _(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
+def _(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias=None, transposable=False):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
+def _input_grad_24(grad: Tensor, values: Tensor, meta: Tensor, pattern: tuple) -> Tensor:
+    """dx [..., k] = grad [..., n] @ W for a 2:4 weight W [n, k] whose transpose is 2:4 too
+    (transposable mask): on the GPU through sparse tensor cores on W^T; elsewhere W^T's
+    CSR (spmm_t)."""
+    if not grad.is_cuda:
+        return _spmm_t_op(grad, values.reshape(-1), *pattern)
+    n, k = values.shape[0], 4 * meta.shape[1]
+
+    def run(backend: str) -> Tensor:
+        dense = _dense_24(values, meta)
+        if backend in ("cuda", "triton"):
+            return _linear_24(grad, dense.t().contiguous(), None, "sparse24_mm input gradient")
+        return grad @ dense
+
+    return _dispatch_24("sparse24_mm_t", grad, k, n, run)
+
+
 def _setup(ctx, inputs, output):
-    x, values, meta, *pattern = inputs
-    ctx.save_for_backward(x, values, *pattern)
+    x, values, meta, *pattern, bias, transposable = inputs
+    ctx.save_for_backward(x, values, meta, *pattern)
+    ctx.transposable = transposable
+    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad):
-    x, values, *pattern = ctx.saved_tensors
-    flat = values.reshape(-1)
-    gx = _spmm_t_op(grad, flat, *pattern) if ctx.needs_input_grad[0] else None
-    gv = _sddmm_op(grad, x, *pattern).view_as(values) if ctx.needs_input_grad[1] else None
-    return gx, gv, None, None, None, None, None, None
+    x, values, meta, *pattern = ctx.saved_tensors
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        if ctx.transposable:
+            gx = _input_grad_24(grad, values, meta, tuple(pattern))
+        else:
+            gx = _spmm_t_op(grad, values.reshape(-1), *pattern)
+    if ctx.needs_input_grad[1]:
+        gv = _sddmm_op(grad, x, *pattern).view_as(values)
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return gx, gv, None, None, None, None, None, None, gb, None
 
 
 _sparse24_mm_op.register_autograd(_backward, setup_context=_setup)
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
-                t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    """``y [..., N] = x [..., K] @ W^T`` for a 2:4 weight (values [N, K/2], meta [N, K/4]
-    uint8) whose CSR view is (row_ptr, col_idx) with transpose map (t_row_ptr, t_col_idx,
-    t_perm). Differentiable in ``x`` and ``values``."""
+                t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None, *,
+                transposable: bool = False) -> Tensor:
+    """``y [..., N] = x [..., K] @ W^T + bias`` for a 2:4 weight (values [N, K/2], meta
+    [N, K/4] uint8) whose CSR view is (row_ptr, col_idx) with transpose map (t_row_ptr,
+    t_col_idx, t_perm). Differentiable in ``x``, ``values`` and ``bias`` [N].
+
+    ``transposable=True`` declares that W^T is 2:4 too (a transposable mask): on the GPU
+    the input gradient then also runs on sparse tensor cores."""
     values = _checks.check_tensor("sparse24_mm", "values", values)
     meta = _checks.check_tensor("sparse24_mm", "meta", meta)
     if values.dim() != 2 or meta.dim() != 2 or values.shape[1] != 2 * meta.shape[1] or values.shape[0] != meta.shape[0]:
@@ -124,7 +191,13 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
     if col_idx.shape[0] != values.numel() or row_ptr.shape[0] != values.shape[0] + 1:
         raise ValueError("sparse24_mm: the CSR view must have one row per output and values.numel() entries")
     _checks.check_dense("sparse24_mm", "x", x, values, in_f)
-    return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    if bias is not None:
+        _checks.check_dense("sparse24_mm", "bias", bias, values, out_f)
+        if bias.dim() != 1:
+            raise ValueError(f"sparse24_mm: bias must be 1-D [{out_f}], got shape {tuple(bias.shape)}")
+    if not isinstance(transposable, bool):
+        raise TypeError(f"sparse24_mm: transposable must be a bool, got {type(transposable).__name__}")
+    return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
 
 
 class _SRSTE(torch.autograd.Function):

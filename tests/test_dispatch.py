@@ -1,0 +1,172 @@
+"""Backend choice: the measured "auto" dispatch, its cache and overrides, and the GPU
+launch plan (row order + narrow indices), which is device-generic and so checked here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsekernels as sk
+from sparsekernels import backends
+from sparsekernels.ops._launch_plan import build_launch_plan, launch_plan
+
+from conftest import make_csr, rel_error
+
+needs_ext = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
+
+
+@pytest.fixture
+def measure_everything(monkeypatch):
+    """Every product is measured (no size floor), starting from an empty cache."""
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
+    monkeypatch.delenv(backends.MEASURE_ENV_VAR, raising=False)
+    backends.clear_measurements()
+    yield
+    backends.clear_measurements()
+
+
+@needs_ext
+def test_auto_measures_each_problem_class_once(measure_everything, monkeypatch):
+    csr = make_csr(64, 96, 0.8, seed=1)
+    calls = []
+    real = backends._measure
+    monkeypatch.setattr(backends, "_measure", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    x = torch.randn(40, 96)
+    y = sk.ops.spmm(x, csr.values, *csr.pattern())
+    assert rel_error(y, x.double() @ csr.to_dense().double().t()) < 1e-5
+    sk.ops.spmm(torch.randn(50, 96), csr.values, *csr.pattern())    # same class: batch bucket 64
+    assert len(calls) == 1
+    sk.ops.spmm(torch.randn(200, 96), csr.values, *csr.pattern())   # another batch bucket
+    assert len(calls) == 2
+    (entry, _) = [e for e in backends.measured() if e["op"] == "spmm"]
+    assert entry["choice"] in ("cpu", "reference")
+    assert set(entry["times_ms"]) == {"cpu", "reference"} and entry["rejected"] == {}
+    assert entry["key"] == backends.shape_class(40, 64, 96, density=csr.nnz / (64 * 96))
+    assert backends.measured_choice("spmm", x.device, x.dtype, entry["key"]) == entry["choice"]
+
+
+@needs_ext
+def test_training_step_under_measured_auto_matches_reference(measure_everything, seed):
+    layer = sk.SparseLinear(48, 40, sparsity=0.7)
+    x = torch.randn(33, 48, requires_grad=True)
+    layer(x).square().sum().backward()
+    got = (x.grad.clone(), layer.values.grad.clone())
+    x.grad, layer.values.grad = None, None
+    with sk.use_backend("reference"):
+        layer(x).square().sum().backward()
+    assert rel_error(got[0], x.grad) < 1e-5 and rel_error(got[1], layer.values.grad) < 1e-5
+    assert {e["op"] for e in backends.measured()} == {"spmm", "spmm_t", "sddmm"}
+
+
+def test_wrong_or_failing_backend_is_rejected_with_a_warning(measure_everything):
+    want = torch.arange(6.0)
+
+    def run(backend):
+        if backend == "cpu":
+            return want + 1.0                                   # a broken kernel
+        if backend == "triton":
+            raise RuntimeError("cannot compile")                # a backend that cannot run
+        return want.clone()
+
+    with pytest.warns(RuntimeWarning, match="rejected"):
+        got = backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(1,),
+                                candidates=["cpu", "triton", "reference"])
+    assert torch.equal(got, want)
+    (entry,) = backends.measured()
+    assert entry["choice"] == "reference"
+    assert "differs" in entry["rejected"]["cpu"] and "cannot compile" in entry["rejected"]["triton"]
+
+
+def test_no_backend_that_runs_is_a_clear_error(measure_everything):
+    def run(backend):
+        raise RuntimeError("broken")
+
+    with pytest.raises(RuntimeError, match="no backend could run"), pytest.warns(RuntimeWarning):
+        backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, candidates=["cpu", "reference"])
+
+
+@pytest.mark.parametrize("how", ["override", "env_off", "small"])
+def test_measuring_is_skipped(how, monkeypatch):
+    backends.clear_measurements()
+    seen = []
+
+    def run(backend):
+        seen.append(backend)
+        return torch.zeros(1)
+
+    flops = 0.0 if how == "small" else 1e12
+    if how == "env_off":
+        monkeypatch.setenv(backends.MEASURE_ENV_VAR, "0")
+    ctx = sk.use_backend("reference") if how == "override" else sk.use_backend(None)
+    with ctx:
+        backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=flops,
+                          candidates=["cpu", "reference"])
+    assert len(seen) == 1 and backends.measured() == []
+
+
+def test_shape_class_buckets_batch_and_density():
+    assert backends.shape_class(33, 8, 9, density=0.123) == (64, 8, 9, 0.1)
+    assert backends.shape_class(64, 8, 9) == (64, 8, 9, None)
+    assert backends.shape_class(0, 8, 9)[0] == 1
+    assert backends.shape_class(1, 8, 9, density=0.98)[-1] == 1.0
+
+
+def test_info_lists_measured_choices(measure_everything):
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, lambda b: torch.ones(2), flops=1.0, key=(2,),
+                      candidates=["cpu", "reference"])
+    from sparsekernels import info as info_module
+
+    info = info_module.collect()
+    assert [e["op"] for e in info["measured"]] == ["toy"]
+    assert "auto" in info["dispatch_policy"]
+
+
+# --------------------------------------------------------------------------- launch plan
+@pytest.mark.parametrize("n_cols,narrow", [(1000, True), (1 << 15, True), ((1 << 15) + 1, False)])
+def test_launch_plan_orders_rows_longest_first_and_narrows_indices(n_cols, narrow, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(50, 64, generator=g) < torch.rand(50, 1, generator=g)   # rows of varied length
+    mask[3] = False
+    csr = sk.CSR.from_dense(torch.randn(50, 64, generator=g) * mask, mask)
+    col_idx = csr.col_idx.clone()
+    col_idx[:5] = n_cols - 1 - torch.arange(5, dtype=torch.int32)           # extreme columns survive
+    order, cols = build_launch_plan(csr.row_ptr, col_idx, n_cols)
+    lengths = (csr.row_ptr[1:] - csr.row_ptr[:-1])[order.long()]
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(50))
+    assert bool((lengths[:-1] >= lengths[1:]).all())
+    assert cols.dtype == (torch.int16 if narrow else torch.int32)
+    assert torch.equal(cols.to(torch.int32), col_idx)
+
+
+def test_launch_plan_is_cached_and_follows_in_place_changes():
+    csr = make_csr(20, 30, 0.5, seed=3)
+    row_ptr, col_idx = csr.row_ptr.clone(), csr.col_idx.clone()
+    first = launch_plan(row_ptr, col_idx, 30)
+    assert launch_plan(row_ptr, col_idx, 30) is first
+    col_idx[0] = 29 - col_idx[0]                                              # in-place edit
+    again = launch_plan(row_ptr, col_idx, 30)
+    assert again is not first and int(again[1][0]) == int(col_idx[0])
+    assert launch_plan(row_ptr, col_idx.clone(), 30) is not again             # another tensor
+    with torch.inference_mode():
+        inf_ptr, inf_idx = row_ptr.clone(), col_idx.clone()
+        assert torch.equal(launch_plan(inf_ptr, inf_idx, 30)[1].int(), inf_idx)   # no version: uncached
+
+
+def test_validated_pattern_is_not_rechecked_until_it_changes(monkeypatch):
+    from sparsekernels.ops import _checks
+
+    csr = make_csr(16, 24, 0.5, seed=4)
+    pattern = tuple(t.clone() for t in csr.pattern())
+    checks = []
+    real = _checks._check_csr_contents
+    monkeypatch.setattr(_checks, "_check_csr_contents", lambda *a: checks.append(a[0]) or real(*a))
+    x = torch.randn(3, 24)
+    with sk.use_backend("reference"):
+        y = sk.ops.spmm(x, csr.values, *pattern)
+        sk.ops.spmm(x, csr.values, *pattern)
+        assert len(checks) == 1                                   # no second device sync
+        pattern[1][0] = 24                                        # corrupt in place
+        with pytest.raises(ValueError, match="col_idx"):
+            sk.ops.spmm(x, csr.values, *pattern)
+    assert len(checks) == 2
+    assert rel_error(y, x.double() @ csr.to_dense().double().t()) < 1e-5

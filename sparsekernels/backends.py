@@ -199,7 +199,7 @@ def _distance(got, want) -> float | None:
 
 def dispatch(op: str, device: torch.device, dtype: torch.dtype, run: Callable[[str], T], *,
              density: float | None = None, flops: float = 0.0, key: tuple = (),
-             candidates: Sequence[str] | None = None) -> T:
+             candidates: Sequence[str] | None = None, static: str | None = None) -> T:
     """Runs ``run(backend)`` on the backend that should run ``op``, and returns its result.
 
     Explicit requests (:func:`set_backend`, the environment variable) are obeyed; under
@@ -207,8 +207,10 @@ def dispatch(op: str, device: torch.device, dtype: torch.dtype, run: Callable[[s
     (see :func:`shape_class`): every candidate backend runs, is compared with the
     reference's output, is timed, and the fastest correct one is kept for later calls.
     Measuring is skipped while a CUDA graph is being captured (no syncs are allowed then).
+    ``candidates`` narrows the backends measured, ``static`` replaces :func:`resolve`'s
+    choice for unmeasured calls (for ops whose backends differ from the CSR family's).
     """
-    static = resolve(op, device, dtype, density)
+    static = static if static is not None else resolve(op, device, dtype, density)
     cands = list(candidates) if candidates is not None else auto_candidates(device.type)
     if (get_backend() != "auto" or flops < MEASURE_MIN_FLOPS or len(cands) < 2 or not measuring_enabled()
             or _capturing(device)):

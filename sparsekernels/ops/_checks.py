@@ -78,19 +78,20 @@ _validated = PatternCache()
 
 
 def check_csr_contents(op: str, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor, t_col_idx: Tensor,
-                       t_perm: Tensor) -> None:
+                       t_perm: Tensor, names: tuple[str, str, str, str] = ("row_ptr", "col_idx", "t_row_ptr",
+                                                                            "t_col_idx")) -> None:
     """:func:`check_pattern_contents` for W and W^T, and ``t_perm`` in [0, nnz). A pattern
     that passed is remembered while its tensors stay unchanged (``PatternCache``), so the
     hot path of the Triton / reference backends has no device sync after the first call."""
     _validated.get((col_idx, row_ptr, t_row_ptr, t_col_idx, t_perm), (),
-                   lambda: _check_csr_contents(op, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm))
+                   lambda: _check_csr_contents(op, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, names))
 
 
 def _check_csr_contents(op: str, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor, t_col_idx: Tensor,
-                        t_perm: Tensor) -> bool:
+                        t_perm: Tensor, names: tuple[str, str, str, str]) -> bool:
     out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
-    check_pattern_contents(op, row_ptr, col_idx, in_f)
-    check_pattern_contents(op, t_row_ptr, t_col_idx, out_f, "t_row_ptr", "t_col_idx")
+    check_pattern_contents(op, row_ptr, col_idx, in_f, names[0], names[1])
+    check_pattern_contents(op, t_row_ptr, t_col_idx, out_f, names[2], names[3])
     nnz = col_idx.shape[0]
     if nnz and (int(t_perm.min()) < 0 or int(t_perm.max()) >= nnz):
         raise ValueError(f"{op}: t_perm entries must lie in [0, nnz = {nnz})")

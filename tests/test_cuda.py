@@ -184,7 +184,7 @@ def test_gpu_sparse24_compress_matches_cpu(transposable, dtype):
 
 
 def test_gpu_launch_plan_narrows_indices_and_orders_rows():
-    from sparsekernels.ops._launch_plan import launch_plan
+    from sparsekernels.kernels.launch_plan import launch_plan
 
     mask = torch.rand(300, 1000, device="cuda") < 0.1
     mask[7] = True                                      # the longest row comes first

@@ -8,7 +8,7 @@ import torch
 
 import sparsekernels as sk
 from sparsekernels import backends
-from sparsekernels.ops._launch_plan import build_launch_plan, launch_plan
+from sparsekernels.kernels.launch_plan import build_launch_plan, launch_plan
 
 from conftest import make_csr, rel_error
 
@@ -170,3 +170,29 @@ def test_validated_pattern_is_not_rechecked_until_it_changes(monkeypatch):
             sk.ops.spmm(x, csr.values, *pattern)
     assert len(checks) == 2
     assert rel_error(y, x.double() @ csr.to_dense().double().t()) < 1e-5
+
+
+def test_nonzero_rows_match_the_reference_and_are_cached(seed):
+    from sparsekernels.kernels.launch_plan import nonzero_rows
+
+    csr = make_csr(30, 40, 0.7, seed=seed % 1000, empty_rows=True)
+    rows = nonzero_rows(csr.row_ptr, csr.col_idx)
+    assert rows.dtype == torch.int32 and torch.equal(rows.long(), sk.reference.csr_rows(csr.row_ptr))
+    assert nonzero_rows(csr.row_ptr, csr.col_idx) is rows
+
+
+@pytest.mark.skipif("triton" not in backends.available("cpu"), reason="Triton interpreter not available")
+def test_triton_csr_ops_keep_int32_columns_for_wide_layers(seed):
+    """in_features > 32768: the launch plan keeps int32 column indices (int16 would wrap).
+    (spmm_t is left out: W^T's 33000 rows are 33000 interpreted programs.)"""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(3, 33000, generator=g) < 0.002
+    mask[0, -1] = True                                         # the last column, beyond int16
+    csr = sk.CSR.from_dense(torch.randn(3, 33000, generator=g) * mask, mask)
+    x, dy = torch.randn(2, 33000, generator=g), torch.randn(2, 3, generator=g)
+    w = csr.to_dense().double()
+    with sk.use_backend("triton"):
+        y = sk.ops.spmm(x, csr.values, *csr.pattern())
+        dv = sk.ops.sddmm(dy, x, *csr.pattern())
+    assert rel_error(y, x.double() @ w.t()) < 1e-5
+    assert rel_error(dv, (dy.double().t() @ x.double())[mask]) < 1e-5

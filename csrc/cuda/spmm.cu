@@ -19,7 +19,7 @@
 // Load balance: rows are taken in `row_order` (rows sorted by length, longest first; the
 // "row swizzle" of Sputnik) so the warps of a block get similar work and the long rows
 // start first. Index width: col_idx may be int16 (when the column count fits) to halve the
-// index bytes; the caller keeps that narrow copy (sparsekernels/ops/_launch_plan.py).
+// index bytes; the caller keeps that narrow copy (sparsekernels/kernels/launch_plan.py).
 // spmm_t runs the same kernels on W^T's CSR (the transpose map), reading values through
 // t_perm: a gather, no atomics.
 //

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from .. import ops
-from ..ops._launch_plan import INT16_MAX_COLS
+from ..kernels.launch_plan import INT16_MAX_COLS
 from ..backends import available, use_backend
 from ..nn import SparseLinear
 from . import harness

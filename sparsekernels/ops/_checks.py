@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pattern_cache import PatternCache
+from ..kernels.pattern_cache import PatternCache
 
 INDEX_DTYPES = (torch.int32,)
 PERM_DTYPES = (torch.int32, torch.int64)

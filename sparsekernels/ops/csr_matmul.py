@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _checks
-from ._launch_plan import launch_plan
+from ..kernels.launch_plan import launch_plan
 
 
 def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run):

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ... import reference
+from ..launch_plan import launch_plan, nonzero_rows
 from ._config import acc_type, configs
 
 
@@ -50,10 +50,11 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
         return out
     dyt = dy.reshape(m, n).t().contiguous()
     xt = x.reshape(m, k).t().contiguous()
-    rows = reference.csr_rows(row_ptr).to(torch.int32)
+    rows = nonzero_rows(row_ptr, col_idx)         # cached per pattern
+    cols = launch_plan(row_ptr, col_idx, k)[1]    # int16 where the columns fit
 
     def grid(meta):
         return (triton.cdiv(nnz, meta["BLOCK_E"]),)
 
-    _sddmm_kernel[grid](dyt, xt, out, rows, col_idx.contiguous(), nnz, m, dyt.stride(0), xt.stride(0), ACC=acc_type(dy.dtype))
+    _sddmm_kernel[grid](dyt, xt, out, rows, cols.contiguous(), nnz, m, dyt.stride(0), xt.stride(0), ACC=acc_type(dy.dtype))
     return out

@@ -4,7 +4,8 @@ Layout: the dense operand is transposed once to X^T [K, M] so that a non-zero w[
 reads one contiguous strip X^T[k, m0:m0+BLOCK_M]. A program owns one CSR row and one
 strip of the batch; it walks the row's non-zeros BLOCK_E at a time, gathers a
 [BLOCK_E, BLOCK_M] tile and reduces it into an fp32 accumulator. spmm_t runs the same
-kernel on W^T's CSR (the transpose map) with values read through t_perm.
+kernel on W^T's CSR (the transpose map) with values read through t_perm. Rows are taken
+longest first and column indices read as int16 where they fit (``launch_plan``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch_plan import launch_plan
 from ._config import acc_type, configs
 
 
@@ -24,9 +26,10 @@ from ._config import acc_type, configs
     key=["M", "N"],
 )
 @triton.jit
-def _csr_rows_kernel(xt_ptr, yt_ptr, vals_ptr, perm_ptr, row_ptr, col_ptr, M, N, stride_xt, stride_yt,
+def _csr_rows_kernel(xt_ptr, yt_ptr, vals_ptr, perm_ptr, row_ptr, col_ptr, order_ptr, M, N, stride_xt, stride_yt,
                      HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    row = tl.program_id(0)
+    # Programs take rows longest first (launch plan): long rows start early, the tail is short.
+    row = tl.load(order_ptr + tl.program_id(0))
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     start = tl.load(row_ptr + row)
@@ -58,12 +61,13 @@ def _rows_mm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, perm: 
     # The kernel indexes these as flat arrays: strides other than 1 would be misread.
     values, row_ptr, col_idx = values.contiguous(), row_ptr.contiguous(), col_idx.contiguous()
     perm = perm.contiguous() if perm is not None else None
+    order, cols = launch_plan(row_ptr, col_idx, k)             # rows longest first, int16 columns
     yt = torch.empty((n, m), dtype=x.dtype, device=x.device)   # [N, M]
 
     def grid(meta):
         return (n, triton.cdiv(m, meta["BLOCK_M"]))
 
-    _csr_rows_kernel[grid](xt, yt, values, perm if perm is not None else col_idx, row_ptr, col_idx, m, n,
+    _csr_rows_kernel[grid](xt, yt, values, perm if perm is not None else cols, row_ptr, cols, order, m, n,
                            xt.stride(0), yt.stride(0), HAS_PERM=perm is not None, ACC=acc_type(x.dtype))
     return yt.t().reshape(*lead, n)
 

@@ -1,4 +1,5 @@
-"""Launch data the CUDA CSR kernels take next to a pattern, derived once per pattern.
+"""Launch data the GPU CSR kernels (CUDA C++ and Triton) take next to a pattern, derived
+once per pattern.
 
 * ``row_order`` int32 [rows]: the rows sorted by length, longest first (stable), the order
   in which warps take them (Sputnik's row swizzle: the warps of a block get similar work,
@@ -6,7 +7,7 @@
 * ``col_idx`` narrowed to int16 when every column fits (``n_cols <= 32768``): half the
   index bytes, which at 90% sparsity in 16-bit values is a third of the weight's traffic.
 
-Both are cached per pattern (``_pattern_cache``) and recomputed when the pattern tensors
+Both are cached per pattern (``pattern_cache``) and recomputed when the pattern tensors
 change, so a topology update that rebuilds the buffers costs one recompute on the next
 call. The cost in memory is 2 bytes
 per non-zero plus 4 per row, on the pattern's device.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pattern_cache import PatternCache
+from .pattern_cache import PatternCache
 
 INT16_MAX_COLS = 1 << 15  # columns 0 .. 32767 fit int16
 
@@ -36,3 +37,17 @@ def build_launch_plan(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> tuple[Te
 def launch_plan(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
     """:func:`build_launch_plan`, cached per pattern (see module docstring)."""
     return _plans.get((col_idx, row_ptr), (n_cols,), lambda: build_launch_plan(row_ptr, col_idx, n_cols))
+
+
+_rows = PatternCache()
+
+
+def nonzero_rows(row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    """Row (int32) of every non-zero [nnz], cached per pattern; built on the device with
+    the output size known from the shapes (no host sync)."""
+    def build() -> Tensor:
+        counts = row_ptr[1:] - row_ptr[:-1]
+        rows = torch.arange(counts.numel(), device=row_ptr.device, dtype=torch.int32)
+        return torch.repeat_interleave(rows, counts, output_size=col_idx.shape[0])
+
+    return _rows.get((col_idx, row_ptr), (), build)

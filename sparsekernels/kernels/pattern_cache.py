@@ -1,5 +1,5 @@
 """Values derived from a sparse pattern's index tensors, kept while those tensors are
-unchanged: the GPU launch plan (``_launch_plan``) and "this pattern was validated"
+unchanged: the GPU launch plan (``launch_plan``) and "this pattern was validated"
 (``_checks``), so neither costs work or a device sync on every call.
 
 An entry is reused only if every tensor it was derived from is the very same object

@@ -170,6 +170,20 @@ def test_gpu_sparse24_training_step_matches_dense(transposable, dtype, monkeypat
     assert all(e["rejected"] == {} for e in backends.measured()), backends.measured()
 
 
+def test_gpu_sparse24_compressed_weight_follows_value_updates():
+    """The semi-structured weight is cached per values version: an in-place update (as an
+    optimizer step makes) must be seen by the next forward."""
+    torch.manual_seed(2)
+    layer = sk.nn.Sparse24Linear(512, 256, bias=False, device="cuda", dtype=torch.float16).eval()
+    x = torch.randn(512, 512, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        y1 = layer(x)
+        assert _rel(layer(x), y1) == 0.0
+        layer.values.mul_(2.0)
+        y2 = layer(x)
+    assert _rel(y2, 2.0 * y1.double()) < 1e-2
+
+
 @pytest.mark.parametrize("transposable", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_sparse24_compress_matches_cpu(transposable, dtype):

@@ -236,8 +236,10 @@ def run_sparse24_cases(reps: int = 10) -> list[dict]:
         def step(module):
             def f():
                 xg.grad = None
-                for p in module.parameters():
-                    p.grad = None
+                with torch.no_grad():  # as an optimizer step would: new values, so 2:4 re-compresses
+                    for p in module.parameters():
+                        p.grad = None
+                        p.mul_(1.0)
                 module(xg).backward(dy)
             return f
         t["dense_step"] = statistics.median(_cuda_time(step(dense), reps))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks
 from .csr_matmul import _sddmm_op, _spmm_t_op
@@ -77,17 +78,36 @@ def gpu_plan(m: int, n: int, k: int, dtype: torch.dtype) -> str:
     return "semi_structured"
 
 
-def _linear_24(x: Tensor, dense: Tensor, bias: Tensor | None, op: str) -> Tensor:
-    """``x [..., k] @ dense^T (+ bias)`` for a dense tensor [n, k] that is 2:4 along k: on
-    sparse tensor cores where ``gpu_plan`` allows, else dense (saying so once)."""
+# torch's semi-structured form of the last W (or W^T) seen per values tensor: repeated
+# products with unchanged values (inference, or forward and backward of one step) do not
+# compress again; an optimizer step writes values in place, which invalidates the entry.
+_semi_structured = PatternCache()
+
+
+def _semi_structured_weight(values: Tensor, meta: Tensor, transposed: bool):
+    def build():
+        dense = _dense_24(values, meta)
+        return torch.sparse.to_sparse_semi_structured(dense.t().contiguous() if transposed else dense)
+
+    return _semi_structured.get((values, meta), (transposed,), build)
+
+
+def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op: str,
+               transposed: bool = False) -> Tensor:
+    """``x [..., k] @ W^T (+ bias)`` for the 2:4 weight W [n, k] = (values, meta), or with
+    ``transposed`` ``x [..., n] @ W`` (W^T must then be 2:4 too): on sparse tensor cores
+    where ``gpu_plan`` allows, else dense (saying so once)."""
+    rows, cols = values.shape[0], 4 * meta.shape[1]
+    n, k = (cols, rows) if transposed else (rows, cols)
     x2 = x.reshape(-1, x.shape[-1])
-    plan = gpu_plan(x2.shape[0], dense.shape[0], dense.shape[1], x.dtype)
+    plan = gpu_plan(x2.shape[0], n, k, x.dtype)
     if plan == "semi_structured":
-        y = torch.nn.functional.linear(x2, torch.sparse.to_sparse_semi_structured(dense), bias)
+        y = torch.nn.functional.linear(x2, _semi_structured_weight(values, meta, transposed), bias)
     else:
         _warn_once(f"{op} on the GPU runs {plan}")
-        y = torch.nn.functional.linear(x2, dense, bias)
-    return y.reshape(*x.shape[:-1], dense.shape[0])
+        dense = _dense_24(values, meta)
+        y = torch.nn.functional.linear(x2, dense.t() if transposed else dense, bias)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _dispatch_24(op: str, x: Tensor, n: int, k: int, run):
@@ -115,7 +135,7 @@ def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, co
             return y.add_(bias) if bias is not None else y
         _checks.check_meta("sparse24_mm", meta)  # the CPU kernel checks it itself
         if x.is_cuda and backend in ("cuda", "triton"):
-            return _linear_24(x, _dense_24(values, meta), bias, "sparse24_mm")
+            return _linear_24(x, values, meta, bias, "sparse24_mm")
         return torch.nn.functional.linear(x, _dense_24(values, meta), bias)
 
     return _dispatch_24("sparse24_mm", x, values.shape[0], 4 * meta.shape[1], run)
@@ -135,10 +155,9 @@ def _input_grad_24(grad: Tensor, values: Tensor, meta: Tensor, pattern: tuple) -
     n, k = values.shape[0], 4 * meta.shape[1]
 
     def run(backend: str) -> Tensor:
-        dense = _dense_24(values, meta)
         if backend in ("cuda", "triton"):
-            return _linear_24(grad, dense.t().contiguous(), None, "sparse24_mm input gradient")
-        return grad @ dense
+            return _linear_24(grad, values, meta, None, "sparse24_mm input gradient", transposed=True)
+        return grad @ _dense_24(values, meta)
 
     return _dispatch_24("sparse24_mm_t", grad, k, n, run)
 

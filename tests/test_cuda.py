@@ -178,7 +178,7 @@ def test_gpu_sparse24_compressed_weight_follows_value_updates():
     x = torch.randn(512, 512, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         y1 = layer(x)
-        assert _rel(layer(x), y1) == 0.0
+        assert _rel(layer(x), y1) < 1e-6
         layer.values.mul_(2.0)
         y2 = layer(x)
     assert _rel(y2, 2.0 * y1.double()) < 1e-2

@@ -224,3 +224,21 @@ def test_gpu_measured_dispatch_accepts_every_backend(monkeypatch):
     (entry,) = [e for e in backends.measured() if e["op"] == "spmm"]
     assert entry["rejected"] == {}, entry
     assert set(entry["times_ms"]) == set(backends.auto_candidates("cuda"))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("corruption", ["row_ptr_end", "col_out_of_range", "t_perm"])
+def test_gpu_corrupt_pattern_is_an_error_not_a_wild_read(backend, corruption):
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} not available")
+    csr = sk.CSR.from_dense(torch.randn(8, 40000, device="cuda"), torch.rand(8, 40000, device="cuda") < 0.01)
+    row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm = (t.clone() for t in csr.pattern())
+    if corruption == "row_ptr_end":
+        row_ptr[-1] += 5
+    elif corruption == "col_out_of_range":
+        col_idx[0] = 40000 + 65536  # would wrap into range if narrowed to int16
+    else:
+        t_perm[0] = csr.nnz + 3
+    x = torch.randn(4, 40000, device="cuda")
+    with sk.use_backend(backend), pytest.raises(ValueError):
+        sk.ops.spmm(x, csr.values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

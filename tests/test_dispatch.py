@@ -142,11 +142,11 @@ def test_launch_plan_is_cached_and_follows_in_place_changes():
     csr = make_csr(20, 30, 0.5, seed=3)
     row_ptr, col_idx = csr.row_ptr.clone(), csr.col_idx.clone()
     first = launch_plan(row_ptr, col_idx, 30)
-    assert launch_plan(row_ptr, col_idx, 30) is first
+    assert all(a is b for a, b in zip(launch_plan(row_ptr, col_idx, 30), first))
     col_idx[0] = 29 - col_idx[0]                                              # in-place edit
     again = launch_plan(row_ptr, col_idx, 30)
-    assert again is not first and int(again[1][0]) == int(col_idx[0])
-    assert launch_plan(row_ptr, col_idx.clone(), 30) is not again             # another tensor
+    assert again[0] is not first[0] and int(again[1][0]) == int(col_idx[0])
+    assert launch_plan(row_ptr, col_idx.clone(), 30)[0] is not again[0]       # another tensor
     with torch.inference_mode():
         inf_ptr, inf_idx = row_ptr.clone(), col_idx.clone()
         assert torch.equal(launch_plan(inf_ptr, inf_idx, 30)[1].int(), inf_idx)   # no version: uncached
@@ -212,3 +212,18 @@ def test_launch_plan_is_built_once_through_the_custom_op(monkeypatch):
         layer(x)
         layer(x)
     assert len(builds) == 1
+
+
+def test_launch_plan_without_narrowing_does_not_keep_its_pattern_alive():
+    import gc
+
+    from sparsekernels.kernels import launch_plan as lp
+
+    row_ptr = torch.tensor([0, 1, 2], dtype=torch.int32)
+    col_idx = torch.tensor([5, 40000], dtype=torch.int32)
+    order, cols = lp.launch_plan(row_ptr, col_idx, 40001)
+    assert cols is col_idx
+    before = len(lp._plans)
+    del col_idx, cols
+    gc.collect()
+    assert len(lp._plans) == before - 1

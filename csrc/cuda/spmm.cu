@@ -209,7 +209,8 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
     else launch<scalar_t, int32_t, false>(xt, yt, v, nullptr, rp, ci, order_ptr, n, k, m, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return yt.t().reshape(out_shape);
+  // Contiguous [..., N], as the fake implementation says (torch.compile checks strides).
+  return yt.t().contiguous().view(out_shape);
 }
 
 }  // namespace
@@ -224,8 +225,11 @@ at::Tensor spmm_t_cuda(const at::Tensor& dy, const at::Tensor& values, const at:
                        const at::Tensor& t_col_idx, const at::Tensor& t_perm,
                        const std::optional<at::Tensor>& row_order) {
   check_cuda_inputs("spmm_t", dy, values, t_row_ptr, t_col_idx, row_order);
-  TORCH_CHECK_VALUE(t_perm.is_cuda() && t_perm.dim() == 1 && t_perm.numel() == values.numel(),
-                    "spmm_t: t_perm must be a 1-D CUDA tensor with nnz entries");
+  TORCH_CHECK_VALUE(t_perm.is_cuda() && t_perm.device() == values.device() && t_perm.dim() == 1 &&
+                        t_perm.numel() == values.numel(),
+                    "spmm_t: t_perm must be a 1-D tensor with nnz entries on the device of values");
+  TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
+                   "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
   return rows_mm(dy, values, t_row_ptr, t_col_idx, &t_perm, row_order, dy.size(-1));
 }
 

@@ -36,7 +36,13 @@ def build_launch_plan(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> tuple[Te
 
 def launch_plan(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
     """:func:`build_launch_plan`, cached per pattern (see module docstring)."""
-    return _plans.get((col_idx, row_ptr), (n_cols,), lambda: build_launch_plan(row_ptr, col_idx, n_cols))
+    def build() -> tuple[Tensor, Tensor | None]:
+        order, cols = build_launch_plan(row_ptr, col_idx, n_cols)
+        # Never store col_idx itself: the entry would keep its own key alive (a leak).
+        return order, (None if cols is col_idx else cols)
+
+    order, cols = _plans.get((col_idx, row_ptr), (n_cols,), build)
+    return order, (col_idx if cols is None else cols)
 
 
 _rows = PatternCache()

@@ -5,7 +5,11 @@ unchanged: the GPU launch plan (``launch_plan``) and "this pattern was validated
 An entry is reused only if every tensor it was derived from is the very same object
 (weak references: a rebuilt pattern is a new object), still at the same version (an
 in-place write bumps ``Tensor._version``), storage and shape. Inference tensors keep no
-version counter: for them nothing is cached.
+version counter: for them nothing is cached. Writes that bypass the version counter
+(``t.data[...] = ...``, raw pointers, DLPack) are not seen: rebuild the pattern tensors
+instead of editing them that way. A cached value must not hold its own key tensor (it
+would never be freed). Values are built on the current stream; a pattern shared by
+several CUDA streams needs the usual stream synchronisation before its first use.
 """
 
 from __future__ import annotations

@@ -49,14 +49,14 @@ def _triton(name: str):
 def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
              t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
     def run(backend: str) -> Tensor:
-        if backend == "cpu":
+        if backend == "cpu":  # the C++ CPU kernels check the pattern themselves
             return _compiled("spmm")(x, values, row_ptr, col_idx)
+        # The GPU kernels and the reference would read out of bounds or wrap on a corrupt
+        # pattern: checked once per pattern (cached, no device sync on later calls).
+        _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "cuda":
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
             return _compiled("spmm")(x, values, row_ptr, cols, order)
-        # The compiled kernels check the pattern themselves; the others would wrap or read
-        # out of bounds on a corrupt one.
-        _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "triton":
             return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
@@ -76,10 +76,10 @@ def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_r
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+        _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "cuda":
             order, cols = launch_plan(t_row_ptr, t_col_idx, row_ptr.shape[0] - 1)
             return _compiled("spmm_t")(dy, values, t_row_ptr, cols, t_perm, order)
-        _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "triton":
             return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
@@ -99,10 +99,10 @@ def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+        _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "cuda":
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
             return _compiled("sddmm")(dy, x, row_ptr, cols, order)
-        _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "triton":
             return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

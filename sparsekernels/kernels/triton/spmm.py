@@ -69,7 +69,7 @@ def _rows_mm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, perm: 
 
     _csr_rows_kernel[grid](xt, yt, values, perm if perm is not None else cols, row_ptr, cols, order, m, n,
                            xt.stride(0), yt.stride(0), HAS_PERM=perm is not None, ACC=acc_type(x.dtype))
-    return yt.t().reshape(*lead, n)
+    return yt.t().contiguous().view(*lead, n)  # contiguous, as the fake implementation
 
 
 def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor, t_col_idx: Tensor,

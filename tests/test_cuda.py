@@ -15,11 +15,12 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
-# (batch, in, out): batch <= 16 runs the small-batch CUDA kernel (5: a partial tile of 8),
-# above it the strip kernel (17: one lane busy; 97: strips not 16-byte aligned, scalar
-# loads; 256 and 300: vector loads); in = 40000 keeps int32 column indices (int16 below).
-SHAPES = [(1, 7, 5), (5, 40000, 33), (16, 4096, 4096), (17, 96, 130), (97, 1025, 259), (256, 520, 264),
-          (300, 64, 1000)]
+# (batch, in, out): batch <= 32 runs the small-batch CUDA kernel (5 and 17: partial tiles
+# of 8 and 32 outputs, scalar loads; 16 and 32: full tiles, vector loads), above it the
+# strip kernel (33: one lane busy; 97: strips not 16-byte aligned, scalar loads; 256 and
+# 300: vector loads); in = 40000 keeps int32 column indices (int16 below).
+SHAPES = [(1, 7, 5), (5, 40000, 33), (16, 4096, 4096), (17, 96, 130), (32, 257, 96), (33, 96, 130),
+          (97, 1025, 259), (256, 520, 264), (300, 64, 1000)]
 
 
 def _poison():

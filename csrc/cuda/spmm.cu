@@ -6,15 +6,17 @@
 // X^T [K, M], so the sparse matrix is on the left, Y^T = W X^T, and each non-zero w[n, k]
 // reads one contiguous strip X^T[k, m0 : m0 + tile]. Two kernels, by batch size M:
 //
-// * csr_rows_kernel (M > kSmallM, training / prefill): one warp owns one row of W and one
+// * csr_rows_kernel (M > kSmallM = 32, training / prefill): one warp owns one row of W and one
 //   strip of M; it loads 32 (column, value) pairs with one coalesced load and broadcasts
 //   them with shuffles; each lane accumulates kVec consecutive outputs in fp32 registers
 //   and reads its part of the strip with ONE 16-byte vector load per non-zero (4 fp32,
 //   8 fp16 / bf16). Strips are re-read by other rows through L1 (__ldg).
-// * csr_rows_small_m_kernel (M <= kSmallM, decode: the weight's bytes dominate): one warp
-//   per row, lanes split the row's non-zeros (coalesced value / index loads: the bytes
-//   that matter), each lane keeps all M <= 16 partial sums and the warp reduces them with
-//   butterfly shuffles. X (at most 16 x K) stays in L1 / L2.
+// * csr_rows_small_m_kernel (M <= 32, decode and small batches: the weight's bytes
+//   dominate, and a strip kernel would leave most lanes idle): one warp per row, lanes
+//   split the row's non-zeros (coalesced value / index loads: the bytes that matter), each
+//   lane keeps all M partial sums (reading its column of X^T with 16-byte loads when M
+//   fills the tile) and the warp reduces them with butterfly shuffles. X (at most 32 x K)
+//   stays in L1 / L2.
 //
 // Load balance: rows are taken in `row_order` (rows sorted by length, longest first; the
 // "row swizzle" of Sputnik) so the warps of a block get similar work and the long rows
@@ -39,7 +41,7 @@ namespace sparsekernels::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kSmallM = 16;
+constexpr int kSmallM = 32;
 
 template <typename scalar_t, typename index_t, bool kPerm>
 __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
@@ -101,8 +103,9 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
                             const scalar_t* __restrict__ vals, const int32_t* __restrict__ perm,
                             const int32_t* __restrict__ row_ptr, const index_t* __restrict__ col_idx,
                             const int32_t* __restrict__ row_order, int64_t n_rows, int64_t n_cols,
-                            int64_t m) {
+                            int64_t m, bool vec_full) {
   using acc_t = typename Acc<scalar_t>::type;
+  constexpr int kVec = VecWidth<scalar_t>::value;
   const int lane = threadIdx.x % kWarp;
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (slot >= n_rows) return;  // warp-uniform
@@ -116,6 +119,18 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
     if (col < 0 || col >= n_cols) continue;  // corrupt index: never read
     const acc_t w = to_acc(vals[kPerm ? perm[e] : e]);
     const scalar_t* xcol = xt + static_cast<int64_t>(col) * m;
+    if constexpr (kM % kVec == 0) {
+      if (vec_full) {  // m == kM and 16-byte aligned columns: kM / kVec vector loads
+#pragma unroll
+        for (int c = 0; c < kM / kVec; ++c) {
+          acc_t xv[kVec];
+          load_vec<scalar_t, kVec>(xcol + c * kVec, xv);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[c * kVec + i] += w * xv[i];
+        }
+        continue;
+      }
+    }
 #pragma unroll
     for (int j = 0; j < kM; ++j)
       if (j < m) acc[j] += w * ldg_acc(xcol + j);
@@ -161,14 +176,19 @@ void launch(const at::Tensor& xt, at::Tensor& yt, const at::Tensor& v, const int
   const index_t* cols = ci.data_ptr<index_t>();
   if (m <= kSmallM) {
     const dim3 grid(row_blocks);
-#define SK_SMALL_M(KM)                                                                             \
-  csr_rows_small_m_kernel<scalar_t, index_t, kPerm, KM><<<grid, block, 0, stream>>>(x, y, vals, perm, \
-                                                                                 ptr, cols, order, n, k, m)
+    // Vector loads of a whole column strip need m == kM (checked per branch) and 16-byte
+    // aligned strips (strip c starts at c * m elements).
+    const bool aligned = (m * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(x) % 16 == 0;
+#define SK_SMALL_M(KM)                                                                              \
+  csr_rows_small_m_kernel<scalar_t, index_t, kPerm, KM><<<grid, block, 0, stream>>>(                \
+      x, y, vals, perm, ptr, cols, order, n, k, m, aligned && m == KM)
     if (m <= 1) SK_SMALL_M(1);
     else if (m <= 2) SK_SMALL_M(2);
     else if (m <= 4) SK_SMALL_M(4);
     else if (m <= 8) SK_SMALL_M(8);
-    else SK_SMALL_M(16);
+    else if (m <= 16) SK_SMALL_M(16);
+    else SK_SMALL_M(32);
 #undef SK_SMALL_M
     return;
   }

@@ -60,6 +60,8 @@ json.dump(payload, open("$OUT/gpu-results.json", "w"), indent=1)
 for r in payload["results"]:
     print(r["batch"], r["in_features"], r["out_features"], r["sparsity"], r.get("error") or {k: round(v, 2) for k, v in r["speedup"].items()})
 print("skipped for time:", payload["skipped_for_time"])
+# A backend "auto" rejected disagreed with the reference (or failed): a kernel bug to fix.
+print("auto rejected:", [(e["op"], e["key"], e["rejected"]) for e in payload["auto_choices"] if e["rejected"]] or "none")
 PYEOF
 fi
 echo "== done: $OUT" | tee -a "$LOG"

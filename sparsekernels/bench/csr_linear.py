@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import ops
+from .. import backends, ops
 from ..nn import SparseLinear
 from . import harness
 
@@ -178,6 +178,8 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
         "results": [asdict(r) for r in results],
         "sparse24": sparse24,
         "targets": targets(results, sparse24),
+        # What "auto" (the op the layers call) measured and chose per problem class.
+        "auto_choices": backends.measured(),
     }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .. import ops
 from ..kernels.launch_plan import INT16_MAX_COLS
-from ..backends import available, use_backend
+from ..backends import available, measured, use_backend
 from ..nn import SparseLinear
 from . import harness
 
@@ -287,4 +287,6 @@ def run(shapes=None, sparsities=None, progress=None, time_budget_s: float = 330.
         if progress is not None:
             progress(name)
     return {"benchmark": "csr_linear_gpu", "machine": harness.machine_info("cuda"), "peaks": peaks,
-            "results": results, "skipped_for_time": skipped, **extra}
+            "results": results, "skipped_for_time": skipped, **extra,
+            # What "auto" measured and chose per problem class (and any backend it rejected).
+            "auto_choices": measured()}

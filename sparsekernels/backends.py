@@ -87,25 +87,18 @@ def available(device_type: str) -> list[str]:
     return names
 
 
-# Density from which "auto" runs a CSR product as a dense matmul on the CPU. Measured in
-# bench/results/csr-linear-cpu-*.json: at 50% sparsity our forward is 1.0-1.2x dense but the
-# full step 0.8-1.0x; denser layers (e.g. the small layers ERK leaves dense) only lose.
-CPU_DENSE_FROM_DENSITY = 0.6
-
-
 def resolve(op: str, device: torch.device, dtype: torch.dtype, density: float | None = None) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``; ``density``
-    (nnz / (out * in)) lets ``"auto"`` send nearly dense weights to a dense matmul."""
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype`` when nothing is
+    measured: the requested one, or under ``"auto"`` the first available of CPU: our C++
+    kernels; GPU: our CUDA kernels, then Triton; the reference last. (The reference builds
+    the dense weight on every call: measured 3-8x slower than the C++ kernel on the CPU
+    even at density 1, so no density sends a product there without measuring.) The Triton
+    interpreter is never chosen automatically: it exists for testing. ``density`` is
+    accepted for callers' symmetry with :func:`dispatch`."""
     requested = get_backend()
     choices = available(device.type)
     if requested == "auto":
-        # CPU: the C++ kernels, or a dense matmul (the reference) at or above
-        # CPU_DENSE_FROM_DENSITY; GPU: our CUDA kernels, then Triton; the reference last.
-        # The Triton interpreter is never chosen automatically: it exists for testing.
-        auto = [c for c in choices if not (c == "triton" and device.type == "cpu")]
-        if device.type == "cpu" and density is not None and density >= CPU_DENSE_FROM_DENSITY:
-            return "reference"
-        return auto[0]
+        return auto_candidates(device.type)[0]
     if requested in choices:
         return requested
     if requested in ("cpu", "cuda") and requested != device.type:

@@ -35,7 +35,7 @@ def collect() -> dict:
         f"auto: products of >= {backends.MEASURE_MIN_FLOPS:.0f} dense-equivalent FLOPs are measured once per "
         f"(op, device, dtype, batch bucket, shape, density) on every available backend, checked against the "
         f"reference, and the fastest kept [measuring {measuring}]; smaller ones take the first available "
-        f"backend (CPU: dense matmul at density >= {backends.CPU_DENSE_FROM_DENSITY})")
+        f"backend (CPU: the C++ kernels; GPU: CUDA, then Triton)")
     info["measured"] = backends.measured()
     info["sparse24_gpu_policy"] = (f"2:4 GEMM (bias fused) through torch semi-structured tensors for fp16/bf16 "
                                    f"with >= {GPU_MIN_ROWS} rows, measured against dense cuBLAS per shape; "

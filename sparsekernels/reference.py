@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 
-def csr_rows(row_ptr: Tensor) -> Tensor:
-    """Row index (int64) of every non-zero, from ``row_ptr`` [rows + 1]."""
+def csr_rows(row_ptr: Tensor, nnz: int | None = None) -> Tensor:
+    """Row index (int64) of every non-zero, from ``row_ptr`` [rows + 1]; passing ``nnz``
+    (known from the shapes) spares a device sync on the GPU."""
     counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts, output_size=nnz)
 
 
 def meta_columns(meta: Tensor) -> Tensor:
@@ -36,9 +37,10 @@ def meta_columns(meta: Tensor) -> Tensor:
 def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
     """Dense ``[rows, n_cols]`` matrix of a CSR matrix (differentiable in ``values``)."""
     n_rows = row_ptr.numel() - 1
-    dense = values.new_zeros(n_rows * n_cols)
-    flat = csr_rows(row_ptr) * n_cols + col_idx.long()
-    return dense.index_put((flat,), values).view(n_rows, n_cols)
+    flat = csr_rows(row_ptr, col_idx.shape[0]) * n_cols + col_idx.long()
+    # In place on a fresh zero tensor (still differentiable in values): the out-of-place
+    # form would copy the whole dense matrix once more.
+    return values.new_zeros(n_rows * n_cols).index_put_((flat,), values).view(n_rows, n_cols)
 
 
 def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,

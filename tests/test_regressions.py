@@ -60,8 +60,8 @@ def _dense_csr():
 
 
 def test_auto_backend_silently_accepts_negative_col_idx():
-    """Density >= 0.6 goes to the reference path on the CPU, which checks nothing: a -1
-    column wraps into the previous row (silent wrong answer)."""
+    """A -1 column must be an error on every path (the reference path once checked
+    nothing: it wrapped into the previous row, a silent wrong answer)."""
     c = _dense_csr()
     col = c.col_idx.clone()
     col[5] = -1

@@ -46,7 +46,9 @@ if ! $PY -c "import pytest" 2>/dev/null && [ -d bench/.wheels ]; then
   $PY -m pip install -q --no-index --find-links bench/.wheels pytest >>"$LOG" 2>&1 || true
 fi
 if $PY -c "import pytest" 2>/dev/null; then
-  $PY -m pytest tests/test_cuda.py tests/test_triton_kernels.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.txt" | tail -15
+  # Capped so the benchmark keeps its share of the command's 10 minutes.
+  timeout "${GPU_TEST_SECONDS:-240}" $PY -m pytest tests/test_cuda.py tests/test_triton_kernels.py -q -p no:cacheprovider -rs -x \
+    2>&1 | tee "$OUT/gpu-tests.txt" | tail -15
 else
   echo "pytest is not available: tests not run (carry bench/.wheels from 'make gpu-wheels')" | tee "$OUT/gpu-tests.txt"
 fi
@@ -60,10 +62,14 @@ import json, torch
 from sparsekernels.bench import gpu
 left = max(60, $BUDGET - ($(date +%s) - $T0) - 30)
 print("benchmark time budget", left, "s", flush=True)
-payload = gpu.run(progress=lambda s: print("done", s, flush=True), time_budget_s=left)
 import os
-payload["tests"] = open("$OUT/gpu-tests.txt").read()[-4000:] if os.path.exists("$OUT/gpu-tests.txt") else "not run"
-json.dump(payload, open("$OUT/gpu-results.json", "w"), indent=1)
+tests = open("$OUT/gpu-tests.txt").read()[-4000:] if os.path.exists("$OUT/gpu-tests.txt") else "not run"
+
+def save(payload):  # after every case: a command killed at its limit still leaves results
+    json.dump({**payload, "tests": tests}, open("$OUT/gpu-results.json", "w"), indent=1)
+
+payload = gpu.run(progress=lambda s: print("done", s, flush=True), time_budget_s=left, checkpoint=save)
+save(payload)
 for r in payload["results"]:
     print(r["batch"], r["in_features"], r["out_features"], r["sparsity"], r.get("error") or {k: round(v, 2) for k, v in r["speedup"].items()})
 print("skipped for time:", payload["skipped_for_time"])

@@ -120,7 +120,7 @@ def test_srste_gradient_formula_elementwise(seed):
     w = layer.weight.detach()
     e = prune_24(w)
     assert torch.equal(layer.mask(), e)
-    expected_dw = dy.t() @ x.detach() + 0.1 * (~e) * w
+    expected_dw = dy.t() @ x.detach() + 0.1 * w * (~e)  # lambda in the weight's dtype (fp64 here)
     torch.testing.assert_close(layer.weight.grad, expected_dw, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, dy @ (w * e), rtol=1e-12, atol=1e-12)
 
@@ -232,3 +232,35 @@ def test_sparse24_mm_rejects_bad_bias():
         sk.ops.sparse24_mm(torch.randn(2, 8), v, *pattern, torch.randn(8, dtype=torch.float64))
     with pytest.raises(TypeError, match="transposable"):
         sk.ops.sparse24_mm(torch.randn(2, 8), v, *pattern, transposable=1)
+
+
+def test_transposable_layer_rejects_a_mask_whose_transpose_is_not_24(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 8, generator=g)
+    row_only = torch.zeros(8, 8, dtype=torch.bool)
+    row_only[:, :2] = True                                  # 2:4 along rows, 4:4 down columns
+    with pytest.raises(ValueError, match="transposable"):
+        sk.nn.Sparse24Linear.from_dense(_linear_from(w), mask=row_only, transposable=True)
+    plain = sk.nn.Sparse24Linear.from_dense(_linear_from(w), mask=row_only)
+    trans = sk.nn.Sparse24Linear.from_dense(_linear_from(w), transposable=True)
+    with pytest.raises(ValueError, match="transposable"):
+        trans.load_state_dict(plain.state_dict())
+    ok = sk.nn.Sparse24Linear.from_dense(_linear_from(w), mask=prune_24_transposable(w), transposable=True)
+    assert is_24(ok.mask(), dim=0) and is_24(ok.mask())
+
+
+def test_meta_is_checked_once_per_meta_tensor(monkeypatch):
+    from sparsekernels.ops import _checks
+
+    checks = []
+    real = _checks._check_meta
+    monkeypatch.setattr(_checks, "_check_meta", lambda op, m: checks.append(op) or real(op, m))
+    layer = _sparse24_args(torch.randn(8, 8))
+    with sk.use_backend("reference"):
+        layer(torch.randn(2, 8))
+        layer(torch.randn(3, 8))
+        assert len(checks) == 1
+        with torch.no_grad():
+            layer.meta[0, 0] = 0b0101                       # corrupt in place: i0 == i1
+        with pytest.raises(ValueError, match="meta"):
+            layer(torch.randn(2, 8))

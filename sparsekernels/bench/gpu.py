@@ -30,6 +30,8 @@ def _cuda_time(fn, reps: int = 10, warmup: int = 3, budget_s: float = 2.0) -> li
     """Seconds per call, one sample per rep, timed with CUDA events. Slow calls get fewer
     reps (about ``budget_s`` per variant) so one slow kernel cannot eat the machine's
     10-minute command limit."""
+    fn()  # untimed: Triton compiles and "auto" measures on a first call
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -262,11 +264,12 @@ PRIORITY_CASES = [((2048, 4096, 4096), 0.9), ((2048, 4096, 4096), 0.98), ((1, 40
                   ((16, 4096, 4096), 0.9)]
 
 
-def run(shapes=None, sparsities=None, progress=None, time_budget_s: float = 330.0) -> dict:
+def run(shapes=None, sparsities=None, progress=None, time_budget_s: float = 330.0, checkpoint=None) -> dict:
     """All GPU cases, in this order: the issue's target CSR cases, the BSR / regrowth / 2:4
     cases, then the rest of the CSR sweep. New cases stop starting after ``time_budget_s``
     (the GPU machine allows 10 minutes per command; build and tests run first); skipped
-    ones are listed."""
+    ones are listed. ``checkpoint(payload)`` is called after every case with the results so
+    far, so a command killed at its time limit still leaves them."""
     import time
 
     if not torch.cuda.is_available():
@@ -274,6 +277,20 @@ def run(shapes=None, sparsities=None, progress=None, time_budget_s: float = 330.
     t0 = time.monotonic()
     peaks = measure_peaks()
     results, skipped = [], []
+    extra = {}
+
+    def payload() -> dict:
+        return {"benchmark": "csr_linear_gpu", "machine": harness.machine_info("cuda"), "peaks": peaks,
+                "results": results, "skipped_for_time": skipped, **extra,
+                # What "auto" measured and chose per problem class (and any backend it rejected).
+                "auto_choices": measured()}
+
+    def done(label: str) -> None:
+        if progress is not None:
+            progress(label)
+        if checkpoint is not None:
+            checkpoint(payload())
+
     sweep = [(shape, s) for shape in shapes or SHAPES for s in sparsities or SPARSITIES]
     first = [c for c in PRIORITY_CASES if c in sweep]
     rest = [c for c in sweep if c not in first]
@@ -288,11 +305,9 @@ def run(shapes=None, sparsities=None, progress=None, time_budget_s: float = 330.
             except Exception as exc:  # record it and keep measuring the other cases
                 results.append({"batch": shape[0], "in_features": shape[1], "out_features": shape[2], "sparsity": s,
                                 "error": f"{type(exc).__name__}: {exc}", "speedup": {}})
-            if progress is not None:
-                progress(f"{shape} s={s}")
+            done(f"{shape} s={s}")
 
     csr_cases(first)
-    extra = {}
     for name, fn in (("bsr", run_bsr_case), ("regrowth", run_regrowth_case), ("sparse24", run_sparse24_cases)):
         if time.monotonic() - t0 > time_budget_s:
             extra[name] = {"skipped_for_time": True}
@@ -301,10 +316,6 @@ def run(shapes=None, sparsities=None, progress=None, time_budget_s: float = 330.
             extra[name] = fn()
         except Exception as exc:  # record and go on: one failure must not lose the rest
             extra[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        if progress is not None:
-            progress(name)
+        done(name)
     csr_cases(rest)
-    return {"benchmark": "csr_linear_gpu", "machine": harness.machine_info("cuda"), "peaks": peaks,
-            "results": results, "skipped_for_time": skipped, **extra,
-            # What "auto" measured and chose per problem class (and any backend it rejected).
-            "auto_choices": measured()}
+    return payload()

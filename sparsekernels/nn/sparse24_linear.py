@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..formats import CSR, Sparse24, compress_24
+from ..formats import CSR, Sparse24, compress_24, is_24
 from ..formats.sparse24 import check_24_shape
 from ..ops import sparse24_mm, srste_linear
 from ..reference import meta_columns
@@ -77,7 +77,16 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("stored_mask", s24.mask(), persistent=False)
         return s24
 
+    def _check_transposable(self, mask: Tensor, where: str) -> None:
+        # The GPU input gradient runs W^T on the 2:4 GEMM: a W^T that is not 2:4 would give
+        # a silently wrong gradient, so a layer declared transposable must really be.
+        if self.transposable and not is_24(mask, dim=0):
+            raise ValueError(f"Sparse24Linear: transposable=True needs a mask that is 2:4 along columns too "
+                             f"(W^T 2:4), but the {where} is not; use prune_24_transposable or transposable=False")
+
     def _init_from(self, weight: Tensor, mask: Tensor | None) -> None:
+        if mask is not None:
+            self._check_transposable(mask, "given mask")
         s24 = self._set_pattern(weight, mask)
         if self.mode == "fixed":
             self.values = nn.Parameter(s24.values.clone())
@@ -101,7 +110,9 @@ class Sparse24Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The mask is derived from meta (not saved twice): rebuild it from the loaded meta.
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.meta.device)
-        self.stored_mask = mask.scatter(1, meta_columns(self.meta), True)
+        mask = mask.scatter(1, meta_columns(self.meta), True)
+        self._check_transposable(mask, "loaded meta")
+        self.stored_mask = mask
 
     # ------------------------------------------------------------------ views
     def mask(self) -> Tensor:

@@ -98,9 +98,18 @@ def _check_csr_contents(op: str, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     return True
 
 
+_validated_meta = PatternCache()
+
+
 def check_meta(op: str, meta: Tensor) -> None:
-    """2:4 metadata bytes must be i0 | i1 << 2 with 0 <= i0 < i1 < 4."""
+    """2:4 metadata bytes must be i0 | i1 << 2 with 0 <= i0 < i1 < 4. Checked once per meta
+    tensor while it stays unchanged (a device sync on the GPU only then)."""
+    _validated_meta.get((meta,), (), lambda: _check_meta(op, meta))
+
+
+def _check_meta(op: str, meta: Tensor) -> bool:
     if meta.numel():
         m = meta.to(torch.int32)
         if bool(((m >= 16) | ((m & 3) >= (m >> 2))).any()):
             raise ValueError(f"{op}: meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4")
+    return True

@@ -102,7 +102,9 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
     x2 = x.reshape(-1, x.shape[-1])
     plan = gpu_plan(x2.shape[0], n, k, x.dtype)
     if plan == "semi_structured":
-        y = torch.nn.functional.linear(x2, _semi_structured_weight(values, meta, transposed), bias)
+        # torch's 2:4 GEMM reads its dense operand as contiguous (or one plain transpose):
+        # an expanded gradient or a column slice would be misread.
+        y = torch.nn.functional.linear(x2.contiguous(), _semi_structured_weight(values, meta, transposed), bias)
     else:
         _warn_once(f"{op} on the GPU runs {plan}")
         dense = _dense_24(values, meta)
@@ -133,7 +135,7 @@ def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, co
         if backend == "cpu":
             y = torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
             return y.add_(bias) if bias is not None else y
-        _checks.check_meta("sparse24_mm", meta)  # the CPU kernel checks it itself
+        _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
         if x.is_cuda and backend in ("cuda", "triton"):
             return _linear_24(x, values, meta, bias, "sparse24_mm")
         return torch.nn.functional.linear(x, _dense_24(values, meta), bias)
@@ -238,7 +240,7 @@ class _SRSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g2 = grad.reshape(-1, grad.shape[-1])
             gw = g2.t() @ x.reshape(-1, x.shape[-1])
-            gw = gw + ctx.lam * (~mask) * weight
+            gw = gw + torch.where(mask, 0.0, weight).mul_(ctx.lam)  # stays in the weight's dtype
         return gx, gw, None, None, None, None, None, None, None, None
 
 

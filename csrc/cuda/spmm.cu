@@ -23,7 +23,7 @@
 // start first. Index width: col_idx may be int16 (when the column count fits) to halve the
 // index bytes; the caller keeps that narrow copy (sparsekernels/kernels/launch_plan.py).
 // spmm_t runs the same kernels on W^T's CSR (the transpose map), reading values through
-// t_perm: a gather, no atomics.
+// t_perm: a gather, no atomics (done once up front when M spans several strips).
 //
 // Indices are trusted to be in range here (patterns are validated where they are built:
 // CSR.from_*, the topology update); an out-of-range column is skipped rather than read,
@@ -223,10 +223,17 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_rows_kernel", [&] {
     const bool narrow = ci.scalar_type() == at::kShort;
-    if (perm && narrow) launch<scalar_t, int16_t, true>(xt, yt, v, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
-    else if (perm) launch<scalar_t, int32_t, true>(xt, yt, v, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
-    else if (narrow) launch<scalar_t, int16_t, false>(xt, yt, v, nullptr, rp, ci, order_ptr, n, k, m, stream);
-    else launch<scalar_t, int32_t, false>(xt, yt, v, nullptr, rp, ci, order_ptr, n, k, m, stream);
+    // spmm_t over several strips of M: each strip would gather the values through t_perm
+    // again (scattered loads); one gather up front (one pass over nnz) makes every strip's
+    // value loads coalesced.
+    constexpr int64_t kTileM = kWarp * VecWidth<scalar_t>::value;
+    const bool pregather = perm && m > kTileM;
+    const at::Tensor vals = pregather ? v.index_select(0, pm) : v;
+    const bool gather = perm && !pregather;
+    if (gather && narrow) launch<scalar_t, int16_t, true>(xt, yt, vals, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
+    else if (gather) launch<scalar_t, int32_t, true>(xt, yt, vals, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
+    else if (narrow) launch<scalar_t, int16_t, false>(xt, yt, vals, nullptr, rp, ci, order_ptr, n, k, m, stream);
+    else launch<scalar_t, int32_t, false>(xt, yt, vals, nullptr, rp, ci, order_ptr, n, k, m, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Contiguous [..., N], as the fake implementation says (torch.compile checks strides).

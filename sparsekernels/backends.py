@@ -227,7 +227,10 @@ def _measure(op: str, full_key: tuple, cands: list[str], run: Callable[[str], T]
         try:
             out = run(name)  # warm-up (Triton compiles here) and the output to check
             _sync(device)
-        except Exception as exc:  # a backend that cannot run this case is skipped, not fatal
+        except Exception as exc:
+            if name == "reference":
+                raise  # the inputs themselves are bad: the same error an unmeasured call gives
+            # A backend that cannot run this case is skipped, not fatal.
             rejected[name] = f"{type(exc).__name__}: {exc}"[:200]
             continue
         if name == "reference":

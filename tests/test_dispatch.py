@@ -82,7 +82,18 @@ def test_no_backend_that_runs_is_a_clear_error(measure_everything):
         raise RuntimeError("broken")
 
     with pytest.raises(RuntimeError, match="no backend could run"), pytest.warns(RuntimeWarning):
-        backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, candidates=["cpu", "reference"])
+        backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, candidates=["cpu", "triton"])
+
+
+def test_bad_input_raises_its_own_error_while_measuring(measure_everything):
+    """The reference runs first; if it rejects the inputs, that error is the answer (not a
+    "no backend" error), exactly as without measuring."""
+    csr = make_csr(64, 96, 0.8, seed=2)
+    col_idx = csr.col_idx.clone()
+    col_idx[0] = 96                                            # out of range
+    with pytest.raises(ValueError, match="col_idx"):
+        sk.ops.spmm(torch.randn(40, 96), csr.values, csr.row_ptr, col_idx, *csr.pattern()[2:])
+    assert backends.measured() == []
 
 
 @pytest.mark.parametrize("how", ["override", "env_off", "small"])

@@ -19,10 +19,12 @@ pytestmark = [pytest.mark.cuda,
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 # (batch, in, out): batch <= 32 runs the small-batch CUDA kernel (5 and 17: partial tiles
 # of 8 and 32 outputs, scalar loads; 16 and 32: full tiles, vector loads), above it the
-# strip kernel (33: one lane busy; 97: strips not 16-byte aligned, scalar loads; 256 and
-# 300: vector loads); in = 40000 keeps int32 column indices (int16 below).
+# strip kernel with sub-warps of 8 / 16 lanes while the batch fits their strip (33: partly
+# busy; 64: full strips in fp32 and bf16; 97: 16-lane bf16 strips, unaligned fp32 strips),
+# whole warps beyond (256, 300: two strips in fp32); in = 40000 keeps int32 column
+# indices (int16 below).
 SHAPES = [(1, 7, 5), (5, 40000, 33), (16, 4096, 4096), (17, 96, 130), (32, 257, 96), (33, 96, 130),
-          (97, 1025, 259), (256, 520, 264), (300, 64, 1000)]
+          (64, 136, 200), (97, 1025, 259), (256, 520, 264), (300, 64, 1000)]
 
 
 def _poison():

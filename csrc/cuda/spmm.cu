@@ -6,11 +6,12 @@
 // X^T [K, M], so the sparse matrix is on the left, Y^T = W X^T, and each non-zero w[n, k]
 // reads one contiguous strip X^T[k, m0 : m0 + tile]. Two kernels, by batch size M:
 //
-// * csr_rows_kernel (M > kSmallM = 32, training / prefill): one warp owns one row of W and one
-//   strip of M; it loads 32 (column, value) pairs with one coalesced load and broadcasts
-//   them with shuffles; each lane accumulates kVec consecutive outputs in fp32 registers
-//   and reads its part of the strip with ONE 16-byte vector load per non-zero (4 fp32,
-//   8 fp16 / bf16). Strips are re-read by other rows through L1 (__ldg).
+// * csr_rows_kernel (M > kSmallM = 32, training / prefill): one warp (or a sub-warp of 8 or
+//   16 lanes when M is narrower than a warp's strip) owns one row of W and one strip of M;
+//   it loads up to 32 (column, value) pairs with one coalesced load and broadcasts them
+//   with shuffles; each lane accumulates kVec consecutive outputs in fp32 registers and
+//   reads its part of the strip with ONE 16-byte vector load per non-zero (4 fp32, 8 fp16 /
+//   bf16). Strips are re-read by other rows through L1 (__ldg).
 // * csr_rows_small_m_kernel (M <= 32, decode and small batches: the weight's bytes
 //   dominate, and a strip kernel would leave most lanes idle): one warp per row, lanes
 //   split the row's non-zeros (coalesced value / index loads: the bytes that matter), each
@@ -43,7 +44,10 @@ namespace {
 constexpr int kWarpsPerBlock = 4;
 constexpr int kSmallM = 32;
 
-template <typename scalar_t, typename index_t, bool kPerm>
+// kLanes lanes (a sub-warp: 8, 16 or the whole warp) own one row and a strip of
+// kLanes * kVec outputs; a warp holds kWarp / kLanes rows. Narrow sub-warps keep every lane
+// busy when M is below a full warp's strip (e.g. M = 64 in bf16 is 8 lanes of 8).
+template <typename scalar_t, typename index_t, bool kPerm, int kLanes>
 __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
     csr_rows_kernel(const scalar_t* __restrict__ xt, scalar_t* __restrict__ yt,
                     const scalar_t* __restrict__ vals, const int32_t* __restrict__ perm,
@@ -52,32 +56,39 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
                     bool vec_ok) {
   using acc_t = typename Acc<scalar_t>::type;
   constexpr int kVec = VecWidth<scalar_t>::value;
-  constexpr int kTileM = kWarp * kVec;
+  constexpr int kTileM = kLanes * kVec;
+  constexpr int kRowsPerWarp = kWarp / kLanes;
+  static_assert(kWarp % kLanes == 0, "sub-warps tile the warp");
   const int lane = threadIdx.x % kWarp;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (slot >= n_rows) return;  // warp-uniform
+  const int sub = lane / kLanes, sub_lane = lane % kLanes;
+  // Shuffles involve exactly this sub-warp's lanes: the other rows of the warp may run a
+  // different number of iterations (or have returned).
+  unsigned mask = 0xffffffffu;
+  if constexpr (kLanes < kWarp) mask = ((1u << kLanes) - 1u) << (sub * kLanes);
+  const int64_t slot = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp) * kRowsPerWarp + sub;
+  if (slot >= n_rows) return;  // uniform over the sub-warp
   const int64_t row = row_order ? row_order[slot] : slot;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM + lane * kVec;  // this lane's outputs
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM + sub_lane * kVec;  // this lane's outputs
   const bool full = vec_ok && m0 + kVec <= m;
   acc_t acc[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) acc[i] = acc_t(0);
 
   const int32_t start = row_ptr[row], end = row_ptr[row + 1];
-  for (int32_t base = start; base < end; base += kWarp) {
-    // One coalesced load of up to 32 (column, value) pairs, then broadcast by shuffles.
-    const int32_t e = base + lane;
+  for (int32_t base = start; base < end; base += kLanes) {
+    // One coalesced load of up to kLanes (column, value) pairs, then broadcast by shuffles.
+    const int32_t e = base + sub_lane;
     int32_t my_col = -1;
     acc_t my_val = acc_t(0);
     if (e < end) {
       my_col = static_cast<int32_t>(col_idx[e]);
       my_val = to_acc(vals[kPerm ? perm[e] : e]);
     }
-    const int count = min(kWarp, end - base);
+    const int count = min(kLanes, end - base);
     for (int j = 0; j < count; ++j) {
-      const int32_t col = __shfl_sync(0xffffffffu, my_col, j);
-      const acc_t w = __shfl_sync(0xffffffffu, my_val, j);
-      if (col < 0 || col >= n_cols) continue;  // warp-uniform; corrupt index: never read
+      const int32_t col = __shfl_sync(mask, my_col, j, kLanes);
+      const acc_t w = __shfl_sync(mask, my_val, j, kLanes);
+      if (col < 0 || col >= n_cols) continue;  // uniform over the sub-warp; corrupt index: never read
       const scalar_t* strip = xt + static_cast<int64_t>(col) * m + m0;
       if (full) {
         acc_t xv[kVec];
@@ -168,14 +179,13 @@ void launch(const at::Tensor& xt, at::Tensor& yt, const at::Tensor& v, const int
             const at::Tensor& rp, const at::Tensor& ci, const int32_t* order, int64_t n, int64_t k,
             int64_t m, cudaStream_t stream) {
   const dim3 block(kWarp * kWarpsPerBlock);
-  const unsigned row_blocks = static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const scalar_t* x = xt.data_ptr<scalar_t>();
   scalar_t* y = yt.data_ptr<scalar_t>();
   const scalar_t* vals = v.data_ptr<scalar_t>();
   const int32_t* ptr = rp.data_ptr<int32_t>();
   const index_t* cols = ci.data_ptr<index_t>();
   if (m <= kSmallM) {
-    const dim3 grid(row_blocks);
+    const dim3 grid(static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock));
     // Vector loads of a whole column strip need m == kM (checked per branch) and 16-byte
     // aligned strips (strip c starts at c * m elements).
     const bool aligned = (m * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
@@ -192,14 +202,24 @@ void launch(const at::Tensor& xt, at::Tensor& yt, const at::Tensor& v, const int
 #undef SK_SMALL_M
     return;
   }
-  constexpr int kTileM = kWarp * VecWidth<scalar_t>::value;
-  const dim3 grid(row_blocks, static_cast<unsigned>((m + kTileM - 1) / kTileM));
-  TORCH_CHECK_VALUE(grid.y <= 65535, "spmm: batch too large for one launch (", m, " rows)");
   // 16-byte loads need every strip 16-byte aligned: rows of X^T are m elements apart.
   const bool vec_ok = (m * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  csr_rows_kernel<scalar_t, index_t, kPerm><<<grid, block, 0, stream>>>(x, y, vals, perm, ptr, cols, order,
-                                                                       n, k, m, vec_ok);
+  // The narrowest sub-warp whose strip covers M (a full warp, in strips, beyond that).
+  constexpr int kVec = VecWidth<scalar_t>::value;
+  const int lanes = m <= 8 * kVec ? 8 : m <= 16 * kVec ? 16 : kWarp;
+  const int64_t tile = lanes * kVec;
+  const int64_t rows_per_block = kWarpsPerBlock * (kWarp / lanes);
+  const dim3 grid(static_cast<unsigned>((n + rows_per_block - 1) / rows_per_block),
+                  static_cast<unsigned>((m + tile - 1) / tile));
+  TORCH_CHECK_VALUE(grid.y <= 65535, "spmm: batch too large for one launch (", m, " rows)");
+#define SK_STRIPS(LANES)                                                                              \
+  csr_rows_kernel<scalar_t, index_t, kPerm, LANES><<<grid, block, 0, stream>>>(x, y, vals, perm, ptr, cols, \
+                                                                              order, n, k, m, vec_ok)
+  if (lanes == 8) SK_STRIPS(8);
+  else if (lanes == 16) SK_STRIPS(16);
+  else SK_STRIPS(kWarp);
+#undef SK_STRIPS
 }
 
 // y[..., N] = x[..., K] A^T with A = CSR(values[perm or identity], row_ptr, col_idx) [N, K].
@@ -226,8 +246,8 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
     // spmm_t over several strips of M: each strip would gather the values through t_perm
     // again (scattered loads); one gather up front (one pass over nnz) makes every strip's
     // value loads coalesced.
-    constexpr int64_t kTileM = kWarp * VecWidth<scalar_t>::value;
-    const bool pregather = perm && m > kTileM;
+    constexpr int64_t kFullTile = kWarp * VecWidth<scalar_t>::value;
+    const bool pregather = perm && m > kFullTile;
     const at::Tensor vals = pregather ? v.index_select(0, pm) : v;
     const bool gather = perm && !pregather;
     if (gather && narrow) launch<scalar_t, int16_t, true>(xt, yt, vals, perm_ptr, rp, ci, order_ptr, n, k, m, stream);

@@ -24,10 +24,13 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   // row_order (GPU only, ignored on the CPU): int32 permutation of the rows, the order in
   // which the kernel takes them (longest first, for load balance). On the GPU col_idx may
   // also be int16 (fewer index bytes); the CPU kernels take int32.
-  m.def("spmm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? row_order=None) -> Tensor");
+  // tiled (GPU only): the shared-memory tiled kernel for large batches; needs every row's
+  // columns in increasing order (the caller checks).
+  m.def("spmm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? row_order=None, "
+        "bool tiled=False) -> Tensor");
   // dx[..., K] = dy[..., N] W through W^T's CSR (t_row_ptr, t_col_idx, t_perm).
   m.def("spmm_t(Tensor dy, Tensor values, Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm, "
-        "Tensor? row_order=None) -> Tensor");
+        "Tensor? row_order=None, bool tiled=False) -> Tensor");
   // dvalues[nnz] = (dy^T x) sampled at W's pattern.
   m.def("sddmm(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor? row_order=None) -> Tensor");
   // The k inactive positions of W [N, K] (pattern row_ptr/col_idx) with the largest

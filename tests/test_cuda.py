@@ -247,3 +247,44 @@ def test_gpu_corrupt_pattern_is_an_error_not_a_wild_read(backend, corruption):
     x = torch.randn(4, 40000, device="cuda")
     with sk.use_backend(backend), pytest.raises(ValueError):
         sk.ops.spmm(x, csr.values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(33, 96, 130), (97, 1025, 259), (256, 520, 264), (300, 64, 1000),
+                                   (1024, 4096, 512)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, "lengths"])
+def test_gpu_tiled_kernel_matches_dense(dtype, shape, sparsity):
+    """The shared-memory tiled CSR kernel (rows with sorted columns) called directly:
+    spmm and spmm_t (values read through t_perm), with empty rows and poisoned outputs."""
+    if not sk._extension.compiled_with_cuda():
+        pytest.skip("extension built without CUDA")
+    from sparsekernels.kernels.launch_plan import launch_plan, rows_sorted
+
+    g = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((dtype, shape, sparsity)).encode()))
+    b, in_f, out_f = shape
+    if sparsity == "lengths":  # rows of 0, 1, 31, 32, 33, 64, 65 non-zeros: group edges of the cursor
+        mask = torch.zeros(out_f, in_f, dtype=torch.bool, device="cuda")
+        for r in range(out_f):
+            length = min(in_f, (0, 1, 31, 32, 33, 64, 65)[r % 7])
+            mask[r, torch.randperm(in_f, device="cuda", generator=g)[:length]] = True
+    else:
+        mask = torch.rand(out_f, in_f, device="cuda", generator=g) >= sparsity
+        mask[::5] = False
+    w = (torch.randn(out_f, in_f, device="cuda", generator=g, dtype=torch.float64) * mask).to(dtype)
+    csr = sk.CSR.from_dense(w, mask)
+    row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm = csr.pattern()
+    assert rows_sorted(row_ptr, col_idx) and rows_sorted(t_row_ptr, t_col_idx)
+    x = torch.randn(b, in_f, device="cuda", generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(b, out_f, device="cuda", generator=g, dtype=torch.float64).to(dtype)
+    order, cols = launch_plan(row_ptr, col_idx, in_f)
+    t_order, t_cols = launch_plan(t_row_ptr, t_col_idx, out_f)
+    _poison()
+    y = torch.ops.sparsekernels_C.spmm(x, csr.values, row_ptr, cols, order, True)
+    _poison()
+    dx = torch.ops.sparsekernels_C.spmm_t(dy, csr.values, t_row_ptr, t_cols, t_perm, t_order, True)
+    torch.cuda.synchronize()
+    wd = w.double()
+    for name, got, want in (("spmm", y, x.double() @ wd.t()), ("spmm_t", dx, dy.double() @ wd)):
+        assert not got.isnan().any(), f"{name}: NaN (unwritten output?)"
+        if want.norm() > 0:
+            assert _rel(got, want) < TOL[dtype], f"tiled {name} {dtype} {shape} s={sparsity}: {_rel(got, want):.2e}"

@@ -238,3 +238,15 @@ def test_launch_plan_without_narrowing_does_not_keep_its_pattern_alive():
     del col_idx, cols
     gc.collect()
     assert len(lp._plans) == before - 1
+
+
+def test_rows_sorted_detects_unsorted_rows_and_ignores_row_boundaries():
+    from sparsekernels.kernels.launch_plan import rows_sorted
+
+    row_ptr = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)                   # an empty row
+    assert rows_sorted(row_ptr, torch.tensor([3, 7, 0, 1, 9, 2], dtype=torch.int32))
+    assert not rows_sorted(row_ptr.clone(), torch.tensor([3, 7, 1, 0, 9, 2], dtype=torch.int32))
+    assert not rows_sorted(row_ptr.clone(), torch.tensor([3, 3, 0, 1, 9, 2], dtype=torch.int32))  # repeated
+    assert rows_sorted(torch.tensor([0, 0], dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+    csr = make_csr(40, 50, 0.7, seed=5, empty_rows=True)
+    assert rows_sorted(csr.row_ptr, csr.col_idx) and rows_sorted(csr.t_row_ptr, csr.t_col_idx)

@@ -195,7 +195,8 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
 // row_order is the GPU kernels' launch order (load balance of warps); the CPU kernel
 // does not use it.
 at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                    const at::Tensor& col_idx, const std::optional<at::Tensor>& /*row_order*/) {
+                    const at::Tensor& col_idx, const std::optional<at::Tensor>& /*row_order*/,
+                    bool /*tiled: GPU only*/) {
   TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
                    "spmm: values must be a floating dtype, got ", values.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "spmm: x must have at least 1 dimension");
@@ -208,7 +209,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
 // indices of W, t_perm [nnz] positions into values).
 at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& t_row_ptr,
                       const at::Tensor& t_col_idx, const at::Tensor& t_perm,
-                      const std::optional<at::Tensor>& /*row_order*/) {
+                      const std::optional<at::Tensor>& /*row_order*/, bool /*tiled: GPU only*/) {
   TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
                    "spmm_t: values must be a floating dtype, got ", values.scalar_type());
   TORCH_CHECK_VALUE(dy.dim() >= 1, "spmm_t: dy must have at least 1 dimension");

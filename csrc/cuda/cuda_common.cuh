@@ -55,6 +55,17 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, typename Acc<T
   for (int i = 0; i < kVec; ++i) out[i] = to_acc(elems[i]);
 }
 
+// The same from shared memory (16-byte aligned).
+template <typename T, int kVec>
+__device__ __forceinline__ void load_vec_shared(const T* p, typename Acc<T>::type (&out)[kVec]) {
+  static_assert(kVec * sizeof(T) == 16, "load_vec_shared reads exactly 16 bytes");
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  T elems[kVec];
+  memcpy(elems, &raw, 16);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out[i] = to_acc(elems[i]);
+}
+
 // Sum over the warp; every lane gets the result (butterfly).
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll

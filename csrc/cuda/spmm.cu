@@ -19,6 +19,10 @@
 //   fills the tile) and the warp reduces them with butterfly shuffles. X (at most 32 x K)
 //   stays in L1 / L2.
 //
+// * csr_rows_tiled_kernel (spmm_tiled.cuh; `tiled=True`, rows with sorted columns): blocks
+//   of 32 rows stage X^T chunks in shared memory, so the dense operand is fetched about
+//   rows x density times less often.
+//
 // Load balance: rows are taken in `row_order` (rows sorted by length, longest first; the
 // "row swizzle" of Sputnik) so the warps of a block get similar work and the long rows
 // start first. Index width: col_idx may be int16 (when the column count fits) to halve the
@@ -37,6 +41,7 @@
 #include <torch/library.h>
 
 #include "cuda_common.cuh"
+#include "spmm_tiled.cuh"
 
 namespace sparsekernels::cuda {
 namespace {
@@ -177,13 +182,17 @@ void check_cuda_inputs(const char* op, const at::Tensor& x, const at::Tensor& va
 template <typename scalar_t, typename index_t, bool kPerm>
 void launch(const at::Tensor& xt, at::Tensor& yt, const at::Tensor& v, const int32_t* perm,
             const at::Tensor& rp, const at::Tensor& ci, const int32_t* order, int64_t n, int64_t k,
-            int64_t m, cudaStream_t stream) {
+            int64_t m, bool tiled, cudaStream_t stream) {
   const dim3 block(kWarp * kWarpsPerBlock);
   const scalar_t* x = xt.data_ptr<scalar_t>();
   scalar_t* y = yt.data_ptr<scalar_t>();
   const scalar_t* vals = v.data_ptr<scalar_t>();
   const int32_t* ptr = rp.data_ptr<int32_t>();
   const index_t* cols = ci.data_ptr<index_t>();
+  if (tiled && m > kSmallM) {  // the caller checked that every row's columns are sorted
+    launch_tiled<scalar_t, index_t, kPerm>(x, y, vals, perm, ptr, cols, order, n, k, m, stream);
+    return;
+  }
   if (m <= kSmallM) {
     const dim3 grid(static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock));
     // Vector loads of a whole column strip need m == kM (checked per branch) and 16-byte
@@ -225,7 +234,7 @@ void launch(const at::Tensor& xt, at::Tensor& yt, const at::Tensor& v, const int
 // y[..., N] = x[..., K] A^T with A = CSR(values[perm or identity], row_ptr, col_idx) [N, K].
 at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                    const at::Tensor& col_idx, const at::Tensor* perm,
-                   const std::optional<at::Tensor>& row_order, int64_t k) {
+                   const std::optional<at::Tensor>& row_order, int64_t k, bool tiled) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = row_ptr.numel() - 1;
   int64_t m = 1;
@@ -250,10 +259,11 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
     const bool pregather = perm && m > kFullTile;
     const at::Tensor vals = pregather ? v.index_select(0, pm) : v;
     const bool gather = perm && !pregather;
-    if (gather && narrow) launch<scalar_t, int16_t, true>(xt, yt, vals, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
-    else if (gather) launch<scalar_t, int32_t, true>(xt, yt, vals, perm_ptr, rp, ci, order_ptr, n, k, m, stream);
-    else if (narrow) launch<scalar_t, int16_t, false>(xt, yt, vals, nullptr, rp, ci, order_ptr, n, k, m, stream);
-    else launch<scalar_t, int32_t, false>(xt, yt, vals, nullptr, rp, ci, order_ptr, n, k, m, stream);
+    const int32_t* p = gather ? perm_ptr : nullptr;
+    if (gather && narrow) launch<scalar_t, int16_t, true>(xt, yt, vals, p, rp, ci, order_ptr, n, k, m, tiled, stream);
+    else if (gather) launch<scalar_t, int32_t, true>(xt, yt, vals, p, rp, ci, order_ptr, n, k, m, tiled, stream);
+    else if (narrow) launch<scalar_t, int16_t, false>(xt, yt, vals, p, rp, ci, order_ptr, n, k, m, tiled, stream);
+    else launch<scalar_t, int32_t, false>(xt, yt, vals, p, rp, ci, order_ptr, n, k, m, tiled, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Contiguous [..., N], as the fake implementation says (torch.compile checks strides).
@@ -263,21 +273,21 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
 }  // namespace
 
 at::Tensor spmm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                     const at::Tensor& col_idx, const std::optional<at::Tensor>& row_order) {
+                     const at::Tensor& col_idx, const std::optional<at::Tensor>& row_order, bool tiled) {
   check_cuda_inputs("spmm", x, values, row_ptr, col_idx, row_order);
-  return rows_mm(x, values, row_ptr, col_idx, nullptr, row_order, x.size(-1));
+  return rows_mm(x, values, row_ptr, col_idx, nullptr, row_order, x.size(-1), tiled);
 }
 
 at::Tensor spmm_t_cuda(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& t_row_ptr,
                        const at::Tensor& t_col_idx, const at::Tensor& t_perm,
-                       const std::optional<at::Tensor>& row_order) {
+                       const std::optional<at::Tensor>& row_order, bool tiled) {
   check_cuda_inputs("spmm_t", dy, values, t_row_ptr, t_col_idx, row_order);
   TORCH_CHECK_VALUE(t_perm.is_cuda() && t_perm.device() == values.device() && t_perm.dim() == 1 &&
                         t_perm.numel() == values.numel(),
                     "spmm_t: t_perm must be a 1-D tensor with nnz entries on the device of values");
   TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
                    "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
-  return rows_mm(dy, values, t_row_ptr, t_col_idx, &t_perm, row_order, dy.size(-1));
+  return rows_mm(dy, values, t_row_ptr, t_col_idx, &t_perm, row_order, dy.size(-1), tiled);
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CUDA, m) {

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from .. import ops
-from ..kernels.launch_plan import INT16_MAX_COLS
+from ..kernels.launch_plan import INT16_MAX_COLS, launch_plan, rows_sorted
 from ..backends import available, measured, use_backend
 from ..nn import SparseLinear
 from . import harness
@@ -122,6 +122,12 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, peaks: dict, re
         fns[f"{backend}_bf16"] = ours(x16, v16)
         fns[f"{backend}_step_fp32"] = step_of(layer32, x32, dy32, backend)
         fns[f"{backend}_step_bf16"] = step_of(layer16, x16, dy16, backend)
+    # The shared-memory tiled CUDA kernel on its own (auto measures it from B = 256 on).
+    if "cuda" in available("cuda") and rows_sorted(layer32.row_ptr, layer32.col_idx):
+        order, cols = launch_plan(layer32.row_ptr, layer32.col_idx, in_f)
+        compiled = torch.ops.sparsekernels_C.spmm
+        fns["cuda_tiled_fp32"] = lambda: compiled(x32, v32, layer32.row_ptr, cols, order, True)
+        fns["cuda_tiled_bf16"] = lambda: compiled(x16, v16, layer32.row_ptr, cols, order, True)
     fns["cublas_step_fp32"] = step_of(dense32, x32, dy32)
     fns["cublas_step_bf16"] = step_of(dense16, x16, dy16)
 
@@ -138,6 +144,10 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, peaks: dict, re
              "bf16_fwd_s": max(flop_sparse / peaks["fp32_flops"],
                                (nnz * (2 + idx_bytes) + (batch * in_f + batch * out_f) * 2) / peaks["bandwidth"])}
     speed = {}
+    if "cuda_tiled_fp32" in times:
+        speed["cuda_tiled_fwd_fp32_vs_cublas_fp32"] = times["cublas_fp32"] / times["cuda_tiled_fp32"]
+        speed["cuda_tiled_fwd_bf16_vs_cublas_bf16"] = times["cublas_bf16"] / times["cuda_tiled_bf16"]
+        speed["cuda_tiled_fwd_fp32_vs_cusparse"] = times["cusparse_fp32"] / times["cuda_tiled_fp32"]
     for backend in ("cuda", "triton", "auto"):
         if f"{backend}_fp32" in times:
             speed[f"{backend}_step_bf16_vs_cublas_bf16"] = times["cublas_step_bf16"] / times[f"{backend}_step_bf16"]

@@ -57,3 +57,23 @@ def nonzero_rows(row_ptr: Tensor, col_idx: Tensor) -> Tensor:
         return torch.repeat_interleave(rows, counts, output_size=col_idx.shape[0])
 
     return _rows.get((col_idx, row_ptr), (), build)
+
+
+_sorted = PatternCache()
+
+
+def rows_sorted(row_ptr: Tensor, col_idx: Tensor) -> bool:
+    """True when every row's columns are strictly increasing (what the tiled CUDA kernel
+    needs), cached per pattern; one device sync when first asked."""
+    def build() -> bool:
+        nnz = col_idx.shape[0]
+        if nnz < 2:
+            return True
+        increasing = col_idx[1:] > col_idx[:-1]
+        # A row's first entry need not exceed the previous row's last one.
+        starts = row_ptr[1:-1].long()
+        starts = starts[(starts > 0) & (starts < nnz)]
+        increasing[starts - 1] = True
+        return bool(increasing.all())
+
+    return _sorted.get((col_idx, row_ptr), (), build)

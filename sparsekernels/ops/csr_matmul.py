@@ -21,17 +21,30 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _checks
-from ..kernels.launch_plan import launch_plan
+from ..kernels.launch_plan import launch_plan, rows_sorted
 
 
-def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run):
+# From this batch on, "auto" also measures the shared-memory tiled CUDA kernel ("cuda:tiled",
+# for patterns whose rows have sorted columns) against the strip kernel and the others.
+TILED_MIN_ROWS = 256
+
+
+def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run,
+              tiled_pattern: tuple[Tensor, Tensor] | None = None):
     """Runs ``run(backend)`` on the backend chosen for a CSR product of W [out, in] with
-    ``nnz`` non-zeros and a dense operand ``lead`` [..., *] (``backends.dispatch``)."""
+    ``nnz`` non-zeros and a dense operand ``lead`` [..., *] (``backends.dispatch``).
+    ``tiled_pattern`` (row_ptr, col_idx) of the rows the kernel walks makes the tiled CUDA
+    variant a candidate when its columns are sorted."""
     out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
     m = lead.shape[:-1].numel()
     density = nnz / (out_f * in_f) if out_f * in_f else 1.0
+    candidates = None
+    if (tiled_pattern is not None and lead.is_cuda and m >= TILED_MIN_ROWS
+            and "cuda" in backends.auto_candidates("cuda") and backends.get_backend() == "auto"
+            and rows_sorted(*tiled_pattern)):
+        candidates = [*backends.auto_candidates("cuda"), "cuda:tiled"]
     return backends.dispatch(op, lead.device, lead.dtype, run, density=density, flops=2.0 * m * out_f * in_f,
-                             key=backends.shape_class(m, out_f, in_f, density=density))
+                             key=backends.shape_class(m, out_f, in_f, density=density), candidates=candidates)
 
 
 def _compiled(name: str):
@@ -54,14 +67,14 @@ def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_
         # The GPU kernels and the reference would read out of bounds or wrap on a corrupt
         # pattern: checked once per pattern (cached, no device sync on later calls).
         _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        if backend == "cuda":
+        if backend in ("cuda", "cuda:tiled"):
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
-            return _compiled("spmm")(x, values, row_ptr, cols, order)
+            return _compiled("spmm")(x, values, row_ptr, cols, order, backend == "cuda:tiled")
         if backend == "triton":
             return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
-    return _dispatch("spmm", x, row_ptr, t_row_ptr, values.shape[0], run)
+    return _dispatch("spmm", x, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(row_ptr, col_idx))
 
 
 @_spmm_op.register_fake
@@ -77,14 +90,14 @@ def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_r
         if backend == "cpu":
             return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
         _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        if backend == "cuda":
+        if backend in ("cuda", "cuda:tiled"):
             order, cols = launch_plan(t_row_ptr, t_col_idx, row_ptr.shape[0] - 1)
-            return _compiled("spmm_t")(dy, values, t_row_ptr, cols, t_perm, order)
+            return _compiled("spmm_t")(dy, values, t_row_ptr, cols, t_perm, order, backend == "cuda:tiled")
         if backend == "triton":
             return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
-    return _dispatch("spmm_t", dy, row_ptr, t_row_ptr, values.shape[0], run)
+    return _dispatch("spmm_t", dy, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(t_row_ptr, t_col_idx))
 
 
 @_spmm_t_op.register_fake

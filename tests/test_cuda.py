@@ -175,6 +175,29 @@ def test_gpu_sparse24_training_step_matches_dense(transposable, dtype, monkeypat
     assert all(e["rejected"] == {} for e in backends.measured()), backends.measured()
 
 
+@pytest.mark.parametrize("transposable", [False, True])
+def test_gpu_srste_step_matches_the_formula(transposable):
+    """SR-STE on the GPU (2:4 GEMM forward; dx on W^T's 2:4 GEMM when transposable): y, dx,
+    dW = dy^T x + lam (1 - E) W and dbias against float64."""
+    torch.manual_seed(3)
+    layer = sk.nn.Sparse24Linear(512, 256, device="cuda", dtype=torch.bfloat16, mode="srste",
+                                 srste_lambda=0.01, transposable=transposable).train()
+    x = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    import warnings
+
+    with warnings.catch_warnings(), sk.use_backend("cuda"):
+        warnings.simplefilter("ignore")
+        y = layer(x)
+        y.backward(dy)
+    e = layer.mask()
+    w, xd, dyd = layer.weight.detach().double(), x.detach().double(), dy.double()
+    assert _rel(y, xd @ (w * e).t() + layer.bias.double()) < 2e-2
+    assert _rel(x.grad, dyd @ (w * e)) < 2e-2
+    assert _rel(layer.weight.grad, dyd.t() @ xd + 0.01 * (~e) * w) < 2e-2
+    assert _rel(layer.bias.grad, dyd.sum(0)) < 2e-2
+
+
 def test_gpu_sparse24_compressed_weight_follows_value_updates():
     """The semi-structured weight is cached per values version: an in-place update (as an
     optimizer step makes) must be seen by the next forward."""

@@ -264,3 +264,44 @@ def test_meta_is_checked_once_per_meta_tensor(monkeypatch):
             layer.meta[0, 0] = 0b0101                       # corrupt in place: i0 == i1
         with pytest.raises(ValueError, match="meta"):
             layer(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_srste_linear_bias_and_input_gradients(transposable, seed):
+    """x and bias get true gradients (gradcheck); the weight's SR-STE gradient is checked
+    element-wise in test_srste_gradient_formula_elementwise."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    s24, mask = sk.formats.compress_24(w, transposable)
+    x = torch.randn(2, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, b: sk.ops.srste_linear(x, w, s24.meta, mask, 0.1, bias=b, transposable=transposable)  # noqa: E731
+    assert_close_rel(fn(x, b), x.detach() @ (w * mask).t() + b.detach(), 1e-12, "srste_linear")
+    assert torch.autograd.gradcheck(fn, (x, b))
+    v = s24.values.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.sparsekernels.sparse24_linear_forward, (x, v, s24.meta, b))
+    assert torch.autograd.gradcheck(lambda x, v, b: torch.ops.sparsekernels.sparse24_linear_forward(x, v, s24.meta, b),
+                                    (x, v, b))
+
+
+def test_srste_layer_keeps_no_csr_view_and_round_trips(seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = sk.nn.Sparse24Linear.from_dense(_linear_from(torch.randn(8, 16, generator=g)), mode="srste")
+    assert not hasattr(layer, "row_ptr") and set(layer.state_dict()) == {"weight", "bias", "meta"} - (
+        set() if layer.bias is not None else {"bias"})
+    layer.train()
+    layer(torch.randn(4, 16, generator=g)).sum().backward()
+    copy = sk.nn.Sparse24Linear.from_dense(_linear_from(torch.randn(8, 16, generator=g)), mode="srste")
+    copy.load_state_dict(layer.state_dict())
+    assert torch.equal(copy.mask(), layer.mask()) and torch.equal(copy.dense_weight(), layer.dense_weight())
+
+
+def test_srste_linear_rejects_bad_mask_and_meta():
+    w = torch.randn(8, 8)
+    s24, mask = sk.formats.compress_24(w)
+    with pytest.raises(TypeError, match="mask"):
+        sk.ops.srste_linear(torch.randn(2, 8), w, s24.meta, mask.float())
+    with pytest.raises(TypeError, match="meta"):
+        sk.ops.srste_linear(torch.randn(2, 8), w, s24.meta.int(), mask)
+    with pytest.raises(ValueError, match="x"):
+        sk.ops.srste_linear(torch.randn(2, 7), w, s24.meta, mask)

@@ -64,12 +64,18 @@ class Sparse24Linear(nn.Module):
 
     def _set_pattern(self, weight: Tensor, mask: Tensor | None) -> Sparse24:
         """Compresses ``weight`` at ``mask`` (None: prune by magnitude, one pass) and stores
-        meta + the CSR view buffers."""
+        meta, the boolean mask and, in fixed mode, the CSR view the backward products use.
+        (SR-STE needs no CSR view: its mask changes every update and a transpose map per
+        step would cost more than the product.)"""
         s24 = compress_24(weight, self.transposable)[0] if mask is None else Sparse24.from_dense(weight, mask)
-        cols = s24.columns()
-        rows = torch.arange(self.out_features, device=weight.device).repeat_interleave(cols.shape[1])
-        csr = CSR.from_indices(s24.values.reshape(-1), rows, cols.reshape(-1), (self.out_features, self.in_features))
-        for name, t in zip(_BUFFERS, (s24.meta, *csr.pattern())):
+        tensors = {"meta": s24.meta}
+        if self.mode == "fixed":
+            cols = s24.columns()
+            rows = torch.arange(self.out_features, device=weight.device).repeat_interleave(cols.shape[1])
+            csr = CSR.from_indices(s24.values.reshape(-1), rows, cols.reshape(-1),
+                                   (self.out_features, self.in_features))
+            tensors.update(zip(_BUFFERS[1:], csr.pattern()))
+        for name, t in tensors.items():
             if name in self._buffers:
                 setattr(self, name, t)
             else:
@@ -141,18 +147,17 @@ class Sparse24Linear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         check_layer_input("Sparse24Linear", input, self.values if self.mode == "fixed" else self.weight,
                           self.in_features)
-        pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
         if self.mode == "fixed":
             # Bias fused into the GEMM where the backend can; with a transposable mask the
             # input gradient runs on sparse tensor cores too (GPU).
+            pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
             return sparse24_mm(input, self.values, self.meta, *pattern, self.bias, transposable=self.transposable)
         if self.training and torch.is_grad_enabled() and not self.freeze_mask:
             if self._forwards % self.update_every == 0:
                 self._set_pattern(self.weight.detach(), None)
-                pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
             self._forwards += 1
-        y = srste_linear(input, self.weight, self.meta, *pattern, self.stored_mask, self.srste_lambda)
-        return y + self.bias if self.bias is not None else y
+        return srste_linear(input, self.weight, self.meta, self.stored_mask, self.srste_lambda, bias=self.bias,
+                            transposable=self.transposable)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -127,10 +127,8 @@ def _dispatch_24(op: str, x: Tensor, n: int, k: int, run):
     return out
 
 
-@torch.library.custom_op("sparsekernels::sparse24_mm", mutates_args=())
-def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
-                    t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None,
-                    transposable: bool = False) -> Tensor:
+def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ W^T + bias`` for the 2:4 weight (values, meta) on the chosen backend."""
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             y = torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
@@ -141,6 +139,13 @@ def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, co
         return torch.nn.functional.linear(x, _dense_24(values, meta), bias)
 
     return _dispatch_24("sparse24_mm", x, values.shape[0], 4 * meta.shape[1], run)
+
+
+@torch.library.custom_op("sparsekernels::sparse24_mm", mutates_args=())
+def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+                    t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None,
+                    transposable: bool = False) -> Tensor:
+    return _forward_24(x, values, meta, bias)
 
 
 @_sparse24_mm_op.register_fake
@@ -221,32 +226,83 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
     return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
 
 
+# The forward product alone, for SR-STE's autograd.Function (which applies its own gradient
+# rule); its registered autograd is the plain gradient of the product.
+@torch.library.custom_op("sparsekernels::sparse24_linear_forward", mutates_args=())
+def _sparse24_forward_op(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    return _forward_24(x, values, meta, bias)
+
+
+@_sparse24_forward_op.register_fake
+def _(x, values, meta, bias=None):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _forward_setup(ctx, inputs, output):
+    x, values, meta, bias = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.has_bias = bias is not None
+
+
+def _forward_backward(ctx, grad):
+    # The plain gradient of the product (dense; SR-STE replaces it with its own rule).
+    x, values, meta = ctx.saved_tensors
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    gx = grad @ _dense_24(values, meta) if ctx.needs_input_grad[0] else None
+    gv = (g2.t() @ x2).gather(1, meta_columns(meta)) if ctx.needs_input_grad[1] else None
+    gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return gx, gv, None, gb
+
+
+_sparse24_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
 class _SRSTE(torch.autograd.Function):
-    """y = x (W * E)^T; dx = dy (W * E); dW = dy^T x + lam * (1 - E) * W (dense: SR-STE
-    keeps dense master weights and a dense straight-through gradient by design)."""
+    """y = x (W * E)^T + b; dx = dy (W * E); dW = dy^T x + lam * (1 - E) * W (dense: SR-STE
+    keeps dense master weights and a dense straight-through gradient by design).
+
+    No CSR view is needed: the mask changes every update, and rebuilding a transpose map
+    (a sort of nnz entries) per step would cost more than the product. dx runs on the 2:4
+    GEMM of W^T on the GPU when the mask is transposable, as a dense product otherwise."""
 
     @staticmethod
-    def forward(ctx, x, weight, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, mask, lam):
+    def forward(ctx, x, weight, meta, mask, bias, lam, transposable):
         values = weight.gather(1, meta_columns(meta))
-        ctx.save_for_backward(x, weight, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, mask)
-        ctx.lam = lam
-        return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        ctx.save_for_backward(x, weight, values, meta, mask)
+        ctx.lam, ctx.transposable, ctx.has_bias = lam, transposable, bias is not None
+        return _sparse24_forward_op(x, values, meta, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, values, *pattern, mask = ctx.saved_tensors
-        gx = _spmm_t_op(grad, values.reshape(-1), *pattern) if ctx.needs_input_grad[0] else None
-        gw = None
+        x, weight, values, meta, mask = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            if grad.is_cuda and ctx.transposable:
+                gx = _input_grad_24(grad, values, meta, ())
+            else:
+                gx = grad @ (weight * mask)
+        g2 = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
-            g2 = grad.reshape(-1, grad.shape[-1])
             gw = g2.t() @ x.reshape(-1, x.shape[-1])
             gw = gw + torch.where(mask, 0.0, weight).mul_(ctx.lam)  # stays in the weight's dtype
-        return gx, gw, None, None, None, None, None, None, None, None
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = g2.sum(0)
+        return gx, gw, None, None, gb, None, None
 
 
-def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
-                 t_col_idx: Tensor, t_perm: Tensor, mask: Tensor, lam: float = 2e-4) -> Tensor:
-    """SR-STE product: ``x [..., K] @ (weight * mask)^T`` with the 2:4 ``mask`` given as
-    (meta, CSR view); gradient to the dense ``weight`` [N, K] as in Zhou et al. 2021."""
+def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: float = 2e-4, *,
+                 bias: Tensor | None = None, transposable: bool = False) -> Tensor:
+    """SR-STE product: ``x [..., K] @ (weight * mask)^T + bias`` with the 2:4 ``mask`` [N, K]
+    (bool) and its metadata ``meta`` [N, K/4]; gradient to the dense ``weight`` [N, K] as in
+    Zhou et al. 2021: dW = dy^T x + lam * (1 - mask) * weight. ``transposable=True``
+    declares the mask 2:4 along columns too (the GPU then runs dx on the 2:4 GEMM)."""
+    weight = _checks.check_tensor("srste_linear", "weight", weight)
     _checks.check_dense("srste_linear", "x", x, weight, weight.shape[1])
-    return _SRSTE.apply(x, weight, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, mask, float(lam))
+    if bias is not None:
+        _checks.check_dense("srste_linear", "bias", bias, weight, weight.shape[0])
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+        raise TypeError(f"srste_linear: mask must be a bool tensor of the weight's shape {tuple(weight.shape)}")
+    if not isinstance(meta, Tensor) or meta.dtype != torch.uint8 or tuple(meta.shape) != (weight.shape[0],
+                                                                                           weight.shape[1] // 4):
+        raise TypeError(f"srste_linear: meta must be uint8 [{weight.shape[0]}, {weight.shape[1] // 4}]")
+    return _SRSTE.apply(x, weight, meta, mask, bias, float(lam), bool(transposable))

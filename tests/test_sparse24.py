@@ -305,3 +305,15 @@ def test_srste_linear_rejects_bad_mask_and_meta():
         sk.ops.srste_linear(torch.randn(2, 8), w, s24.meta.int(), mask)
     with pytest.raises(ValueError, match="x"):
         sk.ops.srste_linear(torch.randn(2, 7), w, s24.meta, mask)
+
+
+def test_srste_kept_values_shortcut_matches_the_gather(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    s24, mask = sk.formats.compress_24(w)
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    a = sk.ops.srste_linear(x, w, s24.meta, mask)
+    b = sk.ops.srste_linear(x, w, s24.meta, mask, kept_values=s24.values)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="kept_values"):
+        sk.ops.srste_linear(x, w, s24.meta, mask, kept_values=s24.values[:, :3])

@@ -67,7 +67,11 @@ class Sparse24Linear(nn.Module):
         meta, the boolean mask and, in fixed mode, the CSR view the backward products use.
         (SR-STE needs no CSR view: its mask changes every update and a transpose map per
         step would cost more than the product.)"""
-        s24 = compress_24(weight, self.transposable)[0] if mask is None else Sparse24.from_dense(weight, mask)
+        if mask is None:
+            s24, mask = compress_24(weight, self.transposable)  # the kernel's mask: no re-expansion
+        else:
+            s24 = Sparse24.from_dense(weight, mask)
+            mask = s24.mask()  # positions as stored (the given mask may keep fewer than 2 of 4)
         tensors = {"meta": s24.meta}
         if self.mode == "fixed":
             cols = s24.columns()
@@ -80,7 +84,7 @@ class Sparse24Linear(nn.Module):
                 setattr(self, name, t)
             else:
                 self.register_buffer(name, t)
-        self.register_buffer("stored_mask", s24.mask(), persistent=False)
+        self.register_buffer("stored_mask", mask, persistent=False)
         return s24
 
     def _check_transposable(self, mask: Tensor, where: str) -> None:
@@ -152,12 +156,15 @@ class Sparse24Linear(nn.Module):
             # input gradient runs on sparse tensor cores too (GPU).
             pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
             return sparse24_mm(input, self.values, self.meta, *pattern, self.bias, transposable=self.transposable)
+        kept = None
         if self.training and torch.is_grad_enabled() and not self.freeze_mask:
             if self._forwards % self.update_every == 0:
-                self._set_pattern(self.weight.detach(), None)
+                # Pruned from the current weight just now: its compressed values are the
+                # kept weights (no second gather).
+                kept = self._set_pattern(self.weight.detach(), None).values
             self._forwards += 1
         return srste_linear(input, self.weight, self.meta, self.stored_mask, self.srste_lambda, bias=self.bias,
-                            transposable=self.transposable)
+                            transposable=self.transposable, kept_values=kept)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

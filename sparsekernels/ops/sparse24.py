@@ -266,8 +266,8 @@ class _SRSTE(torch.autograd.Function):
     GEMM of W^T on the GPU when the mask is transposable, as a dense product otherwise."""
 
     @staticmethod
-    def forward(ctx, x, weight, meta, mask, bias, lam, transposable):
-        values = weight.gather(1, meta_columns(meta))
+    def forward(ctx, x, weight, meta, mask, bias, lam, transposable, kept_values):
+        values = kept_values if kept_values is not None else weight.gather(1, meta_columns(meta))
         ctx.save_for_backward(x, weight, values, meta, mask)
         ctx.lam, ctx.transposable, ctx.has_bias = lam, transposable, bias is not None
         return _sparse24_forward_op(x, values, meta, bias)
@@ -284,18 +284,21 @@ class _SRSTE(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             gw = g2.t() @ x.reshape(-1, x.shape[-1])
-            gw = gw + torch.where(mask, 0.0, weight).mul_(ctx.lam)  # stays in the weight's dtype
+            gw.add_(torch.where(mask, 0.0, weight), alpha=ctx.lam)  # in the weight's dtype, in place
         if ctx.has_bias and ctx.needs_input_grad[4]:
             gb = g2.sum(0)
-        return gx, gw, None, None, gb, None, None
+        return gx, gw, None, None, gb, None, None, None
 
 
 def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: float = 2e-4, *,
-                 bias: Tensor | None = None, transposable: bool = False) -> Tensor:
+                 bias: Tensor | None = None, transposable: bool = False,
+                 kept_values: Tensor | None = None) -> Tensor:
     """SR-STE product: ``x [..., K] @ (weight * mask)^T + bias`` with the 2:4 ``mask`` [N, K]
     (bool) and its metadata ``meta`` [N, K/4]; gradient to the dense ``weight`` [N, K] as in
     Zhou et al. 2021: dW = dy^T x + lam * (1 - mask) * weight. ``transposable=True``
-    declares the mask 2:4 along columns too (the GPU then runs dx on the 2:4 GEMM)."""
+    declares the mask 2:4 along columns too (the GPU then runs dx on the 2:4 GEMM).
+    ``kept_values`` [N, K/2]: weight's current values at the mask in meta's order, when the
+    caller has them (the prune + compress that produced meta returns them); else gathered."""
     weight = _checks.check_tensor("srste_linear", "weight", weight)
     _checks.check_dense("srste_linear", "x", x, weight, weight.shape[1])
     if bias is not None:
@@ -305,4 +308,8 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
     if not isinstance(meta, Tensor) or meta.dtype != torch.uint8 or tuple(meta.shape) != (weight.shape[0],
                                                                                            weight.shape[1] // 4):
         raise TypeError(f"srste_linear: meta must be uint8 [{weight.shape[0]}, {weight.shape[1] // 4}]")
-    return _SRSTE.apply(x, weight, meta, mask, bias, float(lam), bool(transposable))
+    if kept_values is not None and (not isinstance(kept_values, Tensor) or kept_values.dtype != weight.dtype
+                                    or tuple(kept_values.shape) != (weight.shape[0], weight.shape[1] // 2)):
+        raise TypeError(f"srste_linear: kept_values must be [{weight.shape[0]}, {weight.shape[1] // 2}] of the "
+                        f"weight's dtype")
+    return _SRSTE.apply(x, weight, meta, mask, bias, float(lam), bool(transposable), kept_values)

@@ -12,7 +12,9 @@
 
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace sparsekernels::cpu {
@@ -42,35 +44,71 @@ const std::vector<std::array<uint8_t, 4>>& transposable_patterns() {
   return pats;
 }
 
-// The two positions of a group to keep (largest |w|, earlier first on ties) as a bit mask.
+// Branch-free top 2 of a group: the 6 comparisons c_ij = (|w_i| >= |w_j|), i < j (bit p of
+// the code for pair p in 01, 02, 03, 12, 13, 23), index a table of keep masks. j beats an
+// earlier i only when strictly larger, so ties go to the earlier position; the two
+// elements with the most wins are kept (for finite inputs the wins are 3, 2, 1, 0).
+struct GroupTables {
+  std::array<uint8_t, 64> keep{};     // comparison code -> kept-position bits
+  std::array<uint32_t, 16> mask{};    // kept bits -> 4 bool bytes, in memory order
+  std::array<uint8_t, 16> first{}, second{};  // kept bits -> the two positions
+};
+
+const GroupTables& group_tables() {
+  static const GroupTables t = [] {
+    GroupTables g;
+    constexpr int kPairIdx[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+    for (int code = 0; code < 64; ++code) {
+      int wins[4] = {0, 0, 0, 0};
+      for (int p = 0; p < 6; ++p) ++wins[((code >> p) & 1) ? kPairIdx[p][0] : kPairIdx[p][1]];
+      int a = 0;
+      for (int j = 1; j < 4; ++j)
+        if (wins[j] > wins[a]) a = j;
+      int b = a == 0 ? 1 : 0;
+      for (int j = 0; j < 4; ++j)
+        if (j != a && wins[j] > wins[b]) b = j;
+      g.keep[code] = static_cast<uint8_t>((1u << a) | (1u << b));
+    }
+    for (int bits = 0; bits < 16; ++bits) {
+      uint8_t bytes[4];
+      int slot = 0, pos[2] = {0, 0};
+      for (int j = 0; j < 4; ++j) {
+        bytes[j] = static_cast<uint8_t>((bits >> j) & 1);
+        if (((bits >> j) & 1) && slot < 2) pos[slot++] = j;
+      }
+      std::memcpy(&g.mask[bits], bytes, 4);
+      g.first[bits] = static_cast<uint8_t>(pos[0]);
+      g.second[bits] = static_cast<uint8_t>(pos[1]);
+    }
+    return g;
+  }();
+  return t;
+}
+
 template <typename scalar_t>
-inline uint8_t top2(const scalar_t* w) {
-  int first = 0;
-  for (int j = 1; j < 4; ++j)
-    if (std::abs(static_cast<double>(w[j])) > std::abs(static_cast<double>(w[first]))) first = j;
-  int second = first == 0 ? 1 : 0;
-  for (int j = 0; j < 4; ++j)
-    if (j != first && std::abs(static_cast<double>(w[j])) > std::abs(static_cast<double>(w[second]))) second = j;
-  return static_cast<uint8_t>((1u << first) | (1u << second));
+inline uint8_t top2(const scalar_t* w, const GroupTables& t) {
+  using mag_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const mag_t a0 = std::abs(static_cast<mag_t>(w[0])), a1 = std::abs(static_cast<mag_t>(w[1]));
+  const mag_t a2 = std::abs(static_cast<mag_t>(w[2])), a3 = std::abs(static_cast<mag_t>(w[3]));
+  const int code = (a0 >= a1) | ((a0 >= a2) << 1) | ((a0 >= a3) << 2) | ((a1 >= a2) << 3) | ((a1 >= a3) << 4) |
+                   ((a2 >= a3) << 5);
+  return t.keep[code];
 }
 
 template <typename scalar_t>
 void compress_rows(const scalar_t* w, scalar_t* vals, uint8_t* meta, bool* mask, int64_t k, int64_t r0, int64_t r1,
                    const std::vector<uint8_t>* tile_rows) {
+  const GroupTables& t = group_tables();
   const int64_t groups = k / 4;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const scalar_t* wg = w + r * k + 4 * g;
-      const uint8_t bits = tile_rows ? (*tile_rows)[r * groups + g] : top2(wg);
-      int slot = 0, pos[2] = {0, 0};
-      for (int j = 0; j < 4; ++j) {
-        const bool keep = (bits >> j) & 1;
-        mask[r * k + 4 * g + j] = keep;
-        if (keep) pos[slot++] = j;
-      }
-      vals[r * 2 * groups + 2 * g] = wg[pos[0]];
-      vals[r * 2 * groups + 2 * g + 1] = wg[pos[1]];
-      meta[r * groups + g] = static_cast<uint8_t>(pos[0] | (pos[1] << 2));
+      const uint8_t bits = tile_rows ? (*tile_rows)[r * groups + g] : top2(wg, t);
+      std::memcpy(mask + r * k + 4 * g, &t.mask[bits], 4);
+      const int p0 = t.first[bits], p1 = t.second[bits];
+      vals[r * 2 * groups + 2 * g] = wg[p0];
+      vals[r * 2 * groups + 2 * g + 1] = wg[p1];
+      meta[r * groups + g] = static_cast<uint8_t>(p0 | (p1 << 2));
     }
   }
 }

@@ -148,6 +148,38 @@ def clear_measurements() -> None:
     _measured.clear()
 
 
+def save_measurements(path: str | os.PathLike) -> None:
+    """Writes the measured choices to a JSON file (see :func:`load_measurements`)."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump({"format": "sparsekernels-measurements/1", "entries": measured()}, f, indent=1)
+
+
+def load_measurements(path: str | os.PathLike) -> int:
+    """Adopts the choices saved by :func:`save_measurements` (e.g. by an earlier run on the
+    same kind of machine, or by rank 0 of a distributed job so every rank runs the same
+    backends); entries of this process's own measurements are replaced. Returns how many
+    were loaded. A choice names a backend: one that is not available here is measured
+    again when its class first runs."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != "sparsekernels-measurements/1":
+        raise ValueError(f"load_measurements: {path} is not a file written by save_measurements")
+    loaded = 0
+    for entry in data["entries"]:
+        device_type = str(entry["device"]).split(":")[0]
+        choice = entry["choice"]
+        if choice.split(":")[0] not in auto_candidates(device_type):
+            continue  # not runnable in this build: measure again
+        key = (entry["op"], entry["device"], entry["dtype"], *entry["key"])
+        _measured[key] = {**entry, "key": tuple(entry["key"])}
+        loaded += 1
+    return loaded
+
+
 def shape_class(m: int, *dims: int, density: float | None = None) -> tuple:
     """The key under which a measured choice is reused: the batch rounded up to a power of
     two (batches differ a little between steps), the other dimensions exact, the density

@@ -250,3 +250,34 @@ def test_rows_sorted_detects_unsorted_rows_and_ignores_row_boundaries():
     assert rows_sorted(torch.tensor([0, 0], dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
     csr = make_csr(40, 50, 0.7, seed=5, empty_rows=True)
     assert rows_sorted(csr.row_ptr, csr.col_idx) and rows_sorted(csr.t_row_ptr, csr.t_col_idx)
+
+
+@needs_ext
+def test_measurements_save_and_load_round_trip(measure_everything, tmp_path, monkeypatch):
+    csr = make_csr(64, 96, 0.8, seed=6)
+    x = torch.randn(40, 96)
+    sk.ops.spmm(x, csr.values, *csr.pattern())
+    saved = backends.measured()
+    path = tmp_path / "choices.json"
+    backends.save_measurements(path)
+    backends.clear_measurements()
+    assert backends.load_measurements(path) == len(saved) == 1
+    assert backends.measured()[0]["choice"] == saved[0]["choice"]
+    calls = []
+    monkeypatch.setattr(backends, "_measure", lambda *a, **k: calls.append(1))
+    sk.ops.spmm(x, csr.values, *csr.pattern())                  # the loaded choice: no new measurement
+    assert calls == []
+
+
+def test_load_measurements_rejects_other_files_and_skips_unavailable_backends(measure_everything, tmp_path):
+    import json
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="save_measurements"):
+        backends.load_measurements(bad)
+    other = tmp_path / "other.json"
+    entry = {"op": "spmm", "device": "cpu", "dtype": "float32", "key": [64, 8, 8, 0.5], "choice": "triton",
+             "times_ms": {}, "rejected": {}}
+    other.write_text(json.dumps({"format": "sparsekernels-measurements/1", "entries": [entry]}))
+    assert backends.load_measurements(other) == 0                # the interpreter is never an auto choice

@@ -87,14 +87,13 @@ def available(device_type: str) -> list[str]:
     return names
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype, density: float | None = None) -> str:
+def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype`` when nothing is
     measured: the requested one, or under ``"auto"`` the first available of CPU: our C++
     kernels; GPU: our CUDA kernels, then Triton; the reference last. (The reference builds
     the dense weight on every call: measured 3-8x slower than the C++ kernel on the CPU
     even at density 1, so no density sends a product there without measuring.) The Triton
-    interpreter is never chosen automatically: it exists for testing. ``density`` is
-    accepted for callers' symmetry with :func:`dispatch`."""
+    interpreter is never chosen automatically: it exists for testing."""
     requested = get_backend()
     choices = available(device.type)
     if requested == "auto":
@@ -223,7 +222,7 @@ def _distance(got, want) -> float | None:
 
 
 def dispatch(op: str, device: torch.device, dtype: torch.dtype, run: Callable[[str], T], *,
-             density: float | None = None, flops: float = 0.0, key: tuple = (),
+             flops: float = 0.0, key: tuple = (),
              candidates: Sequence[str] | None = None, static: str | None = None) -> T:
     """Runs ``run(backend)`` on the backend that should run ``op``, and returns its result.
 
@@ -235,7 +234,7 @@ def dispatch(op: str, device: torch.device, dtype: torch.dtype, run: Callable[[s
     ``candidates`` narrows the backends measured, ``static`` replaces :func:`resolve`'s
     choice for unmeasured calls (for ops whose backends differ from the CSR family's).
     """
-    static = static if static is not None else resolve(op, device, dtype, density)
+    static = static if static is not None else resolve(op, device, dtype)
     cands = list(candidates) if candidates is not None else auto_candidates(device.type)
     if (get_backend() != "auto" or flops < MEASURE_MIN_FLOPS or len(cands) < 2 or not measuring_enabled()
             or _capturing(device)):

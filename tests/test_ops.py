@@ -19,7 +19,7 @@ import sparsekernels
 from sparsekernels import CSR, backends, ops
 from sparsekernels.ops import csr_matmul
 
-from conftest import FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, make_dense_and_mask
+from conftest import FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, make_csr, make_dense_and_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -642,12 +642,20 @@ def test_resolve():
             backends.resolve("spmm", torch.device("meta"), torch.float32)
 
 
-def test_unmeasured_auto_takes_the_compiled_kernel_at_every_density():
+@pytest.mark.parametrize("sparsity", [0.0, 0.4, 0.9])
+def test_unmeasured_auto_takes_the_compiled_kernel_at_every_density(sparsity, monkeypatch):
     """The reference densifies the weight per call (3-8x slower than the C++ kernel on the
     CPU even at density 1): without a measurement, no density sends a product there."""
     cpu = torch.device("cpu")
     fast = "cpu" if sparsekernels._extension.compiled() else "reference"
-    for density in (0.0, 0.1, 0.6, 1.0):
-        assert backends.resolve("spmm", cpu, torch.float32, density=density) == fast
+    assert backends.resolve("spmm", cpu, torch.float32) == fast
+    seen = []
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", float("inf"))
+    csr = make_csr(24, 32, sparsity, seed=1)
+    run = backends.dispatch
+    monkeypatch.setattr(backends, "dispatch", lambda op, dev, dt, fn, **kw: run(op, dev, dt, lambda b: seen.append(b)
+                                                                               or fn(b), **kw))
+    sparsekernels.ops.spmm(torch.randn(3, 32), csr.values, *csr.pattern())
+    assert seen == [fast]
     with sparsekernels.use_backend("reference"):
-        assert backends.resolve("spmm", cpu, torch.float32, density=0.1) == "reference"  # an explicit choice wins
+        assert backends.resolve("spmm", cpu, torch.float32) == "reference"  # an explicit choice wins

@@ -69,7 +69,7 @@ def _dispatch(op: str, lead: Tensor, crow: Tensor, t_crow: Tensor, values: Tenso
     m = lead.shape[:-1].numel()
     density = values.shape[0] / (out_blocks * in_blocks) if out_blocks * in_blocks else 1.0
     cands = [c for c in ("triton", "reference") if c in backends.auto_candidates(lead.device.type)]
-    return backends.dispatch(op, lead.device, lead.dtype, run, density=density,
+    return backends.dispatch(op, lead.device, lead.dtype, run,
                              flops=2.0 * m * out_blocks * in_blocks * b * b,
                              key=backends.shape_class(m, out_blocks * b, in_blocks * b, b, density=density),
                              candidates=cands, static=_static_backend(op, lead))

@@ -43,7 +43,7 @@ def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: in
             and "cuda" in backends.auto_candidates("cuda") and backends.get_backend() == "auto"
             and rows_sorted(*tiled_pattern)):
         candidates = [*backends.auto_candidates("cuda"), "cuda:tiled"]
-    return backends.dispatch(op, lead.device, lead.dtype, run, density=density, flops=2.0 * m * out_f * in_f,
+    return backends.dispatch(op, lead.device, lead.dtype, run, flops=2.0 * m * out_f * in_f,
                              key=backends.shape_class(m, out_f, in_f, density=density), candidates=candidates)
 
 

@@ -31,10 +31,6 @@ def _dense_24(values: Tensor, meta: Tensor) -> Tensor:
     return values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, meta_columns(meta), values)
 
 
-def reference_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
-    return x @ _dense_24(values, meta).t()
-
-
 # GPU policy (UNVERIFIED until bench/gpu_check.sh runs): 2:4 GEMMs on sparse tensor cores
 # through torch's semi-structured tensors (cuSPARSELt, or CUTLASS), bias fused by the
 # library. Below GPU_MIN_ROWS rows of x the weight's bytes dominate (torch's 2:4 was

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sparsekernels import ops
-from sparsekernels.bench.csr_linear import SHAPES, layer_step
+from sparsekernels.bench.csr_linear import SHAPES
+from sparsekernels.bench.harness import layer_step
 from sparsekernels.nn import SparseLinear
 
 SPARSITIES = [0.9, 0.95, 0.98]

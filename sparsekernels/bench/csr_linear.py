@@ -45,19 +45,6 @@ class CaseResult:
     gflops: dict = field(default_factory=dict)     # useful GFLOP/s (dense FLOPs for dense, 2*B*nnz for sparse)
 
 
-def layer_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """A callable doing one forward + backward (input, weight and bias grads) of module."""
-    xg = x.clone().requires_grad_(True)
-
-    def run():
-        xg.grad = None
-        for p in module.parameters():
-            p.grad = None
-        module(xg).backward(dy)
-
-    return run
-
-
 def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, seed: int = 0,
              torch_sparse: bool = True) -> CaseResult:
     g = torch.Generator().manual_seed(seed)
@@ -82,8 +69,8 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, se
             w_csr = w.to_sparse_csr()
         fns["torch_sparse_fwd"] = lambda: torch.sparse.mm(w_csr, x.t()).t()
 
-    fns["dense_step"] = layer_step(dense_layer, x, dy)
-    fns["ours_step"] = layer_step(layer, x, dy)
+    fns["dense_step"] = harness.layer_step(dense_layer, x, dy)
+    fns["ours_step"] = harness.layer_step(layer, x, dy)
 
     with torch.no_grad():
         ref = dense_fwd()

@@ -100,15 +100,11 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, peaks: dict, re
     dy16 = dy32.bfloat16()
 
     def step_of(module, x, dy, backend=None):
-        xg = x.clone().requires_grad_(True)
+        step = harness.layer_step(module, x, dy, backend=backend)
 
         def f():
-            torch.backends.cuda.matmul.allow_tf32 = False
-            xg.grad = None
-            for p in module.parameters():
-                p.grad = None
-            with use_backend(backend):
-                module(xg).backward(dy)
+            torch.backends.cuda.matmul.allow_tf32 = False  # the TF32 baseline above turns it on
+            step()
         return f
 
     # "auto" is the measured choice (backends.dispatch): the first call measures.
@@ -246,17 +242,9 @@ def run_sparse24_cases(reps: int = 10) -> list[dict]:
         }
         dense = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn(batch, out_f, device="cuda", dtype=torch.bfloat16)
-        xg = x.clone().requires_grad_(True)
 
-        def step(module):
-            def f():
-                xg.grad = None
-                with torch.no_grad():  # as an optimizer step would: new values, so 2:4 re-compresses
-                    for p in module.parameters():
-                        p.grad = None
-                        p.mul_(1.0)
-                module(xg).backward(dy)
-            return f
+        def step(module):  # new values each step, as an optimizer step: 2:4 re-compresses
+            return harness.layer_step(module, x, dy, new_values=True)
         t["dense_step"] = statistics.median(_cuda_time(step(dense), reps))
         t["ours_step"] = statistics.median(_cuda_time(step(layer), reps))
         t["ours_srste_step"] = statistics.median(_cuda_time(step(srste), reps))  # re-prunes every step

@@ -20,6 +20,29 @@ from collections.abc import Callable, Mapping
 import torch
 
 
+def layer_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, *, backend: str | None = None,
+               new_values: bool = False) -> Callable[[], None]:
+    """A callable doing one forward + backward (input, weight and bias grads) of ``module``
+    on ``x`` [..., in] with output gradient ``dy`` [..., out]. ``backend`` forces one for
+    the step (None: as configured); ``new_values`` writes every parameter in place first,
+    as an optimizer step would, so caches keyed on the values (2:4 compression) rebuild."""
+    from ..backends import use_backend
+
+    xg = x.clone().requires_grad_(True)
+
+    def run() -> None:
+        xg.grad = None
+        with torch.no_grad():
+            for p in module.parameters():
+                p.grad = None
+                if new_values:
+                    p.mul_(1.0)
+        with use_backend(backend):
+            module(xg).backward(dy)
+
+    return run
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

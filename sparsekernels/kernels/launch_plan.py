@@ -9,8 +9,7 @@ once per pattern.
 
 Both are cached per pattern (``pattern_cache``) and recomputed when the pattern tensors
 change, so a topology update that rebuilds the buffers costs one recompute on the next
-call. The cost in memory is 2 bytes
-per non-zero plus 4 per row, on the pattern's device.
+call. The cost in memory is 2 bytes per non-zero plus 4 per row, on the pattern's device.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..reference import csr_rows
 from .pattern_cache import PatternCache
 
 INT16_MAX_COLS = 1 << 15  # columns 0 .. 32767 fit int16
@@ -49,14 +49,9 @@ _rows = PatternCache()
 
 
 def nonzero_rows(row_ptr: Tensor, col_idx: Tensor) -> Tensor:
-    """Row (int32) of every non-zero [nnz], cached per pattern; built on the device with
-    the output size known from the shapes (no host sync)."""
-    def build() -> Tensor:
-        counts = row_ptr[1:] - row_ptr[:-1]
-        rows = torch.arange(counts.numel(), device=row_ptr.device, dtype=torch.int32)
-        return torch.repeat_interleave(rows, counts, output_size=col_idx.shape[0])
-
-    return _rows.get((col_idx, row_ptr), (), build)
+    """Row (int32) of every non-zero [nnz] (``reference.csr_rows``), cached per pattern;
+    built on the device with the output size known from the shapes (no host sync)."""
+    return _rows.get((col_idx, row_ptr), (), lambda: csr_rows(row_ptr, col_idx.shape[0]).to(torch.int32))
 
 
 _sorted = PatternCache()

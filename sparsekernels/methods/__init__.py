@@ -4,6 +4,7 @@ never a kernel directly."""
 from .base import SparseTrainingMethod
 from .gmp import GMP
 from .masked_reference import MaskedDenseRigL
+from .registry import available_methods, get_method, register_method
 from .rigl import RigL
 from .schedules import cosine_drop_fraction, gmp_sparsity
 from .set_method import SET
@@ -11,4 +12,4 @@ from .srste import SRSTE
 from .static import Static
 
 __all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "cosine_drop_fraction",
-           "gmp_sparsity"]
+           "gmp_sparsity", "get_method", "register_method", "available_methods"]

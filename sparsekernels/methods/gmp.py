@@ -15,10 +15,12 @@ class GMP(SparseTrainingMethod):
     """Every ``update_interval`` steps between ``start_step`` and ``end_step``, each layer
     is pruned by magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3 (its own s_f
     under ERK). Layers start at ``initial_sparsity`` (default 0: all weights stored, still
-    in CSR, so memory shrinks as the schedule advances). nnz changes, so GMP does not
-    combine with DDP's fixed gradient buckets."""
+    in CSR, so memory shrinks as the schedule advances). ``end_step`` defaults to 75% of
+    ``total_steps`` (one of the two is required). nnz changes, so GMP does not combine
+    with DDP's fixed gradient buckets."""
 
     name = "gmp"
+    schedule_keys = SparseTrainingMethod.schedule_keys + ("initial_sparsity", "start_step", "end_step")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float = 0.9,
                  initial_sparsity: float = 0.0, start_step: int = 0, end_step: int | None = None,
@@ -37,9 +39,24 @@ class GMP(SparseTrainingMethod):
             raise ValueError(f"GMP: end_step ({end_step}) must be after start_step ({start_step})")
         self.start_step, self.end_step = start_step, end_step
         super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
-                         update_interval=update_interval, seed=seed, include=include, exclude=exclude)
+                         update_interval=update_interval, seed=seed, total_steps=total_steps, include=include,
+                         exclude=exclude)
+
+    def _after_attach(self) -> None:
         shapes = {n: weight_shape(l) for n, l in self.layers.items()}
-        self.final_sparsities = layer_sparsities(shapes, self.sparsity, distribution)
+        self.final_sparsities = layer_sparsities(shapes, self.sparsity, self.distribution)
+
+    def _check_schedule(self, schedule: dict) -> None:
+        super()._check_schedule(schedule)
+        start = schedule.get("start_step", self.start_step)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start!r}")
+        end = schedule.get("end_step", self.end_step)
+        if end <= start:
+            raise ValueError(f"GMP: end_step ({end}) must be after start_step ({start})")
+
+    def _after_load(self) -> None:
+        self._after_attach()  # the per-layer targets follow the restored sparsity / distribution
 
     def initial_mask(self, name: str, weight: Tensor, sparsity: float, generator: torch.Generator) -> Tensor:
         return magnitude_mask(weight, self.initial_sparsity)

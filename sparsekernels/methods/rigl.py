@@ -19,7 +19,8 @@ class RigL(SparseTrainingMethod):
     positions with the largest |dL/dW| of that step, computed by the fused ``topk_grow``
     kernel from the layer's input and output gradient (no dense gradient is formed).
     f(t) = drop_fraction / 2 * (1 + cos(pi t / t_end)); t_end defaults to 75% of
-    ``total_steps``. Grown weights start at zero with zero optimizer state.
+    ``total_steps`` (one of the two is required). Grown weights start at zero with zero
+    optimizer state.
 
     Under torch.distributed the growth scores come from the inputs and output gradients
     of all ranks (all-gathered), so every rank picks the same positions.
@@ -27,6 +28,7 @@ class RigL(SparseTrainingMethod):
 
     name = "rigl"
     needs_gradient = True
+    schedule_keys = SparseTrainingMethod.schedule_keys + ("drop_fraction", "t_end")
     _gathered: dict = {}
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float = 0.9,
@@ -42,7 +44,8 @@ class RigL(SparseTrainingMethod):
             t_end = max(1, int(0.75 * total_steps))
         self.t_end, self.total_steps = t_end, total_steps
         super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
-                         update_interval=update_interval, seed=seed, include=include, exclude=exclude)
+                         update_interval=update_interval, seed=seed, total_steps=total_steps, include=include,
+                         exclude=exclude)
 
     def is_update_step(self, step: int) -> bool:
         return step % self.update_interval == 0 and step <= self.t_end
@@ -88,6 +91,3 @@ class RigL(SparseTrainingMethod):
             warnings.warn(f"RigL step {step}: layers {skipped} had no forward / backward in the update step; "
                           "their masks were left unchanged", stacklevel=2)
         return record
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "t_end": self.t_end, "drop_fraction": self.drop_fraction}

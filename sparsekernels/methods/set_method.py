@@ -10,20 +10,28 @@ from .base import SparseTrainingMethod, _check_fraction, _check_positive_int
 
 
 class SET(SparseTrainingMethod):
-    """Every ``update_interval`` steps (until ``t_end`` if given), each layer drops the
+    """Every ``update_interval`` steps until ``t_end``, each layer drops the
     ``drop_fraction`` (zeta) of its active weights with the smallest magnitude and grows
     as many inactive positions uniformly at random, from a generator seeded by
-    (seed, step, layer), so all ranks and every rerun draw the same positions."""
+    (seed, step, layer), so all ranks and every rerun draw the same positions.
+
+    SET updates the topology throughout training (Mocanu et al. 2018), so ``t_end``
+    defaults to ``total_steps``, and with neither given the updates never stop."""
 
     name = "set"
+    schedule_keys = SparseTrainingMethod.schedule_keys + ("drop_fraction", "t_end")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, sparsity: float = 0.9,
                  distribution: str = "erk", update_interval: int = 100, drop_fraction: float = 0.3,
-                 t_end: int | None = None, seed: int = 0, include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
+                 t_end: int | None = None, total_steps: int | None = None, seed: int = 0,
+                 include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
         self.drop_fraction = _check_fraction("drop_fraction", drop_fraction)
-        self.t_end = _check_positive_int("t_end", t_end, allow_none=True)
+        total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
+        t_end = _check_positive_int("t_end", t_end, allow_none=True)
+        self.t_end = total_steps if t_end is None else t_end
         super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
-                         update_interval=update_interval, seed=seed, include=include, exclude=exclude)
+                         update_interval=update_interval, seed=seed, total_steps=total_steps, include=include,
+                         exclude=exclude)
 
     def is_update_step(self, step: int) -> bool:
         return step % self.update_interval == 0 and (self.t_end is None or step <= self.t_end)

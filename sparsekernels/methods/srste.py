@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import Sparse24Linear, eligible_layers
+from .base import _check_positive_int, restore_on_error, unwrap_optimizer
 
 
 class SRSTE:
@@ -16,28 +17,50 @@ class SRSTE:
     and its state need no change. Each training forward (every ``update_every``) re-prunes
     the weight to 2:4 by magnitude, runs the compressed forward, and back-propagates
     dW = dy^T x + lambda_w (1 - E) W. ``remove()`` freezes the masks.
+
+    ``optimizer`` may be a trainer's wrapper (see :func:`unwrap_optimizer`); a failure while
+    swapping leaves the model as it was. ``total_steps`` is recorded (every method takes
+    it) and changes nothing: the mask follows the weights at every update, with no step
+    schedule.
     """
 
     name = "srste"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, srste_lambda: float = 2e-4,
-                 update_every: int = 1, transposable: bool = False, exclude=()) -> None:
+                 update_every: int = 1, transposable: bool = False, total_steps: int | None = None,
+                 exclude=()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SRSTE: model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"SRSTE: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        try:
+            optimizer = unwrap_optimizer(optimizer)
+        except TypeError as e:
+            raise TypeError(f"SRSTE: {e}") from None
+        self.total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
+        self.srste_lambda, self.update_every, self.transposable = srste_lambda, update_every, transposable
         self.model, self.optimizer = model, optimizer
         self.layers: dict[str, Sparse24Linear] = {}
+        with restore_on_error(model, optimizer):
+            self._attach(exclude)
+
+    def _attach(self, exclude) -> None:
+        model, transposable = self.model, self.transposable
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         skipped = []
+        # Layers already SR-STE (a model rebuilt from a checkpoint before resuming) are taken
+        # over as they are.
+        for name, module in model.named_modules():
+            if isinstance(module, Sparse24Linear) and module.mode == "srste":
+                if id(module.weight) not in held:
+                    raise ValueError(f"SRSTE: the optimizer does not hold the weight of layer '{name}'")
+                self.layers[name] = module
         for name, module in eligible_layers(model, (nn.Linear,), exclude).items():
             if module.in_features % 4 or (transposable and module.out_features % 4):
                 skipped.append(name)
                 continue
             if id(module.weight) not in held:
                 raise ValueError(f"SRSTE: the optimizer does not hold the weight of layer '{name}'")
-            layer = Sparse24Linear.from_dense(module, mode="srste", srste_lambda=srste_lambda,
-                                              update_every=update_every, transposable=transposable)
+            layer = Sparse24Linear.from_dense(module, mode="srste", srste_lambda=self.srste_lambda,
+                                              update_every=self.update_every, transposable=transposable)
             layer.weight = module.weight  # the same Parameter: optimizer state stays valid
             layer.bias = module.bias
             parent, _, child = name.rpartition(".")
@@ -48,7 +71,7 @@ class SRSTE:
         if not self.layers:
             raise ValueError("SRSTE: no nn.Linear layer with in_features divisible by 4")
         if skipped:
-            warnings.warn("SRSTE: left dense (in_features not divisible by 4): " + ", ".join(skipped), stacklevel=2)
+            warnings.warn("SRSTE: left dense (in_features not divisible by 4): " + ", ".join(skipped), stacklevel=3)
 
     def masks(self) -> dict[str, Tensor]:
         return {n: layer.mask() for n, layer in self.layers.items()}
@@ -58,10 +81,32 @@ class SRSTE:
             layer.freeze_mask = True
 
     def state_dict(self) -> dict:
-        return {"method": self.name, "forwards": {n: layer._forwards for n, layer in self.layers.items()}}
+        """The training-forward count of every layer (it decides which forwards re-prune)
+        and the arguments. The weights and masks (meta) live in the model's state dict."""
+        return {"method": self.name, "forwards": {n: layer._forwards for n, layer in self.layers.items()},
+                "frozen": {n: layer.freeze_mask for n, layer in self.layers.items()},
+                "total_steps": self.total_steps, "srste_lambda": self.srste_lambda,
+                "update_every": self.update_every, "transposable": self.transposable}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` (ValueError on a state of another method or of other
+        layers, TypeError on a non-mapping)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"SRSTE.load_state_dict: state must be a dict from state_dict(), got {type(state).__name__}")
         if state.get("method") != self.name:
             raise ValueError(f"SRSTE.load_state_dict: state is for method {state.get('method')!r}")
-        for n, count in state["forwards"].items():
-            self.layers[n]._forwards = int(count)
+        forwards = state.get("forwards")
+        if not isinstance(forwards, dict) or set(forwards) != set(self.layers):
+            raise ValueError(f"SRSTE.load_state_dict: 'forwards' must name the layers {sorted(self.layers)}, got "
+                             f"{sorted(forwards) if isinstance(forwards, dict) else forwards!r}")
+        for n, count in forwards.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"SRSTE.load_state_dict: forward count of '{n}' must be a non-negative int, "
+                                 f"got {count!r}")
+        if "total_steps" in state:
+            self.total_steps = _check_positive_int("total_steps", state["total_steps"], allow_none=True)
+        for n, count in forwards.items():
+            self.layers[n]._forwards = count
+        for n, frozen in state.get("frozen", {}).items():
+            if n in self.layers:
+                self.layers[n].freeze_mask = bool(frozen)

@@ -10,15 +10,15 @@ import sys
 
 
 def _cmd_info(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from .info import collect
 
     info = collect()
-    if args.json:
+    if args.json:  # plain JSON needs no rich: the GPU machine may not have it
         print(json.dumps(info, indent=1))
         return 0
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="sparsekernels", show_header=False)
     for key, value in info.items():
         if key == "load_error" and value is None:

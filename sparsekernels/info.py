@@ -10,6 +10,17 @@ import torch
 from . import _extension, backends
 
 
+def _cusparselt() -> str | None:
+    """cuSPARSELt's version when torch can use it (its 2:4 GEMMs), else None."""
+    backend = getattr(torch.backends, "cusparselt", None)
+    try:
+        if backend is None or not backend.is_available():
+            return None
+        return str(backend.version())
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def collect() -> dict:
     """A dict describing the build and the backend choice (printed by ``sparsekernels info``)."""
     info = {
@@ -41,6 +52,7 @@ def collect() -> dict:
                                    f"with >= {GPU_MIN_ROWS} rows, measured against dense cuBLAS per shape; "
                                    "dense otherwise, with a warning once per reason (unverified on a GPU); no "
                                    "fused activation (torch's 2:4 GEMMs take none)")
+    info["cusparselt"] = _cusparselt()
     try:
         import triton  # noqa: F401
 

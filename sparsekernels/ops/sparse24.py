@@ -88,6 +88,16 @@ def _semi_structured_weight(values: Tensor, meta: Tensor, transposed: bool):
     return _semi_structured.get((values, meta), (transposed,), build)
 
 
+def _semi_structured_result(y: Tensor, rows: int, cols: int) -> Tensor:
+    """The [rows, cols] product as a contiguous tensor, whatever layout torch's 2:4 GEMM
+    returned: torch 2.11 pads the dense operand to the GEMM tile and hands back a
+    transposed view of the padded result (sliced, or not, by version), torch 2.14 a plain
+    contiguous tensor. The op's fake implementation promises a contiguous output."""
+    if y.dim() != 2 or y.shape[0] < rows or y.shape[1] < cols:
+        raise RuntimeError(f"2:4 GEMM returned shape {tuple(y.shape)} for a [{rows}, {cols}] product")
+    return y[:rows, :cols].contiguous()
+
+
 def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op: str,
                transposed: bool = False) -> Tensor:
     """``x [..., k] @ W^T (+ bias)`` for the 2:4 weight W [n, k] = (values, meta), or with
@@ -100,7 +110,9 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
     if plan == "semi_structured":
         # torch's 2:4 GEMM reads its dense operand as contiguous (or one plain transpose):
         # an expanded gradient or a column slice would be misread.
-        y = torch.nn.functional.linear(x2.contiguous(), _semi_structured_weight(values, meta, transposed), bias)
+        y = _semi_structured_result(
+            torch.nn.functional.linear(x2.contiguous(), _semi_structured_weight(values, meta, transposed), bias),
+            x2.shape[0], n)
     else:
         _warn_once(f"{op} on the GPU runs {plan}")
         dense = _dense_24(values, meta)

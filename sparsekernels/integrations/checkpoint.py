@@ -83,20 +83,13 @@ def _dense_linear_dims(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _twin_class(module: nn.Module) -> type | None:
-    """The sparse class ``sparsify`` would build for a dense ``module`` (None: not eligible)."""
-    # Looked up at call time: the nn package owns the table of convertible layer types.
+    """The sparse class ``sparsify`` would build for a dense ``module`` (None: not eligible).
+    Its ``from_dense(module, mask=...)`` takes the mask in the sparse layer's orientation
+    ([out, in] for every linear-like layer)."""
+    # Looked up at call time: the nn package owns the map of convertible layer types.
     rules = importlib.import_module("..nn.sparsify", __package__)
-    return rules._sparse_class(module, tuple(rules._SPARSE_OF))
-
-
-def _linear_mask(module: nn.Module, mask: Tensor) -> Tensor:
-    """``mask`` [out, in] in the coordinates of ``module.weight`` (a transposed-weight layer
-    stores [in, out]). Only the count of kept positions matters for the swap: the loaded
-    state dict then sets the whole pattern, so a square transposed weight is harmless."""
-    w = module.weight
-    if tuple(w.shape) != tuple(mask.shape) and tuple(w.shape) == tuple(mask.shape[::-1]):
-        return mask.t()
-    return mask
+    lookup = getattr(rules, "sparse_class_for", None)
+    return lookup(module) if lookup is not None else rules._sparse_class(module, tuple(rules._SPARSE_OF))
 
 
 # --------------------------------------------------------------------------- per format
@@ -205,7 +198,7 @@ def _sparse_layer_of(name: str, module: nn.Module, kind: str, sd, config: dict) 
         out_f, in_f = dims
         device = module.weight.device
         if kind == "csr":
-            new = twin.from_dense(module, mask=_linear_mask(module, _csr_linear_mask(name, sd, p, out_f, in_f, device)))
+            new = twin.from_dense(module, mask=_csr_linear_mask(name, sd, p, out_f, in_f, device))
             keep = ("bias",)
         else:
             _expect(isinstance(module, nn.Linear), name,

@@ -5,6 +5,7 @@ from .conv import SparseConv2d
 from .distribution import layer_sparsities
 from .linear import SparseLinear
 from .sparse24_linear import Sparse24Linear
-from .sparsify import densify, eligible_layers, sparsify
+from .sparsify import densify, eligible_layers, left_dense_layers, sparse_class_for, sparsify
 
-__all__ = ["BSRLinear", "Sparse24Linear", "SparseLinear", "SparseConv2d", "sparsify", "densify", "eligible_layers", "layer_sparsities"]
+__all__ = ["BSRLinear", "Sparse24Linear", "SparseLinear", "SparseConv2d", "sparsify", "densify", "eligible_layers", "layer_sparsities",
+           "left_dense_layers", "sparse_class_for"]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
-from ..ops import bsr_mm
+from ..ops import autocast, bsr_mm
 from ._sparse_weight import check_layer_input, dense_linear, resize_parameter
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
@@ -110,7 +110,8 @@ class BSRLinear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         check_layer_input("BSRLinear", input, self.values, self.in_features)
         y = bsr_mm(input, self.values, self.crow, self.ccol, self.t_crow, self.t_ccol, self.t_perm)
-        return y + self.bias if self.bias is not None else y
+        # The bias in the product's dtype under autocast, as nn.Linear's fused bias.
+        return y + autocast.cast(self.bias) if self.bias is not None else y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "values"

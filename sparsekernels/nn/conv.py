@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..formats import CSR, check_sparsity, random_mask
+from ..ops import autocast
 from ._sparse_weight import SparseWeightMixin, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -167,7 +168,7 @@ class SparseConv2d(SparseWeightMixin):
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, C*kh*kw, L]
         y = self._matmul(cols.transpose(1, 2))  # [N, L, out]
         if self.bias is not None:
-            y = y + self.bias
+            y = y + autocast.cast(self.bias)  # in the product's dtype under autocast, as nn.Conv2d
         y = y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)
         return y.squeeze(0) if unbatched else y
 

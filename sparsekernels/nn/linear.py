@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ..formats import CSR, check_sparsity, random_mask
+from ..ops import autocast
+from ._conv1d import is_conv1d
 from ._sparse_weight import SparseWeightMixin, check_layer_input, dense_linear, kept_mask
 
 
@@ -61,28 +63,47 @@ class SparseLinear(SparseWeightMixin):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
+    # The dense class this layer was built from when it is not nn.Linear (transformers'
+    # Conv1D): ``densify`` builds that class again. None for nn.Linear and fresh layers.
+    dense_origin: type | None = None
+
     @classmethod
-    def from_dense(cls, linear: nn.Linear, *, sparsity: float | None = None, mask: Tensor | None = None) -> "SparseLinear":
+    def from_dense(cls, linear: nn.Module, *, sparsity: float | None = None, mask: Tensor | None = None) -> "SparseLinear":
         """A SparseLinear holding ``linear``'s weights at the kept positions.
 
-        The kept positions are ``mask`` [out, in] if given, else the
-        ``round((1 - sparsity) * out * in)`` largest-magnitude weights if ``sparsity`` is
-        given, else the non-zero weights (so ``from_dense(s.to_dense())`` restores ``s``).
+        ``linear`` is an ``nn.Linear`` or a transformers ``Conv1D`` (``y = x @ W + b`` with
+        its weight stored transposed, [in, out]); the layer holds W^T [out, in] in either
+        case and remembers a Conv1D origin (``dense_origin``) for ``densify``.
+
+        The kept positions are ``mask`` [out, in] if given (the nn.Linear orientation, also
+        for a Conv1D), else the ``round((1 - sparsity) * out * in)`` largest-magnitude
+        weights if ``sparsity`` is given, else the non-zero weights (so
+        ``from_dense(s.to_dense())`` restores ``s``).
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
+        conv1d = is_conv1d(linear)
+        if not conv1d and not isinstance(linear, nn.Linear):
+            raise TypeError("SparseLinear.from_dense: expected an nn.Linear or a transformers Conv1D, got "
+                            f"{type(linear).__name__}")
         w = linear.weight.detach()
+        if conv1d:
+            if w.dim() != 2:
+                raise ValueError(f"SparseLinear.from_dense: a Conv1D weight must be 2-D [in, out], got "
+                                 f"{tuple(w.shape)}")
+            w = w.t()  # [in, out] -> the Linear orientation [out, in]
         mask = kept_mask("SparseLinear.from_dense", w, sparsity, mask)
         layer = cls.__new__(cls)
         SparseWeightMixin.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.out_features, layer.in_features = w.shape
         layer._init_sparse_weight(CSR.from_dense(w, mask))
         layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        if conv1d:
+            layer.dense_origin = type(linear)
         layer.train(linear.training)
         return layer
 
     def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with this layer's weights and zeros where pruned."""
+        """An ``nn.Linear`` with this layer's weights and zeros where pruned (also for a
+        layer built from a Conv1D: :func:`sparsekernels.densify` restores that class)."""
         return dense_linear(self.csr().to_dense(), self.bias, self.training)
 
     def mask(self) -> Tensor:
@@ -92,7 +113,8 @@ class SparseLinear(SparseWeightMixin):
     def forward(self, input: Tensor) -> Tensor:
         x = check_layer_input("SparseLinear", input, self.values, self.in_features)
         y = self._matmul(x)
-        return y + self.bias if self.bias is not None else y
+        # The bias in the product's dtype under autocast, as nn.Linear's fused bias.
+        return y + autocast.cast(self.bias) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

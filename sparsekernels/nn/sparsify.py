@@ -1,20 +1,41 @@
-"""sparsify(model) / densify(model): swap nn.Linear / nn.Conv2d for their sparse twins."""
+"""sparsify(model) / densify(model): swap dense layers for their sparse twins and back.
+
+This module is the one map between a dense layer and its sparse twin:
+
+* ``nn.Linear`` <-> :class:`SparseLinear` (or ``BSRLinear`` / ``Sparse24Linear`` by format);
+* transformers ``Conv1D`` (weight stored transposed, [in, out]) <-> :class:`SparseLinear`
+  on W^T [out, in], restored as the same Conv1D class by :func:`densify`;
+* ``nn.Conv2d`` <-> :class:`SparseConv2d`.
+
+Layers that look eligible but are left dense on purpose (a weight Parameter shared with
+another module, i.e. tied weights; MultiheadAttention's ``out_proj``, whose weight the
+attention reads directly; Linear-like layers of classes this module does not know) are
+named in one warning.
+"""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable
 
 from torch import nn
 
 from ..formats import check_sparsity
+from ._conv1d import build_conv1d, is_conv1d, is_conv1d_class
+from .bsr_linear import BSRLinear
 from .conv import SparseConv2d
 from .distribution import layer_sparsities
 from .linear import SparseLinear
+from .sparse24_linear import Sparse24Linear
 
+# Dense class -> sparse twin. transformers' Conv1D (a linear layer) maps to SparseLinear too;
+# it is looked up lazily (``_conv1d``) so transformers stays optional.
 _SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+SPARSE_LAYERS = (SparseLinear, SparseConv2d, BSRLinear, Sparse24Linear)
+DEFAULT_INCLUDE = (nn.Linear, nn.Conv2d)
 
 
 def _excluded(name: str, module: nn.Module, exclude: Iterable) -> bool:
@@ -26,17 +47,62 @@ def _excluded(name: str, module: nn.Module, exclude: Iterable) -> bool:
     return False
 
 
+def _included(module: nn.Module, include: tuple) -> bool:
+    """``include`` holds nn.Linear, nn.Conv2d and/or transformers' Conv1D; nn.Linear covers
+    Conv1D as well (it is a linear layer and becomes a SparseLinear)."""
+    if isinstance(module, include):
+        return True
+    return is_conv1d(module) and any(cls is nn.Linear or is_conv1d_class(cls) for cls in include)
+
+
 def _sparse_class(module: nn.Module, include: tuple[type, ...]) -> type | None:
-    if isinstance(module, (SparseLinear, SparseConv2d)) or not isinstance(module, include):
+    """The sparse twin class of ``module`` if its kind is in ``include`` (None if not, if it
+    is already sparse, or if it must stay dense whatever the model)."""
+    if isinstance(module, SPARSE_LAYERS) or not _included(module, include):
         return None
     # MultiheadAttention reads out_proj.weight directly (a NonDynamicallyQuantizableLinear),
     # so swapping it would break attention: leave it dense.
     if type(module).__name__ == "NonDynamicallyQuantizableLinear":
         return None
+    if is_conv1d(module):
+        return SparseLinear
     for dense_cls, sparse_cls in _SPARSE_OF.items():
         if isinstance(module, dense_cls):
             return sparse_cls
     return None
+
+
+def sparse_class_for(module: nn.Module) -> type | None:
+    """The sparse class :func:`sparsify` builds for the dense layer ``module``
+    (``SparseLinear`` for ``nn.Linear`` and transformers ``Conv1D``, ``SparseConv2d`` for
+    ``nn.Conv2d``), or None when ``module`` is not a layer it converts. Its ``from_dense``
+    takes ``module`` (a mask in the nn.Linear orientation [out, in] for a Conv1D)."""
+    return _sparse_class(module, DEFAULT_INCLUDE + _conv1d_include())
+
+
+def _conv1d_include() -> tuple:
+    from ._conv1d import conv1d_class
+
+    cls = conv1d_class()
+    return (cls,) if cls is not None else ()
+
+
+def linear_weight(module: nn.Module):
+    """A dense layer's weight in the orientation of its sparse twin: [out, in] for
+    ``nn.Linear`` and Conv1D (whose stored weight [in, out] is transposed, as a view),
+    [out, in/g, kh, kw] for ``nn.Conv2d``."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def dense_twin(layer: nn.Module) -> nn.Module:
+    """The dense layer equivalent to the sparse ``layer`` (zeros where pruned): its
+    ``to_dense()``, or the transformers Conv1D it was built from (same class)."""
+    origin = getattr(layer, "dense_origin", None)
+    if origin is not None:
+        dense = layer.to_dense()
+        return build_conv1d(origin, dense.weight.detach(), None if dense.bias is None else dense.bias.detach(),
+                            layer.training)
+    return layer.to_dense()
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -47,35 +113,112 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def eligible_layers(model: nn.Module, include=(nn.Linear, nn.Conv2d), exclude=()) -> dict[str, nn.Module]:
-    """The layers :func:`sparsify` would swap, by their ``named_modules()`` name."""
+def _check_include(include) -> tuple:
     include = tuple(include)
     for cls in include:
-        if cls not in _SPARSE_OF:
-            raise ValueError(f"sparsify: include may hold nn.Linear and nn.Conv2d, got {cls!r}")
+        if cls not in _SPARSE_OF and not is_conv1d_class(cls):
+            raise ValueError(f"sparsify: include may hold nn.Linear, nn.Conv2d and transformers' Conv1D, got {cls!r}")
+    return include
+
+
+def _parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(Parameter) -> every "module.param" name holding it (a module registered under two
+    names counts twice: swapping one name would split it)."""
+    holders = defaultdict(list)
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod._parameters.items():
+            if p is not None:
+                holders[id(p)].append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return holders
+
+
+def _looks_linear(module: nn.Module) -> bool:
+    """A layer of an unknown class that holds a 2-D ``weight`` Parameter and calls itself a
+    linear layer (``in_features`` / ``out_features``, or "Linear" in its class name)."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return False
+    w = module._parameters.get("weight")
+    if w is None or w.dim() != 2:
+        return False
+    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)) \
+        or "linear" in type(module).__name__.lower()
+
+
+def _scan(model: nn.Module, include, exclude) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(layers to swap, layers left dense on purpose -> why), by ``named_modules()`` name."""
+    include = _check_include(include)
     if isinstance(exclude, (str, type)):
         exclude = (exclude,)
-    return {name: m for name, m in model.named_modules()
-            if _sparse_class(m, include) is not None and not _excluded(name, m, exclude)}
+    holders = _parameter_holders(model)
+    swap, left = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, SPARSE_LAYERS) or _excluded(name, m, exclude):
+            continue
+        if _sparse_class(m, include) is None:
+            if not _included(m, include):
+                if nn.Linear in include and _looks_linear(m):
+                    left[name] = f"{type(m).__name__}: a Linear-like layer of a class sparsify does not convert"
+            elif type(m).__name__ == "NonDynamicallyQuantizableLinear":
+                left[name] = "MultiheadAttention's out_proj: the attention reads its weight directly"
+            continue
+        shared = []
+        for attr in ("weight", "bias"):
+            p = m._parameters.get(attr)
+            own = f"{name}.{attr}" if name else attr
+            if p is not None:
+                shared += [h for h in holders[id(p)] if h != own]
+        if shared:
+            left[name] = (f"its parameters are shared with {', '.join(shared)} (tied weights): a sparse twin "
+                          "would untie them")
+            continue
+        swap[name] = m
+    return swap, left
+
+
+def eligible_layers(model: nn.Module, include=DEFAULT_INCLUDE, exclude=()) -> dict[str, nn.Module]:
+    """The layers :func:`sparsify` would swap, by their ``named_modules()`` name."""
+    return _scan(model, include, exclude)[0]
+
+
+def left_dense_layers(model: nn.Module, include=DEFAULT_INCLUDE, exclude=()) -> dict[str, str]:
+    """Layers that look eligible but that :func:`sparsify` (and the methods) leave dense,
+    name -> why: tied weights, MultiheadAttention's ``out_proj``, Linear-like layers of
+    unknown classes. Layers the user excluded are not listed."""
+    return _scan(model, include, exclude)[1]
+
+
+def warn_left_dense(owner: str, left: dict[str, str], stacklevel: int = 2) -> None:
+    """One warning naming every layer of ``left`` (from :func:`left_dense_layers`); none if
+    it is empty."""
+    if left:
+        warnings.warn(f"{owner}: left dense: " + "; ".join(f"{n} ({why})" for n, why in left.items()),
+                      stacklevel=stacklevel + 1)
 
 
 def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "uniform",
-             include=(nn.Linear, nn.Conv2d), exclude=(), inplace: bool = True, format: str = "csr",
+             include=DEFAULT_INCLUDE, exclude=(), inplace: bool = True, format: str = "csr",
              block_size: int = 32) -> nn.Module:
-    """Replaces the model's ``nn.Linear`` / ``nn.Conv2d`` layers by ``SparseLinear`` /
-    ``SparseConv2d`` keeping each layer's largest-magnitude weights.
+    """Replaces the model's ``nn.Linear`` / transformers ``Conv1D`` / ``nn.Conv2d`` layers by
+    ``SparseLinear`` / ``SparseConv2d`` keeping each layer's largest-magnitude weights.
+
+    A Conv1D (GPT-2's projections: ``y = x @ W + b``, W stored [in, out]) becomes a
+    ``SparseLinear`` on W^T; :func:`densify` gives the Conv1D back. A layer whose weight or
+    bias Parameter is shared with another module (tied weights, e.g. GPT-2's ``lm_head`` and
+    its input embedding) is left dense, so the tie holds; it is named in one warning with
+    the other layers left dense on purpose (see :func:`left_dense_layers`).
 
     Args:
         sparsity: overall fraction of zeros over the swapped layers, in [0, 1).
         distribution: ``"uniform"`` (each layer at ``sparsity``) or ``"erk"``
             (see :func:`sparsekernels.nn.layer_sparsities`).
-        include: layer types to swap (subclasses included).
+        include: layer types to swap (subclasses included): ``nn.Linear`` (which covers
+            Conv1D too), ``nn.Conv2d`` and/or transformers' ``Conv1D`` alone.
         exclude: module names as in ``model.named_modules()`` (exact or glob patterns such
             as ``"head.*"``) and/or module types to leave dense.
         inplace: modify ``model`` (default) or a deep copy of it.
         format: ``"csr"`` (unstructured), ``"bsr"`` (``block_size`` blocks, largest-norm
-            blocks kept; Linear layers only) or ``"2:4"`` (2:4 magnitude mask, fixed;
-            Linear layers only, ``sparsity`` ignored). Layers whose shape the format cannot
+            blocks kept; linear layers only) or ``"2:4"`` (2:4 magnitude mask, fixed;
+            linear layers only, ``sparsity`` ignored). Layers whose shape the format cannot
             hold are left dense with a warning naming them.
     Returns:
         The model (a new module when ``model`` itself is a swapped layer).
@@ -83,36 +226,52 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
     sparsity = check_sparsity(sparsity)
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
-    if not inplace:
-        model = copy.deepcopy(model)
-    layers = eligible_layers(model, include, exclude)
     if format not in ("csr", "bsr", "2:4"):
         raise ValueError(f"sparsify: format must be 'csr', 'bsr' or '2:4', got {format!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers, left = _scan(model, include, exclude)
+    warn_left_dense("sparsify", left, stacklevel=2)
     if format != "csr":
         return _sparsify_structured(model, layers, sparsity, format, block_size)
-    per_layer = layer_sparsities({n: tuple(m.weight.shape) for n, m in layers.items()}, sparsity, distribution)
+    per_layer = layer_sparsities({n: tuple(linear_weight(m).shape) for n, m in layers.items()}, sparsity,
+                                 distribution)
     for name, module in layers.items():
         sparse = _sparse_class(module, tuple(include)).from_dense(module, sparsity=per_layer[name])
         model = _replace(model, name, sparse)
     return model
 
 
-def _sparsify_structured(model: nn.Module, layers: dict, sparsity: float, format: str, block_size: int) -> nn.Module:
-    from .bsr_linear import BSRLinear
-    from .sparse24_linear import Sparse24Linear
+def _as_linear(conv1d: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` view of a Conv1D's numbers (weight [out, in] transposed back)."""
+    w = conv1d.weight.detach().t()
+    dense = nn.Linear(w.shape[1], w.shape[0], bias=conv1d.bias is not None, device=w.device, dtype=w.dtype)
+    dense.weight = nn.Parameter(w)
+    if conv1d.bias is not None:
+        dense.bias = nn.Parameter(conv1d.bias.detach())
+    dense.train(conv1d.training)
+    return dense
 
+
+def _sparsify_structured(model: nn.Module, layers: dict, sparsity: float, format: str, block_size: int) -> nn.Module:
     skipped = []
     for name, module in layers.items():
-        if not isinstance(module, nn.Linear):
+        conv1d = is_conv1d(module)
+        if not conv1d and not isinstance(module, nn.Linear):
             skipped.append(f"{name} ({type(module).__name__})")
             continue
-        out_f, in_f = module.weight.shape
+        linear = _as_linear(module) if conv1d else module
+        out_f, in_f = linear.weight.shape
         if format == "2:4" and in_f % 4 == 0:
-            model = _replace(model, name, Sparse24Linear.from_dense(module))
+            new = Sparse24Linear.from_dense(linear)
         elif format == "bsr" and in_f % block_size == 0 and out_f % block_size == 0:
-            model = _replace(model, name, BSRLinear.from_dense(module, sparsity=sparsity, block_size=block_size))
+            new = BSRLinear.from_dense(linear, sparsity=sparsity, block_size=block_size)
         else:
             skipped.append(f"{name} ({out_f}x{in_f})")
+            continue
+        if conv1d:
+            new.dense_origin = type(module)  # densify builds the Conv1D again
+        model = _replace(model, name, new)
     if skipped:
         need = "in_features divisible by 4" if format == "2:4" else f"both dimensions divisible by {block_size}"
         warnings.warn(f"sparsify(format={format!r}): left dense, as the format needs nn.Linear with {need}: "
@@ -122,17 +281,14 @@ def _sparsify_structured(model: nn.Module, layers: dict, sparsity: float, format
 
 def densify(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Replaces every sparse layer (``SparseLinear``, ``SparseConv2d``, ``BSRLinear``,
-    ``Sparse24Linear``) by the equivalent dense layer (zeros where pruned). Exact inverse
-    of :func:`sparsify`'s swap."""
+    ``Sparse24Linear``) by the equivalent dense layer (zeros where pruned): ``nn.Linear``,
+    ``nn.Conv2d``, or the transformers ``Conv1D`` class a layer was built from. Exact
+    inverse of :func:`sparsify`'s swap."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"densify: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    from .bsr_linear import BSRLinear
-    from .sparse24_linear import Sparse24Linear
-
-    swapped = (SparseLinear, SparseConv2d, BSRLinear, Sparse24Linear)
-    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, swapped)]
+    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, SPARSE_LAYERS)]
     for name, module in sparse:
-        model = _replace(model, name, module.to_dense())
+        model = _replace(model, name, dense_twin(module))
     return model

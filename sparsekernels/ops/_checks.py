@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.pattern_cache import PatternCache
+from .autocast import cast_dtype
 
 INDEX_DTYPES = (torch.int32,)
 PERM_DTYPES = (torch.int32, torch.int64)
@@ -51,7 +52,9 @@ def check_csr_pattern(op: str, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
 def check_dense(op: str, name: str, x: object, values: Tensor, features: int) -> Tensor:
     """Checks a dense operand [..., features] against the weight's dtype and device."""
     x = check_tensor(op, name, x)
-    if x.dtype != values.dtype:
+    # Under autocast the op casts both to the autocast dtype first (ops/autocast.py): compare
+    # the dtypes the product will see.
+    if cast_dtype(x) != cast_dtype(values):
         raise TypeError(f"{op}: {name} has dtype {x.dtype} but the weight values have {values.dtype}")
     if x.device != values.device:
         raise ValueError(f"{op}: {name} is on {x.device} but the weight values are on {values.device}")

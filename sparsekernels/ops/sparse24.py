@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import backends
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
-from . import _checks
+from . import _checks, autocast
 from .csr_matmul import _sddmm_op, _spmm_t_op
 
 
@@ -309,6 +309,10 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
     caller has them (the prune + compress that produced meta returns them); else gathered."""
     weight = _checks.check_tensor("srste_linear", "weight", weight)
     _checks.check_dense("srste_linear", "x", x, weight, weight.shape[1])
+    # SR-STE is an autograd.Function, not a custom op: under autocast it casts its operands
+    # here, as the op-level rule (ops/autocast.py) does for the others, and the gradient
+    # reaches the fp32 master weight through the casts.
+    x, weight, bias, kept_values = (autocast.cast(t) for t in (x, weight, bias, kept_values))
     if bias is not None:
         _checks.check_dense("srste_linear", "bias", bias, weight, weight.shape[0])
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:

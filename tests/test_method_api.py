@@ -74,12 +74,21 @@ def test_unwrap_optimizer():
     assert isinstance(model[0], nn.Linear)
 
 
-def test_accelerate_wrapped_optimizer_drives_the_method():
+@pytest.fixture
+def accelerate():
     accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield accelerate
+    # accelerate keeps process-wide singletons: later tests (a Trainer) build their own.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_accelerate_wrapped_optimizer_drives_the_method(accelerate):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    accelerator = accelerate.Accelerator(cpu=True)
-    model, wrapped = accelerator.prepare(model, opt)
+    model, wrapped = accelerate.Accelerator().prepare(model, opt)
     assert type(wrapped).__name__ == "AcceleratedOptimizer" and unwrap_optimizer(wrapped) is opt
     method = SET(model, wrapped, sparsity=0.8, update_interval=2, total_steps=6)
     assert method.optimizer is opt

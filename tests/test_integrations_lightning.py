@@ -24,6 +24,16 @@ from sparsekernels.nn import SparseLinear  # noqa: E402
 STEPS, SAVE_AT = 12, 4  # 4 batches an epoch: the checkpoint falls between two epochs
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation, and on shared cores
+    OpenMP's waiting made a 6-step run take 30 s instead of 1.5 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class MLP(L.LightningModule):
     """A LightningModule with no sparsekernels code in it."""
 

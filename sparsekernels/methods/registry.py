@@ -12,6 +12,13 @@ from .static import Static
 _METHODS: dict[str, type] = {}
 
 
+def _check_method_class(owner: str, cls: type) -> None:
+    missing = [a for a in ("state_dict", "load_state_dict") if not callable(getattr(cls, a, None))]
+    if missing:
+        raise TypeError(f"{owner}: {cls.__qualname__} is not a sparse-training method class (it lacks "
+                        f"{', '.join(missing)})")
+
+
 def register_method(cls: type, name: str | None = None) -> type:
     """Makes ``cls`` reachable as ``get_method(name)`` (default: ``cls.name``, lower-cased).
 
@@ -20,6 +27,7 @@ def register_method(cls: type, name: str | None = None) -> type:
     """
     if not isinstance(cls, type):
         raise TypeError(f"register_method: cls must be a class, got {type(cls).__name__}")
+    _check_method_class("register_method", cls)
     key = name if name is not None else getattr(cls, "name", None)
     if not isinstance(key, str) or not key:
         raise ValueError(f"register_method: name must be a non-empty string (or cls.name set), got {key!r}")
@@ -43,10 +51,7 @@ def get_method(name_or_class: str | type) -> type:
     ``cls(model, optimizer, **kwargs)`` and ``state_dict`` / ``load_state_dict``.
     """
     if isinstance(name_or_class, type):
-        missing = [a for a in ("state_dict", "load_state_dict") if not callable(getattr(name_or_class, a, None))]
-        if missing:
-            raise TypeError(f"get_method: {name_or_class.__qualname__} is not a sparse-training method class "
-                            f"(it lacks {', '.join(missing)})")
+        _check_method_class("get_method", name_or_class)
         return name_or_class
     if not isinstance(name_or_class, str):
         raise TypeError(f"get_method: expected a method name or class, got {type(name_or_class).__name__}")

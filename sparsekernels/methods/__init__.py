@@ -2,7 +2,9 @@
 never a kernel directly."""
 
 from .base import SparseTrainingMethod
+from .batchnorm import recalibrate_batchnorm
 from .gmp import GMP
+from .freetickets import EDST, DSTEnsemble
 from .masked_reference import MaskedDenseRigL
 from .registry import available_methods, get_method, register_method
 from .rigl import RigL
@@ -12,4 +14,5 @@ from .srste import SRSTE
 from .static import Static
 
 __all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "cosine_drop_fraction",
-           "gmp_sparsity", "get_method", "register_method", "available_methods"]
+           "gmp_sparsity", "get_method", "register_method", "available_methods", "EDST", "DSTEnsemble",
+           "recalibrate_batchnorm"]

@@ -1,0 +1,184 @@
+"""``prune(model, loader, method=...)``: one-shot pruning of a trained model into real
+sparse layers (no retraining)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..nn import Sparse24Linear, eligible_layers, sparse_class_for
+from ..nn._conv1d import is_conv1d
+from ..nn.sparsify import DEFAULT_INCLUDE
+from .calibration import collect_hessian, execution_order, layer_groups, materialise, weight_matrix
+from .magnitude import magnitude_prune
+from .mfac import FISHER_BLOCK_SIZE, FISHER_DAMP, NUM_GRADS, RECOMPUTATIONS, mfac_prune
+from .obc import MAX_COLUMNS, obc_prune
+from .patterns import check_nm_columns, parse_pattern, resolve_target
+from .sparsegpt import BLOCK_SIZE, sparsegpt_prune
+
+METHODS = ("magnitude", "obc", "sparsegpt", "mfac")
+
+
+def _positive(name: str, value: object, *, integer: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"prune: {name} must be a positive int, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"prune: {name} must be a number > 0, got {type(value).__name__}")
+    if not math.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"prune: {name} must be a finite number > 0, got {value!r}")
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+@torch.no_grad()
+def _to_sparse(module: nn.Module, W: Tensor, kept: Tensor, nm: tuple[int, int] | None) -> nn.Module:
+    """The sparse twin of ``module`` holding Ŵ ``W`` [out, k] at ``kept`` [out, k]:
+    ``Sparse24Linear`` for 2:4 on an nn.Linear, else CSR ``SparseLinear`` / ``SparseConv2d``."""
+    training = module.training
+    if is_conv1d(module):
+        module.weight.copy_(W.t())
+    else:
+        module.weight.copy_(W.reshape(module.weight.shape))
+    if nm == (2, 4) and isinstance(module, nn.Linear):
+        sparse = Sparse24Linear.from_dense(module, mask=kept)
+    else:
+        mask = kept if is_conv1d(module) else kept.reshape(module.weight.shape)
+        sparse = sparse_class_for(module).from_dense(module, mask=mask)
+    sparse.train(training)
+    return sparse
+
+
+def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt", sparsity: float | None = None,
+          pattern: str | tuple[int, int] | None = None, damp: float = 0.01, block_size: int = BLOCK_SIZE,
+          max_columns: int = MAX_COLUMNS, loss_fn: Callable | None = None, num_grads: int = NUM_GRADS,
+          fisher_block_size: int | None = FISHER_BLOCK_SIZE, fisher_damp: float = FISHER_DAMP,
+          recomputations: int = RECOMPUTATIONS, include=DEFAULT_INCLUDE, exclude=(), inplace: bool = True,
+          progress: bool = True) -> nn.Module:
+    """Prunes a trained model in one shot and returns it with real sparse layers.
+
+    Every ``nn.Linear`` / ``nn.Conv2d`` (and transformers ``Conv1D``) layer that
+    :func:`sparsekernels.sparsify` would convert (``include`` / ``exclude`` as there) is
+    pruned to ``sparsity`` and replaced by a CSR ``SparseLinear`` / ``SparseConv2d``, or by
+    a ``Sparse24Linear`` for ``pattern="2:4"`` on an ``nn.Linear`` (other N:M patterns, and
+    2:4 on convolutions, give CSR layers with that pattern).
+
+    Methods (see each module for the paper and its algorithm):
+
+    * ``"magnitude"``: smallest |w| (the baseline; needs no data, ``loader`` may be None);
+    * ``"obc"``: exact greedy OBS per row (Optimal Brain Compression); layers with more than
+      ``max_columns`` inputs are refused;
+    * ``"sparsegpt"``: SparseGPT, blocks of ``block_size`` columns;
+    * ``"mfac"``: OBS with the M-FAC inverse empirical Fisher; needs ``loss_fn(output,
+      target)`` and a loader of ``(inputs, targets)``; ``num_grads``, ``fisher_block_size``
+      (None: dense), ``fisher_damp``, ``recomputations`` as in :mod:`.mfac`.
+
+    ``obc`` and ``sparsegpt`` calibrate on the loader's inputs: the layers are processed in
+    the order the model calls them, each one's Hessian H = 2/N·XXᵀ collected from inputs
+    that went through the layers already pruned (SparseGPT's sequential scheme), with
+    dampening ``damp`` · mean(diag H). The model runs in eval mode while calibrating.
+
+    Args:
+        model: the trained model; changed in place unless ``inplace=False``.
+        loader: iterable of batches: input tensors, ``(inputs, targets, ...)`` tuples or
+            dicts of keyword inputs. Read once (kept as a list).
+        sparsity: fraction of each layer's weights removed, in [0, 1) (default 0.5); with
+            ``pattern`` it is 1 − N/M and may be left unset.
+        pattern: None (unstructured) or ``"N:M"`` (N kept of every M inputs in a row; every
+            pruned layer's in_features, per group for convolutions, must divide by M).
+        progress: show a progress bar over the layers.
+    Returns: the model with its eligible layers replaced by sparse ones.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune: model must be an nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
+    nm = parse_pattern(pattern)
+    target = resolve_target(sparsity, nm)
+    _positive("damp", damp)
+    _positive("block_size", block_size, integer=True)
+    _positive("max_columns", max_columns, integer=True)
+    if method == "mfac":
+        if not callable(loss_fn):
+            raise TypeError("prune(method='mfac'): loss_fn(output, target) is required (M-FAC's Fisher is built "
+                            f"from loss gradients), got {loss_fn!r}")
+        _positive("num_grads", num_grads, integer=True)
+        _positive("fisher_block_size", fisher_block_size, integer=True, allow_none=True)
+        _positive("fisher_damp", fisher_damp)
+        _positive("recomputations", recomputations, integer=True)
+    batches = None if (method == "magnitude" and loader is None) else materialise(loader)
+    if method == "mfac" and not all(isinstance(b, (tuple, list)) and len(b) >= 2 for b in batches):
+        raise TypeError("prune(method='mfac'): the loader must yield (inputs, targets) tuples (the Fisher is "
+                        "built from loss gradients)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = eligible_layers(model, include, exclude)
+    for name, module in layers.items():
+        check_nm_columns(weight_matrix(module).shape[1], nm, name)
+        if method == "obc" and weight_matrix(module).shape[1] > max_columns:
+            raise ValueError(f"prune(method='obc'): layer {name!r} has {weight_matrix(module).shape[1]} inputs > "
+                             f"max_columns = {max_columns} (exact OBS costs O(rows·k³)); use method='sparsegpt'")
+    if not layers:
+        return model
+    was = {mod: mod.training for mod in model.modules()}
+    model.eval()
+    try:
+        if batches is not None:
+            order = execution_order(model, layers, batches[0])
+            missed = [n for n in layers if n not in order]
+            if missed:
+                warnings.warn(f"prune: layers never called by the model on the calibration data are left dense: "
+                              f"{missed}", stacklevel=2)
+        else:
+            order = list(layers)
+        layers = {n: layers[n] for n in order}
+        results: dict[str, tuple[Tensor, Tensor]] = {}
+        if method == "mfac":
+            results = mfac_prune(model, layers, batches, loss_fn, target, nm, num_grads=num_grads,
+                                 block_size=fisher_block_size, damp=fisher_damp, recomputations=recomputations,
+                                 progress=progress)
+        for name, module in tqdm(layers.items(), desc=f"prune ({method})", disable=not progress):
+            if method == "mfac":
+                W, kept = results[name]
+            elif method == "magnitude":
+                W, kept = magnitude_prune(weight_matrix(module), target, nm)
+            else:
+                W, kept = _second_order(model, module, batches, method, target, nm, damp, block_size, max_columns)
+            sparse = _to_sparse(module, W, kept, nm)
+            was[sparse] = was.pop(module)
+            _replace(model, name, sparse)
+    finally:
+        for mod, flag in was.items():
+            mod.train(flag)
+    return model
+
+
+def _second_order(model: nn.Module, module: nn.Module, batches: list, method: str, target: float,
+                  nm: tuple[int, int] | None, damp: float, block_size: int, max_columns: int) -> tuple[Tensor, Tensor]:
+    """OBC / SparseGPT on one layer (per group for a grouped convolution)."""
+    H, _ = collect_hessian(model, module, batches)
+    W = weight_matrix(module)
+    groups = layer_groups(module)
+    per = W.shape[0] // groups
+    outs, masks = [], []
+    for g in range(groups):
+        Wg = W[g * per:(g + 1) * per]
+        if method == "obc":
+            o, m = obc_prune(Wg, H[g], target, nm, damp=damp, max_columns=max_columns)
+        else:
+            o, m = sparsegpt_prune(Wg, H[g], target, nm, damp=damp, block_size=block_size)
+        outs.append(o)
+        masks.append(m)
+    return torch.cat(outs), torch.cat(masks)

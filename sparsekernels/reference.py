@@ -31,7 +31,8 @@ def meta_columns(meta: Tensor) -> Tensor:
     ``meta [out, in/4]`` (uint8, kept positions i0 | i1 << 2 of each group of 4)."""
     m = meta.long()
     base = torch.arange(meta.shape[1], device=meta.device) * 4
-    return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(meta.shape[0], -1)
+    # Explicit sizes: -1 is ambiguous for a matrix with no rows.
+    return torch.stack([base + (m & 3), base + (m >> 2)], -1).reshape(meta.shape[0], 2 * meta.shape[1])
 
 
 def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:

@@ -1,7 +1,8 @@
 // 2:4 prune + compress on the CPU, one pass over the dense weight.
 //
 // sparse24_compress(w [N, K]) -> (values [N, K/2], meta [N, K/4] uint8, mask [N, K] bool):
-// in every group of 4 along a row keep the 2 largest |w| (ties: the earlier position),
+// in every group of 4 along a row keep the 2 largest |w| (NaN above every number, ties:
+// the earlier position),
 // write them in column order and their positions as i0 | i1 << 2.
 // With transposable=true each aligned 4x4 tile instead keeps the pattern, among the 90
 // with two per row AND two per column, of largest sum |w| (first on ties), so W^T is 2:4
@@ -12,6 +13,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -44,10 +46,10 @@ const std::vector<std::array<uint8_t, 4>>& transposable_patterns() {
   return pats;
 }
 
-// Branch-free top 2 of a group: the 6 comparisons c_ij = (|w_i| >= |w_j|), i < j (bit p of
+// Branch-free top 2 of a group: the 6 comparisons c_ij = (key_i >= key_j), i < j (bit p of
 // the code for pair p in 01, 02, 03, 12, 13, 23), index a table of keep masks. j beats an
-// earlier i only when strictly larger, so ties go to the earlier position; the two
-// elements with the most wins are kept (for finite inputs the wins are 3, 2, 1, 0).
+// earlier i only when strictly larger, so ties go to the earlier position; the order is
+// total (see rank_key), so the wins are 3, 2, 1, 0 and the two with the most are kept.
 struct GroupTables {
   std::array<uint8_t, 64> keep{};     // comparison code -> kept-position bits
   std::array<uint32_t, 16> mask{};    // kept bits -> 4 bool bytes, in memory order
@@ -85,11 +87,31 @@ const GroupTables& group_tables() {
   return t;
 }
 
+// Selection key of a weight: |w| with every NaN above +inf and all NaNs equal (the order
+// documented in sparsekernels/formats/sparse24.py, torch.sort's order). On the bits of a
+// non-negative float the unsigned order is the magnitude order, and every NaN pattern lies
+// above +inf's; clamping them to the top value makes NaNs tie (the earlier one wins).
+// A plain float comparison is false for NaN on both sides, which dropped NaN weights.
+inline uint32_t rank_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u &= 0x7fffffffu;
+  return u > 0x7f800000u ? 0xffffffffu : u;
+}
+
+inline uint64_t rank_key(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u &= 0x7fffffffffffffffull;
+  return u > 0x7ff0000000000000ull ? ~0ull : u;
+}
+
 template <typename scalar_t>
 inline uint8_t top2(const scalar_t* w, const GroupTables& t) {
+  // fp16 / bf16 widen to float exactly (NaN stays NaN); fp64 keeps its own precision.
   using mag_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const mag_t a0 = std::abs(static_cast<mag_t>(w[0])), a1 = std::abs(static_cast<mag_t>(w[1]));
-  const mag_t a2 = std::abs(static_cast<mag_t>(w[2])), a3 = std::abs(static_cast<mag_t>(w[3]));
+  const auto a0 = rank_key(static_cast<mag_t>(w[0])), a1 = rank_key(static_cast<mag_t>(w[1]));
+  const auto a2 = rank_key(static_cast<mag_t>(w[2])), a3 = rank_key(static_cast<mag_t>(w[3]));
   const int code = (a0 >= a1) | ((a0 >= a2) << 1) | ((a0 >= a3) << 2) | ((a1 >= a2) << 3) | ((a1 >= a3) << 4) |
                    ((a2 >= a3) << 5);
   return t.keep[code];
@@ -132,7 +154,9 @@ std::vector<uint8_t> transposable_rows(const scalar_t* w, int64_t n, int64_t k) 
           for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j)
               if ((pats[p][i] >> j) & 1) s += a[i][j];
-          if (s > best_score) {  // strict: the first pattern wins ties
+          // Strict: the first pattern wins ties. A sum holding a NaN beats every number
+          // (the documented order), and the first such pattern wins among them.
+          if (s > best_score || (std::isnan(s) && !std::isnan(best_score))) {
             best_score = s;
             best = p;
           }

@@ -139,6 +139,15 @@ void check_topk_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   TORCH_CHECK_VALUE(k >= 0 && k <= inactive, "topk_grow: k must be in [0, inactive positions = ", inactive,
                     "], got ", k);
   TORCH_CHECK_VALUE(tile_elems > 0, "topk_grow: tile_elems must be positive, got ", tile_elems);
+  // A NaN score has no place in the ranking (a NaN cut-off made the selection read past
+  // its candidates), and a gradient holding NaN / inf means the step itself diverged:
+  // refuse it by name rather than grow positions from it.
+  TORCH_CHECK_VALUE(dy.numel() == 0 || at::isfinite(dy).all().item<bool>(),
+                    "topk_grow: dy (the output gradient) holds NaN or inf values; the growth scores |dy^T x| "
+                    "are undefined for a non-finite gradient (skip the update or fix the loss scaling)");
+  TORCH_CHECK_VALUE(x.numel() == 0 || at::isfinite(x).all().item<bool>(),
+                    "topk_grow: x (the layer input) holds NaN or inf values; the growth scores |dy^T x| are "
+                    "undefined for a non-finite input");
 }
 
 }  // namespace

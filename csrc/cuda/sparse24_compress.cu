@@ -11,7 +11,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 namespace sparsekernels::cuda {
 namespace {
@@ -41,9 +43,35 @@ void upload_patterns(int device) {
   if (device >= 0 && device < 64) done[device] = true;
 }
 
+// |w| in double, as the CPU kernel scores tiles: the same sums, so the same pattern wins
+// near-ties on both devices (float sums could round two candidates together).
 template <typename scalar_t>
-__device__ __forceinline__ float mag(scalar_t v) {
-  return fabsf(static_cast<float>(v));
+__device__ __forceinline__ double mag(scalar_t v) {
+  return fabs(static_cast<double>(v));
+}
+
+// Selection key of a weight, as the CPU kernel's rank_key: |w| with every NaN above +inf
+// and all NaNs equal (the order documented in sparsekernels/formats/sparse24.py). The
+// unsigned order of a non-negative float's bits is its magnitude order; NaN patterns lie
+// above +inf's and are clamped to one value so they tie. fp64 keys on its own bits.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t rank_key(scalar_t v) {
+  const uint32_t u = __float_as_uint(static_cast<float>(v)) & 0x7fffffffu;
+  return u > 0x7f800000u ? 0xffffffffu : u;
+}
+
+__device__ __forceinline__ unsigned long long rank_key64(double v) {
+  const unsigned long long u = static_cast<unsigned long long>(__double_as_longlong(v)) & 0x7fffffffffffffffull;
+  return u > 0x7ff0000000000000ull ? ~0ull : u;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ auto group_key(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return rank_key64(v);
+  } else {
+    return rank_key(v);
+  }
 }
 
 template <typename scalar_t>
@@ -66,9 +94,11 @@ __global__ void compress_groups_kernel(const scalar_t* __restrict__ w, scalar_t*
                                        uint8_t* __restrict__ meta, bool* __restrict__ mask, int64_t groups) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= groups) return;
-  float a[4];
+  // Keys, not float magnitudes: a NaN compares false both ways and was never kept.
+  decltype(group_key(w[0])) a[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) a[j] = mag(w[4 * g + j]);
+  for (int j = 0; j < 4; ++j) a[j] = group_key(w[4 * g + j]);
+  // Strict > : the earlier position wins ties (first = earliest maximum).
   int first = 0;
 #pragma unroll
   for (int j = 1; j < 4; ++j)
@@ -87,21 +117,23 @@ __global__ void compress_tiles_kernel(const scalar_t* __restrict__ w, scalar_t* 
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= (n / 4) * tiles_per_row) return;
   const int64_t tr = t / tiles_per_row, tc = t % tiles_per_row;
-  float a[4][4];
+  double a[4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) a[i][j] = mag(w[(4 * tr + i) * k + 4 * tc + j]);
   int best = 0;
-  float best_score = -1.0f;
+  double best_score = -1.0;
   for (int p = 0; p < 90; ++p) {
-    float s = 0.0f;
+    double s = 0.0;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         if ((kTilePatterns[p][i] >> j) & 1) s += a[i][j];
-    if (s > best_score) best_score = s, best = p;
+    // First pattern wins ties; a sum holding a NaN beats every number (s != s: NaN test
+    // that --use_fast_math keeps, it does not assume finite math).
+    if (s > best_score || (s != s && best_score == best_score)) best_score = s, best = p;
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

@@ -5,6 +5,14 @@ CPU layout: ``values [out, in/2]`` (the two kept weights of each group, in colum
 and ``meta [out, in/4]`` uint8 holding their positions in the group (i0 | i1 << 2, with
 i0 < i1). Exact round trip with dense + mask. The GPU GEMM layouts (cuSPARSELt / CUTLASS)
 are produced from this by the GPU backend.
+
+Selection order of the magnitude prune (every backend: Python, C++, CUDA, Triton): a weight
+ranks by ``|w|``; NaN ranks above every number, +-inf included, and all NaNs rank equal;
+equal ranks go to the earlier position. This is the order of ``torch.sort`` / ``torch.topk``
+(NaN first when descending), and it keeps a NaN weight, so the NaN shows in the output
+instead of being dropped silently. The transposable prune scores a 4x4 pattern by the sum of
+``|w|`` it keeps: a sum holding a NaN is NaN and beats every number; ties go to the first
+pattern. Mask, values and meta always describe the same two positions per group.
 """
 
 from __future__ import annotations
@@ -27,12 +35,27 @@ def check_24_shape(shape: tuple[int, int]) -> None:
                          f"shape {tuple(shape)}")
 
 
+def check_24_dtype(op: str, weight: Tensor) -> None:
+    """The magnitude prune and the compressed values are defined for floating weights only."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{op}: weight must have a floating dtype, got {weight.dtype}")
+
+
+def _groups(t: Tensor) -> Tensor:
+    """``t`` [out, in] as [out, in/4, 4]; explicit sizes, since -1 is ambiguous at 0 elements."""
+    return t.reshape(t.shape[0], t.shape[1] // 4, 4)
+
+
 def prune_24(weight: Tensor) -> Tensor:
-    """Boolean 2:4 mask keeping the 2 largest |w| of every group of 4 along a row (ties to
-    the earlier position)."""
+    """Boolean 2:4 mask keeping the 2 largest |w| of every group of 4 along a row (the
+    selection order of the module docstring: NaN highest, ties to the earlier position)."""
+    check_24_dtype("prune_24", weight)
     check_24_shape(tuple(weight.shape))
-    groups = weight.detach().abs().reshape(weight.shape[0], -1, 4)
-    # Stable descending sort: equal magnitudes keep column order, so ties are deterministic.
+    groups = _groups(weight.detach().abs())
+    # Stable descending sort: equal magnitudes keep column order, so ties are deterministic;
+    # torch sorts NaN above every number, which is the documented order.
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :2]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
     return mask.reshape(weight.shape)
@@ -49,14 +72,26 @@ def _transposable_patterns(device) -> Tensor:
 def prune_24_transposable(weight: Tensor) -> Tensor:
     """Boolean mask that is 2:4 along rows AND columns in every aligned 4x4 tile, so W^T is
     2:4 too (needed for the input-gradient product of 2:4 training). Per tile, the pattern
-    of the 90 valid ones keeping the largest sum of |w| (first one on ties)."""
+    of the 90 valid ones keeping the largest sum of |w| (first one on ties; a sum holding a
+    NaN beats every number, see the module docstring)."""
+    check_24_dtype("prune_24_transposable", weight)
     out_f, in_f = weight.shape
     if out_f % 4 or in_f % 4:
         raise ValueError(f"transposable 2:4 needs both dimensions divisible by 4, got {tuple(weight.shape)}")
     pats = _transposable_patterns(weight.device).to(torch.float64)               # [90, 4, 4]
     tiles = weight.detach().abs().double().reshape(out_f // 4, 4, in_f // 4, 4).transpose(1, 2)  # [R, C, 4, 4]
-    scores = torch.einsum("rcij,pij->rcp", tiles, pats)
-    best = scores.argmax(-1)                                                      # first max on ties
+
+    def kept(t: Tensor) -> Tensor:  # per pattern, the sum of t over its kept positions
+        return torch.einsum("rcij,pij->rcp", t, pats)
+
+    # The einsum multiplies every entry by its 0/1 pattern weight, and NaN * 0 or inf * 0
+    # is NaN: sum the finite entries alone, then let a kept inf make the score inf and a
+    # kept NaN make it NaN -- the sums a kernel adding only the kept entries forms.
+    finite = torch.isfinite(tiles)
+    scores = kept(torch.where(finite, tiles, torch.zeros((), dtype=tiles.dtype, device=tiles.device)))
+    scores = scores.masked_fill(kept(torch.isinf(tiles).double()) > 0, float("inf"))
+    scores = scores.masked_fill(kept(torch.isnan(tiles).double()) > 0, float("nan"))
+    best = scores.argmax(-1)                              # first max on ties; torch ranks NaN highest
     mask = pats[best].bool()                                                      # [R, C, 4, 4]
     return mask.transpose(1, 2).reshape(out_f, in_f)
 
@@ -64,7 +99,7 @@ def prune_24_transposable(weight: Tensor) -> Tensor:
 def is_24(mask: Tensor, dim: int = 1) -> bool:
     """True when ``mask`` has at most 2 trues in every group of 4 along ``dim``."""
     m = mask.transpose(0, 1) if dim == 0 else mask
-    return bool((m.reshape(m.shape[0], -1, 4).sum(-1) <= 2).all())
+    return bool((_groups(m).sum(-1) <= 2).all())
 
 
 @dataclass
@@ -82,6 +117,7 @@ class Sparse24:
         trip ``to_dense()`` is exactly ``weight * mask``."""
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError("Sparse24.from_dense: weight must be a 2-D tensor [out, in]")
+        check_24_dtype("Sparse24.from_dense", weight)
         check_24_shape(tuple(weight.shape))
         mask = prune_24(weight) if mask is None else mask.to(device=weight.device, dtype=torch.bool)
         if tuple(mask.shape) != tuple(weight.shape):
@@ -89,13 +125,14 @@ class Sparse24:
         if not is_24(mask):
             raise ValueError("Sparse24.from_dense: mask is not 2:4 (more than 2 kept in a group of 4 along a row)")
         out_f, in_f = weight.shape
-        g = mask.reshape(out_f, -1, 4)
+        g = _groups(mask)
         # Fill groups with fewer than 2 kept positions up to 2 with the first free ones
         # (stored as explicit zeros), so every group has exactly 2 slots.
         rank = torch.where(g, torch.zeros((), device=g.device), torch.ones((), device=g.device)) * 4 + \
             torch.arange(4, device=g.device)
         slots = torch.sort(rank, dim=-1).indices[..., :2].sort(-1).values          # [out, G, 2]
-        w = (weight * mask).reshape(out_f, -1, 4)
+        # where, not weight * mask: a NaN outside the mask must not leak into a stored zero.
+        w = _groups(torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)))
         values = torch.gather(w, -1, slots).reshape(out_f, in_f // 2)
         meta = (slots[..., 0] | (slots[..., 1] << 2)).to(torch.uint8)
         return cls(values.contiguous(), meta.contiguous(), (out_f, in_f))
@@ -124,6 +161,7 @@ def compress_24(weight: Tensor, transposable: bool = False) -> tuple[Sparse24, T
     every kernel matches exactly."""
     from .. import _extension, backends
 
+    check_24_dtype("compress_24", weight)
     check_24_shape(tuple(weight.shape))
     w = weight.detach()
     requested = backends.get_backend()

@@ -17,10 +17,40 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..formats import CSR, check_sparsity, random_mask
-from ..ops import autocast
+from ..ops import autocast, spmm_t
 from ._sparse_weight import SparseWeightMixin, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class _Fp32InputGrad(torch.autograd.Function):
+    """Identity on the product ``y`` [N, L, out] of a fp16 / bf16 convolution, whose backward
+    also forms the input gradient in fp32: dcols = dy @ W (spmm_t) and the fold that sums
+    the overlapping patches into dx, rounded once at the end, as a dense convolution's input
+    gradient is. (Through the op's own backward, dcols was rounded to bf16 and the fold
+    summed in bf16: ~2.5x a dense bf16 convolution's error; with only the fold in fp32 still
+    ~1.45x.) The product itself is formed from a detached unfold, so the weight gradient and
+    the regrowth capture keep running through the layer's sparse matmul.
+
+    Inputs: y [N, L, out], x [N, C, H, W] (the padded input), values [nnz] and the pattern;
+    ``geometry`` = ((H, W), kernel_size, dilation, stride)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+                t_col_idx: Tensor, t_perm: Tensor, geometry) -> Tensor:
+        ctx.save_for_backward(values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        ctx.geometry, ctx.x_dtype = geometry, x.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, *pattern = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[1]:
+            size, kernel_size, dilation, stride = ctx.geometry
+            dcols = spmm_t(grad.float(), values.detach().float(), *pattern)            # [N, L, C*kh*kw]
+            dx = F.fold(dcols.transpose(1, 2), size, kernel_size, dilation=dilation, stride=stride).to(ctx.x_dtype)
+        return grad, dx, None, None, None, None, None, None, None
 
 
 class SparseConv2d(SparseWeightMixin):
@@ -165,8 +195,15 @@ class SparseConv2d(SparseWeightMixin):
         w_out = (w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         if h_out <= 0 or w_out <= 0:
             raise ValueError(f"SparseConv2d: input {tuple(input.shape)} is smaller than the (dilated) kernel")
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, C*kh*kw, L]
+        low = x.dtype in (torch.float16, torch.bfloat16) and x.requires_grad and torch.is_grad_enabled()
+        # fp16 / bf16 input gradient in fp32 (see _Fp32InputGrad): the product runs on a
+        # detached unfold and the bridge supplies dx.
+        cols = F.unfold(x.detach() if low else x, self.kernel_size, dilation=self.dilation,
+                        stride=self.stride)  # [N, C*kh*kw, L]
         y = self._matmul(cols.transpose(1, 2))  # [N, L, out]
+        if low:
+            y = _Fp32InputGrad.apply(y, x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx,
+                                     self.t_perm, ((h, w), self.kernel_size, self.dilation, self.stride))
         if self.bias is not None:
             y = y + autocast.cast(self.bias)  # in the product's dtype under autocast, as nn.Conv2d
         y = y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)

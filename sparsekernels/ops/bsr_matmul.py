@@ -24,32 +24,42 @@ from . import _checks
 
 
 # --------------------------------------------------------------------------- reference
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp16 / bf16 (one rounding at the end, as a dense
+    matmul; block products rounded to bf16 and summed in bf16 had ~3x its error), else the
+    input's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def reference_bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm):
     b = values.shape[-1]
     lead, m = x.shape[:-1], x.shape[:-1].numel()
     nbr = crow.numel() - 1
-    xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()]         # [M, nb, b]
-    contrib = torch.einsum("mnk,nok->mno", xg, values)             # block contributions
-    y = x.new_zeros(m, nbr, b).index_add(1, csr_rows(crow), contrib)
-    return y.reshape(*lead, nbr * b)
+    ct = _acc(x.dtype)
+    xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()].to(ct)  # [M, nb, b]
+    contrib = torch.einsum("mnk,nok->mno", xg, values.to(ct))      # block contributions
+    y = xg.new_zeros(m, nbr, b).index_add_(1, csr_rows(crow), contrib)
+    return y.to(x.dtype).reshape(*lead, nbr * b)
 
 
 def reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
     b = values.shape[-1]
     lead, m = dy.shape[:-1], dy.shape[:-1].numel()
     nbc = t_crow.numel() - 1
-    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, csr_rows(crow)]  # [M, nb, b]
-    contrib = torch.einsum("mno,nok->mnk", dyg, values)
-    dx = dy.new_zeros(m, nbc, b).index_add(1, ccol.long(), contrib)
-    return dx.reshape(*lead, nbc * b)
+    ct = _acc(dy.dtype)
+    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, csr_rows(crow)].to(ct)  # [M, nb, b]
+    contrib = torch.einsum("mno,nok->mnk", dyg, values.to(ct))
+    dx = dyg.new_zeros(m, nbc, b).index_add_(1, ccol.long(), contrib)
+    return dx.to(dy.dtype).reshape(*lead, nbc * b)
 
 
 def reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like):
     b = values_like.shape[-1]
     m = dy.shape[:-1].numel()
-    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, csr_rows(crow)]
-    xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()]
-    return torch.einsum("mno,mnk->nok", dyg, xg)
+    ct = _acc(dy.dtype)
+    dyg = dy.reshape(m, dy.shape[-1] // b, b)[:, csr_rows(crow)].to(ct)
+    xg = x.reshape(m, x.shape[-1] // b, b)[:, ccol.long()].to(ct)
+    return torch.einsum("mno,mnk->nok", dyg, xg).to(values_like.dtype)
 
 
 def _static_backend(op: str, t: Tensor) -> str:

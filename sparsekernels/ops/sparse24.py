@@ -26,6 +26,11 @@ from . import _checks, autocast
 from .csr_matmul import _sddmm_op, _spmm_t_op
 
 
+def _rows2d(t: Tensor) -> Tensor:
+    """``t`` [..., n] as [M, n] (not reshape(-1, n): ambiguous when n == 0)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def _dense_24(values: Tensor, meta: Tensor) -> Tensor:
     """The 2:4 weight [N, K] as a dense tensor (differentiable in values)."""
     return values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, meta_columns(meta), values)
@@ -195,7 +200,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         gv = _sddmm_op(grad, x, *pattern).view_as(values)
     if ctx.has_bias and ctx.needs_input_grad[8]:
-        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        gb = _rows2d(grad).sum(0)
     return gx, gv, None, None, None, None, None, None, gb, None
 
 
@@ -255,7 +260,7 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, grad):
     # The plain gradient of the product (dense; SR-STE replaces it with its own rule).
     x, values, meta = ctx.saved_tensors
-    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    g2, x2 = _rows2d(grad), _rows2d(x)
     gx = grad @ _dense_24(values, meta) if ctx.needs_input_grad[0] else None
     gv = (g2.t() @ x2).gather(1, meta_columns(meta)) if ctx.needs_input_grad[1] else None
     gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
@@ -289,9 +294,9 @@ class _SRSTE(torch.autograd.Function):
                 gx = _input_grad_24(grad, values, meta, ())
             else:
                 gx = grad @ (weight * mask)
-        g2 = grad.reshape(-1, grad.shape[-1])
+        g2 = _rows2d(grad)
         if ctx.needs_input_grad[1]:
-            gw = g2.t() @ x.reshape(-1, x.shape[-1])
+            gw = g2.t() @ _rows2d(x)
             gw.add_(torch.where(mask, 0.0, weight), alpha=ctx.lam)  # in the weight's dtype, in place
         if ctx.has_bias and ctx.needs_input_grad[4]:
             gb = g2.sum(0)

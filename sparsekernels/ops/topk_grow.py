@@ -4,7 +4,8 @@
 
 The k positions of W [out, in] outside the pattern (row_ptr, col_idx) with the largest
 ``|dy^T x|`` (the magnitude of the dense weight gradient), highest first, ties in
-increasing flat position. The compiled kernel forms the gradient one tile of rows at a
+increasing flat position. ``dy`` and ``x`` must be finite (ValueError otherwise, on every
+backend): NaN has no place in the ranking. The compiled kernel forms the gradient one tile of rows at a
 time (``tile_elems`` entries) and keeps a running top-k: extra memory O(tile + k).
 """
 
@@ -41,6 +42,9 @@ def _topk_grow_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: in
     backend = backends.resolve("topk_grow", dy.device, dy.dtype)
     if backend in ("cpu", "cuda"):
         return torch.ops.sparsekernels_C.topk_grow(dy, x, row_ptr, col_idx, k, tile_elems)
+    # The compiled kernels check the pattern's contents; without this a negative col_idx
+    # would index from the end and knock out (and so never grow) the wrong position.
+    _checks.check_pattern_contents("topk_grow", row_ptr, col_idx, x.shape[1])
     return reference_topk_grow(dy, x, row_ptr, col_idx, k)
 
 
@@ -81,4 +85,10 @@ def topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
         raise ValueError(f"topk_grow: k must be an int in [0, {inactive}] (inactive positions), got {k!r}")
     if isinstance(tile_elems, bool) or not isinstance(tile_elems, int) or tile_elems <= 0:
         raise ValueError(f"topk_grow: tile_elems must be a positive int, got {tile_elems!r}")
+    # NaN has no rank among the scores (it broke the compiled kernel's cut-off), and a
+    # non-finite gradient means the step diverged: refuse it by name on every backend.
+    for name, t, what in (("dy", dy, "the output gradient"), ("x", x, "the layer input")):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"topk_grow: {name} ({what}) holds NaN or inf values; the growth scores |dy^T x| are "
+                             "undefined for non-finite inputs (skip the update or fix the loss scaling)")
     return _topk_grow_op(dy, x, row_ptr, col_idx, k, tile_elems)

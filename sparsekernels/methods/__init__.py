@@ -3,7 +3,10 @@ never a kernel directly."""
 
 from .base import SparseTrainingMethod
 from .batchnorm import recalibrate_batchnorm
+from .cram import CrAM, one_shot_prune
+from .batchnorm import recalibrate_batchnorm
 from .gmp import GMP
+from .freetickets import EDST, DSTEnsemble
 from .freetickets import EDST, DSTEnsemble
 from .masked_reference import MaskedDenseRigL
 from .registry import available_methods, get_method, register_method
@@ -15,4 +18,4 @@ from .static import Static
 
 __all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "cosine_drop_fraction",
            "gmp_sparsity", "get_method", "register_method", "available_methods", "EDST", "DSTEnsemble",
-           "recalibrate_batchnorm"]
+           "recalibrate_batchnorm", "CrAM", "one_shot_prune"]

@@ -4,9 +4,7 @@ never a kernel directly."""
 from .base import SparseTrainingMethod
 from .batchnorm import recalibrate_batchnorm
 from .cram import CrAM, one_shot_prune
-from .batchnorm import recalibrate_batchnorm
 from .gmp import GMP
-from .freetickets import EDST, DSTEnsemble
 from .freetickets import EDST, DSTEnsemble
 from .masked_reference import MaskedDenseRigL
 from .registry import available_methods, get_method, register_method

@@ -253,3 +253,15 @@ def test_conv1d_detection_needs_no_transformers(monkeypatch):
     assert conv1d_class() is None
     model = sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 0.5)
     assert isinstance(model[0], SparseLinear) and sparse_class_for(nn.Linear(2, 2)) is SparseLinear
+
+
+def test_srste_on_gpt2_names_what_it_leaves_dense():
+    from sparsekernels.methods import SRSTE
+
+    model = _gpt2()
+    model.extra = nn.Linear(32, 32)  # the one layer SR-STE can take
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"SRSTE: left dense: .*lm_head .*tied.*c_attn \(Conv1D") as record:
+        method = SRSTE(model, opt)
+    assert len(record) == 1 and set(method.layers) == {"extra"}
+    assert all(type(model.get_submodule(n)) is Conv1D for n in CONV1D_NAMES)

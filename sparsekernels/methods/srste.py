@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..nn import Sparse24Linear, eligible_layers
+from ..nn import Sparse24Linear, eligible_layers, left_dense_layers
 from .base import _check_positive_int, restore_on_error, unwrap_optimizer
 
 
@@ -45,7 +45,8 @@ class SRSTE:
     def _attach(self, exclude) -> None:
         model, transposable = self.model, self.transposable
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        skipped = []
+        # Tied weights, MultiheadAttention's out_proj, unknown Linear-like classes (as sparsify).
+        skipped = [f"{n} ({why})" for n, why in left_dense_layers(model, (nn.Linear,), exclude).items()]
         # Layers already SR-STE (a model rebuilt from a checkpoint before resuming) are taken
         # over as they are.
         for name, module in model.named_modules():
@@ -54,8 +55,13 @@ class SRSTE:
                     raise ValueError(f"SRSTE: the optimizer does not hold the weight of layer '{name}'")
                 self.layers[name] = module
         for name, module in eligible_layers(model, (nn.Linear,), exclude).items():
+            if not isinstance(module, nn.Linear):
+                # A transformers Conv1D stores its weight [in, out]; SR-STE trains the layer's
+                # own weight Parameter as the [out, in] master, which a transposed one is not.
+                skipped.append(f"{name} (Conv1D: weight stored transposed)")
+                continue
             if module.in_features % 4 or (transposable and module.out_features % 4):
-                skipped.append(name)
+                skipped.append(f"{name} (in_features not divisible by 4)")
                 continue
             if id(module.weight) not in held:
                 raise ValueError(f"SRSTE: the optimizer does not hold the weight of layer '{name}'")
@@ -71,7 +77,7 @@ class SRSTE:
         if not self.layers:
             raise ValueError("SRSTE: no nn.Linear layer with in_features divisible by 4")
         if skipped:
-            warnings.warn("SRSTE: left dense (in_features not divisible by 4): " + ", ".join(skipped), stacklevel=3)
+            warnings.warn("SRSTE: left dense: " + ", ".join(skipped), stacklevel=3)
 
     def masks(self) -> dict[str, Tensor]:
         return {n: layer.mask() for n, layer in self.layers.items()}

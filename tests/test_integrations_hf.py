@@ -139,6 +139,11 @@ def test_method_class_argument(tmp_path):
     assert cb.method.optimizer is unwrap_optimizer(trainer.optimizer)
     assert [r["step"] for r in cb.method.history] == [2]  # t_end = 3 from the given total_steps
 
+    # a second train(): the Trainer keeps its optimizer; only the new method hooks it
+    first = cb.method
+    trainer.train()
+    assert cb.method is not first and first.step == STEPS and cb.method.step == STEPS
+
 
 def test_resume_that_cannot_be_exact_is_an_error(tmp_path):
     _trainer(_bert(0), tmp_path / "dense", [], max_steps=SAVE_EVERY).train()

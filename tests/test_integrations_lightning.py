@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import os
-import warnings
 
 import pytest
 import torch
@@ -20,6 +19,14 @@ from sparsekernels.integrations.lightning import SparseTraining  # noqa: E402
 from sparsekernels.methods import RigL  # noqa: E402
 from sparsekernels.methods.base import unwrap_optimizer  # noqa: E402
 from sparsekernels.nn import SparseLinear  # noqa: E402
+
+# Lightning's notices about what these tiny runs leave out on purpose (workers, a
+# validation loader, the ModelCheckpoint of the run that wrote the checkpoint) and its own
+# use of a deprecated torch API.
+pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+              pytest.mark.filterwarnings("ignore:.*have no `val_dataloader`"),
+              pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint"),
+              pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)")]
 
 STEPS, SAVE_AT = 12, 4  # 4 batches an epoch: the checkpoint falls between two epochs
 
@@ -46,6 +53,10 @@ class MLP(L.LightningModule):
         x, y = batch
         return F.cross_entropy(self.net(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
@@ -69,11 +80,7 @@ def _fit(module, callback, ckpt_dir=None, ckpt_path=None) -> L.Trainer:
         callbacks.append(L.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_AT, save_top_k=-1,
                                                      filename="{step}"))
     trainer = _trainer(callbacks)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        # the resumed trainer has no ModelCheckpoint: Lightning says so, the test means it
-        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
-        trainer.fit(module, train_dataloaders=_loader(), ckpt_path=ckpt_path)
+    trainer.fit(module, train_dataloaders=_loader(), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -139,6 +146,13 @@ def test_checkpoint_holds_method_state_and_sparse_weights(tmp_path):
     assert "net.0.values" in ckpt["state_dict"] and "net.0.weight" not in ckpt["state_dict"]
     nnz = ckpt["state_dict"]["net.0.values"].numel()
     assert ckpt["optimizer_states"][0]["state"][0]["exp_avg"].shape == (nnz,)
+
+    # validate (no fit) from the checkpoint into a dense-constructed module
+    module = MLP(init_seed=1)
+    _trainer([SparseTraining("rigl", sparsity=0.8)]).validate(
+        module, dataloaders=_loader(), ckpt_path=os.path.join(tmp_path, f"step={SAVE_AT}.ckpt"), verbose=False)
+    assert isinstance(module.net[0], SparseLinear)
+    assert torch.equal(module.net[0].values, ckpt["state_dict"]["net.0.values"])
 
 
 def test_method_class_and_bare_method_recipe():

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..methods.base import SparseTrainingMethod
 from ._trainer_support import SparseLayersOnLoad, build_method, has_sparse_layers, resolve_method
 
 STATE_KEY = "sparsekernels"
@@ -122,6 +123,10 @@ class SparseTrainingCallback(TrainerCallback):
                 raise ValueError(f"SparseTrainingCallback: the checkpoint's sparse method state is from step "
                                  f"{stored.get('global_step')}, the checkpoint from step {state.global_step} (another "
                                  "callback set should_save after this one ran; put this callback last)")
+        if isinstance(self.method, SparseTrainingMethod):
+            # A further train(): the Trainer may keep its optimizer, which must not carry
+            # the earlier method's step hook as well as the new one's.
+            self.method.remove()
         self.method = build_method(self.method_class, self.method_kwargs, model, optimizer, state.max_steps)
         if stored is not None:
             self.method.load_state_dict(_decode_state(stored["method_state"]))

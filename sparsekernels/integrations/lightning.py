@@ -7,9 +7,10 @@
 
 Where each step happens in ``Trainer.fit`` (lightning 2.6):
 
-1. ``setup`` (callbacks' hook): a load pre-hook goes on the module. Lightning then loads a
-   resumed checkpoint's weights into the module, still dense: the hook swaps the layers
-   the checkpoint holds as sparse first, so the (strict) load finds its keys.
+1. ``setup`` (callbacks' hook, every stage): a load pre-hook goes on the module. Lightning
+   then loads a checkpoint's weights into the module, still dense: the hook swaps the
+   layers the checkpoint holds as sparse first, so the (strict) load finds its keys. This
+   also serves ``validate`` / ``test`` / ``predict`` with ``ckpt_path``.
 2. ``load_state_dict`` (callbacks' state, from the checkpoint): the method's state is kept.
 3. ``configure_optimizers`` runs (on the dense module, or on the resumed sparse one).
 4. ``on_fit_start``: the method is built on the real optimizer (under Lightning's wrapper).
@@ -59,13 +60,16 @@ class SparseTraining(pl.Callback):
 
     # ---------------------------------------------------------------- before the weights load
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and (self._load_hook is None or self._load_hook.model is not pl_module):
+        if stage == "fit":
+            self._state_loaded = False
+        # Every stage: validate / test / predict with ckpt_path load sparse weights too.
+        if self._load_hook is None or self._load_hook.model is not pl_module:
             if self._load_hook is not None:
                 self._load_hook.remove()
             self._load_hook = SparseLayersOnLoad(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._load_hook is not None:
+        if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
 
@@ -75,12 +79,10 @@ class SparseTraining(pl.Callback):
         if len(optimizers) != 1:
             raise ValueError(f"SparseTraining: configure_optimizers must return exactly one optimizer (the one "
                              f"holding the weights to sparsify), got {len(optimizers)}")
-        if self.method is not None and self._restored_state is None:
-            # A further fit() with the same callback: the trainer built a new optimizer, so
-            # the method moves to it and continues its schedule.
-            self._restored_state = self.method.state_dict()
-            if isinstance(self.method, SparseTrainingMethod):
-                self.method.remove()  # detach from the old optimizer
+        if isinstance(self.method, SparseTrainingMethod):
+            # A further fit() with this callback: the earlier method stops hooking its
+            # optimizer; the new run starts its own schedule (or the checkpoint's).
+            self.method.remove()
         self.method = build_method(self.method_class, self.method_kwargs, pl_module, optimizers[0],
                                    trainer.estimated_stepping_batches)
         if self._restored_state is not None:

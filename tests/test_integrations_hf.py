@@ -20,7 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from sparsekernels.integrations.hf import STATE_KEY, SparseTrainingCallback, _decode_state, _encode_state  # noqa: E402
 from sparsekernels.methods import RigL  # noqa: E402
 from sparsekernels.methods.base import unwrap_optimizer  # noqa: E402
-from sparsekernels.nn import SparseLinear  # noqa: E402
+from sparsekernels.nn import Sparse24Linear, SparseLinear  # noqa: E402
 
 STEPS, SAVE_EVERY = 6, 2  # 16 samples, batches of 8: the checkpoint at step 2 ends the first epoch
 
@@ -95,32 +95,41 @@ def _assert_equal(a, b, where="") -> None:
 
 
 @pytest.mark.parametrize("method,kwargs", [("rigl", {"sparsity": 0.8, "update_interval": 1}),
-                                           ("static", {"sparsity": 0.8})])
+                                           ("static", {"sparsity": 0.8}),
+                                           ("gmp", {"sparsity": 0.8, "update_interval": 1}),
+                                           ("srste", {})])
 def test_resume_equals_uninterrupted_run(tmp_path, method, kwargs):
     full_cb = SparseTrainingCallback(method, **kwargs)
     full = _trainer(_bert(0), tmp_path / "run", [full_cb])
     full.train()
     expected = _snapshot(full, full_cb)
     query = full.model.bert.encoder.layer[0].attention.self.query
-    assert isinstance(query, SparseLinear)
+    assert isinstance(query, Sparse24Linear if method == "srste" else SparseLinear)
     if method == "rigl":
         # updates at 1..4 (t_end = int(0.75 * max_steps)): on both sides of the checkpoint,
         # and the one at step 3 moved weights
         assert [r["step"] for r in full_cb.method.history] == [1, 2, 3, 4]
         assert full_cb.method.total_steps == STEPS
         assert any(layer["grown"] > 0 for layer in full_cb.method.history[2]["layers"].values())
+    if method == "gmp":  # pruned on both sides of the checkpoint: nnz changes across it
+        assert [r["step"] for r in full_cb.method.history] == [1, 2, 3, 4]
 
     # the checkpoint folder: sparse weights, the sparse values' moments, the method state
     checkpoint = tmp_path / "run" / f"checkpoint-{SAVE_EVERY}"
     weights = load_file(checkpoint / "model.safetensors")
     key = "bert.encoder.layer.0.attention.self.query"
-    assert f"{key}.values" in weights and f"{key}.weight" not in weights
     stored = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"][STATE_KEY]
     assert stored["global_step"] == SAVE_EVERY
     method_state = _decode_state(stored["method_state"])
-    assert method_state["method"] == method and method_state["step"] == SAVE_EVERY
+    assert method_state["method"] == method
+    if method == "srste":  # 2:4 metadata beside the dense master weight the optimizer trains
+        trained = f"{key}.weight"
+        assert f"{key}.meta" in weights and method_state["forwards"][key] == SAVE_EVERY
+    else:
+        trained = f"{key}.values"
+        assert f"{key}.weight" not in weights and method_state["step"] == SAVE_EVERY
     moments = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
-    assert any(s["exp_avg"].shape == weights[f"{key}.values"].shape for s in moments.values())
+    assert any(s["exp_avg"].shape == weights[trained].shape for s in moments.values())
 
     resumed_cb = SparseTrainingCallback(method, **kwargs)
     # another init and another output_dir: everything must come from the checkpoint folder

@@ -18,7 +18,7 @@ L = pytest.importorskip("lightning.pytorch")
 from sparsekernels.integrations.lightning import SparseTraining  # noqa: E402
 from sparsekernels.methods import RigL  # noqa: E402
 from sparsekernels.methods.base import unwrap_optimizer  # noqa: E402
-from sparsekernels.nn import SparseLinear  # noqa: E402
+from sparsekernels.nn import Sparse24Linear, SparseLinear  # noqa: E402
 
 # Lightning's notices about what these tiny runs leave out on purpose (workers, a
 # validation loader, the ModelCheckpoint of the run that wrote the checkpoint) and its own
@@ -115,12 +115,15 @@ def _assert_equal(a, b, where="") -> None:
 
 
 @pytest.mark.parametrize("method,kwargs", [("rigl", {"sparsity": 0.8, "update_interval": 3}),
-                                           ("static", {"sparsity": 0.8})])
+                                           ("static", {"sparsity": 0.8}),
+                                           ("set", {"sparsity": 0.8, "update_interval": 3}),
+                                           ("gmp", {"sparsity": 0.8, "update_interval": 3}),
+                                           ("srste", {})])
 def test_resume_equals_uninterrupted_run(tmp_path, method, kwargs):
     full_cb = SparseTraining(method, **kwargs)
     full = _fit(MLP(init_seed=0), full_cb, ckpt_dir=tmp_path)
     expected = _snapshot(full, full_cb)
-    assert all(isinstance(m, SparseLinear) for m in (full.lightning_module.net[i] for i in (0, 2, 4)))
+    assert all(isinstance(m, (SparseLinear, Sparse24Linear)) for m in (full.lightning_module.net[i] for i in (0, 2, 4)))
     if method == "rigl":
         # updates at steps 3, 6 and 9 (t_end = 0.75 * 12 from the trainer's step count): on
         # both sides of the checkpoint, and the one after it moved weights

@@ -9,7 +9,7 @@
 #   1. build: the extension in place for this GPU's arch only (nvidia-smi compute_cap),
 #      with ninja so the sources compile in parallel,
 #   2. test: the CUDA and Triton tests, compiled on the GPU, against the dense reference
-#      (tests/test_cuda.py, tests/test_triton_kernels.py), capped by the time left and
+#      (tests/test_cuda.py, tests/test_triton_kernels.py, tests/test_autocast.py), capped by the time left and
 #      keeping going past failures (--maxfail budget),
 #   3. bench: the GPU benchmark (cuBLAS fp32 / TF32 / bf16, cuSPARSE, ours) with what is
 #      left of the time budget, target cases first.
@@ -99,7 +99,7 @@ if want test; then
     # Capped so the benchmark keeps its share of the command; at least 30 s.
     cap=$(( $(left) - 180 )); [ "$cap" -gt "${GPU_TEST_SECONDS:-240}" ] && cap="${GPU_TEST_SECONDS:-240}"
     [ "$cap" -lt 30 ] && cap=30
-    TEST_FILES="${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_triton_kernels.py}"
+    TEST_FILES="${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_triton_kernels.py tests/test_autocast.py}"
     log "pytest $TEST_FILES --maxfail=${GPU_TEST_MAXFAIL:-25}, capped at ${cap}s"
     # shellcheck disable=SC2086
     timeout "$cap" $PY -m pytest $TEST_FILES -q -p no:cacheprovider -rs --maxfail="${GPU_TEST_MAXFAIL:-25}" \

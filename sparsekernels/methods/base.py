@@ -16,6 +16,7 @@ from ..nn import SparseConv2d, SparseLinear, eligible_layers, layer_sparsities
 from ..nn._conv1d import is_conv1d
 from ..nn.sparsify import left_dense_layers, linear_weight, warn_left_dense
 from ..topology import drop_smallest, update_layer
+from . import _distributed
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
 
@@ -137,6 +138,7 @@ class SparseTrainingMethod:
         self.step = 0
         self.history: list[dict] = []
         self.layers: dict[str, nn.Module] = {}
+        _distributed.check_fsdp(self, model, include, exclude)  # sharded set-ups it cannot train: say so now
         with restore_on_error(model, optimizer):
             self._attach_layers(include, exclude)
             self._after_attach()

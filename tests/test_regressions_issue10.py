@@ -278,3 +278,75 @@ def test_triton_compress_kernel_rejects_integer_weight():
 
     with pytest.raises(TypeError, match="floating"):
         sparse24_compress(torch.ones(4, 8, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------- O(nnz) sparsify
+def _sorted_magnitude_mask(w: torch.Tensor, keep: int) -> torch.Tensor:
+    """The definition: the first ``keep`` of a stable descending sort of |w| (NaN first)."""
+    flat = w.abs().reshape(-1).double()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    return torch.zeros(flat.numel(), dtype=torch.bool).index_fill_(0, order[:keep], True).view(w.shape)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan", "many nan", "bf16 ties"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.999])
+def test_magnitude_mask_selection_equals_a_stable_sort(kind, sparsity, seed):
+    from sparsekernels.formats import kept_count, magnitude_mask
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(37, 29, generator=g, dtype=torch.float64)
+    if kind in ("ties", "bf16 ties"):
+        w = (w * 2).round() / 2                        # few distinct magnitudes, both signs
+    if kind == "nan":
+        w[torch.rand(w.shape, generator=g) < 0.02] = NAN
+    if kind == "many nan":
+        w[torch.rand(w.shape, generator=g) < 0.5] = NAN
+    dtype = torch.bfloat16 if kind == "bf16 ties" else torch.float32
+    w = w.to(dtype)
+    mask = magnitude_mask(w, sparsity)
+    assert mask.dtype == torch.bool and mask.shape == w.shape
+    assert int(mask.sum()) == kept_count(w.numel(), sparsity)
+    assert torch.equal(mask, _sorted_magnitude_mask(w, kept_count(w.numel(), sparsity)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("shape,sparsity", [((50, 70), 0.9), ((1, 9), 0.0), ((9, 1), 0.5), ((6, 5), 1.0),
+                                            ((0, 4), 0.5), ((4, 0), 0.5)])
+def test_counting_sort_transpose_equals_the_sorted_transpose(backend, shape, sparsity, seed):
+    from conftest import make_dense_and_mask
+    from sparsekernels.formats.csr import build_transpose
+
+    w, mask = make_dense_and_mask(*shape, sparsity, seed=seed, empty_rows=shape[0] > 3)
+    rows, cols = mask.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(shape[0] + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    col_idx = cols.to(torch.int32)
+    # The definition: W^T's entries sorted by (column, row).
+    key = cols * max(shape[0], 1) + rows
+    order = torch.argsort(key)
+    expected_ptr = torch.zeros(shape[1] + 1, dtype=torch.int32)
+    expected_ptr[1:] = torch.bincount(cols, minlength=shape[1]).cumsum(0)
+    if backend == "cpu" and not sk._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    if backend == "reference":  # the torch path, what runs without the extension
+        from sparsekernels.formats.csr import _build_transpose_sorted as build_transpose
+    got = build_transpose(row_ptr, col_idx, shape[1])
+    for t, e in zip(got, (expected_ptr, rows[order].to(torch.int32), order.to(torch.int32))):
+        assert t.dtype == torch.int32 and torch.equal(t, e)
+
+
+def test_counting_sort_transpose_rejects_corrupt_patterns():
+    if not sk._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    op = torch.ops.sparsekernels_C.csr_transpose
+    rp = torch.tensor([0, 2, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="col_idx"):
+        op(rp, torch.tensor([0, 5, 1], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="col_idx"):
+        op(rp, torch.tensor([0, -1, 1], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="row_ptr"):
+        op(torch.tensor([0, 2, 2], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="row_ptr"):
+        op(torch.tensor([0, 3, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32), 4)
+    with pytest.raises(TypeError, match="int32"):
+        op(rp.long(), torch.tensor([0, 1, 1]), 4)

@@ -5,15 +5,18 @@ from .base import SparseTrainingMethod
 from .batchnorm import recalibrate_batchnorm
 from .cram import CrAM, one_shot_prune
 from .gmp import GMP
+from .lottery import LotteryTicket
 from .freetickets import EDST, DSTEnsemble
 from .masked_reference import MaskedDenseRigL
 from .registry import available_methods, get_method, register_method
 from .rigl import RigL
-from .schedules import cosine_drop_fraction, gmp_sparsity
+from .schedules import ALLR, CLR, FT, LRW, SLR, cosine_drop_fraction, gmp_sparsity, lr_trace
 from .set_method import SET
 from .srste import SRSTE
 from .static import Static
+from .supermask import LearnedSupermask, mask_initial_weights
 
 __all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "cosine_drop_fraction",
            "gmp_sparsity", "get_method", "register_method", "available_methods", "EDST", "DSTEnsemble",
-           "recalibrate_batchnorm", "CrAM", "one_shot_prune"]
+           "recalibrate_batchnorm", "CrAM", "one_shot_prune",
+           "LotteryTicket", "LearnedSupermask", "mask_initial_weights", "FT", "LRW", "SLR", "CLR", "ALLR", "lr_trace"]

@@ -12,6 +12,7 @@ from . import reference, ops, formats, nn  # noqa: E402  (order: extension first
 from .formats import CSR
 from .nn import SparseConv2d, SparseLinear, densify, sparsify
 from . import topology, methods, integrations  # noqa: E402  (after nn: they build on it)
+from . import oneshot, comm  # noqa: E402  (one-shot pruning builds on nn; comm stands alone)
 from .integrations import load, load_sparse_state_dict, save
 
 __version__ = "0.1.0"
@@ -20,4 +21,4 @@ release_workspace = _extension.release_workspace
 
 __all__ = ["CSR", "SparseLinear", "SparseConv2d", "sparsify", "densify", "set_backend", "get_backend",
            "use_backend", "ops", "formats", "nn", "reference", "release_workspace", "__version__", "methods",
-           "integrations", "topology", "save", "load", "load_sparse_state_dict"]
+           "integrations", "topology", "save", "load", "load_sparse_state_dict", "oneshot", "comm"]

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ._progress import progress as progress_bar
 
 from ..formats import kept_count
 from .calibration import batch_call
@@ -150,7 +150,7 @@ def mfac_prune(model: nn.Module, layers: dict[str, nn.Module], batches: list, lo
     was = {mod: mod.training for mod in model.modules()}
     model.eval()  # dropout off, batch-norm statistics fixed while gradients are taken
     try:
-        for step in tqdm(range(1, steps + 1), desc="mfac", disable=not progress, leave=False):
+        for step in progress_bar(range(1, steps + 1), "mfac", progress, leave=False):
             # Density (1 − s)^(step/steps): geometric steps as in the paper's pruner.
             density = (1.0 - sparsity) ** (step / steps)
             grads = _gradients(model, modules, kept, batches, loss_fn, m, dtype)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from ._progress import progress as progress_bar
 
 from .calibration import damped
 
@@ -107,7 +107,7 @@ def obc_prune(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None 
         return _finish(W, Wd, Hinv, steps, nm, batches, progress)
     full = torch.full((rows,), k, dtype=torch.long, device=W.device)
     orders, losses = [], []
-    for sl in tqdm(batches, desc="obc trajectories", disable=not progress, leave=False):
+    for sl in progress_bar(batches, "obc trajectories", progress, leave=False):
         _, taken, loss, _ = _trajectory(Wd[sl], Hinv, full[sl], None)
         orders.append(taken)
         losses.append(loss)
@@ -125,7 +125,7 @@ def _finish(W: Tensor, Wd: Tensor, Hinv: Tensor, steps: Tensor, nm, batches: lis
     returns (Ŵ in W's dtype, kept mask)."""
     out = torch.empty_like(Wd)
     kept = torch.empty(Wd.shape, dtype=torch.bool, device=Wd.device)
-    for sl in tqdm(batches, desc="obc rows", disable=not progress, leave=False):
+    for sl in progress_bar(batches, "obc rows", progress, leave=False):
         out[sl], _, _, removed = _trajectory(Wd[sl], Hinv, steps[sl], nm, None if order is None else order[sl])
         kept[sl] = ~removed
     return out.to(W.dtype), kept

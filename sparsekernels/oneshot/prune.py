@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ._progress import progress as progress_bar
 
 from ..nn import Sparse24Linear, eligible_layers, sparse_class_for
 from ..nn._conv1d import is_conv1d
@@ -149,7 +149,7 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
             results = mfac_prune(model, layers, batches, loss_fn, target, nm, num_grads=num_grads,
                                  block_size=fisher_block_size, damp=fisher_damp, recomputations=recomputations,
                                  progress=progress)
-        for name, module in tqdm(layers.items(), desc=f"prune ({method})", disable=not progress):
+        for name, module in progress_bar(layers.items(), f"prune ({method})", progress, total=len(layers)):
             if method == "mfac":
                 W, kept = results[name]
             elif method == "magnitude":

@@ -14,6 +14,7 @@ from .schedules import ALLR, CLR, FT, LRW, SLR, cosine_drop_fraction, gmp_sparsi
 from .set_method import SET
 from .srste import SRSTE
 from .static import Static
+from .suptickets import SupTickets, superpose_states
 from .supermask import LearnedSupermask, mask_initial_weights
 
 __all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "cosine_drop_fraction",

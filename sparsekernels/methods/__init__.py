@@ -19,5 +19,5 @@ from .supermask import LearnedSupermask, mask_initial_weights
 
 __all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "cosine_drop_fraction",
            "gmp_sparsity", "get_method", "register_method", "available_methods", "EDST", "DSTEnsemble",
-           "recalibrate_batchnorm", "CrAM", "one_shot_prune",
+           "recalibrate_batchnorm", "CrAM", "one_shot_prune", "SupTickets", "superpose_states",
            "LotteryTicket", "LearnedSupermask", "mask_initial_weights", "FT", "LRW", "SLR", "CLR", "ALLR", "lr_trace"]

@@ -349,3 +349,18 @@ def test_bad_input():
         prune("model", data)
     with pytest.raises(TypeError, match="loader"):
         prune(model, None, method="sparsegpt")
+
+
+def test_solvers_bad_input():
+    W, H = torch.randn(4, 8), torch.eye(8)
+    for solver in (sparsegpt_prune, obc_prune):
+        with pytest.raises(ValueError, match="H must be"):
+            solver(W, torch.eye(6), 0.5)
+        with pytest.raises(ValueError, match="W must be"):
+            solver(torch.randn(8), H, 0.5)
+        with pytest.raises(ValueError, match="damp"):
+            solver(W, H, 0.5, damp=0.0)
+        with pytest.raises(ValueError, match="sparsity"):
+            solver(W, H, 1.0)
+        with pytest.raises(ValueError, match="divisible by 3"):
+            solver(W, H, 0.5, (1, 3))

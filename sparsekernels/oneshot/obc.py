@@ -28,6 +28,7 @@ from torch import Tensor
 from ._progress import progress as progress_bar
 
 from .calibration import damped
+from .patterns import check_layer_problem
 
 MAX_COLUMNS = 2048
 _BATCH_BYTES = 256 * 2**20  # rows processed together: their r inverse Hessians fit in this
@@ -92,6 +93,7 @@ def obc_prune(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None 
     double too). Returns (Ŵ [rows, k] in W's dtype, kept mask [rows, k] bool).
     Raises ValueError for k > ``max_columns``.
     """
+    check_layer_problem("obc_prune", W, H, damp, sparsity, nm)
     rows, k = W.shape
     if k > max_columns:
         raise ValueError(f"obc: exact OBS costs O(rows·k³); layer has k = {k} inputs > max_columns = {max_columns}. "

@@ -64,3 +64,22 @@ def lowest_mask(score: Tensor, count: int) -> Tensor:
     if count > 0:
         mask[torch.sort(flat, stable=True).indices[:count]] = True
     return mask.view(score.shape)
+
+
+def check_layer_problem(owner: str, W: object, H: object, damp: object, sparsity: object = 0.0,
+                        nm: tuple[int, int] | None = None) -> None:
+    """W [rows, k] floating, H [k, k] floating on W's device, damp a finite number > 0,
+    sparsity in [0, 1), k divisible by M for N:M."""
+    check_sparsity(sparsity)
+    if not isinstance(W, Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
+        got = f"{tuple(W.shape)} {W.dtype}" if isinstance(W, Tensor) else type(W).__name__
+        raise ValueError(f"{owner}: W must be a 2-D floating tensor [rows, k], got {got}")
+    k = W.shape[1]
+    if not isinstance(H, Tensor) or tuple(H.shape) != (k, k) or not H.dtype.is_floating_point:
+        got = f"{tuple(H.shape)} {H.dtype}" if isinstance(H, Tensor) else type(H).__name__
+        raise ValueError(f"{owner}: H must be a floating [{k}, {k}] tensor (k = W's columns), got {got}")
+    if H.device != W.device:
+        raise ValueError(f"{owner}: H is on {H.device} but W on {W.device}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0 or damp == float("inf"):
+        raise ValueError(f"{owner}: damp must be a finite number > 0, got {damp!r}")
+    check_nm_columns(k, nm, owner)

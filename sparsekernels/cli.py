@@ -73,9 +73,58 @@ def _cmd_bench_training(args) -> int:
     return 0
 
 
+def _cmd_bench_ensembles(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .bench import ensembles, harness
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    kwargs = {"sparsity": args.sparsity}
+    if args.quick:
+        kwargs.update(hidden=64, epochs=3)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("ensembles", total=4)
+        payload = ensembles.run(progress=lambda d: progress.update(task, advance=1, description=d), **kwargs)
+    cfg = payload["config"]
+    table = Table(title=f"digits MLP 64-{cfg['hidden']}-{cfg['hidden']}-10, sparsity {cfg['sparsity']}, "
+                        f"{cfg['tickets']} tickets, {cfg['steps']} steps per run (Adam)")
+    for col in ("run", "steps", "median ms / step", "mean ms / step", "total s", "x dense total", "accuracy", "NLL",
+                "ECE"):
+        table.add_column(col, justify="right")
+    dense_total = payload["dense"]["total_s"]
+    for name in ("dense", "edst", "dst_ensemble"):
+        r = payload[name]
+        m = r if name == "dense" else r["curve"][-1]
+        table.add_row(name, str(r["steps"]), f"{r['median_step_ms']:.2f}", f"{r['mean_step_ms']:.2f}",
+                      f"{r['total_s']:.2f}", f"{r['total_s'] / dense_total:.2f}", f"{m['accuracy']:.4f}",
+                      f"{m['nll']:.4f}", f"{m['ece']:.4f}")
+    console.print(table)
+    curve = Table(title="ensemble of the first k tickets")
+    for col in ("k", "EDST acc", "EDST NLL", "EDST ECE", "DST acc", "DST NLL", "DST ECE"):
+        curve.add_column(col, justify="right")
+    for e, d in zip(payload["edst"]["curve"], payload["dst_ensemble"]["curve"]):
+        curve.add_row(str(e["tickets"]), f"{e['accuracy']:.4f}", f"{e['nll']:.4f}", f"{e['ece']:.4f}",
+                      f"{d['accuracy']:.4f}", f"{d['nll']:.4f}", f"{d['ece']:.4f}")
+    console.print(curve)
+    c = payload["cram"]
+    console.print(f"CrAM+ step vs its base SGD step (median): {c['cram']['median_step_ms']:.2f} ms vs "
+                  f"{c['sgd']['median_step_ms']:.2f} ms = {c['step_cost_vs_base']:.2f}x")
+    out = args.out or os.path.join("bench", "results", f"ensembles-cpu-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    payload = {"benchmark": "ensembles", "machine": harness.machine_info("cpu"), **payload}
+    path = harness.write_json(out, payload)
+    console.print(f"results: {path}")
+    if not args.no_plot:
+        console.print(f"plot: {ensembles.plot(payload, path[:-5] + '.png')}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     if args.scenario == "training":
         return _cmd_bench_training(args)
+    if args.scenario == "ensembles":
+        return _cmd_bench_ensembles(args)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -151,8 +200,9 @@ def main(argv=None) -> int:
     p_info.set_defaults(func=_cmd_info)
 
     p_bench = sub.add_parser("bench", help="time the CSR kernels against dense and torch.sparse")
-    p_bench.add_argument("--scenario", choices=("csr", "training"), default="csr",
-                         help="csr: the CSR linear layer (default); training: per-step time of a 4096-wide MLP")
+    p_bench.add_argument("--scenario", choices=("csr", "training", "ensembles"), default="csr",
+                         help="csr: the CSR linear layer (default); "
+                              "ensembles: EDST vs one dense run vs a DST ensemble on digits; training: per-step time of a 4096-wide MLP")
     p_bench.add_argument("--quick", action="store_true", help="a small, fast run (~1 min)")
     p_bench.add_argument("--hidden", type=int, default=4096, help="training scenario: hidden width")
     p_bench.add_argument("--steps", type=int, default=20, help="training scenario: timed steps per method")

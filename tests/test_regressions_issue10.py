@@ -160,6 +160,11 @@ def test_sparse_conv_bf16_input_gradient_accumulates_in_fp32(backend, seed):
         sconv(xs).backward(gy)
     dense(xd).backward(gy)
     assert rel_error(xs.grad, exact) <= 1.5 * rel_error(xd.grad, exact)
+    # The output stays an ordinary tensor: an in-place op right after the layer is allowed.
+    xs.grad = None
+    with _use(backend):
+        torch.relu_(sconv(xs)).sum().backward()
+    assert xs.grad is not None and bool(torch.isfinite(xs.grad).all())
 
 
 # --------------------------------------------------------------------------- 4: non-finite dy

@@ -24,8 +24,8 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 class _Fp32InputGrad(torch.autograd.Function):
-    """Identity on the product ``y`` [N, L, out] of a fp16 / bf16 convolution, whose backward
-    also forms the input gradient in fp32: dcols = dy @ W (spmm_t) and the fold that sums
+    """Identity (a copy) on the product ``y`` [N, L, out] of a fp16 / bf16 convolution, whose
+    backward also forms the input gradient in fp32: dcols = dy @ W (spmm_t) and the fold that sums
     the overlapping patches into dx, rounded once at the end, as a dense convolution's input
     gradient is. (Through the op's own backward, dcols was rounded to bf16 and the fold
     summed in bf16: ~2.5x a dense bf16 convolution's error; with only the fold in fp32 still
@@ -40,7 +40,9 @@ class _Fp32InputGrad(torch.autograd.Function):
                 t_col_idx: Tensor, t_perm: Tensor, geometry) -> Tensor:
         ctx.save_for_backward(values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         ctx.geometry, ctx.x_dtype = geometry, x.dtype
-        return y.view_as(y)
+        # A copy, not a view: autograd forbids in-place ops (ReLU(inplace=True) right after
+        # the convolution) on views of a custom Function's input.
+        return y.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -294,6 +294,31 @@ def test_woodbury_fisher_inverse_matches_explicit(block_size):
     torch.testing.assert_close(finv.mul(x), inv @ x, rtol=1e-9, atol=1e-9)
 
 
+def test_mfac_one_step_matches_explicit_obs_with_dense_fisher():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3, bias=False)).double()
+    data = [(torch.randn(8, 6, dtype=D64), torch.randint(0, 3, (8,))) for _ in range(5)]
+    ref = copy.deepcopy(model)
+    pruned = prune(model, data, method="mfac", sparsity=0.5, loss_fn=F.cross_entropy, num_grads=5,
+                   fisher_block_size=None, fisher_damp=1e-2, recomputations=1, progress=False)
+    # Explicit: the 5 gradients, F = damp I + G^T G / m inverted directly, per-layer lowest
+    # w^2 / (2 [F^-1]_jj) dropped, w += F^-1 (-w_Q / [F^-1]_QQ), w_Q = 0.
+    params = [ref[0].weight, ref[2].weight]
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(ref(x), y), params)])
+                     for x, y in data])
+    Finv = torch.linalg.inv(1e-2 * torch.eye(G.shape[1], dtype=D64) + G.T @ G / 5)
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    score = w ** 2 / (2 * Finv.diagonal())
+    drop = torch.zeros_like(w, dtype=torch.bool)
+    for lo, hi in ((0, 30), (30, 45)):
+        drop[lo + torch.sort(score[lo:hi], stable=True).indices[: (hi - lo) // 2]] = True
+    delta = torch.where(drop, -w / Finv.diagonal(), torch.zeros_like(w))
+    want = w + Finv @ delta
+    want[drop] = 0
+    got = torch.cat([pruned[0].to_dense().weight.reshape(-1), pruned[2].to_dense().weight.reshape(-1)])
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
 # --------------------------------------------------------------------------- conv
 def test_sparsegpt_on_cnn_gives_sparse_conv_layers():
     torch.manual_seed(0)

@@ -137,10 +137,10 @@ class SupTickets(RigL):
         self._set_cycles(total_steps)
         self.tickets: list[dict] = []
         self.superposed: dict | None = None  # the running superposed ticket ("cyclic")
+        self.needs_gradient = explore == "rigl"  # SET growth needs no captured activations
         super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
                          update_interval=update_interval, drop_fraction=drop_fraction, t_end=total_steps,
                          total_steps=total_steps, seed=seed, include=include, exclude=exclude)
-        self.needs_gradient = explore == "rigl"
 
     def _after_attach(self) -> None:
         base = float(self.optimizer.param_groups[0]["lr"])

@@ -74,7 +74,7 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     # kthvalue counts from the smallest: the keep-th largest is the (numel - keep + 1)-th smallest.
     cut = torch.kthvalue(flat, numel - keep + 1).values
     chosen = flat >= cut
-    n_chosen = int(chosen.sum())
+    n_chosen = int(torch.count_nonzero(chosen))  # a bool sum widens to int64 first: ~3x slower
     if n_chosen > keep:
         # More entries equal the cut-off than fit: keep all above it, then the tied ones of
         # lowest index (the common case, no such tie, needs no second pass).

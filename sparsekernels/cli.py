@@ -73,6 +73,55 @@ def _cmd_bench_training(args) -> int:
     return 0
 
 
+def _cmd_bench_phases(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .bench import harness, phases
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    # --steps: AC/DC steps per phase type, spread over its phases (3 C, 2 D + the warm-up).
+    kwargs = {"hidden": args.hidden, "sparsity": args.sparsity, "phase_steps": max(2, args.steps // 3)}
+    if args.quick:
+        kwargs.update(hidden=min(args.hidden, 1024), phase_steps=2)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("AC/DC phases vs dense", total=None)
+        payload = phases.run(progress=lambda done, total: progress.update(task, completed=done, total=total),
+                             **kwargs)
+    sizes = "-".join(map(str, payload["config"]["sizes"]))
+    table = Table(title=f"AC/DC vs dense, MLP {sizes}, batch {payload['config']['batch']}, Adam, "
+                        f"{kwargs['sparsity']:.0%} global magnitude ({payload['machine']['cpu']}): median per step")
+    for col in ("phase", "steps", "AC/DC ms / step", "dense ms / step", "x dense (speed-up)"):
+        table.add_column(col, justify="right")
+    for phase, label in (("sparse", "compressed (C)"), ("dense", "decompressed (D)")):
+        r = payload["phases"][phase]
+        table.add_row(label, str(r["steps"]), f"{r['median_step_s'] * 1e3:.1f}", f"{r['dense_median_step_s'] * 1e3:.1f}",
+                      f"{r['speedup_vs_dense']:.2f}")
+    console.print(table)
+    ts = Table(title="phase switches (cost in dense steps)")
+    for col in ("after step", "enters", "ms", "dense steps"):
+        ts.add_column(col, justify="right")
+    for s in payload["switches"]:
+        ts.add_row(str(s["step"]), "compressed" if s["entered"] == "sparse" else "decompressed",
+                   f"{s['seconds'] * 1e3:.1f}", f"{s['dense_steps']:.2f}")
+    console.print(ts)
+    tt = Table(title="targets (this run)")
+    for col in ("target", "reached", "goal", ""):
+        tt.add_column(col)
+    for t in payload["targets"]:
+        tt.add_row(t["target"], f"{t['value']:.2f}", t["goal"], "met" if t["met"] else "MISSED")
+    console.print(tt)
+    path = harness.write_json(args.out or phases.default_path(), payload)
+    console.print(f"results: {path}")
+    if not args.no_plot:
+        try:
+            console.print(f"plot: {phases.plot(payload, path[:-5] + '.png')}")
+        except ImportError:
+            console.print("plot skipped (matplotlib is not installed)")
+    return 0
+
+
 def _cmd_bench_ensembles(args) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -125,6 +174,8 @@ def _cmd_bench(args) -> int:
         return _cmd_bench_training(args)
     if args.scenario == "ensembles":
         return _cmd_bench_ensembles(args)
+    if args.scenario == "phases":
+        return _cmd_bench_phases(args)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -200,9 +251,10 @@ def main(argv=None) -> int:
     p_info.set_defaults(func=_cmd_info)
 
     p_bench = sub.add_parser("bench", help="time the CSR kernels against dense and torch.sparse")
-    p_bench.add_argument("--scenario", choices=("csr", "training", "ensembles"), default="csr",
+    p_bench.add_argument("--scenario", choices=("csr", "training", "ensembles", "phases"), default="csr",
                          help="csr: the CSR linear layer (default); "
-                              "ensembles: EDST vs one dense run vs a DST ensemble on digits; training: per-step time of a 4096-wide MLP")
+                              "ensembles: EDST vs one dense run vs a DST ensemble on digits; training: per-step time of a 4096-wide MLP; "
+                              "phases: AC/DC compressed / decompressed step and phase-switch time vs dense")
     p_bench.add_argument("--quick", action="store_true", help="a small, fast run (~1 min)")
     p_bench.add_argument("--hidden", type=int, default=4096, help="training scenario: hidden width")
     p_bench.add_argument("--steps", type=int, default=20, help="training scenario: timed steps per method")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .acdc import ACDC
+from .gap import GaP
 from .gmp import GMP
 from .rigl import RigL
 from .set_method import SET
@@ -61,6 +63,6 @@ def get_method(name_or_class: str | type) -> type:
     return cls
 
 
-for _cls in (RigL, SET, GMP, Static, SRSTE):
+for _cls in (RigL, SET, GMP, Static, SRSTE, ACDC, GaP):
     register_method(_cls)
 del _cls

@@ -216,6 +216,27 @@ def test_rigl_update_with_nan_gradient_raises_and_leaves_the_layer_unchanged(bac
     assert rigl.history == []
 
 
+def test_rigl_update_is_all_or_nothing_when_a_later_layer_is_non_finite():
+    """Only the second layer sees a NaN: the first layer must not be updated either."""
+    from sparsekernels.methods import RigL
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = RigL(model, opt, sparsity=0.6, update_interval=1, total_steps=10, distribution="uniform")
+    before = {n: (l.mask().clone(), l.values.detach().clone()) for n, l in rigl.layers.items()}
+    h = model[0](torch.randn(4, 6))
+    out = model[1](h.detach())           # layer 0's output gradient comes from h.sum() alone: finite
+    out.register_hook(lambda g: g * torch.tensor(NAN))  # layer 1's output gradient is NaN
+    (h.sum() + out.sum()).backward()
+    with pytest.raises(ValueError, match="layer '1' has a non-finite"):
+        rigl.update(rigl.step + 1)
+    for name, layer in rigl.layers.items():
+        assert torch.equal(layer.mask(), before[name][0]), name
+        assert torch.equal(layer.values.detach(), before[name][1]), name
+    assert rigl.history == []
+
+
 # --------------------------------------------------------------------------- 5: zero-sized 2:4
 @pytest.mark.parametrize("shape", [(0, 8), (8, 0), (0, 0)])
 @pytest.mark.parametrize("backend", ALL)

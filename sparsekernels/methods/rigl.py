@@ -78,6 +78,17 @@ class RigL(SparseTrainingMethod):
                 captured = (layer.values.new_zeros(0, cols), layer.values.new_zeros(0, rows))
             x, dy = (_distributed.all_gather_rows(t) for t in captured)
             self._gathered[name] = (x, dy) if x.shape[0] else None
+        # Checked for every layer before any layer changes: a non-finite activation or
+        # gradient in a later layer must not leave earlier layers already updated.
+        for name, pair in self._gathered.items():
+            for what, t in zip(("input", "output gradient"), pair or ()):
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    for layer in self.layers.values():
+                        layer.capture_next(False)
+                    self._gathered = {}
+                    raise ValueError(f"RigL step {step}: layer '{name}' has a non-finite {what} (NaN or inf) in the "
+                                     "update step; growth by gradient is undefined there and no layer was changed "
+                                     "(skip the step or fix the loss scaling)")
         try:
             record = super().update(step)
         finally:

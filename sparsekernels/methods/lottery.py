@@ -47,7 +47,8 @@ _NEEDS_START = ("magnitude_increase", "movement", "large_final_same_sign")
 _PATTERN_SUFFIXES = ("values", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 
 
-def mask_scores(criterion: str, final: Tensor, start: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+def mask_scores(criterion: str, final: Tensor, start: Tensor | None,
+                generator: torch.Generator | None = None) -> Tensor:
     """Zhou et al.'s mask criteria: the score of each weight, higher is kept.
 
     Args:
@@ -217,7 +218,8 @@ class LotteryTicket:
         if output_layer is None:
             output_layer = next(reversed(self.layers))
         if output_layer not in self.layers:
-            raise ValueError(f"output_layer must name one of the sparse layers {list(self.layers)}, got {output_layer!r}")
+            raise ValueError(f"output_layer must name one of the sparse layers {list(self.layers)}, "
+                             f"got {output_layer!r}")
         self.output_layer = output_layer
         self.round, self.round_step, self.in_round = 0, 0, False
         self.history: list[dict] = []
@@ -412,9 +414,15 @@ class LotteryTicket:
         if start is not None:
             bad = [n for n in self.layers if n not in start or start[n].shape != self.layers[n].values.shape]
             if bad or set(start) != set(self.layers):
-                raise ValueError(f"{owner}: the rewind point does not fit the layers {bad or sorted(set(start) ^ set(self.layers))}; "
+                names = bad or sorted(set(start) ^ set(self.layers))
+                raise ValueError(f"{owner}: the rewind point does not fit the layers {names}; "
                                  "load the model's state dict first")
-        self.round, self.round_step, self.in_round = rnd, int(state["round_step"]), bool(state["in_round"])
+        step = state.get("round_step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 \
+                or not isinstance(state.get("in_round"), bool):
+            raise ValueError(f"{owner}: round_step must be a non-negative int and in_round a bool, got "
+                             f"{step!r} and {state.get('in_round')!r}")
+        self.round, self.round_step, self.in_round = rnd, step, state["in_round"]
         self._last_drop = float(state.get("last_drop", 0.0))
         self._start = None if start is None else {n: t.clone().to(self.layers[n].values) for n, t in start.items()}
         rest = state.get("start_rest")

@@ -138,9 +138,10 @@ class LearnedSupermask:
         model: the network at initialisation; its ``nn.Linear`` / ``nn.Conv2d`` layers are
             replaced in place by score-carrying layers and every parameter of the model is
             frozen (``requires_grad=False``): only the scores train.
-        sparsity: the final mask keeps the ``(1 - sparsity)`` highest-scored weights of
-            each layer, in [0, 1); None keeps where sigmoid(s) > 1/2, the more likely value
-            of each weight's Bernoulli (the density is then learned, as in the paper).
+        sparsity: None (default, as in the paper: the density is learned) keeps the
+            weights where sigmoid(s) > 1/2, the more likely value of each weight's
+            Bernoulli; a number in [0, 1) keeps the ``(1 - sparsity)`` highest-scored
+            weights of each layer instead.
         score_init: initial score of every weight; default logit(1 - sparsity), so the
             sampled masks start at the target density (0 for ``sparsity=None``).
         seed: seeds the mask sampling (one generator, drawn from in forward order).
@@ -152,7 +153,7 @@ class LearnedSupermask:
     Shapes / dtypes: scores have the dense weight's shape and dtype.
     """
 
-    def __init__(self, model: nn.Module, *, sparsity: float | None = 0.5, score_init: float | None = None,
+    def __init__(self, model: nn.Module, *, sparsity: float | None = None, score_init: float | None = None,
                  seed: int = 0, include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"LearnedSupermask: model must be an nn.Module, got {type(model).__name__}")

@@ -270,3 +270,32 @@ def test_dst_ensemble_of_three_at_90_percent(kind):
     masks = [m.masks() for _, _, m in dst.runs]
     assert not torch.equal(masks[0]["0"], masks[1]["0"])  # distinct seeds, distinct topologies
     _check_ensemble(Ensemble.from_tickets(dst.runs[0][0], dst.tickets).evaluate(xte, yte))
+
+
+def test_dst_ensemble_resume_is_bit_identical():
+    data = _data(12, seed=6)
+
+    def make():
+        return DSTEnsemble(_mlp, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), members=2, sparsity=0.8,
+                           total_steps=12, update_interval=2, seed=3)
+
+    def loss(out, y):
+        return F.mse_loss(out, y)
+
+    dst = make()
+    assert not torch.equal(dst.runs[0][0][0].mask(), dst.runs[1][0][0].mask())
+    for model, opt, _ in dst.runs:
+        for batch in data[:5]:
+            _step(model, opt, batch)
+    buf = io.BytesIO()
+    torch.save(dst.state_dict(), buf)
+    buf.seek(0)
+    dst.fit(data, loss, progress=False)  # cycles over the data until each member has 12 steps
+    dst2 = make()
+    dst2.load_state_dict(torch.load(buf, weights_only=False))
+    assert all(m.step == 5 for _, _, m in dst2.runs)
+    dst2.fit(data, loss, progress=False)
+    for t1, t2 in zip(dst.tickets, dst2.tickets):
+        assert all(torch.equal(t1[k], t2[k]) for k in t1)
+    with pytest.raises(ValueError, match="members"):
+        dst2.load_state_dict({"members": []})

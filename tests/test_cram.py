@@ -18,6 +18,7 @@ from sparsekernels import SparseConv2d, SparseLinear
 from sparsekernels.bench.ensembles import batches, digits, digits_cnn, digits_mlp, probabilities, train
 from sparsekernels.formats import kept_count
 from sparsekernels.methods import CrAM, one_shot_prune, recalibrate_batchnorm
+from sparsekernels.methods.cram import global_keep
 from sparsekernels.nn import Sparse24Linear
 
 pytestmark = pytest.mark.timeout(240)
@@ -157,6 +158,14 @@ def test_lr_scheduler_and_zero_grad_act_on_the_base_optimizer():
 def test_bad_input(make, err, text):
     with pytest.raises(err, match=text):
         make(_model())
+
+
+def test_global_keep_exact_count_and_ties_to_earlier_positions():
+    mags = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])
+    assert global_keep(mags, 3).tolist() == [False, True, True, False, True]
+    assert global_keep(mags, 0).sum() == 0 and global_keep(mags, 5).all()
+    x = torch.rand(1000)
+    assert torch.equal(global_keep(x, 137), x >= x.sort(descending=True).values[136])
 
 
 def test_one_shot_prune_global_magnitude_to_real_sparse_layers():

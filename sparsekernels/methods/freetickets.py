@@ -46,9 +46,12 @@ class EDST(RigL):
 
     Learning rate (``lr_reset=True``): the exploration phase runs at the optimizer's
     learning rate at attach time (the base lr of each param group); every refinement phase
-    resets it to the base lr and decays it 10x at 50% and 100x at 75% of the phase (the
-    step schedule of the paper's CIFAR runs, per phase). The method then owns the lr: do
-    not attach another scheduler. ``lr_reset=False`` leaves the lr to the caller.
+    resets it to the base lr and decays it in steps, 10x at 50% and 100x at 75% of the
+    phase. The method then owns the lr: do not attach another scheduler.
+    ``lr_reset=False`` leaves the lr to the caller. The 80% exploration drop, the drop
+    fraction 0.5 with cosine decay and ERK are the paper's settings; the phase lengths
+    (``exploration_fraction`` = 0.5) and the in-phase decay are this implementation's
+    defaults, as the paper sets them per dataset.
 
     After training, ``.tickets`` is a list of ``tickets`` state dicts of the sparse model
     (values + CSR pattern + buffers: O(nnz) each); build the ensemble with

@@ -237,6 +237,8 @@ def _cmd_demo(args) -> int:
 
     kwargs = {"epochs": args.epochs, "timing_steps": args.timing_steps, "timing_hidden": args.timing_hidden,
               "sparsity": args.sparsity, "seed": args.seed, "out_dir": args.out_dir}
+    if args.methods:
+        kwargs["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.quick:
         kwargs.update(epochs=5, timing_steps=5, timing_hidden=1024)
     run(**kwargs)
@@ -273,6 +275,9 @@ def main(argv=None) -> int:
     p_demo.add_argument("--timing-hidden", type=int, default=4096, help="hidden width of the speed part")
     p_demo.add_argument("--sparsity", type=float, default=0.9)
     p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--methods", default=None,
+                        help="digits rows, comma-separated (default dense,rigl,set,static,masked_rigl; also acdc, "
+                             "gap, imp: IMP with rewinding, plotted to demo-imp.png)")
     p_demo.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     p_demo.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where demo.png goes")
     p_demo.set_defaults(func=_cmd_demo)

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 DIGITS_METHODS = ("dense", "rigl", "set", "static", "masked_rigl")
+# Rows a user can add with --methods (not in the default demo, which stays a few minutes):
+# the dense <-> sparse methods, and IMP (lottery tickets), whose rounds have their own plot.
+EXTRA_METHODS = ("acdc", "gap", "imp")
 
 
 def _digits(seed: int):
@@ -97,6 +100,33 @@ def train_digits(method: str, *, hidden: int = 512, epochs: int = 30, batch: int
             "peak_rss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024.0}
 
 
+def imp_digits(*, hidden: int = 512, epochs: int = 30, sparsity: float = 0.9, seed: int = 0,
+               out_dir: str = os.path.join("bench", "results")) -> dict:
+    """IMP with rewinding (lottery tickets) on digits down to about ``sparsity``: rounds of
+    20% (the paper's rate), each round ``max(2, epochs // rounds)`` epochs; the ticket's and
+    the re-initialised mask's accuracy per round go to ``demo-imp.png``. Returns the
+    demo's row (the last round's ticket) plus the curve."""
+    import math
+
+    from .bench.lottery_curve import imp_curve, plot_imp_curve
+
+    rounds = max(2, 1 + math.ceil(math.log(1 - sparsity) / math.log(0.8))) if sparsity > 0 else 1
+    per_round = max(2, epochs // rounds)
+    t0 = time.perf_counter()
+    curve = imp_curve(rounds=rounds, prune_fraction=0.2, epochs=per_round, hidden=hidden, seed=seed,
+                      reinit_rounds=[rounds - 1], progress=False)
+    train_s = time.perf_counter() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    png = plot_imp_curve(curve, os.path.join(out_dir, "demo-imp.png"))
+    steps_per_epoch = (1348 + 63) // 64
+    last = len(curve["rounds"]) - 1
+    return {"method": "imp", "accuracy": curve["rewound"][-1], "curve": [(steps_per_epoch * per_round * (i + 1), a)
+                                                                         for i, a in enumerate(curve["rewound"])],
+            "train_s": train_s, "steps": steps_per_epoch * per_round * rounds, "trainable": None,
+            "state_bytes": None, "peak_rss_mib": None, "final_sparsity": curve["sparsity"][-1],
+            "reinit_accuracy": curve["reinit"].get(last), "imp_plot": png}
+
+
 def _isolated(fn, **kwargs):
     """Runs fn(**kwargs) in a fresh process (its peak RSS is its own)."""
     ctx = mp.get_context("spawn")
@@ -111,19 +141,31 @@ def _timing_worker(method: str, kwargs: dict) -> dict:
 
 
 def run(*, epochs: int = 30, hidden: int = 512, timing_steps: int = 20, timing_hidden: int = 4096,
-        sparsity: float = 0.9, seed: int = 0, out_dir: str = os.path.join("bench", "results"), console=None) -> dict:
+        sparsity: float = 0.9, seed: int = 0, out_dir: str = os.path.join("bench", "results"), console=None,
+        methods=DIGITS_METHODS) -> dict:
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in DIGITS_METHODS + EXTRA_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"demo: methods must be a non-empty selection of {DIGITS_METHODS + EXTRA_METHODS}, "
+                         f"got {list(methods)}")
     console = console or Console()
     digits, timing = {}, {}
-    timing_methods = ("dense", "rigl", "set", "static")
+    # timing_steps=0 leaves out the speed part (the digits rows alone).
+    timing_methods = ("dense", "rigl", "set", "static") if timing_steps > 0 else ()
     with Progress(console=console) as progress:
-        task = progress.add_task("digits", total=len(DIGITS_METHODS) + len(timing_methods))
-        for m in DIGITS_METHODS:
+        task = progress.add_task("digits", total=len(methods) + len(timing_methods))
+        for m in methods:
             progress.update(task, description=f"digits: {m}")
-            digits[m] = _isolated(train_digits, method=m, hidden=hidden, epochs=epochs, sparsity=sparsity, seed=seed)
+            if m == "imp":
+                digits[m] = _isolated(imp_digits, hidden=hidden, epochs=epochs, sparsity=sparsity, seed=seed,
+                                      out_dir=out_dir)
+            else:
+                digits[m] = _isolated(train_digits, method=m, hidden=hidden, epochs=epochs, sparsity=sparsity,
+                                      seed=seed)
             progress.advance(task)
         kw = {"hidden": timing_hidden, "steps": timing_steps, "sparsity": sparsity, "seed": seed}
         for m in timing_methods:
@@ -137,20 +179,22 @@ def run(*, epochs: int = 30, hidden: int = 512, timing_steps: int = 20, timing_h
     for col in ("method", "test acc %", "train s", "peak RSS MiB", "trainable params", "weights+optim MiB"):
         t1.add_column(col, justify="right")
     for m, r in digits.items():
+        if m == "imp":  # rounds of dense-to-sparse pruning: no single model size to report
+            label = f"imp ({100 * r['final_sparsity']:.1f}% sparse)"
+            t1.add_row(label, f"{r['accuracy']:.2f}", f"{r['train_s']:.2f}", "-", "-", "-")
+            continue
         t1.add_row(m, f"{r['accuracy']:.2f}", f"{r['train_s']:.2f}", f"{r['peak_rss_mib']:.1f}", f"{r['trainable']:,}",
                    f"{r['state_bytes'] / 2**20:.2f}")
     console.print(t1)
-    t2 = Table(title=f"teacher-student MLP 1024-{timing_hidden}-{timing_hidden}-256, batch 256, Adam: per-step time "
-                     f"(median of {timing_steps})")
-    for col in ("method", "ms / step", "x dense", "params", "final loss"):
-        t2.add_column(col, justify="right")
-    for m, r in timing.items():
-        t2.add_row(m, f"{r['median_step_s'] * 1e3:.1f}", f"{r['speedup_vs_dense']:.2f}", f"{r['params']:,}",
-                   f"{r['losses'][-1]:.4f}")
-    console.print(t2)
-    gap = digits["rigl"]["accuracy"] - digits["masked_rigl"]["accuracy"]
-    console.print(f"RigL (sparse kernels) vs masked-dense RigL accuracy: {gap:+.2f} points; "
-                  f"RigL per-step speed-up over dense at width {timing_hidden}: {timing['rigl']['speedup_vs_dense']:.2f}x")
+    if "imp" in digits:
+        r = digits["imp"]
+        console.print(f"IMP ticket at {100 * r['final_sparsity']:.1f}% sparsity: {r['accuracy']:.2f}% vs the same mask "
+                      f"re-initialised: {r['reinit_accuracy']:.2f}% (curve: {r['imp_plot']})")
+    if "rigl" in digits and "masked_rigl" in digits:
+        gap = digits["rigl"]["accuracy"] - digits["masked_rigl"]["accuracy"]
+        console.print(f"RigL (sparse kernels) vs masked-dense RigL accuracy: {gap:+.2f} points")
+    if timing:
+        _timing_table(console, timing, timing_hidden, timing_steps)
 
     os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, "demo.png")
@@ -159,13 +203,29 @@ def run(*, epochs: int = 30, hidden: int = 512, timing_steps: int = 20, timing_h
     return {"digits": digits, "timing": timing, "plot": png}
 
 
+def _timing_table(console, timing: dict, timing_hidden: int, timing_steps: int) -> None:
+    from rich.table import Table
+
+    t2 = Table(title=f"teacher-student MLP 1024-{timing_hidden}-{timing_hidden}-256, batch 256, Adam: per-step time "
+                     f"(median of {timing_steps})")
+    for col in ("method", "ms / step", "x dense", "params", "final loss"):
+        t2.add_column(col, justify="right")
+    for m, r in timing.items():
+        t2.add_row(m, f"{r['median_step_s'] * 1e3:.1f}", f"{r['speedup_vs_dense']:.2f}", f"{r['params']:,}",
+                   f"{r['losses'][-1]:.4f}")
+    console.print(t2)
+    console.print(f"RigL per-step speed-up over dense at width {timing_hidden}: "
+                  f"{timing['rigl']['speedup_vs_dense']:.2f}x")
+
+
 def plot(digits: dict, timing: dict, path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(11 if timing else 6, 4), squeeze=False)
+    a1 = axes[0][0]
     for m, r in digits.items():
         steps, acc = zip(*r["curve"])
         a1.plot(steps, acc, label=m, lw=1.5, ls="--" if m == "masked_rigl" else "-")
@@ -175,6 +235,12 @@ def plot(digits: dict, timing: dict, path: str) -> str:
     a1.set_ylim(bottom=max(0, min(min(a for _, a in r["curve"][1:]) for r in digits.values()) - 5))
     a1.grid(alpha=0.3)
     a1.legend()
+    if not timing:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+    a2 = axes[0][1]
     names = list(timing)
     ms = [timing[m]["median_step_s"] * 1e3 for m in names]
     bars = a2.bar(names, ms, color=["gray"] + ["tab:blue"] * (len(names) - 1))

@@ -53,3 +53,26 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "masked_rigl" in out and "x dense" in out and "RigL (sparse kernels) vs masked-dense RigL" in out
     assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+def test_demo_extra_method_rows(tmp_path, capsys):
+    """--methods adds ACDC, GaP and IMP rows (IMP with its own curve PNG)."""
+    from sparsekernels import demo
+
+    out = demo.run(epochs=2, hidden=32, timing_steps=0, sparsity=0.5, seed=0,
+                   out_dir=str(tmp_path), methods=["acdc", "gap", "imp"])
+    text = capsys.readouterr().out
+    assert set(out["digits"]) == {"acdc", "gap", "imp"}
+    for m in ("acdc", "gap"):
+        assert 0.0 <= out["digits"][m]["accuracy"] <= 100.0 and out["digits"][m]["steps"] > 0
+    imp = out["digits"]["imp"]
+    assert imp["final_sparsity"] >= 0.5 and imp["reinit_accuracy"] is not None
+    assert (tmp_path / "demo-imp.png").stat().st_size > 1000 and (tmp_path / "demo.png").exists()
+    assert "IMP ticket at" in text
+
+
+def test_demo_rejects_unknown_methods(tmp_path):
+    from sparsekernels import demo
+
+    with pytest.raises(ValueError, match="methods must be"):
+        demo.run(methods=["rigl", "nope"], out_dir=str(tmp_path))

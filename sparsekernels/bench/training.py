@@ -40,7 +40,18 @@ def attach(method: str, model: nn.Module, optimizer, *, sparsity: float, update_
         return SET(model, optimizer, sparsity=sparsity, update_interval=update_interval, seed=seed)
     if method == "static":
         return Static(model, optimizer, sparsity=sparsity, seed=seed)
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    # Any other registered method (acdc, gap, ...) with its own defaults for the rest.
+    from ..methods.registry import available_methods, get_method
+
+    if method in available_methods():
+        extra = {}
+        if method == "gap":  # its default 4 groups need at least 4 layers; small MLPs have 3
+            from ..nn import eligible_layers
+
+            extra["partitions"] = min(4, max(1, len(eligible_layers(model))))
+        return get_method(method)(model, optimizer, sparsity=sparsity, total_steps=total_steps, seed=seed, **extra)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS} or a registered method "
+                     f"{available_methods()}")
 
 
 def teacher_student_batches(in_dim: int, out_dim: int, batch: int, steps: int, seed: int):

@@ -16,8 +16,8 @@ from .schedules import ALLR, CLR, FT, LRW, SLR, cosine_drop_fraction, gmp_sparsi
 from .set_method import SET
 from .srste import SRSTE
 from .static import Static
-from .suptickets import SupTickets, superpose_states
 from .supermask import LearnedSupermask, mask_initial_weights
+from .suptickets import SupTickets, superpose_states
 
 __all__ = ["SparseTrainingMethod", "RigL", "SET", "GMP", "Static", "MaskedDenseRigL", "SRSTE", "ACDC", "GaP", "cosine_drop_fraction",
            "gmp_sparsity", "get_method", "register_method", "available_methods", "EDST", "DSTEnsemble",

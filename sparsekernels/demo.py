@@ -28,18 +28,6 @@ DIGITS_METHODS = ("dense", "rigl", "set", "static", "masked_rigl")
 EXTRA_METHODS = ("acdc", "gap", "imp")
 
 
-def _digits(seed: int):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=g)
-    n_test = len(y) // 4
-    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
-
-
 def _state_bytes(model: nn.Module, optimizer) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for state in optimizer.state.values():
@@ -54,7 +42,9 @@ def train_digits(method: str, *, hidden: int = 512, epochs: int = 30, batch: int
     from .methods import RigL, MaskedDenseRigL
 
     torch.manual_seed(seed)
-    xtr, ytr, xte, yte = _digits(seed)
+    from .bench.digits import digits
+
+    xtr, ytr, xte, yte = digits(seed)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = mlp([64, hidden, hidden, 10], seed)
     steps_per_epoch = (len(ytr) + batch - 1) // batch

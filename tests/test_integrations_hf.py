@@ -5,7 +5,6 @@ uninterrupted run bit for bit (masks, values, optimizer state, method schedule).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

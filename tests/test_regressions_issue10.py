@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparsekernels as sk
 from sparsekernels import backends
@@ -340,7 +339,7 @@ def test_magnitude_mask_selection_equals_a_stable_sort(kind, sparsity, seed):
                                             ((0, 4), 0.5), ((4, 0), 0.5)])
 def test_counting_sort_transpose_equals_the_sorted_transpose(backend, shape, sparsity, seed):
     from conftest import make_dense_and_mask
-    from sparsekernels.formats.csr import build_transpose
+    from sparsekernels.formats import csr as csr_format
 
     w, mask = make_dense_and_mask(*shape, sparsity, seed=seed, empty_rows=shape[0] > 3)
     rows, cols = mask.nonzero(as_tuple=True)
@@ -354,8 +353,8 @@ def test_counting_sort_transpose_equals_the_sorted_transpose(backend, shape, spa
     expected_ptr[1:] = torch.bincount(cols, minlength=shape[1]).cumsum(0)
     if backend == "cpu" and not sk._extension.compiled():
         pytest.skip("compiled extension not loaded")
-    if backend == "reference":  # the torch path, what runs without the extension
-        from sparsekernels.formats.csr import _build_transpose_sorted as build_transpose
+    # "reference": the torch path, what runs without the extension
+    build_transpose = csr_format._build_transpose_sorted if backend == "reference" else csr_format.build_transpose
     got = build_transpose(row_ptr, col_idx, shape[1])
     for t, e in zip(got, (expected_ptr, rows[order].to(torch.int32), order.to(torch.int32))):
         assert t.dtype == torch.int32 and torch.equal(t, e)

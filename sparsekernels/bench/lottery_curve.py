@@ -15,20 +15,8 @@ from torch import nn
 
 from ..methods.lottery import LotteryTicket
 from ..nn import SparseLinear
+from .digits import digits
 from .training import mlp
-
-
-def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train [1348, 64], y_train, x_test [449, 64], y_test): pixels scaled to [0, 1],
-    split by a permutation from ``seed``."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = len(y) // 4
-    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
 
 
 def train(model: nn.Module, optimizer, data, *, epochs: int, batch: int = 64, seed: int = 0, skip: int = 0,

@@ -44,7 +44,6 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
     correct = (predicted == targets).double()
     # Bin i holds confidences in (i/n, (i+1)/n]; ceil maps exactly i/n into bin i-1.
     bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     return float((conf_sum - acc_sum).abs().sum() / probs.shape[0])

@@ -4,7 +4,7 @@ the real sparse layers."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..formats import check_sparsity
 from ..nn import layer_sparsities

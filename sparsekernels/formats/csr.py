@@ -109,6 +109,15 @@ class CSR:
         t_row_ptr, t_col_idx, t_perm = build_transpose(row_ptr, col_idx, n_cols)
         return cls(values.contiguous(), row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, (n_rows, n_cols))
 
+    @classmethod
+    def from_pattern(cls, values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: tuple[int, int]) -> "CSR":
+        """CSR from its row-major pattern (``row_ptr`` [rows+1], ``col_idx`` [nnz], int32,
+        columns sorted within each row): builds the transpose map only."""
+        n_rows, n_cols = int(shape[0]), int(shape[1])
+        row_ptr, col_idx = row_ptr.to(torch.int32), col_idx.to(torch.int32)
+        t_row_ptr, t_col_idx, t_perm = build_transpose(row_ptr, col_idx, n_cols)
+        return cls(values.contiguous(), row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, (n_rows, n_cols))
+
     # ------------------------------------------------------------------ views
     @property
     def nnz(self) -> int:

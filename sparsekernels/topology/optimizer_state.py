@@ -19,11 +19,15 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.nn.Para
     if not state:
         return 0
     kept = source >= 0
+    all_kept = bool(kept.all())  # a pure drop: one gather, no masked writes
     remapped = 0
     for key, value in list(state.items()):
         if isinstance(value, Tensor) and value.dim() == 1 and value.numel() == old_numel and key != "step":
-            new = value.new_zeros(source.numel())
-            new[kept] = value[source[kept]]
-            state[key] = new
+            if all_kept:
+                state[key] = value[source]
+            else:
+                new = value.new_zeros(source.numel())
+                new[kept] = value[source[kept]]
+                state[key] = new
             remapped += 1
     return remapped

@@ -28,7 +28,9 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
 
     A grown position that was active before the drop (dropped and regrown in the same
     update) keeps its value and optimizer state; a truly new one starts at 0 with zero
-    state. ``layer.values`` stays the same Parameter object (resized), so optimizers keep
+    state. O(nnz + g log g) for g grown positions: the kept entries are already in order,
+    the grown ones are sorted and merged in (no sort of all keys); a pure drop is a
+    gather. ``layer.values`` stays the same Parameter object (resized), so optimizers keep
     working; its ``.grad`` is cleared.
 
     Args:
@@ -40,40 +42,53 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
     """
     csr = layer.csr()
     n_cols = csr.shape[1]
-    old_keys = csr.rows() * n_cols + csr.col_idx.long()
-    if keep.dtype != torch.bool or keep.shape != old_keys.shape:
-        raise ValueError(f"update_layer: keep must be a bool tensor of shape [{old_keys.numel()}]")
+    nnz = csr.values.numel()
+    if keep.dtype != torch.bool or tuple(keep.shape) != (nnz,):
+        raise ValueError(f"update_layer: keep must be a bool tensor of shape [{nnz}]")
     kept_idx = keep.nonzero().squeeze(1)
-    grow_keys = grow_rows.long() * n_cols + grow_cols.long()
-    # Was a grown position active before the drop? (old keys are sorted: row-major CSR.)
-    if old_keys.numel():
-        pos = torch.searchsorted(old_keys, grow_keys).clamp_max(old_keys.numel() - 1)
-        was_active = old_keys[pos] == grow_keys
-    else:
-        pos = torch.zeros_like(grow_keys)
-        was_active = torch.zeros_like(grow_keys, dtype=torch.bool)
-    if bool((was_active & keep[pos]).any()) if old_keys.numel() else False:
-        raise ValueError("update_layer: a grown position is already active")
-    if torch.unique(grow_keys).numel() != grow_keys.numel():
-        raise ValueError("update_layer: grown positions must be distinct")
-    grow_source = torch.where(was_active, pos, torch.full_like(pos, -1))
-
-    keys = torch.cat([old_keys[kept_idx], grow_keys])
-    source = torch.cat([kept_idx, grow_source])
-    order = torch.argsort(keys)
-    keys, source = keys[order], source[order]
+    row_ptr = csr.row_ptr.long()
     old_values = layer.values.detach()
-    values = torch.zeros(keys.numel(), dtype=old_values.dtype, device=old_values.device)
-    has = source >= 0
-    values[has] = old_values[source[has]]
-    new_csr = CSR.from_indices(values, keys // n_cols, keys % n_cols, csr.shape)
+    if grow_rows.numel() == 0:
+        # A pure drop: the kept entries stay in row-major order, so the new pattern is a
+        # gather and each row's start the number of kept entries before it. O(nnz), no keys.
+        source = kept_idx
+        new_row_ptr = torch.searchsorted(kept_idx, row_ptr)
+        new_csr = CSR.from_pattern(old_values[kept_idx], new_row_ptr, csr.col_idx[kept_idx], csr.shape)
+        grow_source = kept_idx.new_empty(0)
+    else:
+        old_keys = csr.rows() * n_cols + csr.col_idx.long()
+        grow_keys = grow_rows.long() * n_cols + grow_cols.long()
+        # Was a grown position active before the drop? (old keys are sorted: row-major CSR.)
+        pos = torch.searchsorted(old_keys, grow_keys).clamp_max(max(nnz - 1, 0))
+        was_active = old_keys[pos] == grow_keys if nnz else torch.zeros_like(grow_keys, dtype=torch.bool)
+        if nnz and bool((was_active & keep[pos]).any()):
+            raise ValueError("update_layer: a grown position is already active")
+        grow_keys, grow_order = torch.sort(grow_keys)
+        if bool((grow_keys[1:] == grow_keys[:-1]).any()):
+            raise ValueError("update_layer: grown positions must be distinct")
+        grow_source = torch.where(was_active, pos, torch.full_like(pos, -1))[grow_order]
+        # Merge the two sorted key lists (kept: already in order; grown: sorted above)
+        # instead of sorting all of them: each side's place is its own rank plus the
+        # number of the other side's keys before it.
+        kept_keys = old_keys[kept_idx]
+        n_kept, n_grow = kept_keys.numel(), grow_keys.numel()
+        at_kept = torch.arange(n_kept, device=kept_keys.device) + torch.searchsorted(grow_keys, kept_keys)
+        at_grow = torch.arange(n_grow, device=kept_keys.device) + torch.searchsorted(kept_keys, grow_keys)
+        keys = torch.empty(n_kept + n_grow, dtype=torch.long, device=kept_keys.device)
+        source = torch.empty_like(keys)
+        keys[at_kept], keys[at_grow] = kept_keys, grow_keys
+        source[at_kept], source[at_grow] = kept_idx, grow_source
+        values = torch.zeros(keys.numel(), dtype=old_values.dtype, device=old_values.device)
+        has = source >= 0
+        values[has] = old_values[source[has]]
+        new_csr = CSR.from_indices(values, keys // n_cols, keys % n_cols, csr.shape)
 
     old_nnz = old_values.numel()
     layer.set_csr(new_csr)
     layer.values.grad = None
     for opt in optimizers:
         remap_optimizer_state(opt, layer.values, source, old_nnz)
-    stats = LayerUpdate(old_nnz, keys.numel(), old_nnz - kept_idx.numel(), grow_keys.numel(),
+    stats = LayerUpdate(old_nnz, new_csr.values.numel(), old_nnz - kept_idx.numel(), grow_source.numel(),
                         int((grow_source < 0).sum()))
     return stats, source
 

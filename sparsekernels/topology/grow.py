@@ -42,9 +42,19 @@ def grow_by_gradient(layer, x: Tensor, dy: Tensor, n: int, keep: Tensor | None =
     """
     groups, rpg, cpg = layer.groups_layout
     n_cols = layer.csr().shape[1]
+    kwargs = {} if tile_elems is None else {"tile_elems": tile_elems}
+    if groups == 1:
+        # The exclusion pattern is the layer's own with ``keep`` applied: a gather, and
+        # each row's start the number of kept entries before it (no flat keys).
+        row_ptr, col_idx = layer.row_ptr, layer.col_idx
+        if keep is not None:
+            kept = keep.nonzero().squeeze(1)
+            row_ptr = torch.searchsorted(kept, row_ptr.long()).to(torch.int32)
+            col_idx = col_idx[kept]
+        k = min(n, rpg * cpg - col_idx.numel())
+        return topk_grow(dy.contiguous(), x.contiguous(), row_ptr, col_idx, k, **kwargs)
     keys = _active_keys(layer, keep)
     rows_all, cols_all = keys // n_cols, keys % n_cols
-    kwargs = {} if tile_elems is None else {"tile_elems": tile_elems}
     cand = []
     for g in range(groups):
         r0, c0 = g * rpg, g * cpg

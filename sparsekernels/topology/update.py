@@ -72,8 +72,11 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
         # number of the other side's keys before it.
         kept_keys = old_keys[kept_idx]
         n_kept, n_grow = kept_keys.numel(), grow_keys.numel()
-        at_kept = torch.arange(n_kept, device=kept_keys.device) + torch.searchsorted(grow_keys, kept_keys)
         at_grow = torch.arange(n_grow, device=kept_keys.device) + torch.searchsorted(kept_keys, grow_keys)
+        # The kept entries fill the remaining places in order (no search per kept entry).
+        free = torch.ones(n_kept + n_grow, dtype=torch.bool, device=kept_keys.device)
+        free[at_grow] = False
+        at_kept = free.nonzero().squeeze(1)
         keys = torch.empty(n_kept + n_grow, dtype=torch.long, device=kept_keys.device)
         source = torch.empty_like(keys)
         keys[at_kept], keys[at_grow] = kept_keys, grow_keys

@@ -304,3 +304,24 @@ def test_peak_memory_is_a_fraction_of_the_dense_gradient():
           f"increase {increase_mib:.1f} MiB = {100 * increase_mib / dense_grad_mib:.1f}% of the "
           f"{dense_grad_mib:.0f} MiB dense gradient (default tile_elems = {DEFAULT_TILE_ELEMS * 4 / 2**20:.0f} MiB fp32)")
     assert increase_mib < 0.25 * dense_grad_mib
+
+
+@pytest.mark.parametrize("tile", [1, 97, 10**7])
+def test_radix_selection_with_many_exact_ties_matches_the_reference(tile):
+    """Integer-valued inputs: exact fp32 scores with many ties inside one bin of the
+    radix select (the CPU fp32 path) and across the cut; the reference sorts them all."""
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randint(-2, 3, (9, 40), generator=g).float()
+    x = torch.randint(-2, 3, (9, 33), generator=g).float()
+    mask = torch.rand(40, 33, generator=g) < 0.3
+    csr = sparsekernels.CSR.from_dense(torch.ones(40, 33), mask)
+    inactive = 40 * 33 - csr.nnz
+    for k in (1, 17, inactive // 3, inactive - 1, inactive):
+        with sparsekernels.use_backend("cpu"):
+            got = topk_grow(dy, x, csr.row_ptr, csr.col_idx, k, tile_elems=tile)
+        with sparsekernels.use_backend("reference"):
+            ref = topk_grow(dy, x, csr.row_ptr, csr.col_idx, k)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b), k

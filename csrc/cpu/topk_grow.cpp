@@ -10,7 +10,10 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <tuple>
+#include <vector>
 
 namespace sparsekernels::cpu {
 
@@ -125,6 +128,159 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
   return {at::div(best_flat, kk, "floor"), at::remainder(best_flat, kk), best_scores.to(dy.scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------
+// fp32 on the CPU: a radix select over the scores' bit patterns instead of a running
+// pool. A non-negative float orders as its int32 bits do, so the k-th best score lies in
+// one bin of the upper 16 bits: pass 1 forms every tile (one GEMM each), knocks out the
+// active positions and counts the bins; pass 2 forms the tiles again and keeps every
+// entry of a higher bin plus the entries of the cut-off bin, from which the rest is
+// chosen exactly (score, then position). The pool version spent most of its time in
+// topk / sort / masked_select over pools of up to 2k entries (k is ~30% of nnz for RigL);
+// this costs a second GEMM pass but touches each score in two cheap linear scans.
+// Extra memory: one tile plus the selected entries and the cut-off bin.
+namespace {
+
+constexpr int kBins = 1 << 16;
+
+inline uint32_t score_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// |dy[:, o0:o1]^T x| for one tile, the active positions of its rows set to -1 (a
+// negative score, never selected: every real score is >= 0).
+at::Tensor score_tile(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp, const int32_t* c,
+                      int64_t o0, int64_t o1, int64_t kk) {
+  at::Tensor g = at::mm(dyc.narrow(1, o0, o1 - o0).t(), xc).abs_();
+  float* gp = g.data_ptr<float>();
+  at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row)
+      for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = -1.0f;
+  });
+  return g;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                                   const at::Tensor& row_ptr,
+                                                                   const at::Tensor& col_idx, int64_t k,
+                                                                   int64_t tile_elems) {
+  const int64_t n = dy.size(1), kk = x.size(1);
+  const auto long_opts = dy.options().dtype(at::kLong);
+  if (k == 0 || n == 0 || kk == 0) {
+    const at::Tensor none = at::empty({0}, long_opts);
+    return {none, none.clone(), at::empty({0}, dy.options())};
+  }
+  const at::Tensor dyc = dy.to(at::kFloat), xc = x.to(at::kFloat).contiguous();
+  const at::Tensor rp_long = row_ptr.to(at::kLong).contiguous();
+  const int64_t* rp = rp_long.data_ptr<int64_t>();
+  const at::Tensor ci = col_idx.contiguous();
+  const int32_t* c = ci.data_ptr<int32_t>();
+  const int64_t rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(n, tile_elems / std::max<int64_t>(kk, 1)));
+  const int threads = at::get_num_threads();
+
+  // Pass 1: bin counts of the upper 16 bits of every inactive position's score.
+  std::vector<int64_t> hist(kBins, 0);
+  for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
+    const int64_t o1 = std::min(n, o0 + rows_per_tile);
+    const at::Tensor g = score_tile(dyc, xc, rp, c, o0, o1, kk);
+    const float* gp = g.data_ptr<float>();
+    const int64_t total = (o1 - o0) * kk;
+    std::vector<std::vector<int64_t>> local(threads);
+    at::parallel_for(0, total, 1 << 16, [&](int64_t b, int64_t e) {
+      auto& h = local[at::get_thread_num()];
+      if (h.empty()) h.assign(kBins, 0);
+      for (int64_t i = b; i < e; ++i)
+        if (gp[i] >= 0.0f) ++h[score_bits(gp[i]) >> 16];
+    });
+    for (const auto& h : local)
+      if (!h.empty())
+        for (int b = 0; b < kBins; ++b) hist[b] += h[b];
+  }
+  // The bin holding the k-th best score, and how many scores lie in higher bins.
+  int64_t above = 0;
+  int cut_bin = kBins - 1;
+  for (; cut_bin > 0 && above + hist[cut_bin] < k; --cut_bin) above += hist[cut_bin];
+  const uint32_t cut_hi = static_cast<uint32_t>(cut_bin);
+
+  // Pass 2: every score of a higher bin is selected; the cut-off bin's are candidates.
+  // Collected per row block in row order, so positions come out ascending.
+  std::vector<int64_t> sel_flat, cand_flat;
+  std::vector<float> sel_score, cand_score;
+  sel_flat.reserve(above);
+  sel_score.reserve(above);
+  cand_flat.reserve(hist[cut_bin]);
+  cand_score.reserve(hist[cut_bin]);
+  for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
+    const int64_t o1 = std::min(n, o0 + rows_per_tile);
+    const at::Tensor g = score_tile(dyc, xc, rp, c, o0, o1, kk);
+    const float* gp = g.data_ptr<float>();
+    const int64_t rows = o1 - o0;
+    const int64_t blocks = std::min<int64_t>(rows, 4 * static_cast<int64_t>(threads));
+    std::vector<std::vector<int64_t>> bf(blocks), cf(blocks);
+    std::vector<std::vector<float>> bs(blocks), cs(blocks);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
+        for (int64_t i = r0 * kk; i < r1 * kk; ++i) {
+          const float v = gp[i];
+          if (!(v >= 0.0f)) continue;
+          const uint32_t hi = score_bits(v) >> 16;
+          if (hi > cut_hi) {
+            bf[blk].push_back(o0 * kk + i);
+            bs[blk].push_back(v);
+          } else if (hi == cut_hi) {
+            cf[blk].push_back(o0 * kk + i);
+            cs[blk].push_back(v);
+          }
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      sel_flat.insert(sel_flat.end(), bf[blk].begin(), bf[blk].end());
+      sel_score.insert(sel_score.end(), bs[blk].begin(), bs[blk].end());
+      cand_flat.insert(cand_flat.end(), cf[blk].begin(), cf[blk].end());
+      cand_score.insert(cand_score.end(), cs[blk].begin(), cs[blk].end());
+    }
+  }
+  // The best (k - above) candidates of the cut-off bin: score descending, then position.
+  const int64_t need = k - static_cast<int64_t>(sel_flat.size());
+  TORCH_CHECK(need >= 0 && need <= static_cast<int64_t>(cand_flat.size()),
+              "topk_grow: internal selection error (", need, " of ", cand_flat.size(), ")");
+  std::vector<int64_t> order(cand_flat.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  auto better = [&](int64_t a, int64_t b) {
+    return cand_score[a] > cand_score[b] || (cand_score[a] == cand_score[b] && cand_flat[a] < cand_flat[b]);
+  };
+  if (need < static_cast<int64_t>(order.size())) std::nth_element(order.begin(), order.begin() + need, order.end(), better);
+  order.resize(need);
+  std::sort(order.begin(), order.end());  // back to ascending position
+  // Both lists are position-ascending: merge them into one (O(k), no sort by position).
+  at::Tensor flat = at::empty({k}, at::kLong);
+  at::Tensor scores = at::empty({k}, at::kFloat);
+  int64_t* fp = flat.data_ptr<int64_t>();
+  float* sp = scores.data_ptr<float>();
+  size_t a = 0, b = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const bool from_sel = b == order.size() || (a < sel_flat.size() && sel_flat[a] < cand_flat[order[b]]);
+    if (from_sel) {
+      fp[i] = sel_flat[a];
+      sp[i] = sel_score[a++];
+    } else {
+      fp[i] = cand_flat[order[b]];
+      sp[i] = cand_score[order[b++]];
+    }
+  }
+  // Final order: score descending, equal scores by position (a stable sort of the
+  // position-ascending list).
+  const at::Tensor by_score = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  flat = flat.index_select(0, by_score);
+  scores = scores.index_select(0, by_score);
+  return {at::div(flat, kk, "floor"), at::remainder(flat, kk), scores.to(dy.scalar_type())};
+}
+
 void check_topk_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                      const at::Tensor& col_idx, int64_t k, int64_t tile_elems) {
   TORCH_CHECK_TYPE(at::isFloatingType(dy.scalar_type()) && x.scalar_type() == dy.scalar_type(),
@@ -159,6 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& d
   check_topk_args(dy, x, row_ptr, col_idx, k, tile_elems);
   const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
   check_csr("topk_grow", placeholder, row_ptr, col_idx, dy.size(1), x.size(1));
+  if (compute_type(dy.scalar_type()) == at::kFloat) return topk_grow_radix_cpu(dy, x, row_ptr, col_idx, k, tile_elems);
   return topk_grow_tiles(dy, x, row_ptr, col_idx, k, tile_elems);
 }
 

@@ -100,8 +100,13 @@ def grow_random(layer, n: int, generator: torch.Generator, keep: Tensor | None =
         c = torch.randint(0, cpg, (want,), generator=generator) + (r // rpg) * cpg
         keys = r * n_cols + c
         if active.numel():
-            pos = torch.searchsorted(active, keys).clamp_max(active.numel() - 1)
-            keys = keys[active[pos] != keys]
+            # Looked up in sorted order (sequential walks of ``active`` instead of a cache
+            # miss per random key), the verdicts put back in draw order.
+            sorted_keys, order = torch.sort(keys)
+            pos = torch.searchsorted(active, sorted_keys).clamp_max(active.numel() - 1)
+            hit = torch.empty_like(keys, dtype=torch.bool)
+            hit[order] = active[pos] == sorted_keys
+            keys = keys[~hit]
         fresh = keys
         # Keep first occurrences in draw order (deterministic), skipping ones already chosen.
         merged = torch.cat([chosen, fresh])

@@ -59,6 +59,16 @@ def _seed_and_isolate(request, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tests of tiny layers are dominated (and on a busy
+    2-core machine multiplied) by OpenMP hand-offs between threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def gen(seed) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from sparsekernels.comm import (NaturalCompressionState, QSGDState, elias_gamma_
                                 wire_report)
 from sparsekernels.comm.natural import natural_encode, natural_payload_decode
 from sparsekernels.comm.qsgd import qsgd_encode, qsgd_payload_decode
+
+from two_ranks import run_two_ranks
 
 DRAWS = 2000
 
@@ -130,12 +130,6 @@ def test_bad_input():
 
 
 # --------------------------------------------------------------------------- 2-rank DDP
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -186,24 +180,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 def test_ddp_two_ranks_converge_within_one_point_of_uncompressed(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("DDP workers did not finish in 180 s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = run_two_ranks(_ddp_worker, tmp_path, timeout_s=180, what="DDP workers")
     for name in r0:                       # every rank averaged the same decoded gradients
         for a, b in zip(r0[name]["params"], r1[name]["params"]):
             assert torch.equal(a, b), name

@@ -21,15 +21,7 @@ from sparsekernels.methods import CrAM, one_shot_prune, recalibrate_batchnorm
 from sparsekernels.methods.cram import global_keep
 from sparsekernels.nn import Sparse24Linear
 
-pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers: OpenMP hand-offs would dominate the step time
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
 
 def _model(seed=0):

@@ -7,8 +7,6 @@ construction, with the model left as it was."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from torch import nn
 
 import sparsekernels as sk
 from sparsekernels.methods import RigL, Static
+
+from two_ranks import run_two_ranks
 
 STEPS, BATCH = 4, 6
 
@@ -91,37 +91,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP is not available")
     from torch.distributed import fsdp
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 (fully_shard)")
     out = tmp_path_factory.mktemp("fsdp")
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("FSDP workers did not finish in 120 s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_two_ranks(_worker, out, timeout_s=120, what="FSDP workers")
 
 
 def test_static_trains_under_fsdp2_like_one_process_on_both_batches(ranks):

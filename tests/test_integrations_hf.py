@@ -24,14 +24,7 @@ from sparsekernels.nn import Sparse24Linear, SparseLinear  # noqa: E402
 STEPS, SAVE_EVERY = 6, 2  # 16 samples, batches of 8: the checkpoint at step 2 ends the first epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation, and on shared cores
-    OpenMP's waiting made a 6-step run take 30 s instead of 1.5 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Pairs(Dataset):

@@ -23,22 +23,12 @@ from sparsekernels.nn import Sparse24Linear, SparseLinear  # noqa: E402
 # Lightning's notices about what these tiny runs leave out on purpose (workers, a
 # validation loader, the ModelCheckpoint of the run that wrote the checkpoint) and its own
 # use of a deprecated torch API.
-pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*does not have many workers"),
               pytest.mark.filterwarnings("ignore:.*have no `val_dataloader`"),
               pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint"),
               pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)")]
 
 STEPS, SAVE_AT = 12, 4  # 4 batches an epoch: the checkpoint falls between two epochs
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation, and on shared cores
-    OpenMP's waiting made a 6-step run take 30 s instead of 1.5 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class MLP(L.LightningModule):

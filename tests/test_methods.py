@@ -7,8 +7,6 @@ import copy
 import io
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
@@ -18,6 +16,8 @@ from torch import nn
 from sparsekernels import SparseConv2d, SparseLinear, densify
 from sparsekernels.methods import GMP, SET, MaskedDenseRigL, RigL, Static, cosine_drop_fraction, gmp_sparsity
 from sparsekernels.nn import layer_sparsities
+
+from two_ranks import run_two_ranks
 
 SPARSE = (SparseLinear, SparseConv2d)
 
@@ -506,31 +506,8 @@ def _ddp_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_rigl_ddp_masks_agree_across_ranks(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("DDP workers did not finish in 120 s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = run_two_ranks(_ddp_worker, tmp_path, timeout_s=120, what="DDP workers")
     assert len(r0["history"]) == len(r1["history"]) == 4
     assert [h["layers"] for h in r0["history"]] == [h["layers"] for h in r1["history"]]
     for n in r0["masks"]:

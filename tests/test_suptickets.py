@@ -16,33 +16,9 @@ from torch import nn
 from sparsekernels.bench.ensembles import batches, digits, digits_cnn, digits_mlp, probabilities, steps_per_epoch, train
 from sparsekernels.methods import SupTickets, get_method
 
-pytestmark = pytest.mark.timeout(240)
+from tiny_task import mse_step as _step, tiny_batches as _data, tiny_mlp as _mlp
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers: OpenMP hand-offs would dominate the step time
-    yield
-    torch.set_num_threads(n)
-
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 5)).double()
-
-
-def _data(n, seed=1, batch=16):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 12, generator=g, dtype=torch.float64),
-             torch.randn(batch, 5, generator=g, dtype=torch.float64)) for _ in range(n)]
-
-
-def _step(model, opt, batch):
-    x, y = batch
-    opt.zero_grad(set_to_none=True)
-    F.mse_loss(model(x), y).backward()
-    opt.step()
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
 
 class MaskedDenseSupTickets:

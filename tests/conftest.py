@@ -169,3 +169,32 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
                          f"expected {e.reshape(-1)[flat].item():.8g}")
         raise AssertionError(f"{what}: relative Frobenius error {err:.3e} > {tol:.1e}; worst entries:\n"
                              + "\n".join(lines))
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Exact equality of nested dicts / lists / tensors (dtype, shape and bits), naming the
+    first place that differs: resumed runs against uninterrupted ones."""
+    if isinstance(a, torch.Tensor):
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)):
+            pytest.fail(f"tensors differ at {where}")
+    elif isinstance(a, dict):
+        if not (isinstance(b, dict) and a.keys() == b.keys()):
+            pytest.fail(f"keys differ at {where}: {sorted(map(str, a))} vs {sorted(map(str, b or {}))}")
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        if not (isinstance(b, (list, tuple)) and len(a) == len(b)):
+            pytest.fail(f"lengths differ at {where}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif a != b:
+        pytest.fail(f"{where}: {a!r} != {b!r}")
+
+
+@pytest.fixture
+def pinned_backend():
+    """The compiled CPU backend (or the reference without it) for the whole test: the
+    measured "auto" dispatch times backends per new density class, which makes runs that
+    change nnz every round slow and not bitwise reproducible across a resume."""
+    with sparsekernels.use_backend("cpu" if sparsekernels._extension.compiled() else "reference"):
+        yield

@@ -21,6 +21,8 @@ from sparsekernels.methods import RigL  # noqa: E402
 from sparsekernels.methods.base import unwrap_optimizer  # noqa: E402
 from sparsekernels.nn import Sparse24Linear, SparseLinear  # noqa: E402
 
+from conftest import assert_identical  # noqa: E402
+
 STEPS, SAVE_EVERY = 6, 2  # 16 samples, batches of 8: the checkpoint at step 2 ends the first epoch
 
 
@@ -67,25 +69,6 @@ def _snapshot(trainer: Trainer, callback: SparseTrainingCallback) -> dict:
     }
 
 
-def _assert_equal(a, b, where="") -> None:
-    """Exact equality of nested dicts / lists / tensors, naming the first place that differs."""
-    if isinstance(a, torch.Tensor):
-        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)):
-            pytest.fail(f"tensors differ at {where}")
-    elif isinstance(a, dict):
-        if not (isinstance(b, dict) and a.keys() == b.keys()):
-            pytest.fail(f"keys differ at {where}: {sorted(map(str, a))} vs {sorted(map(str, b or {}))}")
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        if not (isinstance(b, (list, tuple)) and len(a) == len(b)):
-            pytest.fail(f"lengths differ at {where}")
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    elif a != b:
-        pytest.fail(f"{where}: {a!r} != {b!r}")
-
-
 @pytest.mark.parametrize("method,kwargs", [("rigl", {"sparsity": 0.8, "update_interval": 1}),
                                            ("static", {"sparsity": 0.8}),
                                            ("gmp", {"sparsity": 0.8, "update_interval": 1}),
@@ -128,7 +111,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, method, kwargs):
     resumed = _trainer(_bert(1), tmp_path / "elsewhere", [resumed_cb])
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == STEPS
-    _assert_equal(_snapshot(resumed, resumed_cb), expected)
+    assert_identical(_snapshot(resumed, resumed_cb), expected)
 
 
 def test_method_class_argument(tmp_path):

@@ -20,6 +20,8 @@ from sparsekernels.methods import RigL  # noqa: E402
 from sparsekernels.methods.base import unwrap_optimizer  # noqa: E402
 from sparsekernels.nn import Sparse24Linear, SparseLinear  # noqa: E402
 
+from conftest import assert_identical  # noqa: E402
+
 # Lightning's notices about what these tiny runs leave out on purpose (workers, a
 # validation loader, the ModelCheckpoint of the run that wrote the checkpoint) and its own
 # use of a deprecated torch API.
@@ -85,25 +87,6 @@ def _snapshot(trainer: L.Trainer, callback: SparseTraining) -> dict:
     }
 
 
-def _assert_equal(a, b, where="") -> None:
-    """Exact equality of nested dicts / lists / tensors, naming the first place that differs."""
-    if isinstance(a, torch.Tensor):
-        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)):
-            pytest.fail(f"tensors differ at {where}")
-    elif isinstance(a, dict):
-        if not (isinstance(b, dict) and a.keys() == b.keys()):
-            pytest.fail(f"keys differ at {where}: {sorted(map(str, a))} vs {sorted(map(str, b or {}))}")
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        if not (isinstance(b, (list, tuple)) and len(a) == len(b)):
-            pytest.fail(f"lengths differ at {where}")
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    elif a != b:
-        pytest.fail(f"{where}: {a!r} != {b!r}")
-
-
 @pytest.mark.parametrize("method,kwargs", [("rigl", {"sparsity": 0.8, "update_interval": 3}),
                                            ("static", {"sparsity": 0.8}),
                                            ("set", {"sparsity": 0.8, "update_interval": 3}),
@@ -127,7 +110,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, method, kwargs):
     # another init: everything must come from the checkpoint
     resumed = _fit(MLP(init_seed=1), resumed_cb, ckpt_path=ckpt)
     assert resumed.global_step == STEPS
-    _assert_equal(_snapshot(resumed, resumed_cb), expected)
+    assert_identical(_snapshot(resumed, resumed_cb), expected)
 
 
 def test_checkpoint_holds_method_state_and_sparse_weights(tmp_path):

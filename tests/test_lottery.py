@@ -16,19 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import sparsekernels
 from sparsekernels import SparseConv2d, SparseLinear
 from sparsekernels.methods import LotteryTicket
 
-pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(autouse=True)
-def _pinned_backend():
-    # The measured "auto" dispatch times backends per new nnz: pinning one keeps the runs
-    # short and bitwise reproducible (resume tests compare exact bits).
-    with sparsekernels.use_backend("cpu" if sparsekernels._extension.compiled() else "reference"):
-        yield
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("pinned_backend")]
 
 
 # --------------------------------------------------------------------------- models and data

@@ -13,18 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sparsekernels
 from sparsekernels import SparseConv2d, SparseLinear
 from sparsekernels.formats import kept_count
 from sparsekernels.methods import LearnedSupermask, LotteryTicket, mask_initial_weights
 
-pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(autouse=True)
-def _pinned_backend():
-    with sparsekernels.use_backend("cpu" if sparsekernels._extension.compiled() else "reference"):
-        yield
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("pinned_backend")]
 
 
 def _mlp(seed=0):

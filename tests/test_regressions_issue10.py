@@ -375,3 +375,26 @@ def test_counting_sort_transpose_rejects_corrupt_patterns():
         op(torch.tensor([0, 3, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32), 4)
     with pytest.raises(TypeError, match="int32"):
         op(rp.long(), torch.tensor([0, 1, 1]), 4)
+
+
+def test_rigl_updates_again_after_a_refused_non_finite_step():
+    """A caller that skips the refused step (catches the ValueError) gets normal updates
+    afterwards: the gradient capture is re-armed even when the update raised."""
+    from sparsekernels.methods import RigL
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = RigL(model, opt, sparsity=0.6, update_interval=1, total_steps=40, distribution="uniform")
+    x = torch.randn(4, 6)
+    opt.zero_grad()
+    model(x * float("inf")).sum().backward()   # a non-finite input: the update must refuse
+    opt.zero_grad(set_to_none=True)            # the step itself changes no weight (as a skipped step)
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.step()
+    assert rigl.history == []
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()                                  # the next step updates every layer again
+    assert len(rigl.history) == 1
+    assert all("skipped" not in rec for rec in rigl.history[0]["layers"].values())

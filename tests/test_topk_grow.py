@@ -325,3 +325,22 @@ def test_radix_selection_with_many_exact_ties_matches_the_reference(tile):
             ref = topk_grow(dy, x, csr.row_ptr, csr.col_idx, k)
         for a, b in zip(got, ref):
             assert torch.equal(a, b), k
+
+
+def test_overflowing_scores_rank_nan_first_on_every_backend():
+    """Finite inputs whose product overflows (inf - inf = NaN in a score): NaN ranks above
+    every number, as in the reference, and selecting every inactive position works."""
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    m = 4096
+    dy = torch.full((m, 2), 1e30)
+    x = torch.full((m, 2), 1e30)
+    x[m // 2:, 0] = -1e30          # column 0: +inf + -inf = NaN; column 1: +inf
+    empty_ptr, empty_idx = torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    for k in (1, 2, 3, 4):
+        with sparsekernels.use_backend("cpu"):
+            got = topk_grow(dy, x, empty_ptr, empty_idx, k, tile_elems=1)
+        with sparsekernels.use_backend("reference"):
+            ref = topk_grow(dy, x, empty_ptr, empty_idx, k)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), k
+        assert torch.equal(got[2].isnan(), ref[2].isnan()), k

@@ -148,6 +148,15 @@ inline uint32_t score_bits(float v) {
   return u;
 }
 
+// Rank key of a score: its bits, every NaN one key above +inf (the reference ranks NaN
+// above every number; a product of finite inputs can overflow to inf - inf). Knocked-out
+// positions (-1, sign bit set) get kNone and are never selected.
+constexpr uint32_t kNone = 0xFFFFFFFFu;
+inline uint32_t rank_key(float v) {
+  const uint32_t u = score_bits(v);
+  return (u >> 31) ? kNone : std::min<uint32_t>(u, 0x7F800001u);
+}
+
 // |dy[:, o0:o1]^T x| for one tile, the active positions of its rows set to -1 (a
 // negative score, never selected: every real score is >= 0).
 at::Tensor score_tile(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp, const int32_t* c,
@@ -192,8 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Ten
     at::parallel_for(0, total, 1 << 16, [&](int64_t b, int64_t e) {
       auto& h = local[at::get_thread_num()];
       if (h.empty()) h.assign(kBins, 0);
-      for (int64_t i = b; i < e; ++i)
-        if (gp[i] >= 0.0f) ++h[score_bits(gp[i]) >> 16];
+      for (int64_t i = b; i < e; ++i) {
+        const uint32_t key = rank_key(gp[i]);
+        if (key != kNone) ++h[key >> 16];
+      }
     });
     for (const auto& h : local)
       if (!h.empty())
@@ -209,10 +220,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Ten
   // Collected per row block in row order, so positions come out ascending.
   std::vector<int64_t> sel_flat, cand_flat;
   std::vector<float> sel_score, cand_score;
+  std::vector<uint32_t> cand_key;
   sel_flat.reserve(above);
   sel_score.reserve(above);
   cand_flat.reserve(hist[cut_bin]);
   cand_score.reserve(hist[cut_bin]);
+  cand_key.reserve(hist[cut_bin]);
   for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
     const int64_t o1 = std::min(n, o0 + rows_per_tile);
     const at::Tensor g = score_tile(dyc, xc, rp, c, o0, o1, kk);
@@ -221,19 +234,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Ten
     const int64_t blocks = std::min<int64_t>(rows, 4 * static_cast<int64_t>(threads));
     std::vector<std::vector<int64_t>> bf(blocks), cf(blocks);
     std::vector<std::vector<float>> bs(blocks), cs(blocks);
+    std::vector<std::vector<uint32_t>> ck(blocks);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
         for (int64_t i = r0 * kk; i < r1 * kk; ++i) {
           const float v = gp[i];
-          if (!(v >= 0.0f)) continue;
-          const uint32_t hi = score_bits(v) >> 16;
+          const uint32_t key = rank_key(v);
+          if (key == kNone) continue;
+          const uint32_t hi = key >> 16;
           if (hi > cut_hi) {
             bf[blk].push_back(o0 * kk + i);
             bs[blk].push_back(v);
           } else if (hi == cut_hi) {
             cf[blk].push_back(o0 * kk + i);
             cs[blk].push_back(v);
+            ck[blk].push_back(key);
           }
         }
       }
@@ -243,6 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Ten
       sel_score.insert(sel_score.end(), bs[blk].begin(), bs[blk].end());
       cand_flat.insert(cand_flat.end(), cf[blk].begin(), cf[blk].end());
       cand_score.insert(cand_score.end(), cs[blk].begin(), cs[blk].end());
+      cand_key.insert(cand_key.end(), ck[blk].begin(), ck[blk].end());
     }
   }
   // The best (k - above) candidates of the cut-off bin: score descending, then position.
@@ -251,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Ten
               "topk_grow: internal selection error (", need, " of ", cand_flat.size(), ")");
   std::vector<int64_t> order(cand_flat.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  auto better = [&](int64_t a, int64_t b) {
-    return cand_score[a] > cand_score[b] || (cand_score[a] == cand_score[b] && cand_flat[a] < cand_flat[b]);
+  auto better = [&](int64_t a, int64_t b) {  // by rank key: a strict order even with NaN
+    return cand_key[a] > cand_key[b] || (cand_key[a] == cand_key[b] && cand_flat[a] < cand_flat[b]);
   };
   if (need < static_cast<int64_t>(order.size())) std::nth_element(order.begin(), order.begin() + need, order.end(), better);
   order.resize(need);

@@ -224,9 +224,13 @@ class SparseTrainingMethod:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.step += 1
-        if self.is_update_step(self.step):
-            self.update(self.step)
-        self._arm_capture()
+        try:
+            if self.is_update_step(self.step):
+                self.update(self.step)
+        finally:
+            # Re-armed even when the update raised (a refused non-finite step the caller
+            # skips): the next update step must capture its inputs again.
+            self._arm_capture()
 
     @torch.no_grad()
     def update(self, step: int) -> dict:

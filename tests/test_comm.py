@@ -16,7 +16,7 @@ from sparsekernels.comm import (NaturalCompressionState, QSGDState, elias_gamma_
 from sparsekernels.comm.natural import natural_encode, natural_payload_decode
 from sparsekernels.comm.qsgd import qsgd_encode, qsgd_payload_decode
 
-from two_ranks import run_two_ranks
+from two_ranks import init_gloo, run_two_ranks
 
 DRAWS = 2000
 
@@ -137,10 +137,7 @@ def _ddp_worker(rank, world, port, out_dir):
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         d = load_digits()
         X = torch.tensor(d.data, dtype=torch.float32) / 16.0

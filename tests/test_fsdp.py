@@ -16,7 +16,7 @@ from torch import nn
 import sparsekernels as sk
 from sparsekernels.methods import RigL, Static
 
-from two_ranks import run_two_ranks
+from two_ranks import init_gloo, run_two_ranks
 
 STEPS, BATCH = 4, 6
 
@@ -42,10 +42,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         result = {}
         # Static: sparsify, shard (values on dim 0, pattern buffers replicated), optimizer, method.

@@ -17,7 +17,7 @@ from sparsekernels import SparseConv2d, SparseLinear, densify
 from sparsekernels.methods import GMP, SET, MaskedDenseRigL, RigL, Static, cosine_drop_fraction, gmp_sparsity
 from sparsekernels.nn import layer_sparsities
 
-from two_ranks import run_two_ranks
+from two_ranks import init_gloo, run_two_ranks
 
 SPARSE = (SparseLinear, SparseConv2d)
 
@@ -482,10 +482,7 @@ def _ddp_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         model = _mlp(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -1,11 +1,12 @@
 """Runs a 2-process gloo job for the distributed tests (DDP, FSDP2, compressed DDP hooks).
 
-``worker(rank, world_size, port, out_dir)`` sets up its process group on 127.0.0.1:port
-and saves what the test checks as ``out_dir/rank{rank}.pt``; :func:`run_two_ranks` spawns
+``worker(rank, world_size, port, out_dir)`` sets up its process group with
+:func:`init_gloo` and saves what the test checks as ``out_dir/rank{rank}.pt``; :func:`run_two_ranks` spawns
 it, fails the test on a hang, and returns both ranks' results."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -18,6 +19,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """In a worker: one intra-op thread (two ranks share the 2 cores) and the gloo process
+    group on 127.0.0.1:port."""
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def run_two_ranks(worker, out_dir, *, timeout_s: float = 120, what: str = "distributed workers") -> list:

@@ -58,6 +58,19 @@ std::pair<at::Tensor, at::Tensor> cut_best(const at::Tensor& scores, const at::T
   return {keep_flat, keep_scores};
 }
 
+// Sets the active positions of rows [o0, o1) in the CPU score tile g [o1 - o0, kk] to -1:
+// every real score |grad| is >= 0, so -1 never beats an inactive position. Only this
+// tile's entries are touched: extra memory stays O(tile).
+void knock_out_active(at::Tensor& g, const int64_t* rp, const int32_t* c, int64_t o0, int64_t o1, int64_t kk) {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "topk_grow_mask", [&] {
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row)
+        for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = scalar_t(-1);
+    });
+  });
+}
+
 // Device-generic body (ATen ops only: a cuBLAS / MKL GEMM per tile, torch's topk), so
 // the same code serves the CPU and, in a CUDA build, the GPU. Inputs are checked.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor& dy, const at::Tensor& x,
@@ -84,18 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
   for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
     const int64_t o1 = std::min(n, o0 + rows_per_tile), rows = o1 - o0;
     at::Tensor g = at::mm(dyc.narrow(1, o0, rows).t(), xc).abs_();  // [rows, K]
-    // Knock out the tile's active positions: |grad| >= 0, so -1 never beats an inactive
-    // one. Only this tile's entries are touched: extra memory stays O(tile).
+    // Knock out the tile's active positions (set to -1; on the GPU by index_fill).
     const int64_t e0 = rp[o0], e1 = rp[o1];
     if (e1 > e0 && g.is_cpu()) {
-      const int32_t* c = ci.data_ptr<int32_t>();
-      AT_DISPATCH_FLOATING_TYPES(ct, "topk_grow_mask", [&] {
-        scalar_t* gp = g.data_ptr<scalar_t>();
-        at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
-          for (int64_t row = b; row < e; ++row)
-            for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = scalar_t(-1);
-        });
-      });
+      knock_out_active(g, rp, ci.data_ptr<int32_t>(), o0, o1, kk);
     } else if (e1 > e0) {
       const at::Tensor counts = row_ptr.narrow(0, o0 + 1, rows) - row_ptr.narrow(0, o0, rows);
       const at::Tensor local = at::repeat_interleave(at::arange(rows, long_opts), counts.to(at::kLong),
@@ -162,11 +167,7 @@ inline uint32_t rank_key(float v) {
 at::Tensor score_tile(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp, const int32_t* c,
                       int64_t o0, int64_t o1, int64_t kk) {
   at::Tensor g = at::mm(dyc.narrow(1, o0, o1 - o0).t(), xc).abs_();
-  float* gp = g.data_ptr<float>();
-  at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row)
-      for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = -1.0f;
-  });
+  knock_out_active(g, rp, c, o0, o1, kk);
   return g;
 }
 

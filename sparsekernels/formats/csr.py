@@ -51,6 +51,15 @@ def _build_transpose_sorted(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> tu
     return t_row_ptr, rows[perm].to(torch.int32), perm.to(torch.int32)
 
 
+def kept_pattern(row_ptr: Tensor, col_idx: Tensor, kept_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """The CSR pattern (row_ptr, col_idx; int32) of the entries ``kept_idx`` (ascending
+    int64 indices into ``col_idx``) of the pattern (row_ptr, col_idx): the kept entries
+    stay in row-major order, so it is a gather, and each row's start is the number of
+    kept entries before it. O(nnz + rows log nnz), no keys, no sort."""
+    return (torch.searchsorted(kept_idx, row_ptr.long()).to(torch.int32),
+            col_idx[kept_idx].to(torch.int32))
+
+
 def row_ptr_from_rows(rows: Tensor, n_rows: int) -> Tensor:
     """CSR row pointers (int32, [n_rows+1]) from the sorted row index of every non-zero."""
     row_ptr = torch.zeros(n_rows + 1, dtype=torch.int32, device=rows.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..formats.csr import row_ptr_from_rows
+from ..formats.csr import kept_pattern, row_ptr_from_rows
 from ..ops import topk_grow
 
 
@@ -48,9 +48,7 @@ def grow_by_gradient(layer, x: Tensor, dy: Tensor, n: int, keep: Tensor | None =
         # each row's start the number of kept entries before it (no flat keys).
         row_ptr, col_idx = layer.row_ptr, layer.col_idx
         if keep is not None:
-            kept = keep.nonzero().squeeze(1)
-            row_ptr = torch.searchsorted(kept, row_ptr.long()).to(torch.int32)
-            col_idx = col_idx[kept]
+            row_ptr, col_idx = kept_pattern(row_ptr, col_idx, keep.nonzero().squeeze(1))
         k = min(n, rpg * cpg - col_idx.numel())
         return topk_grow(dy.contiguous(), x.contiguous(), row_ptr, col_idx, k, **kwargs)
     keys = _active_keys(layer, keep)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..formats import CSR
+from ..formats.csr import kept_pattern
 from .optimizer_state import remap_optimizer_state
 
 
@@ -46,14 +47,11 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
     if keep.dtype != torch.bool or tuple(keep.shape) != (nnz,):
         raise ValueError(f"update_layer: keep must be a bool tensor of shape [{nnz}]")
     kept_idx = keep.nonzero().squeeze(1)
-    row_ptr = csr.row_ptr.long()
     old_values = layer.values.detach()
     if grow_rows.numel() == 0:
-        # A pure drop: the kept entries stay in row-major order, so the new pattern is a
-        # gather and each row's start the number of kept entries before it. O(nnz), no keys.
+        # A pure drop: the kept entries' pattern is a gather (no keys, no sort).
         source = kept_idx
-        new_row_ptr = torch.searchsorted(kept_idx, row_ptr)
-        new_csr = CSR.from_pattern(old_values[kept_idx], new_row_ptr, csr.col_idx[kept_idx], csr.shape)
+        new_csr = CSR.from_pattern(old_values[kept_idx], *kept_pattern(csr.row_ptr, csr.col_idx, kept_idx), csr.shape)
         grow_source = kept_idx.new_empty(0)
     else:
         old_keys = csr.rows() * n_cols + csr.col_idx.long()

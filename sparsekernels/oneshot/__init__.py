@@ -15,9 +15,9 @@ from .magnitude import magnitude_prune
 from .memory import peak_allocated_bytes, sparsegpt_peak_memory
 from .mfac import WoodburyFisherInverse, mfac_prune
 from .obc import obc_prune
-from .prune import METHODS, prune
+from .prune import METHODS, prune, prune_matrix
 from .sparsegpt import sparsegpt_prune
 
-__all__ = ["prune", "METHODS", "magnitude_prune", "obc_prune", "sparsegpt_prune", "mfac_prune",
+__all__ = ["prune", "prune_matrix", "METHODS", "magnitude_prune", "obc_prune", "sparsegpt_prune", "mfac_prune",
            "WoodburyFisherInverse", "HessianAccumulator", "collect_hessian", "input_groups",
            "peak_allocated_bytes", "sparsegpt_peak_memory"]

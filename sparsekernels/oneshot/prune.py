@@ -6,16 +6,17 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from ._progress import progress as progress_bar
 
+from ..formats import check_sparsity
 from ..nn import Sparse24Linear, eligible_layers, sparse_class_for
 from ..nn._conv1d import is_conv1d
 from ..nn.sparsify import DEFAULT_INCLUDE
-from .calibration import collect_hessian, execution_order, layer_groups, materialise, weight_matrix
+from .calibration import collect_hessian, execution_order, materialise, weight_matrix
 from .magnitude import magnitude_prune
 from .mfac import FISHER_BLOCK_SIZE, FISHER_DAMP, NUM_GRADS, RECOMPUTATIONS, mfac_prune
 from .obc import MAX_COLUMNS, obc_prune
@@ -61,7 +62,8 @@ def _to_sparse(module: nn.Module, W: Tensor, kept: Tensor, nm: tuple[int, int] |
     return sparse
 
 
-def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt", sparsity: float | None = None,
+def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt",
+          sparsity: float | Mapping[str, float] | None = None,
           pattern: str | tuple[int, int] | None = None, damp: float = 0.01, block_size: int = BLOCK_SIZE,
           max_columns: int = MAX_COLUMNS, loss_fn: Callable | None = None, num_grads: int = NUM_GRADS,
           fisher_block_size: int | None = FISHER_BLOCK_SIZE, fisher_damp: float = FISHER_DAMP,
@@ -95,7 +97,10 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
         loader: iterable of batches: input tensors, ``(inputs, targets, ...)`` tuples or
             dicts of keyword inputs. Read once (kept as a list).
         sparsity: fraction of each layer's weights removed, in [0, 1) (default 0.5); with
-            ``pattern`` it is 1 − N/M and may be left unset.
+            ``pattern`` it is 1 − N/M and may be left unset. Or a dict layer name ->
+            sparsity (a per-layer profile, e.g. :func:`sparsekernels.spdy.search`'s plan;
+            unstructured ``obc`` / ``sparsegpt`` / ``magnitude`` only): layers it maps to 0,
+            or leaves out, stay as they are.
         pattern: None (unstructured) or ``"N:M"`` (N kept of every M inputs in a row; every
             pruned layer's in_features, per group for convolutions, must divide by M).
         progress: show a progress bar over the layers.
@@ -106,7 +111,8 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
     if method not in METHODS:
         raise ValueError(f"prune: method must be one of {METHODS}, got {method!r}")
     nm = parse_pattern(pattern)
-    target = resolve_target(sparsity, nm)
+    per_layer = _per_layer(sparsity, nm, method)
+    target = resolve_target(None if per_layer is not None else sparsity, nm)
     _positive("damp", damp)
     _positive("block_size", block_size, integer=True)
     _positive("max_columns", max_columns, integer=True)
@@ -125,6 +131,12 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
     if not inplace:
         model = copy.deepcopy(model)
     layers = eligible_layers(model, include, exclude)
+    if per_layer is not None:
+        unknown = sorted(set(per_layer) - set(layers))
+        if unknown:
+            raise ValueError(f"prune: sparsity names layers that are not prunable layers of the model: {unknown}; "
+                             f"the prunable layers are {list(layers)}")
+        layers = {n: m for n, m in layers.items() if per_layer.get(n, 0.0) > 0}
     for name, module in layers.items():
         check_nm_columns(weight_matrix(module).shape[1], nm, name)
         if method == "obc" and weight_matrix(module).shape[1] > max_columns:
@@ -150,12 +162,15 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
                                  block_size=fisher_block_size, damp=fisher_damp, recomputations=recomputations,
                                  progress=progress)
         for name, module in progress_bar(layers.items(), f"prune ({method})", progress, total=len(layers)):
+            level = per_layer[name] if per_layer is not None else target
             if method == "mfac":
                 W, kept = results[name]
             elif method == "magnitude":
-                W, kept = magnitude_prune(weight_matrix(module), target, nm)
+                W, kept = magnitude_prune(weight_matrix(module), level, nm)
             else:
-                W, kept = _second_order(model, module, batches, method, target, nm, damp, block_size, max_columns)
+                H, _ = collect_hessian(model, module, batches)
+                W, kept = prune_matrix(weight_matrix(module), H, method, level, nm, damp=damp,
+                                       block_size=block_size, max_columns=max_columns)
             sparse = _to_sparse(module, W, kept, nm)
             was[sparse] = was.pop(module)
             _replace(model, name, sparse)
@@ -165,20 +180,35 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
     return model
 
 
-def _second_order(model: nn.Module, module: nn.Module, batches: list, method: str, target: float,
-                  nm: tuple[int, int] | None, damp: float, block_size: int, max_columns: int) -> tuple[Tensor, Tensor]:
-    """OBC / SparseGPT on one layer (per group for a grouped convolution)."""
-    H, _ = collect_hessian(model, module, batches)
-    W = weight_matrix(module)
-    groups = layer_groups(module)
+def _per_layer(sparsity: object, nm: tuple[int, int] | None, method: str) -> dict[str, float] | None:
+    """A per-layer sparsity dict, checked (None when ``sparsity`` is one number or unset)."""
+    if not isinstance(sparsity, Mapping):
+        return None
+    if nm is not None or method == "mfac":
+        raise ValueError("prune: a per-layer sparsity dict needs unstructured pruning with method 'magnitude', 'obc' "
+                         f"or 'sparsegpt', got method={method!r}, pattern={nm!r}")
+    for name in sparsity:
+        if not isinstance(name, str):
+            raise TypeError(f"prune: the keys of a sparsity dict must be layer names (str), got {name!r}")
+    return {name: check_sparsity(s, f"prune: sparsity[{name!r}]") for name, s in sparsity.items()}
+
+
+def prune_matrix(W: Tensor, H: Tensor, method: str, sparsity: float, nm: tuple[int, int] | None = None, *,
+                 damp: float = 0.01, block_size: int = BLOCK_SIZE,
+                 max_columns: int = MAX_COLUMNS) -> tuple[Tensor, Tensor]:
+    """OBC / SparseGPT (``method`` "obc" / "sparsegpt") on one layer's weight matrix
+    ``W`` [out, k] (:func:`weight_matrix`) with its Hessians ``H`` [groups, k, k]
+    (:func:`collect_hessian`): group g prunes rows g·out/groups .. (g+1)·out/groups − 1 (a
+    grouped convolution; groups = 1 otherwise). Returns (Ŵ [out, k], kept [out, k] bool)."""
+    groups = H.shape[0]
     per = W.shape[0] // groups
     outs, masks = [], []
     for g in range(groups):
         Wg = W[g * per:(g + 1) * per]
         if method == "obc":
-            o, m = obc_prune(Wg, H[g], target, nm, damp=damp, max_columns=max_columns)
+            o, m = obc_prune(Wg, H[g], sparsity, nm, damp=damp, max_columns=max_columns)
         else:
-            o, m = sparsegpt_prune(Wg, H[g], target, nm, damp=damp, block_size=block_size)
+            o, m = sparsegpt_prune(Wg, H[g], sparsity, nm, damp=damp, block_size=block_size)
         outs.append(o)
         masks.append(m)
     return torch.cat(outs), torch.cat(masks)

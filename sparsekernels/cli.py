@@ -1,4 +1,4 @@
-"""Command line: ``sparsekernels {info,bench}`` (also ``python -m sparsekernels``)."""
+"""Command line: ``sparsekernels {info,bench,demo,spdy}`` (also ``python -m sparsekernels``)."""
 
 from __future__ import annotations
 
@@ -245,6 +245,30 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_spdy(args) -> int:
+    import torch
+
+    from .spdy.demo import run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    levels = [float(v) for v in args.levels.split(",")] if "," in args.levels else int(args.levels)
+    try:
+        out = run(args.model, target_speedup=args.target_speedup, levels=levels, method=args.method,
+                  search_steps=args.search_steps, repeats=args.repeats, seed=args.seed, width=args.width,
+                  batch=args.batch, out_dir=args.out, make_plot=not args.no_plot, progress=not args.no_progress)
+    except ValueError as exc:  # a target beyond reach, bad levels: the message says what to change
+        print(f"sparsekernels spdy: {exc}", file=sys.stderr)
+        return 2
+    print(out["description"])
+    print(out["result"].table())
+    print("(measured: end-to-end forward, dense vs pruned model, interleaved rounds in this process)")
+    print(f"results: {out['json']}")
+    if out["png"]:
+        print(f"plot: {out['png']}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparsekernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +305,26 @@ def main(argv=None) -> int:
     p_demo.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     p_demo.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where demo.png goes")
     p_demo.set_defaults(func=_cmd_demo)
+
+    p_spdy = sub.add_parser("spdy", help="SPDY: per-layer sparsities for a target speed-up, from our kernels' timings")
+    p_spdy.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                        help="mlp: 4096-wide, 4 Linear layers, batch 256 (default); cnn: small CNN, batch 64")
+    p_spdy.add_argument("--target-speedup", type=float, default=None, help="default: mlp 2.0, cnn 1.3")
+    p_spdy.add_argument("--levels", default="40",
+                        help="number of sparsity levels (0 to 0.99, default 40) or comma-separated sparsities")
+    p_spdy.add_argument("--method", choices=("magnitude", "sparsegpt"), default="magnitude",
+                        help="pruner of the search and the applied plan (default magnitude: SparseGPT takes ~8 s "
+                             "per layer and level at 4096 wide on one core; the demo weights are random)")
+    p_spdy.add_argument("--search-steps", type=int, default=30, help="candidates the search scores (default 30)")
+    p_spdy.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (default 5)")
+    p_spdy.add_argument("--width", type=int, default=None, help="mlp: width (default 4096); cnn: channels (64)")
+    p_spdy.add_argument("--batch", type=int, default=None, help="default: mlp 256, cnn 64")
+    p_spdy.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p_spdy.add_argument("--seed", type=int, default=0)
+    p_spdy.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
+    p_spdy.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p_spdy.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_spdy.set_defaults(func=_cmd_spdy)
 
     args = parser.parse_args(argv)
     return args.func(args)

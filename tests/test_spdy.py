@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -87,14 +86,14 @@ def test_error_prior_values():
 def test_default_levels_geometric_in_density():
     levels = spdy.default_levels()
     assert len(levels) == 40 and levels[0] == 0 and math.isclose(levels[-1], 0.99)
-    density = 1 - np.array(levels)
+    density = 1 - torch.tensor(levels, dtype=torch.float64)
     ratios = density[1:] / density[:-1]
-    assert np.allclose(ratios, 0.01 ** (1 / 39))  # every step keeps the same fraction
+    assert torch.allclose(ratios, torch.full_like(ratios, 0.01 ** (1 / 39)))  # every step keeps the same fraction
 
 
 def test_check_levels_forms():
     assert spdy.check_levels(3) == spdy.default_levels(3)
-    assert np.allclose(spdy.default_levels(3), (0.0, 0.9, 0.99))
+    assert torch.allclose(torch.tensor(spdy.default_levels(3)), torch.tensor((0.0, 0.9, 0.99)))
     assert spdy.check_levels([0.5, 0.9]) == (0.0, 0.5, 0.9)  # dense put in front
     assert spdy.check_levels((0, 0.5)) == (0.0, 0.5)
 
@@ -120,13 +119,14 @@ def continuous_optimum(costs, times, budget):
 
 @pytest.mark.parametrize("instance", range(4))
 def test_dp_matches_brute_force(instance):
-    rng = np.random.default_rng(instance)
+    g = torch.Generator().manual_seed(instance)
     layers, levels, buckets = 4, 5, 50
-    costs = rng.uniform(0, 1, (layers, levels)) * spdy.error_prior(levels)[None, :] * 3
-    # Times fall with the level, as kernel time with sparsity; some rows not monotone.
-    times = np.sort(rng.uniform(0.1, 1.0, (layers, levels)), axis=1)[:, ::-1].copy()
-    times[instance % layers] = rng.uniform(0.1, 1.0, levels)
-    budget = float(times.min(axis=1).sum() + 0.4 * (times.max(axis=1) - times.min(axis=1)).sum())
+    costs = torch.rand(layers, levels, generator=g, dtype=torch.float64) * spdy.error_prior(levels)[None, :] * 3
+    # Times fall with the level, as kernel time with sparsity; one row not monotone.
+    times = 0.1 + 0.9 * torch.rand(layers, levels, generator=g, dtype=torch.float64).sort(dim=1, descending=True).values
+    times[instance % layers] = 0.1 + 0.9 * torch.rand(levels, generator=g, dtype=torch.float64)
+    low, high = times.min(dim=1).values, times.max(dim=1).values
+    budget = float(low.sum() + 0.4 * (high - low).sum())
     plan, total = spdy.solve(costs, times, budget, buckets)
     steps = discretise(times, budget, buckets)
     want, _ = brute_force(costs, steps, buckets)
@@ -142,10 +142,10 @@ def test_dp_matches_brute_force(instance):
 
 
 def test_dp_infeasible_and_exact_fit():
-    costs = np.zeros((2, 2))
-    times = np.array([[2.0, 1.0], [2.0, 1.0]])
+    costs = [[0.0, 0.0], [0.0, 0.0]]
+    times = [[2.0, 1.0], [2.0, 1.0]]
     assert spdy.solve(costs, times, 1.5, 100) is None
-    plan, total = spdy.solve(np.array([[0.0, 1.0], [0.0, 5.0]]), times, 3.0, 300)
+    plan, total = spdy.solve([[0.0, 1.0], [0.0, 5.0]], times, 3.0, 300)
     assert plan == [1, 0] and total == 1.0  # the cheaper layer gives up time
     with pytest.raises(ValueError, match="budget"):
         spdy.solve(costs, times, 0.0)
@@ -155,11 +155,12 @@ def test_dp_infeasible_and_exact_fit():
 def synthetic_problem(seed=0, layers=8, levels=12):
     """A DP instance whose true layer sensitivities are far from uniform: the score of a
     coefficient vector is the true error of the plan the DP makes from it."""
-    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
     prior = spdy.error_prior(levels)
-    times = np.linspace(1.0, 0.1, levels)[None, :] * rng.uniform(0.5, 2.0, (layers, 1))
-    budget = float(times.sum(axis=0)[levels // 2])
-    true = rng.uniform(0.0, 1.0, layers) ** 3 * 10
+    scale = 0.5 + 1.5 * torch.rand(layers, 1, generator=g, dtype=torch.float64)
+    times = torch.linspace(1.0, 0.1, levels, dtype=torch.float64)[None, :] * scale
+    budget = float(times.sum(dim=0)[levels // 2])
+    true = (torch.rand(layers, generator=g, dtype=torch.float64) ** 3 * 10).tolist()
 
     def score(c):
         plan, _ = spdy.solve(c[:, None] * prior[None, :], times, budget, 2000)
@@ -178,7 +179,7 @@ def test_coefficient_search_improves_keeps_and_is_deterministic():
     assert best < history[0]["score"]  # better than the plain prior on this instance
     assert {h["phase"] for h in history} == {"uniform", "random", "local"}
     c2, best2, history2 = spdy.coefficient_search(layers, score, steps=40, seed=3)
-    assert np.array_equal(c, c2) and best == best2 and history == history2
+    assert torch.equal(c, c2) and best == best2 and history == history2
     _, _, other = spdy.coefficient_search(layers, score, steps=40, seed=4)
     assert [h["score"] for h in other] != [h["score"] for h in history]
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from ..oneshot._progress import progress as progress_bar
 
@@ -31,24 +32,28 @@ MUTATE_FRACTION = 0.1
 PATIENCE = 100
 
 
-def coefficient_search(layers: int, score: Callable[[np.ndarray], float], *, steps: int = SEARCH_STEPS,
+def coefficient_search(layers: int, score: Callable[[Tensor], float], *, steps: int = SEARCH_STEPS,
                        random_candidates: int | None = None, mutate_fraction: float = MUTATE_FRACTION,
                        patience: int = PATIENCE, seed: int = 0,
-                       progress: bool = False) -> tuple[np.ndarray, float, list[dict]]:
-    """Minimises ``score(c)`` over coefficient vectors c [layers] (float64 in [0, 1]).
+                       progress: bool = False) -> tuple[Tensor, float, list[dict]]:
+    """Minimises ``score(c)`` over coefficient vectors c [layers] (float64 CPU tensors in
+    [0, 1]; ``score`` must not change them).
 
     ``random_candidates`` defaults to (steps − 1) // 3. Deterministic for a given ``seed``
-    (numpy's default generator). Returns (best c, its score, history): one dict per scored
+    (a ``torch.Generator`` of its own; the global RNG is not touched). Returns (best c, its score, history): one dict per scored
     candidate with ``step``, ``phase`` ("uniform" / "random" / "local"), ``score`` and
     ``best`` (the best score so far, never increasing)."""
-    rng = np.random.default_rng(seed)
+    rng = torch.Generator().manual_seed(seed)
     n_random = (steps - 1) // 3 if random_candidates is None else random_candidates
     history: list[dict] = []
     bar = iter(progress_bar(range(steps), "spdy: search", progress))
-    best_c = np.ones(layers)
+    best_c = torch.ones(layers, dtype=torch.float64)
     best = float("inf")
 
-    def evaluate(c: np.ndarray, phase: str) -> bool:
+    def uniform(n: int) -> Tensor:
+        return torch.rand(n, generator=rng, dtype=torch.float64)
+
+    def evaluate(c: Tensor, phase: str) -> bool:
         nonlocal best, best_c
         s = float(score(c))
         better = s < best
@@ -60,13 +65,13 @@ def coefficient_search(layers: int, score: Callable[[np.ndarray], float], *, ste
 
     evaluate(best_c, "uniform")
     for _ in range(min(n_random, steps - len(history))):
-        evaluate(rng.uniform(0.0, 1.0, layers), "random")
+        evaluate(uniform(layers), "random")
     r = max(1, round(mutate_fraction * layers))
     while r >= 1 and len(history) < steps:
         fails = 0
         while fails < patience and len(history) < steps:
-            c = best_c.copy()
-            c[rng.integers(0, layers, size=r)] = rng.uniform(0.0, 1.0, r)
+            c = best_c.clone()
+            c[torch.randint(0, layers, (r,), generator=rng)] = uniform(r)
             fails = 0 if evaluate(c, "local") else fails + 1
         r -= 1
     for _ in bar:  # finish the progress bar when the search ends early

@@ -16,24 +16,29 @@ b steps; each layer is a vectorised min over its levels, O(layers · levels · b
 
 from __future__ import annotations
 
-import numpy as np
+import torch
+from torch import Tensor
 
 DEFAULT_BUCKETS = 10_000
 
 
-def discretise(times: np.ndarray, budget: float, buckets: int) -> np.ndarray:
+def _matrix(values) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.float64, device="cpu")
+
+
+def discretise(times, budget: float, buckets: int) -> Tensor:
     """``times`` [layers, levels] seconds -> whole steps of budget / buckets, rounded up
     (int64; a time above the budget maps to buckets + 1: never fits)."""
     step = budget / buckets
-    steps = np.ceil(np.asarray(times, dtype=np.float64) / step)
-    return np.minimum(steps, buckets + 1).astype(np.int64)
+    return torch.ceil(_matrix(times) / step).clamp(max=buckets + 1).to(torch.int64)
 
 
 def solve(costs, times, budget: float, buckets: int = DEFAULT_BUCKETS) -> tuple[list[int], float] | None:
     """The least-error choice of one level per layer within ``budget``.
 
     Args:
-        costs: [layers, levels] errors (finite, any sign).
+        costs: [layers, levels] errors (finite, any sign); a tensor, array or nested list
+            (computed in float64 on the CPU).
         times: [layers, levels] seconds, >= 0.
         budget: seconds > 0 for the sum of the chosen times.
         buckets: number of time steps the budget is divided into.
@@ -41,41 +46,41 @@ def solve(costs, times, budget: float, buckets: int = DEFAULT_BUCKETS) -> tuple[
     fastest level of every layer, after rounding up, exceeds the budget). Ties go to the
     lower level index, then to the shorter total time.
     """
-    costs = np.asarray(costs, dtype=np.float64)
-    times = np.asarray(times, dtype=np.float64)
-    if costs.ndim != 2 or costs.shape != times.shape or costs.shape[0] == 0 or costs.shape[1] == 0:
+    costs, times = _matrix(costs), _matrix(times)
+    if costs.dim() != 2 or costs.shape != times.shape or costs.shape[0] == 0 or costs.shape[1] == 0:
         raise ValueError(f"solve: costs and times must both be [layers, levels] with layers, levels >= 1, got "
-                         f"{costs.shape} and {times.shape}")
-    if not (np.isfinite(costs).all() and np.isfinite(times).all()) or (times < 0).any():
+                         f"{tuple(costs.shape)} and {tuple(times.shape)}")
+    if not (bool(torch.isfinite(costs).all()) and bool(torch.isfinite(times).all())) or bool((times < 0).any()):
         raise ValueError("solve: costs must be finite and times finite and >= 0")
     if not budget > 0:
         raise ValueError(f"solve: budget must be > 0, got {budget!r}")
     if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"solve: buckets must be a positive int, got {buckets!r}")
-    steps = discretise(times, budget, buckets)
+    steps = discretise(times, budget, buckets).tolist()
+    cost = costs.tolist()
     layers, levels = costs.shape
     width = buckets + 1
-    best = np.full(width, np.inf)
+    best = torch.full((width,), torch.inf, dtype=torch.float64)
     best[0] = 0.0
-    choice = np.full((layers, width), -1, dtype=np.int64)
+    choice = torch.full((layers, width), -1, dtype=torch.int64)
     for layer in range(layers):
-        nxt = np.full(width, np.inf)
+        nxt = torch.full((width,), torch.inf, dtype=torch.float64)
         for level in range(levels):
-            d = int(steps[layer, level])
+            d = steps[layer][level]
             if d >= width:
                 continue
-            cand = best[:width - d] + costs[layer, level]
+            cand = best[:width - d] + cost[layer][level]
             better = cand < nxt[d:]
-            nxt[d:][better] = cand[better]
-            choice[layer, d:][better] = level
+            nxt[d:] = torch.where(better, cand, nxt[d:])
+            choice[layer, d:] = torch.where(better, level, choice[layer, d:])
         best = nxt
-    if not np.isfinite(best).any():
+    if not bool(torch.isfinite(best).any()):
         return None
-    b = int(np.argmin(best))
+    b = int(torch.argmin(best))  # the first minimum: the shortest time among equal costs
     total = float(best[b])
     plan = [0] * layers
     for layer in range(layers - 1, -1, -1):
         level = int(choice[layer, b])
         plan[layer] = level
-        b -= int(steps[layer, level])
+        b -= steps[layer][level]
     return plan, total

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
+import torch
 
 DEFAULT_LEVELS = 40
 MAX_SPARSITY = 0.99
@@ -65,8 +65,8 @@ def check_levels(levels: object, owner: str = "spdy") -> tuple[float, ...]:
     return tuple(values)
 
 
-def error_prior(count: int) -> np.ndarray:
-    """e(s_i) = (i / (L − 1))² for i = 0 .. L−1 (L = ``count`` >= 2), float64 [L]."""
+def error_prior(count: int) -> torch.Tensor:
+    """e(s_i) = (i / (L − 1))² for i = 0 .. L−1 (L = ``count`` >= 2), float64 [L] (CPU)."""
     if count < 2:
         raise ValueError(f"error_prior: needs at least 2 levels, got {count}")
-    return (np.arange(count, dtype=np.float64) / (count - 1)) ** 2
+    return (torch.arange(count, dtype=torch.float64) / (count - 1)) ** 2

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-import numpy as np
-from torch import nn
+from torch import Tensor, nn
 
 from ..nn import eligible_layers
 from ..nn.sparsify import DEFAULT_INCLUDE
@@ -143,7 +142,7 @@ def search(model: nn.Module, loader: Iterable, *, target_speedup: float, levels:
         prior = error_prior(len(db.levels))
         names = db.names
 
-        def plan_for(coefs: np.ndarray) -> tuple[int, ...]:
+        def plan_for(coefs: Tensor) -> tuple[int, ...]:
             solved = solve(coefs[:, None] * prior[None, :], times, budget, buckets)
             if solved is None:
                 raise ValueError(f"spdy.search: target_speedup={target:g} is within the time rounding of the most "
@@ -156,7 +155,7 @@ def search(model: nn.Module, loader: Iterable, *, target_speedup: float, levels:
         loss = CalibrationLoss(model, {n: layers[n] for n in names}, batches, loss_fn)
         scores: dict[tuple[int, ...], float] = {}
 
-        def score(coefs: np.ndarray) -> float:
+        def score(coefs: Tensor) -> float:
             plan = plan_for(coefs)
             if plan not in scores:
                 weights = {n: pruned.weight(n, db.levels[i]) for n, i in zip(names, plan)

@@ -42,7 +42,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -101,10 +100,10 @@ class TimingDB:
     def names(self) -> list[str]:
         return list(self.layers)
 
-    def times(self) -> np.ndarray:
-        """[layers, levels] t_l(s_i) seconds."""
-        return np.array([[lt.time(i) for i in range(len(self.levels))] for lt in self.layers.values()],
-                        dtype=np.float64)
+    def times(self) -> Tensor:
+        """[layers, levels] t_l(s_i) seconds (float64, CPU)."""
+        return torch.tensor([[lt.time(i) for i in range(len(self.levels))] for lt in self.layers.values()],
+                            dtype=torch.float64)
 
     @property
     def dense_s(self) -> float:
@@ -116,7 +115,7 @@ class TimingDB:
         return self.rest_s + sum(lt.time(i) for lt, i in zip(self.layers.values(), plan))
 
     def fastest_plan(self) -> list[int]:
-        return [int(np.argmin(row)) for row in self.times()]
+        return self.times().argmin(dim=1).tolist()
 
     def max_speedup(self) -> float:
         """Dense time over the time with every layer at its fastest level."""

@@ -42,17 +42,24 @@ def random_batches(shape, count=2, seed=0):
     return [torch.randn(*shape, generator=g) for _ in range(count)]
 
 
-def assert_agrees(result):
+def assert_agrees(result, batch):
     """Predicted vs measured end-to-end speed-up within AGREEMENT. A machine shared with other
-    jobs has slow moments: one re-measurement with more rounds before failing."""
-    gap = abs(result.measured_speedup / result.predicted_speedup - 1)
+    jobs drifts over minutes (its dense-vs-sparse speed ratio moved by 10-20% between two
+    timings a minute apart here): when the gap is larger, the plan is timed again and the
+    models measured again right after, once, before failing."""
+    predicted, measured = result.predicted_speedup, result.measured_speedup
+    gap = abs(measured / predicted - 1)
+    again = ""
     if gap > AGREEMENT:
-        result.measure(rounds=15)
-        gap = abs(result.measured_speedup / result.predicted_speedup - 1)
-    print(f"\nSPDY target {result.target_speedup}x: predicted {result.predicted_speedup:.3f}x, measured "
-          f"{result.measured_speedup:.3f}x")  # shown with -s
-    assert gap <= AGREEMENT, (f"predicted {result.predicted_speedup:.3f}x vs measured {result.measured_speedup:.3f}x\n"
-                              + result.table())
+        again = f" (timed again after predicted {predicted:.3f}x, measured {measured:.3f}x)"
+        dense = result.dense_model
+        db = spdy.measure_timings(dense, batch, {n: dense.get_submodule(n) for n in result.plan},
+                                  result.timings.levels, progress=False)
+        predicted = db.dense_s / db.planned_s([result.level_index[n] for n in db.names])
+        measured = result.measure()
+        gap = abs(measured / predicted - 1)
+    print(f"\nSPDY target {result.target_speedup}x: predicted {predicted:.3f}x, measured {measured:.3f}x{again}")  # -s
+    assert gap <= AGREEMENT, f"predicted {predicted:.3f}x vs measured {measured:.3f}x\n" + result.table()
 
 
 def assert_plan_applied(result, model):
@@ -248,29 +255,31 @@ def test_prune_with_a_per_layer_dict():
 @pytest.fixture(scope="module")
 def mlp_result(single_thread):
     model = mlp([1024] * 4, 0)
-    result = spdy.search(model, random_batches((256, 1024)), target_speedup=2.0, levels=10, method="sparsegpt",
-                         search_steps=12, seed=0, apply=True, progress=False)
-    return result, model
+    data = random_batches((256, 1024))
+    result = spdy.search(model, data, target_speedup=2.0, levels=10, method="sparsegpt", search_steps=12, seed=0,
+                         repeats=7, apply=True, progress=False)
+    return result, model, data
 
 
 @pytest.fixture(scope="module")
 def cnn_result(single_thread):
     model = cnn(32, seed=0)
-    result = spdy.search(model, random_batches((64, 3, 32, 32)), target_speedup=1.25, levels=10, method="magnitude",
-                         search_steps=8, seed=0, apply=True, progress=False)
-    return result, model
+    data = random_batches((64, 3, 32, 32))
+    result = spdy.search(model, data, target_speedup=1.25, levels=10, method="magnitude", search_steps=8, seed=0,
+                         repeats=7, apply=True, progress=False)
+    return result, model, data
 
 
 def test_mlp_plan_meets_target_and_prediction_agrees(mlp_result, single_thread):
-    result, model = mlp_result
+    result, model, data = mlp_result
     assert list(result.plan) == ["0", "2", "4"]
     assert_within_budget(result)
     assert any(s > 0 for s in result.plan.values())
-    assert_agrees(result)
+    assert_agrees(result, data[0])
 
 
 def test_mlp_apply_gives_real_sparse_layers(mlp_result):
-    result, model = mlp_result
+    result, model, data = mlp_result
     assert result.applied and result.model is model
     assert_plan_applied(result, model)
     assert result.apply() is model  # a second call changes nothing
@@ -278,18 +287,18 @@ def test_mlp_apply_gives_real_sparse_layers(mlp_result):
 
 
 def test_cnn_plan_meets_target_and_prediction_agrees(cnn_result, single_thread):
-    result, model = cnn_result
+    result, model, data = cnn_result
     assert list(result.plan) == ["0", "2", "4", "7", "9"]
     assert_within_budget(result)
     assert_plan_applied(result, model)
     # A level whose sparse kernel loses to dense is planned dense (sparsity 0).
     for name, i in result.level_index.items():
         assert (result.plan[name] > 0) == result.timings.layers[name].sparse_faster(i)
-    assert_agrees(result)
+    assert_agrees(result, data[0])
 
 
 def test_timing_database_contents(cnn_result):
-    result, _ = cnn_result
+    result, _, _ = cnn_result
     db = result.timings
     assert len(db.levels) == 10 and db.levels[0] == 0
     conv = db.layers["2"]
@@ -313,11 +322,12 @@ def test_4096_wide_mlp_prediction_agrees(request, single_thread):
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the 4096-wide MLP takes minutes: run with -m slow (sparsekernels spdy shows it too)")
     model = mlp([4096] * 5, 0)
-    result = spdy.search(model, random_batches((256, 4096)), target_speedup=2.0, levels=10, method="magnitude",
-                         search_steps=10, apply=True, progress=False)
+    data = random_batches((256, 4096))
+    result = spdy.search(model, data, target_speedup=2.0, levels=10, method="magnitude", search_steps=10, apply=True,
+                         progress=False)
     assert_within_budget(result)
     assert_plan_applied(result, model)
-    assert_agrees(result)
+    assert_agrees(result, data[0])
 
 
 # --------------------------------------------------------------------------- CLI
@@ -364,7 +374,7 @@ def test_bad_target_speedup(target, exc):
 
 
 def test_target_beyond_reach_says_the_maximum(cnn_result):
-    result, _ = cnn_result
+    result, _, _ = cnn_result
     model = cnn(32, seed=0)
     most = result.timings.max_speedup()
     with pytest.raises(ValueError, match=rf"at most {most:.3f}x"):

@@ -18,7 +18,7 @@ O(in_features²) per layer, and the inputs it sees come through the layers prune
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -144,22 +144,31 @@ def collect_hessian(model: nn.Module, module: nn.Module, batches: list, *,
 
 
 @torch.no_grad()
-def execution_order(model: nn.Module, layers: dict[str, nn.Module], batch) -> list[str]:
-    """Names of ``layers`` in the order the model calls them on ``batch`` (one forward);
-    layers the forward never reaches are left out."""
-    order: list[str] = []
-    handles = []
-    for name, module in layers.items():
-        def hook(mod, args, name=name):
-            if name not in order:
-                order.append(name)
-        handles.append(module.register_forward_pre_hook(hook))
+def forward_with_pre_hooks(model: nn.Module, layers: dict[str, nn.Module], batch,
+                           hook_for: Callable[[str], Callable]) -> None:
+    """One forward of ``batch`` through ``model`` with ``hook_for(name)`` registered as a
+    forward pre-hook (``hook(module, args, kwargs)``) on each of ``layers``, removed after."""
+    handles = [module.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, module in layers.items()]
     try:
         args, kwargs = batch_call(batch)
         model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
+
+
+def execution_order(model: nn.Module, layers: dict[str, nn.Module], batch) -> list[str]:
+    """Names of ``layers`` in the order the model calls them on ``batch`` (one forward);
+    layers the forward never reaches are left out."""
+    order: list[str] = []
+
+    def hook_for(name: str) -> Callable:
+        def hook(mod, args, kwargs):
+            if name not in order:
+                order.append(name)
+        return hook
+
+    forward_with_pre_hooks(model, layers, batch, hook_for)
     return order
 
 

@@ -90,7 +90,7 @@ def plot(result, path: str, title: str = "") -> str:
     ax2.set_ylabel("ms / forward")
     measured = "" if result.measured_speedup is None else f", measured {result.measured_speedup:.2f}x"
     ax2.set_title(f"predicted {result.predicted_speedup:.2f}x{measured}", fontsize=9)
-    ax2.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         fig.suptitle(f"{title} ({db.machine.get('cpu', '')[:40]}, {db.machine.get('threads', '?')} threads)",
                      fontsize=9)

@@ -55,7 +55,7 @@ class SPDYResult:
         self.applied = False
         self._prune_options = prune_options
 
-    def apply(self, *, rounds: int = 7) -> nn.Module:
+    def apply(self, *, rounds: int = 9) -> nn.Module:
         """Prunes the model in place to the plan with one-shot ``method`` (sequential
         calibration, :func:`sparsekernels.oneshot.prune` with the per-layer sparsities),
         so planned layers become real ``SparseLinear`` / ``SparseConv2d`` layers and the
@@ -71,7 +71,7 @@ class SPDYResult:
         self.measure(rounds=rounds)
         return self.model
 
-    def measure(self, *, rounds: int = 7) -> float:
+    def measure(self, *, rounds: int = 9) -> float:
         """(Re)measures ``measured_speedup``: the pruned model against the dense copy, end
         to end on the first calibration batch, in eval mode. Needs :meth:`apply` first."""
         if not self.applied or self.dense_model is None:

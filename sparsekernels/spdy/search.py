@@ -125,6 +125,9 @@ def search(model: nn.Module, loader: Iterable, *, target_speedup: float, levels:
         raise ValueError("spdy.search: model has no prunable layers (nn.Linear / nn.Conv2d / transformers Conv1D that "
                          "sparsify would convert; layers already sparse are not re-planned: densify the model to "
                          "plan them)")
+    if "" in layers:
+        raise ValueError(f"spdy.search: model is itself a single {type(model).__name__} layer; wrap it in an "
+                         "nn.Sequential so its layer can be swapped")
     was = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -306,10 +306,11 @@ def test_peak_memory_is_a_fraction_of_the_dense_gradient():
     assert increase_mib < 0.25 * dense_grad_mib
 
 
-@pytest.mark.parametrize("tile", [1, 97, 10**7])
-def test_radix_selection_with_many_exact_ties_matches_the_reference(tile):
-    """Integer-valued inputs: exact fp32 scores with many ties inside one bin of the
-    radix select (the CPU fp32 path) and across the cut; the reference sorts them all."""
+@pytest.mark.parametrize("tile", [1, 97, 330, 10**7])
+def test_key_selection_with_many_exact_ties_matches_the_reference(tile):
+    """Integer-valued inputs: exact fp32 scores with many ties at the k-th key (the CPU
+    fp32 path: the first tile's own k-th key, the pool's floor and its cuts) and across
+    tiles; the reference sorts them all."""
     if not sparsekernels._extension.compiled():
         pytest.skip("compiled extension not loaded")
     g = torch.Generator().manual_seed(5)

@@ -378,3 +378,67 @@ def test_optimizer_state_remap_changing_nnz():
     assert avg.numel() == layer.nnz == len(old_entries) - 10
     assert avg.tolist() == [old_avg[p] for p in _entries(layer)]
     _train(layer, opt, 1, torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------- update_layer: compiled merge vs torch ops
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape,density", [((37, 53), 0.3), ((64, 16), 0.0), ((9, 200), 0.9), ((1, 7), 1.0)])
+def test_update_layer_compiled_merge_equals_torch_path(monkeypatch, seed, shape, density):
+    """The compiled CPU merge and the torch-op path build the same pattern, values,
+    source map, stats and optimizer state, on random drops and grows (regrown dropped
+    positions included, grown positions in random order, empty rows)."""
+    from sparsekernels import _extension
+    from sparsekernels.topology import update as update_mod
+
+    if not _extension.compiled():
+        pytest.skip("needs the compiled extension")
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f = shape
+    mask = torch.rand(shape, generator=g) < density
+    mask[out_f // 2] = False  # an empty row
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(update_mod, "_merge_compiled", lambda row_ptr, c=compiled: c)
+        layer = SparseLinear.from_dense(nn_linear(in_f, out_f, seed), mask=mask)
+        opt = torch.optim.Adam([layer.values], lr=0.1)
+        layer.values.grad = torch.randn(layer.nnz, generator=torch.Generator().manual_seed(seed))
+        opt.step()
+        n_drop = layer.nnz // 3
+        keep = drop_smallest(layer.values, n_drop)
+        entries = _entries(layer)
+        dropped = [e for e, k in zip(entries, keep.tolist()) if not k]
+        free = [p for p in _all_positions(layer) if p not in set(entries)]
+        perm = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed))
+        grown = [free[i] for i in perm[:len(free) // 2].tolist()] + dropped[: len(dropped) // 2]
+        order = torch.randperm(len(grown), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+        grown = [grown[i] for i in order]
+        rows = torch.tensor([p[0] for p in grown], dtype=torch.long)
+        cols = torch.tensor([p[1] for p in grown], dtype=torch.long)
+        stats, source = update_layer(layer, keep, rows, cols, [opt])
+        layer.csr().validate()
+        results.append((stats, source, layer.csr(), opt.state[layer.values]))
+    (s1, src1, c1, st1), (s2, src2, c2, st2) = results
+    assert s1 == s2
+    assert torch.equal(src1, src2)
+    for a, b in zip((c1.values, *c1.pattern()), (c2.values, *c2.pattern())):
+        assert torch.equal(a, b)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(st1[key], st2[key])
+
+
+def nn_linear(in_f, out_f, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_f, out_f)
+
+
+def test_update_layer_compiled_merge_rejects_positions_outside_the_weight():
+    from sparsekernels import _extension
+
+    if not _extension.compiled():
+        pytest.skip("needs the compiled extension")
+    layer = _linear()
+    keep = torch.ones(layer.nnz, dtype=torch.bool)
+    out_f, in_f = layer.csr().shape
+    for r, c in ((out_f, 0), (0, in_f), (-1, 0), (0, -1)):
+        with pytest.raises(ValueError, match="outside"):
+            update_layer(layer, keep, torch.tensor([r]), torch.tensor([c]))

@@ -4,8 +4,8 @@
 //
 // The gradient is formed one tile of output rows at a time (a BLAS GEMM of
 // [rows_per_tile, M] x [M, K]), the active positions of those rows are knocked out, the
-// tile's best k are selected and merged into a running best-k. Extra memory is one tile
-// plus 2k candidates.
+// tile's best candidates are merged into a running best-k. Extra memory is one tile plus
+// about 2k candidates. fp32 on the CPU: topk_grow_keys_cpu; fp64 and the GPU: torch ops.
 #include "csr_common.h"
 
 #include <torch/library.h>
@@ -14,6 +14,10 @@
 #include <cstring>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace sparsekernels::cpu {
 
@@ -134,18 +138,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
 }
 
 // ---------------------------------------------------------------------------------
-// fp32 on the CPU: a radix select over the scores' bit patterns instead of a running
-// pool. A non-negative float orders as its int32 bits do, so the k-th best score lies in
-// one bin of the upper 16 bits: pass 1 forms every tile (one GEMM each), knocks out the
-// active positions and counts the bins; pass 2 forms the tiles again and keeps every
-// entry of a higher bin plus the entries of the cut-off bin, from which the rest is
-// chosen exactly (score, then position). The pool version spent most of its time in
-// topk / sort / masked_select over pools of up to 2k entries (k is ~30% of nnz for RigL);
-// this costs a second GEMM pass but touches each score in two cheap linear scans.
-// Extra memory: one tile plus the selected entries and the cut-off bin.
+// fp32 on the CPU: one GEMM pass with a running threshold on the scores' rank keys. A
+// non-negative float orders as its int32 bits do, so each score becomes a uint32 key
+// (NaN one above +inf, knocked-out positions excluded) and candidates are (key, position,
+// score) records. Tiles come in increasing position order, so once the pool's best k are
+// known, a later entry whose key equals the k-th key loses to all of them (same key,
+// later position): only keys strictly above the k-th can still enter. The pool is cut
+// back to its best k (nth_element, O(pool)) whenever it reaches 2k entries. The earlier
+// two-pass radix version formed every GEMM tile twice; the pool version before it spent
+// its time in torch topk / sort / masked_select over the pool.
+// Extra memory: one tile plus at most 2k + one tile's survivors.
 namespace {
-
-constexpr int kBins = 1 << 16;
 
 inline uint32_t score_bits(float v) {
   uint32_t u;
@@ -153,27 +156,87 @@ inline uint32_t score_bits(float v) {
   return u;
 }
 
-// Rank key of a score: its bits, every NaN one key above +inf (the reference ranks NaN
-// above every number; a product of finite inputs can overflow to inf - inf). Knocked-out
-// positions (-1, sign bit set) get kNone and are never selected.
-constexpr uint32_t kNone = 0xFFFFFFFFu;
-inline uint32_t rank_key(float v) {
-  const uint32_t u = score_bits(v);
-  return (u >> 31) ? kNone : std::min<uint32_t>(u, 0x7F800001u);
+// Rank key of a gradient entry g: the bits of |g|, every NaN one key above +inf (the
+// reference ranks NaN above every number; a product of finite inputs can overflow to
+// inf - inf). Active positions hold kActive (a NaN bit pattern no arithmetic produces from
+// finite inputs) and are never selected. Folding |.| into the key saves a pass per tile.
+constexpr uint32_t kActive = 0xFFFFFFFFu;
+constexpr uint32_t kNaNKey = 0x7F800001u;
+inline uint32_t rank_key_of_bits(uint32_t u) { return std::min<uint32_t>(u & 0x7FFFFFFFu, kNaNKey); }
+
+// A grow candidate. Its position order is its order in the pool (see below), so no flat
+// index is kept for tie-breaking, and rows / columns need no division at the end.
+struct Candidate {
+  uint32_t key;
+  float score;
+  int32_t row;
+  int32_t col;
+};
+
+// dy[:, o0:o1]^T x for one tile into `g` (a reused buffer: a fresh 4 MiB tile per GEMM
+// cost its page faults every time), the active positions of its rows set to kActive.
+void gradient_tile(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp, const int32_t* c, int64_t o0,
+                   int64_t o1, int64_t kk, at::Tensor& g) {
+  at::mm_out(g, dyc.narrow(1, o0, o1 - o0).t(), xc);
+  uint32_t* gp = reinterpret_cast<uint32_t*>(g.data_ptr<float>());
+  at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row)
+      for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = kActive;
+  });
 }
 
-// |dy[:, o0:o1]^T x| for one tile, the active positions of its rows set to -1 (a
-// negative score, never selected: every real score is >= 0).
-at::Tensor score_tile(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp, const int32_t* c,
-                      int64_t o0, int64_t o1, int64_t kk) {
-  at::Tensor g = at::mm(dyc.narrow(1, o0, o1 - o0).t(), xc).abs_();
-  knock_out_active(g, rp, c, o0, o1, kk);
-  return g;
+// Appends the entries of tile row `row` (columns [c0, kk), at gp) whose rank key beats
+// `floor` (any key when `use_floor` is false; active positions never) as candidates, in
+// column order.
+inline void collect_scalar(const uint32_t* gp, int64_t c0, int64_t kk, int32_t row, bool use_floor, uint32_t floor,
+                           std::vector<Candidate>& out) {
+  for (int64_t j = c0; j < kk; ++j) {
+    const uint32_t u = gp[j];
+    const uint32_t key = rank_key_of_bits(u);
+    if (u == kActive || (use_floor && key <= floor)) continue;
+    const uint32_t mag = u & 0x7FFFFFFFu;
+    float score;
+    std::memcpy(&score, &mag, sizeof(score));
+    out.push_back({key, score, row, static_cast<int32_t>(j)});
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The same with a floor, 16 entries per compare: after the first few tiles only a small
+// fraction of the entries beats the floor, so the scan is the cost.
+__attribute__((target("avx512f"))) void collect_avx512(const uint32_t* gp, int64_t kk, int32_t row, uint32_t floor,
+                                                       std::vector<Candidate>& out) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), nan_key = _mm512_set1_epi32(static_cast<int>(kNaNKey));
+  const __m512i fl = _mm512_set1_epi32(static_cast<int>(floor)), active = _mm512_set1_epi32(-1);
+  int64_t j = 0;
+  for (; j + 16 <= kk; j += 16) {
+    const __m512i u = _mm512_loadu_si512(gp + j);
+    const __m512i key = _mm512_min_epu32(_mm512_and_si512(u, abs_mask), nan_key);
+    __mmask16 m = _mm512_cmpgt_epu32_mask(key, fl) & _mm512_cmpneq_epi32_mask(u, active);
+    while (m) {
+      const int lane = __builtin_ctz(m);
+      m &= m - 1;
+      const uint32_t mag = gp[j + lane] & 0x7FFFFFFFu;
+      float score;
+      std::memcpy(&score, &mag, sizeof(score));
+      out.push_back({rank_key_of_bits(gp[j + lane]), score, row, static_cast<int32_t>(j + lane)});
+    }
+  }
+  collect_scalar(gp, j, kk, row, true, floor, out);
+}
+#endif
+
+void collect_row(const uint32_t* gp, int64_t kk, int32_t row, bool use_floor, uint32_t floor,
+                 std::vector<Candidate>& out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (use_floor && cpu_has_avx512()) return collect_avx512(gp, kk, row, floor, out);
+#endif
+  collect_scalar(gp, 0, kk, row, use_floor, floor, out);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Tensor& dy, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_keys_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                                    const at::Tensor& row_ptr,
                                                                    const at::Tensor& col_idx, int64_t k,
                                                                    int64_t tile_elems) {
@@ -191,112 +254,113 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_radix_cpu(const at::Ten
   const int64_t rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(n, tile_elems / std::max<int64_t>(kk, 1)));
   const int threads = at::get_num_threads();
 
-  // Pass 1: bin counts of the upper 16 bits of every inactive position's score.
-  std::vector<int64_t> hist(kBins, 0);
-  for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
-    const int64_t o1 = std::min(n, o0 + rows_per_tile);
-    const at::Tensor g = score_tile(dyc, xc, rp, c, o0, o1, kk);
-    const float* gp = g.data_ptr<float>();
-    const int64_t total = (o1 - o0) * kk;
-    std::vector<std::vector<int64_t>> local(threads);
-    at::parallel_for(0, total, 1 << 16, [&](int64_t b, int64_t e) {
-      auto& h = local[at::get_thread_num()];
-      if (h.empty()) h.assign(kBins, 0);
-      for (int64_t i = b; i < e; ++i) {
-        const uint32_t key = rank_key(gp[i]);
-        if (key != kNone) ++h[key >> 16];
-      }
+  // The pool stays in increasing position order (tiles and blocks are appended in order,
+  // cuts keep order), so ties at the k-th key are resolved by order alone and the final
+  // sort by key can be a stable radix sort.
+  std::vector<Candidate> pool, scratch;
+  TORCH_CHECK_VALUE(n <= INT32_MAX && kk <= INT32_MAX, "topk_grow: W [N, K] must have N, K < 2^31");
+  pool.reserve(std::min(2 * k, n * kk - ci.numel()) + rows_per_tile * kk);
+  bool full = false;     // the pool has held k candidates: `floor` is the k-th best key
+  uint32_t floor = 0;
+  std::vector<int64_t> count(1 << 16);
+  auto cut_to_k = [&]() {
+    // The k-th largest key by a two-digit radix select (upper, then lower 16 bits), then
+    // an order-keeping filter: every larger key, and the first `tied` of the k-th key.
+    std::fill(count.begin(), count.end(), 0);
+    for (const auto& a : pool) ++count[a.key >> 16];
+    int64_t above = 0;
+    uint32_t hi = 0xFFFF;
+    for (; above + count[hi] < k; --hi) above += count[hi];
+    std::fill(count.begin(), count.end(), 0);
+    for (const auto& a : pool)
+      if ((a.key >> 16) == hi) ++count[a.key & 0xFFFF];
+    uint32_t lo = 0xFFFF;
+    for (; above + count[lo] < k; --lo) above += count[lo];
+    const uint32_t kth = (hi << 16) | lo;
+    int64_t tied = k - above;
+    auto last = std::copy_if(pool.begin(), pool.end(), pool.begin(), [&](const Candidate& a) {
+      return a.key > kth || (a.key == kth && tied-- > 0);
     });
-    for (const auto& h : local)
-      if (!h.empty())
-        for (int b = 0; b < kBins; ++b) hist[b] += h[b];
-  }
-  // The bin holding the k-th best score, and how many scores lie in higher bins.
-  int64_t above = 0;
-  int cut_bin = kBins - 1;
-  for (; cut_bin > 0 && above + hist[cut_bin] < k; --cut_bin) above += hist[cut_bin];
-  const uint32_t cut_hi = static_cast<uint32_t>(cut_bin);
-
-  // Pass 2: every score of a higher bin is selected; the cut-off bin's are candidates.
-  // Collected per row block in row order, so positions come out ascending.
-  std::vector<int64_t> sel_flat, cand_flat;
-  std::vector<float> sel_score, cand_score;
-  std::vector<uint32_t> cand_key;
-  sel_flat.reserve(above);
-  sel_score.reserve(above);
-  cand_flat.reserve(hist[cut_bin]);
-  cand_score.reserve(hist[cut_bin]);
-  cand_key.reserve(hist[cut_bin]);
+    pool.erase(last, pool.end());
+    floor = kth;
+    full = true;
+  };
+  at::Tensor tile = at::empty({rows_per_tile, kk}, xc.options());
   for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
     const int64_t o1 = std::min(n, o0 + rows_per_tile);
-    const at::Tensor g = score_tile(dyc, xc, rp, c, o0, o1, kk);
-    const float* gp = g.data_ptr<float>();
     const int64_t rows = o1 - o0;
+    at::Tensor g = tile.narrow(0, 0, rows);
+    gradient_tile(dyc, xc, rp, c, o0, o1, kk, g);
+    const uint32_t* gp = reinterpret_cast<const uint32_t*>(g.data_ptr<float>());
     const int64_t blocks = std::min<int64_t>(rows, 4 * static_cast<int64_t>(threads));
-    std::vector<std::vector<int64_t>> bf(blocks), cf(blocks);
-    std::vector<std::vector<float>> bs(blocks), cs(blocks);
-    std::vector<std::vector<uint32_t>> ck(blocks);
+    std::vector<std::vector<Candidate>> found(blocks);
+    bool use_floor = full;
+    uint32_t fl = floor;
+    if (!full && pool.empty()) {
+      // First tile: when it alone holds k candidates, its own k-th key bounds the final
+      // k-th key from below, so only keys >= it need collecting (the cut below resolves
+      // the ties at it by position). A radix select over the tile's keys, instead of
+      // collecting and then cutting a million records.
+      const int64_t total = rows * kk;
+      std::fill(count.begin(), count.end(), 0);
+      for (int64_t i = 0; i < total; ++i)
+        if (gp[i] != kActive) ++count[rank_key_of_bits(gp[i]) >> 16];
+      int64_t above = 0;
+      int64_t hi = 0xFFFF;
+      for (; hi >= 0 && above + count[hi] < k; --hi) above += count[hi];
+      if (hi >= 0) {
+        std::fill(count.begin(), count.end(), 0);
+        for (int64_t i = 0; i < total; ++i) {
+          const uint32_t key = rank_key_of_bits(gp[i]);
+          if (gp[i] != kActive && (key >> 16) == static_cast<uint32_t>(hi)) ++count[key & 0xFFFF];
+        }
+        int64_t lo = 0xFFFF;
+        for (; above + count[lo] < k; --lo) above += count[lo];
+        const uint32_t kth = (static_cast<uint32_t>(hi) << 16) | static_cast<uint32_t>(lo);
+        if (kth > 0) {
+          use_floor = true;
+          fl = kth - 1;  // collect keys >= kth
+        }
+      }
+    }
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
-        for (int64_t i = r0 * kk; i < r1 * kk; ++i) {
-          const float v = gp[i];
-          const uint32_t key = rank_key(v);
-          if (key == kNone) continue;
-          const uint32_t hi = key >> 16;
-          if (hi > cut_hi) {
-            bf[blk].push_back(o0 * kk + i);
-            bs[blk].push_back(v);
-          } else if (hi == cut_hi) {
-            cf[blk].push_back(o0 * kk + i);
-            cs[blk].push_back(v);
-            ck[blk].push_back(key);
-          }
-        }
+        for (int64_t r = r0; r < r1; ++r)
+          collect_row(gp + r * kk, kk, static_cast<int32_t>(o0 + r), use_floor, fl, found[blk]);
       }
     });
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      sel_flat.insert(sel_flat.end(), bf[blk].begin(), bf[blk].end());
-      sel_score.insert(sel_score.end(), bs[blk].begin(), bs[blk].end());
-      cand_flat.insert(cand_flat.end(), cf[blk].begin(), cf[blk].end());
-      cand_score.insert(cand_score.end(), cs[blk].begin(), cs[blk].end());
-      cand_key.insert(cand_key.end(), ck[blk].begin(), ck[blk].end());
+    for (const auto& f : found) {
+      pool.insert(pool.end(), f.begin(), f.end());
+      if (static_cast<int64_t>(pool.size()) >= 2 * k) cut_to_k();
     }
+    // A floor as soon as the pool holds k: later tiles then collect only what beats it.
+    if (!full && static_cast<int64_t>(pool.size()) >= k) cut_to_k();
   }
-  // The best (k - above) candidates of the cut-off bin: score descending, then position.
-  const int64_t need = k - static_cast<int64_t>(sel_flat.size());
-  TORCH_CHECK(need >= 0 && need <= static_cast<int64_t>(cand_flat.size()),
-              "topk_grow: internal selection error (", need, " of ", cand_flat.size(), ")");
-  std::vector<int64_t> order(cand_flat.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  auto better = [&](int64_t a, int64_t b) {  // by rank key: a strict order even with NaN
-    return cand_key[a] > cand_key[b] || (cand_key[a] == cand_key[b] && cand_flat[a] < cand_flat[b]);
-  };
-  if (need < static_cast<int64_t>(order.size())) std::nth_element(order.begin(), order.begin() + need, order.end(), better);
-  order.resize(need);
-  std::sort(order.begin(), order.end());  // back to ascending position
-  // Both lists are position-ascending: merge them into one (O(k), no sort by position).
-  at::Tensor flat = at::empty({k}, at::kLong);
+  const int64_t available = static_cast<int64_t>(pool.size());
+  TORCH_CHECK(available >= k, "topk_grow: internal selection error (", k, " of ", available, ")");
+  if (available > k) cut_to_k();
+  // Final order: score descending, equal scores by position: a stable LSD radix sort of
+  // the position-ordered pool on the complemented key, two 16-bit digits.
+  scratch.resize(k);
+  for (int shift = 0; shift < 32; shift += 16) {
+    std::vector<int64_t> start((1 << 16) + 1, 0);
+    for (const auto& a : pool) ++start[((~a.key >> shift) & 0xFFFF) + 1];
+    for (int d = 0; d < (1 << 16); ++d) start[d + 1] += start[d];
+    for (const auto& a : pool) scratch[start[(~a.key >> shift) & 0xFFFF]++] = a;
+    pool.swap(scratch);
+  }
+  at::Tensor rows_out = at::empty({k}, at::kLong), cols_out = at::empty({k}, at::kLong);
   at::Tensor scores = at::empty({k}, at::kFloat);
-  int64_t* fp = flat.data_ptr<int64_t>();
-  float* sp = scores.data_ptr<float>();
-  size_t a = 0, b = 0;
+  int64_t* ro = rows_out.data_ptr<int64_t>();
+  int64_t* co = cols_out.data_ptr<int64_t>();
+  float* so = scores.data_ptr<float>();
   for (int64_t i = 0; i < k; ++i) {
-    const bool from_sel = b == order.size() || (a < sel_flat.size() && sel_flat[a] < cand_flat[order[b]]);
-    if (from_sel) {
-      fp[i] = sel_flat[a];
-      sp[i] = sel_score[a++];
-    } else {
-      fp[i] = cand_flat[order[b]];
-      sp[i] = cand_score[order[b++]];
-    }
+    ro[i] = pool[i].row;
+    co[i] = pool[i].col;
+    so[i] = pool[i].score;
   }
-  // Final order: score descending, equal scores by position (a stable sort of the
-  // position-ascending list).
-  const at::Tensor by_score = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/0, /*descending=*/true));
-  flat = flat.index_select(0, by_score);
-  scores = scores.index_select(0, by_score);
-  return {at::div(flat, kk, "floor"), at::remainder(flat, kk), scores.to(dy.scalar_type())};
+  return {rows_out, cols_out, scores.to(dy.scalar_type())};
 }
 
 void check_topk_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
@@ -333,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_cpu(const at::Tensor& d
   check_topk_args(dy, x, row_ptr, col_idx, k, tile_elems);
   const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
   check_csr("topk_grow", placeholder, row_ptr, col_idx, dy.size(1), x.size(1));
-  if (compute_type(dy.scalar_type()) == at::kFloat) return topk_grow_radix_cpu(dy, x, row_ptr, col_idx, k, tile_elems);
+  if (compute_type(dy.scalar_type()) == at::kFloat) return topk_grow_keys_cpu(dy, x, row_ptr, col_idx, k, tile_elems);
   return topk_grow_tiles(dy, x, row_ptr, col_idx, k, tile_elems);
 }
 

@@ -6,6 +6,14 @@ import torch
 from torch import Tensor
 
 
+def gather_or_zero(values: Tensor, source: Tensor) -> Tensor:
+    """``values[source]`` with 0 where ``source`` is -1: a gather and a fill, where masked
+    indexing (``new[kept] = values[source[kept]]``) costs two nonzero passes and a scatter."""
+    if values.numel() == 0:  # nothing to gather from: every entry is new
+        return values.new_zeros(source.shape)
+    return values.index_select(0, source.clamp_min(0)).masked_fill_(source < 0, 0)
+
+
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, source: Tensor,
                           old_numel: int) -> int:
     """Re-index ``param``'s per-element state after its values were rebuilt.
@@ -18,16 +26,10 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.nn.Para
     state = optimizer.state.get(param)
     if not state:
         return 0
-    kept = source >= 0
-    all_kept = bool(kept.all())  # a pure drop: one gather, no masked writes
+    all_kept = bool((source >= 0).all())  # a pure drop: one gather, no fill
     remapped = 0
     for key, value in list(state.items()):
         if isinstance(value, Tensor) and value.dim() == 1 and value.numel() == old_numel and key != "step":
-            if all_kept:
-                state[key] = value[source]
-            else:
-                new = value.new_zeros(source.numel())
-                new[kept] = value[source[kept]]
-                state[key] = new
+            state[key] = value.index_select(0, source) if all_kept else gather_or_zero(value, source)
             remapped += 1
     return remapped

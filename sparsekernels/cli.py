@@ -252,7 +252,13 @@ def _cmd_spdy(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    levels = [float(v) for v in args.levels.split(",")] if "," in args.levels else int(args.levels)
+    text = args.levels.strip()
+    try:
+        levels = [float(v) for v in text.split(",")] if ("," in text or "." in text) else int(text)
+    except ValueError:
+        print(f"sparsekernels spdy: --levels must be a count (e.g. 40) or comma-separated sparsities, got {text!r}",
+              file=sys.stderr)
+        return 2
     try:
         out = run(args.model, target_speedup=args.target_speedup, levels=levels, method=args.method,
                   search_steps=args.search_steps, repeats=args.repeats, seed=args.seed, width=args.width,

@@ -54,9 +54,9 @@ def assert_agrees(result, batch):
         again = f" (timed again after predicted {predicted:.3f}x, measured {measured:.3f}x)"
         dense = result.dense_model
         db = spdy.measure_timings(dense, batch, {n: dense.get_submodule(n) for n in result.plan},
-                                  result.timings.levels, progress=False)
+                                  result.timings.levels, repeats=9, progress=False)
         predicted = db.dense_s / db.planned_s([result.level_index[n] for n in db.names])
-        measured = result.measure()
+        measured = result.measure(rounds=15)
         gap = abs(measured / predicted - 1)
     print(f"\nSPDY target {result.target_speedup}x: predicted {predicted:.3f}x, measured {measured:.3f}x{again}")  # -s
     assert gap <= AGREEMENT, f"predicted {predicted:.3f}x vs measured {measured:.3f}x\n" + result.table()
@@ -353,6 +353,9 @@ def test_cli_reports_an_unreachable_target(tmp_path, capsys, one_thread):
                    "--repeats", "3", "--target-speedup", "1000", "--out", str(tmp_path), "--no-progress"])
     assert rc == 2 and "at most" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    for bad in ("0.5,1.5", "many"):
+        assert cli.main(["spdy", "--width", "64", "--levels", bad, "--out", str(tmp_path)]) == 2
+        assert "levels" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- bad input

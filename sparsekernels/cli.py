@@ -272,6 +272,8 @@ def _cmd_spdy(args) -> int:
     print(f"results: {out['json']}")
     if out["png"]:
         print(f"plot: {out['png']}")
+    elif not args.no_plot:
+        print("plot skipped (matplotlib is not installed)")
     return 0
 
 

@@ -10,6 +10,7 @@ tests are selected (``pytest tests/test_spdy.py -m slow``); ``sparsekernels spdy
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -339,8 +340,9 @@ def test_cli_writes_table_png_json(tmp_path, capsys, one_thread):
     out = capsys.readouterr().out
     assert "sparsity" in out and "planned ms" in out and "predicted speed-up" in out
     (js,) = tmp_path.glob("spdy-mlp-cpu-*.json")
-    (png,) = tmp_path.glob("spdy-mlp-cpu-*.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib") is not None:  # the GPU machine's Python has none
+        (png,) = tmp_path.glob("spdy-mlp-cpu-*.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(js.read_text())
     assert data["machine"]["cpu"] and data["config"]["levels"] == 4
     res = data["result"]

@@ -105,8 +105,8 @@ def run(kind: str = "mlp", *, target_speedup: float | None = None, levels: int =
         batch: int | None = None, out_dir: str = os.path.join("bench", "results"), make_plot: bool = True,
         progress: bool = True) -> dict:
     """Searches, applies and measures the plan on the demo model; writes
-    ``spdy-<kind>-<device>-<time>.json`` (and ``.png``) into ``out_dir``. Returns
-    ``{"result", "json", "png", "description"}``."""
+    ``spdy-<kind>-<device>-<time>.json`` (and ``.png`` where matplotlib is installed) into
+    ``out_dir``. Returns ``{"result", "json", "png" (None without a plot), "description"}``."""
     model, data, description = demo_model(kind, width=width, batch=batch, seed=seed)
     target = target_speedup or DEFAULTS[kind]["target_speedup"]
     result = search(model, data, target_speedup=target, levels=levels, method=method, search_steps=search_steps,
@@ -118,5 +118,10 @@ def run(kind: str = "mlp", *, target_speedup: float | None = None, levels: int =
                           "method": method, "search_steps": search_steps, "repeats": repeats, "seed": seed},
                "result": result.to_dict()}
     path = harness.write_json(stem + ".json", payload)
-    png = plot(result, stem + ".png", description) if make_plot else None
+    png = None
+    if make_plot:
+        try:
+            png = plot(result, stem + ".png", description)
+        except ImportError:  # no matplotlib (the GPU machine's Python): JSON only
+            png = None
     return {"result": result, "json": path, "png": png, "description": description}

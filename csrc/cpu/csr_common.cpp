@@ -187,29 +187,24 @@ void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t) {
 }
 
 template <typename in_t, typename out_t>
-void unpack_impl(const at::Tensor& panels, at::Tensor& out, int64_t m) {
-  const int64_t n = panels.size(1), t = panels.size(2);
-  const in_t* src = panels.data_ptr<in_t>();
-  out_t* dst = out.data_ptr<out_t>();
-  constexpr int64_t nb = 64;
-  const int64_t n_blocks = (n + nb - 1) / nb;
-  const int64_t p_count = panels.size(0);
-  at::parallel_for(0, p_count * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / n_blocks, n0 = (task % n_blocks) * nb;
-      const int64_t n1 = std::min(n, n0 + nb);
-      const in_t* panel = src + p * n * t;
-      for (int64_t j0 = 0; j0 < t; j0 += 16) {
-        const int64_t cols = std::min<int64_t>(16, m - (p * t + j0));  // output rows left
-        if (cols <= 0) break;
-        for (int64_t nn = n0; nn < n1; nn += 16) {
-          const int64_t rows = std::min<int64_t>(16, n1 - nn);
-          // panel[nn + r][j0 + c] -> out[p*t + j0 + c][nn + r]
-          transpose_tile(panel + nn * t + j0, t, int64_t(1), dst + (p * t + j0) * n + nn, n, rows,
-                         cols);
-        }
-      }
+void store_block_impl(const in_t* block, int64_t t, int64_t rows, int64_t p, int64_t r0, out_t* y, int64_t m,
+                      int64_t n) {
+  for (int64_t j0 = 0; j0 < t; j0 += 16) {
+    const int64_t cols = std::min<int64_t>(16, m - (p * t + j0));  // batch rows left
+    if (cols <= 0) break;
+    for (int64_t rr = 0; rr < rows; rr += 16) {
+      // block[rr + r][j0 + c] -> y[p*t + j0 + c][r0 + rr + r]
+      transpose_tile(block + rr * t + j0, t, int64_t(1), y + (p * t + j0) * n + r0 + rr, n,
+                     std::min<int64_t>(16, rows - rr), cols);
     }
+  }
+}
+
+template <typename in_t>
+void store_block_any(const in_t* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y) {
+  const int64_t m = y.size(0), n = y.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "store_block", [&] {
+    store_block_impl<in_t, scalar_t>(block, t, rows, p, r0, y.data_ptr<scalar_t>(), m, n);
   });
 }
 
@@ -232,18 +227,12 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
   return out;
 }
 
-at::Tensor unpack_panels(const at::Tensor& panels, int64_t m, at::ScalarType out_dtype) {
-  at::Tensor out = at::empty({m, panels.size(1)}, panels.options().dtype(out_dtype));
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "unpack_panels", [&] {
-    using out_t = scalar_t;
-    if (panels.scalar_type() == at::kDouble) {
-      unpack_impl<double, out_t>(panels, out, m);
-    } else {
-      unpack_impl<float, out_t>(panels, out, m);
-    }
-  });
-  return out;
+void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y) {
+  store_block_any(block, t, rows, p, r0, y);
+}
+
+void store_block(const double* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y) {
+  store_block_any(block, t, rows, p, r0, y);
 }
 
 }  // namespace sparsekernels::cpu

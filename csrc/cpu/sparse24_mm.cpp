@@ -20,8 +20,9 @@ namespace {
 
 constexpr int64_t kRows = 4;  // rows in lockstep: kRows x (T/16) = 16 zmm accumulators
 
+// Rows [r0, r1) into block [r1 - r0, T].
 template <typename acc_t, int64_t T>
-void rows24_generic(const acc_t* panel_x, acc_t* panel_y, const acc_t* vals, const uint8_t* meta, int64_t groups,
+void rows24_generic(const acc_t* panel_x, acc_t* block, const acc_t* vals, const uint8_t* meta, int64_t groups,
                     int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     acc_t acc[T] = {};
@@ -33,13 +34,13 @@ void rows24_generic(const acc_t* panel_x, acc_t* panel_y, const acc_t* vals, con
       const acc_t w0 = v[2 * g], w1 = v[2 * g + 1];
       for (int64_t j = 0; j < T; ++j) acc[j] += w0 * x0[j] + w1 * x1[j];
     }
-    for (int64_t j = 0; j < T; ++j) panel_y[r * T + j] = acc[j];
+    for (int64_t j = 0; j < T; ++j) block[(r - r0) * T + j] = acc[j];
   }
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <int64_t T>
-__attribute__((target("avx512f"))) void rows24_avx512(const float* panel_x, float* panel_y, const float* vals,
+__attribute__((target("avx512f"))) void rows24_avx512(const float* panel_x, float* block, const float* vals,
                                                       const uint8_t* meta, int64_t groups, int64_t r0, int64_t r1) {
   constexpr int V = static_cast<int>(T / 16);
   int64_t r = r0;
@@ -62,34 +63,36 @@ __attribute__((target("avx512f"))) void rows24_avx512(const float* panel_x, floa
       }
     }
     for (int i = 0; i < kRows; ++i)
-      for (int v = 0; v < V; ++v) _mm512_storeu_ps(panel_y + (r + i) * T + 16 * v, acc[i][v]);
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(block + (r - r0 + i) * T + 16 * v, acc[i][v]);
   }
-  if (r < r1) rows24_generic<float, T>(panel_x, panel_y, vals, meta, groups, r, r1);
+  if (r < r1) rows24_generic<float, T>(panel_x, block + (r - r0) * T, vals, meta, groups, r, r1);
 }
 #endif
 
 template <typename acc_t, int64_t T>
-void sparse24_panels(const at::Tensor& px, at::Tensor& py, const at::Tensor& vals, const at::Tensor& meta) {
-  const int64_t p_count = px.size(0), k = px.size(1), n = py.size(1), groups = k / 4;
+void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta) {
+  const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1), groups = k / 4;
   constexpr int64_t kRowsPerTask = 32;  // a multiple of kRows
   const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const acc_t* x = px.data_ptr<acc_t>();
-  acc_t* y = py.data_ptr<acc_t>();
   const acc_t* v = vals.data_ptr<acc_t>();
   const uint8_t* m = meta.data_ptr<uint8_t>();
   at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
       const int64_t r1 = std::min(n, r0 + kRowsPerTask);
+      alignas(64) acc_t block[kRowsPerTask * T];
+      bool done = false;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
       if constexpr (std::is_same_v<acc_t, float>) {
         if (cpu_has_avx512()) {
-          rows24_avx512<T>(x + p * k * T, y + p * n * T, v, m, groups, r0, r1);
-          continue;
+          rows24_avx512<T>(x + p * k * T, block, v, m, groups, r0, r1);
+          done = true;
         }
       }
 #endif
-      rows24_generic<acc_t, T>(x + p * k * T, y + p * n * T, v, m, groups, r0, r1);
+      if (!done) rows24_generic<acc_t, T>(x + p * k * T, block, v, m, groups, r0, r1);
+      store_block(block, T, r1 - r0, p, r0, y);
     }
   });
 }
@@ -127,16 +130,16 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const at::ScalarType ct = compute_type(x.scalar_type());
   const int64_t t = choose_panel(m);
   const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
-  at::Tensor py = workspace(1, {px.size(0), n, t}, ct);
+  at::Tensor y = at::empty({m, n}, x.options());
   const at::Tensor v = values.to(ct).contiguous();
   if (ct == at::kDouble) {
-    if (t == kWidePanel) sparse24_panels<double, kWidePanel>(px, py, v, mc);
-    else sparse24_panels<double, kNarrowPanel>(px, py, v, mc);
+    if (t == kWidePanel) sparse24_panels<double, kWidePanel>(px, y, v, mc);
+    else sparse24_panels<double, kNarrowPanel>(px, y, v, mc);
   } else {
-    if (t == kWidePanel) sparse24_panels<float, kWidePanel>(px, py, v, mc);
-    else sparse24_panels<float, kNarrowPanel>(px, py, v, mc);
+    if (t == kWidePanel) sparse24_panels<float, kWidePanel>(px, y, v, mc);
+    else sparse24_panels<float, kNarrowPanel>(px, y, v, mc);
   }
-  return unpack_panels(py, m, x.scalar_type()).view(out_shape);
+  return y.view(out_shape);
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) { m.impl("sparse24_mm", &sparse24_mm_cpu); }

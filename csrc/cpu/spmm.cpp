@@ -6,7 +6,8 @@
 //
 // Work decomposition: X is packed into batch panels [P, K, T] (see csr_common.h); a task
 // is (panel p, block of output rows). Tasks are numbered panel-major so a thread sweeps
-// all its rows against one panel while that panel sits in its L2.
+// all its rows against one panel while that panel sits in its L2. A task computes its
+// rows into a small buffer in L1 and writes them transposed into y (store_block).
 #include "csr_common.h"
 
 #include <torch/library.h>
@@ -28,8 +29,9 @@ constexpr int64_t kRowsPerTask = 32;
 constexpr int32_t kPrefetch = 8;
 
 // Portable path (any ISA, any compute type): the compiler vectorises the T-wide axpy.
+// Rows [r0, r1) into block [r1 - r0, T].
 template <typename acc_t, int64_t T>
-void spmm_rows_generic(const acc_t* panel_x, acc_t* panel_y, const int32_t* row_ptr,
+void spmm_rows_generic(const acc_t* panel_x, acc_t* block, const int32_t* row_ptr,
                        const int32_t* col_idx, const acc_t* vals, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     acc_t acc[T] = {};
@@ -39,7 +41,7 @@ void spmm_rows_generic(const acc_t* panel_x, acc_t* panel_y, const int32_t* row_
 #pragma GCC ivdep
       for (int64_t j = 0; j < T; ++j) acc[j] += w * x[j];
     }
-    acc_t* y = panel_y + r * T;
+    acc_t* y = block + (r - r0) * T;
     for (int64_t j = 0; j < T; ++j) y[j] = acc[j];
   }
 }
@@ -48,7 +50,7 @@ void spmm_rows_generic(const acc_t* panel_x, acc_t* panel_y, const int32_t* row_
 // AVX-512 path for fp32. T / 16 accumulators per row, doubled (two non-zeros in flight)
 // so the FMA chains are independent: 8 chains for T = 64 hide the 4-cycle FMA latency.
 template <int64_t T>
-__attribute__((target("avx512f"))) void spmm_rows_avx512(const float* panel_x, float* panel_y,
+__attribute__((target("avx512f"))) void spmm_rows_avx512(const float* panel_x, float* block,
                                                          const int32_t* row_ptr,
                                                          const int32_t* col_idx,
                                                          const float* vals, int64_t r0,
@@ -86,30 +88,29 @@ __attribute__((target("avx512f"))) void spmm_rows_avx512(const float* panel_x, f
       const __m512 wa = _mm512_set1_ps(vals[e]);
       for (int v = 0; v < V; ++v) a[v] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xa + 16 * v), a[v]);
     }
-    float* y = panel_y + r * T;
+    float* y = block + (r - r0) * T;
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + 16 * v, _mm512_add_ps(a[v], b[v]));
   }
 }
 #endif
 
 template <typename acc_t, int64_t T>
-void run_rows(const acc_t* px, acc_t* py, const int32_t* rp, const int32_t* ci, const acc_t* v,
+void run_rows(const acc_t* px, acc_t* block, const int32_t* rp, const int32_t* ci, const acc_t* v,
               int64_t r0, int64_t r1) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx512()) return spmm_rows_avx512<T>(px, py, rp, ci, v, r0, r1);
+    if (cpu_has_avx512()) return spmm_rows_avx512<T>(px, block, rp, ci, v, r0, r1);
   }
 #endif
-  spmm_rows_generic<acc_t, T>(px, py, rp, ci, v, r0, r1);
+  spmm_rows_generic<acc_t, T>(px, block, rp, ci, v, r0, r1);
 }
 
 template <typename acc_t, int64_t T>
-void spmm_panels(const at::Tensor& px, at::Tensor& py, const at::Tensor& row_ptr,
+void spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
                  const at::Tensor& col_idx, const at::Tensor& vals) {
-  const int64_t p_count = px.size(0), k = px.size(1), n = py.size(1);
+  const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1);
   const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const acc_t* x = px.data_ptr<acc_t>();
-  acc_t* y = py.data_ptr<acc_t>();
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const acc_t* v = vals.data_ptr<acc_t>();
@@ -117,7 +118,9 @@ void spmm_panels(const at::Tensor& px, at::Tensor& py, const at::Tensor& row_ptr
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
       const int64_t r1 = std::min(n, r0 + kRowsPerTask);
-      run_rows<acc_t, T>(x + p * k * T, y + p * n * T, rp, ci, v, r0, r1);
+      alignas(64) acc_t block[kRowsPerTask * T];
+      run_rows<acc_t, T>(x + p * k * T, block, rp, ci, v, r0, r1);
+      store_block(block, T, r1 - r0, p, r0, y);
     }
   });
 }
@@ -176,17 +179,17 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
   const at::ScalarType ct = compute_type(x.scalar_type());
   const int64_t t = choose_panel(m);
   const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
-  at::Tensor py = workspace(1, {px.size(0), n, t}, ct);
+  at::Tensor y = at::empty({m, n}, x.options());
   const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   if (ct == at::kDouble) {
-    if (t == kWidePanel) spmm_panels<double, kWidePanel>(px, py, rp, ci, v);
-    else spmm_panels<double, kNarrowPanel>(px, py, rp, ci, v);
+    if (t == kWidePanel) spmm_panels<double, kWidePanel>(px, y, rp, ci, v);
+    else spmm_panels<double, kNarrowPanel>(px, y, rp, ci, v);
   } else {
-    if (t == kWidePanel) spmm_panels<float, kWidePanel>(px, py, rp, ci, v);
-    else spmm_panels<float, kNarrowPanel>(px, py, rp, ci, v);
+    if (t == kWidePanel) spmm_panels<float, kWidePanel>(px, y, rp, ci, v);
+    else spmm_panels<float, kNarrowPanel>(px, y, rp, ci, v);
   }
-  return unpack_panels(py, m, x.scalar_type()).view(out_shape);
+  return y.view(out_shape);
 }
 
 }  // namespace

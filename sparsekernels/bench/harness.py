@@ -95,6 +95,77 @@ def git_commit() -> str:
         return "unknown"
 
 
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cache_sizes_kib(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
+    """Per-core data / unified cache sizes of cpu0 in KiB: {"l1d_kib": .., "l2_kib": .., "l3_kib": ..}."""
+    out = {}
+    try:
+        entries = sorted(os.listdir(sysfs))
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(sysfs, entry, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(sysfs, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(sysfs, entry, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        mult = {"K": 1, "M": 1024, "G": 1024 * 1024}.get(size[-1].upper(), None)
+        kib = int(size[:-1]) * mult if mult else int(size) // 1024
+        out[f"l{level}{'d' if kind == 'Data' else ''}_kib"] = kib
+    return out
+
+
+def machine_kind(vendor: str, model: str, flags: set[str]) -> str:
+    """A short name for the kind of CPU, the unit results are compared by: "amd-epyc",
+    "intel-sapphire-rapids" (Xeon with AMX), "intel-xeon", else vendor and model."""
+    if vendor == "AuthenticAMD":
+        return "amd-epyc" if "EPYC" in model else "amd"
+    if vendor == "GenuineIntel":
+        if "amx_tile" in flags:
+            return "intel-sapphire-rapids"  # AMX first shipped with Sapphire Rapids Xeons
+        return "intel-xeon" if "Xeon" in model else "intel"
+    return (vendor or platform.machine()).lower()
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU's kind, its SIMD / matrix features and cache sizes (what the kernels'
+    speed depends on), from /proc/cpuinfo and sysfs; empty fields where unreadable."""
+    vendor = model = ""
+    flags: set[str] = set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_kind": machine_kind(vendor, model, flags),
+            "cpu_flags": [f for f in _FLAGS if f in flags], **_cache_sizes_kib()}
+
+
+def describe_cpu(info: dict) -> str:
+    """One line naming the machine kind for table titles: kind, model, caches."""
+    caches = ", ".join(f"{k.split('_')[0].upper()} {v} KiB" for k, v in info.items() if k.endswith("_kib"))
+    feats = "/".join(info.get("cpu_flags", [])) or "no AVX-512"
+    return f"{info.get('cpu_kind', '?')}: {info.get('cpu', '?')} ({feats}; {caches})"
+
+
 def machine_info(device: str = "cpu") -> dict:
     """What the numbers were measured on."""
     info = {
@@ -114,6 +185,7 @@ def machine_info(device: str = "cpu") -> dict:
                     break
     except OSError:
         pass
+    info.update(cpu_features())
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     from .. import _extension

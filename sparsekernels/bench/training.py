@@ -79,8 +79,10 @@ def time_steps(method: str, *, in_dim: int = 1024, hidden: int = 4096, out_dim: 
     # the timed window.
     handle = attach(method, model, optimizer, sparsity=sparsity, update_interval=update_interval,
                     total_steps=int(total / 0.75) + 1, seed=seed)
-    times, losses = [], []
+    history = getattr(handle, "history", None)
+    times, losses, update_steps = [], [], []
     for i, (x, y) in enumerate(teacher_student_batches(in_dim, out_dim, batch, total, seed)):
+        n_updates = len(history) if history is not None else 0
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x), y)
@@ -88,12 +90,26 @@ def time_steps(method: str, *, in_dim: int = 1024, hidden: int = 4096, out_dim: 
         optimizer.step()
         dt = time.perf_counter() - t0
         if i >= warmup:
+            if history is not None and len(history) > n_updates:
+                update_steps.append(len(times))  # this step ran a topology update
             times.append(dt)
         losses.append(float(loss.detach()))
     params = sum(p.numel() for p in model.parameters())
     return {"method": method, "step_s": times, "median_step_s": statistics.median(times),
-            "mean_step_s": statistics.fmean(times), "losses": losses,
-            "params": params, "updates": len(handle.history) if handle is not None and hasattr(handle, "history") else 0}
+            "mean_step_s": statistics.fmean(times), "losses": losses, "params": params,
+            "updates": len(history) if history is not None else 0, "update_steps": update_steps}
+
+
+def update_cost_in_dense_steps(result: dict, dense_median_s: float) -> float | None:
+    """What one topology update adds to its step, in dense training steps of the same
+    model: (mean time of the steps that ran an update - median of the others) / dense
+    median step. None when no timed step ran an update."""
+    upd = set(result.get("update_steps", []))
+    if not upd:
+        return None
+    with_update = [t for i, t in enumerate(result["step_s"]) if i in upd]
+    plain = [t for i, t in enumerate(result["step_s"]) if i not in upd] or with_update
+    return (statistics.fmean(with_update) - statistics.median(plain)) / dense_median_s
 
 
 def compare(methods=METHODS, progress=None, **kwargs) -> dict:
@@ -108,4 +124,5 @@ def compare(methods=METHODS, progress=None, **kwargs) -> dict:
         r["speedup_vs_dense"] = dense["median_step_s"] / r["median_step_s"] if dense else None
         # Mean: the wall-clock per step with the topology updates amortised in.
         r["mean_speedup_vs_dense"] = dense["mean_step_s"] / r["mean_step_s"] if dense else None
+        r["update_cost_dense_steps"] = update_cost_in_dense_steps(r, dense["median_step_s"]) if dense else None
     return results

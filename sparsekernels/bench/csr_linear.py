@@ -30,7 +30,10 @@ QUICK_SHAPES = [(256, 4096, 4096), (2048, 768, 3072)]
 QUICK_SPARSITIES = [0.9, 0.95, 0.98]
 
 # Published reference: SparseProp (Nikdan et al. 2023), CPU, B=2048, 768 -> 3072, 98%.
-SPARSEPROP = {"shape": (2048, 768, 3072), "sparsity": 0.98, "forward": 2.22, "backward": 2.35}
+# SparseProp's case (B = 2048, 768 -> 3072, 98%): the paper reports 2.22x forward and
+# 2.35x backward over dense; our target is 5x for the forward and for the layer step.
+SPARSEPROP = {"shape": (2048, 768, 3072), "sparsity": 0.98, "paper_forward": 2.22, "paper_backward": 2.35,
+              "goal": 5.0}
 
 
 @dataclass
@@ -136,10 +139,10 @@ def targets(results: list[CaseResult], sparse24: list[dict] = ()) -> list[dict]:
     add("layer step vs dense, (256,4096,4096) @ 90%", (256, 4096, 4096, 0.9), "step_vs_dense", 3.5)
     add("fwd vs dense, (256,4096,4096) @ 95%", (256, 4096, 4096, 0.95), "fwd_vs_dense", 7.0)
     sp_key = (*SPARSEPROP["shape"], SPARSEPROP["sparsity"])
-    add("fwd vs dense, SparseProp case (2048,768,3072) @ 98% (SparseProp: 2.22x)", sp_key, "fwd_vs_dense",
-        SPARSEPROP["forward"])
-    add("bwd vs dense, SparseProp case (2048,768,3072) @ 98% (SparseProp: 2.35x)", sp_key, "bwd_vs_dense",
-        SPARSEPROP["backward"])
+    add(f"fwd vs dense, SparseProp case (2048,768,3072) @ 98% (SparseProp: {SPARSEPROP['paper_forward']}x)",
+        sp_key, "fwd_vs_dense", SPARSEPROP["goal"])
+    add(f"layer step vs dense, SparseProp case (2048,768,3072) @ 98% (SparseProp bwd: "
+        f"{SPARSEPROP['paper_backward']}x)", sp_key, "step_vs_dense", SPARSEPROP["goal"])
     for r in sparse24:
         if (r["batch"], r["in_features"], r["out_features"]) == (256, 4096, 4096):
             checks.append({"target": "2:4 fwd vs dense, (256,4096,4096)", "value": round(r["fwd_vs_dense"], 3),

@@ -234,16 +234,26 @@ def dispatch(op: str, device: torch.device, dtype: torch.dtype, run: Callable[[s
     ``candidates`` narrows the backends measured, ``static`` replaces :func:`resolve`'s
     choice for unmeasured calls (for ops whose backends differ from the CSR family's).
     """
+    choice = planned(op, device, dtype, flops=flops, key=key, candidates=candidates, static=static)
+    if choice is not None:
+        return run(choice)
+    cands = list(candidates) if candidates is not None else auto_candidates(device.type)
+    full_key = (op, str(device), str(dtype).replace("torch.", ""), *key)
+    return _measure(op, full_key, cands, run, device, dtype)
+
+
+def planned(op: str, device: torch.device, dtype: torch.dtype, *, flops: float = 0.0, key: tuple = (),
+            candidates: Sequence[str] | None = None, static: str | None = None) -> str | None:
+    """The backend :func:`dispatch` would run ``op`` on now with these arguments, or None
+    when it would measure the candidates first (lets a caller fuse two products that both
+    run on one backend)."""
     static = static if static is not None else resolve(op, device, dtype)
     cands = list(candidates) if candidates is not None else auto_candidates(device.type)
     if (get_backend() != "auto" or flops < MEASURE_MIN_FLOPS or len(cands) < 2 or not measuring_enabled()
             or _capturing(device)):
-        return run(static)
-    full_key = (op, str(device), str(dtype).replace("torch.", ""), *key)
-    entry = _measured.get(full_key)
-    if entry is not None:
-        return run(entry["choice"])
-    return _measure(op, full_key, cands, run, device, dtype)
+        return static
+    entry = _measured.get((op, str(device), str(dtype).replace("torch.", ""), *key))
+    return None if entry is None else entry["choice"]
 
 
 def _measure(op: str, full_key: tuple, cands: list[str], run: Callable[[str], T], device: torch.device,

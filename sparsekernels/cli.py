@@ -33,7 +33,11 @@ def _parse_shapes(text: str | None):
         return None
     shapes = []
     for part in text.split(";"):
-        b, i, o = (int(v) for v in part.strip().split(","))
+        try:
+            b, i, o = (int(v) for v in part.strip().split(","))
+        except ValueError:
+            raise ValueError(f"--shapes: expected B,IN,OUT integer triples separated by ';' "
+                             f"(e.g. '256,4096,4096;2048,768,3072'), got {part.strip()!r}") from None
         shapes.append((b, i, o))
     return shapes
 

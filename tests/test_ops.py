@@ -659,3 +659,70 @@ def test_unmeasured_auto_takes_the_compiled_kernel_at_every_density(sparsity, mo
     assert seen == [fast]
     with sparsekernels.use_backend("reference"):
         assert backends.resolve("spmm", cpu, torch.float32) == "reference"  # an explicit choice wins
+
+
+# ------------------------------------------------- spmm's backward: one packing of dy for both
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("lead,out_f,in_f,sparsity", [((5,), 7, 9, 0.5), ((3, 33), 40, 17, 0.9), ((70,), 19, 130, 0.0),
+                                                      ((0,), 6, 4, 0.5), ((16,), 8, 8, 1.0)])
+def test_fused_spmm_backward_equals_the_two_ops(dtype, lead, out_f, in_f, sparsity):
+    """The compiled spmm_backward (spmm_t and sddmm sharing one packing of dy) returns
+    exactly what the two ops return separately: odd sizes, batch dims, empty rows, empty
+    batch, sparsity 0 and 1, fp32 / fp64 / bf16."""
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    seed = torch.seed() % 2**31
+    csr = make_csr(out_f, in_f, sparsity, dtype, seed=seed, empty_rows=True)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(*lead, out_f, generator=g).to(dtype)
+    x = torch.randn(*lead, in_f, generator=g).to(dtype)
+    C = torch.ops.sparsekernels_C
+    gx, gv = C.spmm_backward(dy, x, csr.values, *csr.pattern())
+    assert torch.equal(gx, C.spmm_t(dy, csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)), seed
+    assert torch.equal(gv, C.sddmm(dy, x, csr.row_ptr, csr.col_idx, None)), seed
+
+
+def test_fused_spmm_backward_rejects_bad_input():
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    csr = make_csr(6, 5, 0.5)
+    C = torch.ops.sparsekernels_C
+    with pytest.raises(ValueError, match="dy must have last dimension 6"):
+        C.spmm_backward(torch.randn(3, 5), torch.randn(3, 5), csr.values, *csr.pattern())
+    with pytest.raises(ValueError, match="leading"):
+        C.spmm_backward(torch.randn(3, 6), torch.randn(4, 5), csr.values, *csr.pattern())
+    with pytest.raises(TypeError, match="dtype"):
+        C.spmm_backward(torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 5), csr.values, *csr.pattern())
+
+
+def test_layer_backward_uses_the_fused_op_and_double_backward_does_not(monkeypatch):
+    """A plain backward on the CPU kernels runs spmm_backward once per layer (both gradients
+    wanted); a backward that builds a graph (double backward) or wants one gradient only
+    runs the differentiable ops, with the same gradients."""
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    calls = []
+    real = csr_matmul._compiled
+    monkeypatch.setattr(csr_matmul, "_compiled", lambda name: (calls.append(name), real(name))[1])
+    torch.manual_seed(0)
+    layer = sparsekernels.SparseLinear(24, 12, sparsity=0.7, dtype=torch.float64)
+    x = torch.randn(9, 24, dtype=torch.float64, requires_grad=True)
+    with sparsekernels.use_backend("cpu"):
+        layer(x).square().sum().backward()
+    assert calls.count("spmm_backward") == 1
+    torch.library.opcheck(csr_matmul._spmm_backward_cpu_op, (torch.randn(9, 12, dtype=torch.float64), x.detach(),
+                                                            layer.values.detach(), *layer.csr().pattern()))
+    gx, gv = x.grad.clone(), layer.values.grad.clone()
+    x.grad, layer.values.grad = None, None
+    calls.clear()
+    with sparsekernels.use_backend("cpu"):
+        y = layer(x).square().sum()
+        ggx, ggv = torch.autograd.grad(y, (x, layer.values), create_graph=True)
+    assert "spmm_backward" not in calls
+    torch.testing.assert_close(ggx, gx, rtol=0, atol=0)
+    torch.testing.assert_close(ggv, gv, rtol=0, atol=0)
+    calls.clear()
+    x2 = x.detach()
+    with sparsekernels.use_backend("cpu"):
+        layer(x2).sum().backward()                      # the weight gradient only
+    assert "spmm_backward" not in calls

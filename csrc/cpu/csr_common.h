@@ -64,6 +64,15 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
 void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y);
 void store_block(const double* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y);
 
+// The CSR ops with the dense operand dy [..., N] already packed (pack_panels of dy viewed
+// as [M, N], panel width choose_panel(M), compute_type(dy), slot 0), or nullptr to pack it
+// themselves: spmm_t (dx = dy W) and sddmm (dvalues = (dy^T x) at W's pattern) of one
+// backward share one packing of dy (spmm_backward.cpp). Both check their inputs.
+at::Tensor spmm_t_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::Tensor& values,
+                         const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx, const at::Tensor& t_perm);
+at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::Tensor& x, const at::Tensor& row_ptr,
+                        const at::Tensor& col_idx);
+
 // A per-thread scratch buffer of at least `numel` elements, reused across calls. Slot
 // `slot` (0..kWorkspaceSlots-1) lets one op hold several at once. Why: the packed panels
 // are megabytes, and a fresh allocation of that size costs its page faults on every call

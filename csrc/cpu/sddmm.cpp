@@ -122,6 +122,11 @@ void sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
 // dy [..., N], x [..., K] with the same leading dimensions. Returns dy's dtype.
 at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                      const at::Tensor& col_idx, const std::optional<at::Tensor>& /*row_order: GPU only*/) {
+  return sddmm_packed(dy, nullptr, x, row_ptr, col_idx);
+}
+
+at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy_packed, const at::Tensor& x,
+                        const at::Tensor& row_ptr, const at::Tensor& col_idx) {
   TORCH_CHECK_TYPE(at::isFloatingType(dy.scalar_type()),
                    "sddmm: dy must be a floating dtype, got ", dy.scalar_type());
   TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "sddmm: dy and x must have at least 1 dimension");
@@ -144,7 +149,8 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   if (m == 0 || nnz == 0) return out.to(dy.scalar_type());
 
   const int64_t t = choose_panel(m);
-  const at::Tensor pdy = pack_panels(dy2, t, ct, /*slot=*/0), px = pack_panels(x2, t, ct, /*slot=*/1);
+  const at::Tensor pdy = pdy_packed ? *pdy_packed : pack_panels(dy2, t, ct, /*slot=*/0);
+  const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/1);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   if (ct == at::kDouble) {
     if (t == kWidePanel) sddmm_panels<double, kWidePanel>(pdy, px, out, rp, ci);

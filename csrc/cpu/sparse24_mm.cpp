@@ -130,7 +130,10 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const at::ScalarType ct = compute_type(x.scalar_type());
   const int64_t t = choose_panel(m);
   const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
-  at::Tensor y = at::empty({m, n}, x.options());
+  // Allocated in the output's shape and returned as is (not a view: callers add the bias
+  // in place); the kernels write it as [M, N].
+  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor y = out.view({m, n});
   const at::Tensor v = values.to(ct).contiguous();
   if (ct == at::kDouble) {
     if (t == kWidePanel) sparse24_panels<double, kWidePanel>(px, y, v, mc);
@@ -139,7 +142,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     if (t == kWidePanel) sparse24_panels<float, kWidePanel>(px, y, v, mc);
     else sparse24_panels<float, kNarrowPanel>(px, y, v, mc);
   }
-  return y.view(out_shape);
+  return out;
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) { m.impl("sparse24_mm", &sparse24_mm_cpu); }

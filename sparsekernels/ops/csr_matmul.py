@@ -29,12 +29,12 @@ from ..kernels.launch_plan import launch_plan, rows_sorted
 TILED_MIN_ROWS = 256
 
 
-def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run,
-              tiled_pattern: tuple[Tensor, Tensor] | None = None):
-    """Runs ``run(backend)`` on the backend chosen for a CSR product of W [out, in] with
-    ``nnz`` non-zeros and a dense operand ``lead`` [..., *] (``backends.dispatch``).
-    ``tiled_pattern`` (row_ptr, col_idx) of the rows the kernel walks makes the tiled CUDA
-    variant a candidate when its columns are sorted."""
+def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
+                   tiled_pattern: tuple[Tensor, Tensor] | None = None) -> dict:
+    """The flops, shape class and candidates under which a CSR product of W [out, in] with
+    ``nnz`` non-zeros and a dense operand ``lead`` [..., *] is dispatched. ``tiled_pattern``
+    (row_ptr, col_idx) of the rows the kernel walks makes the tiled CUDA variant a
+    candidate when its columns are sorted."""
     out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
     m = lead.shape[:-1].numel()
     density = nnz / (out_f * in_f) if out_f * in_f else 1.0
@@ -43,8 +43,15 @@ def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: in
             and "cuda" in backends.auto_candidates("cuda") and backends.get_backend() == "auto"
             and rows_sorted(*tiled_pattern)):
         candidates = [*backends.auto_candidates("cuda"), "cuda:tiled"]
-    return backends.dispatch(op, lead.device, lead.dtype, run, flops=2.0 * m * out_f * in_f,
-                             key=backends.shape_class(m, out_f, in_f, density=density), candidates=candidates)
+    return {"flops": 2.0 * m * out_f * in_f, "key": backends.shape_class(m, out_f, in_f, density=density),
+            "candidates": candidates}
+
+
+def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run,
+              tiled_pattern: tuple[Tensor, Tensor] | None = None):
+    """Runs ``run(backend)`` on the backend chosen for the CSR product (``backends.dispatch``)."""
+    return backends.dispatch(op, lead.device, lead.dtype, run,
+                             **_dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern))
 
 
 def _compiled(name: str):
@@ -133,8 +140,35 @@ def _save_all(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@torch.library.custom_op("sparsekernels::spmm_backward_cpu", mutates_args=())
+def _spmm_backward_cpu_op(dy: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                          t_row_ptr: Tensor, t_col_idx: Tensor, t_perm: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx = dy W, dvalues = (dy^T x) at W's pattern) in one compiled call (one packing of dy)."""
+    dx, dvalues = _compiled("spmm_backward")(dy, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    return dx, dvalues
+
+
+@_spmm_backward_cpu_op.register_fake
+def _(dy, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
+    return x.new_empty(x.shape, dtype=dy.dtype), dy.new_empty(values.shape)
+
+
+def _fused_cpu_backward(grad: Tensor, values: Tensor, row_ptr: Tensor, t_row_ptr: Tensor) -> bool:
+    """True when both gradients of spmm may come from one compiled call (one packing of
+    dy): CPU tensors, no graph of the backward wanted (no double backward), and both
+    products would run on the C++ kernels now."""
+    if grad.device.type != "cpu" or torch.is_grad_enabled() or not hasattr(torch.ops.sparsekernels_C, "spmm_backward"):
+        return False
+    args = _dispatch_args(grad, row_ptr, t_row_ptr, values.shape[0])
+    return all(backends.planned(op, grad.device, grad.dtype, **args) == "cpu" for op in ("spmm_t", "sddmm"))
+
+
 def _spmm_backward(ctx, grad):
     x, values, *pattern = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, values, pattern[0],
+                                                                                 pattern[2]):
+        gx, gv = _spmm_backward_cpu_op(grad, x, values, *pattern)
+        return gx, gv, None, None, None, None, None
     gx = _spmm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
     gv = _sddmm_op(grad, x, *pattern) if ctx.needs_input_grad[1] else None
     return gx, gv, None, None, None, None, None

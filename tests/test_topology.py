@@ -93,6 +93,26 @@ def test_drop_smallest_random_and_edge_cases():
             drop_smallest(v, bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_drop_smallest_ranks_nan_inf_and_signed_ties_like_a_stable_sort(dtype):
+    """fp32 / bf16 / fp16 go through the radix select on float bits, fp64 through a sort:
+    |±0|, |±x| ties, inf and NaN (never dropped before every number is) rank the same."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randint(-4, 5, (301,), generator=g).to(dtype) / 2
+    v[::11] = float("nan")
+    v[5::13] = float("inf")
+    v[7::17] = -float("inf")
+    v[9::19] = -0.0
+    # Ascending rank: |v| (NaN set aside), then NaN above every number; stable sorts keep
+    # position order among ties.
+    order = torch.sort(v.double().abs().nan_to_num(nan=0.0), stable=True).indices
+    order = order[torch.sort(v.isnan()[order].int(), stable=True).indices]
+    for n in (0, 1, 50, 150, 280, 301):
+        want = torch.ones(301, dtype=torch.bool)
+        want[order[:n]] = False
+        assert torch.equal(drop_smallest(v, n), want), (dtype, n)
+
+
 # --------------------------------------------------------------------------- grow_random
 @pytest.mark.parametrize("kind", ["linear", "conv_groups2"])
 def test_grow_random(kind):

@@ -122,6 +122,33 @@ def test_build_transpose_standalone(seed):
     assert t_row_ptr.dtype == t_col_idx.dtype == t_perm.dtype == torch.int32
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_compiled_transpose_in_row_chunks_equals_the_sorted_one(threads):
+    """Above 64 Ki entries the counting sort runs in row chunks, one per thread; the map
+    must equal the stable sort's exactly (empty rows, a heavy row, empty columns)."""
+    from sparsekernels import _extension
+    from sparsekernels.formats.csr import _build_transpose_sorted
+
+    if not _extension.compiled():
+        pytest.skip("needs the compiled extension")
+    g = torch.Generator().manual_seed(threads)
+    mask = torch.rand(700, 900, generator=g) < 0.35
+    mask[100:140] = False          # empty rows
+    mask[:, 5] = False             # an empty column
+    mask[333] = True               # a full row
+    csr = CSR.from_dense(torch.ones(700, 900), mask)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.sparsekernels_C.csr_transpose(csr.row_ptr, csr.col_idx, 900)
+    finally:
+        torch.set_num_threads(before)
+    want = _build_transpose_sorted(csr.row_ptr, csr.col_idx, 900)
+    assert csr.nnz > 2 * 65536
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.to(a.dtype))
+
+
 # --------------------------------------------------------------------------- validate
 def _corrupt(csr: CSR, **changes) -> CSR:
     fields = dict(values=csr.values, row_ptr=csr.row_ptr.clone(), col_idx=csr.col_idx.clone(),

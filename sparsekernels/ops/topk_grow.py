@@ -86,9 +86,11 @@ def topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
     if isinstance(tile_elems, bool) or not isinstance(tile_elems, int) or tile_elems <= 0:
         raise ValueError(f"topk_grow: tile_elems must be a positive int, got {tile_elems!r}")
     # NaN has no rank among the scores (it broke the compiled kernel's cut-off), and a
-    # non-finite gradient means the step diverged: refuse it by name on every backend.
+    # non-finite gradient means the step diverged: refuse it by name on every backend (the
+    # compiled kernels check this themselves, with the same message).
+    compiled = backends.resolve("topk_grow", dy.device, dy.dtype) in ("cpu", "cuda")
     for name, t, what in (("dy", dy, "the output gradient"), ("x", x, "the layer input")):
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if t.numel() and not compiled and not bool(torch.isfinite(t).all()):
             raise ValueError(f"topk_grow: {name} ({what}) holds NaN or inf values; the growth scores |dy^T x| are "
                              "undefined for non-finite inputs (skip the update or fix the loss scaling)")
     return _topk_grow_op(dy, x, row_ptr, col_idx, k, tile_elems)

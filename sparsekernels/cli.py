@@ -54,12 +54,13 @@ def _cmd_bench_training(args) -> int:
     if args.quick:
         kwargs.update(hidden=1024, steps=5)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("training steps", total=len(training.METHODS))
-        results = training.compare(progress=lambda m: progress.update(task, advance=1, description=m), **kwargs)
+        total = kwargs["steps"] + 3  # the timed steps and the warm-up (time_steps' default)
+        task = progress.add_task("training steps (the methods interleaved)", total=total)
+        results = training.compare(progress=lambda i: progress.update(task, completed=i), **kwargs)
     machine = harness.machine_info("cpu")
     console.print(f"machine: {harness.describe_cpu(machine)}, {machine['threads']} threads")
     table = Table(title=f"MLP 1024-{kwargs['hidden']}-{kwargs['hidden']}-256, batch 256, Adam, sparsity "
-                        f"{kwargs['sparsity']} (ERK): median per-step wall-clock")
+                        f"{kwargs['sparsity']} (ERK): median per-step wall-clock, the methods' steps interleaved")
     for col in ("method", "median ms / step", "x dense", "mean ms / step (updates included)", "x dense (mean)",
                 "params", "topology updates", "update cost (dense steps)"):
         table.add_column(col, justify="right")

@@ -65,39 +65,64 @@ def teacher_student_batches(in_dim: int, out_dim: int, batch: int, steps: int, s
         yield x, y
 
 
-def time_steps(method: str, *, in_dim: int = 1024, hidden: int = 4096, out_dim: int = 256, depth: int = 2,
-               batch: int = 256, steps: int = 30, warmup: int = 3, sparsity: float = 0.9, update_interval: int = 10,
-               seed: int = 0) -> dict:
-    """Trains the student for ``warmup + steps`` steps; returns per-step seconds and losses.
+class _TimedRun:
+    """One method training the student, one timed step at a time (so that several runs can
+    be interleaved step by step: drift of a shared machine then hits every method alike)."""
+
+    def __init__(self, method: str, *, in_dim: int = 1024, hidden: int = 4096, out_dim: int = 256, depth: int = 2,
+                 batch: int = 256, steps: int = 30, warmup: int = 3, sparsity: float = 0.9,
+                 update_interval: int = 10, seed: int = 0):
+        self.method, self.warmup = method, warmup
+        self.model = mlp([in_dim] + [hidden] * depth + [out_dim], seed)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        total = warmup + steps
+        # RigL stops updating at 75% of total_steps: stretch it so updates happen all
+        # through the timed window.
+        self.handle = attach(method, self.model, self.optimizer, sparsity=sparsity, update_interval=update_interval,
+                             total_steps=int(total / 0.75) + 1, seed=seed)
+        self.history = getattr(self.handle, "history", None)
+        self.batches = enumerate(teacher_student_batches(in_dim, out_dim, batch, total, seed))
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.update_steps: list[int] = []
+
+    def step(self) -> bool:
+        """Runs the next step; False when all steps have run."""
+        try:
+            i, (x, y) = next(self.batches)
+        except StopIteration:
+            return False
+        n_updates = len(self.history) if self.history is not None else 0
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        dt = time.perf_counter() - t0
+        if i >= self.warmup:
+            if self.history is not None and len(self.history) > n_updates:
+                self.update_steps.append(len(self.times))  # this step ran a topology update
+            self.times.append(dt)
+        self.losses.append(float(loss.detach()))
+        return True
+
+    def result(self) -> dict:
+        params = sum(p.numel() for p in self.model.parameters())
+        return {"method": self.method, "step_s": self.times, "median_step_s": statistics.median(self.times),
+                "mean_step_s": statistics.fmean(self.times), "losses": self.losses, "params": params,
+                "updates": len(self.history) if self.history is not None else 0, "update_steps": self.update_steps}
+
+
+def time_steps(method: str, **kwargs) -> dict:
+    """Trains the student for ``warmup + steps`` steps (keywords of :class:`_TimedRun`);
+    returns per-step seconds and losses.
 
     ``update_interval`` is small on purpose, so that topology updates (and their cost)
     happen inside the timed window."""
-    model = mlp([in_dim] + [hidden] * depth + [out_dim], seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    total = warmup + steps
-    # RigL stops updating at 75% of total_steps: stretch it so updates happen all through
-    # the timed window.
-    handle = attach(method, model, optimizer, sparsity=sparsity, update_interval=update_interval,
-                    total_steps=int(total / 0.75) + 1, seed=seed)
-    history = getattr(handle, "history", None)
-    times, losses, update_steps = [], [], []
-    for i, (x, y) in enumerate(teacher_student_batches(in_dim, out_dim, batch, total, seed)):
-        n_updates = len(history) if history is not None else 0
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            if history is not None and len(history) > n_updates:
-                update_steps.append(len(times))  # this step ran a topology update
-            times.append(dt)
-        losses.append(float(loss.detach()))
-    params = sum(p.numel() for p in model.parameters())
-    return {"method": method, "step_s": times, "median_step_s": statistics.median(times),
-            "mean_step_s": statistics.fmean(times), "losses": losses, "params": params,
-            "updates": len(history) if history is not None else 0, "update_steps": update_steps}
+    run = _TimedRun(method, **kwargs)
+    while run.step():
+        pass
+    return run.result()
 
 
 def update_cost_in_dense_steps(result: dict, dense_median_s: float) -> float | None:
@@ -113,12 +138,15 @@ def update_cost_in_dense_steps(result: dict, dense_median_s: float) -> float | N
 
 
 def compare(methods=METHODS, progress=None, **kwargs) -> dict:
-    """Per-step timing of each method on the same task; ratios vs dense."""
-    results = {}
-    for m in methods:
-        results[m] = time_steps(m, **kwargs)
+    """Per-step timing of each method on the same task, the methods' steps interleaved
+    (one step of each in turn); ratios vs dense. ``progress(step_index)`` after each round."""
+    runs = [_TimedRun(m, **kwargs) for m in methods]
+    rounds = 0
+    while any([run.step() for run in runs]):  # a list: every run steps in each round
+        rounds += 1
         if progress is not None:
-            progress(m)
+            progress(rounds)
+    results = {run.method: run.result() for run in runs}
     dense = results.get("dense")
     for m, r in results.items():
         r["speedup_vs_dense"] = dense["median_step_s"] / r["median_step_s"] if dense else None

@@ -38,10 +38,14 @@ def meta_columns(meta: Tensor) -> Tensor:
 def csr_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> Tensor:
     """Dense ``[rows, n_cols]`` matrix of a CSR matrix (differentiable in ``values``)."""
     n_rows = row_ptr.numel() - 1
-    flat = csr_rows(row_ptr, col_idx.shape[0]) * n_cols + col_idx.long()
-    # In place on a fresh zero tensor (still differentiable in values): the out-of-place
-    # form would copy the whole dense matrix once more.
-    return values.new_zeros(n_rows * n_cols).index_put_((flat,), values).view(n_rows, n_cols)
+    # Each entry's flat position: its row's start repeated over the row, plus its column
+    # (one pass fewer than rows * n_cols + cols). Positions are distinct, so index_copy_
+    # (half the time of index_put_ on the CPU) places the values; in place on a fresh zero
+    # tensor, still differentiable in values, without copying the dense matrix again.
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    starts = torch.arange(n_rows, device=row_ptr.device).mul_(n_cols)
+    flat = torch.repeat_interleave(starts, counts, output_size=col_idx.shape[0]).add_(col_idx)
+    return values.new_zeros(n_rows * n_cols).index_copy_(0, flat, values).view(n_rows, n_cols)
 
 
 def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,

@@ -17,6 +17,7 @@ from sparsekernels import SparseConv2d, SparseLinear, densify
 from sparsekernels.methods import GMP, SET, MaskedDenseRigL, RigL, Static, cosine_drop_fraction, gmp_sparsity
 from sparsekernels.nn import layer_sparsities
 
+from tiny_task import mse_step
 from two_ranks import init_gloo, run_two_ranks
 
 SPARSE = (SparseLinear, SparseConv2d)
@@ -45,13 +46,6 @@ def _batches(kind, n, seed=1, batch=16):
              torch.randn(batch, 5, generator=g, dtype=torch.float64)) for _ in range(n)]
 
 
-def _train_step(model, opt, batch):
-    x, y = batch
-    opt.zero_grad(set_to_none=True)
-    F.mse_loss(model(x), y).backward()
-    opt.step()
-
-
 OPTS = {
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
@@ -75,8 +69,8 @@ def _compare_rigl_with_masked_dense(make_model, kind, opt_name, steps=15, interv
     updates = 0
     for step, batch in enumerate(_batches(kind, steps), start=1):
         before = rigl.masks()
-        _train_step(sparse, opt_s, batch)
-        _train_step(dense, opt_d, batch)
+        mse_step(sparse, opt_s, batch)
+        mse_step(dense, opt_d, batch)
         after = rigl.masks()
         for name in after:
             assert torch.equal(after[name], ref.masks[name]), f"step {step}: masks of '{name}' differ"
@@ -119,8 +113,8 @@ def test_rigl_matches_masked_dense_with_zero_gradient_ties():
         x = torch.randn(8, 40, generator=g, dtype=torch.float64)
         x[:, 4:] = 0.0                       # 36 of the 40 input features are always 0
         y = torch.randn(8, 5, generator=g, dtype=torch.float64)
-        _train_step(sparse, opt_s, (x, y))
-        _train_step(dense, opt_d, (x, y))
+        mse_step(sparse, opt_s, (x, y))
+        mse_step(dense, opt_d, (x, y))
         for name, m in rigl.masks().items():
             assert torch.equal(m, ref.masks[name]), f"step {step}: masks of '{name}' differ"
 
@@ -174,7 +168,7 @@ def test_gmp_method_follows_the_schedule():
     update_steps = []
     for step, batch in enumerate(_batches("mlp", 16), start=1):
         nnz_before = {n: m.nnz for n, m in gmp.layers.items()}
-        _train_step(model, opt, batch)
+        mse_step(model, opt, batch)
         scheduled = start <= step <= end and (step - start) % interval == 0
         if scheduled:
             update_steps.append(step)
@@ -260,7 +254,7 @@ def _run_set(seed, steps=12, model_seed=0, start_from=None):
     start = copy.deepcopy(model.state_dict())
     trace = [method.masks()]
     for batch in _batches("mlp", steps):
-        _train_step(model, opt, batch)
+        mse_step(model, opt, batch)
         trace.append({n: m.clone() for n, m in method.masks().items()})
     return method, trace, start
 
@@ -304,7 +298,7 @@ def test_static_masks_never_change():
     masks = {n: m.clone() for n, m in method.masks().items()}
     values = {n: m.values.detach().clone() for n, m in method.layers.items()}
     for batch in _batches("cnn", 6):
-        _train_step(model, opt, batch)
+        mse_step(model, opt, batch)
         assert all(torch.equal(m, masks[n]) for n, m in method.masks().items())
     assert method.history == []
     for n, layer in method.layers.items():
@@ -326,7 +320,7 @@ def test_rigl_history_against_an_independent_update():
         dense_grads = {n: replica.get_submodule(n).weight.grad.detach() for n in rigl.layers}
         pre = {n: (m.mask().clone(), m.values.detach().clone()) for n, m in rigl.layers.items()}
         n_hist = len(rigl.history)
-        _train_step(model, opt, batch)
+        mse_step(model, opt, batch)
         if step % interval or step > t_end:          # no update off-schedule or after t_end
             assert len(rigl.history) == n_hist
             assert all(torch.equal(m.mask(), pre[n][0]) for n, m in rigl.layers.items())
@@ -365,12 +359,12 @@ def test_remove_stops_updates():
     rigl = RigL(model, opt, sparsity=0.8, update_interval=2, total_steps=100)
     batches = _batches("mlp", 9)
     for b in batches[:3]:                 # an update at step 2; step 4 would be the next one
-        _train_step(model, opt, b)
+        mse_step(model, opt, b)
     assert len(rigl.history) == 1
     rigl.remove()
     masks = {n: m.clone() for n, m in rigl.masks().items()}
     for b in batches[3:]:
-        _train_step(model, opt, b)
+        mse_step(model, opt, b)
         for n, layer in rigl.layers.items():
             assert layer.captured() is None                  # no activations kept any more
     assert len(rigl.history) == 1 and rigl.step == 3
@@ -396,13 +390,13 @@ def test_resume_is_bit_identical():
     n_first = 5                                   # step 6 (the first after resume) is an update
     model, opt, rigl = _build_rigl(0, 0)
     for b in batches[:n_first]:
-        _train_step(model, opt, b)
+        mse_step(model, opt, b)
     assert len(rigl.history) == 2
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "method": rigl.state_dict()}, buf)
     at_save = rigl.masks()
     for b in batches[n_first:]:
-        _train_step(model, opt, b)
+        mse_step(model, opt, b)
     assert len(rigl.history) == 6
     masks_a, state_a, opt_a = _snapshot(model, opt, rigl)
     assert any(not torch.equal(masks_a[n], at_save[n]) for n in masks_a)
@@ -418,7 +412,7 @@ def test_resume_is_bit_identical():
     assert rigl2.step == n_first and len(rigl2.history) == 2
     assert all(torch.equal(rigl2.masks()[n], at_save[n]) for n in at_save)
     for b in batches[n_first:]:
-        _train_step(model2, opt2, b)
+        mse_step(model2, opt2, b)
     masks_b, state_b, opt_b = _snapshot(model2, opt2, rigl2)
     assert rigl2.history == rigl.history
     for n in masks_a:

@@ -62,16 +62,21 @@ std::pair<at::Tensor, at::Tensor> cut_best(const at::Tensor& scores, const at::T
   return {keep_flat, keep_scores};
 }
 
-// Sets the active positions of rows [o0, o1) in the CPU score tile g [o1 - o0, kk] to -1:
-// every real score |grad| is >= 0, so -1 never beats an inactive position. Only this
-// tile's entries are touched: extra memory stays O(tile).
+// Writes `marker` at the active positions of rows [o0, o1) of a CPU tile gp [o1 - o0, kk].
+// Only this tile's entries are touched: extra memory stays O(tile).
+template <typename T>
+void knock_out_rows(T* gp, const int64_t* rp, const int32_t* c, int64_t o0, int64_t o1, int64_t kk, T marker) {
+  at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row)
+      for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = marker;
+  });
+}
+
+// Sets the active positions of the CPU score tile g [o1 - o0, kk] to -1: every real score
+// |grad| is >= 0, so -1 never beats an inactive position.
 void knock_out_active(at::Tensor& g, const int64_t* rp, const int32_t* c, int64_t o0, int64_t o1, int64_t kk) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "topk_grow_mask", [&] {
-    scalar_t* gp = g.data_ptr<scalar_t>();
-    at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row)
-        for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = scalar_t(-1);
-    });
+    knock_out_rows(g.data_ptr<scalar_t>(), rp, c, o0, o1, kk, scalar_t(-1));
   });
 }
 
@@ -178,11 +183,30 @@ struct Candidate {
 void gradient_tile(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp, const int32_t* c, int64_t o0,
                    int64_t o1, int64_t kk, at::Tensor& g) {
   at::mm_out(g, dyc.narrow(1, o0, o1 - o0).t(), xc);
-  uint32_t* gp = reinterpret_cast<uint32_t*>(g.data_ptr<float>());
-  at::parallel_for(o0, o1, 64, [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row)
-      for (int64_t j = rp[row]; j < rp[row + 1]; ++j) gp[(row - o0) * kk + c[j]] = kActive;
+  knock_out_rows(reinterpret_cast<uint32_t*>(g.data_ptr<float>()), rp, c, o0, o1, kk, kActive);
+}
+
+// The k-th largest of the keys `for_each_key(f)` visits (calling f(key) once per key), by
+// a two-digit radix select (counts of the upper, then of the lower 16 bits in the bin
+// holding it). False when there are fewer than k keys; else kth and `above`, the number of
+// larger keys. `count` holds 2^16 scratch counters.
+template <typename ForEachKey>
+bool kth_largest_key(ForEachKey for_each_key, int64_t k, std::vector<int64_t>& count, uint32_t& kth,
+                     int64_t& above) {
+  std::fill(count.begin(), count.end(), 0);
+  for_each_key([&](uint32_t key) { ++count[key >> 16]; });
+  above = 0;
+  int64_t hi = 0xFFFF;
+  for (; hi >= 0 && above + count[hi] < k; --hi) above += count[hi];
+  if (hi < 0) return false;
+  std::fill(count.begin(), count.end(), 0);
+  for_each_key([&](uint32_t key) {
+    if ((key >> 16) == static_cast<uint32_t>(hi)) ++count[key & 0xFFFF];
   });
+  int64_t lo = 0xFFFF;
+  for (; above + count[lo] < k; --lo) above += count[lo];
+  kth = (static_cast<uint32_t>(hi) << 16) | static_cast<uint32_t>(lo);
+  return true;
 }
 
 // Appends the entries of tile row `row` (columns [c0, kk), at gp) whose rank key beats
@@ -264,19 +288,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_keys_cpu(const at::Tens
   uint32_t floor = 0;
   std::vector<int64_t> count(1 << 16);
   auto cut_to_k = [&]() {
-    // The k-th largest key by a two-digit radix select (upper, then lower 16 bits), then
-    // an order-keeping filter: every larger key, and the first `tied` of the k-th key.
-    std::fill(count.begin(), count.end(), 0);
-    for (const auto& a : pool) ++count[a.key >> 16];
+    // The pool's k-th largest key (it holds at least k), then an order-keeping filter:
+    // every larger key, and the first `tied` of the k-th key.
+    uint32_t kth = 0;
     int64_t above = 0;
-    uint32_t hi = 0xFFFF;
-    for (; above + count[hi] < k; --hi) above += count[hi];
-    std::fill(count.begin(), count.end(), 0);
-    for (const auto& a : pool)
-      if ((a.key >> 16) == hi) ++count[a.key & 0xFFFF];
-    uint32_t lo = 0xFFFF;
-    for (; above + count[lo] < k; --lo) above += count[lo];
-    const uint32_t kth = (hi << 16) | lo;
+    kth_largest_key([&](auto f) { for (const auto& a : pool) f(a.key); }, k, count, kth, above);
     int64_t tied = k - above;
     auto last = std::copy_if(pool.begin(), pool.end(), pool.begin(), [&](const Candidate& a) {
       return a.key > kth || (a.key == kth && tied-- > 0);
@@ -302,25 +318,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_keys_cpu(const at::Tens
       // the ties at it by position). A radix select over the tile's keys, instead of
       // collecting and then cutting a million records.
       const int64_t total = rows * kk;
-      std::fill(count.begin(), count.end(), 0);
-      for (int64_t i = 0; i < total; ++i)
-        if (gp[i] != kActive) ++count[rank_key_of_bits(gp[i]) >> 16];
+      uint32_t kth = 0;
       int64_t above = 0;
-      int64_t hi = 0xFFFF;
-      for (; hi >= 0 && above + count[hi] < k; --hi) above += count[hi];
-      if (hi >= 0) {
-        std::fill(count.begin(), count.end(), 0);
-        for (int64_t i = 0; i < total; ++i) {
-          const uint32_t key = rank_key_of_bits(gp[i]);
-          if (gp[i] != kActive && (key >> 16) == static_cast<uint32_t>(hi)) ++count[key & 0xFFFF];
-        }
-        int64_t lo = 0xFFFF;
-        for (; above + count[lo] < k; --lo) above += count[lo];
-        const uint32_t kth = (static_cast<uint32_t>(hi) << 16) | static_cast<uint32_t>(lo);
-        if (kth > 0) {
-          use_floor = true;
-          fl = kth - 1;  // collect keys >= kth
-        }
+      const bool enough = kth_largest_key(
+          [&](auto f) {
+            for (int64_t i = 0; i < total; ++i)
+              if (gp[i] != kActive) f(rank_key_of_bits(gp[i]));
+          },
+          k, count, kth, above);
+      if (enough && kth > 0) {
+        use_floor = true;
+        fl = kth - 1;  // collect keys >= kth
       }
     }
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

@@ -74,7 +74,11 @@ def test_sparse24_round_trip_and_bad_masks(seed):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 4, 3), (5, 20, 7), (70, 36, 33), (3, 2, 64, 17)])
+# The last two span several of the CPU kernel's K slices (16 KiB of the packed panel:
+# 16 groups at fp32 / 64-wide panels, 8 at fp64, 64 at 16-wide panels), the last one
+# partial, with a row count that is not a multiple of the 4 rows run in lockstep.
+@pytest.mark.parametrize("shape", [(1, 4, 3), (5, 20, 7), (70, 36, 33), (3, 2, 64, 17), (33, 520, 37),
+                                   (9, 1100, 6)])
 def test_sparse24_mm_matches_dense(backend, dtype, shape, seed):
     if backend == "cpu" and not sk._extension.compiled():
         pytest.skip("extension not built")
@@ -317,3 +321,17 @@ def test_srste_kept_values_shortcut_matches_the_gather(seed):
     assert torch.equal(a, b)
     with pytest.raises(TypeError, match="kept_values"):
         sk.ops.srste_linear(x, w, s24.meta, mask, kept_values=s24.values[:, :3])
+
+
+@pytest.mark.parametrize("bad", [0, 7, 16, 0x34])
+@pytest.mark.parametrize("where", [0, -1])
+def test_cpu_kernel_rejects_corrupt_meta_anywhere(bad, where):
+    # The C++ kernel checks every meta byte, split over the threads: a corrupt byte in the
+    # first or the last chunk (meta of 256 x 1024 bytes spans several) is a ValueError.
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    s = Sparse24.from_dense(torch.randn(256, 4096))
+    meta = s.meta.clone()
+    meta.view(-1)[where] = bad
+    with pytest.raises(ValueError, match="meta entries"):
+        torch.ops.sparsekernels_C.sparse24_mm(torch.randn(3, 4096), s.values, meta)

@@ -25,8 +25,6 @@ namespace {
 // Rows per task: enough work (~64 * nnz/row * T FMAs) to amortise scheduling, small
 // enough that two threads split even a 1024-row weight into many tasks.
 constexpr int64_t kRowsPerTask = 32;
-// How many non-zeros ahead the AVX-512 loop prefetches the gathered panel rows.
-constexpr int32_t kPrefetch = 8;
 
 // Portable path (any ISA, any compute type): the compiler vectorises the T-wide axpy.
 // Rows [r0, r1) into block [r1 - r0, T].
@@ -49,6 +47,9 @@ void spmm_rows_generic(const acc_t* panel_x, acc_t* block, const int32_t* row_pt
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // AVX-512 path for fp32. T / 16 accumulators per row, doubled (two non-zeros in flight)
 // so the FMA chains are independent: 8 chains for T = 64 hide the 4-cycle FMA latency.
+// No software prefetch: the loop is bound by the load ports, and 4 prefetches per
+// non-zero took them from the gathers (Sapphire Rapids, one core, T = 64: 1.17 vs 2.58 ns
+// per non-zero with the panel in L1, 2.03 vs 2.22 at K = 768, equal at K = 4096).
 template <int64_t T>
 __attribute__((target("avx512f"))) void spmm_rows_avx512(const float* panel_x, float* block,
                                                          const int32_t* row_ptr,
@@ -67,15 +68,6 @@ __attribute__((target("avx512f"))) void spmm_rows_avx512(const float* panel_x, f
     for (; e + 1 < end; e += 2) {
       const float* xa = panel_x + static_cast<int64_t>(col_idx[e]) * T;
       const float* xb = panel_x + static_cast<int64_t>(col_idx[e + 1]) * T;
-      if (e + kPrefetch + 1 < end) {
-        // The gathered rows come from L2: request them a few non-zeros ahead.
-        const float* pa = panel_x + static_cast<int64_t>(col_idx[e + kPrefetch]) * T;
-        const float* pb = panel_x + static_cast<int64_t>(col_idx[e + kPrefetch + 1]) * T;
-        for (int v = 0; v < V; ++v) {
-          _mm_prefetch(reinterpret_cast<const char*>(pa + 16 * v), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(pb + 16 * v), _MM_HINT_T0);
-        }
-      }
       const __m512 wa = _mm512_set1_ps(vals[e]);
       const __m512 wb = _mm512_set1_ps(vals[e + 1]);
       for (int v = 0; v < V; ++v) {

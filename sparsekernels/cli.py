@@ -184,6 +184,28 @@ def _cmd_bench_ensembles(args) -> int:
     return 0
 
 
+def _print_roofline(console, results) -> None:
+    """The forward's gather roofline per case with a forward target (bench/roofline.py)."""
+    from rich.table import Table
+
+    rows = [r for r in results if r.get("limits", {}).get("needed_ns_per_gather")]
+    if not rows:
+        return
+    t = Table(title="forward gather roofline: ns per gathered panel row (one per non-zero per panel)")
+    for col in ("B", "in", "out", "sparsity", "gathers M", "GB gathered", "GB/s", "ours ns", "L1-resident ns",
+                "needed ns", "ceiling if L1"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        lim = r["limits"]
+        l1 = lim["l1_ns_per_gather"]
+        t.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['sparsity']:.2f}",
+                  f"{lim['gathers'] / 1e6:.1f}", f"{lim['gathered_gb']:.2f}", f"{lim['gather_gb_per_s']:.0f}",
+                  f"{lim['ns_per_gather']:.3f}", "-" if l1 is None else f"{l1:.3f}",
+                  f"{lim['needed_ns_per_gather']['fwd_vs_dense']:.3f}",
+                  "-" if lim["ceiling_if_l1"] is None else f"{lim['ceiling_if_l1']:.1f}x")
+    console.print(t)
+
+
 def _cmd_bench(args) -> int:
     if args.scenario == "training":
         return _cmd_bench_training(args)
@@ -237,6 +259,7 @@ def _cmd_bench(args) -> int:
         for t in payload["targets"]:
             tt.add_row(t["target"], f"{t['value']:.2f}x", f">= {t['goal']}x", "met" if t["met"] else "MISSED")
         console.print(tt)
+    _print_roofline(console, payload["results"])
     path = harness.write_json(args.out or csr_linear.default_path(), payload)
     console.print(f"results: {path}")
     if not args.no_plot:

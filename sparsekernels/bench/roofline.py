@@ -1,0 +1,92 @@
+"""Where the CPU CSR forward's time goes: a gather roofline measured in the run.
+
+The C++ forward (``csrc/cpu/spmm.cpp``) packs x into panels of T batch columns
+(T = 16 for B <= 16, else 64) and, for every non-zero of every panel, reads one
+T-float row of the panel (a "gather", 4T bytes) and does T FMAs with it. Its time is
+therefore about ``gathers x (time per gather)`` with ``gathers = nnz x panels``. The
+time per gather depends on where the gathered rows come from: a 4096-wide input's
+panel is 1 MiB, so they come from L2.
+
+This module measures, in the same process and thread count as the benchmark, the
+time per gather of the same kernel when every gathered row is in L1 (a dense-pattern
+probe weight whose panel fits in half the L1D), from the slope between two probe
+widths so that packing and the output store cancel out. That is the instruction mix's
+own limit. With it a case reports:
+
+- ``ns_per_gather``: the benchmark's measured forward / gathers (everything included);
+- ``l1_ns_per_gather``: the L1-resident probe's slope;
+- ``needed_ns_per_gather``: what a target ratio against dense would allow;
+- ``gather_gb_per_s``: panel bytes delivered to the FMAs per second in the measured run;
+- ``ceiling_if_l1``: dense time / (gathers x L1 time per gather), an upper bound of the
+  ratio any reordering of this kernel's loads could reach (fixed costs left out).
+
+A target with ``needed < l1`` is out of reach for this instruction mix; one with
+``l1 <= needed < measured`` needs the gathered rows served from L1 instead of L2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import harness
+
+WIDE_PANEL, NARROW_PANEL = 64, 16  # csrc/cpu/csr_common.h: choose_panel
+
+
+def panel_width(batch: int) -> int:
+    return NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
+
+
+def gathers(batch: int, nnz: int) -> int:
+    """Panel rows the forward reads: one per non-zero per panel."""
+    return nnz * math.ceil(batch / panel_width(batch))
+
+
+def _dense_pattern(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_ptr = torch.arange(rows + 1, dtype=torch.int32) * cols
+    col_idx = torch.arange(cols, dtype=torch.int32).repeat(rows)
+    values = torch.randn(rows * cols)
+    return values, row_ptr, col_idx
+
+
+def l1_ns_per_gather(batch: int, out_f: int, l1d_kib: int | None, rounds: int) -> float | None:
+    """Time per gather of the compiled forward with the panel in L1 (slope between two
+    probe widths that fit in half the L1D), or None without the extension."""
+    from .. import _extension
+
+    if not _extension.compiled():
+        return None
+    t = panel_width(batch)
+    fit = max(8, (l1d_kib or 32) * 1024 // 2 // (4 * t))   # panel rows in half the L1D
+    widths = (fit // 2, fit)
+    kernel = torch.ops.sparsekernels_C.spmm
+    fns = {}
+    for k in widths:
+        values, row_ptr, col_idx = _dense_pattern(out_f, k)
+        x = torch.randn(batch, k)
+        fns[k] = (lambda x=x, v=values, rp=row_ptr, ci=col_idx: kernel(x, v, rp, ci, None, False))
+    with torch.no_grad():
+        samples = harness.time_round_robin(fns, max(rounds, 15))
+    best = {k: min(v) for k, v in samples.items()}
+    extra = gathers(batch, out_f * widths[1]) - gathers(batch, out_f * widths[0])
+    return max(best[widths[1]] - best[widths[0]], 0.0) / extra * 1e9
+
+
+def case_limits(batch: int, nnz: int, dense_ms: float, ours_ms: float, l1_ns: float | None,
+                goals: dict[str, float]) -> dict:
+    """The roofline quantities of one measured case (see the module docstring)."""
+    g = gathers(batch, nnz)
+    width = panel_width(batch)
+    out = {
+        "panel_width": width,
+        "gathers": g,
+        "gathered_gb": g * 4 * width / 1e9,
+        "ns_per_gather": ours_ms * 1e6 / g,
+        "gather_gb_per_s": g * 4 * width / (ours_ms * 1e-3) / 1e9,
+        "needed_ns_per_gather": {name: dense_ms * 1e6 / goal / g for name, goal in goals.items()},
+        "l1_ns_per_gather": l1_ns,
+        "ceiling_if_l1": None if not l1_ns else dense_ms * 1e6 / (g * l1_ns),
+    }
+    return out

@@ -77,7 +77,7 @@ at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::T
 // `slot` (0..kWorkspaceSlots-1) lets one op hold several at once. Why: the packed panels
 // are megabytes, and a fresh allocation of that size costs its page faults on every call
 // (0.5 ms per 8 MiB measured here, as much as the kernel at high sparsity).
-constexpr int kWorkspaceSlots = 3;
+constexpr int kWorkspaceSlots = 4;
 at::Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype);
 // Frees this thread's scratch buffers.
 void release_workspace();

@@ -29,12 +29,18 @@ from ..kernels.launch_plan import launch_plan, rows_sorted
 TILED_MIN_ROWS = 256
 
 
+def _dense_variant_usable(lead: Tensor) -> bool:
+    return (lead.device.type == "cpu" and backends.get_backend() == "auto"
+            and "cpu" in backends.auto_candidates("cpu") and hasattr(torch.ops.sparsekernels_C, "csr_dense_mm"))
+
+
 def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
-                   tiled_pattern: tuple[Tensor, Tensor] | None = None) -> dict:
+                   tiled_pattern: tuple[Tensor, Tensor] | None = None, dense_variant: bool = False) -> dict:
     """The flops, shape class and candidates under which a CSR product of W [out, in] with
     ``nnz`` non-zeros and a dense operand ``lead`` [..., *] is dispatched. ``tiled_pattern``
     (row_ptr, col_idx) of the rows the kernel walks makes the tiled CUDA variant a
-    candidate when its columns are sorted."""
+    candidate when its columns are sorted; ``dense_variant`` (spmm, spmm_t) makes the
+    compiled densify + dense GEMM ("cpu:dense") a candidate on the CPU."""
     out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
     m = lead.shape[:-1].numel()
     density = nnz / (out_f * in_f) if out_f * in_f else 1.0
@@ -43,15 +49,26 @@ def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
             and "cuda" in backends.auto_candidates("cuda") and backends.get_backend() == "auto"
             and rows_sorted(*tiled_pattern)):
         candidates = [*backends.auto_candidates("cuda"), "cuda:tiled"]
+    if dense_variant and _dense_variant_usable(lead):
+        # Where the CPU's dense GEMM is much faster than ours per FLOP (bf16 on AMX, or a
+        # low sparsity), densifying the weight and running it wins; measured, not assumed.
+        candidates = [*backends.auto_candidates("cpu"), "cpu:dense"]
     return {"flops": 2.0 * m * out_f * in_f, "key": backends.shape_class(m, out_f, in_f, density=density),
             "candidates": candidates}
 
 
 def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run,
-              tiled_pattern: tuple[Tensor, Tensor] | None = None):
+              tiled_pattern: tuple[Tensor, Tensor] | None = None, dense_variant: bool = False):
     """Runs ``run(backend)`` on the backend chosen for the CSR product (``backends.dispatch``)."""
-    return backends.dispatch(op, lead.device, lead.dtype, run,
-                             **_dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern))
+    args = _dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern, dense_variant)
+    measuring = (args["candidates"] is not None and "cpu:dense" in args["candidates"]
+                 and backends.planned(op, lead.device, lead.dtype, **args) is None)
+    out = backends.dispatch(op, lead.device, lead.dtype, run, **args)
+    if measuring and backends.planned(op, lead.device, lead.dtype, **args) != "cpu:dense":
+        # Measuring ran "cpu:dense", whose dense-sized scratch buffer stays in this thread's
+        # workspace: free it when that variant lost (the panels are re-made on next use).
+        torch.ops.sparsekernels_C.release_workspace()
+    return out
 
 
 def _compiled(name: str):
@@ -71,6 +88,8 @@ def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_
     def run(backend: str) -> Tensor:
         if backend == "cpu":  # the C++ CPU kernels check the pattern themselves
             return _compiled("spmm")(x, values, row_ptr, col_idx)
+        if backend == "cpu:dense":
+            return _compiled("csr_dense_mm")(x, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, False)
         # The GPU kernels and the reference would read out of bounds or wrap on a corrupt
         # pattern: checked once per pattern (cached, no device sync on later calls).
         _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
@@ -81,7 +100,8 @@ def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_
             return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
-    return _dispatch("spmm", x, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(row_ptr, col_idx))
+    return _dispatch("spmm", x, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(row_ptr, col_idx),
+                     dense_variant=True)
 
 
 @_spmm_op.register_fake
@@ -96,6 +116,8 @@ def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_r
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+        if backend == "cpu:dense":
+            return _compiled("csr_dense_mm")(dy, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, True)
         _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend in ("cuda", "cuda:tiled"):
             order, cols = launch_plan(t_row_ptr, t_col_idx, row_ptr.shape[0] - 1)
@@ -104,7 +126,8 @@ def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_r
             return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
-    return _dispatch("spmm_t", dy, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(t_row_ptr, t_col_idx))
+    return _dispatch("spmm_t", dy, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(t_row_ptr, t_col_idx),
+                     dense_variant=True)
 
 
 @_spmm_t_op.register_fake
@@ -159,8 +182,9 @@ def _fused_cpu_backward(grad: Tensor, values: Tensor, row_ptr: Tensor, t_row_ptr
     products would run on the C++ kernels now."""
     if grad.device.type != "cpu" or torch.is_grad_enabled() or not hasattr(torch.ops.sparsekernels_C, "spmm_backward"):
         return False
-    args = _dispatch_args(grad, row_ptr, t_row_ptr, values.shape[0])
-    return all(backends.planned(op, grad.device, grad.dtype, **args) == "cpu" for op in ("spmm_t", "sddmm"))
+    return all(backends.planned(op, grad.device, grad.dtype,
+                                **_dispatch_args(grad, row_ptr, t_row_ptr, values.shape[0], dense_variant=op == "spmm_t"))
+               == "cpu" for op in ("spmm_t", "sddmm"))
 
 
 def _spmm_backward(ctx, grad):

@@ -1,0 +1,133 @@
+"""csr_dense_mm (C++): a CSR product as a dense GEMM of the densified weight, and its place
+in measured "auto" as the CPU candidate "cpu:dense"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsekernels as sk
+from sparsekernels import backends
+from sparsekernels.ops import csr_matmul
+
+from conftest import dense_of, make_csr, rel_error
+
+pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _op():
+    return torch.ops.sparsekernels_C.csr_dense_mm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,sparsity,empty_rows", [((7, 13), 0.6, True), ((40, 33), 0.0, False),
+                                                        ((33, 64), 1.0, False), ((1, 1), 0.5, False)])
+@pytest.mark.parametrize("lead", [(5,), (2, 3), ()])
+def test_matches_the_dense_product_both_ways(dtype, shape, sparsity, empty_rows, lead, seed):
+    out_f, in_f = shape
+    csr = make_csr(out_f, in_f, sparsity, dtype, seed=seed, empty_rows=empty_rows)
+    w = dense_of(csr)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, in_f, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(*lead, out_f, generator=g, dtype=torch.float64).to(dtype)
+    y = _op()(x, csr.values, csr.row_ptr, csr.col_idx, in_f, False)
+    dx = _op()(dy, csr.values, csr.row_ptr, csr.col_idx, in_f, True)
+    assert y.dtype == dtype and y.shape == (*lead, out_f) and dx.shape == (*lead, in_f)
+    assert rel_error(y, x.double() @ w.t()) <= TOL[dtype]
+    assert rel_error(dx, dy.double() @ w) <= TOL[dtype]
+
+
+def test_results_do_not_alias_the_reused_dense_buffer():
+    # The dense weight lives in a per-thread workspace reused by the next call: a result
+    # must stay what it was.
+    a, b = make_csr(24, 20, 0.5, seed=1), make_csr(24, 20, 0.5, seed=2)
+    x = torch.randn(3, 20)
+    ya = _op()(x, a.values, a.row_ptr, a.col_idx, 20, False)
+    keep = ya.clone()
+    _op()(x, b.values, b.row_ptr, b.col_idx, 20, False)
+    assert torch.equal(ya, keep)
+
+
+def test_empty_shapes():
+    csr = make_csr(6, 5, 0.5, seed=3)
+    assert _op()(torch.randn(0, 5), csr.values, csr.row_ptr, csr.col_idx, 5, False).shape == (0, 6)
+    none = make_csr(0, 5, 0.5, seed=3)
+    assert _op()(torch.randn(4, 5), none.values, none.row_ptr, none.col_idx, 5, False).shape == (4, 0)
+    assert torch.equal(_op()(torch.randn(4, 0), none.values, none.row_ptr, none.col_idx, 5, True),
+                       torch.zeros(4, 5))
+
+
+def test_bad_input_is_a_clear_error():
+    csr = make_csr(6, 5, 0.5, seed=4)
+    op = _op()
+    with pytest.raises(ValueError, match="x"):
+        op(torch.randn(3, 4), csr.values, csr.row_ptr, csr.col_idx, 5, False)       # wrong in_features
+    with pytest.raises(ValueError, match="x"):
+        op(torch.randn(3, 5), csr.values, csr.row_ptr, csr.col_idx, 5, True)        # transpose wants out_features
+    with pytest.raises(TypeError):
+        op(torch.randn(3, 5, dtype=torch.float64), csr.values, csr.row_ptr, csr.col_idx, 5, False)
+    bad = csr.col_idx.clone()
+    bad[0] = 5
+    with pytest.raises(ValueError, match="col_idx"):
+        op(torch.randn(3, 5), csr.values, csr.row_ptr, bad, 5, False)
+    with pytest.raises(ValueError, match="n_cols"):
+        op(torch.randn(3, 5), csr.values, csr.row_ptr, csr.col_idx, -1, False)
+
+
+@pytest.fixture
+def measure_everything(monkeypatch):
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
+    monkeypatch.delenv(backends.MEASURE_ENV_VAR, raising=False)
+    backends.clear_measurements()
+    yield
+    backends.clear_measurements()
+
+
+def test_auto_measures_the_dense_variant_for_spmm_and_spmm_t(measure_everything):
+    layer = sk.SparseLinear(48, 40, sparsity=0.7)
+    x = torch.randn(33, 48, requires_grad=True)
+    layer(x).square().sum().backward()
+    by_op = {e["op"]: e for e in backends.measured()}
+    assert set(by_op["spmm"]["times_ms"]) == {"cpu", "reference", "cpu:dense"}
+    assert set(by_op["spmm_t"]["times_ms"]) == {"cpu", "reference", "cpu:dense"}
+    assert "cpu:dense" not in by_op["sddmm"]["times_ms"]   # the reference already is the dense sddmm
+    assert all(e["rejected"] == {} for e in by_op.values())
+
+
+def test_training_step_on_the_dense_variant_matches_reference(measure_everything, monkeypatch, seed):
+    layer = sk.SparseLinear(48, 40, sparsity=0.7)
+    x = torch.randn(33, 48, requires_grad=True)
+    # Pin "cpu:dense" as the measured choice of spmm / spmm_t for this problem class.
+    args = csr_matmul._dispatch_args(x, layer.row_ptr, layer.t_row_ptr, layer.nnz, dense_variant=True)
+    args_t = csr_matmul._dispatch_args(torch.empty(33, 40), layer.row_ptr, layer.t_row_ptr, layer.nnz,
+                                       dense_variant=True)
+    for op, a in (("spmm", args), ("spmm_t", args_t)):
+        backends._measured[(op, "cpu", "float32", *a["key"])] = {
+            "op": op, "device": "cpu", "dtype": "float32", "key": a["key"], "choice": "cpu:dense",
+            "times_ms": {}, "rejected": {}}
+    # Not the fused C++ backward: spmm_t is planned on "cpu:dense".
+    monkeypatch.setattr(csr_matmul, "_spmm_backward_cpu_op", lambda *a: pytest.fail("fused backward used"))
+    calls = []
+    real = torch.ops.sparsekernels_C.csr_dense_mm
+    monkeypatch.setattr(csr_matmul, "_compiled",
+                        lambda name: (lambda *a: calls.append(a[-1]) or real(*a)) if name == "csr_dense_mm"
+                        else getattr(torch.ops.sparsekernels_C, name))
+    layer(x).square().sum().backward()
+    assert sorted(calls) == [False, True]                  # forward and input gradient densified
+    got = (x.grad.clone(), layer.values.grad.clone())
+    x.grad, layer.values.grad = None, None
+    with sk.use_backend("reference"):
+        layer(x).square().sum().backward()
+    assert rel_error(got[0], x.grad) < 1e-5 and rel_error(got[1], layer.values.grad) < 1e-5
+
+
+def test_dense_variant_only_under_auto_on_the_cpu():
+    x = torch.randn(4, 8)
+    rp = torch.zeros(7, dtype=torch.int32)
+    trp = torch.zeros(9, dtype=torch.int32)
+    assert "cpu:dense" in csr_matmul._dispatch_args(x, rp, trp, 0, dense_variant=True)["candidates"]
+    assert csr_matmul._dispatch_args(x, rp, trp, 0)["candidates"] is None
+    with sk.use_backend("cpu"):
+        assert csr_matmul._dispatch_args(x, rp, trp, 0, dense_variant=True)["candidates"] is None

@@ -252,6 +252,17 @@ def _cmd_bench(args) -> int:
             t24.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['ms']['dense_fwd']:.2f}",
                         f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}")
         console.print(t24)
+    if payload.get("bf16"):
+        tb = Table(title="bf16 forward: the CPU's dense GEMM vs our kernel vs measured auto (what layers run)")
+        for col in ("B", "in", "out", "sparsity", "dense ms", "kernel ms", "auto ms", "auto chose", "kernel x dense",
+                    "auto x dense"):
+            tb.add_column(col, justify="right")
+        for r in payload["bf16"]:
+            ms, vs = r["ms"], r["vs_dense"]
+            tb.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['sparsity']:.2f}",
+                       f"{ms['dense_fwd']:.2f}", f"{ms.get('kernel_fwd', float('nan')):.2f}", f"{ms['auto_fwd']:.2f}",
+                       r["auto_choice"], f"{vs.get('kernel', float('nan')):.2f}", f"{vs['auto']:.2f}")
+        console.print(tb)
     if payload["targets"]:
         tt = Table(title="targets (this run)")
         for col in ("target", "reached", "goal", ""):

@@ -27,8 +27,14 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
         assert r["speedup"]["fwd_vs_dense"] > 0 and r["ms"]["ours_step"] > 0
         assert r["nnz"] == round((1 - r["sparsity"]) * r["in_features"] * r["out_features"])
     assert payload["machine"]["threads"] >= 1
+    # bf16 on the first shape, per sparsity: dense vs kernel vs what auto chose.
+    assert [(r["batch"], r["in_features"], r["out_features"], r["sparsity"]) for r in payload["bf16"]] == \
+        [(8, 48, 40, 0.5), (8, 48, 40, 0.9)]
+    for r in payload["bf16"]:
+        assert r["auto_choice"] in ("cpu", "reference", "cpu:dense") and r["vs_dense"]["auto"] > 0
     assert (tmp_path / "r.png").stat().st_size > 1000
-    assert "fwd x dense" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fwd x dense" in out and "bf16 forward" in out
 
 
 def test_median_ratio():

@@ -128,6 +128,34 @@ def run_sparse24_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int 
             "fwd_vs_dense": harness.median_ratio(samples["dense_fwd"], samples["sparse24_fwd"])}
 
 
+def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, seed: int = 0) -> dict:
+    """bf16 forward: the CPU's dense GEMM (oneDNN; AMX where the CPU has it), our sparse
+    kernel, and what measured "auto" runs (``ops.spmm``: the kernel, or "cpu:dense", the
+    weight densified for the dense GEMM), with auto's choice, in one interleaved run."""
+    from .. import _extension
+
+    g = torch.Generator().manual_seed(seed)
+    layer = SparseLinear(in_f, out_f, sparsity=sparsity, generator=g)
+    w = layer.to_dense().weight.detach().bfloat16()
+    values = layer.values.detach().bfloat16()
+    pattern = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    x = torch.randn(batch, in_f, generator=g).bfloat16()
+    fns = {"dense_fwd": lambda: x @ w.t(), "auto_fwd": lambda: ops.spmm(x, values, *pattern)}
+    if _extension.compiled():
+        fns["kernel_fwd"] = lambda: torch.ops.sparsekernels_C.spmm(x, values, layer.row_ptr, layer.col_idx, None, False)
+    with torch.no_grad():
+        fns["auto_fwd"]()  # auto measures its candidates on the first call of the class
+        samples = harness.time_round_robin(fns, rounds)
+    key = backends.shape_class(batch, out_f, in_f, density=layer.nnz / (out_f * in_f))
+    out = {"batch": batch, "in_features": in_f, "out_features": out_f, "sparsity": sparsity,
+           "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
+           "auto_choice": backends.measured_choice("spmm", x.device, x.dtype, key) or backends.resolve(
+               "spmm", x.device, x.dtype)}
+    out["vs_dense"] = {k.replace("_fwd", ""): harness.median_ratio(samples["dense_fwd"], v)
+                       for k, v in samples.items() if k != "dense_fwd"}
+    return out
+
+
 def targets(results: list[CaseResult], sparse24: list[dict] = ()) -> list[dict]:
     """The issue's speed targets, checked against this run's results."""
     by = {(r.batch, r.in_features, r.out_features, r.sparsity): r for r in results}
@@ -156,7 +184,8 @@ def targets(results: list[CaseResult], sparse24: list[dict] = ()) -> list[dict]:
     return checks
 
 
-def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True, progress=None) -> dict:
+def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True, progress=None,
+        bf16_cases: bool = True) -> dict:
     """Runs every (shape, sparsity) case; returns the JSON-ready payload."""
     shapes = shapes or SHAPES
     sparsities = sparsities or SPARSITIES
@@ -175,12 +204,16 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
         if progress is not None:
             progress(f"B={b} {i}->{o} s={sp}")
     sparse24 = [run_sparse24_case(b, i, o, rounds) for (b, i, o) in shapes if i % 4 == 0]
+    # bf16 on the first shape: where the CPU's bf16 GEMM (AMX) beats our kernel, auto
+    # should run dense; the table shows what it chose per sparsity.
+    bf16 = [run_bf16_case(*shapes[0], sp, rounds) for sp in sparsities] if bf16_cases else []
     return {
         "benchmark": "csr_linear",
         "machine": machine,
         "rounds": rounds,
         "results": [asdict(r) for r in results],
         "sparse24": sparse24,
+        "bf16": bf16,
         "targets": targets(results, sparse24),
         # What "auto" (the op the layers call) measured and chose per problem class.
         "auto_choices": backends.measured(),

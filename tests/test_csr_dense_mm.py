@@ -131,3 +131,15 @@ def test_dense_variant_only_under_auto_on_the_cpu():
     assert csr_matmul._dispatch_args(x, rp, trp, 0)["candidates"] is None
     with sk.use_backend("cpu"):
         assert csr_matmul._dispatch_args(x, rp, trp, 0, dense_variant=True)["candidates"] is None
+
+
+def test_sparse24_forward_measures_and_runs_the_dense_variant(measure_everything, seed):
+    layer = sk.nn.Sparse24Linear(64, 24, bias=True)
+    x = torch.randn(5, 64)
+    want = x.double() @ layer.dense_weight().double().t() + layer.bias.double()
+    assert rel_error(layer(x), want) < 1e-5
+    (entry,) = [e for e in backends.measured() if e["op"] == "sparse24_mm"]
+    assert set(entry["times_ms"]) == {"cpu", "reference", "cpu:dense"} and entry["rejected"] == {}
+    backends._measured[("sparse24_mm", "cpu", "float32", *entry["key"])]["choice"] = "cpu:dense"  # pin it
+    assert backends.measured_choice("sparse24_mm", x.device, x.dtype, entry["key"]) == "cpu:dense"
+    assert rel_error(layer(x), want) < 1e-5

@@ -29,7 +29,9 @@ from ..kernels.launch_plan import launch_plan, rows_sorted
 TILED_MIN_ROWS = 256
 
 
-def _dense_variant_usable(lead: Tensor) -> bool:
+def dense_variant_usable(lead: Tensor) -> bool:
+    """True when "auto" may also measure "cpu:dense" (csr_dense_mm) for a product with the
+    dense operand ``lead``."""
     return (lead.device.type == "cpu" and backends.get_backend() == "auto"
             and "cpu" in backends.auto_candidates("cpu") and hasattr(torch.ops.sparsekernels_C, "csr_dense_mm"))
 
@@ -49,7 +51,7 @@ def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
             and "cuda" in backends.auto_candidates("cuda") and backends.get_backend() == "auto"
             and rows_sorted(*tiled_pattern)):
         candidates = [*backends.auto_candidates("cuda"), "cuda:tiled"]
-    if dense_variant and _dense_variant_usable(lead):
+    if dense_variant and dense_variant_usable(lead):
         # Where the CPU's dense GEMM is much faster than ours per FLOP (bf16 on AMX, or a
         # low sparsity), densifying the weight and running it wins; measured, not assumed.
         candidates = [*backends.auto_candidates("cpu"), "cpu:dense"]
@@ -57,18 +59,23 @@ def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
             "candidates": candidates}
 
 
-def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run,
-              tiled_pattern: tuple[Tensor, Tensor] | None = None, dense_variant: bool = False):
-    """Runs ``run(backend)`` on the backend chosen for the CSR product (``backends.dispatch``)."""
-    args = _dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern, dense_variant)
-    measuring = (args["candidates"] is not None and "cpu:dense" in args["candidates"]
+def dispatch_measured(op: str, lead: Tensor, run, args: dict):
+    """``backends.dispatch(op, ..., **args)``; when that measured "cpu:dense" and kept
+    another backend, frees this thread's workspace, where "cpu:dense" left a dense-sized
+    buffer (the other kernels' panels are re-made on their next call)."""
+    measuring = (args.get("candidates") is not None and "cpu:dense" in args["candidates"]
                  and backends.planned(op, lead.device, lead.dtype, **args) is None)
     out = backends.dispatch(op, lead.device, lead.dtype, run, **args)
     if measuring and backends.planned(op, lead.device, lead.dtype, **args) != "cpu:dense":
-        # Measuring ran "cpu:dense", whose dense-sized scratch buffer stays in this thread's
-        # workspace: free it when that variant lost (the panels are re-made on next use).
         torch.ops.sparsekernels_C.release_workspace()
     return out
+
+
+def _dispatch(op: str, lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int, run,
+              tiled_pattern: tuple[Tensor, Tensor] | None = None, dense_variant: bool = False):
+    """Runs ``run(backend)`` on the backend chosen for the CSR product (``backends.dispatch``)."""
+    return dispatch_measured(op, lead, run, _dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern,
+                                                           dense_variant))
 
 
 def _compiled(name: str):

@@ -23,7 +23,7 @@ from .. import backends
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, autocast
-from .csr_matmul import _sddmm_op, _spmm_t_op
+from .csr_matmul import _sddmm_op, _spmm_t_op, dense_variant_usable, dispatch_measured
 
 
 def _rows2d(t: Tensor) -> Tensor:
@@ -125,40 +125,50 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
     return y.reshape(*x.shape[:-1], n)
 
 
-def _dispatch_24(op: str, x: Tensor, n: int, k: int, run):
+def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = False):
     """``backends.dispatch`` for a 2:4 product of x [..., k] with a weight [n, k]; on the
-    GPU, says once when measurement found dense faster than 2:4 for a shape."""
+    GPU, says once when measurement found dense faster than 2:4 for a shape.
+    ``dense_variant``: ``run`` can also run "cpu:dense" (the CSR view densified in C++)."""
     m = x.shape[:-1].numel()
     key = backends.shape_class(m, n, k)
     cands = None
     if x.is_cuda:
         cands = ["cuda", "reference"] if gpu_plan(m, n, k, x.dtype) == "semi_structured" else []
-    out = backends.dispatch(op, x.device, x.dtype, run, flops=2.0 * m * n * k, key=key, candidates=cands)
+    elif dense_variant and dense_variant_usable(x):
+        # Where our 2:4 kernel is not faster than the CPU's dense GEMM, run that GEMM on
+        # the weight densified in C++ (the reference densifies in Python, far slower).
+        cands = [*backends.auto_candidates("cpu"), "cpu:dense"]
+    out = dispatch_measured(op, x, run, {"flops": 2.0 * m * n * k, "key": key, "candidates": cands})
     if x.is_cuda and backends.measured_choice(op, x.device, x.dtype, key) == "reference":
         _warn_once(f"{op}: dense measured faster than 2:4 for x [{m}, {k}] and W [{n}, {k}] ({x.dtype}); running "
                    "dense (sparsekernels info lists the measured choices)")
     return out
 
 
-def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ W^T + bias`` for the 2:4 weight (values, meta) on the chosen backend."""
+def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None,
+                csr: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``x @ W^T + bias`` for the 2:4 weight (values, meta) on the chosen backend; ``csr``
+    (row_ptr, col_idx), the weight's CSR view, adds the "cpu:dense" candidate."""
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             y = torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
+            return y.add_(bias) if bias is not None else y
+        if backend == "cpu:dense":  # values in row-major order are the CSR view's values
+            y = torch.ops.sparsekernels_C.csr_dense_mm(x, values.reshape(-1), *csr, 4 * meta.shape[1], False)
             return y.add_(bias) if bias is not None else y
         _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
         if x.is_cuda and backend in ("cuda", "triton"):
             return _linear_24(x, values, meta, bias, "sparse24_mm")
         return torch.nn.functional.linear(x, _dense_24(values, meta), bias)
 
-    return _dispatch_24("sparse24_mm", x, values.shape[0], 4 * meta.shape[1], run)
+    return _dispatch_24("sparse24_mm", x, values.shape[0], 4 * meta.shape[1], run, dense_variant=csr is not None)
 
 
 @torch.library.custom_op("sparsekernels::sparse24_mm", mutates_args=())
 def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                     t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None,
                     transposable: bool = False) -> Tensor:
-    return _forward_24(x, values, meta, bias)
+    return _forward_24(x, values, meta, bias, (row_ptr, col_idx))
 
 
 @_sparse24_mm_op.register_fake

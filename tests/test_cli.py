@@ -41,6 +41,15 @@ def test_median_ratio():
     assert harness.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 1.0]) == 4.0
 
 
+def test_sparse24_never_slower_target_takes_the_worst_shape():
+    s24 = [{"batch": 256, "in_features": 4096, "out_features": 4096, "fwd_vs_dense": 1.2},
+           {"batch": 64, "in_features": 1024, "out_features": 1024, "fwd_vs_dense": 0.93}]
+    (never,) = [c for c in csr_linear.targets([], s24) if "never slower" in c["target"]]
+    assert never["value"] == 0.93 and never["met"] is False and "(64,1024,1024)" in never["target"]
+    (never,) = [c for c in csr_linear.targets([], s24[:1]) if "never slower" in c["target"]]
+    assert never["met"] is True
+
+
 def test_targets_flag_misses():
     r = csr_linear.CaseResult(256, 4096, 4096, 0.9, 1, speedup={"fwd_vs_dense": 3.0, "step_vs_dense": 5.0,
                                                                  "fwd_vs_torch_sparse": 2.6})

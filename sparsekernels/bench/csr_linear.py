@@ -181,6 +181,11 @@ def targets(results: list[CaseResult], sparse24: list[dict] = ()) -> list[dict]:
         if (r["batch"], r["in_features"], r["out_features"]) == (256, 4096, 4096):
             checks.append({"target": "2:4 fwd vs dense, (256,4096,4096)", "value": round(r["fwd_vs_dense"], 3),
                            "goal": 1.6, "met": r["fwd_vs_dense"] >= 1.6})
+    if sparse24:
+        worst = min(sparse24, key=lambda r: r["fwd_vs_dense"])
+        checks.append({"target": f"2:4 fwd never slower than dense (worst of {len(sparse24)} shapes: "
+                                 f"({worst['batch']},{worst['in_features']},{worst['out_features']}))",
+                       "value": round(worst["fwd_vs_dense"], 3), "goal": 1.0, "met": worst["fwd_vs_dense"] >= 1.0})
     return checks
 
 

@@ -59,6 +59,16 @@ def _seed_and_isolate(request, monkeypatch):
 
 
 @pytest.fixture
+def measure_everything(monkeypatch):
+    """Every product is measured by "auto" (no size floor), starting from an empty cache."""
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
+    monkeypatch.delenv(backends.MEASURE_ENV_VAR, raising=False)
+    backends.clear_measurements()
+    yield
+    backends.clear_measurements()
+
+
+@pytest.fixture
 def one_thread():
     """One intra-op thread for the test: tests of tiny layers are dominated (and on a busy
     2-core machine multiplied) by OpenMP hand-offs between threads."""

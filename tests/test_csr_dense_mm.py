@@ -76,15 +76,6 @@ def test_bad_input_is_a_clear_error():
         op(torch.randn(3, 5), csr.values, csr.row_ptr, csr.col_idx, -1, False)
 
 
-@pytest.fixture
-def measure_everything(monkeypatch):
-    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
-    monkeypatch.delenv(backends.MEASURE_ENV_VAR, raising=False)
-    backends.clear_measurements()
-    yield
-    backends.clear_measurements()
-
-
 def test_auto_measures_the_dense_variant_for_spmm_and_spmm_t(measure_everything):
     layer = sk.SparseLinear(48, 40, sparsity=0.7)
     x = torch.randn(33, 48, requires_grad=True)

@@ -15,16 +15,6 @@ from conftest import make_csr, rel_error
 needs_ext = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
 
 
-@pytest.fixture
-def measure_everything(monkeypatch):
-    """Every product is measured (no size floor), starting from an empty cache."""
-    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
-    monkeypatch.delenv(backends.MEASURE_ENV_VAR, raising=False)
-    backends.clear_measurements()
-    yield
-    backends.clear_measurements()
-
-
 @needs_ext
 def test_auto_measures_each_problem_class_once(measure_everything, monkeypatch):
     csr = make_csr(64, 96, 0.8, seed=1)

@@ -253,7 +253,11 @@ def planned(op: str, device: torch.device, dtype: torch.dtype, *, flops: float =
             or _capturing(device)):
         return static
     entry = _measured.get((op, str(device), str(dtype).replace("torch.", ""), *key))
-    return None if entry is None else entry["choice"]
+    # A stored choice this call cannot run (a variant another caller of the op offered, or
+    # one loaded from a file) counts as unmeasured: measure again among these candidates.
+    if entry is None or entry["choice"] not in cands:
+        return None
+    return entry["choice"]
 
 
 def _measure(op: str, full_key: tuple, cands: list[str], run: Callable[[str], T], device: torch.device,

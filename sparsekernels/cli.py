@@ -234,7 +234,7 @@ def _cmd_bench(args) -> int:
     table = Table(title=f"CSR linear, fp32, {payload['machine']['threads']} threads "
                         f"({payload['machine']['cpu_kind']}); ratios are medians of per-round speed-ups")
     for col in ("B", "in", "out", "sparsity", "dense fwd ms", "ours fwd ms", "fwd x dense", "torch.sparse fwd ms",
-                "fwd x torch.sparse", "dense step ms", "ours step ms", "step x dense", "ours GFLOP/s"):
+                "fwd x torch.sparse", "dense step ms", "ours step ms", "step x dense", "ours GFLOP/s", "fwd ran"):
         table.add_column(col, justify="right")
     for r in payload["results"]:
         ms, sp = r["ms"], r["speedup"]
@@ -242,15 +242,15 @@ def _cmd_bench(args) -> int:
                       f"{ms['dense_fwd']:.2f}", f"{ms['ours_fwd']:.2f}", f"{sp['fwd_vs_dense']:.2f}",
                       f"{ms.get('torch_sparse_fwd', float('nan')):.2f}", f"{sp.get('fwd_vs_torch_sparse', float('nan')):.2f}",
                       f"{ms['dense_step']:.2f}", f"{ms['ours_step']:.2f}", f"{sp['step_vs_dense']:.2f}",
-                      f"{r['gflops']['ours_fwd']:.1f}")
+                      f"{r['gflops']['ours_fwd']:.1f}", r.get("fwd_backend", ""))
     console.print(table)
     if payload.get("sparse24"):
         t24 = Table(title="2:4 (50%) forward, fp32, our kernel on the compressed form vs dense")
-        for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense"):
+        for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense", "auto ran"):
             t24.add_column(col, justify="right")
         for r in payload["sparse24"]:
             t24.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['ms']['dense_fwd']:.2f}",
-                        f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}")
+                        f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}", r.get("auto_choice", ""))
         console.print(t24)
     if payload.get("bf16"):
         tb = Table(title="bf16 forward: the CPU's dense GEMM vs our kernel vs measured auto (what layers run)")

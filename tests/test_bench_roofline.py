@@ -39,7 +39,8 @@ def test_l1_probe_measures_a_positive_rate(one_thread):
     if not sk._extension.compiled():
         assert roofline.l1_ns_per_gather(32, 64, 48, 3) is None
         return
-    ns = roofline.l1_ns_per_gather(32, 256, 48, 3)
+    # None only when noise swamped the slope (then the table shows no figure): retry.
+    ns = next((v for v in (roofline.l1_ns_per_gather(32, 256, 48, 3) for _ in range(3)) if v is not None), None)
     # Tens of picoseconds (impossible: > 100 FMA lanes per ns) to microseconds per gather
     # would mean the slope measured something else.
     assert ns is not None and 0.05 < ns < 100
@@ -49,6 +50,7 @@ def test_benchmark_reports_the_roofline_for_its_target_cases(monkeypatch):
     # A target case gets the needed time per gather; the others only the measured side.
     monkeypatch.setitem(csr_linear.FORWARD_GOALS, (24, 64, 40, 0.9), 2.0)
     payload = csr_linear.run([(24, 64, 40)], [0.5, 0.9], rounds=2, torch_sparse=False)
+    assert {r["fwd_backend"] for r in payload["results"]} == {"cpu"}   # too small to measure: the fixed order
     by = {r["sparsity"]: r["limits"] for r in payload["results"]}
     assert set(by[0.9]["needed_ns_per_gather"]) == {"fwd_vs_dense"}
     assert by[0.5]["needed_ns_per_gather"] == {}

@@ -134,3 +134,50 @@ def test_sparse24_forward_measures_and_runs_the_dense_variant(measure_everything
     backends._measured[("sparse24_mm", "cpu", "float32", *entry["key"])]["choice"] = "cpu:dense"  # pin it
     assert backends.measured_choice("sparse24_mm", x.device, x.dtype, entry["key"]) == "cpu:dense"
     assert rel_error(layer(x), want) < 1e-5
+
+
+def test_srste_forward_never_runs_the_dense_variant_it_cannot(measure_everything):
+    # Sparse24Linear offers "cpu:dense" (it has the CSR view); SR-STE's forward op does
+    # not, and is measured under its own name, so a choice stored for one never reaches
+    # the other.
+    layer = sk.nn.Sparse24Linear(64, 24, bias=False)
+    x = torch.randn(5, 64)
+    layer(x)
+    (entry,) = [e for e in backends.measured() if e["op"] == "sparse24_mm"]
+    backends._measured[("sparse24_mm", "cpu", "float32", *entry["key"])]["choice"] = "cpu:dense"
+    w = layer.dense_weight().detach().clone().requires_grad_()
+    y = sk.ops.srste_linear(x, w, layer.meta, layer.mask().bool())
+    assert rel_error(y, x.double() @ layer.dense_weight().double().t()) < 1e-5
+    assert {e["op"] for e in backends.measured()} == {"sparse24_mm", "sparse24_linear_forward"}
+
+
+def test_a_stored_choice_outside_the_candidates_is_measured_again(measure_everything):
+    key = (8, 4, 4, None)
+    backends._measured[("toy", "cpu", "float32", *key)] = {"op": "toy", "device": "cpu", "dtype": "float32",
+                                                          "key": key, "choice": "cpu:dense", "times_ms": {},
+                                                          "rejected": {}}
+    ran = []
+    out = backends.dispatch("toy", torch.device("cpu"), torch.float32, lambda b: ran.append(b) or torch.ones(2),
+                            flops=1.0, key=key, candidates=["cpu", "reference"])
+    assert torch.equal(out, torch.ones(2)) and "cpu:dense" not in ran and {"cpu", "reference"} <= set(ran)
+    assert backends.measured_choice("toy", torch.device("cpu"), torch.float32, key) in ("cpu", "reference")
+
+
+@pytest.mark.parametrize("winner", ["cpu", "cpu:dense"])
+def test_workspace_is_released_only_when_the_dense_variant_lost(measure_everything, monkeypatch, winner):
+    import time
+
+    released = []
+    monkeypatch.setattr(csr_matmul, "_release_workspace", lambda: released.append(1))
+    lead = torch.empty(4, 8)
+    args = {"flops": 1.0, "key": (winner,), "candidates": ["cpu", "reference", "cpu:dense"]}
+
+    def run(backend):
+        if backend != winner:
+            time.sleep(0.002)          # every other candidate is slower
+        return torch.ones(3)
+
+    csr_matmul.dispatch_measured("toy", lead, run, args)
+    csr_matmul.dispatch_measured("toy", lead, run, args)          # measured already: nothing more
+    assert backends.measured_choice("toy", lead.device, lead.dtype, args["key"]) == winner
+    assert released == ([1] if winner == "cpu" else [])

@@ -323,15 +323,25 @@ def test_srste_kept_values_shortcut_matches_the_gather(seed):
         sk.ops.srste_linear(x, w, s24.meta, mask, kept_values=s24.values[:, :3])
 
 
+@pytest.fixture(scope="module")
+def big_24():
+    return Sparse24.from_dense(torch.randn(512, 4096, generator=torch.Generator().manual_seed(0)))
+
+
 @pytest.mark.parametrize("bad", [0, 7, 16, 0x34])
-@pytest.mark.parametrize("where", [0, -1])
-def test_cpu_kernel_rejects_corrupt_meta_anywhere(bad, where):
-    # The C++ kernel checks every meta byte, split over the threads: a corrupt byte in the
-    # first or the last chunk (meta of 256 x 1024 bytes spans several) is a ValueError.
+@pytest.mark.parametrize("where", [0, 1 << 18, -1])
+def test_cpu_kernel_rejects_corrupt_meta_anywhere(bad, where, big_24):
+    # The C++ kernel checks every meta byte, split over the threads in chunks of 2^18
+    # bytes: meta of 512 x 1024 bytes is two chunks; a corrupt byte at the start of
+    # either or at the very end is a ValueError.
     if not sk._extension.compiled():
         pytest.skip("extension not built")
-    s = Sparse24.from_dense(torch.randn(256, 4096))
-    meta = s.meta.clone()
+    meta = big_24.meta.clone()
     meta.view(-1)[where] = bad
-    with pytest.raises(ValueError, match="meta entries"):
-        torch.ops.sparsekernels_C.sparse24_mm(torch.randn(3, 4096), s.values, meta)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="meta entries"):
+            torch.ops.sparsekernels_C.sparse24_mm(torch.randn(3, 4096), big_24.values, meta)
+    finally:
+        torch.set_num_threads(threads)

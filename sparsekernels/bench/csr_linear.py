@@ -51,6 +51,7 @@ class CaseResult:
     speedup: dict = field(default_factory=dict)    # median of per-round ratios
     gflops: dict = field(default_factory=dict)     # useful GFLOP/s (dense FLOPs for dense, 2*B*nnz for sparse)
     limits: dict = field(default_factory=dict)     # the forward's gather roofline (bench/roofline.py)
+    fwd_backend: str = ""                          # what measured "auto" ran for the forward
 
 
 def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, seed: int = 0,
@@ -96,6 +97,8 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, se
     samples["ours_bwd"] = [s - f for s, f in zip(samples["ours_step"], samples["ours_fwd"])]
 
     res = CaseResult(batch, in_f, out_f, sparsity, layer.nnz)
+    res.fwd_backend = _auto_choice("spmm", x,
+                                   backends.shape_class(batch, out_f, in_f, density=layer.nnz / (out_f * in_f)))
     res.ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     res.speedup = {
         "fwd_vs_dense": harness.median_ratio(samples["dense_fwd"], samples["ours_fwd"]),
@@ -113,6 +116,12 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, se
     return res
 
 
+def _auto_choice(op: str, x: torch.Tensor, key: tuple) -> str:
+    """The backend measured "auto" runs ``op`` on for this class (the fixed order's pick
+    when it was not measured)."""
+    return backends.measured_choice(op, x.device, x.dtype, key) or backends.resolve(op, x.device, x.dtype)
+
+
 def run_sparse24_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int = 0) -> dict:
     """2:4 forward (our C++ kernel on the compressed form) vs dense, fp32, same run."""
     from ..nn import Sparse24Linear
@@ -125,7 +134,9 @@ def run_sparse24_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int 
         samples = harness.time_round_robin({"dense_fwd": lambda: x @ w.t(), "sparse24_fwd": lambda: layer(x)}, rounds)
     return {"batch": batch, "in_features": in_f, "out_features": out_f,
             "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
-            "fwd_vs_dense": harness.median_ratio(samples["dense_fwd"], samples["sparse24_fwd"])}
+            "fwd_vs_dense": harness.median_ratio(samples["dense_fwd"], samples["sparse24_fwd"]),
+            # The layer runs what measured auto chose: our 2:4 kernel, or "cpu:dense".
+            "auto_choice": _auto_choice("sparse24_mm", x, backends.shape_class(batch, out_f, in_f))}
 
 
 def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, seed: int = 0) -> dict:
@@ -149,8 +160,7 @@ def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: in
     key = backends.shape_class(batch, out_f, in_f, density=layer.nnz / (out_f * in_f))
     out = {"batch": batch, "in_features": in_f, "out_features": out_f, "sparsity": sparsity,
            "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
-           "auto_choice": backends.measured_choice("spmm", x.device, x.dtype, key) or backends.resolve(
-               "spmm", x.device, x.dtype)}
+           "auto_choice": _auto_choice("spmm", x, key)}
     out["vs_dense"] = {k.replace("_fwd", ""): harness.median_ratio(samples["dense_fwd"], v)
                        for k, v in samples.items() if k != "dense_fwd"}
     return out
@@ -203,8 +213,9 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
         if (b, o) not in l1_probe:
             l1_probe[(b, o)] = roofline.l1_ns_per_gather(b, o, machine.get("l1d_kib"), rounds)
         goal = FORWARD_GOALS.get((b, i, o, sp))
-        r.limits = roofline.case_limits(b, r.nnz, r.ms["dense_fwd"], r.ms["ours_fwd"], l1_probe[(b, o)],
-                                        {"fwd_vs_dense": goal} if goal else {})
+        if r.fwd_backend == "cpu":  # the roofline describes our kernel, not a dense fallback
+            r.limits = roofline.case_limits(b, r.nnz, r.ms["dense_fwd"], r.ms["ours_fwd"], l1_probe[(b, o)],
+                                            {"fwd_vs_dense": goal} if goal else {})
         results.append(r)
         if progress is not None:
             progress(f"B={b} {i}->{o} s={sp}")

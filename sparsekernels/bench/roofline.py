@@ -20,6 +20,9 @@ own limit. With it a case reports:
 - ``ceiling_if_l1``: dense time / (gathers x L1 time per gather), an upper bound of the
   ratio any reordering of this kernel's loads could reach (fixed costs left out).
 
+Bytes are counted for fp32 panels (the CSR benchmark's dtype). The benchmark computes the
+roofline only for cases where measured "auto" ran our kernel (``fwd_backend == "cpu"``).
+
 A target with ``needed < l1`` is out of reach for this instruction mix; one with
 ``l1 <= needed < measured`` needs the gathered rows served from L1 instead of L2.
 """
@@ -71,7 +74,10 @@ def l1_ns_per_gather(batch: int, out_f: int, l1d_kib: int | None, rounds: int) -
         samples = harness.time_round_robin(fns, max(rounds, 15))
     best = {k: min(v) for k, v in samples.items()}
     extra = gathers(batch, out_f * widths[1]) - gathers(batch, out_f * widths[0])
-    return max(best[widths[1]] - best[widths[0]], 0.0) / extra * 1e9
+    slope = (best[widths[1]] - best[widths[0]]) / extra * 1e9
+    # The slope also carries the per-non-zero pattern check (as the measured run does).
+    # A non-positive one is noise that swamped the difference: no figure rather than 0.
+    return slope if slope > 0 else None
 
 
 def case_limits(batch: int, nnz: int, dense_ms: float, ours_ms: float, l1_ns: float | None,

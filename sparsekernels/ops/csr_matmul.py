@@ -16,10 +16,12 @@ public entry points.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _extension, backends, reference
 from . import _checks
 from ..kernels.launch_plan import launch_plan, rows_sorted
 
@@ -29,11 +31,19 @@ from ..kernels.launch_plan import launch_plan, rows_sorted
 TILED_MIN_ROWS = 256
 
 
+@functools.cache
+def _have_dense_mm() -> bool:
+    return _extension.compiled() and hasattr(torch.ops.sparsekernels_C, "csr_dense_mm")
+
+
 def dense_variant_usable(lead: Tensor) -> bool:
     """True when "auto" may also measure "cpu:dense" (csr_dense_mm) for a product with the
     dense operand ``lead``."""
-    return (lead.device.type == "cpu" and backends.get_backend() == "auto"
-            and "cpu" in backends.auto_candidates("cpu") and hasattr(torch.ops.sparsekernels_C, "csr_dense_mm"))
+    return lead.device.type == "cpu" and backends.get_backend() == "auto" and _have_dense_mm()
+
+
+def _release_workspace() -> None:
+    torch.ops.sparsekernels_C.release_workspace()
 
 
 def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
@@ -63,11 +73,13 @@ def dispatch_measured(op: str, lead: Tensor, run, args: dict):
     """``backends.dispatch(op, ..., **args)``; when that measured "cpu:dense" and kept
     another backend, frees this thread's workspace, where "cpu:dense" left a dense-sized
     buffer (the other kernels' panels are re-made on their next call)."""
-    measuring = (args.get("candidates") is not None and "cpu:dense" in args["candidates"]
-                 and backends.planned(op, lead.device, lead.dtype, **args) is None)
+    if args.get("candidates") is None or "cpu:dense" not in args["candidates"]:
+        return backends.dispatch(op, lead.device, lead.dtype, run, **args)
+    before = backends.measured_choice(op, lead.device, lead.dtype, args["key"])
     out = backends.dispatch(op, lead.device, lead.dtype, run, **args)
-    if measuring and backends.planned(op, lead.device, lead.dtype, **args) != "cpu:dense":
-        torch.ops.sparsekernels_C.release_workspace()
+    after = backends.measured_choice(op, lead.device, lead.dtype, args["key"])
+    if after is not None and after != before and after != "cpu:dense":
+        _release_workspace()  # this call measured, and "cpu:dense" lost
     return out
 
 

@@ -302,14 +302,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_keys_cpu(const at::Tens
     full = true;
   };
   at::Tensor tile = at::empty({rows_per_tile, kk}, xc.options());
+  // Each block's candidates, kept from tile to tile so their storage is allocated once
+  // per call, not once per tile (no measurable change in the call's time here).
+  std::vector<std::vector<Candidate>> found(std::min<int64_t>(rows_per_tile, 4 * static_cast<int64_t>(threads)));
   for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
     const int64_t o1 = std::min(n, o0 + rows_per_tile);
     const int64_t rows = o1 - o0;
     at::Tensor g = tile.narrow(0, 0, rows);
     gradient_tile(dyc, xc, rp, c, o0, o1, kk, g);
     const uint32_t* gp = reinterpret_cast<const uint32_t*>(g.data_ptr<float>());
-    const int64_t blocks = std::min<int64_t>(rows, 4 * static_cast<int64_t>(threads));
-    std::vector<std::vector<Candidate>> found(blocks);
+    const int64_t blocks = std::min<int64_t>(rows, static_cast<int64_t>(found.size()));
+    for (auto& f : found) f.clear();
     bool use_floor = full;
     uint32_t fl = floor;
     if (!full && pool.empty()) {
@@ -338,7 +341,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_keys_cpu(const at::Tens
           collect_row(gp + r * kk, kk, static_cast<int32_t>(o0 + r), use_floor, fl, found[blk]);
       }
     });
-    for (const auto& f : found) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const auto& f = found[blk];
       pool.insert(pool.end(), f.begin(), f.end());
       if (static_cast<int64_t>(pool.size()) >= 2 * k) cut_to_k();
     }

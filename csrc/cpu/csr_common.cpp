@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -11,6 +13,25 @@
 #endif
 
 namespace sparsekernels::cpu {
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    long v = -1;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
+  if (m <= kNarrowPanel) return kNarrowPanel;
+  const int64_t budget = std::max<int64_t>(l2_cache_bytes() / 4 * 3, int64_t(1) << 20);
+  if (gathered_rows * kWidePanel * elem_bytes <= budget) return kWidePanel;
+  if (gathered_rows * kMidPanel * elem_bytes <= budget) return kMidPanel;
+  return kNarrowPanel;
+}
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

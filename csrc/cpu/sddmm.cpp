@@ -148,15 +148,18 @@ at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy_packed, cons
   at::Tensor out = at::zeros({nnz}, dy.options().dtype(ct));
   if (m == 0 || nnz == 0) return out.to(dy.scalar_type());
 
-  const int64_t t = choose_panel(m);
+  // The x panel is the gathered one; a dy panel packed by the caller brings its width.
+  const int64_t t = pdy_packed ? pdy_packed->size(2) : choose_panel(m, k, c10::elementSize(ct));
   const at::Tensor pdy = pdy_packed ? *pdy_packed : pack_panels(dy2, t, ct, /*slot=*/0);
   const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/1);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   if (ct == at::kDouble) {
     if (t == kWidePanel) sddmm_panels<double, kWidePanel>(pdy, px, out, rp, ci);
+    else if (t == kMidPanel) sddmm_panels<double, kMidPanel>(pdy, px, out, rp, ci);
     else sddmm_panels<double, kNarrowPanel>(pdy, px, out, rp, ci);
   } else {
     if (t == kWidePanel) sddmm_panels<float, kWidePanel>(pdy, px, out, rp, ci);
+    else if (t == kMidPanel) sddmm_panels<float, kMidPanel>(pdy, px, out, rp, ci);
     else sddmm_panels<float, kNarrowPanel>(pdy, px, out, rp, ci);
   }
   return out.to(dy.scalar_type());

@@ -169,7 +169,8 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
   if (vals.numel() == 0 || k == 0) return at::zeros(out_shape, x.options());
 
   const at::ScalarType ct = compute_type(x.scalar_type());
-  const int64_t t = choose_panel(m);
+  // A panel packed by the caller (spmm_backward) brings its own width.
+  const int64_t t = packed ? packed->size(2) : choose_panel(m, k, c10::elementSize(ct));
   const at::Tensor px = packed ? *packed : pack_panels(x2, t, ct, /*slot=*/0);
   // Allocated in the output's shape and returned as is (not a view: callers add the bias
   // in place); the kernels write it as [M, N].
@@ -179,9 +180,11 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   if (ct == at::kDouble) {
     if (t == kWidePanel) spmm_panels<double, kWidePanel>(px, y, rp, ci, v);
+    else if (t == kMidPanel) spmm_panels<double, kMidPanel>(px, y, rp, ci, v);
     else spmm_panels<double, kNarrowPanel>(px, y, rp, ci, v);
   } else {
     if (t == kWidePanel) spmm_panels<float, kWidePanel>(px, y, rp, ci, v);
+    else if (t == kMidPanel) spmm_panels<float, kMidPanel>(px, y, rp, ci, v);
     else spmm_panels<float, kNarrowPanel>(px, y, rp, ci, v);
   }
   return out;

@@ -31,7 +31,11 @@ std::tuple<at::Tensor, at::Tensor> spmm_backward_cpu(const at::Tensor& dy, const
                     " and ", x.sizes());
   const int64_t m = leading_rows(dy);
   at::Tensor pdy;
-  if (m > 0 && n > 0) pdy = pack_panels(dy.reshape({m, n}), choose_panel(m), compute_type(dy.scalar_type()), 0);
+  // One width for both products: spmm_t gathers dy's panel rows (n of them), sddmm x's
+  // (x.size(-1)): the panel must fit for the larger.
+  const at::ScalarType ct = compute_type(dy.scalar_type());
+  if (m > 0 && n > 0)
+    pdy = pack_panels(dy.reshape({m, n}), choose_panel(m, std::max(n, x.size(-1)), c10::elementSize(ct)), ct, 0);
   const at::Tensor* packed = pdy.defined() ? &pdy : nullptr;
   at::Tensor dx = spmm_t_packed(dy, packed, values, t_row_ptr, t_col_idx, t_perm);
   at::Tensor dvalues = sddmm_packed(dy, packed, x, row_ptr, col_idx);

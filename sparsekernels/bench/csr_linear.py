@@ -22,9 +22,10 @@ from .. import backends, ops
 from ..nn import SparseLinear
 from . import harness, roofline
 
-# (B, in, out): a square LLM-ish layer, a small MLP layer at two batch sizes, and
-# SparseProp's published CPU case (BERT-base FFN up-projection, B = 2048).
-SHAPES = [(256, 4096, 4096), (64, 1024, 1024), (2048, 1024, 1024), (2048, 768, 3072)]
+# (B, in, out): a square LLM-ish layer, a small MLP layer at two batch sizes,
+# SparseProp's published CPU case (BERT-base FFN up-projection, B = 2048), and an LLM FFN
+# down-projection (11008 -> 4096), whose x panel outgrows a core's L2 at 64 columns.
+SHAPES = [(256, 4096, 4096), (64, 1024, 1024), (2048, 1024, 1024), (2048, 768, 3072), (256, 11008, 4096)]
 SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
 QUICK_SHAPES = [(256, 4096, 4096), (2048, 768, 3072)]
 QUICK_SPARSITIES = [0.9, 0.95, 0.98]

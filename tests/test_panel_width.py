@@ -1,0 +1,84 @@
+"""The CPU CSR kernels size their batch panels to the L2 (csr_common.h: choose_panel):
+64, 32 or 16 columns wide by how many panel rows they gather. Every width must give the
+same products, including the fused backward, whose one packing of dy serves both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsekernels as sk
+
+from conftest import dense_of, make_csr, rel_error
+
+pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
+
+BATCH = 40  # > 16: the width then follows the panel's size
+
+
+def _width(k: int, dtype: torch.dtype) -> int:
+    return torch.ops.sparsekernels_C.cpu_panel_width(BATCH, k, torch.empty((), dtype=dtype).element_size())
+
+
+def _smallest_k_with(width: int, dtype: torch.dtype) -> int:
+    """The smallest gathered-row count (a multiple of 8, from 8) that gets `width`."""
+    k = 8
+    while _width(k, dtype) > width:
+        k *= 2
+    lo, hi = k // 2, k                              # _width(lo) > width >= _width(hi)
+    while hi - lo > 8:
+        mid = (lo + hi) // 16 * 8
+        lo, hi = (mid, hi) if _width(mid, dtype) > width else (lo, mid)
+    return hi
+
+
+def test_width_shrinks_with_the_panel_and_follows_the_batch():
+    f = torch.ops.sparsekernels_C.cpu_panel_width
+    assert f(16, 100000, 4) == 16 and f(BATCH, 64, 4) == 64
+    widths = [f(BATCH, k, 4) for k in (64, 4096, 8192, 16384, 65536)]
+    assert widths == sorted(widths, reverse=True) and widths[-1] == 16
+    assert f(BATCH, 4096, 4) == 64                  # the 1 MiB floor: as tuned, on any CPU
+    assert f(BATCH, 2048, 8) == f(BATCH, 4096, 4)   # bytes, not elements
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [32, 16])
+def test_products_are_right_at_every_width(dtype, width, seed):
+    k = _smallest_k_with(width, dtype) + 8          # in_features: forward and sddmm gather x rows
+    assert _width(k, dtype) == width
+    n = 24
+    csr = make_csr(n, k, 0.995, dtype, seed=seed, empty_rows=True)
+    w = dense_of(csr)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, k, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(BATCH, n, generator=g, dtype=torch.float64).to(dtype)
+    C = torch.ops.sparsekernels_C
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_error(C.spmm(x, csr.values, csr.row_ptr, csr.col_idx, None, False), x.double() @ w.t()) < tol
+    want_dv = (dy.double().t() @ x.double())[w != 0]
+    # sddmm alone, and the fused backward (dy packed once, at the width the larger of the
+    # two gathered panels needs).
+    dv = C.sddmm(dy, x, csr.row_ptr, csr.col_idx, None)
+    rows = torch.repeat_interleave(torch.arange(n), (csr.row_ptr[1:] - csr.row_ptr[:-1]).long())
+    order = torch.argsort(rows * k + csr.col_idx.long())
+    assert rel_error(dv[order], want_dv) < tol
+    dx, dv2 = C.spmm_backward(dy, x, csr.values, csr.row_ptr, csr.col_idx, csr.t_row_ptr, csr.t_col_idx, csr.t_perm)
+    assert rel_error(dx, dy.double() @ w) < tol and rel_error(dv2, dv) < tol
+    # spmm_t gathers dy's rows: a wide output layer.
+    wide = make_csr(k, n, 0.995, dtype, seed=seed + 1)
+    dyk = torch.randn(BATCH, k, generator=g, dtype=torch.float64).to(dtype)
+    got = C.spmm_t(dyk, wide.values, wide.t_row_ptr, wide.t_col_idx, wide.t_perm, None, False)
+    assert rel_error(got, dyk.double() @ dense_of(wide)) < tol
+
+
+def test_layer_training_step_at_a_narrow_width_matches_reference(seed):
+    k = _smallest_k_with(32, torch.float32) + 8
+    layer = sk.SparseLinear(k, 24, sparsity=0.995)
+    x = torch.randn(BATCH, k, requires_grad=True)
+    with sk.use_backend("cpu"):
+        layer(x).square().sum().backward()
+    got = (x.grad.clone(), layer.values.grad.clone())
+    x.grad, layer.values.grad = None, None
+    with sk.use_backend("reference"):
+        layer(x).square().sum().backward()
+    assert rel_error(got[0], x.grad) < 1e-5 and rel_error(got[1], layer.values.grad) < 1e-5

@@ -150,6 +150,21 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return num / den
 
 
+def assert_step_matches_reference(layer, x: torch.Tensor, backend: str | None = None, tol: float = 1e-5) -> None:
+    """One square-loss step of ``layer`` on ``x`` (requires_grad) as dispatched now, or on
+    ``backend``, against the same step forced onto the reference: equal input and value
+    gradients."""
+    import contextlib
+
+    with sparsekernels.use_backend(backend) if backend else contextlib.nullcontext():
+        layer(x).square().sum().backward()
+    got = (x.grad.clone(), layer.values.grad.clone())
+    x.grad, layer.values.grad = None, None
+    with sparsekernels.use_backend("reference"):
+        layer(x).square().sum().backward()
+    assert rel_error(got[0], x.grad) < tol and rel_error(got[1], layer.values.grad) < tol
+
+
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
     """Relative Frobenius error ||a - e|| / ||e|| <= tol (absolute when e == 0), equal
     shapes, and no NaN/inf in ``actual`` where ``expected`` is finite. Prints the worst

@@ -10,7 +10,7 @@ import sparsekernels as sk
 from sparsekernels import backends
 from sparsekernels.kernels.launch_plan import build_launch_plan, launch_plan
 
-from conftest import make_csr, rel_error
+from conftest import assert_step_matches_reference, make_csr, rel_error
 
 needs_ext = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
 
@@ -38,13 +38,7 @@ def test_auto_measures_each_problem_class_once(measure_everything, monkeypatch):
 @needs_ext
 def test_training_step_under_measured_auto_matches_reference(measure_everything, seed):
     layer = sk.SparseLinear(48, 40, sparsity=0.7)
-    x = torch.randn(33, 48, requires_grad=True)
-    layer(x).square().sum().backward()
-    got = (x.grad.clone(), layer.values.grad.clone())
-    x.grad, layer.values.grad = None, None
-    with sk.use_backend("reference"):
-        layer(x).square().sum().backward()
-    assert rel_error(got[0], x.grad) < 1e-5 and rel_error(got[1], layer.values.grad) < 1e-5
+    assert_step_matches_reference(layer, torch.randn(33, 48, requires_grad=True))
     assert {e["op"] for e in backends.measured()} == {"spmm", "spmm_t", "sddmm"}
 
 

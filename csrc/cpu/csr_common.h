@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace sparsekernels::cpu {
 
@@ -36,6 +37,15 @@ int64_t l2_cache_bytes();
 // 3.18; 16384: 7.78 / 3.61 / 3.32. The 1 MiB floor keeps 64 wide at K = 4096 on CPUs
 // with a smaller L2, as they were tuned.
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes);
+
+// Calls f(std::integral_constant<int64_t, T>{}) for the panel width t (64, 32 or 16), so
+// a kernel templated on T is instantiated once per width in one place.
+template <typename F>
+void with_panel_width(int64_t t, F&& f) {
+  if (t == kWidePanel) f(std::integral_constant<int64_t, kWidePanel>{});
+  else if (t == kMidPanel) f(std::integral_constant<int64_t, kMidPanel>{});
+  else f(std::integral_constant<int64_t, kNarrowPanel>{});
+}
 
 // True when the running CPU has AVX-512F (checked once, at run time, so the same
 // binary runs on machines without it through the portable path).
@@ -79,8 +89,8 @@ void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t
 void store_block(const double* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y);
 
 // The CSR ops with the dense operand dy [..., N] already packed (pack_panels of dy viewed
-// as [M, N], panel width choose_panel(M), compute_type(dy), slot 0), or nullptr to pack it
-// themselves: spmm_t (dx = dy W) and sddmm (dvalues = (dy^T x) at W's pattern) of one
+// as [M, N], compute_type(dy), slot 0, at a width the caller chose for both products: the
+// ops take it from the packing), or nullptr to pack it themselves: spmm_t (dx = dy W) and sddmm (dvalues = (dy^T x) at W's pattern) of one
 // backward share one packing of dy (spmm_backward.cpp). Both check their inputs.
 at::Tensor spmm_t_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::Tensor& values,
                          const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx, const at::Tensor& t_perm);

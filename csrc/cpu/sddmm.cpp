@@ -153,15 +153,11 @@ at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy_packed, cons
   const at::Tensor pdy = pdy_packed ? *pdy_packed : pack_panels(dy2, t, ct, /*slot=*/0);
   const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/1);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  if (ct == at::kDouble) {
-    if (t == kWidePanel) sddmm_panels<double, kWidePanel>(pdy, px, out, rp, ci);
-    else if (t == kMidPanel) sddmm_panels<double, kMidPanel>(pdy, px, out, rp, ci);
-    else sddmm_panels<double, kNarrowPanel>(pdy, px, out, rp, ci);
-  } else {
-    if (t == kWidePanel) sddmm_panels<float, kWidePanel>(pdy, px, out, rp, ci);
-    else if (t == kMidPanel) sddmm_panels<float, kMidPanel>(pdy, px, out, rp, ci);
-    else sddmm_panels<float, kNarrowPanel>(pdy, px, out, rp, ci);
-  }
+  with_panel_width(t, [&](auto width) {
+    constexpr int64_t T = decltype(width)::value;
+    if (ct == at::kDouble) sddmm_panels<double, T>(pdy, px, out, rp, ci);
+    else sddmm_panels<float, T>(pdy, px, out, rp, ci);
+  });
   return out.to(dy.scalar_type());
 }
 

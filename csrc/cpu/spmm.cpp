@@ -178,15 +178,11 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
   at::Tensor y = out.view({m, n});
   const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  if (ct == at::kDouble) {
-    if (t == kWidePanel) spmm_panels<double, kWidePanel>(px, y, rp, ci, v);
-    else if (t == kMidPanel) spmm_panels<double, kMidPanel>(px, y, rp, ci, v);
-    else spmm_panels<double, kNarrowPanel>(px, y, rp, ci, v);
-  } else {
-    if (t == kWidePanel) spmm_panels<float, kWidePanel>(px, y, rp, ci, v);
-    else if (t == kMidPanel) spmm_panels<float, kMidPanel>(px, y, rp, ci, v);
-    else spmm_panels<float, kNarrowPanel>(px, y, rp, ci, v);
-  }
+  with_panel_width(t, [&](auto width) {
+    constexpr int64_t T = decltype(width)::value;
+    if (ct == at::kDouble) spmm_panels<double, T>(px, y, rp, ci, v);
+    else spmm_panels<float, T>(px, y, rp, ci, v);
+  });
   return out;
 }
 

@@ -36,10 +36,13 @@ def _have_dense_mm() -> bool:
     return _extension.compiled() and hasattr(torch.ops.sparsekernels_C, "csr_dense_mm")
 
 
-def dense_variant_usable(lead: Tensor) -> bool:
-    """True when "auto" may also measure "cpu:dense" (csr_dense_mm) for a product with the
-    dense operand ``lead``."""
-    return lead.device.type == "cpu" and backends.get_backend() == "auto" and _have_dense_mm()
+def dense_candidates(lead: Tensor) -> list[str] | None:
+    """The backends "auto" measures for a product with the dense operand ``lead`` when it
+    may also try "cpu:dense" (csr_dense_mm: the weight densified in C++, then the dense
+    GEMM), or None when it may not (another device, a forced backend, no extension)."""
+    if lead.device.type == "cpu" and backends.get_backend() == "auto" and _have_dense_mm():
+        return [*backends.auto_candidates("cpu"), "cpu:dense"]
+    return None
 
 
 def _release_workspace() -> None:
@@ -61,10 +64,10 @@ def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
             and "cuda" in backends.auto_candidates("cuda") and backends.get_backend() == "auto"
             and rows_sorted(*tiled_pattern)):
         candidates = [*backends.auto_candidates("cuda"), "cuda:tiled"]
-    if dense_variant and dense_variant_usable(lead):
+    if dense_variant:
         # Where the CPU's dense GEMM is much faster than ours per FLOP (bf16 on AMX, or a
         # low sparsity), densifying the weight and running it wins; measured, not assumed.
-        candidates = [*backends.auto_candidates("cpu"), "cpu:dense"]
+        candidates = dense_candidates(lead) or candidates
     return {"flops": 2.0 * m * out_f * in_f, "key": backends.shape_class(m, out_f, in_f, density=density),
             "candidates": candidates}
 

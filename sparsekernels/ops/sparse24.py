@@ -23,7 +23,7 @@ from .. import backends
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, autocast
-from .csr_matmul import _sddmm_op, _spmm_t_op, dense_variant_usable, dispatch_measured
+from .csr_matmul import _sddmm_op, _spmm_t_op, dense_candidates, dispatch_measured
 
 
 def _rows2d(t: Tensor) -> Tensor:
@@ -134,10 +134,10 @@ def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = 
     cands = None
     if x.is_cuda:
         cands = ["cuda", "reference"] if gpu_plan(m, n, k, x.dtype) == "semi_structured" else []
-    elif dense_variant and dense_variant_usable(x):
+    elif dense_variant:
         # Where our 2:4 kernel is not faster than the CPU's dense GEMM, run that GEMM on
         # the weight densified in C++ (the reference densifies in Python, far slower).
-        cands = [*backends.auto_candidates("cpu"), "cpu:dense"]
+        cands = dense_candidates(x)
     out = dispatch_measured(op, x, run, {"flops": 2.0 * m * n * k, "key": key, "candidates": cands})
     if x.is_cuda and backends.measured_choice(op, x.device, x.dtype, key) == "reference":
         _warn_once(f"{op}: dense measured faster than 2:4 for x [{m}, {k}] and W [{n}, {k}] ({x.dtype}); running "

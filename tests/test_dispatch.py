@@ -61,6 +61,42 @@ def test_wrong_or_failing_backend_is_rejected_with_a_warning(measure_everything)
     assert "differs" in entry["rejected"]["cpu"] and "cannot compile" in entry["rejected"]["triton"]
 
 
+def test_measurement_interleaves_backends_and_keeps_the_median(measure_everything, monkeypatch):
+    # A backend that is fast only when it ran just before (its buffers still in cache)
+    # must not win on back-to-back repeats: rounds run one call of each backend in turn.
+    log = []
+    clock = [0.0]
+    monkeypatch.setattr(backends.time, "perf_counter", lambda: clock[0])
+
+    def run(backend):
+        warm = bool(log) and log[-1] == backend
+        log.append(backend)
+        clock[0] += {"cpu": 1.0, "reference": 2.0, "cpu:dense": 3.0}[backend] if not warm else 0.5
+        return torch.ones(3)
+
+    monkeypatch.setattr(backends, "MEASURE_BUDGET_S", 10.0)   # first runs of 1-3 s: 3 rounds
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(2,),
+                      candidates=["cpu:dense", "cpu", "reference"])
+    (entry,) = backends.measured()
+    assert entry["choice"] == "cpu" and entry["times_ms"] == {"reference": 2000.0, "cpu:dense": 3000.0, "cpu": 1000.0}
+    timed = log[3:-1]                       # after the checked first runs, before the returned run
+    assert timed == ["reference", "cpu:dense", "cpu"] * 3 and log[-1] == "cpu"
+
+    # Short products get more rounds (up to MEASURE_MAX_REPS), within the time budget.
+    backends.clear_measurements()
+    log.clear()
+    monkeypatch.setattr(backends, "MEASURE_BUDGET_S", 7.0)    # slowest first run 3 s: still 3 rounds
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(3,),
+                      candidates=["cpu:dense", "cpu", "reference"])
+    assert len(log) == 3 + 3 * backends.MEASURE_REPS + 1
+    backends.clear_measurements()
+    log.clear()
+    monkeypatch.setattr(backends, "MEASURE_BUDGET_S", 1e6)
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(4,),
+                      candidates=["cpu:dense", "cpu", "reference"])
+    assert len(log) == 3 + 3 * backends.MEASURE_MAX_REPS + 1
+
+
 def test_no_backend_that_runs_is_a_clear_error(measure_everything):
     def run(backend):
         raise RuntimeError("broken")

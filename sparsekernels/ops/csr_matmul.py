@@ -78,11 +78,10 @@ def dispatch_measured(op: str, lead: Tensor, run, args: dict):
     buffer (the other kernels' panels are re-made on their next call)."""
     if args.get("candidates") is None or "cpu:dense" not in args["candidates"]:
         return backends.dispatch(op, lead.device, lead.dtype, run, **args)
-    before = backends.measured_choice(op, lead.device, lead.dtype, args["key"])
+    measures_now = backends.planned(op, lead.device, lead.dtype, **args) is None
     out = backends.dispatch(op, lead.device, lead.dtype, run, **args)
-    after = backends.measured_choice(op, lead.device, lead.dtype, args["key"])
-    if after is not None and after != before and after != "cpu:dense":
-        _release_workspace()  # this call measured, and "cpu:dense" lost
+    if measures_now and backends.measured_choice(op, lead.device, lead.dtype, args["key"]) != "cpu:dense":
+        _release_workspace()  # "cpu:dense" lost
     return out
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -11,6 +12,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache  # whether triton imports does not change within a process
 def available() -> bool:
     try:
         import triton  # noqa: F401

@@ -192,17 +192,21 @@ def _print_roofline(console, results) -> None:
     if not rows:
         return
     t = Table(title="forward gather roofline: ns per gathered panel row (one per non-zero per panel)")
-    for col in ("B", "in", "out", "sparsity", "gathers M", "GB gathered", "GB/s", "ours ns", "L1-resident ns",
-                "needed ns", "ceiling if L1"):
+    for col in ("B", "in", "out", "sparsity", "gathers M", "GB gathered", "GB/s", "ours ns", "marginal ns",
+                "L1-resident ns", "needed ns", "ceiling no fixed cost", "ceiling if L1"):
         t.add_column(col, justify="right")
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
     for r in rows:
         lim = r["limits"]
-        l1 = lim["l1_ns_per_gather"]
         t.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['sparsity']:.2f}",
                   f"{lim['gathers'] / 1e6:.1f}", f"{lim['gathered_gb']:.2f}", f"{lim['gather_gb_per_s']:.0f}",
-                  f"{lim['ns_per_gather']:.3f}", "-" if l1 is None else f"{l1:.3f}",
-                  f"{lim['needed_ns_per_gather']['fwd_vs_dense']:.3f}",
-                  "-" if lim["ceiling_if_l1"] is None else f"{lim['ceiling_if_l1']:.1f}x")
+                  f"{lim['ns_per_gather']:.3f}", fmt(lim.get("marginal_ns_per_gather"), ".3f"),
+                  fmt(lim["l1_ns_per_gather"], ".3f"), f"{lim['needed_ns_per_gather']['fwd_vs_dense']:.3f}",
+                  fmt(lim.get("ceiling_at_marginal"), ".1f") + "x" * (lim.get("ceiling_at_marginal") is not None),
+                  fmt(lim["ceiling_if_l1"], ".1f") + "x" * (lim["ceiling_if_l1"] is not None))
     console.print(t)
 
 
@@ -246,11 +250,16 @@ def _cmd_bench(args) -> int:
     console.print(table)
     if payload.get("sparse24"):
         t24 = Table(title="2:4 (50%) forward, fp32, our kernel on the compressed form vs dense")
-        for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense", "auto ran"):
+        for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense", "auto ran", "ns per kept weight x panel",
+                    "L1-resident ns", "ceiling if L1"):
             t24.add_column(col, justify="right")
         for r in payload["sparse24"]:
+            lim = r.get("limits") or {}
             t24.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['ms']['dense_fwd']:.2f}",
-                        f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}", r.get("auto_choice", ""))
+                        f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}", r.get("auto_choice", ""),
+                        "-" if not lim else f"{lim['ns_per_gather']:.3f}",
+                        "-" if lim.get("l1_ns_per_gather") is None else f"{lim['l1_ns_per_gather']:.3f}",
+                        "-" if lim.get("ceiling_if_l1") is None else f"{lim['ceiling_if_l1']:.2f}x")
         console.print(t24)
     if payload.get("bf16"):
         tb = Table(title="bf16 forward: the CPU's dense GEMM vs our kernel vs measured auto (what layers run)")

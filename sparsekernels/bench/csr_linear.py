@@ -216,11 +216,22 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
         goal = FORWARD_GOALS.get((b, i, o, sp))
         if r.fwd_backend == "cpu":  # the roofline describes our kernel, not a dense fallback
             r.limits = roofline.case_limits(b, r.nnz, r.ms["dense_fwd"], r.ms["ours_fwd"], l1_probe[(b, o)],
-                                            {"fwd_vs_dense": goal} if goal else {})
+                                            {"fwd_vs_dense": goal} if goal else {}, in_features=i)
         results.append(r)
         if progress is not None:
             progress(f"B={b} {i}->{o} s={sp}")
+    for shape in shapes:  # marginal cost of a gather between neighbouring sparsities
+        roofline.add_marginal([{"sparsity": r.sparsity, "nnz": r.nnz, "batch": r.batch, "in_features": r.in_features,
+                                "dense_ms": r.ms["dense_fwd"], "ours_ms": r.ms["ours_fwd"], "limits": r.limits}
+                               for r in results if (r.batch, r.in_features, r.out_features) == shape and r.limits])
     sparse24 = [run_sparse24_case(b, i, o, rounds) for (b, i, o) in shapes if i % 4 == 0]
+    for case in sparse24:
+        if case["auto_choice"] == "cpu":  # the limit describes our kernel, not the dense fallback
+            b, i, o = case["batch"], case["in_features"], case["out_features"]
+            if (b, o) not in l1_probe:
+                l1_probe[(b, o)] = roofline.l1_ns_per_gather(b, o, machine.get("l1d_kib"), rounds)
+            case["limits"] = roofline.sparse24_limits(b, i, o, case["ms"]["dense_fwd"], case["ms"]["sparse24_fwd"],
+                                                      l1_probe[(b, o)])
     # bf16 on the first shape: where the CPU's bf16 GEMM (AMX) beats our kernel, auto
     # should run dense; the table shows what it chose per sparsity.
     bf16 = [run_bf16_case(*shapes[0], sp, rounds) for sp in sparsities] if bf16_cases else []

@@ -25,6 +25,9 @@ roofline only for cases where measured "auto" ran our kernel (``fwd_backend == "
 
 A target with ``needed < l1`` is out of reach for this instruction mix; one with
 ``l1 <= needed < measured`` needs the gathered rows served from L1 instead of L2.
+``add_marginal`` adds the marginal cost of a gather between two sparsities of one shape
+(fixed costs cancel) and the ratio it would allow with no fixed cost at all;
+``sparse24_limits`` the same L1 ceiling for the 2:4 forward.
 """
 
 from __future__ import annotations
@@ -38,13 +41,20 @@ from . import harness
 WIDE_PANEL, NARROW_PANEL = 64, 16  # csrc/cpu/csr_common.h: choose_panel
 
 
-def panel_width(batch: int) -> int:
+def panel_width(batch: int, in_features: int | None = None) -> int:
+    """The batch-panel width the compiled forward uses for x [batch, in_features] (fp32):
+    the extension's own rule (``cpu_panel_width``: 64, or 32 / 16 where a 64-wide panel
+    of in_features rows would not fit the L2) when it is loaded, else 16 / 64 by batch."""
+    from .. import _extension
+
+    if in_features is not None and _extension.compiled() and hasattr(torch.ops.sparsekernels_C, "cpu_panel_width"):
+        return int(torch.ops.sparsekernels_C.cpu_panel_width(batch, in_features, 4))
     return NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
 
 
-def gathers(batch: int, nnz: int) -> int:
+def gathers(batch: int, nnz: int, in_features: int | None = None) -> int:
     """Panel rows the forward reads: one per non-zero per panel."""
-    return nnz * math.ceil(batch / panel_width(batch))
+    return nnz * math.ceil(batch / panel_width(batch, in_features))
 
 
 def _dense_pattern(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,10 +91,14 @@ def l1_ns_per_gather(batch: int, out_f: int, l1d_kib: int | None, rounds: int) -
 
 
 def case_limits(batch: int, nnz: int, dense_ms: float, ours_ms: float, l1_ns: float | None,
-                goals: dict[str, float]) -> dict:
-    """The roofline quantities of one measured case (see the module docstring)."""
-    g = gathers(batch, nnz)
-    width = panel_width(batch)
+                goals: dict[str, float], in_features: int | None = None) -> dict:
+    """The roofline quantities of one measured case (see the module docstring). The L1
+    probe runs the panel width of a narrow input; for a case whose input is wide enough
+    to get a narrower panel (``panel_width``) it does not apply, and is left out."""
+    g = gathers(batch, nnz, in_features)
+    width = panel_width(batch, in_features)
+    if width != panel_width(batch):
+        l1_ns = None
     out = {
         "panel_width": width,
         "gathers": g,
@@ -96,3 +110,43 @@ def case_limits(batch: int, nnz: int, dense_ms: float, ours_ms: float, l1_ns: fl
         "ceiling_if_l1": None if not l1_ns else dense_ms * 1e6 / (g * l1_ns),
     }
     return out
+
+
+def add_marginal(cases: list[dict]) -> None:
+    """Adds to each case of one shape (dicts with ``sparsity``, ``nnz``, ``batch``,
+    ``in_features``, ``dense_ms``, ``ours_ms`` and its ``limits`` dict) the marginal cost of
+    a gather between it and the next sparser case, ``marginal_ns_per_gather`` = (its
+    forward - the sparser one's) / (its gathers - the sparser one's): packing, the output
+    store and the checks cancel out, what is left is what one more gathered row costs
+    at this shape's panel (from L2 for a 4096-wide input). ``ceiling_at_marginal`` =
+    dense / (gathers x marginal) is then the ratio this case would reach with every fixed
+    cost removed: a target above it needs cheaper gathers (rows from L1), not less
+    overhead."""
+    ordered = sorted(cases, key=lambda c: c["sparsity"])
+    for dense_side, sparse_side in zip(ordered, ordered[1:]):
+        ga = gathers(dense_side["batch"], dense_side["nnz"], dense_side["in_features"])
+        gb = gathers(sparse_side["batch"], sparse_side["nnz"], sparse_side["in_features"])
+        if ga <= gb:
+            continue
+        slope = (dense_side["ours_ms"] - sparse_side["ours_ms"]) * 1e6 / (ga - gb)
+        if slope <= 0:  # noise swamped the difference: no figure rather than a wrong one
+            continue
+        dense_side["limits"]["marginal_ns_per_gather"] = slope
+        dense_side["limits"]["ceiling_at_marginal"] = dense_side["dense_ms"] * 1e6 / (ga * slope)
+
+
+def sparse24_limits(batch: int, in_features: int, out_features: int, dense_ms: float, ours_ms: float,
+                    l1_ns: float | None) -> dict:
+    """The same roofline for the 2:4 forward (``csrc/cpu/sparse24_mm.cpp``): each kept
+    weight is one T-float row of the panel read from an L1-resident K slice and T FMAs,
+    the CSR kernel's instruction mix (one 512-bit load per FMA), so the CSR kernel's
+    L1-resident time per gather bounds it: ``ceiling_if_l1`` = dense / (kept weights x
+    panels x that time). A target above it cannot be reached with this instruction mix
+    (dense GEMM loads one vector per several FMAs)."""
+    width = panel_width(batch, in_features)
+    products = out_features * in_features // 2 * math.ceil(batch / width)
+    if width != panel_width(batch):
+        l1_ns = None
+    return {"panel_width": width, "gathers": products, "ns_per_gather": ours_ms * 1e6 / products,
+            "l1_ns_per_gather": l1_ns, "ceiling_if_l1": None if not l1_ns else dense_ms * 1e6 / (products * l1_ns)}
+

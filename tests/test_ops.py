@@ -450,6 +450,12 @@ _CHILD = textwrap.dedent(r"""
     TRP, TCI, TP = i32(0, 1, 2, 3, 4, 5), i32(0, 1, 3, 0, 3), i32(0, 2, 3, 1, 4)
     V = torch.randn(5)
     X, DY = torch.randn(70, 5), torch.randn(70, 4)
+    # 300 rows of 2 non-zeros: several kernel tasks; the bad index sits in the last one.
+    BRP = torch.arange(301, dtype=torch.int32) * 2
+    BCI = torch.arange(600, dtype=torch.int32) % 5
+    BAD = BCI.clone(); BAD[-1] = 5
+    BADT = BCI.clone(); BADT[-1] = 300   # spmm_t's indices are rows of W: [0, 300)
+    BV = torch.randn(600)
     CASES = {
         "valid": "C.spmm(X, V, RP, CI); C.spmm_t(DY, V, TRP, TCI, TP); C.sddmm(DY, X, RP, CI)",
         "spmm_col_out_of_range": "C.spmm(X, V, RP, i32(0, 3, 1, 2, 5))",
@@ -476,6 +482,13 @@ _CHILD = textwrap.dedent(r"""
         "sddmm_row_ptr_short_end": "C.sddmm(DY, X, i32(0, 2, 3, 3, 4), CI)",
         "sddmm_row_ptr_decreasing": "C.sddmm(DY, X, i32(0, 4, 2, 3, 5), CI)",
         "sddmm_row_ptr_empty": "C.sddmm(DY[:, :0], X, i32(), i32())",
+        "spmm_k0_col_out_of_range": "C.spmm(X[:, :0], V, RP, CI)",
+        "spmm_late_task_col_out_of_range": "C.spmm(X, BV, BRP, BAD)",
+        "spmm_t_late_task_col_out_of_range": "C.spmm_t(torch.randn(70, 300), BV, BRP, BADT, torch.arange(600, dtype=torch.int32))",
+        "sddmm_late_task_col_out_of_range": "C.sddmm(torch.randn(70, 300), X, BRP, BAD)",
+        "sddmm_batch0_col_out_of_range": "C.sddmm(DY[:0], X[:0], RP, i32(0, 3, 1, 2, 5))",
+        "spmm_backward_col_out_of_range": "C.spmm_backward(DY, X, V, RP, i32(0, 3, 1, 2, 5), TRP, TCI, TP)",
+        "spmm_backward_t_col_out_of_range": "C.spmm_backward(DY, X, V, RP, CI, TRP, i32(0, 1, 4, 0, 3), TP)",
     }
     for name in sys.argv[1:]:
         print("START", name, flush=True)
@@ -527,6 +540,15 @@ def test_compiled_ops_valid_pattern_runs(compiled_op_results):
 def test_compiled_ops_reject_corrupt_patterns(compiled_op_results, case):
     exc, msg = compiled_op_results[case]
     assert exc in ("ValueError", "RuntimeError"), f"{case}: expected ValueError/RuntimeError, got {exc}: {msg}"
+
+
+@pytest.mark.parametrize("case", [c for c in _CORRUPT_CASES if "col_out_of_range" in c or "col_negative" in c
+                                  or c == "spmm_col_huge"])
+def test_compiled_ops_name_the_column_range(compiled_op_results, case):
+    # Column indices are checked by the kernels task by task (csr_common.h: check_csr):
+    # the error still names the argument and the range, whichever task found it.
+    exc, msg = compiled_op_results[case]
+    assert exc == "ValueError" and "col_idx entries must lie in [0, " in msg, (case, exc, msg)
 
 
 def test_public_op_corrupt_pattern_cpu_backend_raises(seed):

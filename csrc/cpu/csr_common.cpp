@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -42,8 +43,53 @@ bool cpu_has_avx512() {
 #endif
 }
 
+namespace {
+uint32_t max_index_generic(const int32_t* idx, int64_t count) {
+  uint32_t hi = 0;
+  for (int64_t i = 0; i < count; ++i) hi = std::max(hi, static_cast<uint32_t>(idx[i]));
+  return hi;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f"))) uint32_t max_index_avx512(const int32_t* idx, int64_t count) {
+  __m512i hi = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16)
+    hi = _mm512_max_epu32(hi, _mm512_loadu_si512(reinterpret_cast<const void*>(idx + i)));
+  return std::max(_mm512_reduce_max_epu32(hi), max_index_generic(idx + i, count - i));
+}
+#endif
+}  // namespace
+
+bool indices_in_range(const int32_t* idx, int64_t count, int64_t bound) {
+  if (count <= 0) return true;
+  if (bound <= 0) return false;
+  uint32_t hi;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (cpu_has_avx512()) hi = max_index_avx512(idx, count);
+  else
+#endif
+    hi = max_index_generic(idx, count);
+  return static_cast<int64_t>(hi) < bound;
+}
+
+void columns_out_of_range(const char* what, int64_t n_cols) {
+  TORCH_CHECK_VALUE(false, what, ": col_idx entries must lie in [0, ", n_cols, ")");
+  std::abort();  // not reached: TORCH_CHECK_VALUE(false, ...) throws
+}
+
+void check_csr_columns(const char* what, const at::Tensor& col_idx, int64_t n_cols) {
+  const at::Tensor ci = col_idx.contiguous();
+  const int32_t* c = ci.data_ptr<int32_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, ci.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    if (!indices_in_range(c + b, e - b, n_cols)) ok = false;
+  });
+  if (!ok.load()) columns_out_of_range(what, n_cols);
+}
+
 void check_csr(const char* what, const at::Tensor& values, const at::Tensor& row_ptr,
-               const at::Tensor& col_idx, int64_t n_rows, int64_t n_cols) {
+               const at::Tensor& col_idx, int64_t n_rows, int64_t n_cols, bool check_columns) {
   TORCH_CHECK_VALUE(values.dim() == 1, what, ": values must be 1-D [nnz], got shape ",
                     values.sizes());
   TORCH_CHECK_VALUE(row_ptr.dim() == 1 && col_idx.dim() == 1, what,
@@ -66,27 +112,18 @@ void check_csr(const char* what, const at::Tensor& values, const at::Tensor& row
   const at::Tensor rp = row_ptr.contiguous();
   const at::Tensor ci = col_idx.contiguous();
   const int32_t* r = rp.data_ptr<int32_t>();
-  const int32_t* c = ci.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(r[0] == 0 && r[n_rows] == nnz, what, ": row_ptr must start at 0 and end at nnz = ",
                     nnz, ", got ", r[0], " and ", r[n_rows]);
-  // One pass over the indices: cheap next to the B * nnz multiply-adds, and it turns a
-  // corrupt pattern into an error instead of an out-of-bounds read.
-  std::atomic<bool> ok_rows{true}, ok_cols{true};
+  // A corrupt pattern is an error, never an out-of-bounds read: row_ptr here, the column
+  // indices here or (check_columns == false) by the caller's kernel, task by task.
+  std::atomic<bool> ok_rows{true};
   at::parallel_for(0, n_rows, 4096, [&](int64_t b, int64_t e) {
     bool ok = true;
     for (int64_t i = b; i < e; ++i) ok &= r[i] <= r[i + 1];
     if (!ok) ok_rows = false;
   });
-  at::parallel_for(0, nnz, 1 << 16, [&](int64_t b, int64_t e) {
-    int32_t lo = INT32_MAX, hi = INT32_MIN;
-    for (int64_t i = b; i < e; ++i) {
-      lo = std::min(lo, c[i]);
-      hi = std::max(hi, c[i]);
-    }
-    if (e > b && (lo < 0 || hi >= n_cols)) ok_cols = false;
-  });
   TORCH_CHECK_VALUE(ok_rows.load(), what, ": row_ptr must be non-decreasing");
-  TORCH_CHECK_VALUE(ok_cols.load(), what, ": col_idx entries must lie in [0, ", n_cols, ")");
+  if (check_columns) check_csr_columns(what, ci, n_cols);
 }
 
 void check_dense(const char* what, const char* arg, const at::Tensor& x, at::ScalarType dtype,

@@ -9,6 +9,8 @@
 
 #include <torch/library.h>
 
+#include <atomic>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -88,8 +90,9 @@ __attribute__((target("avx512f"))) void sddmm_rows_avx512(const float* panel_dy,
 }
 #endif
 
+// False when some task's column indices were out of range (that task was skipped).
 template <typename acc_t, int64_t T>
-void sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
+bool sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
                   const at::Tensor& row_ptr, const at::Tensor& col_idx) {
   const int64_t p_count = pdy.size(0), n = pdy.size(1), k = px.size(1);
   const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
@@ -98,8 +101,14 @@ void sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
   acc_t* o = out.data_ptr<acc_t>();
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
+  std::atomic<bool> ok{true};
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t r0 = begin * kRowsPerTask, r1 = std::min(n, end * kRowsPerTask);
+    // The pattern's column check, for just the indices these rows read (check_csr).
+    if (!indices_in_range(ci + rp[r0], rp[r1] - rp[r0], k)) {
+      ok = false;
+      return;
+    }
     for (int64_t p = 0; p < p_count; ++p) {
       const acc_t* pd = dy + p * n * T;
       const acc_t* pxp = x + p * k * T;
@@ -114,6 +123,7 @@ void sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
       sddmm_rows_generic<acc_t, T>(pd, pxp, o, rp, ci, r0, r1);
     }
   });
+  return ok.load();
 }
 
 }  // namespace
@@ -139,25 +149,30 @@ at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy_packed, cons
   TORCH_CHECK_VALUE(dy.size(-1) == n, "sddmm: dy must have last dimension ", n,
                     " (rows of the pattern), got shape ", dy.sizes());
   const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
-  check_csr("sddmm", placeholder, row_ptr, col_idx, n, k);
+  check_csr("sddmm", placeholder, row_ptr, col_idx, n, k, /*check_columns=*/false);
 
   const int64_t nnz = col_idx.numel();
   const int64_t m = leading_rows(dy);
   const at::Tensor dy2 = dy.reshape({m, n}), x2 = x.reshape({m, k});
   const at::ScalarType ct = compute_type(dy.scalar_type());
   at::Tensor out = at::zeros({nnz}, dy.options().dtype(ct));
-  if (m == 0 || nnz == 0) return out.to(dy.scalar_type());
+  if (m == 0 || nnz == 0) {
+    check_csr_columns("sddmm", col_idx, k);  // no task runs to check them
+    return out.to(dy.scalar_type());
+  }
 
   // The x panel is the gathered one; a dy panel packed by the caller brings its width.
   const int64_t t = pdy_packed ? pdy_packed->size(2) : choose_panel(m, k, c10::elementSize(ct));
   const at::Tensor pdy = pdy_packed ? *pdy_packed : pack_panels(dy2, t, ct, /*slot=*/0);
   const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/1);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  bool ok = true;
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
-    if (ct == at::kDouble) sddmm_panels<double, T>(pdy, px, out, rp, ci);
-    else sddmm_panels<float, T>(pdy, px, out, rp, ci);
+    if (ct == at::kDouble) ok = sddmm_panels<double, T>(pdy, px, out, rp, ci);
+    else ok = sddmm_panels<float, T>(pdy, px, out, rp, ci);
   });
+  if (!ok) columns_out_of_range("sddmm", k);
   return out.to(dy.scalar_type());
 }
 

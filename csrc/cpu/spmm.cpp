@@ -97,8 +97,9 @@ void run_rows(const acc_t* px, acc_t* block, const int32_t* rp, const int32_t* c
   spmm_rows_generic<acc_t, T>(px, block, rp, ci, v, r0, r1);
 }
 
+// False when some task's column indices were out of range (that task was skipped).
 template <typename acc_t, int64_t T>
-void spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
+bool spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
                  const at::Tensor& col_idx, const at::Tensor& vals) {
   const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1);
   const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
@@ -106,15 +107,22 @@ void spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const acc_t* v = vals.data_ptr<acc_t>();
+  std::atomic<bool> ok{true};
   at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
       const int64_t r1 = std::min(n, r0 + kRowsPerTask);
+      // The pattern's column check, for just the indices this task reads (check_csr).
+      if (!indices_in_range(ci + rp[r0], rp[r1] - rp[r0], k)) {
+        ok = false;
+        continue;
+      }
       alignas(64) acc_t block[kRowsPerTask * T];
       run_rows<acc_t, T>(x + p * k * T, block, rp, ci, v, r0, r1);
       store_block(block, T, r1 - r0, p, r0, y);
     }
   });
+  return ok.load();
 }
 
 // out[e] = vals[perm[e]] in dtype ct (workspace slot 2). Checks perm's range first.
@@ -158,15 +166,19 @@ at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::Sca
 // Core: y[..., N] = x[..., K] @ W^T with W given by (vals, row_ptr, col_idx), N = rows.
 // perm == nullptr: W's values are `vals`; else they are vals[perm] (W^T through the
 // transpose map), gathered here into a workspace buffer in the compute dtype.
-at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& row_ptr,
+// The pattern was checked by check_csr(..., check_columns = false): the column range is
+// checked here, per task by the kernel or in one pass where no task runs.
+at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& vals, const at::Tensor& row_ptr,
                      const at::Tensor& col_idx, const at::Tensor* perm, const at::Tensor* packed = nullptr) {
   const int64_t k = x.size(-1), n = row_ptr.numel() - 1;
   const int64_t m = leading_rows(x);  // not reshape(-1, k): ambiguous when k == 0
   const at::Tensor x2 = x.reshape({m, k});
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
-  if (m == 0 || n == 0) return at::empty(out_shape, x.options());
-  if (vals.numel() == 0 || k == 0) return at::zeros(out_shape, x.options());
+  if (m == 0 || n == 0 || vals.numel() == 0 || k == 0) {
+    check_csr_columns(what, col_idx, k);
+    return m == 0 || n == 0 ? at::empty(out_shape, x.options()) : at::zeros(out_shape, x.options());
+  }
 
   const at::ScalarType ct = compute_type(x.scalar_type());
   // A panel packed by the caller (spmm_backward) brings its own width.
@@ -178,11 +190,13 @@ at::Tensor spmm_core(const at::Tensor& x, const at::Tensor& vals, const at::Tens
   at::Tensor y = out.view({m, n});
   const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  bool ok = true;
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
-    if (ct == at::kDouble) spmm_panels<double, T>(px, y, rp, ci, v);
-    else spmm_panels<float, T>(px, y, rp, ci, v);
+    if (ct == at::kDouble) ok = spmm_panels<double, T>(px, y, rp, ci, v);
+    else ok = spmm_panels<float, T>(px, y, rp, ci, v);
   });
+  if (!ok) columns_out_of_range(what, k);
   return out;
 }
 
@@ -198,8 +212,8 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
                    "spmm: values must be a floating dtype, got ", values.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "spmm: x must have at least 1 dimension");
   check_dense("spmm", "x", x, values.scalar_type(), x.size(-1));
-  check_csr("spmm", values, row_ptr, col_idx, row_ptr.numel() - 1, x.size(-1));
-  return spmm_core(x, values, row_ptr, col_idx, nullptr);
+  check_csr("spmm", values, row_ptr, col_idx, row_ptr.numel() - 1, x.size(-1), /*check_columns=*/false);
+  return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr);
 }
 
 // dx[..., K] = dy[..., N] W, via W^T's CSR (t_row_ptr [K+1], t_col_idx [nnz] holding row
@@ -216,13 +230,13 @@ at::Tensor spmm_t_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::
                    "spmm_t: values must be a floating dtype, got ", values.scalar_type());
   TORCH_CHECK_VALUE(dy.dim() >= 1, "spmm_t: dy must have at least 1 dimension");
   check_dense("spmm_t", "dy", dy, values.scalar_type(), dy.size(-1));
-  check_csr("spmm_t", values, t_row_ptr, t_col_idx, t_row_ptr.numel() - 1, dy.size(-1));
+  check_csr("spmm_t", values, t_row_ptr, t_col_idx, t_row_ptr.numel() - 1, dy.size(-1), /*check_columns=*/false);
   TORCH_CHECK_VALUE(t_perm.dim() == 1 && t_perm.numel() == values.numel(),
                     "spmm_t: t_perm must be 1-D with nnz = ", values.numel(), " entries, got shape ",
                     t_perm.sizes());
   TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
                    "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
-  return spmm_core(dy, values, t_row_ptr, t_col_idx, &t_perm, pdy);
+  return spmm_core("spmm_t", dy, values, t_row_ptr, t_col_idx, &t_perm, pdy);
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) {

@@ -19,7 +19,7 @@ import sparsekernels
 from sparsekernels import CSR, backends, ops
 from sparsekernels.ops import csr_matmul
 
-from conftest import FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, make_csr, make_dense_and_mask
+from conftest import FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, make_csr, make_dense_and_mask, rel_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -565,6 +565,37 @@ def test_public_op_corrupt_pattern_cpu_backend_raises(seed):
         bad_tp[0] = csr.nnz
         with pytest.raises((ValueError, RuntimeError)):
             ops.spmm_t(dy, csr.values, rp, ci, trp, tci, bad_tp)
+
+
+# ------------------------------------------- spmm_t's value gather through the transpose map
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("perm_dtype", [torch.int32, torch.int64])
+def test_spmm_t_gathers_values_of_a_large_pattern(dtype, perm_dtype, seed):
+    # 200k non-zeros (csrc/cpu/spmm.cpp: gather_values, split over threads), rows of W^T
+    # whose entries are not in position order, and an out-of-range position at the end.
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    C = torch.ops.sparsekernels_C
+    csr = make_csr(700, 600, 0.5, dtype=dtype, seed=seed)
+    assert csr.nnz * torch.empty((), dtype=dtype).element_size() > 3 * 256 * 1024
+    _, _, trp, tci, tp = csr.pattern()
+    dy = torch.randn(37, 700, dtype=dtype)
+    want = dy.double() @ csr.to_dense().double()
+    got = C.spmm_t(dy, csr.values, trp, tci, tp.to(perm_dtype), None, False)
+    assert rel_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # Reverse every W^T row (indices and positions together): the same product.
+    rev_ci, rev_tp = tci.clone(), tp.clone()
+    for r in range(600):
+        a, b = int(trp[r]), int(trp[r + 1])
+        rev_ci[a:b] = tci[a:b].flip(0)
+        rev_tp[a:b] = tp[a:b].flip(0)
+    got = C.spmm_t(dy, csr.values, trp, rev_ci, rev_tp.to(perm_dtype), None, False)
+    assert rel_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-12)
+    for bad_value in (csr.nnz, -1):
+        bad = tp.clone().to(perm_dtype)
+        bad[-1] = bad_value
+        with pytest.raises(ValueError, match="t_perm entries must lie in"):
+            C.spmm_t(dy, csr.values, trp, tci, bad, None, False)
 
 
 # --------------------------------------------------------------------------- backend selection

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -81,7 +80,7 @@ def _cmd_bench_training(args) -> int:
         verdict = ("met" if cost <= 2.0 else "MISSED") if wide else "not shown by this run (width < 4096)"
         console.print(f"rigl: one topology update of the whole model costs {cost:.2f} dense training steps "
                       f"(target <= 2: {verdict})")
-    out = args.out or os.path.join("bench", "results", f"training-cpu-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    out = args.out or harness.result_path("training", "cpu")
     payload = {"benchmark": "training_step", "machine": machine, "config": kwargs,
                "results": {m: {k: v for k, v in r.items()} for m, r in results.items()}}
     console.print(f"results: {harness.write_json(out, payload)}")
@@ -175,7 +174,7 @@ def _cmd_bench_ensembles(args) -> int:
     c = payload["cram"]
     console.print(f"CrAM+ step vs its base SGD step (median): {c['cram']['median_step_ms']:.2f} ms vs "
                   f"{c['sgd']['median_step_ms']:.2f} ms = {c['step_cost_vs_base']:.2f}x")
-    out = args.out or os.path.join("bench", "results", f"ensembles-cpu-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    out = args.out or harness.result_path("ensembles", "cpu")
     payload = {"benchmark": "ensembles", "machine": harness.machine_info("cpu"), **payload}
     path = harness.write_json(out, payload)
     console.print(f"results: {path}")
@@ -355,7 +354,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--shapes", help='"B,in,out;B,in,out" (default: the four issue shapes and an 11008 -> 4096 layer)')
     p_bench.add_argument("--sparsities", help='comma separated, e.g. "0.9,0.95"')
     p_bench.add_argument("--rounds", type=int, help="timed rounds per case (default 7, quick 3)")
-    p_bench.add_argument("--out", help="JSON path (default bench/results/csr-linear-cpu-<time>.json)")
+    p_bench.add_argument("--out", help="JSON path (default bench/results/csr-linear-cpu-<CPU kind>-<time>.json)")
     p_bench.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
     p_bench.add_argument("--no-torch-sparse", action="store_true", help="skip the torch.sparse.mm baseline")
     p_bench.set_defaults(func=_cmd_bench)

@@ -3,6 +3,8 @@ training benchmark's topology-update cost."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sparsekernels.bench import harness, training
@@ -65,3 +67,13 @@ def test_time_steps_marks_the_steps_that_ran_an_update(one_thread):
     assert all(0 <= i < len(r["step_s"]) for i in r["update_steps"])
     dense = training.time_steps("dense", in_dim=16, hidden=32, out_dim=4, batch=8, steps=3, warmup=1)
     assert dense["update_steps"] == []
+
+
+def test_result_files_are_named_by_cpu_kind(tmp_path):
+    from sparsekernels.bench import harness
+
+    path = harness.result_path("csr-linear", "cpu", str(tmp_path))
+    name = os.path.basename(path)
+    kind = harness.cpu_features()["cpu_kind"]
+    assert name.startswith(f"csr-linear-cpu-{kind}-") and name.endswith(".json")
+    assert os.path.dirname(path) == str(tmp_path)

@@ -10,7 +10,6 @@ and reports medians of per-round speed-up ratios against dense (and torch.sparse
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import statistics
 import warnings
@@ -249,8 +248,7 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
 
 
 def default_path(out_dir: str = os.path.join("bench", "results")) -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(out_dir, f"csr-linear-cpu-{stamp}.json")
+    return harness.result_path("csr-linear", "cpu", out_dir)
 
 
 def plot(payload: dict, path: str) -> str:

@@ -195,6 +195,14 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def result_path(benchmark: str, device: str = "cpu", out_dir: str = os.path.join("bench", "results")) -> str:
+    """``<out_dir>/<benchmark>-<device>-<CPU kind>-<time>.json``: results from different
+    kinds of machine (an AMD EPYC and an Intel Sapphire Rapids measure our kernels 1.5-2x
+    apart against dense) are told apart by name."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(out_dir, f"{benchmark}-{device}-{cpu_features()['cpu_kind']}-{stamp}.json")
+
+
 def write_json(path: str, payload: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

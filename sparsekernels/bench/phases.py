@@ -15,8 +15,6 @@ against the dense step of the same run:
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
 import statistics
 import time
 
@@ -117,7 +115,7 @@ def run(*, hidden: int = 4096, in_dim: int = 1024, out_dim: int = 256, batch: in
 
 
 def default_path() -> str:
-    return os.path.join("bench", "results", f"phases-cpu-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    return harness.result_path("phases", "cpu")
 
 
 def plot(payload: dict, path: str) -> str:

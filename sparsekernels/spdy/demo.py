@@ -9,7 +9,6 @@ Models (random weights; the timing and the speed-up prediction are what is shown
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 
 import torch
@@ -105,14 +104,14 @@ def run(kind: str = "mlp", *, target_speedup: float | None = None, levels: int =
         batch: int | None = None, out_dir: str = os.path.join("bench", "results"), make_plot: bool = True,
         progress: bool = True) -> dict:
     """Searches, applies and measures the plan on the demo model; writes
-    ``spdy-<kind>-<device>-<time>.json`` (and ``.png`` where matplotlib is installed) into
+    ``spdy-<kind>-<device>-<CPU kind>-<time>.json`` (and ``.png`` where matplotlib is installed) into
     ``out_dir``. Returns ``{"result", "json", "png" (None without a plot), "description"}``."""
     model, data, description = demo_model(kind, width=width, batch=batch, seed=seed)
     target = target_speedup or DEFAULTS[kind]["target_speedup"]
     result = search(model, data, target_speedup=target, levels=levels, method=method, search_steps=search_steps,
                     repeats=repeats, seed=seed, apply=True, progress=progress)
     device = str(result.timings.machine.get("device", "cpu")).split(":")[0]
-    stem = os.path.join(out_dir, f"spdy-{kind}-{device}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    stem = harness.result_path(f"spdy-{kind}", device, out_dir)[:-len(".json")]
     payload = {"benchmark": "spdy", "machine": result.timings.machine,
                "config": {"model": kind, "description": description, "target_speedup": target, "levels": levels,
                           "method": method, "search_steps": search_steps, "repeats": repeats, "seed": seed},

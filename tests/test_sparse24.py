@@ -94,6 +94,23 @@ def test_sparse24_mm_matches_dense(backend, dtype, shape, seed):
     assert_close_rel(y, want, tol, "sparse24_mm")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse24_mm_panel_larger_than_l2(dtype, seed):
+    # A 64-wide panel of 8192 rows (2 / 4 MiB) exceeds the kernel's L2 budget, so its
+    # tasks take 64 output rows instead of 32 (csrc/cpu/sparse24_mm.cpp): 150 rows make
+    # two full tasks and a partial one of 22 (not a multiple of the 4 rows in lockstep).
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(150, 8192, generator=g, dtype=torch.float64).to(dtype)
+    layer = _sparse24_args(w)
+    x = torch.randn(20, 8192, generator=g, dtype=torch.float64).to(dtype)
+    with sk.use_backend("cpu"):
+        y = layer(x)
+    want = x.double() @ (w.double() * layer.mask()).t()
+    assert_close_rel(y, want, 1e-5 if dtype == torch.float32 else 1e-12, "sparse24_mm")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_sparse24_gradcheck_and_opcheck(backend, seed):
     g = torch.Generator().manual_seed(seed)

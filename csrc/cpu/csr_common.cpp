@@ -26,11 +26,15 @@ int64_t l2_cache_bytes() {
   return bytes;
 }
 
+bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes) {
+  const int64_t budget = std::max<int64_t>(l2_cache_bytes() / 4 * 3, int64_t(1) << 20);
+  return rows * t * elem_bytes <= budget;
+}
+
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
   if (m <= kNarrowPanel) return kNarrowPanel;
-  const int64_t budget = std::max<int64_t>(l2_cache_bytes() / 4 * 3, int64_t(1) << 20);
-  if (gathered_rows * kWidePanel * elem_bytes <= budget) return kWidePanel;
-  if (gathered_rows * kMidPanel * elem_bytes <= budget) return kMidPanel;
+  if (panel_fits_l2(gathered_rows, kWidePanel, elem_bytes)) return kWidePanel;
+  if (panel_fits_l2(gathered_rows, kMidPanel, elem_bytes)) return kMidPanel;
   return kNarrowPanel;
 }
 

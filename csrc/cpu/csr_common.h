@@ -29,6 +29,9 @@ inline int64_t choose_panel(int64_t m) { return m <= kNarrowPanel ? kNarrowPanel
 // Per-core L2 size in bytes (sysconf; 1 MiB when unknown).
 int64_t l2_cache_bytes();
 
+// Whether a panel of `rows` rows of t values of elem_bytes fits in max(3/4 of L2, 1 MiB).
+bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes);
+
 // Panel width for a CSR kernel that gathers rows of a panel with `gathered_rows` rows of
 // `elem_bytes` values: the widest of 64 / 32 / 16 whose panel fits in
 // max(3/4 of L2, 1 MiB), so the gathers stay in L2. Measured on a 2 MiB-L2 Sapphire

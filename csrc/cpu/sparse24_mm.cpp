@@ -4,9 +4,10 @@
 //
 // Same batch panels as the CSR kernels (csr_common.h), but the 2:4 structure lets a task
 // run kRows output rows in lockstep over the groups, and every row of a task reads the
-// same groups: a task (panel, 32 rows) sweeps K in slices of kSliceBytes of the panel,
-// so a slice comes from L2 once and is then served from L1 to all 32 rows (each panel
-// row is read by ~16 of them), instead of each row gathering its rows from L2 as the
+// same groups: a task (panel, 32 rows; 64 when the panel exceeds the L2) sweeps K in
+// slices of kSliceBytes of the panel, so a slice comes from L2 once and is then served
+// from L1 to all the task's rows (each panel row is read by half of them), instead of
+// each row gathering its rows from L2 as the
 // CSR kernel must. The rows' partial sums stay in the task's L1 buffer between slices.
 // No column indices are read at all: meta is one byte per 4 weights.
 #include "csr_common.h"
@@ -28,6 +29,7 @@ constexpr int64_t kRows = 4;  // rows in lockstep: kRows x (T/16) = 16 zmm accum
 // 4096 x 4096 weight, T = 64): 16 KiB slices 1.33 ns per non-zero, 32 KiB 1.34, 64 KiB
 // 1.81, no slicing 1.68.
 constexpr int64_t kSliceBytes = 16 * 1024;
+constexpr int64_t kMaxRowsPerTask = 64;  // rows per task: 32, or this for panels over the L2
 
 // Rows [r0, r1) over groups [g0, g1) into block [r1 - r0, T]: the block is overwritten
 // when g0 == 0 and accumulated into otherwise.
@@ -85,8 +87,12 @@ __attribute__((target("avx512f"))) void rows24_avx512(const float* panel_x, floa
 template <typename acc_t, int64_t T>
 void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta) {
   const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1), groups = k / 4;
-  constexpr int64_t kRowsPerTask = 32;  // a multiple of kRows
-  const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  // Rows per task (a multiple of kRows). Every task sweeps the whole panel; one larger
+  // than the L2 then comes from L3 once per task, so such panels get tasks of twice the
+  // rows: K = 11008 (2.8 MB), one Sapphire Rapids core, 144-151 ms instead of 155-160.
+  // Not more: 128 rows of accumulators (32 KiB) and a slice no longer fit L1 (192 ms).
+  const int64_t rows_per_task = panel_fits_l2(k, T, sizeof(acc_t)) ? 32 : kMaxRowsPerTask;
+  const int64_t blocks = (n + rows_per_task - 1) / rows_per_task;
   // A group is 4 panel rows of T values.
   const int64_t slice_groups = std::max<int64_t>(1, kSliceBytes / (4 * T * static_cast<int64_t>(sizeof(acc_t))));
   const acc_t* x = px.data_ptr<acc_t>();
@@ -94,9 +100,9 @@ void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals
   const uint8_t* m = meta.data_ptr<uint8_t>();
   at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
-      const int64_t r1 = std::min(n, r0 + kRowsPerTask);
-      alignas(64) acc_t block[kRowsPerTask * T];
+      const int64_t p = task / blocks, r0 = (task % blocks) * rows_per_task;
+      const int64_t r1 = std::min(n, r0 + rows_per_task);
+      alignas(64) acc_t block[kMaxRowsPerTask * T];
       for (int64_t g0 = 0; g0 < groups; g0 += slice_groups) {
         const int64_t g1 = std::min(groups, g0 + slice_groups);
         bool done = false;

@@ -106,11 +106,21 @@ def test_sparse24_limits_arithmetic():
     assert roofline.sparse24_limits(256, 4096, 4096, 40.0, 25.0, None)["ceiling_if_l1"] is None
 
 
+def test_sparse24_l1_probe_measures_a_positive_rate(one_thread):
+    if not sk._extension.compiled():
+        assert roofline.sparse24_l1_ns(32, 64, 3) is None
+        return
+    ns = next((v for v in (roofline.sparse24_l1_ns(64, 512, 3) for _ in range(3)) if v is not None), None)
+    assert ns is not None and 0.05 < ns < 100
+
+
 def test_benchmark_reports_marginal_and_sparse24_limits(monkeypatch):
     payload = csr_linear.run([(24, 64, 40)], [0.5, 0.9], rounds=3, torch_sparse=False, bf16_cases=False)
     (s24,) = payload["sparse24"]
     if s24["auto_choice"] == "cpu":
         assert s24["limits"]["gathers"] == 40 * 32 * 1 and s24["limits"]["ns_per_gather"] > 0
+        l1 = s24["limits"]["l1_ns_per_gather"]
+        assert l1 is None or (l1 > 0 and s24["limits"]["ceiling_if_l1"] > 0)
     else:
         assert "limits" not in s24
     # The 50% case has the 90% one as its sparser neighbour (a figure unless noise won).

@@ -227,10 +227,8 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
     for case in sparse24:
         if case["auto_choice"] == "cpu":  # the limit describes our kernel, not the dense fallback
             b, i, o = case["batch"], case["in_features"], case["out_features"]
-            if (b, o) not in l1_probe:
-                l1_probe[(b, o)] = roofline.l1_ns_per_gather(b, o, machine.get("l1d_kib"), rounds)
             case["limits"] = roofline.sparse24_limits(b, i, o, case["ms"]["dense_fwd"], case["ms"]["sparse24_fwd"],
-                                                      l1_probe[(b, o)])
+                                                      roofline.sparse24_l1_ns(b, o, rounds))
     # bf16 on the first shape: where the CPU's bf16 GEMM (AMX) beats our kernel, auto
     # should run dense; the table shows what it chose per sparsity.
     bf16 = [run_bf16_case(*shapes[0], sp, rounds) for sp in sparsities] if bf16_cases else []

@@ -27,7 +27,8 @@ A target with ``needed < l1`` is out of reach for this instruction mix; one with
 ``l1 <= needed < measured`` needs the gathered rows served from L1 instead of L2.
 ``add_marginal`` adds the marginal cost of a gather between two sparsities of one shape
 (fixed costs cancel) and the ratio it would allow with no fixed cost at all;
-``sparse24_limits`` the same L1 ceiling for the 2:4 forward.
+``sparse24_limits`` an L1 ceiling for the 2:4 forward from its own L1-resident probe
+(``sparse24_l1_ns``).
 """
 
 from __future__ import annotations
@@ -135,18 +136,44 @@ def add_marginal(cases: list[dict]) -> None:
         dense_side["limits"]["ceiling_at_marginal"] = dense_side["dense_ms"] * 1e6 / (ga * slope)
 
 
+def sparse24_l1_ns(batch: int, out_f: int, rounds: int) -> float | None:
+    """Time per kept weight per panel of the compiled 2:4 forward with the whole panel in
+    L1 (K = 32 and 64: one K slice of at most 16 KiB), from the slope between the two
+    so that the per-row and fixed costs cancel; None without the extension or when noise
+    swamped the slope. The 2:4 kernel's own instruction mix (4 rows in lockstep, one meta
+    byte per 8 FMAs), so it bounds that kernel where the CSR probe does not."""
+    from .. import _extension
+    from ..formats.sparse24 import Sparse24
+
+    if not _extension.compiled():
+        return None
+    kernel = torch.ops.sparsekernels_C.sparse24_mm
+    widths = (32, 64)
+    fns = {}
+    for k in widths:
+        s24 = Sparse24.from_dense(torch.randn(out_f, k))
+        x = torch.randn(batch, k)
+        fns[k] = (lambda x=x, v=s24.values, m=s24.meta: kernel(x, v, m))
+    with torch.no_grad():
+        samples = harness.time_round_robin(fns, max(rounds, 15))
+    best = {k: min(v) for k, v in samples.items()}
+    panels = math.ceil(batch / panel_width(batch, widths[1]))
+    extra = out_f * (widths[1] - widths[0]) // 2 * panels
+    slope = (best[widths[1]] - best[widths[0]]) / extra * 1e9
+    return slope if slope > 0 else None
+
+
 def sparse24_limits(batch: int, in_features: int, out_features: int, dense_ms: float, ours_ms: float,
                     l1_ns: float | None) -> dict:
-    """The same roofline for the 2:4 forward (``csrc/cpu/sparse24_mm.cpp``): each kept
-    weight is one T-float row of the panel read from an L1-resident K slice and T FMAs,
-    the CSR kernel's instruction mix (one 512-bit load per FMA), so the CSR kernel's
-    L1-resident time per gather bounds it: ``ceiling_if_l1`` = dense / (kept weights x
-    panels x that time). A target above it cannot be reached with this instruction mix
-    (dense GEMM loads one vector per several FMAs)."""
+    """The roofline of the 2:4 forward (``csrc/cpu/sparse24_mm.cpp``): each kept weight
+    of each panel is one T-float row read from an L1-resident K slice and T FMAs.
+    ``l1_ns`` is :func:`sparse24_l1_ns` (the same kernel with the whole panel in L1), and
+    ``ceiling_if_l1`` = dense / (kept weights x panels x that time): a target above it
+    cannot be reached with this instruction mix (one 512-bit load per FMA, where dense
+    GEMM loads one vector per several FMAs)."""
     width = panel_width(batch, in_features)
     products = out_features * in_features // 2 * math.ceil(batch / width)
-    if width != panel_width(batch):
-        l1_ns = None
+    if width != panel_width(batch, 64):
+        l1_ns = None  # the probe ran another panel width
     return {"panel_width": width, "gathers": products, "ns_per_gather": ours_ms * 1e6 / products,
             "l1_ns_per_gather": l1_ns, "ceiling_if_l1": None if not l1_ns else dense_ms * 1e6 / (products * l1_ns)}
-

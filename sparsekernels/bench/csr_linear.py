@@ -52,10 +52,11 @@ class CaseResult:
     gflops: dict = field(default_factory=dict)     # useful GFLOP/s (dense FLOPs for dense, 2*B*nnz for sparse)
     limits: dict = field(default_factory=dict)     # the forward's gather roofline (bench/roofline.py)
     fwd_backend: str = ""                          # what measured "auto" ran for the forward
+    marginal_ns: float | None = None               # roofline.marginal_ns_per_gather, target cases only
 
 
 def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, seed: int = 0,
-             torch_sparse: bool = True) -> CaseResult:
+             torch_sparse: bool = True, marginal: bool = False) -> CaseResult:
     g = torch.Generator().manual_seed(seed)
     layer = SparseLinear(in_f, out_f, sparsity=sparsity, generator=g)
     dense_layer = layer.to_dense()
@@ -113,6 +114,8 @@ def run_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, se
     res.gflops = {"dense_fwd": dense_flop / res.ms["dense_fwd"] / 1e6, "ours_fwd": sparse_flop / res.ms["ours_fwd"] / 1e6}
     if torch_sparse:
         res.gflops["torch_sparse_fwd"] = sparse_flop / res.ms["torch_sparse_fwd"] / 1e6
+    if marginal:
+        res.marginal_ns = roofline.marginal_ns_per_gather(x, values, layer.row_ptr, layer.col_idx, rounds)
     return res
 
 
@@ -209,20 +212,17 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
     machine = harness.machine_info("cpu")
     l1_probe = {}  # (B, out): the L1-resident time per gather
     for (b, i, o), sp in cases:
-        r = run_case(b, i, o, sp, rounds, torch_sparse=torch_sparse)
+        goal = FORWARD_GOALS.get((b, i, o, sp))
+        r = run_case(b, i, o, sp, rounds, torch_sparse=torch_sparse, marginal=goal is not None)
         if (b, o) not in l1_probe:
             l1_probe[(b, o)] = roofline.l1_ns_per_gather(b, o, machine.get("l1d_kib"), rounds)
-        goal = FORWARD_GOALS.get((b, i, o, sp))
         if r.fwd_backend == "cpu":  # the roofline describes our kernel, not a dense fallback
             r.limits = roofline.case_limits(b, r.nnz, r.ms["dense_fwd"], r.ms["ours_fwd"], l1_probe[(b, o)],
                                             {"fwd_vs_dense": goal} if goal else {}, in_features=i)
+            roofline.add_marginal(r.limits, r.marginal_ns, r.ms["dense_fwd"])
         results.append(r)
         if progress is not None:
             progress(f"B={b} {i}->{o} s={sp}")
-    for shape in shapes:  # marginal cost of a gather between neighbouring sparsities
-        roofline.add_marginal([{"sparsity": r.sparsity, "nnz": r.nnz, "batch": r.batch, "in_features": r.in_features,
-                                "dense_ms": r.ms["dense_fwd"], "ours_ms": r.ms["ours_fwd"], "limits": r.limits}
-                               for r in results if (r.batch, r.in_features, r.out_features) == shape and r.limits])
     sparse24 = [run_sparse24_case(b, i, o, rounds) for (b, i, o) in shapes if i % 4 == 0]
     for case in sparse24:
         if case["auto_choice"] == "cpu":  # the limit describes our kernel, not the dense fallback

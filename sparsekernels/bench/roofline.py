@@ -25,8 +25,9 @@ roofline only for cases where measured "auto" ran our kernel (``fwd_backend == "
 
 A target with ``needed < l1`` is out of reach for this instruction mix; one with
 ``l1 <= needed < measured`` needs the gathered rows served from L1 instead of L2.
-``add_marginal`` adds the marginal cost of a gather between two sparsities of one shape
-(fixed costs cancel) and the ratio it would allow with no fixed cost at all;
+``marginal_ns_per_gather`` measures what one more gather costs in a case (its pattern
+against every other non-zero of it, interleaved: fixed costs and drift cancel) and
+``add_marginal`` the ratio that allows with no fixed cost at all;
 ``sparse24_limits`` an L1 ceiling for the 2:4 forward from its own L1-resident probe
 (``sparse24_l1_ns``).
 """
@@ -113,27 +114,48 @@ def case_limits(batch: int, nnz: int, dense_ms: float, ours_ms: float, l1_ns: fl
     return out
 
 
-def add_marginal(cases: list[dict]) -> None:
-    """Adds to each case of one shape (dicts with ``sparsity``, ``nnz``, ``batch``,
-    ``in_features``, ``dense_ms``, ``ours_ms`` and its ``limits`` dict) the marginal cost of
-    a gather between it and the next sparser case, ``marginal_ns_per_gather`` = (its
-    forward - the sparser one's) / (its gathers - the sparser one's): packing, the output
-    store and the checks cancel out, what is left is what one more gathered row costs
-    at this shape's panel (from L2 for a 4096-wide input). ``ceiling_at_marginal`` =
-    dense / (gathers x marginal) is then the ratio this case would reach with every fixed
-    cost removed: a target above it needs cheaper gathers (rows from L1), not less
-    overhead."""
-    ordered = sorted(cases, key=lambda c: c["sparsity"])
-    for dense_side, sparse_side in zip(ordered, ordered[1:]):
-        ga = gathers(dense_side["batch"], dense_side["nnz"], dense_side["in_features"])
-        gb = gathers(sparse_side["batch"], sparse_side["nnz"], sparse_side["in_features"])
-        if ga <= gb:
-            continue
-        slope = (dense_side["ours_ms"] - sparse_side["ours_ms"]) * 1e6 / (ga - gb)
-        if slope <= 0:  # noise swamped the difference: no figure rather than a wrong one
-            continue
-        dense_side["limits"]["marginal_ns_per_gather"] = slope
-        dense_side["limits"]["ceiling_at_marginal"] = dense_side["dense_ms"] * 1e6 / (ga * slope)
+def half_pattern(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor):
+    """Every other non-zero of each row (the 1st, 3rd, ...): (values, row_ptr, col_idx) of
+    a pattern with the same rows, columns and panel and about half the gathers."""
+    counts = row_ptr[1:].long() - row_ptr[:-1].long()
+    row_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    keep = (torch.arange(col_idx.numel()) - row_ptr[:-1].long()[row_of]) % 2 == 0
+    half_ptr = torch.zeros_like(row_ptr)
+    half_ptr[1:] = torch.cumsum((counts + 1) // 2, 0).to(row_ptr.dtype)
+    return values[keep].contiguous(), half_ptr, col_idx[keep].contiguous()
+
+
+def marginal_ns_per_gather(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                           rounds: int) -> float | None:
+    """What one more gather costs in this case: the compiled forward on the case's pattern
+    and on every other non-zero of it (``half_pattern``), timed in interleaved rounds, the
+    slope between them. Packing, the output store, the checks and drift of the machine
+    cancel; what is left is the gathers at this case's panel (from L2 for a 4096-wide
+    input). None without the extension or when noise swamped the slope."""
+    from .. import _extension
+
+    if not _extension.compiled() or col_idx.numel() < 2:
+        return None
+    kernel = torch.ops.sparsekernels_C.spmm
+    hv, hrp, hci = half_pattern(values, row_ptr, col_idx)
+    fns = {"full": lambda: kernel(x, values, row_ptr, col_idx, None, False),
+           "half": lambda: kernel(x, hv, hrp, hci, None, False)}
+    with torch.no_grad():
+        samples = harness.time_round_robin(fns, max(rounds, 15))
+    batch, k = x.shape[0], x.shape[-1]
+    extra = gathers(batch, col_idx.numel(), k) - gathers(batch, hci.numel(), k)
+    slope = (min(samples["full"]) - min(samples["half"])) / extra * 1e9
+    return slope if slope > 0 else None
+
+
+def add_marginal(limits: dict, marginal_ns: float | None, dense_ms: float) -> None:
+    """Adds ``marginal_ns_per_gather`` and ``ceiling_at_marginal`` = dense / (gathers x
+    marginal): the ratio this case would reach with every fixed cost removed. A target
+    above it needs cheaper gathers (rows from L1), not less overhead."""
+    if marginal_ns is None or not limits:
+        return
+    limits["marginal_ns_per_gather"] = marginal_ns
+    limits["ceiling_at_marginal"] = dense_ms * 1e6 / (limits["gathers"] * marginal_ns)
 
 
 def sparse24_l1_ns(batch: int, out_f: int, rounds: int) -> float | None:

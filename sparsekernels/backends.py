@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from . import _extension
+from .kernels import triton as triton_kernels  # os and functools only: triton itself loads lazily
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 ENV_VAR = "SPARSEKERNELS_BACKEND"
@@ -66,8 +67,6 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 
 def _triton_usable(device_type: str) -> bool:
-    from .kernels import triton as triton_kernels
-
     if not triton_kernels.available():
         return False
     # On the CPU Triton only runs in its interpreter (how CI tests the kernels).
@@ -96,9 +95,9 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
     even at density 1, so no density sends a product there without measuring.) The Triton
     interpreter is never chosen automatically: it exists for testing."""
     requested = get_backend()
-    choices = available(device.type)
     if requested == "auto":
         return auto_candidates(device.type)[0]
+    choices = available(device.type)
     if requested in choices:
         return requested
     if requested in ("cpu", "cuda") and requested != device.type:

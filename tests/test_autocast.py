@@ -204,3 +204,16 @@ def test_tiny_bert_matches_masked_dense_twin():
         assert layer.values.grad.dtype == torch.float32
         dense_grad = twin.get_submodule(name).weight.grad
         assert_close_rel(_dense_grad(layer), dense_grad * layer.mask(), 2 * TOL, name)
+
+
+def test_same_cast_dtype_matches_cast_dtype():
+    # The layers' and ops' dtype check skips autocast when dtypes and device types match;
+    # it must agree with comparing cast_dtype in every case.
+    from sparsekernels.ops.autocast import cast_dtype, same_cast_dtype
+
+    tensors = [torch.zeros(2, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            for a in tensors:
+                for b in tensors:
+                    assert same_cast_dtype(a, b) == (cast_dtype(a) == cast_dtype(b)), (enabled, a.dtype, b.dtype)

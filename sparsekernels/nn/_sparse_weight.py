@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..formats import CSR, check_sparsity, magnitude_mask
 from ..kernels.pattern_cache import PatternCache
 from ..ops import spmm
-from ..ops.autocast import cast_dtype
+from ..ops.autocast import same_cast_dtype
 
 _PATTERN = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 # "This pattern is every position, row-major" per (row_ptr, col_idx) tensor pair.
@@ -42,7 +42,7 @@ def check_layer_input(owner: str, x: object, weight: Tensor, in_features: int | 
         raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
     # Under autocast the ops cast input and weights to the autocast dtype (ops/autocast.py),
     # so e.g. a bf16 input meets fp32 master weights there, as with nn.Linear.
-    if cast_dtype(x) != cast_dtype(weight):
+    if not same_cast_dtype(x, weight):
         raise TypeError(f"{owner}: input has dtype {x.dtype} but the layer's weights are {weight.dtype}")
     if x.device != weight.device:
         raise ValueError(f"{owner}: input is on {x.device} but the layer's weights are on {weight.device}")

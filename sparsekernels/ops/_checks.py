@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.pattern_cache import PatternCache
-from .autocast import cast_dtype
+from .autocast import same_cast_dtype
 
 INDEX_DTYPES = (torch.int32,)
 PERM_DTYPES = (torch.int32, torch.int64)
@@ -54,7 +54,7 @@ def check_dense(op: str, name: str, x: object, values: Tensor, features: int) ->
     x = check_tensor(op, name, x)
     # Under autocast the op casts both to the autocast dtype first (ops/autocast.py): compare
     # the dtypes the product will see.
-    if cast_dtype(x) != cast_dtype(values):
+    if not same_cast_dtype(x, values):
         raise TypeError(f"{op}: {name} has dtype {x.dtype} but the weight values have {values.dtype}")
     if x.device != values.device:
         raise ValueError(f"{op}: {name} is on {x.device} but the weight values are on {values.device}")

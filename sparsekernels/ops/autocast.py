@@ -60,6 +60,14 @@ def cast_dtype(t: Tensor) -> torch.dtype:
     return t.dtype
 
 
+def same_cast_dtype(a: Tensor, b: Tensor) -> bool:
+    """``cast_dtype(a) == cast_dtype(b)``, without asking autocast when the dtypes and
+    device types already match (the common case, on every layer call)."""
+    if a.dtype == b.dtype and a.device.type == b.device.type:
+        return True
+    return cast_dtype(a) == cast_dtype(b)
+
+
 def cast(t: Tensor | None) -> Tensor | None:
     """``t`` as the autocast rule hands it to a product (differentiable cast; ``t`` itself
     when nothing changes; None stays None). Layers use it for what they add to a product's

@@ -78,7 +78,9 @@ def dispatch_measured(op: str, lead: Tensor, run, args: dict):
     buffer (the other kernels' panels are re-made on their next call)."""
     if args.get("candidates") is None or "cpu:dense" not in args["candidates"]:
         return backends.dispatch(op, lead.device, lead.dtype, run, **args)
-    measures_now = backends.planned(op, lead.device, lead.dtype, **args) is None
+    # Only products measured at all can be measured now (skips planned() for the rest).
+    measures_now = (args["flops"] >= backends.MEASURE_MIN_FLOPS
+                    and backends.planned(op, lead.device, lead.dtype, **args) is None)
     out = backends.dispatch(op, lead.device, lead.dtype, run, **args)
     if measures_now and backends.measured_choice(op, lead.device, lead.dtype, args["key"]) != "cpu:dense":
         _release_workspace()  # "cpu:dense" lost

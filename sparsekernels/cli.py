@@ -250,15 +250,14 @@ def _cmd_bench(args) -> int:
     if payload.get("sparse24"):
         t24 = Table(title="2:4 (50%) forward, fp32, our kernel on the compressed form vs dense")
         for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense", "auto ran", "ns per kept weight x panel",
-                    "L1-resident ns", "ceiling if L1"):
+                    "FMA rate / dense's"):
             t24.add_column(col, justify="right")
         for r in payload["sparse24"]:
             lim = r.get("limits") or {}
             t24.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['ms']['dense_fwd']:.2f}",
                         f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}", r.get("auto_choice", ""),
                         "-" if not lim else f"{lim['ns_per_gather']:.3f}",
-                        "-" if lim.get("l1_ns_per_gather") is None else f"{lim['l1_ns_per_gather']:.3f}",
-                        "-" if lim.get("ceiling_if_l1") is None else f"{lim['ceiling_if_l1']:.2f}x")
+                        "-" if not lim else f"{lim['fma_rate_vs_dense']:.2f}")
         console.print(t24)
     if payload.get("bf16"):
         tb = Table(title="bf16 forward: the CPU's dense GEMM vs our kernel vs measured auto (what layers run)")

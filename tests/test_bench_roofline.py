@@ -107,22 +107,12 @@ def test_marginal_probe_and_ceiling(one_thread):
 
 
 def test_sparse24_limits_arithmetic():
-    lim = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0, l1_ns=0.6)
+    lim = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0)
     width = roofline.panel_width(256, 4096)
     products = 4096 * 2048 * math.ceil(256 / width)                    # kept weights x panels
     assert lim["gathers"] == products and lim["panel_width"] == width
     assert lim["ns_per_gather"] == pytest.approx(25e6 / products)
-    expected = 40e6 / (products * 0.6) if width == 64 else None
-    assert lim["ceiling_if_l1"] == (pytest.approx(expected) if expected else None)
-    assert roofline.sparse24_limits(256, 4096, 4096, 40.0, 25.0, None)["ceiling_if_l1"] is None
-
-
-def test_sparse24_l1_probe_measures_a_positive_rate(one_thread):
-    if not sk._extension.compiled():
-        assert roofline.sparse24_l1_ns(32, 64, 3) is None
-        return
-    ns = next((v for v in (roofline.sparse24_l1_ns(64, 512, 3) for _ in range(3)) if v is not None), None)
-    assert ns is not None and 0.05 < ns < 100
+    assert lim["fma_rate_vs_dense"] == pytest.approx(40.0 / 50.0)      # half the FMAs in 25 of 40 ms
 
 
 def test_benchmark_reports_marginal_and_sparse24_limits(monkeypatch):
@@ -131,8 +121,7 @@ def test_benchmark_reports_marginal_and_sparse24_limits(monkeypatch):
     (s24,) = payload["sparse24"]
     if s24["auto_choice"] == "cpu":
         assert s24["limits"]["gathers"] == 40 * 32 * 1 and s24["limits"]["ns_per_gather"] > 0
-        l1 = s24["limits"]["l1_ns_per_gather"]
-        assert l1 is None or (l1 > 0 and s24["limits"]["ceiling_if_l1"] > 0)
+        assert s24["limits"]["fma_rate_vs_dense"] > 0
     else:
         assert "limits" not in s24
     # Only target cases get the marginal probe.

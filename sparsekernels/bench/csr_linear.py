@@ -227,8 +227,7 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
     for case in sparse24:
         if case["auto_choice"] == "cpu":  # the limit describes our kernel, not the dense fallback
             b, i, o = case["batch"], case["in_features"], case["out_features"]
-            case["limits"] = roofline.sparse24_limits(b, i, o, case["ms"]["dense_fwd"], case["ms"]["sparse24_fwd"],
-                                                      roofline.sparse24_l1_ns(b, o, rounds))
+            case["limits"] = roofline.sparse24_limits(b, i, o, case["ms"]["dense_fwd"], case["ms"]["sparse24_fwd"])
     # bf16 on the first shape: where the CPU's bf16 GEMM (AMX) beats our kernel, auto
     # should run dense; the table shows what it chose per sparsity.
     bf16 = [run_bf16_case(*shapes[0], sp, rounds) for sp in sparsities] if bf16_cases else []

@@ -7,8 +7,8 @@
 // same groups: a task (panel, 32 rows; 64 when the panel exceeds the L2) sweeps K in
 // slices of kSliceBytes of the panel, so a slice comes from L2 once and is then served
 // from L1 to all the task's rows (each panel row is read by half of them), instead of
-// each row gathering its rows from L2 as the
-// CSR kernel must. The rows' partial sums stay in the task's L1 buffer between slices.
+// each row gathering its rows from L2 as the CSR kernel must. The rows' partial sums
+// stay in the task's L1 buffer between slices.
 // No column indices are read at all: meta is one byte per 4 weights.
 #include "csr_common.h"
 

@@ -65,6 +65,16 @@ def _dense_pattern(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, to
     return values, row_ptr, col_idx
 
 
+def _slope_ns(small, large, extra_gathers: int, rounds: int) -> float | None:
+    """ns per gather between two forwards timed in interleaved rounds (best of each):
+    (large - small) / the gathers ``large`` does more. A non-positive slope is noise that
+    swamped the difference: None rather than 0."""
+    with torch.no_grad():
+        samples = harness.time_round_robin({"small": small, "large": large}, max(rounds, 15))
+    slope = (min(samples["large"]) - min(samples["small"])) / extra_gathers * 1e9
+    return slope if slope > 0 else None
+
+
 def l1_ns_per_gather(batch: int, out_f: int, l1d_kib: int | None, rounds: int) -> float | None:
     """Time per gather of the compiled forward with the panel in L1 (slope between two
     probe widths that fit in half the L1D), or None without the extension."""
@@ -81,14 +91,9 @@ def l1_ns_per_gather(batch: int, out_f: int, l1d_kib: int | None, rounds: int) -
         values, row_ptr, col_idx = _dense_pattern(out_f, k)
         x = torch.randn(batch, k)
         fns[k] = (lambda x=x, v=values, rp=row_ptr, ci=col_idx: kernel(x, v, rp, ci, None, False))
-    with torch.no_grad():
-        samples = harness.time_round_robin(fns, max(rounds, 15))
-    best = {k: min(v) for k, v in samples.items()}
     extra = gathers(batch, out_f * widths[1]) - gathers(batch, out_f * widths[0])
-    slope = (best[widths[1]] - best[widths[0]]) / extra * 1e9
-    # The slope also carries the per-non-zero pattern check (as the measured run does).
-    # A non-positive one is noise that swamped the difference: no figure rather than 0.
-    return slope if slope > 0 else None
+    # The slope also carries the per-task pattern check (as the measured run does).
+    return _slope_ns(fns[widths[0]], fns[widths[1]], extra, rounds)
 
 
 def case_limits(batch: int, nnz: int, dense_ms: float, ours_ms: float, l1_ns: float | None,
@@ -137,14 +142,10 @@ def marginal_ns_per_gather(x: torch.Tensor, values: torch.Tensor, row_ptr: torch
         return None
     kernel = torch.ops.sparsekernels_C.spmm
     hv, hrp, hci = half_pattern(values, row_ptr, col_idx)
-    fns = {"full": lambda: kernel(x, values, row_ptr, col_idx, None, False),
-           "half": lambda: kernel(x, hv, hrp, hci, None, False)}
-    with torch.no_grad():
-        samples = harness.time_round_robin(fns, max(rounds, 15))
     batch, k = x.shape[0], x.shape[-1]
     extra = gathers(batch, col_idx.numel(), k) - gathers(batch, hci.numel(), k)
-    slope = (min(samples["full"]) - min(samples["half"])) / extra * 1e9
-    return slope if slope > 0 else None
+    return _slope_ns(lambda: kernel(x, hv, hrp, hci, None, False), lambda: kernel(x, values, row_ptr, col_idx, None, False),
+                     extra, rounds)
 
 
 def add_marginal(limits: dict, marginal_ns: float | None, dense_ms: float) -> None:

@@ -19,7 +19,7 @@ import sparsekernels
 from sparsekernels import CSR, backends, ops
 from sparsekernels.ops import csr_matmul
 
-from conftest import FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, make_csr, make_dense_and_mask, rel_error
+from conftest import FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, dense_of, make_csr, make_dense_and_mask, rel_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -456,6 +456,10 @@ _CHILD = textwrap.dedent(r"""
     BAD = BCI.clone(); BAD[-1] = 5
     BADT = BCI.clone(); BADT[-1] = 300   # spmm_t's indices are rows of W: [0, 300)
     BV = torch.randn(600)
+    # W [5, 300] whose W^T is (BRP, BCI): its own CSR, and W^T's with a bad row number last.
+    W5RP = torch.arange(6, dtype=torch.int32) * 120
+    W5CI = torch.cat([torch.arange(600)[torch.arange(600) % 5 == o] // 2 for o in range(5)]).int()
+    BADT5 = BCI.clone(); BADT5[-1] = 5
     CASES = {
         "valid": "C.spmm(X, V, RP, CI); C.spmm_t(DY, V, TRP, TCI, TP); C.sddmm(DY, X, RP, CI)",
         "spmm_col_out_of_range": "C.spmm(X, V, RP, i32(0, 3, 1, 2, 5))",
@@ -489,6 +493,8 @@ _CHILD = textwrap.dedent(r"""
         "sddmm_batch0_col_out_of_range": "C.sddmm(DY[:0], X[:0], RP, i32(0, 3, 1, 2, 5))",
         "spmm_backward_col_out_of_range": "C.spmm_backward(DY, X, V, RP, i32(0, 3, 1, 2, 5), TRP, TCI, TP)",
         "spmm_backward_t_col_out_of_range": "C.spmm_backward(DY, X, V, RP, CI, TRP, i32(0, 1, 4, 0, 3), TP)",
+        "spmm_backward_late_task_t_col_out_of_range": "C.spmm_backward(torch.randn(130, 5), torch.randn(130, 300), BV, W5RP, W5CI, BRP, BADT5, torch.arange(600, dtype=torch.int32))",
+        "spmm_backward_one_panel_t_col_out_of_range": "C.spmm_backward(torch.randn(7, 5), torch.randn(7, 300), BV, W5RP, W5CI, BRP, BADT5, torch.arange(600, dtype=torch.int32))",
     }
     for name in sys.argv[1:]:
         print("START", name, flush=True)
@@ -714,14 +720,19 @@ def test_unmeasured_auto_takes_the_compiled_kernel_at_every_density(sparsity, mo
         assert backends.resolve("spmm", cpu, torch.float32) == "reference"  # an explicit choice wins
 
 
-# ------------------------------------------------- spmm's backward: one packing of dy for both
+# ------------------------------------------------- spmm's backward in one compiled call
+# csrc/cpu/spmm_backward.cpp runs both gradients either as one sweep over W^T (batches of
+# two or more panels, i.e. more than 64 rows here, with patterns this small) or as spmm_t
+# and sddmm sharing one packing of dy (one panel). The cases cover both ways.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("lead,out_f,in_f,sparsity", [((5,), 7, 9, 0.5), ((3, 33), 40, 17, 0.9), ((70,), 19, 130, 0.0),
-                                                      ((0,), 6, 4, 0.5), ((16,), 8, 8, 1.0)])
-def test_fused_spmm_backward_equals_the_two_ops(dtype, lead, out_f, in_f, sparsity):
-    """The compiled spmm_backward (spmm_t and sddmm sharing one packing of dy) returns
-    exactly what the two ops return separately: odd sizes, batch dims, empty rows, empty
-    batch, sparsity 0 and 1, fp32 / fp64 / bf16."""
+                                                      ((0,), 6, 4, 0.5), ((16,), 8, 8, 1.0), ((150,), 200, 50, 0.5),
+                                                      ((2, 65), 33, 300, 0.97), ((129,), 64, 48, 1.0)])
+def test_compiled_spmm_backward_matches_the_two_ops_and_float64(dtype, lead, out_f, in_f, sparsity):
+    """spmm_backward's (dx, dvalues) against float64 dense products, and equal to spmm_t and
+    sddmm run apart: odd sizes, batch dims, one to three panels, empty rows and columns,
+    W^T rows of 1..100 entries (the 16-entry groups and their tails), empty batch,
+    sparsity 0 and 1, fp32 / fp64 / bf16."""
     if not sparsekernels._extension.compiled():
         pytest.skip("compiled extension not loaded")
     seed = torch.seed() % 2**31
@@ -731,8 +742,20 @@ def test_fused_spmm_backward_equals_the_two_ops(dtype, lead, out_f, in_f, sparsi
     x = torch.randn(*lead, in_f, generator=g).to(dtype)
     C = torch.ops.sparsekernels_C
     gx, gv = C.spmm_backward(dy, x, csr.values, *csr.pattern())
-    assert torch.equal(gx, C.spmm_t(dy, csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)), seed
-    assert torch.equal(gv, C.sddmm(dy, x, csr.row_ptr, csr.col_idx, None)), seed
+    assert gx.shape == x.shape and gx.dtype == dtype and gv.shape == csr.values.shape and gv.dtype == dtype
+    w = dense_of(csr)
+    want_gx = dy.double() @ w
+    want_gv = (dy.double().reshape(-1, out_f).t() @ x.double().reshape(-1, in_f))[w != 0]
+    rows = torch.repeat_interleave(torch.arange(out_f), (csr.row_ptr[1:] - csr.row_ptr[:-1]).long())
+    order = torch.argsort(rows * in_f + csr.col_idx.long())  # W's entries in row-major order
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    assert rel_error(gx, want_gx) < tol, seed
+    assert rel_error(gv[order], want_gv) < tol, seed
+    apart_gx = C.spmm_t(dy, csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)
+    apart_gv = C.sddmm(dy, x, csr.row_ptr, csr.col_idx, None)
+    # Bit for bit: which way the C++ code chose (it depends on the batch and the L2 size)
+    # never changes a result.
+    assert torch.equal(gx, apart_gx) and torch.equal(gv, apart_gv), seed
 
 
 def test_fused_spmm_backward_rejects_bad_input():

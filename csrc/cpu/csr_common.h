@@ -111,11 +111,15 @@ at::Tensor spmm_t_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::
 at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::Tensor& x, const at::Tensor& row_ptr,
                         const at::Tensor& col_idx);
 
+// out[e] = vals[perm[e]] (W's values in W^T's order through the transpose map), in the
+// compute dtype ct, in workspace slot 2. Raises ValueError when perm leaves [0, nnz).
+at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::ScalarType ct);
+
 // A per-thread scratch buffer of at least `numel` elements, reused across calls. Slot
 // `slot` (0..kWorkspaceSlots-1) lets one op hold several at once. Why: the packed panels
 // are megabytes, and a fresh allocation of that size costs its page faults on every call
 // (0.5 ms per 8 MiB measured here, as much as the kernel at high sparsity).
-constexpr int kWorkspaceSlots = 4;
+constexpr int kWorkspaceSlots = 5;
 at::Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype);
 // Frees this thread's scratch buffers.
 void release_workspace();

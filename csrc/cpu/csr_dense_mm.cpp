@@ -23,7 +23,7 @@
 namespace sparsekernels::cpu {
 namespace {
 
-constexpr int kDenseSlot = 3;  // the other CPU ops use slots 0-2
+constexpr int kDenseSlot = 3;  // the other CPU ops use slots 0-2 and 4
 
 template <typename scalar_t>
 void fill_dense(scalar_t* w, const scalar_t* vals, const int32_t* rp, const int32_t* ci, int64_t rows,

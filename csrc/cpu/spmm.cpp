@@ -125,6 +125,8 @@ bool spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
   return ok.load();
 }
 
+}  // namespace
+
 // out[e] = vals[perm[e]] in dtype ct (workspace slot 2). Checks perm's range first.
 at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::ScalarType ct) {
   const int64_t nnz = perm.numel();
@@ -162,6 +164,8 @@ at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::Sca
   });
   return out;
 }
+
+namespace {
 
 // Core: y[..., N] = x[..., K] @ W^T with W given by (vals, row_ptr, col_idx), N = rows.
 // perm == nullptr: W's values are `vals`; else they are vals[perm] (W^T through the

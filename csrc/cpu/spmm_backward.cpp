@@ -3,18 +3,243 @@
 //   dx [..., K]   = dy W                       (spmm_t, through W^T's CSR)
 //   dvalues [nnz] = (dy^T x) at W's non-zeros  (sddmm)
 //
-// with dy packed into batch panels once for both. Run as two ops, each packs dy itself:
-// at SparseProp's 2048 x 768 -> 3072, 98% sparse, packing the 24 MiB dy was most of each
-// op's time. The autograd of spmm calls this when both gradients are wanted and both
-// products run on the compiled CPU kernels (sparsekernels/ops/csr_matmul.py).
+// The autograd of spmm calls this when both gradients are wanted and both products run
+// on the compiled CPU kernels (sparsekernels/ops/csr_matmul.py).
+//
+// Two ways (fused_pays chooses):
+// * One sweep over W^T's rows serving both products. Row k of W^T holds the W entries
+//   (o, k); per batch panel, the sweep keeps x's panel row k in registers and gathers
+//   dy's panel row o once per entry, for both
+//     dx^T[k]      += w[o, k] * dy^T[o]      (spmm_t's axpy)
+//     dvalues[o,k] += dy^T[o] . x^T[k]       (sddmm's dot product)
+//   Run apart, spmm_t and sddmm each gather one panel row per entry from L2, the cost
+//   that bounds both (csr_common.h); fused, the gathers are halved. The dot products
+//   come out in W^T's order and are put in W's order at the end (one random write per
+//   entry, besides the values' gather into W^T's order that spmm_t also makes): O(nnz),
+//   against the O(nnz x panels) of gathers saved.
+// * spmm_t and sddmm, sharing one packing of dy (at SparseProp's 2048 x 768 -> 3072, 98%
+//   sparse, packing the 24 MiB dy was most of each op's time), for one panel or a
+//   pattern too large for the random writes to pay.
 #include "csr_common.h"
+#include "simd_reduce.h"
 
 #include <torch/library.h>
 
+#include <atomic>
 #include <tuple>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace sparsekernels::cpu {
 namespace {
+
+constexpr int64_t kRowsPerTask = 32;  // rows of W^T per task, as spmm_t's
+constexpr int kDwSlot = 4;            // workspace slot of the dot products in W^T order
+
+// Rows [r0, r1) of W^T against panel p: block [r1 - r0, T] gets dx^T's rows, dw[e] the
+// dot product of entry e (written when `first`, the batch's first panel, else added).
+template <typename acc_t, int64_t T>
+void fused_rows_generic(const acc_t* panel_dy, const acc_t* panel_x, acc_t* block, acc_t* dw,
+                        const int32_t* t_row_ptr, const int32_t* t_col_idx, const acc_t* vt, int64_t r0,
+                        int64_t r1, bool first) {
+  for (int64_t k = r0; k < r1; ++k) {
+    const acc_t* xk = panel_x + k * T;
+    acc_t acc[T] = {};
+    for (int32_t e = t_row_ptr[k]; e < t_row_ptr[k + 1]; ++e) {
+      const acc_t* d = panel_dy + static_cast<int64_t>(t_col_idx[e]) * T;
+      const acc_t w = vt[e];
+      acc_t s = 0;
+      for (int64_t j = 0; j < T; ++j) {
+        acc[j] += w * d[j];
+        s += d[j] * xk[j];
+      }
+      dw[e] = first ? s : dw[e] + s;
+    }
+    for (int64_t j = 0; j < T; ++j) block[(k - r0) * T + j] = acc[j];
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// One entry: the gathered row d, times w, into the accumulators acc (a or b); its dot
+// product with x's row into *dot.
+template <int V>
+__attribute__((target("avx512f"), always_inline)) inline void fused_entry(const float* d, float weight,
+                                                                          const __m512* xk, __m512* acc,
+                                                                          __m512* dot) {
+  const __m512 w = _mm512_set1_ps(weight);
+  __m512 s = _mm512_setzero_ps();
+  for (int v = 0; v < V; ++v) {
+    __m512 dv = _mm512_loadu_ps(d + 16 * v);
+    // In a register: else the compiler folds the load into both FMAs and every gathered
+    // line is read twice.
+    asm("" : "+v"(dv));
+    acc[v] = _mm512_fmadd_ps(w, dv, acc[v]);
+    s = v == 0 ? _mm512_mul_ps(dv, xk[0]) : _mm512_fmadd_ps(dv, xk[v], s);
+  }
+  *dot = s;
+}
+
+// fp32: entries in groups of 16, whose dot products are summed horizontally together
+// (reduce16; a row's tail padded with zeros). A gathered row is loaded once into
+// registers and feeds both FMAs. The bits equal spmm_t's and sddmm's: dx^T's even and odd
+// entries go to two accumulators added at the end, as spmm_t's kernel does, and every dot
+// product is reduced by the same tree as sddmm's, so the choice between the two ways
+// never changes a result.
+template <int64_t T>
+__attribute__((target("avx512f"))) void fused_rows_avx512(const float* panel_dy, const float* panel_x, float* block,
+                                                          float* dw, const int32_t* t_row_ptr,
+                                                          const int32_t* t_col_idx, const float* vt, int64_t r0,
+                                                          int64_t r1, bool first) {
+  constexpr int V = static_cast<int>(T / 16);
+  // The dot products of a group wait here for reduce16 (in registers they pushed the
+  // accumulators out: 28 live vectors).
+  alignas(64) __m512 dot[16];
+  for (int64_t k = r0; k < r1; ++k) {
+    __m512 xk[V], a[V], b[V];
+    for (int v = 0; v < V; ++v) {
+      xk[v] = _mm512_loadu_ps(panel_x + k * T + 16 * v);
+      a[v] = _mm512_setzero_ps();
+      b[v] = _mm512_setzero_ps();
+    }
+    int32_t e = t_row_ptr[k];
+    const int32_t end = t_row_ptr[k + 1];
+    for (; e + 16 <= end; e += 16) {
+#pragma GCC unroll 8
+      for (int i = 0; i < 16; i += 2) {
+        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
+        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i + 1]) * T, vt[e + i + 1], xk, b,
+                       &dot[i + 1]);
+      }
+      const __m512 sums = reduce16(dot);
+      _mm512_storeu_ps(dw + e, first ? sums : _mm512_add_ps(_mm512_loadu_ps(dw + e), sums));
+    }
+    if (e < end) {  // the tail (fewer than 16; it starts at an even offset in the row)
+      const int r = static_cast<int>(end - e);
+      int i = 0;
+      for (; i + 1 < r; i += 2) {
+        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
+        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i + 1]) * T, vt[e + i + 1], xk, b,
+                       &dot[i + 1]);
+      }
+      if (i < r) fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
+      if (first) {
+        for (int i = 0; i < r; ++i) dw[e + i] = 0.0f;
+      }
+      add_reduced_tail(dw + e, dot, r);
+    }
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(block + (k - r0) * T + 16 * v, _mm512_add_ps(a[v], b[v]));
+  }
+}
+#endif
+
+// One parallel loop over blocks of kRowsPerTask rows of W^T; each chunk of blocks sweeps
+// them against every panel in turn, so a block's dw entries are only ever written by the
+// thread that owns the chunk (no races, no barrier per panel: one loop per panel cost 5-8%
+// at 32 panels), and the thread's gathers read one dy panel at a time from its L2.
+// False when some block's indices (W row numbers) were out of range; they are checked
+// before its first panel, and such a block is skipped.
+template <typename acc_t, int64_t T>
+bool fused_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& dx, const at::Tensor& vt, acc_t* dw,
+                  const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx) {
+  const int64_t p_count = pdy.size(0), n = pdy.size(1), k = px.size(1);
+  const int64_t blocks = (k + kRowsPerTask - 1) / kRowsPerTask;
+  const acc_t* dyp = pdy.data_ptr<acc_t>();
+  const acc_t* xp = px.data_ptr<acc_t>();
+  const acc_t* v = vt.data_ptr<acc_t>();
+  const int32_t* rp = t_row_ptr.data_ptr<int32_t>();
+  const int32_t* ci = t_col_idx.data_ptr<int32_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t k0 = begin * kRowsPerTask, k1 = std::min(k, end * kRowsPerTask);
+    if (!indices_in_range(ci + rp[k0], rp[k1] - rp[k0], n)) {
+      ok = false;
+      return;
+    }
+    alignas(64) acc_t block[kRowsPerTask * T];
+    for (int64_t p = 0; p < p_count; ++p) {
+      for (int64_t r0 = k0; r0 < k1; r0 += kRowsPerTask) {
+        const int64_t r1 = std::min(k1, r0 + kRowsPerTask);
+        bool done = false;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (cpu_has_avx512()) {
+            fused_rows_avx512<T>(dyp + p * n * T, xp + p * k * T, block, dw, rp, ci, v, r0, r1, p == 0);
+            done = true;
+          }
+        }
+#endif
+        if (!done) fused_rows_generic<acc_t, T>(dyp + p * n * T, xp + p * k * T, block, dw, rp, ci, v, r0, r1, p == 0);
+        store_block(block, T, r1 - r0, p, r0, dx);
+      }
+    }
+  });
+  return ok.load();
+}
+
+// out[perm[e]] = src[e]: the dot products from W^T's order into W's (perm's range was
+// checked by gather_values; it is a permutation by the transpose map's contract).
+template <typename acc_t>
+void scatter_values(const acc_t* src, const at::Tensor& perm, at::Tensor& out) {
+  const int64_t nnz = perm.numel();
+  AT_DISPATCH_INDEX_TYPES(perm.scalar_type(), "scatter_values", [&] {
+    const index_t* idx = perm.data_ptr<index_t>();
+    acc_t* dst = out.data_ptr<acc_t>();
+    at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) {
+      constexpr int64_t kAhead = 32;  // random writes: several misses in flight, as gather_values
+      for (int64_t i = b; i < e; ++i) {
+        if (i + kAhead < e) __builtin_prefetch(dst + idx[i + kAhead], 1);
+        dst[idx[i]] = src[i];
+      }
+    });
+  });
+}
+
+// The fused way (M > T): returns (dx, dvalues) or raises.
+std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values,
+                                                  const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                                                  const at::Tensor& t_perm, int64_t m, int64_t n, int64_t t,
+                                                  at::ScalarType ct) {
+  const int64_t k = x.size(-1), nnz = values.numel();
+  std::vector<int64_t> dx_shape(x.sizes().begin(), x.sizes().end());
+  at::Tensor dx_out = at::empty(dx_shape, dy.options());
+  at::Tensor dx = dx_out.view({m, k});
+  const at::Tensor pdy = pack_panels(dy.reshape({m, n}), t, ct, /*slot=*/0);
+  const at::Tensor px = pack_panels(x.reshape({m, k}), t, ct, /*slot=*/1);
+  const at::Tensor vt = gather_values(values, t_perm, ct);
+  at::Tensor dw = workspace(kDwSlot, {nnz}, ct);
+  at::Tensor dvalues = at::empty({nnz}, values.options().dtype(ct));
+  const at::Tensor trp = t_row_ptr.contiguous(), tci = t_col_idx.contiguous(), tp = t_perm.contiguous();
+  bool ok = true;
+  with_panel_width(t, [&](auto width) {
+    constexpr int64_t T = decltype(width)::value;
+    if (ct == at::kDouble) {
+      ok = fused_panels<double, T>(pdy, px, dx, vt, dw.data_ptr<double>(), trp, tci);
+      if (ok) scatter_values(dw.data_ptr<double>(), tp, dvalues);
+    } else {
+      ok = fused_panels<float, T>(pdy, px, dx, vt, dw.data_ptr<float>(), trp, tci);
+      if (ok) scatter_values(dw.data_ptr<float>(), tp, dvalues);
+    }
+  });
+  if (!ok) columns_out_of_range("spmm_t", n);
+  return {dx_out, dvalues.to(values.scalar_type())};
+}
+
+// Whether the one-sweep backward beats spmm_t + sddmm for a batch of m rows in panels of
+// t and nnz entries of elem bytes. It saves a panel-row gather per entry and panel and
+// adds one random write per entry (the dot products into W's order), which costs more
+// the further the nnz values spill out of the caches. Measured on Sapphire Rapids (2 MiB
+// L2, 2 threads, fused / two-op time): wins 0.71-0.88 wherever nnz x elem <= 2 x panels
+// x L2 (4096 x 4096 at 90%, B = 128..1024; 95%; 11008 -> 4096 at 90%; 1024 x 1024 at
+// 50%, B = 2048; 4096 x 4096 at 80%, B = 512), even at SparseProp's 98% (0.97-0.98);
+// loses beyond it (4096 x 4096: 80% at B = 128 1.05, 50% at B = 256 1.03, 50% at B = 64
+// 1.34) and with one panel (B = 16 at 90%: 1.20).
+bool fused_pays(int64_t m, int64_t t, int64_t nnz, int64_t elem) {
+  const int64_t panels = (m + t - 1) / t;
+  return panels >= 2 && nnz > 0 && nnz * elem <= 2 * panels * l2_cache_bytes();
+}
 
 std::tuple<at::Tensor, at::Tensor> spmm_backward_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                      const at::Tensor& values, const at::Tensor& row_ptr,
@@ -29,13 +254,25 @@ std::tuple<at::Tensor, at::Tensor> spmm_backward_cpu(const at::Tensor& dy, const
   TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
                     "spmm_backward: dy and x must have the same leading (batch) dimensions, got ", dy.sizes(),
                     " and ", x.sizes());
-  const int64_t m = leading_rows(dy);
-  at::Tensor pdy;
+  const int64_t m = leading_rows(dy), k = x.size(-1);
   // One width for both products: spmm_t gathers dy's panel rows (n of them), sddmm x's
-  // (x.size(-1)): the panel must fit for the larger.
+  // (k): the panel must fit for the larger.
   const at::ScalarType ct = compute_type(dy.scalar_type());
-  if (m > 0 && n > 0)
-    pdy = pack_panels(dy.reshape({m, n}), choose_panel(m, std::max(n, x.size(-1)), c10::elementSize(ct)), ct, 0);
+  const int64_t t = choose_panel(m, std::max(n, k), c10::elementSize(ct));
+  if (n > 0 && k > 0 && fused_pays(m, t, values.numel(), c10::elementSize(ct))) {
+    // Both patterns are checked as the two ops check them (W's row_ptr, W^T's CSR and
+    // t_perm in full, column ranges per task); the fused sweep reads only W^T's.
+    check_csr("spmm_backward", values, row_ptr, col_idx, n, k);
+    check_csr("spmm_t", values, t_row_ptr, t_col_idx, k, n, /*check_columns=*/false);
+    TORCH_CHECK_VALUE(t_perm.dim() == 1 && t_perm.numel() == values.numel(),
+                      "spmm_t: t_perm must be 1-D with nnz = ", values.numel(), " entries, got shape ",
+                      t_perm.sizes());
+    TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
+                     "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
+    return fused_backward(dy, x, values, t_row_ptr, t_col_idx, t_perm, m, n, t, ct);
+  }
+  at::Tensor pdy;
+  if (m > 0 && n > 0) pdy = pack_panels(dy.reshape({m, n}), t, ct, 0);
   const at::Tensor* packed = pdy.defined() ? &pdy : nullptr;
   at::Tensor dx = spmm_t_packed(dy, packed, values, t_row_ptr, t_col_idx, t_perm);
   at::Tensor dvalues = sddmm_packed(dy, packed, x, row_ptr, col_idx);
@@ -45,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor> spmm_backward_cpu(const at::Tensor& dy, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
-  // (dx, dvalues) of y = x W^T: spmm_t and sddmm sharing one packing of dy.
+  // (dx, dvalues) of y = x W^T: one sweep over W^T for both when the batch spans several
+  // panels, else spmm_t and sddmm sharing one packing of dy.
   m.def("spmm_backward(Tensor dy, Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor t_row_ptr, "
         "Tensor t_col_idx, Tensor t_perm) -> (Tensor, Tensor)");
 }

@@ -189,7 +189,9 @@ def _save_all(ctx, inputs, output):
 @torch.library.custom_op("sparsekernels::spmm_backward_cpu", mutates_args=())
 def _spmm_backward_cpu_op(dy: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
                           t_row_ptr: Tensor, t_col_idx: Tensor, t_perm: Tensor) -> tuple[Tensor, Tensor]:
-    """(dx = dy W, dvalues = (dy^T x) at W's pattern) in one compiled call (one packing of dy)."""
+    """(dx = dy W, dvalues = (dy^T x) at W's pattern) in one compiled call: one sweep over
+    W^T for both where it pays, else spmm_t and sddmm sharing one packing of dy
+    (csrc/cpu/spmm_backward.cpp)."""
     dx, dvalues = _compiled("spmm_backward")(dy, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     return dx, dvalues
 

@@ -96,6 +96,8 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
     interpreter is never chosen automatically: it exists for testing."""
     requested = get_backend()
     if requested == "auto":
+        if device.type == "cpu":  # the common case, without listing the backends
+            return "cpu" if _extension.compiled() else "reference"
         return auto_candidates(device.type)[0]
     choices = available(device.type)
     if requested in choices:

@@ -109,10 +109,14 @@ def test_training_step_on_the_dense_variant_matches_reference(measure_everything
     assert sorted(calls) == [False, True]                  # forward and input gradient densified
 
 
-def test_dense_variant_only_under_auto_on_the_cpu():
+def test_dense_variant_only_under_auto_on_the_cpu(monkeypatch):
     x = torch.randn(4, 8)
     rp = torch.zeros(7, dtype=torch.int32)
     trp = torch.zeros(9, dtype=torch.int32)
+    # Below the measuring threshold neither candidates nor a shape class are worked out.
+    assert csr_matmul._dispatch_args(x, rp, trp, 0, dense_variant=True) == {"flops": 2.0 * 4 * 6 * 8, "key": (),
+                                                                            "candidates": None}
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 0.0)
     assert "cpu:dense" in csr_matmul._dispatch_args(x, rp, trp, 0, dense_variant=True)["candidates"]
     assert csr_matmul._dispatch_args(x, rp, trp, 0)["candidates"] is None
     with sk.use_backend("cpu"):

@@ -756,6 +756,27 @@ def test_compiled_spmm_backward_matches_the_two_ops_and_float64(dtype, lead, out
     # Bit for bit: which way the C++ code chose (it depends on the batch and the L2 size)
     # never changes a result.
     assert torch.equal(gx, apart_gx) and torch.equal(gv, apart_gv), seed
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    assert torch.equal(gv.view(bits), apart_gv.view(bits)) and torch.equal(gx.view(bits), apart_gx.view(bits)), seed
+
+
+@pytest.mark.parametrize("batch", [5, 150])
+def test_compiled_spmm_backward_bits_include_signed_zeros(batch):
+    """dvalues of an all-zero dy row against an all-negative x: every product is -0.0. The
+    two-op way adds them to a zeroed output (+0.0); the one-sweep way (150 rows: three
+    panels) must give the same bits, which torch.equal alone does not compare."""
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    csr = make_csr(40, 70, 0.5, seed=3)
+    dy = torch.randn(batch, 40)
+    dy[:, :20] = 0.0
+    x = -torch.rand(batch, 70) - 0.5
+    C = torch.ops.sparsekernels_C
+    gx, gv = C.spmm_backward(dy, x, csr.values, *csr.pattern())
+    apart = C.sddmm(dy, x, csr.row_ptr, csr.col_idx, None)
+    assert (gv == 0).any()
+    assert torch.equal(gv.view(torch.int32), apart.view(torch.int32))
+    assert not torch.signbit(gv[gv == 0]).any()
 
 
 def test_fused_spmm_backward_rejects_bad_input():

@@ -48,7 +48,7 @@ __attribute__((target("avx512f"))) void sddmm_rows_avx512(const float* panel_dy,
     for (int v = 0; v < V; ++v) d[v] = _mm512_loadu_ps(panel_dy + r * T + 16 * v);
     int32_t e = row_ptr[r];
     const int32_t end = row_ptr[r + 1];
-    for (; e + 16 <= end; e += 16) {
+    for (; end - e >= 16; e += 16) {  // not e + 16 <= end: e near INT32_MAX would overflow
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) {
         const float* x = panel_x + static_cast<int64_t>(col_idx[e + i]) * T;

@@ -56,7 +56,7 @@ void fused_rows_generic(const acc_t* panel_dy, const acc_t* panel_x, acc_t* bloc
         acc[j] += w * d[j];
         s += d[j] * xk[j];
       }
-      dw[e] = first ? s : dw[e] + s;
+      dw[e] = (first ? acc_t(0) : dw[e]) + s;  // 0 + s as sddmm's zeroed output: -0 becomes +0 there too
     }
     for (int64_t j = 0; j < T; ++j) block[(k - r0) * T + j] = acc[j];
   }
@@ -106,7 +106,7 @@ __attribute__((target("avx512f"))) void fused_rows_avx512(const float* panel_dy,
     }
     int32_t e = t_row_ptr[k];
     const int32_t end = t_row_ptr[k + 1];
-    for (; e + 16 <= end; e += 16) {
+    for (; end - e >= 16; e += 16) {  // not e + 16 <= end: e near INT32_MAX would overflow
 #pragma GCC unroll 8
       for (int i = 0; i < 16; i += 2) {
         fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
@@ -114,7 +114,8 @@ __attribute__((target("avx512f"))) void fused_rows_avx512(const float* panel_dy,
                        &dot[i + 1]);
       }
       const __m512 sums = reduce16(dot);
-      _mm512_storeu_ps(dw + e, first ? sums : _mm512_add_ps(_mm512_loadu_ps(dw + e), sums));
+      // 0 + sums at the first panel, as sddmm's zeroed output (a -0 dot product becomes +0).
+      _mm512_storeu_ps(dw + e, _mm512_add_ps(first ? _mm512_setzero_ps() : _mm512_loadu_ps(dw + e), sums));
     }
     if (e < end) {  // the tail (fewer than 16; it starts at an even offset in the row)
       const int r = static_cast<int>(end - e);
@@ -125,9 +126,7 @@ __attribute__((target("avx512f"))) void fused_rows_avx512(const float* panel_dy,
                        &dot[i + 1]);
       }
       if (i < r) fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
-      if (first) {
-        for (int i = 0; i < r; ++i) dw[e + i] = 0.0f;
-      }
+      if (first) _mm512_mask_storeu_ps(dw + e, static_cast<__mmask16>((1u << r) - 1u), _mm512_setzero_ps());
       add_reduced_tail(dw + e, dot, r);
     }
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(block + (k - r0) * T + 16 * v, _mm512_add_ps(a[v], b[v]));
@@ -210,7 +209,9 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& dy, const at
   const at::Tensor px = pack_panels(x.reshape({m, k}), t, ct, /*slot=*/1);
   const at::Tensor vt = gather_values(values, t_perm, ct);
   at::Tensor dw = workspace(kDwSlot, {nnz}, ct);
-  at::Tensor dvalues = at::empty({nnz}, values.options().dtype(ct));
+  // Zeroed: t_perm is a permutation by the transpose map's contract, but one that is not
+  // (a repeated entry) must leave zeros, never uninitialised memory, where nothing lands.
+  at::Tensor dvalues = at::zeros({nnz}, values.options().dtype(ct));
   const at::Tensor trp = t_row_ptr.contiguous(), tci = t_col_idx.contiguous(), tp = t_perm.contiguous();
   bool ok = true;
   with_panel_width(t, [&](auto width) {
@@ -260,8 +261,10 @@ std::tuple<at::Tensor, at::Tensor> spmm_backward_cpu(const at::Tensor& dy, const
   const at::ScalarType ct = compute_type(dy.scalar_type());
   const int64_t t = choose_panel(m, std::max(n, k), c10::elementSize(ct));
   if (n > 0 && k > 0 && fused_pays(m, t, values.numel(), c10::elementSize(ct))) {
-    // Both patterns are checked as the two ops check them (W's row_ptr, W^T's CSR and
-    // t_perm in full, column ranges per task); the fused sweep reads only W^T's.
+    // Both patterns are checked as the two ops check them (W's row_ptr and col_idx, W^T's
+    // CSR, t_perm's range; W^T's column ranges per task), so a corrupt pattern raises the
+    // same errors either way. The sweep itself reads only W^T's; that the two describe one
+    // matrix is the transpose map's contract (never checked here, as by spmm_t alone).
     check_csr("spmm_backward", values, row_ptr, col_idx, n, k);
     check_csr("spmm_t", values, t_row_ptr, t_col_idx, k, n, /*check_columns=*/false);
     TORCH_CHECK_VALUE(t_perm.dim() == 1 && t_perm.numel() == values.numel(),

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -109,13 +110,19 @@ bool spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
   const acc_t* v = vals.data_ptr<acc_t>();
   std::atomic<bool> ok{true};
   at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
+    // Blocks whose indices this chunk of tasks has checked: a block recurs once per panel
+    // (each check re-read its indices: 3.6% of a 95%-sparse (256, 4096, 4096) forward).
+    std::vector<char> checked(static_cast<size_t>(blocks), 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
+      const int64_t p = task / blocks, b = task % blocks, r0 = b * kRowsPerTask;
       const int64_t r1 = std::min(n, r0 + kRowsPerTask);
       // The pattern's column check, for just the indices this task reads (check_csr).
-      if (!indices_in_range(ci + rp[r0], rp[r1] - rp[r0], k)) {
-        ok = false;
-        continue;
+      if (!checked[b]) {
+        if (!indices_in_range(ci + rp[r0], rp[r1] - rp[r0], k)) {
+          ok = false;
+          continue;
+        }
+        checked[b] = 1;
       }
       alignas(64) acc_t block[kRowsPerTask * T];
       run_rows<acc_t, T>(x + p * k * T, block, rp, ci, v, r0, r1);

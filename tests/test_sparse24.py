@@ -242,6 +242,39 @@ def test_sparse24_mm_fused_bias_and_gradients(backend, transposable, seed):
         torch.library.opcheck(torch.ops.sparsekernels.sparse24_mm, (x, v, *pattern, b, transposable))
 
 
+@pytest.mark.parametrize("transposable", [False, True])
+@pytest.mark.parametrize("batch", [9, 150])
+def test_sparse24_layer_backward_runs_the_compiled_backward(monkeypatch, transposable, batch, seed):
+    """A plain CPU backward of a 2:4 layer takes both gradients from one compiled call
+    (spmm_backward on the CSR view: one panel, or three panels through the one-sweep way),
+    with the bits of the two separate products; a double backward does not use it."""
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    from sparsekernels.ops import csr_matmul
+
+    calls = []
+    real = csr_matmul._compiled
+    monkeypatch.setattr(csr_matmul, "_compiled", lambda name: (calls.append(name), real(name))[1])
+    g = torch.Generator().manual_seed(seed)
+    layer = sk.nn.Sparse24Linear.from_dense(_linear_from(torch.randn(40, 64, generator=g)), transposable=transposable)
+    x = torch.randn(batch, 64, generator=g, requires_grad=True)
+    with sk.use_backend("cpu"):
+        layer(x).square().sum().backward()
+    assert calls.count("spmm_backward") == 1
+    gx, gv = x.grad.clone(), layer.values.grad.clone()
+    x.grad, layer.values.grad = None, None
+    calls.clear()
+    with sk.use_backend("cpu"):
+        ggx, ggv = torch.autograd.grad(layer(x).square().sum(), (x, layer.values), create_graph=True)
+    assert "spmm_backward" not in calls
+    assert torch.equal(ggx, gx) and torch.equal(ggv, gv)
+    dense = layer.dense_weight().detach().double()
+    dy = 2 * (x.detach().double() @ dense.t())
+    assert_close_rel(gx, dy @ dense, 1e-5, "dx")
+    want_gv = (dy.t() @ x.detach().double())[dense != 0].view_as(gv)
+    assert_close_rel(gv, want_gv, 1e-5, "dvalues")
+
+
 def test_sparse24_mm_rejects_bad_bias():
     w = torch.randn(8, 8)
     layer = _sparse24_args(w)

@@ -23,7 +23,8 @@ from .. import backends
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, autocast
-from .csr_matmul import _sddmm_op, _spmm_t_op, dense_candidates, dispatch_measured
+from .csr_matmul import (_fused_cpu_backward, _sddmm_op, _spmm_backward_cpu_op, _spmm_t_op, dense_candidates,
+                         dispatch_measured)
 
 
 def _rows2d(t: Tensor) -> Tensor:
@@ -204,12 +205,19 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     x, values, meta, *pattern = ctx.saved_tensors
     gx = gv = gb = None
-    if ctx.needs_input_grad[0]:
+    flat = values.reshape(-1)
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, flat, pattern[0],
+                                                                                 pattern[2]):
+        # Both gradients through the CSR view in one compiled call, as SparseLinear's
+        # (csr_matmul._spmm_backward): one sweep over W^T for both, or one packing of dy.
+        gx, gv = _spmm_backward_cpu_op(grad, x, flat, *pattern)
+        gv = gv.view_as(values)
+    elif ctx.needs_input_grad[0]:
         if ctx.transposable:
             gx = _input_grad_24(grad, values, meta, tuple(pattern))
         else:
             gx = _spmm_t_op(grad, values.reshape(-1), *pattern)
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] and gv is None:
         gv = _sddmm_op(grad, x, *pattern).view_as(values)
     if ctx.has_bias and ctx.needs_input_grad[8]:
         gb = _rows2d(grad).sum(0)

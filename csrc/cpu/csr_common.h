@@ -111,6 +111,12 @@ at::Tensor spmm_t_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::
 at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::Tensor& x, const at::Tensor& row_ptr,
                         const at::Tensor& col_idx);
 
+// The transpose map (t_row_ptr [n_rows + 1], t_col_idx, t_perm [nnz]) as spmm_t reads it:
+// W^T's CSR by check_csr without the column pass (the kernels check each task's
+// indices), t_perm 1-D int32 / int64 with one entry per value (its range: gather_values).
+void check_transpose_map(const at::Tensor& values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                         const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols);
+
 // out[e] = vals[perm[e]] (W's values in W^T's order through the transpose map), in the
 // compute dtype ct, in workspace slot 2. Raises ValueError when perm leaves [0, nnz).
 at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::ScalarType ct);

@@ -227,6 +227,16 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
   return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr);
 }
 
+void check_transpose_map(const at::Tensor& values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                         const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols) {
+  check_csr("spmm_t", values, t_row_ptr, t_col_idx, n_rows, n_cols, /*check_columns=*/false);
+  TORCH_CHECK_VALUE(t_perm.dim() == 1 && t_perm.numel() == values.numel(),
+                    "spmm_t: t_perm must be 1-D with nnz = ", values.numel(), " entries, got shape ",
+                    t_perm.sizes());
+  TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
+                   "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
+}
+
 // dx[..., K] = dy[..., N] W, via W^T's CSR (t_row_ptr [K+1], t_col_idx [nnz] holding row
 // indices of W, t_perm [nnz] positions into values).
 at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& t_row_ptr,
@@ -241,12 +251,7 @@ at::Tensor spmm_t_packed(const at::Tensor& dy, const at::Tensor* pdy, const at::
                    "spmm_t: values must be a floating dtype, got ", values.scalar_type());
   TORCH_CHECK_VALUE(dy.dim() >= 1, "spmm_t: dy must have at least 1 dimension");
   check_dense("spmm_t", "dy", dy, values.scalar_type(), dy.size(-1));
-  check_csr("spmm_t", values, t_row_ptr, t_col_idx, t_row_ptr.numel() - 1, dy.size(-1), /*check_columns=*/false);
-  TORCH_CHECK_VALUE(t_perm.dim() == 1 && t_perm.numel() == values.numel(),
-                    "spmm_t: t_perm must be 1-D with nnz = ", values.numel(), " entries, got shape ",
-                    t_perm.sizes());
-  TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
-                   "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
+  check_transpose_map(values, t_row_ptr, t_col_idx, t_perm, t_row_ptr.numel() - 1, dy.size(-1));
   return spmm_core("spmm_t", dy, values, t_row_ptr, t_col_idx, &t_perm, pdy);
 }
 

@@ -134,6 +134,19 @@ __attribute__((target("avx512f"))) void fused_rows_avx512(const float* panel_dy,
 }
 #endif
 
+// The AVX-512 rows for fp32 where the CPU has it, else the portable ones.
+template <typename acc_t, int64_t T>
+void run_fused_rows(const acc_t* panel_dy, const acc_t* panel_x, acc_t* block, acc_t* dw, const int32_t* t_row_ptr,
+                    const int32_t* t_col_idx, const acc_t* vt, int64_t r0, int64_t r1, bool first) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx512())
+      return fused_rows_avx512<T>(panel_dy, panel_x, block, dw, t_row_ptr, t_col_idx, vt, r0, r1, first);
+  }
+#endif
+  fused_rows_generic<acc_t, T>(panel_dy, panel_x, block, dw, t_row_ptr, t_col_idx, vt, r0, r1, first);
+}
+
 // One parallel loop over blocks of kRowsPerTask rows of W^T; each chunk of blocks sweeps
 // them against every panel in turn, so a block's dw entries are only ever written by the
 // thread that owns the chunk (no races, no barrier per panel: one loop per panel cost 5-8%
@@ -161,16 +174,7 @@ bool fused_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& dx, c
     for (int64_t p = 0; p < p_count; ++p) {
       for (int64_t r0 = k0; r0 < k1; r0 += kRowsPerTask) {
         const int64_t r1 = std::min(k1, r0 + kRowsPerTask);
-        bool done = false;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (cpu_has_avx512()) {
-            fused_rows_avx512<T>(dyp + p * n * T, xp + p * k * T, block, dw, rp, ci, v, r0, r1, p == 0);
-            done = true;
-          }
-        }
-#endif
-        if (!done) fused_rows_generic<acc_t, T>(dyp + p * n * T, xp + p * k * T, block, dw, rp, ci, v, r0, r1, p == 0);
+        run_fused_rows<acc_t, T>(dyp + p * n * T, xp + p * k * T, block, dw, rp, ci, v, r0, r1, p == 0);
         store_block(block, T, r1 - r0, p, r0, dx);
       }
     }
@@ -196,7 +200,7 @@ void scatter_values(const acc_t* src, const at::Tensor& perm, at::Tensor& out) {
   });
 }
 
-// The fused way (M > T): returns (dx, dvalues) or raises.
+// The one-sweep way (where fused_pays): returns (dx, dvalues) or raises.
 std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values,
                                                   const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                                                   const at::Tensor& t_perm, int64_t m, int64_t n, int64_t t,
@@ -266,12 +270,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_backward_cpu(const at::Tensor& dy, const
     // same errors either way. The sweep itself reads only W^T's; that the two describe one
     // matrix is the transpose map's contract (never checked here, as by spmm_t alone).
     check_csr("spmm_backward", values, row_ptr, col_idx, n, k);
-    check_csr("spmm_t", values, t_row_ptr, t_col_idx, k, n, /*check_columns=*/false);
-    TORCH_CHECK_VALUE(t_perm.dim() == 1 && t_perm.numel() == values.numel(),
-                      "spmm_t: t_perm must be 1-D with nnz = ", values.numel(), " entries, got shape ",
-                      t_perm.sizes());
-    TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt || t_perm.scalar_type() == at::kLong,
-                     "spmm_t: t_perm must be int32 or int64, got ", t_perm.scalar_type());
+    check_transpose_map(values, t_row_ptr, t_col_idx, t_perm, k, n);
     return fused_backward(dy, x, values, t_row_ptr, t_col_idx, t_perm, m, n, t, ct);
   }
   at::Tensor pdy;

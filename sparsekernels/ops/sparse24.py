@@ -216,7 +216,7 @@ def _backward(ctx, grad):
         if ctx.transposable:
             gx = _input_grad_24(grad, values, meta, tuple(pattern))
         else:
-            gx = _spmm_t_op(grad, values.reshape(-1), *pattern)
+            gx = _spmm_t_op(grad, flat, *pattern)
     if ctx.needs_input_grad[1] and gv is None:
         gv = _sddmm_op(grad, x, *pattern).view_as(values)
     if ctx.has_bias and ctx.needs_input_grad[8]:

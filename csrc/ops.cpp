@@ -29,8 +29,10 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   // also be int16 (fewer index bytes); the CPU kernels take int32.
   // tiled (GPU only): the shared-memory tiled kernel for large batches; needs every row's
   // columns in increasing order (the caller checks).
+  // bias (optional [N], x's dtype): added to every output row (on the CPU as the output is
+  // written, saving a pass over it).
   m.def("spmm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? row_order=None, "
-        "bool tiled=False) -> Tensor");
+        "bool tiled=False, Tensor? bias=None) -> Tensor");
   // dx[..., K] = dy[..., N] W through W^T's CSR (t_row_ptr, t_col_idx, t_perm).
   m.def("spmm_t(Tensor dy, Tensor values, Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm, "
         "Tensor? row_order=None, bool tiled=False) -> Tensor");

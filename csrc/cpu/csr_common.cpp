@@ -172,7 +172,7 @@ namespace {
 // elements. A scalar blocked transpose ran at ~1 ns per element here, as slow as the
 // sparse kernel itself at 99% sparsity.
 __attribute__((target("avx512f"))) void transpose16x16(const float* src, int64_t ss, float* dst,
-                                                       int64_t ds) {
+                                                       int64_t ds, const float* add = nullptr) {
   __m512 r[16], t[16], u[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
   for (int i = 0; i < 8; ++i) {
@@ -188,32 +188,44 @@ __attribute__((target("avx512f"))) void transpose16x16(const float* src, int64_t
     u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi01, hi23));
     u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi01, hi23));
   }
+  // add (the bias of the 16 output columns) goes into every stored row. Without it the
+  // rows are stored as they are: adding zeros would turn -0 into +0.
+  const bool has_add = add != nullptr;
+  const __m512 a = has_add ? _mm512_loadu_ps(add) : _mm512_setzero_ps();
   for (int c = 0; c < 4; ++c) {
     const __m512 s0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
     const __m512 s1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
     const __m512 s2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
     const __m512 s3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    _mm512_storeu_ps(dst + (c)*ds, _mm512_shuffle_f32x4(s0, s2, 0x88));
-    _mm512_storeu_ps(dst + (8 + c) * ds, _mm512_shuffle_f32x4(s0, s2, 0xDD));
-    _mm512_storeu_ps(dst + (4 + c) * ds, _mm512_shuffle_f32x4(s1, s3, 0x88));
-    _mm512_storeu_ps(dst + (12 + c) * ds, _mm512_shuffle_f32x4(s1, s3, 0xDD));
+    _mm512_storeu_ps(dst + (c)*ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s0, s2, 0x88), a) : _mm512_shuffle_f32x4(s0, s2, 0x88));
+    _mm512_storeu_ps(dst + (8 + c) * ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s0, s2, 0xDD), a) : _mm512_shuffle_f32x4(s0, s2, 0xDD));
+    _mm512_storeu_ps(dst + (4 + c) * ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s1, s3, 0x88), a) : _mm512_shuffle_f32x4(s1, s3, 0x88));
+    _mm512_storeu_ps(dst + (12 + c) * ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s1, s3, 0xDD), a) : _mm512_shuffle_f32x4(s1, s3, 0xDD));
   }
 }
 constexpr bool kHaveTranspose16 = true;
 #else
-void transpose16x16(const float*, int64_t, float*, int64_t) {}
+void transpose16x16(const float*, int64_t, float*, int64_t, const float* = nullptr) {}
 constexpr bool kHaveTranspose16 = false;
 #endif
 
-// dst[c * ds + r] = src[r * ss0 + c * ss1] for r < rows, c < cols (any sizes, converting).
+// dst[c * ds + r] = src[r * ss0 + c * ss1] (+ add[r] when add is given) for r < rows,
+// c < cols (any sizes, converting; the sum is taken in the source's precision).
 template <typename in_t, typename out_t>
 inline void transpose_tile(const in_t* src, int64_t ss0, int64_t ss1, out_t* dst, int64_t ds,
-                           int64_t rows, int64_t cols) {
+                           int64_t rows, int64_t cols, const out_t* add = nullptr) {
   if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
     if (kHaveTranspose16 && rows == 16 && cols == 16 && ss1 == 1 && cpu_has_avx512()) {
-      transpose16x16(src, ss0, dst, ds);
+      transpose16x16(src, ss0, dst, ds, add);
       return;
     }
+  }
+  if (add != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const in_t a = static_cast<in_t>(add[r]);
+      for (int64_t c = 0; c < cols; ++c) dst[c * ds + r] = static_cast<out_t>(src[r * ss0 + c * ss1] + a);
+    }
+    return;
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ds + r] = static_cast<out_t>(src[r * ss0 + c * ss1]);
@@ -250,23 +262,25 @@ void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t) {
 
 template <typename in_t, typename out_t>
 void store_block_impl(const in_t* block, int64_t t, int64_t rows, int64_t p, int64_t r0, out_t* y, int64_t m,
-                      int64_t n) {
+                      int64_t n, const out_t* bias) {
   for (int64_t j0 = 0; j0 < t; j0 += 16) {
     const int64_t cols = std::min<int64_t>(16, m - (p * t + j0));  // batch rows left
     if (cols <= 0) break;
     for (int64_t rr = 0; rr < rows; rr += 16) {
-      // block[rr + r][j0 + c] -> y[p*t + j0 + c][r0 + rr + r]
+      // block[rr + r][j0 + c] (+ bias[r0 + rr + r]) -> y[p*t + j0 + c][r0 + rr + r]
       transpose_tile(block + rr * t + j0, t, int64_t(1), y + (p * t + j0) * n + r0 + rr, n,
-                     std::min<int64_t>(16, rows - rr), cols);
+                     std::min<int64_t>(16, rows - rr), cols, bias ? bias + r0 + rr : nullptr);
     }
   }
 }
 
 template <typename in_t>
-void store_block_any(const in_t* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y) {
+void store_block_any(const in_t* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
+                     const at::Tensor* bias) {
   const int64_t m = y.size(0), n = y.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "store_block", [&] {
-    store_block_impl<in_t, scalar_t>(block, t, rows, p, r0, y.data_ptr<scalar_t>(), m, n);
+    store_block_impl<in_t, scalar_t>(block, t, rows, p, r0, y.data_ptr<scalar_t>(), m, n,
+                                     bias ? bias->data_ptr<scalar_t>() : nullptr);
   });
 }
 
@@ -289,12 +303,14 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
   return out;
 }
 
-void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y) {
-  store_block_any(block, t, rows, p, r0, y);
+void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
+                 const at::Tensor* bias) {
+  store_block_any(block, t, rows, p, r0, y, bias);
 }
 
-void store_block(const double* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y) {
-  store_block_any(block, t, rows, p, r0, y);
+void store_block(const double* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
+                 const at::Tensor* bias) {
+  store_block_any(block, t, rows, p, r0, y, bias);
 }
 
 }  // namespace sparsekernels::cpu

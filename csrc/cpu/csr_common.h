@@ -99,8 +99,12 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
 // 16 x 16 tiles are transposed in registers; each store is one 64-byte line of y. Why
 // not a panel-shaped output and an unpack pass: that wrote and re-read M*N floats once
 // more (a tenth of the kernel's time at 90% sparsity, a third at 98%).
-void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y);
-void store_block(const double* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y);
+// bias (optional, contiguous [N] of y's dtype): added to every row of y as it is stored,
+// which saves a separate pass over y (read and write) for a layer's bias.
+void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
+                 const at::Tensor* bias = nullptr);
+void store_block(const double* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
+                 const at::Tensor* bias = nullptr);
 
 // The CSR ops with the dense operand dy [..., N] already packed (pack_panels of dy viewed
 // as [M, N], compute_type(dy), slot 0, at a width the caller chose for both products: the

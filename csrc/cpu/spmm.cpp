@@ -101,7 +101,7 @@ void run_rows(const acc_t* px, acc_t* block, const int32_t* rp, const int32_t* c
 // False when some task's column indices were out of range (that task was skipped).
 template <typename acc_t, int64_t T>
 bool spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
-                 const at::Tensor& col_idx, const at::Tensor& vals) {
+                 const at::Tensor& col_idx, const at::Tensor& vals, const at::Tensor* bias) {
   const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1);
   const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const acc_t* x = px.data_ptr<acc_t>();
@@ -126,7 +126,7 @@ bool spmm_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& row_ptr,
       }
       alignas(64) acc_t block[kRowsPerTask * T];
       run_rows<acc_t, T>(x + p * k * T, block, rp, ci, v, r0, r1);
-      store_block(block, T, r1 - r0, p, r0, y);
+      store_block(block, T, r1 - r0, p, r0, y, bias);
     }
   });
   return ok.load();
@@ -179,8 +179,10 @@ namespace {
 // transpose map), gathered here into a workspace buffer in the compute dtype.
 // The pattern was checked by check_csr(..., check_columns = false): the column range is
 // checked here, per task by the kernel or in one pass where no task runs.
+// bias: optional contiguous [N] of x's dtype, added to every output row as it is stored.
 at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& vals, const at::Tensor& row_ptr,
-                     const at::Tensor& col_idx, const at::Tensor* perm, const at::Tensor* packed = nullptr) {
+                     const at::Tensor& col_idx, const at::Tensor* perm, const at::Tensor* packed = nullptr,
+                     const at::Tensor* bias = nullptr) {
   const int64_t k = x.size(-1), n = row_ptr.numel() - 1;
   const int64_t m = leading_rows(x);  // not reshape(-1, k): ambiguous when k == 0
   const at::Tensor x2 = x.reshape({m, k});
@@ -188,7 +190,9 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   out_shape.back() = n;
   if (m == 0 || n == 0 || vals.numel() == 0 || k == 0) {
     check_csr_columns(what, col_idx, k);
-    return m == 0 || n == 0 ? at::empty(out_shape, x.options()) : at::zeros(out_shape, x.options());
+    if (m == 0 || n == 0) return at::empty(out_shape, x.options());
+    at::Tensor out = at::zeros(out_shape, x.options());
+    return bias ? out.add_(*bias) : out;
   }
 
   const at::ScalarType ct = compute_type(x.scalar_type());
@@ -204,8 +208,8 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   bool ok = true;
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
-    if (ct == at::kDouble) ok = spmm_panels<double, T>(px, y, rp, ci, v);
-    else ok = spmm_panels<float, T>(px, y, rp, ci, v);
+    if (ct == at::kDouble) ok = spmm_panels<double, T>(px, y, rp, ci, v, bias);
+    else ok = spmm_panels<float, T>(px, y, rp, ci, v, bias);
   });
   if (!ok) columns_out_of_range(what, k);
   return out;
@@ -218,13 +222,18 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
 // does not use it.
 at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                     const at::Tensor& col_idx, const std::optional<at::Tensor>& /*row_order*/,
-                    bool /*tiled: GPU only*/) {
+                    bool /*tiled: GPU only*/, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
                    "spmm: values must be a floating dtype, got ", values.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "spmm: x must have at least 1 dimension");
   check_dense("spmm", "x", x, values.scalar_type(), x.size(-1));
   check_csr("spmm", values, row_ptr, col_idx, row_ptr.numel() - 1, x.size(-1), /*check_columns=*/false);
-  return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr);
+  if (!bias.has_value()) return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr);
+  check_dense("spmm", "bias", *bias, values.scalar_type(), row_ptr.numel() - 1);
+  TORCH_CHECK_VALUE(bias->dim() == 1, "spmm: bias must be 1-D [", row_ptr.numel() - 1, "], got shape ",
+                    bias->sizes());
+  const at::Tensor b = bias->contiguous();
+  return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr, nullptr, &b);
 }
 
 void check_transpose_map(const at::Tensor& values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,

@@ -273,9 +273,17 @@ at::Tensor rows_mm(const at::Tensor& x, const at::Tensor& values, const at::Tens
 }  // namespace
 
 at::Tensor spmm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                     const at::Tensor& col_idx, const std::optional<at::Tensor>& row_order, bool tiled) {
+                     const at::Tensor& col_idx, const std::optional<at::Tensor>& row_order, bool tiled,
+                     const std::optional<at::Tensor>& bias) {
   check_cuda_inputs("spmm", x, values, row_ptr, col_idx, row_order);
-  return rows_mm(x, values, row_ptr, col_idx, nullptr, row_order, x.size(-1), tiled);
+  at::Tensor y = rows_mm(x, values, row_ptr, col_idx, nullptr, row_order, x.size(-1), tiled);
+  if (!bias.has_value()) return y;
+  TORCH_CHECK_VALUE(bias->device() == x.device() && bias->dim() == 1 && bias->size(0) == row_ptr.numel() - 1,
+                    "spmm: bias must be 1-D [", row_ptr.numel() - 1, "] on ", x.device(), ", got shape ",
+                    bias->sizes(), " on ", bias->device());
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "spmm: bias has dtype ", bias->scalar_type(),
+                   " but x has dtype ", x.scalar_type());
+  return y.add_(*bias);
 }
 
 at::Tensor spmm_t_cuda(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& t_row_ptr,

@@ -140,23 +140,31 @@ class SparseWeightMixin(nn.Module):
 
         return _FULL_PATTERN.get((self.row_ptr, self.col_idx), (rows, cols), full)
 
-    def _matmul(self, x: Tensor) -> Tensor:
-        """x [..., cols] -> x @ W^T [..., rows] through the sparse kernels; a layer at
-        density 1 runs a plain dense matmul on a view of ``values`` (no copy, gradients
-        flow into ``values`` unchanged): the CSR kernels measured ~4x slower than it there
-        (CPU, 2048x2048, batch 256), and the reference backend densifies on every call."""
+    def _matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [..., cols] -> x @ W^T (+ bias [rows]) [..., rows] through the sparse kernels
+        (the CPU kernel adds the bias as it writes the output); a layer at density 1 runs a
+        plain dense matmul on a view of ``values`` (no copy, gradients flow into ``values``
+        unchanged): the CSR kernels measured ~4x slower than it there (CPU, 2048x2048,
+        batch 256), and the reference backend densifies on every call."""
         if self._full_row_major():
-            y = torch.nn.functional.linear(x, self.values.reshape(self._matrix_shape))
+            y = torch.nn.functional.linear(x, self.values.reshape(self._matrix_shape), bias)
         else:
-            y = spmm(x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
+            y = spmm(x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm, bias)
         if self._capture and y.requires_grad:
             # Topology updates score inactive weights by |dy^T x| of this step: keep the
             # matmul's input and, through a hook, its output gradient. Every forward of the
             # step gets its own slot (gradient accumulation, a layer used twice), and the
-            # slots are concatenated along the batch.
+            # slots are concatenated along the batch. The hook sits on the product's
+            # backward node, not on y: it then sees dy after every hook a caller registers
+            # on y (those run first), i.e. the gradient that reaches the weights.
             slot = [x.detach().reshape(x.shape[:-1].numel(), x.shape[-1]), None]
             self._captured.append(slot)
-            y.register_hook(lambda g, slot=slot: slot.__setitem__(1, g.detach().reshape(g.shape[:-1].numel(), g.shape[-1])))
+
+            def keep(grad_outputs, slot=slot):
+                g = grad_outputs[0]
+                slot[1] = g.detach().reshape(g.shape[:-1].numel(), g.shape[-1])
+
+            y.grad_fn.register_prehook(keep)
         return y
 
     # ------------------------------------------------------------------ capture for regrowth

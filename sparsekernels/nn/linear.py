@@ -6,7 +6,6 @@ import torch
 from torch import Tensor, nn
 
 from ..formats import CSR, check_sparsity, random_mask
-from ..ops import autocast
 from ._conv1d import is_conv1d
 from ._sparse_weight import SparseWeightMixin, check_layer_input, dense_linear, kept_mask
 
@@ -112,15 +111,11 @@ class SparseLinear(SparseWeightMixin):
 
     def forward(self, input: Tensor) -> Tensor:
         x = check_layer_input("SparseLinear", input, self.values, self.in_features)
-        y = self._matmul(x)
-        # The bias in the product's dtype under autocast, as nn.Linear's fused bias. Added in
-        # place: y is the product's fresh output (its backward does not keep it), and a new
-        # [M, out] tensor cost its page faults on every call (1.2 ms of 6.7 at SparseProp's
-        # 2048 x 768 -> 3072, 98%).
-        if self.bias is None:
-            return y
-        bias = autocast.cast(self.bias)
-        return y.add_(bias) if y._base is None else y + bias  # a view may not be written in place
+        # The bias goes into the product (cast with it under autocast, as nn.Linear's fused
+        # bias): the CPU kernel adds it as it writes y. A separate y.add_(bias) read and
+        # wrote all of y once more (0.9 ms of a ~6 ms forward at SparseProp's 2048 x 768 ->
+        # 3072, 98%), and its backward summed dy in a pass of its own.
+        return self._matmul(x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -110,30 +110,39 @@ def _triton(name: str):
 
 
 # --------------------------------------------------------------------------- spmm
+def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    """y + bias, in place where y is a fresh tensor of its own (not a view)."""
+    if bias is None:
+        return y
+    return y.add_(bias) if y._base is None else y + bias
+
+
 @torch.library.custom_op("sparsekernels::spmm", mutates_args=())
 def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
-             t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+             t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None) -> Tensor:
     def run(backend: str) -> Tensor:
         if backend == "cpu":  # the C++ CPU kernels check the pattern themselves
-            return _compiled("spmm")(x, values, row_ptr, col_idx)
+            # The bias is added as the kernel writes y: no second pass over the output.
+            return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
         if backend == "cpu:dense":
-            return _compiled("csr_dense_mm")(x, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, False)
+            return _add_bias(_compiled("csr_dense_mm")(x, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, False),
+                             bias)
         # The GPU kernels and the reference would read out of bounds or wrap on a corrupt
         # pattern: checked once per pattern (cached, no device sync on later calls).
         _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend in ("cuda", "cuda:tiled"):
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
-            return _compiled("spmm")(x, values, row_ptr, cols, order, backend == "cuda:tiled")
+            return _compiled("spmm")(x, values, row_ptr, cols, order, backend == "cuda:tiled", bias)
         if backend == "triton":
-            return _triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        return reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+            return _add_bias(_triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), bias)
+        return _add_bias(reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), bias)
 
     return _dispatch("spmm", x, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(row_ptr, col_idx),
                      dense_variant=True)
 
 
 @_spmm_op.register_fake
-def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
+def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias=None):
     return x.new_empty((*x.shape[:-1], row_ptr.shape[0] - 1))
 
 
@@ -217,15 +226,28 @@ def _fused_cpu_backward(grad: Tensor, values: Tensor, row_ptr: Tensor, t_row_ptr
                == "cpu" for op in ("spmm_t", "sddmm"))
 
 
+def _bias_grad(grad: Tensor) -> Tensor:
+    """The bias gradient of y [..., out] = ... + bias: grad summed over the leading dims."""
+    # (sum over an empty dim tuple would reduce everything: a 1-D grad is its own sum)
+    return grad if grad.dim() == 1 else grad.sum(tuple(range(grad.dim() - 1)))
+
+
+def _spmm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])  # the bias is not needed for any gradient
+
+
 def _spmm_backward(ctx, grad):
     x, values, *pattern = ctx.saved_tensors
+    # One gradient per argument the op was called with: 7, or 8 with a bias.
+    with_bias = len(ctx.needs_input_grad) > 7
+    gb = (_bias_grad(grad) if ctx.needs_input_grad[7] else None,) if with_bias else ()
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, values, pattern[0],
                                                                                  pattern[2]):
         gx, gv = _spmm_backward_cpu_op(grad, x, values, *pattern)
-        return gx, gv, None, None, None, None, None
+        return gx, gv, None, None, None, None, None, *gb
     gx = _spmm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
     gv = _sddmm_op(grad, x, *pattern) if ctx.needs_input_grad[1] else None
-    return gx, gv, None, None, None, None, None
+    return gx, gv, None, None, None, None, None, *gb
 
 
 def _spmm_t_backward(ctx, grad):
@@ -246,26 +268,32 @@ def _sddmm_backward(ctx, grad):
     return gdy, gx, None, None, None, None, None
 
 
-_spmm_op.register_autograd(_spmm_backward, setup_context=_save_all)
+_spmm_op.register_autograd(_spmm_backward, setup_context=_spmm_setup)
 _spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_save_all)
 _sddmm_op.register_autograd(_sddmm_backward, setup_context=_save_all)
 
 
 # --------------------------------------------------------------------------- public entry points
 def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
-         t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
-    """``y = x @ W^T`` for a CSR weight W [out, in].
+         t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W^T (+ bias)`` for a CSR weight W [out, in].
 
     Args:
         x: [..., in], same floating dtype and device as ``values``.
         values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm: W's CSR and transpose map
             (convention in ``sparsekernels.reference``).
+        bias: optional [out], same dtype and device as ``values``. The CPU kernel adds it
+            as it writes y (one pass over the output, not two).
     Returns:
-        y: [..., out] of x's dtype. Differentiable in ``x`` and ``values``.
+        y: [..., out] of x's dtype. Differentiable in ``x``, ``values`` and ``bias``.
     """
     out_f, in_f = _checks.check_csr_pattern("spmm", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("spmm", "x", x, values, in_f)
-    return _spmm_op(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    if bias is not None:
+        _checks.check_dense("spmm", "bias", bias, values, out_f)
+        if bias.dim() != 1:
+            raise ValueError(f"spmm: bias must have shape [{out_f}], got {tuple(bias.shape)}")
+    return _spmm_op(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
 
 
 def spmm_t(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,

@@ -819,8 +819,15 @@ def test_compiled_spmm_backward_matches_the_two_ops_and_float64(dtype, lead, out
     dy = torch.randn(*lead, out_f, generator=g).to(dtype)
     x = torch.randn(*lead, in_f, generator=g).to(dtype)
     C = torch.ops.sparsekernels_C
-    gx, gv = C.spmm_backward(dy, x, csr.values, *csr.pattern())
+    gx, gv, gb = C.spmm_backward(dy, x, csr.values, *csr.pattern(), True)
     assert gx.shape == x.shape and gx.dtype == dtype and gv.shape == csr.values.shape and gv.dtype == dtype
+    assert gb.shape == (out_f,) and gb.dtype == dtype
+    # dbias: dy summed over every leading dim, taken from the tiles while dy is packed.
+    tol_sum = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    assert rel_error(gb, dy.double().reshape(-1, out_f).sum(0)) < tol_sum, seed
+    # Without the bias gradient: an empty third output, the same bits for the other two.
+    gx0, gv0, gb0 = C.spmm_backward(dy, x, csr.values, *csr.pattern())
+    assert gb0.numel() == 0 and torch.equal(gx0, gx) and torch.equal(gv0, gv)
     w = dense_of(csr)
     want_gx = dy.double() @ w
     want_gv = (dy.double().reshape(-1, out_f).t() @ x.double().reshape(-1, in_f))[w != 0]
@@ -850,7 +857,7 @@ def test_compiled_spmm_backward_bits_include_signed_zeros(batch):
     dy[:, :20] = 0.0
     x = -torch.rand(batch, 70) - 0.5
     C = torch.ops.sparsekernels_C
-    gx, gv = C.spmm_backward(dy, x, csr.values, *csr.pattern())
+    gx, gv, _ = C.spmm_backward(dy, x, csr.values, *csr.pattern())
     apart = C.sddmm(dy, x, csr.row_ptr, csr.col_idx, None)
     assert (gv == 0).any()
     assert torch.equal(gv.view(torch.int32), apart.view(torch.int32))
@@ -885,17 +892,22 @@ def test_layer_backward_uses_the_fused_op_and_double_backward_does_not(monkeypat
     with sparsekernels.use_backend("cpu"):
         layer(x).square().sum().backward()
     assert calls.count("spmm_backward") == 1
-    torch.library.opcheck(csr_matmul._spmm_backward_cpu_op, (torch.randn(9, 12, dtype=torch.float64), x.detach(),
-                                                            layer.values.detach(), *layer.csr().pattern()))
-    gx, gv = x.grad.clone(), layer.values.grad.clone()
-    x.grad, layer.values.grad = None, None
+    for bias_grad in (False, True):
+        torch.library.opcheck(csr_matmul._spmm_backward_cpu_op, (torch.randn(9, 12, dtype=torch.float64), x.detach(),
+                                                                layer.values.detach(), *layer.csr().pattern(),
+                                                                bias_grad))
+    gx, gv, gb = x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone()
+    x.grad, layer.values.grad, layer.bias.grad = None, None, None
     calls.clear()
     with sparsekernels.use_backend("cpu"):
         y = layer(x).square().sum()
-        ggx, ggv = torch.autograd.grad(y, (x, layer.values), create_graph=True)
+        ggx, ggv, ggb = torch.autograd.grad(y, (x, layer.values, layer.bias), create_graph=True)
     assert "spmm_backward" not in calls
     torch.testing.assert_close(ggx, gx, rtol=0, atol=0)
     torch.testing.assert_close(ggv, gv, rtol=0, atol=0)
+    # The compiled call sums dy while packing it, the graph path with torch's sum: another
+    # order of the same float64 additions.
+    torch.testing.assert_close(ggb, gb, rtol=1e-12, atol=1e-12)
     calls.clear()
     x2 = x.detach()
     with sparsekernels.use_backend("cpu"):

@@ -62,7 +62,7 @@ def test_products_are_right_at_every_width(dtype, width, seed):
     rows = torch.repeat_interleave(torch.arange(n), (csr.row_ptr[1:] - csr.row_ptr[:-1]).long())
     order = torch.argsort(rows * k + csr.col_idx.long())
     assert rel_error(dv[order], want_dv) < tol
-    dx, dv2 = C.spmm_backward(dy, x, csr.values, csr.row_ptr, csr.col_idx, csr.t_row_ptr, csr.t_col_idx, csr.t_perm)
+    dx, dv2, _ = C.spmm_backward(dy, x, csr.values, csr.row_ptr, csr.col_idx, csr.t_row_ptr, csr.t_col_idx, csr.t_perm)
     assert rel_error(dx, dy.double() @ w) < tol and rel_error(dv2, dv) < tol
     # spmm_t gathers dy's rows: a wide output layer.
     wide = make_csr(k, n, 0.995, dtype, seed=seed + 1)

@@ -232,7 +232,7 @@ inline void transpose_tile(const in_t* src, int64_t ss0, int64_t ss1, out_t* dst
 }
 
 template <typename in_t, typename out_t>
-void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t) {
+void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t, out_t* col_sums) {
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t p_count = out.size(0);
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
@@ -245,13 +245,18 @@ void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t) {
       const int64_t p = task / k_blocks, k0 = (task % k_blocks) * kb;
       const int64_t k1 = std::min(k, k0 + kb);
       out_t* panel = dst + p * k * t;
+      // This task owns columns [k0, k1) of panel p's sums: no two threads share one.
+      out_t* sums = col_sums ? col_sums + p * k : nullptr;
+      if (sums) std::fill(sums + k0, sums + k1, out_t(0));
       for (int64_t j0 = 0; j0 < t; j0 += 16) {
         const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, m - (p * t + j0)));
         for (int64_t kk = k0; kk < k1; kk += 16) {
           const int64_t cols = std::min<int64_t>(16, k1 - kk);
-          if (rows > 0)
-            transpose_tile(src + (p * t + j0) * xs0 + kk * xs1, xs0, xs1, panel + kk * t + j0, t,
-                           rows, cols);
+          const in_t* tile = src + (p * t + j0) * xs0 + kk * xs1;
+          if (rows > 0) transpose_tile(tile, xs0, xs1, panel + kk * t + j0, t, rows, cols);
+          if (sums)  // the tile was just read: its rows are in L1
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < cols; ++c) sums[kk + c] += static_cast<out_t>(tile[r * xs0 + c * xs1]);
           for (int64_t c = 0; c < cols; ++c)  // padding rows of the last panel
             for (int64_t r = rows; r < 16; ++r) panel[(kk + c) * t + j0 + r] = out_t(0);
         }
@@ -286,18 +291,20 @@ void store_block_any(const in_t* block, int64_t t, int64_t rows, int64_t p, int6
 
 }  // namespace
 
-at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType compute, int slot) {
+at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType compute, int slot, at::Tensor* col_sums) {
   TORCH_INTERNAL_ASSERT(x.dim() == 2);
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t p_count = (m + panel - 1) / panel;
+  TORCH_INTERNAL_ASSERT(!col_sums || (col_sums->is_contiguous() && col_sums->scalar_type() == compute &&
+                                      col_sums->numel() == p_count * k));
   at::Tensor out = workspace(slot, {p_count, k, panel}, compute);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pack_panels", [&] {
     using in_t = scalar_t;
     if (compute == at::kDouble) {
-      pack_impl<in_t, double>(x, out, panel);
+      pack_impl<in_t, double>(x, out, panel, col_sums ? col_sums->data_ptr<double>() : nullptr);
     } else {
-      pack_impl<in_t, float>(x, out, panel);
+      pack_impl<in_t, float>(x, out, panel, col_sums ? col_sums->data_ptr<float>() : nullptr);
     }
   });
   return out;

@@ -91,7 +91,11 @@ void check_dense(const char* what, const char* arg, const at::Tensor& x, at::Sca
 
 // x: [M, K] any strides, any floating dtype -> panels [P, K, T] of `compute` dtype,
 // rows M..P*T-1 zero. The result lives in workspace slot `slot`.
-at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType compute, int slot);
+// col_sums (optional, [P, K] contiguous of `compute` dtype): filled with each panel's
+// column sums of x (its rows in order), from the tiles as they are packed: a layer's bias
+// gradient (dy summed over the batch) without another pass over dy.
+at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType compute, int slot,
+                       at::Tensor* col_sums = nullptr);
 
 // Writes one task's output straight into y [M, N] (row-major, floating, any dtype):
 // block [rows, T] holds output rows r0 .. r0+rows-1 of panel p, and

@@ -202,17 +202,21 @@ def _save_all(ctx, inputs, output):
 
 @torch.library.custom_op("sparsekernels::spmm_backward_cpu", mutates_args=())
 def _spmm_backward_cpu_op(dy: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
-                          t_row_ptr: Tensor, t_col_idx: Tensor, t_perm: Tensor) -> tuple[Tensor, Tensor]:
-    """(dx = dy W, dvalues = (dy^T x) at W's pattern) in one compiled call: one sweep over
-    W^T for both where it pays, else spmm_t and sddmm sharing one packing of dy
-    (csrc/cpu/spmm_backward.cpp)."""
-    dx, dvalues = _compiled("spmm_backward")(dy, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-    return dx, dvalues
+                          t_row_ptr: Tensor, t_col_idx: Tensor, t_perm: Tensor,
+                          bias_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx = dy W, dvalues = (dy^T x) at W's pattern, dbias) in one compiled call: one
+    sweep over W^T for both products where it pays, else spmm_t and sddmm sharing one
+    packing of dy (csrc/cpu/spmm_backward.cpp). dbias [out] (dy summed over the batch,
+    taken while dy is packed) when ``bias_grad``, else an empty tensor."""
+    dx, dvalues, dbias = _compiled("spmm_backward")(dy, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm,
+                                                    bias_grad)
+    return dx, dvalues, dbias
 
 
 @_spmm_backward_cpu_op.register_fake
-def _(dy, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
-    return x.new_empty(x.shape, dtype=dy.dtype), dy.new_empty(values.shape)
+def _(dy, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias_grad=False):
+    return (x.new_empty(x.shape, dtype=dy.dtype), dy.new_empty(values.shape),
+            dy.new_empty((row_ptr.shape[0] - 1,) if bias_grad else (0,)))
 
 
 def _fused_cpu_backward(grad: Tensor, values: Tensor, row_ptr: Tensor, t_row_ptr: Tensor) -> bool:
@@ -240,11 +244,13 @@ def _spmm_backward(ctx, grad):
     x, values, *pattern = ctx.saved_tensors
     # One gradient per argument the op was called with: 7, or 8 with a bias.
     with_bias = len(ctx.needs_input_grad) > 7
-    gb = (_bias_grad(grad) if ctx.needs_input_grad[7] else None,) if with_bias else ()
+    need_gb = with_bias and ctx.needs_input_grad[7]
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, values, pattern[0],
                                                                                  pattern[2]):
-        gx, gv = _spmm_backward_cpu_op(grad, x, values, *pattern)
-        return gx, gv, None, None, None, None, None, *gb
+        # The bias gradient comes out of the same call (summed while dy is packed).
+        gx, gv, gb = _spmm_backward_cpu_op(grad, x, values, *pattern, need_gb)
+        return gx, gv, None, None, None, None, None, *((gb if need_gb else None,) if with_bias else ())
+    gb = (_bias_grad(grad) if need_gb else None,) if with_bias else ()
     gx = _spmm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
     gv = _sddmm_op(grad, x, *pattern) if ctx.needs_input_grad[1] else None
     return gx, gv, None, None, None, None, None, *gb

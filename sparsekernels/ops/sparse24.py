@@ -210,7 +210,7 @@ def _backward(ctx, grad):
                                                                                  pattern[2]):
         # Both gradients through the CSR view in one compiled call, as SparseLinear's
         # (csr_matmul._spmm_backward): one sweep over W^T for both, or one packing of dy.
-        gx, gv = _spmm_backward_cpu_op(grad, x, flat, *pattern)
+        gx, gv, _ = _spmm_backward_cpu_op(grad, x, flat, *pattern)
         gv = gv.view_as(values)
     elif ctx.needs_input_grad[0]:
         if ctx.transposable:

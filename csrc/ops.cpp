@@ -44,7 +44,7 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   m.def("topk_grow(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int k, int tile_elems) -> (Tensor, Tensor, Tensor)");
   // y[..., N] = x[..., K] W^T for a 2:4 weight: values [N, K/2], meta [N, K/4] (uint8,
   // kept positions i0 | i1 << 2 of each group of 4 along a row).
-  m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta) -> Tensor");
+  m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
   // 2:4 prune (magnitude; transposable: 2:4 along rows and columns of each 4x4 tile) and
   // compress in one pass: (values [N, K/2], meta [N, K/4] uint8, mask [N, K] bool).
   m.def("sparse24_compress(Tensor weight, bool transposable) -> (Tensor, Tensor, Tensor)");

@@ -242,6 +242,31 @@ def test_sparse24_mm_fused_bias_and_gradients(backend, transposable, seed):
         torch.library.opcheck(torch.ops.sparsekernels.sparse24_mm, (x, v, *pattern, b, transposable))
 
 
+@pytest.mark.parametrize("batch", [1, 9, 150])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_compiled_sparse24_mm_adds_the_bias_as_it_stores(batch, dtype, seed):
+    """The compiled 2:4 product with a bias: the same bits as the product plus a separate
+    add in fp32 / fp64 (one rounding either way), close to float64 in bf16; a bad bias is
+    refused by name."""
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(40, 64, generator=g, dtype=torch.float64).to(dtype)
+    s24 = sk.formats.Sparse24.from_dense(w)
+    x = torch.randn(batch, 64, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(40, generator=g, dtype=torch.float64).to(dtype)
+    C = torch.ops.sparsekernels_C
+    y = C.sparse24_mm(x, s24.values, s24.meta, bias)
+    want = x.double() @ s24.to_dense().double().t() + bias.double()
+    assert_close_rel(y, want, 1e-2 if dtype == torch.bfloat16 else 1e-5, "sparse24_mm + bias")
+    if dtype != torch.bfloat16:
+        assert torch.equal(y, C.sparse24_mm(x, s24.values, s24.meta) + bias)
+    with pytest.raises(ValueError, match="bias"):
+        C.sparse24_mm(x, s24.values, s24.meta, bias[:-1])
+    with pytest.raises(TypeError, match="bias"):
+        C.sparse24_mm(x, s24.values, s24.meta, bias.to(torch.float16))
+
+
 @pytest.mark.parametrize("transposable", [False, True])
 @pytest.mark.parametrize("batch", [9, 150])
 def test_sparse24_layer_backward_runs_the_compiled_backward(monkeypatch, transposable, batch, seed):
@@ -256,23 +281,29 @@ def test_sparse24_layer_backward_runs_the_compiled_backward(monkeypatch, transpo
     real = csr_matmul._compiled
     monkeypatch.setattr(csr_matmul, "_compiled", lambda name: (calls.append(name), real(name))[1])
     g = torch.Generator().manual_seed(seed)
-    layer = sk.nn.Sparse24Linear.from_dense(_linear_from(torch.randn(40, 64, generator=g)), transposable=transposable)
+    lin = _linear_from(torch.randn(40, 64, generator=g))
+    lin.bias = nn.Parameter(torch.randn(40, generator=g))
+    layer = sk.nn.Sparse24Linear.from_dense(lin, transposable=transposable)
     x = torch.randn(batch, 64, generator=g, requires_grad=True)
     with sk.use_backend("cpu"):
         layer(x).square().sum().backward()
     assert calls.count("spmm_backward") == 1
-    gx, gv = x.grad.clone(), layer.values.grad.clone()
-    x.grad, layer.values.grad = None, None
+    gx, gv, gb = x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone()
+    x.grad, layer.values.grad, layer.bias.grad = None, None, None
     calls.clear()
     with sk.use_backend("cpu"):
-        ggx, ggv = torch.autograd.grad(layer(x).square().sum(), (x, layer.values), create_graph=True)
+        ggx, ggv, ggb = torch.autograd.grad(layer(x).square().sum(), (x, layer.values, layer.bias),
+                                            create_graph=True)
     assert "spmm_backward" not in calls
     assert torch.equal(ggx, gx) and torch.equal(ggv, gv)
     dense = layer.dense_weight().detach().double()
-    dy = 2 * (x.detach().double() @ dense.t())
+    dy = 2 * (x.detach().double() @ dense.t() + layer.bias.detach().double())
     assert_close_rel(gx, dy @ dense, 1e-5, "dx")
     want_gv = (dy.t() @ x.detach().double())[dense != 0].view_as(gv)
     assert_close_rel(gv, want_gv, 1e-5, "dvalues")
+    # The compiled call sums dy while packing it, the graph path with torch's sum.
+    assert_close_rel(gb, dy.sum(0), 1e-5, "dbias")
+    assert_close_rel(ggb, dy.sum(0), 1e-5, "dbias (graph)")
 
 
 def test_sparse24_mm_rejects_bad_bias():

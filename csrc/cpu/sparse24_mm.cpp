@@ -85,7 +85,8 @@ __attribute__((target("avx512f"))) void rows24_avx512(const float* panel_x, floa
 #endif
 
 template <typename acc_t, int64_t T>
-void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta) {
+void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
+                     const at::Tensor* bias) {
   const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1), groups = k / 4;
   // Rows per task (a multiple of kRows). Every task sweeps the whole panel; one larger
   // than the L2 then comes from L3 once per task, so such panels get tasks of twice the
@@ -116,14 +117,16 @@ void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals
 #endif
         if (!done) rows24_generic<acc_t, T>(x + p * k * T, block, v, m, groups, g0, g1, r0, r1);
       }
-      store_block(block, T, r1 - r0, p, r0, y);
+      store_block(block, T, r1 - r0, p, r0, y, bias);
     }
   });
 }
 
 }  // namespace
 
-at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+// bias (optional [N], x's dtype) is added to every output row as y is written.
+at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()), "sparse24_mm: values must be a floating dtype, got ",
                    values.scalar_type());
   TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "sparse24_mm: meta must be uint8, got ", meta.scalar_type());
@@ -135,6 +138,13 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const int64_t n = values.size(0), k = 4 * meta.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1, "sparse24_mm: x must have at least 1 dimension");
   check_dense("sparse24_mm", "x", x, values.scalar_type(), k);
+  at::Tensor b;
+  if (bias.has_value()) {
+    check_dense("sparse24_mm", "bias", *bias, values.scalar_type(), n);
+    TORCH_CHECK_VALUE(bias->dim() == 1, "sparse24_mm: bias must be 1-D [", n, "], got shape ", bias->sizes());
+    b = bias->contiguous();
+  }
+  const at::Tensor* bp = b.defined() ? &b : nullptr;
   const at::Tensor mc = meta.contiguous();
   // Every meta byte must hold two positions in [0, 4) with i0 < i1: a corrupt byte is an
   // error, not an out-of-group read.
@@ -159,21 +169,21 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   if (m == 0 || n == 0) return at::empty(out_shape, x.options());
-  if (k == 0) return at::zeros(out_shape, x.options());
+  if (k == 0) return bp ? at::zeros(out_shape, x.options()).add_(*bp) : at::zeros(out_shape, x.options());
   const at::ScalarType ct = compute_type(x.scalar_type());
   const int64_t t = choose_panel(m);
   const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
-  // Allocated in the output's shape and returned as is (not a view: callers add the bias
+  // Allocated in the output's shape and returned as is (not a view: callers may add to it
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor y = out.view({m, n});
   const at::Tensor v = values.to(ct).contiguous();
   if (ct == at::kDouble) {
-    if (t == kWidePanel) sparse24_panels<double, kWidePanel>(px, y, v, mc);
-    else sparse24_panels<double, kNarrowPanel>(px, y, v, mc);
+    if (t == kWidePanel) sparse24_panels<double, kWidePanel>(px, y, v, mc, bp);
+    else sparse24_panels<double, kNarrowPanel>(px, y, v, mc, bp);
   } else {
-    if (t == kWidePanel) sparse24_panels<float, kWidePanel>(px, y, v, mc);
-    else sparse24_panels<float, kNarrowPanel>(px, y, v, mc);
+    if (t == kWidePanel) sparse24_panels<float, kWidePanel>(px, y, v, mc, bp);
+    else sparse24_panels<float, kNarrowPanel>(px, y, v, mc, bp);
   }
   return out;
 }

@@ -199,7 +199,7 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   // A panel packed by the caller (spmm_backward) brings its own width.
   const int64_t t = packed ? packed->size(2) : choose_panel(m, k, c10::elementSize(ct));
   const at::Tensor px = packed ? *packed : pack_panels(x2, t, ct, /*slot=*/0);
-  // Allocated in the output's shape and returned as is (not a view: callers add the bias
+  // Allocated in the output's shape and returned as is (not a view: callers may add to it
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor y = out.view({m, n});

@@ -151,9 +151,8 @@ def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None,
     """``x @ W^T + bias`` for the 2:4 weight (values, meta) on the chosen backend; ``csr``
     (row_ptr, col_idx), the weight's CSR view, adds the "cpu:dense" candidate."""
     def run(backend: str) -> Tensor:
-        if backend == "cpu":
-            y = torch.ops.sparsekernels_C.sparse24_mm(x, values, meta)
-            return y.add_(bias) if bias is not None else y
+        if backend == "cpu":  # the kernel adds the bias as it writes y (no second pass)
+            return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
         if backend == "cpu:dense":  # values in row-major order are the CSR view's values
             y = torch.ops.sparsekernels_C.csr_dense_mm(x, values.reshape(-1), *csr, 4 * meta.shape[1], False)
             return y.add_(bias) if bias is not None else y
@@ -209,9 +208,13 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, flat, pattern[0],
                                                                                  pattern[2]):
         # Both gradients through the CSR view in one compiled call, as SparseLinear's
-        # (csr_matmul._spmm_backward): one sweep over W^T for both, or one packing of dy.
-        gx, gv, _ = _spmm_backward_cpu_op(grad, x, flat, *pattern)
+        # (csr_matmul._spmm_backward): one sweep over W^T for both, or one packing of dy,
+        # and the bias gradient summed while dy is packed.
+        need_gb = ctx.has_bias and ctx.needs_input_grad[8]
+        gx, gv, gb = _spmm_backward_cpu_op(grad, x, flat, *pattern, need_gb)
         gv = gv.view_as(values)
+        if not need_gb:
+            gb = None
     elif ctx.needs_input_grad[0]:
         if ctx.transposable:
             gx = _input_grad_24(grad, values, meta, tuple(pattern))
@@ -219,7 +222,7 @@ def _backward(ctx, grad):
             gx = _spmm_t_op(grad, flat, *pattern)
     if ctx.needs_input_grad[1] and gv is None:
         gv = _sddmm_op(grad, x, *pattern).view_as(values)
-    if ctx.has_bias and ctx.needs_input_grad[8]:
+    if ctx.has_bias and ctx.needs_input_grad[8] and gb is None:
         gb = _rows2d(grad).sum(0)
     return gx, gv, None, None, None, None, None, None, gb, None
 

@@ -231,6 +231,37 @@ inline void transpose_tile(const in_t* src, int64_t ss0, int64_t ss1, out_t* dst
     for (int64_t c = 0; c < cols; ++c) dst[c * ds + r] = static_cast<out_t>(src[r * ss0 + c * ss1]);
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// sums[c] += sum over the 16 rows of src[r * ss + c], c < 16 (rows added in order, then
+// into sums).
+__attribute__((target("avx512f"))) void add_column_sums16(const float* src, int64_t ss, float* sums) {
+  __m512 acc = _mm512_loadu_ps(src);
+  for (int r = 1; r < 16; ++r) acc = _mm512_add_ps(acc, _mm512_loadu_ps(src + r * ss));
+  _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), acc));
+}
+#else
+void add_column_sums16(const float*, int64_t, float*) {}
+#endif
+
+// sums[c] += sum over r < rows of src[r * ss0 + c * ss1], c < cols: the rows are added in
+// order, then into sums (the same order on every path). The tile was just read by the
+// transpose, so its rows come from L1.
+template <typename in_t, typename out_t>
+inline void add_column_sums(const in_t* src, int64_t ss0, int64_t ss1, int64_t rows, int64_t cols, out_t* sums) {
+  if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    if (kHaveTranspose16 && rows == 16 && cols == 16 && ss1 == 1 && cpu_has_avx512()) {
+      add_column_sums16(src, ss0, sums);
+      return;
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    if (rows == 0) break;
+    out_t acc = static_cast<out_t>(src[c * ss1]);
+    for (int64_t r = 1; r < rows; ++r) acc += static_cast<out_t>(src[r * ss0 + c * ss1]);
+    sums[c] += acc;
+  }
+}
+
 template <typename in_t, typename out_t>
 void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t, out_t* col_sums) {
   const int64_t m = x.size(0), k = x.size(1);
@@ -254,9 +285,7 @@ void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t, out_t* col_sums)
           const int64_t cols = std::min<int64_t>(16, k1 - kk);
           const in_t* tile = src + (p * t + j0) * xs0 + kk * xs1;
           if (rows > 0) transpose_tile(tile, xs0, xs1, panel + kk * t + j0, t, rows, cols);
-          if (sums)  // the tile was just read: its rows are in L1
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t c = 0; c < cols; ++c) sums[kk + c] += static_cast<out_t>(tile[r * xs0 + c * xs1]);
+          if (sums) add_column_sums(tile, xs0, xs1, rows, cols, sums + kk);
           for (int64_t c = 0; c < cols; ++c)  // padding rows of the last panel
             for (int64_t r = rows; r < 16; ++r) panel[(kk + c) * t + j0 + r] = out_t(0);
         }

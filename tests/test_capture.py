@@ -24,6 +24,36 @@ def test_capture_concatenates_micro_batches_and_frees():
     assert layer.captured() is None
 
 
+def test_capture_sees_hooks_on_the_output_and_works_under_compile():
+    """The captured dy is the gradient that reaches the weights: after a caller's hook on
+    the layer output (here doubling it), and the layer's own output's gradient when the
+    model runs under torch.compile (where the product's backward node is the compiled
+    graph's, with several outputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sk.SparseLinear(8, 6, sparsity=0.5, dtype=torch.float64), nn.Tanh(),
+                          sk.SparseLinear(6, 5, sparsity=0.5, dtype=torch.float64))
+    x = torch.randn(7, 8, dtype=torch.float64)
+
+    def run(m):
+        for layer in (model[0], model[2]):
+            layer.capture_next(True)
+        y = m(x)
+        y.register_hook(lambda g: 2 * g)
+        y.square().sum().backward()
+        out = [layer.captured() for layer in (model[0], model[2])]
+        for layer in (model[0], model[2]):
+            layer.capture_next(False)
+        return out
+
+    eager = run(model)
+    y = model(x).detach()
+    torch.testing.assert_close(eager[1][1], 2 * (2 * y))  # the hook's doubling is in
+    compiled = run(torch.compile(model, backend="aot_eager"))
+    for (xe, dye), (xc, dyc) in zip(eager, compiled):
+        torch.testing.assert_close(xc, xe)
+        torch.testing.assert_close(dyc, dye)
+
+
 def test_no_capture_without_grad_or_when_off():
     layer = sk.SparseLinear(6, 4, sparsity=0.5)
     layer(torch.randn(2, 6)).sum().backward()

@@ -283,9 +283,11 @@ void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t, out_t* col_sums)
         const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, m - (p * t + j0)));
         for (int64_t kk = k0; kk < k1; kk += 16) {
           const int64_t cols = std::min<int64_t>(16, k1 - kk);
-          const in_t* tile = src + (p * t + j0) * xs0 + kk * xs1;
-          if (rows > 0) transpose_tile(tile, xs0, xs1, panel + kk * t + j0, t, rows, cols);
-          if (sums) add_column_sums(tile, xs0, xs1, rows, cols, sums + kk);
+          if (rows > 0) {  // (a padding tile has no rows of x to point at)
+            const in_t* tile = src + (p * t + j0) * xs0 + kk * xs1;
+            transpose_tile(tile, xs0, xs1, panel + kk * t + j0, t, rows, cols);
+            if (sums) add_column_sums(tile, xs0, xs1, rows, cols, sums + kk);
+          }
           for (int64_t c = 0; c < cols; ++c)  // padding rows of the last panel
             for (int64_t r = rows; r < 16; ++r) panel[(kk + c) * t + j0 + r] = out_t(0);
         }

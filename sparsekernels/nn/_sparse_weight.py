@@ -160,9 +160,11 @@ class SparseWeightMixin(nn.Module):
             slot = [x.detach().reshape(x.shape[:-1].numel(), x.shape[-1]), None]
             self._captured.append(slot)
 
-            def keep(grad_outputs, slot=slot):
-                g = grad_outputs[0]
-                slot[1] = g.detach().reshape(g.shape[:-1].numel(), g.shape[-1])
+            def keep(grad_outputs, slot=slot, nr=y.output_nr):
+                # y's own gradient: a node may have several outputs (a compiled graph's).
+                g = grad_outputs[nr]
+                if g is not None:
+                    slot[1] = g.detach().reshape(g.shape[:-1].numel(), g.shape[-1])
 
             y.grad_fn.register_prehook(keep)
         return y

@@ -238,22 +238,22 @@ def _bias_grad(grad: Tensor) -> Tensor:
 
 def _spmm_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7])  # the bias is not needed for any gradient
+    ctx.has_bias = inputs[7] is not None
 
 
 def _spmm_backward(ctx, grad):
     x, values, *pattern = ctx.saved_tensors
-    # One gradient per argument the op was called with: 7, or 8 with a bias.
-    with_bias = len(ctx.needs_input_grad) > 7
-    need_gb = with_bias and ctx.needs_input_grad[7]
+    # (needs_input_grad may be shorter than the schema when the bias was left out.)
+    need_gb = ctx.has_bias and ctx.needs_input_grad[7]
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, values, pattern[0],
                                                                                  pattern[2]):
         # The bias gradient comes out of the same call (summed while dy is packed).
         gx, gv, gb = _spmm_backward_cpu_op(grad, x, values, *pattern, need_gb)
-        return gx, gv, None, None, None, None, None, *((gb if need_gb else None,) if with_bias else ())
-    gb = (_bias_grad(grad) if need_gb else None,) if with_bias else ()
+        return gx, gv, None, None, None, None, None, gb if need_gb else None
+    gb = _bias_grad(grad) if need_gb else None
     gx = _spmm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
     gv = _sddmm_op(grad, x, *pattern) if ctx.needs_input_grad[1] else None
-    return gx, gv, None, None, None, None, None, *gb
+    return gx, gv, None, None, None, None, None, gb
 
 
 def _spmm_t_backward(ctx, grad):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..formats import CSR, check_sparsity, random_mask
-from ..ops import autocast, spmm_t
+from ..ops import spmm_t
 from ._sparse_weight import SparseWeightMixin, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -202,12 +202,12 @@ class SparseConv2d(SparseWeightMixin):
         # detached unfold and the bridge supplies dx.
         cols = F.unfold(x.detach() if low else x, self.kernel_size, dilation=self.dilation,
                         stride=self.stride)  # [N, C*kh*kw, L]
-        y = self._matmul(cols.transpose(1, 2))  # [N, L, out]
+        # The bias goes into the product (cast with it under autocast, as nn.Conv2d's): the
+        # CPU kernel adds it as it writes y, instead of a y + bias pass making a new [N, L, out].
+        y = self._matmul(cols.transpose(1, 2), self.bias)  # [N, L, out]
         if low:
             y = _Fp32InputGrad.apply(y, x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx,
                                      self.t_perm, ((h, w), self.kernel_size, self.dilation, self.stride))
-        if self.bias is not None:
-            y = y + autocast.cast(self.bias)  # in the product's dtype under autocast, as nn.Conv2d
         y = y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)
         return y.squeeze(0) if unbatched else y
 

@@ -197,10 +197,12 @@ __attribute__((target("avx512f"))) void transpose16x16(const float* src, int64_t
     const __m512 s1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
     const __m512 s2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
     const __m512 s3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    _mm512_storeu_ps(dst + (c)*ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s0, s2, 0x88), a) : _mm512_shuffle_f32x4(s0, s2, 0x88));
-    _mm512_storeu_ps(dst + (8 + c) * ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s0, s2, 0xDD), a) : _mm512_shuffle_f32x4(s0, s2, 0xDD));
-    _mm512_storeu_ps(dst + (4 + c) * ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s1, s3, 0x88), a) : _mm512_shuffle_f32x4(s1, s3, 0x88));
-    _mm512_storeu_ps(dst + (12 + c) * ds, has_add ? _mm512_add_ps(_mm512_shuffle_f32x4(s1, s3, 0xDD), a) : _mm512_shuffle_f32x4(s1, s3, 0xDD));
+    const __m512 o0 = _mm512_shuffle_f32x4(s0, s2, 0x88), o8 = _mm512_shuffle_f32x4(s0, s2, 0xDD);
+    const __m512 o4 = _mm512_shuffle_f32x4(s1, s3, 0x88), o12 = _mm512_shuffle_f32x4(s1, s3, 0xDD);
+    _mm512_storeu_ps(dst + (c)*ds, has_add ? _mm512_add_ps(o0, a) : o0);
+    _mm512_storeu_ps(dst + (8 + c) * ds, has_add ? _mm512_add_ps(o8, a) : o8);
+    _mm512_storeu_ps(dst + (4 + c) * ds, has_add ? _mm512_add_ps(o4, a) : o4);
+    _mm512_storeu_ps(dst + (12 + c) * ds, has_add ? _mm512_add_ps(o12, a) : o12);
   }
 }
 constexpr bool kHaveTranspose16 = true;

@@ -140,6 +140,13 @@ void check_dense(const char* what, const char* arg, const at::Tensor& x, at::Sca
                     x.sizes());
 }
 
+at::Tensor checked_bias(const char* what, const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t n) {
+  if (!bias.has_value()) return at::Tensor();
+  check_dense(what, "bias", *bias, dtype, n);
+  TORCH_CHECK_VALUE(bias->dim() == 1, what, ": bias must be 1-D [", n, "], got shape ", bias->sizes());
+  return bias->contiguous();
+}
+
 namespace {
 std::array<at::Tensor, kWorkspaceSlots>& thread_buffers() {
   thread_local std::array<at::Tensor, kWorkspaceSlots> buffers;

@@ -89,6 +89,10 @@ bool indices_in_range(const int32_t* idx, int64_t count, int64_t bound);
 void check_dense(const char* what, const char* arg, const at::Tensor& x, at::ScalarType dtype,
                  int64_t k);
 
+// A product's optional bias, checked (CPU, `dtype`, 1-D [n]; errors name "bias") and made
+// contiguous for store_block; undefined when none was given.
+at::Tensor checked_bias(const char* what, const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t n);
+
 // x: [M, K] any strides, any floating dtype -> panels [P, K, T] of `compute` dtype,
 // rows M..P*T-1 zero. The result lives in workspace slot `slot`.
 // col_sums (optional, [P, K] contiguous of `compute` dtype): filled with each panel's

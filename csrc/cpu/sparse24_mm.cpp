@@ -138,12 +138,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const int64_t n = values.size(0), k = 4 * meta.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1, "sparse24_mm: x must have at least 1 dimension");
   check_dense("sparse24_mm", "x", x, values.scalar_type(), k);
-  at::Tensor b;
-  if (bias.has_value()) {
-    check_dense("sparse24_mm", "bias", *bias, values.scalar_type(), n);
-    TORCH_CHECK_VALUE(bias->dim() == 1, "sparse24_mm: bias must be 1-D [", n, "], got shape ", bias->sizes());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias("sparse24_mm", bias, values.scalar_type(), n);
   const at::Tensor* bp = b.defined() ? &b : nullptr;
   const at::Tensor mc = meta.contiguous();
   // Every meta byte must hold two positions in [0, 4) with i0 < i1: a corrupt byte is an

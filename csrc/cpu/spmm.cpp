@@ -228,12 +228,8 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
   TORCH_CHECK_VALUE(x.dim() >= 1, "spmm: x must have at least 1 dimension");
   check_dense("spmm", "x", x, values.scalar_type(), x.size(-1));
   check_csr("spmm", values, row_ptr, col_idx, row_ptr.numel() - 1, x.size(-1), /*check_columns=*/false);
-  if (!bias.has_value()) return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr);
-  check_dense("spmm", "bias", *bias, values.scalar_type(), row_ptr.numel() - 1);
-  TORCH_CHECK_VALUE(bias->dim() == 1, "spmm: bias must be 1-D [", row_ptr.numel() - 1, "], got shape ",
-                    bias->sizes());
-  const at::Tensor b = bias->contiguous();
-  return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr, nullptr, &b);
+  const at::Tensor b = checked_bias("spmm", bias, values.scalar_type(), row_ptr.numel() - 1);
+  return spmm_core("spmm", x, values, row_ptr, col_idx, nullptr, nullptr, b.defined() ? &b : nullptr);
 }
 
 void check_transpose_map(const at::Tensor& values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,

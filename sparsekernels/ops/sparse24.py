@@ -23,8 +23,8 @@ from .. import backends
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, autocast
-from .csr_matmul import (_fused_cpu_backward, _sddmm_op, _spmm_backward_cpu_op, _spmm_t_op, dense_candidates,
-                         dispatch_measured)
+from .csr_matmul import (_add_bias, _fused_cpu_backward, _sddmm_op, _spmm_backward_cpu_op, _spmm_t_op,
+                         dense_candidates, dispatch_measured)
 
 
 def _rows2d(t: Tensor) -> Tensor:
@@ -154,8 +154,8 @@ def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None,
         if backend == "cpu":  # the kernel adds the bias as it writes y (no second pass)
             return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
         if backend == "cpu:dense":  # values in row-major order are the CSR view's values
-            y = torch.ops.sparsekernels_C.csr_dense_mm(x, values.reshape(-1), *csr, 4 * meta.shape[1], False)
-            return y.add_(bias) if bias is not None else y
+            return _add_bias(torch.ops.sparsekernels_C.csr_dense_mm(x, values.reshape(-1), *csr, 4 * meta.shape[1],
+                                                                    False), bias)
         _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
         if x.is_cuda and backend in ("cuda", "triton"):
             return _linear_24(x, values, meta, bias, "sparse24_mm")

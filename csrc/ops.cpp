@@ -13,6 +13,7 @@ bool cpu_has_avx512_op() { return cpu::cpu_has_avx512(); }
 int64_t cpu_panel_width_op(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
   return cpu::choose_panel(m, gathered_rows, elem_bytes);
 }
+int64_t cpu_sparse24_slice_bytes_op() { return cpu::sparse24_slice_bytes(); }
 void release_workspace_op() { cpu::release_workspace(); }
 bool built_with_cuda_op() {
 #ifdef SPARSEKERNELS_WITH_CUDA
@@ -53,6 +54,8 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   // The batch-panel width the CPU CSR kernels use for M batch rows gathering from a panel
   // of `gathered_rows` rows of `elem_bytes` values (sized to this CPU's L2).
   m.def("cpu_panel_width(int m, int gathered_rows, int elem_bytes) -> int", &cpu_panel_width_op);
+  // Bytes of the packed panel one K slice of the CPU 2:4 kernel covers (for tests).
+  m.def("cpu_sparse24_slice_bytes() -> int", &cpu_sparse24_slice_bytes_op);
   // True when the CUDA kernels were compiled into this library.
   m.def("built_with_cuda() -> bool", &built_with_cuda_op);
   // Frees the calling thread's cached scratch buffers (packed panels).

@@ -74,9 +74,10 @@ def test_sparse24_round_trip_and_bad_masks(seed):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-# The last two span several of the CPU kernel's K slices (16 KiB of the packed panel:
-# 16 groups at fp32 / 64-wide panels, 8 at fp64, 64 at 16-wide panels), the last one
-# partial, with a row count that is not a multiple of the 4 rows run in lockstep.
+# On Intel the last two span several of the CPU kernel's K slices (16 KiB of the packed
+# panel: 16 groups at fp32 / 64-wide panels, 8 at fp64, 64 at 16-wide panels), the last
+# one partial, with a row count that is not a multiple of the 4 rows run in lockstep;
+# test_sparse24_mm_spans_this_cpus_slices does the same with the running CPU's slice.
 @pytest.mark.parametrize("shape", [(1, 4, 3), (5, 20, 7), (70, 36, 33), (3, 2, 64, 17), (33, 520, 37),
                                    (9, 1100, 6)])
 def test_sparse24_mm_matches_dense(backend, dtype, shape, seed):
@@ -92,6 +93,29 @@ def test_sparse24_mm_matches_dense(backend, dtype, shape, seed):
     want = x.double() @ (w.double() * layer.mask()).t()
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
     assert_close_rel(y, want, tol, "sparse24_mm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [33, 9])
+def test_sparse24_mm_spans_this_cpus_slices(dtype, batch, seed):
+    # The kernel's K slice depends on the CPU (16 KiB of the packed panel on Intel, a
+    # quarter of the L2 on AMD): K is 2.5 of this machine's slices, so two are full and the
+    # last one partial, for 64-wide (33 rows) and 16-wide (9 rows) panels, with 37 output
+    # rows (not a multiple of the 4 run in lockstep).
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    elem = torch.empty((), dtype=dtype).element_size()
+    width = torch.ops.sparsekernels_C.cpu_panel_width(batch, 4, elem)  # batch rule: 64, or 16 for <= 16 rows
+    slice_groups = torch.ops.sparsekernels_C.cpu_sparse24_slice_bytes() // (4 * width * elem)
+    k = 4 * (2 * slice_groups + slice_groups // 2)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(37, k, generator=g, dtype=torch.float64).to(dtype)
+    layer = _sparse24_args(w)
+    x = torch.randn(batch, k, generator=g, dtype=torch.float64).to(dtype)
+    with sk.use_backend("cpu"):
+        y = layer(x)
+    want = x.double() @ (w.double() * layer.mask()).t()
+    assert_close_rel(y, want, 1e-5 if dtype == torch.float32 else 1e-12, "sparse24_mm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -38,6 +38,15 @@ int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
   return kNarrowPanel;
 }
 
+bool cpu_is_amd() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx512() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const bool has = __builtin_cpu_supports("avx512f");

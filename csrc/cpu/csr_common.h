@@ -41,6 +41,10 @@ bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes);
 // with a smaller L2, as they were tuned.
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes);
 
+// Bytes of the packed panel one K slice of the 2:4 kernel covers (sparse24_mm.cpp): 16 KiB
+// on Intel, a quarter of the L2 on AMD.
+int64_t sparse24_slice_bytes();
+
 // Calls f(std::integral_constant<int64_t, T>{}) for the panel width t (64, 32 or 16), so
 // a kernel templated on T is instantiated once per width in one place.
 template <typename F>
@@ -49,6 +53,11 @@ void with_panel_width(int64_t t, F&& f) {
   else if (t == kMidPanel) f(std::integral_constant<int64_t, kMidPanel>{});
   else f(std::integral_constant<int64_t, kNarrowPanel>{});
 }
+
+// True when the running CPU is an AMD one (cpuid vendor, checked once). The kernels are
+// tuned on two machine kinds, an AMD EPYC (32 KiB L1D, 1 MiB L2) and an Intel Sapphire
+// Rapids (48 KiB L1D, 2 MiB L2); where the two want different blocking, a kernel asks this.
+bool cpu_is_amd();
 
 // True when the running CPU has AVX-512F (checked once, at run time, so the same
 // binary runs on machines without it through the portable path).

@@ -13,6 +13,8 @@ bool cpu_has_avx512_op() { return cpu::cpu_has_avx512(); }
 int64_t cpu_panel_width_op(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
   return cpu::choose_panel(m, gathered_rows, elem_bytes);
 }
+void cpu_force_panel_width_op(int64_t t) { cpu::force_panel_width(t); }
+bool cpu_is_amd_op() { return cpu::cpu_is_amd(); }
 int64_t cpu_sparse24_slice_bytes_op() { return cpu::sparse24_slice_bytes(); }
 void release_workspace_op() { cpu::release_workspace(); }
 bool built_with_cuda_op() {
@@ -54,6 +56,11 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   // The batch-panel width the CPU CSR kernels use for M batch rows gathering from a panel
   // of `gathered_rows` rows of `elem_bytes` values (sized to this CPU's L2).
   m.def("cpu_panel_width(int m, int gathered_rows, int elem_bytes) -> int", &cpu_panel_width_op);
+  // For tests: every product runs `width`-wide panels (16, 32, 64) for batches over 16
+  // rows, or the CPU's rule again for 0.
+  m.def("cpu_force_panel_width(int width) -> ()", &cpu_force_panel_width_op);
+  // True on an AMD CPU, where some kernels block differently (csr_common.h).
+  m.def("cpu_is_amd() -> bool", &cpu_is_amd_op);
   // Bytes of the packed panel one K slice of the CPU 2:4 kernel covers (for tests).
   m.def("cpu_sparse24_slice_bytes() -> int", &cpu_sparse24_slice_bytes_op);
   // True when the CUDA kernels were compiled into this library.

@@ -13,23 +13,32 @@ from sparsekernels.bench import csr_linear, roofline
 from conftest import make_csr
 
 
-@pytest.mark.parametrize("batch,width,panels", [(1, 16, 1), (16, 16, 1), (17, 64, 1), (64, 64, 1), (65, 64, 2),
-                                                (256, 64, 4)])
-def test_panel_width_and_gathers_follow_the_kernel(batch, width, panels):
-    # csrc/cpu/csr_common.h: 16-wide panels up to B = 16, else 64-wide.
+def _wide() -> int:
+    """The width batches over 16 get for a narrow input: the kernel's rule (64 on Intel, 32
+    on AMD) when the extension is loaded, else 64."""
+    if sk._extension.compiled():
+        return torch.ops.sparsekernels_C.cpu_panel_width(64, 1, 4)
+    return 64
+
+
+@pytest.mark.parametrize("batch", [1, 16, 17, 64, 65, 256])
+def test_panel_width_and_gathers_follow_the_kernel(batch):
+    # csrc/cpu/csr_common.h: 16-wide panels up to B = 16, else the CPU's wide width.
+    width = 16 if batch <= 16 else _wide()
     assert roofline.panel_width(batch) == width
-    assert roofline.gathers(batch, 1000) == 1000 * panels
+    assert roofline.gathers(batch, 1000) == 1000 * math.ceil(batch / width)
 
 
 def test_case_limits_arithmetic():
-    # 256 x 4096 x 4096 at 90%: 1.68 M non-zeros, 4 panels of 64.
+    # 256 x 4096 x 4096 at 90%: 1.68 M non-zeros, 4 panels of 64 (8 of 32 on AMD).
     nnz = 1_677_722
     lim = roofline.case_limits(256, nnz, dense_ms=40.0, ours_ms=10.0, l1_ns=0.5, goals={"fwd_vs_dense": 4.0})
-    g = nnz * 4
-    assert lim["gathers"] == g and lim["panel_width"] == 64
-    assert lim["gathered_gb"] == pytest.approx(g * 256 / 1e9)
+    width = _wide()
+    g = nnz * (256 // width)
+    assert lim["gathers"] == g and lim["panel_width"] == width
+    assert lim["gathered_gb"] == pytest.approx(g * 4 * width / 1e9)
     assert lim["ns_per_gather"] == pytest.approx(10e6 / g)
-    assert lim["gather_gb_per_s"] == pytest.approx(g * 256 / 10e-3 / 1e9)
+    assert lim["gather_gb_per_s"] == pytest.approx(g * 4 * width / 10e-3 / 1e9)
     # 4x dense leaves 10 ms: exactly the measured time.
     assert lim["needed_ns_per_gather"]["fwd_vs_dense"] == pytest.approx(lim["ns_per_gather"])
     assert lim["ceiling_if_l1"] == pytest.approx(40e6 / (g * 0.5))
@@ -108,11 +117,15 @@ def test_marginal_probe_and_ceiling(one_thread):
 
 def test_sparse24_limits_arithmetic():
     lim = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0)
-    width = roofline.panel_width(256, 4096)
-    products = 4096 * 2048 * math.ceil(256 / width)                    # kept weights x panels
-    assert lim["gathers"] == products and lim["panel_width"] == width
+    products = 4096 * 2048 * 4                                         # kept weights x 64-wide panels
+    assert lim["gathers"] == products and lim["panel_width"] == 64
     assert lim["ns_per_gather"] == pytest.approx(25e6 / products)
     assert lim["fma_rate_vs_dense"] == pytest.approx(40.0 / 50.0)      # half the FMAs in 25 of 40 ms
+    # The 2:4 kernel's panels follow the batch alone, however wide the input (the CSR rule
+    # narrows them for an 11008-wide one).
+    wide = roofline.sparse24_limits(256, 11008, 4096, dense_ms=40.0, ours_ms=25.0)
+    assert wide["panel_width"] == 64 and wide["gathers"] == 4096 * 5504 * 4
+    assert roofline.sparse24_limits(16, 4096, 4096, 1.0, 1.0)["panel_width"] == 16
 
 
 def test_benchmark_reports_marginal_and_sparse24_limits(monkeypatch):

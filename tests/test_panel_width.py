@@ -1,6 +1,7 @@
-"""The CPU CSR kernels size their batch panels to the L2 (csr_common.h: choose_panel):
-64, 32 or 16 columns wide by how many panel rows they gather. Every width must give the
-same products, including the fused backward, whose one packing of dy serves both."""
+"""The CPU CSR kernels size their batch panels by the CPU and the L2 (csr_common.h:
+choose_panel): 64, 32 or 16 columns wide by how many panel rows they gather. Every width
+must give the same products, including the fused backward, whose one packing of dy
+serves both."""
 
 from __future__ import annotations
 
@@ -32,22 +33,48 @@ def _smallest_k_with(width: int, dtype: torch.dtype) -> int:
     return hi
 
 
+@pytest.fixture
+def force_width():
+    """torch.ops.sparsekernels_C.cpu_force_panel_width, with the CPU's rule restored after
+    the test."""
+    f = torch.ops.sparsekernels_C.cpu_force_panel_width
+    yield f
+    f(0)
+
+
 def test_width_shrinks_with_the_panel_and_follows_the_batch():
     f = torch.ops.sparsekernels_C.cpu_panel_width
-    assert f(16, 100000, 4) == 16 and f(BATCH, 64, 4) == 64
+    assert f(16, 100000, 4) == 16
     widths = [f(BATCH, k, 4) for k in (64, 4096, 8192, 16384, 65536)]
     assert widths == sorted(widths, reverse=True) and widths[-1] == 16
-    assert f(BATCH, 4096, 4) == 64                  # the 1 MiB floor: as tuned, on any CPU
     assert f(BATCH, 2048, 8) == f(BATCH, 4096, 4)   # bytes, not elements
+    if torch.ops.sparsekernels_C.cpu_is_amd():
+        assert widths[:2] == [32, 32]               # AMD: 32 wide, 16 past twice the L2
+    else:
+        assert widths[:2] == [64, 64]               # the 1 MiB floor: as tuned on Intel
+
+
+def test_forced_width_overrides_the_rule_for_batches_over_16(force_width):
+    f = torch.ops.sparsekernels_C.cpu_panel_width
+    rule = [f(BATCH, k, 4) for k in (64, 65536)]
+    for t in (64, 32, 16):
+        force_width(t)
+        assert f(BATCH, 64, 4) == t and f(BATCH, 65536, 4) == t and f(16, 64, 4) == 16
+    force_width(0)
+    assert [f(BATCH, k, 4) for k in (64, 65536)] == rule
+    with pytest.raises(ValueError, match="16, 32 or 64"):
+        force_width(48)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("width", [32, 16])
-def test_products_are_right_at_every_width(dtype, width, seed):
-    k = _smallest_k_with(width, dtype) + 8          # in_features: forward and sddmm gather x rows
+@pytest.mark.parametrize("width", [64, 32, 16])
+def test_products_are_right_at_every_width(dtype, width, force_width, seed):
+    # Every width on every machine kind (the CPU's own rule may never pick some of them).
+    force_width(width)
+    k = 2 * width + 37                              # in_features: forward and sddmm gather x rows
     assert _width(k, dtype) == width
     n = 24
-    csr = make_csr(n, k, 0.995, dtype, seed=seed, empty_rows=True)
+    csr = make_csr(n, k, 0.9, dtype, seed=seed, empty_rows=True)
     w = dense_of(csr)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, k, generator=g, dtype=torch.float64).to(dtype)
@@ -65,13 +92,22 @@ def test_products_are_right_at_every_width(dtype, width, seed):
     dx, dv2, _ = C.spmm_backward(dy, x, csr.values, csr.row_ptr, csr.col_idx, csr.t_row_ptr, csr.t_col_idx, csr.t_perm)
     assert rel_error(dx, dy.double() @ w) < tol and rel_error(dv2, dv) < tol
     # spmm_t gathers dy's rows: a wide output layer.
-    wide = make_csr(k, n, 0.995, dtype, seed=seed + 1)
+    wide = make_csr(k, n, 0.9, dtype, seed=seed + 1)
     dyk = torch.randn(BATCH, k, generator=g, dtype=torch.float64).to(dtype)
     got = C.spmm_t(dyk, wide.values, wide.t_row_ptr, wide.t_col_idx, wide.t_perm, None, False)
     assert rel_error(got, dyk.double() @ dense_of(wide)) < tol
 
 
-def test_layer_training_step_at_a_narrow_width_matches_reference(seed):
-    k = _smallest_k_with(32, torch.float32) + 8
+@pytest.mark.parametrize("width", [64, 32, 16])
+def test_layer_training_step_at_every_width_matches_reference(width, force_width, seed):
+    force_width(width)
+    k = 2 * width + 37
+    layer = sk.SparseLinear(k, 24, sparsity=0.9)
+    assert_step_matches_reference(layer, torch.randn(BATCH, k, requires_grad=True), backend="cpu")
+
+
+def test_layer_training_step_at_the_rules_narrow_width_matches_reference(seed):
+    k = _smallest_k_with(16, torch.float32) + 8
+    assert _width(k, torch.float32) == 16
     layer = sk.SparseLinear(k, 24, sparsity=0.995)
     assert_step_matches_reference(layer, torch.randn(BATCH, k, requires_grad=True), backend="cpu")

@@ -31,8 +31,22 @@ bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes) {
   return rows * t * elem_bytes <= budget;
 }
 
+namespace {
+std::atomic<int64_t> forced_panel_width{0};  // 0: the rule below
+}  // namespace
+
+void force_panel_width(int64_t t) {
+  TORCH_CHECK_VALUE(t == 0 || t == kNarrowPanel || t == kMidPanel || t == kWidePanel,
+                    "cpu_force_panel_width: width must be 0 (the CPU's rule), 16, 32 or 64, got ", t);
+  forced_panel_width.store(t, std::memory_order_relaxed);
+}
+
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
   if (m <= kNarrowPanel) return kNarrowPanel;
+  if (const int64_t forced = forced_panel_width.load(std::memory_order_relaxed)) return forced;
+  if (cpu_is_amd()) {
+    return gathered_rows * kMidPanel * elem_bytes <= 2 * l2_cache_bytes() ? kMidPanel : kNarrowPanel;
+  }
   if (panel_fits_l2(gathered_rows, kWidePanel, elem_bytes)) return kWidePanel;
   if (panel_fits_l2(gathered_rows, kMidPanel, elem_bytes)) return kMidPanel;
   return kNarrowPanel;

@@ -39,7 +39,18 @@ bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes);
 // wide): K = 4096: 2.25 / 2.55 / 2.74; 8192: 3.16 / 2.64 / 3.06; 11008: 4.64 / 2.83 /
 // 3.18; 16384: 7.78 / 3.61 / 3.32. The 1 MiB floor keeps 64 wide at K = 4096 on CPUs
 // with a smaller L2, as they were tuned.
+// On AMD (cpu_is_amd) 32 wide instead, or 16 where a 32-wide panel exceeds twice the L2:
+// there 32 beat 64 at every benchmarked shape (EPYC, 1 MiB L2, 2 threads, interleaved, ms
+// 64 / 32 / 16 wide): forward (256, 4096 -> 4096) 90% 10.4 / 9.5 / 10.2, 95% 5.6 / 4.9 /
+// 4.8; (256, 11008 -> 4096) 90% 44.6 / 34.2 / 38.3; (2048, 1024 -> 1024) 90% 5.9 / 4.9 /
+// 5.0; (2048, 768 -> 3072) 98% 4.1 / 3.5 / 3.4; layer step (256, 4096 -> 4096) 90% 32.0 /
+// 29.2 / 31.9, (256, 11008 -> 4096) 128.7 / 111.8 / 110.0, (2048, 768 -> 3072) 98% 13.9 /
+// 14.3 / 14.8.
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes);
+
+// Makes choose_panel return `t` (16, 32 or 64) for batches over 16 rows on any CPU, or
+// its rule again for 0: tests run every width on every machine kind.
+void force_panel_width(int64_t t);
 
 // Bytes of the packed panel one K slice of the 2:4 kernel covers (sparse24_mm.cpp): 16 KiB
 // on Intel, a quarter of the L2 on AMD.

@@ -1,8 +1,9 @@
 """Where the CPU CSR forward's time goes: a gather roofline measured in the run.
 
 The C++ forward (``csrc/cpu/spmm.cpp``) packs x into panels of T batch columns
-(T = 16 for B <= 16, else 64) and, for every non-zero of every panel, reads one
-T-float row of the panel (a "gather", 4T bytes) and does T FMAs with it. Its time is
+(T = 16 for B <= 16, else 64 on Intel and 32 on AMD, narrower for wide inputs) and,
+for every non-zero of every panel, reads one T-float row of the panel (a "gather", 4T
+bytes) and does T FMAs with it. Its time is
 therefore about ``gathers x (time per gather)`` with ``gathers = nnz x panels``. The
 time per gather depends on where the gathered rows come from: a 4096-wide input's
 panel is 1 MiB, so they come from L2.
@@ -43,13 +44,14 @@ WIDE_PANEL, NARROW_PANEL = 64, 16  # csrc/cpu/csr_common.h: choose_panel
 
 
 def panel_width(batch: int, in_features: int | None = None) -> int:
-    """The batch-panel width the compiled forward uses for x [batch, in_features] (fp32):
-    the extension's own rule (``cpu_panel_width``: 64, or 32 / 16 where a 64-wide panel
-    of in_features rows would not fit the L2) when it is loaded, else 16 / 64 by batch."""
+    """The batch-panel width the compiled forward uses for x [batch, in_features] (fp32;
+    None: a narrow input): the extension's own rule (``cpu_panel_width``: on Intel 64, or
+    32 / 16 where a 64-wide panel of in_features rows would not fit the L2; on AMD 32, or
+    16) when it is loaded, else 16 / 64 by batch."""
     from .. import _extension
 
-    if in_features is not None and _extension.compiled() and hasattr(torch.ops.sparsekernels_C, "cpu_panel_width"):
-        return int(torch.ops.sparsekernels_C.cpu_panel_width(batch, in_features, 4))
+    if _extension.compiled() and hasattr(torch.ops.sparsekernels_C, "cpu_panel_width"):
+        return int(torch.ops.sparsekernels_C.cpu_panel_width(batch, in_features or 1, 4))
     return NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
 
 
@@ -160,13 +162,16 @@ def add_marginal(limits: dict, marginal_ns: float | None, dense_ms: float) -> No
 
 def sparse24_limits(batch: int, in_features: int, out_features: int, dense_ms: float, ours_ms: float) -> dict:
     """The 2:4 forward's rate (``csrc/cpu/sparse24_mm.cpp``): each kept weight of each
-    panel is one T-float row read from an L1-resident K slice and T FMAs; ``gathers`` is
-    kept weights x panels, ``ns_per_gather`` the measured forward per one of them, and
-    ``fma_rate_vs_dense`` our useful FMAs per second over dense's (the 2:4 speed-up is
-    twice that). No L1 ceiling: the kernel already reads from L1, and a small-K probe of
+    panel is one T-float row read from a K slice (L1-sized on Intel, a quarter of the L2 on
+    AMD) and T FMAs; ``gathers`` is kept weights x panels, ``ns_per_gather`` the measured
+    forward per one of them, and ``fma_rate_vs_dense`` our useful FMAs per second over
+    dense's (the 2:4 speed-up is twice that). No L1 ceiling: the kernel reads from its
+    slices, and a small-K probe of
     it measured slower per product than the kernel itself on a 4096-wide input, so it
     bounded nothing (DEVELOPERS.md has the stand-alone loop measurements instead)."""
-    width = panel_width(batch, in_features)
+    # The 2:4 kernel's panels follow the batch alone (csr_common.h: choose_panel(m)), on
+    # every CPU and for every input width.
+    width = NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
     products = out_features * in_features // 2 * math.ceil(batch / width)
     return {"panel_width": width, "gathers": products, "ns_per_gather": ours_ms * 1e6 / products,
             "fma_rate_vs_dense": dense_ms / (2.0 * ours_ms)}

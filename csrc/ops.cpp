@@ -56,8 +56,8 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   // The batch-panel width the CPU CSR kernels use for M batch rows gathering from a panel
   // of `gathered_rows` rows of `elem_bytes` values (sized to this CPU's L2).
   m.def("cpu_panel_width(int m, int gathered_rows, int elem_bytes) -> int", &cpu_panel_width_op);
-  // For tests: every product runs `width`-wide panels (16, 32, 64) for batches over 16
-  // rows, or the CPU's rule again for 0.
+  // For tests: the CSR products (spmm, spmm_t, sddmm, spmm_backward) run `width`-wide
+  // panels (16, 32, 64) for batches over 16 rows, or the CPU's rule again for 0.
   m.def("cpu_force_panel_width(int width) -> ()", &cpu_force_panel_width_op);
   // True on an AMD CPU, where some kernels block differently (csr_common.h).
   m.def("cpu_is_amd() -> bool", &cpu_is_amd_op);

@@ -105,7 +105,7 @@ def test_sparse24_mm_spans_this_cpus_slices(dtype, batch, seed):
     if not sk._extension.compiled():
         pytest.skip("extension not built")
     elem = torch.empty((), dtype=dtype).element_size()
-    width = torch.ops.sparsekernels_C.cpu_panel_width(batch, 4, elem)  # batch rule: 64, or 16 for <= 16 rows
+    width = 16 if batch <= 16 else 64                               # the 2:4 kernel's batch-only panels
     slice_groups = torch.ops.sparsekernels_C.cpu_sparse24_slice_bytes() // (4 * width * elem)
     k = 4 * (2 * slice_groups + slice_groups // 2)
     g = torch.Generator().manual_seed(seed)
@@ -295,7 +295,8 @@ def test_compiled_sparse24_mm_adds_the_bias_as_it_stores(batch, dtype, seed):
 @pytest.mark.parametrize("batch", [9, 150])
 def test_sparse24_layer_backward_runs_the_compiled_backward(monkeypatch, transposable, batch, seed):
     """A plain CPU backward of a 2:4 layer takes both gradients from one compiled call
-    (spmm_backward on the CSR view: one panel, or three panels through the one-sweep way),
+    (spmm_backward on the CSR view: one panel, or three through the one-sweep way; five on
+    AMD),
     with the bits of the two separate products; a double backward does not use it."""
     if not sk._extension.compiled():
         pytest.skip("extension not built")

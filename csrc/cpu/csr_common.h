@@ -4,9 +4,10 @@
 // "batch panels" [P, K, T] (P = ceil(M / T)), i.e. X^T cut into T-wide column strips.
 // For one non-zero w[r, k] the kernel then does y^T[r, 0:T] += w * panel[k, 0:T]: a
 // contiguous T-float axpy whose accumulator stays in registers for the whole row.
-// T = 64 floats = four 512-bit registers; a [4096, 64] fp32 panel is 1 MiB, within one
-// core's L2 on the machines we measure on, so a panel stays cache-resident while every
-// output row gathers from it. Outputs are written by store_block, task by task.
+// T is chosen per CPU (choose_panel): on Intel T = 64 floats = four 512-bit registers (a
+// [4096, 64] fp32 panel is 1 MiB, half of a Sapphire Rapids core's L2), on AMD 32 (the
+// EPYC's L2 is 1 MiB), so a panel stays cache-resident while every output row gathers
+// from it. Outputs are written by store_block, task by task.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,7 +24,8 @@ constexpr int64_t kWidePanel = 64;
 constexpr int64_t kMidPanel = 32;
 constexpr int64_t kNarrowPanel = 16;
 
-// The batch-only rule (the 2:4 kernel, whose K slices stay in L1 whatever the width).
+// The batch-only rule of the 2:4 kernel, on every CPU: its K slices
+// (sparse24_slice_bytes) keep the panel's reads in cache whatever the width.
 inline int64_t choose_panel(int64_t m) { return m <= kNarrowPanel ? kNarrowPanel : kWidePanel; }
 
 // Per-core L2 size in bytes (sysconf; 1 MiB when unknown).
@@ -40,20 +42,22 @@ bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes);
 // 3.18; 16384: 7.78 / 3.61 / 3.32. The 1 MiB floor keeps 64 wide at K = 4096 on CPUs
 // with a smaller L2, as they were tuned.
 // On AMD (cpu_is_amd) 32 wide instead, or 16 where a 32-wide panel exceeds twice the L2:
-// there 32 beat 64 at every benchmarked shape (EPYC, 1 MiB L2, 2 threads, interleaved, ms
-// 64 / 32 / 16 wide): forward (256, 4096 -> 4096) 90% 10.4 / 9.5 / 10.2, 95% 5.6 / 4.9 /
+// there 32 beat 64 at every benchmarked forward and at two of three layer steps (EPYC,
+// 1 MiB L2, 2 threads, interleaved, ms 64 / 32 / 16 wide): forward (256, 4096 -> 4096) 90% 10.4 / 9.5 / 10.2, 95% 5.6 / 4.9 /
 // 4.8; (256, 11008 -> 4096) 90% 44.6 / 34.2 / 38.3; (2048, 1024 -> 1024) 90% 5.9 / 4.9 /
 // 5.0; (2048, 768 -> 3072) 98% 4.1 / 3.5 / 3.4; layer step (256, 4096 -> 4096) 90% 32.0 /
 // 29.2 / 31.9, (256, 11008 -> 4096) 128.7 / 111.8 / 110.0, (2048, 768 -> 3072) 98% 13.9 /
 // 14.3 / 14.8.
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes);
 
-// Makes choose_panel return `t` (16, 32 or 64) for batches over 16 rows on any CPU, or
-// its rule again for 0: tests run every width on every machine kind.
+// Makes choose_panel(m, gathered_rows, elem_bytes) return `t` (16, 32 or 64) for batches
+// over 16 rows on any CPU, or its rule again for 0: tests run the CSR products (spmm,
+// spmm_t, sddmm, spmm_backward) at every width on every machine kind. The 2:4 kernel's
+// batch-only rule ignores it.
 void force_panel_width(int64_t t);
 
 // Bytes of the packed panel one K slice of the 2:4 kernel covers (sparse24_mm.cpp): 16 KiB
-// on Intel, a quarter of the L2 on AMD.
+// on Intel, a quarter of the L2 on AMD (at most 512 KiB).
 int64_t sparse24_slice_bytes();
 
 // Calls f(std::integral_constant<int64_t, T>{}) for the panel width t (64, 32 or 16), so

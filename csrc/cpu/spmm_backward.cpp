@@ -241,7 +241,9 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& dy, const at
 // x L2 (4096 x 4096 at 90%, B = 128..1024; 95%; 11008 -> 4096 at 90%; 1024 x 1024 at
 // 50%, B = 2048; 4096 x 4096 at 80%, B = 512), even at SparseProp's 98% (0.97-0.98);
 // loses beyond it (4096 x 4096: 80% at B = 128 1.05, 50% at B = 256 1.03, 50% at B = 64
-// 1.34) and with one panel (B = 16 at 90%: 1.20).
+// 1.34) and with one panel (B = 16 at 90%: 1.20). On AMD the panels are 32 wide, so the
+// same batch has twice the panels and the rule admits twice the values; measured there
+// only through the benchmark's layer steps (5.5x dense at (256, 4096, 4096) 90%).
 bool fused_pays(int64_t m, int64_t t, int64_t nnz, int64_t elem) {
   const int64_t panels = (m + t - 1) / t;
   return panels >= 2 && nnz > 0 && nnz * elem <= 2 * panels * l2_cache_bytes();

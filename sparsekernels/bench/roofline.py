@@ -40,7 +40,9 @@ import torch
 
 from . import harness
 
-WIDE_PANEL, NARROW_PANEL = 64, 16  # csrc/cpu/csr_common.h: choose_panel
+# csrc/cpu/csr_common.h: the 2:4 kernel's batch-only choose_panel(m) on every CPU, and the
+# CSR widths assumed without the extension (its rule is per CPU: cpu_panel_width).
+WIDE_PANEL, NARROW_PANEL = 64, 16
 
 
 def panel_width(batch: int, in_features: int | None = None) -> int:

@@ -383,8 +383,8 @@ def test_opcheck(backend, op, seed):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_spmm_bias_matches_dense(backend, dtype, shape, sparsity, seed):
     """y = x W^T + bias with the bias inside the op (the CPU kernel adds it as it stores y),
-    over 1 to 3 batch panels (up to 5 on AMD), odd sizes, empty rows, sparsity 0 and 1; in fp32 / fp64 the
-    same bits as the product plus a separate add (one rounding either way)."""
+    over 1 to 3 batch panels (up to 5 on AMD), odd sizes, empty rows, sparsity 0 and 1; in
+    fp32 / fp64 the same bits as the product plus a separate add (one rounding either way)."""
     batch, in_f, out_f = shape
     w, mask = make_dense_and_mask(out_f, in_f, min(sparsity, 0.99), dtype, seed, empty_rows=True)
     if sparsity == 1.0:
@@ -801,8 +801,7 @@ def test_unmeasured_auto_takes_the_compiled_kernel_at_every_density(sparsity, mo
 # ------------------------------------------------- spmm's backward in one compiled call
 # csrc/cpu/spmm_backward.cpp runs both gradients either as one sweep over W^T (batches of
 # two or more panels, i.e. more than 64 rows here on Intel, 32 on AMD, with patterns this
-# small) or as spmm_t
-# and sddmm sharing one packing of dy (one panel). The cases cover both ways.
+# small) or as spmm_t and sddmm sharing one packing of dy (one panel). The cases cover both ways.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("lead,out_f,in_f,sparsity", [((5,), 7, 9, 0.5), ((3, 33), 40, 17, 0.9), ((70,), 19, 130, 0.0),
                                                       ((0,), 6, 4, 0.5), ((16,), 8, 8, 1.0), ((150,), 200, 50, 0.5),
@@ -850,7 +849,8 @@ def test_compiled_spmm_backward_matches_the_two_ops_and_float64(dtype, lead, out
 def test_compiled_spmm_backward_bits_include_signed_zeros(batch):
     """dvalues of an all-zero dy row against an all-negative x: every product is -0.0. The
     two-op way adds them to a zeroed output (+0.0); the one-sweep way (150 rows: three
-    panels on Intel, five on AMD) must give the same bits, which torch.equal alone does not compare."""
+    panels on Intel, five on AMD) must give the same bits, which torch.equal alone does not
+    compare."""
     if not sparsekernels._extension.compiled():
         pytest.skip("compiled extension not loaded")
     csr = make_csr(40, 70, 0.5, seed=3)

@@ -296,8 +296,7 @@ def test_compiled_sparse24_mm_adds_the_bias_as_it_stores(batch, dtype, seed):
 def test_sparse24_layer_backward_runs_the_compiled_backward(monkeypatch, transposable, batch, seed):
     """A plain CPU backward of a 2:4 layer takes both gradients from one compiled call
     (spmm_backward on the CSR view: one panel, or three through the one-sweep way; five on
-    AMD),
-    with the bits of the two separate products; a double backward does not use it."""
+    AMD), with the bits of the two separate products; a double backward does not use it."""
     if not sk._extension.compiled():
         pytest.skip("extension not built")
     from sparsekernels.ops import csr_matmul

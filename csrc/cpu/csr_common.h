@@ -43,11 +43,11 @@ bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes);
 // with a smaller L2, as they were tuned.
 // On AMD (cpu_is_amd) 32 wide instead, or 16 where a 32-wide panel exceeds twice the L2:
 // there 32 beat 64 at every benchmarked forward and at two of three layer steps (EPYC,
-// 1 MiB L2, 2 threads, interleaved, ms 64 / 32 / 16 wide): forward (256, 4096 -> 4096) 90% 10.4 / 9.5 / 10.2, 95% 5.6 / 4.9 /
-// 4.8; (256, 11008 -> 4096) 90% 44.6 / 34.2 / 38.3; (2048, 1024 -> 1024) 90% 5.9 / 4.9 /
-// 5.0; (2048, 768 -> 3072) 98% 4.1 / 3.5 / 3.4; layer step (256, 4096 -> 4096) 90% 32.0 /
-// 29.2 / 31.9, (256, 11008 -> 4096) 128.7 / 111.8 / 110.0, (2048, 768 -> 3072) 98% 13.9 /
-// 14.3 / 14.8.
+// 1 MiB L2, 2 threads, interleaved, ms 64 / 32 / 16 wide): forward (256, 4096 -> 4096)
+// 90% 10.4 / 9.5 / 10.2, 95% 5.6 / 4.9 / 4.8; (256, 11008 -> 4096) 90% 44.6 / 34.2 /
+// 38.3; (2048, 1024 -> 1024) 90% 5.9 / 4.9 / 5.0; (2048, 768 -> 3072) 98% 4.1 / 3.5 /
+// 3.4; layer step (256, 4096 -> 4096) 90% 32.0 / 29.2 / 31.9, (256, 11008 -> 4096)
+// 128.7 / 111.8 / 110.0, (2048, 768 -> 3072) 98% 13.9 / 14.3 / 14.8.
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes);
 
 // Makes choose_panel(m, gathered_rows, elem_bytes) return `t` (16, 32 or 64) for batches

@@ -3,10 +3,9 @@
 The C++ forward (``csrc/cpu/spmm.cpp``) packs x into panels of T batch columns
 (T = 16 for B <= 16, else 64 on Intel and 32 on AMD, narrower for wide inputs) and,
 for every non-zero of every panel, reads one T-float row of the panel (a "gather", 4T
-bytes) and does T FMAs with it. Its time is
-therefore about ``gathers x (time per gather)`` with ``gathers = nnz x panels``. The
-time per gather depends on where the gathered rows come from: a 4096-wide input's
-panel is 1 MiB, so they come from L2.
+bytes) and does T FMAs with it. Its time is therefore about ``gathers x (time per
+gather)`` with ``gathers = nnz x panels``. The time per gather depends on where the
+gathered rows come from: a 4096-wide input's panel is 1 MiB, so they come from L2.
 
 This module measures, in the same process and thread count as the benchmark, the
 time per gather of the same kernel when every gathered row is in L1 (a dense-pattern
@@ -45,6 +44,12 @@ from . import harness
 WIDE_PANEL, NARROW_PANEL = 64, 16
 
 
+def _batch_rule_width(batch: int) -> int:
+    """16 columns for batches of up to 16 rows, else 64: the 2:4 kernel's panels on every
+    CPU, and the CSR kernels' where the extension is not loaded."""
+    return NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
+
+
 def panel_width(batch: int, in_features: int | None = None) -> int:
     """The batch-panel width the compiled forward uses for x [batch, in_features] (fp32;
     None: a narrow input): the extension's own rule (``cpu_panel_width``: on Intel 64, or
@@ -54,7 +59,7 @@ def panel_width(batch: int, in_features: int | None = None) -> int:
 
     if _extension.compiled() and hasattr(torch.ops.sparsekernels_C, "cpu_panel_width"):
         return int(torch.ops.sparsekernels_C.cpu_panel_width(batch, in_features or 1, 4))
-    return NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
+    return _batch_rule_width(batch)
 
 
 def gathers(batch: int, nnz: int, in_features: int | None = None) -> int:
@@ -168,12 +173,11 @@ def sparse24_limits(batch: int, in_features: int, out_features: int, dense_ms: f
     AMD) and T FMAs; ``gathers`` is kept weights x panels, ``ns_per_gather`` the measured
     forward per one of them, and ``fma_rate_vs_dense`` our useful FMAs per second over
     dense's (the 2:4 speed-up is twice that). No L1 ceiling: the kernel reads from its
-    slices, and a small-K probe of
-    it measured slower per product than the kernel itself on a 4096-wide input, so it
-    bounded nothing (DEVELOPERS.md has the stand-alone loop measurements instead)."""
+    slices, and a small-K probe of it measured slower per product than the kernel itself
+    on a 4096-wide input, so it bounded nothing (DEVELOPERS.md has the stand-alone loop measurements instead)."""
     # The 2:4 kernel's panels follow the batch alone (csr_common.h: choose_panel(m)), on
     # every CPU and for every input width.
-    width = NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
+    width = _batch_rule_width(batch)
     products = out_features * in_features // 2 * math.ceil(batch / width)
     return {"panel_width": width, "gathers": products, "ns_per_gather": ours_ms * 1e6 / products,
             "fma_rate_vs_dense": dense_ms / (2.0 * ours_ms)}

@@ -12,7 +12,7 @@ GPU_WHEELS := bench/.wheels
 GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_12_x86_64 \
                  manylinux2010_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64
 export CUDA_HOME
-SOURCES   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py pyproject.toml
+SOURCES   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null) setup.py pyproject.toml
 
 .PHONY: venv build test bench bench-pytest demo info gpu-wheels clean
 

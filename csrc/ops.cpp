@@ -7,9 +7,32 @@
 
 #include "cpu/csr_common.h"
 
+#include <optional>
+#include <string>
+
 namespace sparsekernels {
 
-bool cpu_has_avx512_op() { return cpu::cpu_has_avx512(); }
+bool cpu_has_avx512_op() { return cpu::simd_level() == cpu::SimdLevel::kAvx512; }
+std::string cpu_simd_level_op() {
+  switch (cpu::simd_level()) {
+    case cpu::SimdLevel::kAvx512:
+      return "avx512";
+    case cpu::SimdLevel::kAvx2:
+      return "avx2";
+    case cpu::SimdLevel::kGeneric:
+      break;
+  }
+  return "generic";
+}
+void cpu_force_simd_level_op(std::optional<std::string> level) {
+  if (!level) return cpu::force_simd_level(std::nullopt);
+  const std::string& l = *level;
+  TORCH_CHECK_VALUE(l == "avx512" || l == "avx2" || l == "generic",
+                    "cpu_force_simd_level: level must be 'avx512', 'avx2', 'generic' or None, got '", l, "'");
+  cpu::force_simd_level(l == "avx512" ? cpu::SimdLevel::kAvx512
+                        : l == "avx2" ? cpu::SimdLevel::kAvx2
+                                      : cpu::SimdLevel::kGeneric);
+}
 int64_t cpu_panel_width_op(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
   return cpu::choose_panel(m, gathered_rows, elem_bytes);
 }
@@ -53,6 +76,12 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   m.def("sparse24_compress(Tensor weight, bool transposable) -> (Tensor, Tensor, Tensor)");
   // True when the CPU kernels run their AVX-512 path on this machine.
   m.def("cpu_has_avx512() -> bool", &cpu_has_avx512_op);
+  // The instruction set the fp32 CPU kernels run: "avx512", "avx2" (AVX2 + FMA) or
+  // "generic" (portable loops): the CPU's best, or lower where forced.
+  m.def("cpu_simd_level() -> str", &cpu_simd_level_op);
+  // For tests: caps the CPU kernels' instruction set at `level` ("avx512", "avx2",
+  // "generic"; a level above the CPU's runs the CPU's), or the CPU's best again for None.
+  m.def("cpu_force_simd_level(str? level) -> ()", &cpu_force_simd_level_op);
   // The batch-panel width the CPU CSR kernels use for M batch rows gathering from a panel
   // of `gathered_rows` rows of `elem_bytes` values (sized to this CPU's L2).
   m.def("cpu_panel_width(int m, int gathered_rows, int elem_bytes) -> int", &cpu_panel_width_op);

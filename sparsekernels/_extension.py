@@ -38,6 +38,12 @@ def cpu_has_avx512() -> bool:
     return compiled() and bool(torch.ops.sparsekernels_C.cpu_has_avx512())
 
 
+def cpu_simd_level() -> str:
+    """The instruction set the compiled fp32 CPU kernels run here: "avx512", "avx2" (AVX2 +
+    FMA) or "generic" (portable loops); "" without the extension."""
+    return str(torch.ops.sparsekernels_C.cpu_simd_level()) if compiled() else ""
+
+
 def release_workspace() -> None:
     """Frees the calling thread's cached kernel scratch buffers (packed input panels)."""
     if compiled():

@@ -32,6 +32,7 @@ def collect() -> dict:
         "compiled_ops": _extension.compiled_ops(),
         "load_error": _extension.LOAD_ERROR,
         "cpu_avx512_path": _extension.cpu_has_avx512(),
+        "cpu_simd_path": _extension.cpu_simd_level(),
         "cuda_available": torch.cuda.is_available(),
         "requested_backend": backends.get_backend(),
         "compiled_with_cuda": _extension.compiled_with_cuda(),

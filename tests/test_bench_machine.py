@@ -19,6 +19,7 @@ def _cpuinfo(tmp_path, vendor, model, flags):
 
 @pytest.mark.parametrize("vendor,model,flags,kind", [
     ("AuthenticAMD", "AMD EPYC 9R14 96-Core Processor", "fpu avx2 avx512f avx512_bf16", "amd-epyc"),
+    ("AuthenticAMD", "AMD EPYC 7R13 Processor", "fpu avx2 fma", "amd-epyc-avx2"),
     ("GenuineIntel", "Intel(R) Xeon(R) Processor", "fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16",
      "intel-sapphire-rapids"),
     ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8275CL CPU", "fpu avx2 avx512f", "intel-xeon"),

@@ -209,14 +209,20 @@ EPOCHS = {"mlp": 30, "cnn": 20}  # enough for tickets of similar quality at 90%
 
 
 def _check_ensemble(report):
-    """The ensemble's NLL below every member's, its accuracy at least the members' mean.
-    Not "within half a point of the best member": on the 449 test digits that held or not
-    by a few samples, flipping with the training run's float rounding and RNG state (DST
-    ensemble, CNN, batch-order seeds 1-5: ensemble - best member = +1.6, +1.3, -0.2, -0.45,
-    +0.45 points; the MLP run here: -0.45), while the ensemble beat the members' mean by
+    """The ensemble's NLL below the median member's (it beats at least two of the three),
+    its accuracy at least the members' mean. Below the mean NLL would hold for any members
+    (the mean of the softmaxes: Jensen); below every member's, or within half a point of
+    the best member's accuracy, held or not by a few of the 449 test digits, flipping with
+    the training run's float rounding and RNG state. EDST, CNN, batch-order seeds 1-4, NLL
+    ensemble / best / median member, portable kernels: .260 / .283 / .309, .228 / .241 /
+    .252, .253 / .232 / .265, .202 / .212 / .221; AVX2 kernels: .287 / .283 / .323, .248
+    / .277 / .298, .242 / .245 / .261, .246 / .249 / .265 (the best member won twice; the
+    median never did). Accuracy (DST ensemble, CNN, seeds 1-5): ensemble - best member =
+    +1.6, +1.3, -0.2, -0.45, +0.45 points, while the ensemble beat the members' mean by
     0.3-2.7 points in every one of those runs."""
     ens, members = report["ensemble"], report["members"]
-    assert ens["nll"] < min(m["nll"] for m in members), report
+    nll = sorted(m["nll"] for m in members)
+    assert ens["nll"] < nll[len(nll) // 2], report
     assert ens["accuracy"] >= sum(m["accuracy"] for m in members) / len(members), report
 
 

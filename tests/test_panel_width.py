@@ -50,8 +50,10 @@ def test_width_shrinks_with_the_panel_and_follows_the_batch():
     assert f(BATCH, 2048, 8) == f(BATCH, 4096, 4)   # bytes, not elements
     if torch.ops.sparsekernels_C.cpu_is_amd():
         assert widths[:2] == [32, 32]               # AMD: 32 wide, 16 past twice the L2
-    else:
+    elif torch.ops.sparsekernels_C.cpu_simd_level() == "avx512":
         assert widths[:2] == [64, 64]               # the 1 MiB floor: as tuned on Intel
+    else:
+        assert widths[:2] == [32, 32]               # without AVX-512: at most 32 (widest_panel)
 
 
 def test_forced_width_overrides_the_rule_for_batches_over_16(force_width):

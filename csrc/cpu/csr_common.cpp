@@ -41,13 +41,17 @@ void force_panel_width(int64_t t) {
   forced_panel_width.store(t, std::memory_order_relaxed);
 }
 
+int64_t widest_panel() { return simd_level() == SimdLevel::kAvx512 ? kWidePanel : kMidPanel; }
+
+int64_t choose_panel(int64_t m) { return m <= kNarrowPanel ? kNarrowPanel : widest_panel(); }
+
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
   if (m <= kNarrowPanel) return kNarrowPanel;
   if (const int64_t forced = forced_panel_width.load(std::memory_order_relaxed)) return forced;
   if (cpu_is_amd()) {
     return gathered_rows * kMidPanel * elem_bytes <= 2 * l2_cache_bytes() ? kMidPanel : kNarrowPanel;
   }
-  if (panel_fits_l2(gathered_rows, kWidePanel, elem_bytes)) return kWidePanel;
+  if (widest_panel() == kWidePanel && panel_fits_l2(gathered_rows, kWidePanel, elem_bytes)) return kWidePanel;
   if (panel_fits_l2(gathered_rows, kMidPanel, elem_bytes)) return kMidPanel;
   return kNarrowPanel;
 }
@@ -68,6 +72,31 @@ bool cpu_has_avx512() {
 #else
   return false;
 #endif
+}
+
+SimdLevel cpu_simd_level() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const SimdLevel level = cpu_has_avx512()                                                 ? SimdLevel::kAvx512
+                                 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? SimdLevel::kAvx2
+                                                                                                   : SimdLevel::kGeneric;
+  return level;
+#else
+  return SimdLevel::kGeneric;
+#endif
+}
+
+namespace {
+std::atomic<int> forced_simd_level{-1};  // -1: the CPU's best
+}  // namespace
+
+SimdLevel simd_level() {
+  const int forced = forced_simd_level.load(std::memory_order_relaxed);
+  const SimdLevel best = cpu_simd_level();
+  return forced < 0 ? best : static_cast<SimdLevel>(std::min(forced, static_cast<int>(best)));
+}
+
+void force_simd_level(std::optional<SimdLevel> level) {
+  forced_simd_level.store(level ? static_cast<int>(*level) : -1, std::memory_order_relaxed);
 }
 
 namespace {
@@ -93,7 +122,7 @@ bool indices_in_range(const int32_t* idx, int64_t count, int64_t bound) {
   if (bound <= 0) return false;
   uint32_t hi;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (cpu_has_avx512()) hi = max_index_avx512(idx, count);
+  if (simd_level() == SimdLevel::kAvx512) hi = max_index_avx512(idx, count);
   else
 #endif
     hi = max_index_generic(idx, count);
@@ -235,9 +264,44 @@ __attribute__((target("avx512f"))) void transpose16x16(const float* src, int64_t
     _mm512_storeu_ps(dst + (12 + c) * ds, has_add ? _mm512_add_ps(o12, a) : o12);
   }
 }
+
+// The same 16 x 16 tile with AVX2, as four 8 x 8 transposes (24 shuffles each): dst's
+// 8 x 8 block (cb, rb) is src's block (rb, cb) transposed, plus add[8 rb, 8 rb + 8).
+__attribute__((target("avx2"))) void transpose16x16_avx2(const float* src, int64_t ss, float* dst, int64_t ds,
+                                                         const float* add = nullptr) {
+  for (int rb = 0; rb < 2; ++rb) {
+    for (int cb = 0; cb < 2; ++cb) {
+      const float* s = src + 8 * rb * ss + 8 * cb;
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ss);
+      for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int g = 0; g < 2; ++g) {  // u[4g + c], 128-bit lane h = column 4h + c of rows 4g .. 4g+3
+        u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+        u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+      }
+      // As transpose16x16: no add, the rows stored as they are (adding zeros would turn
+      // -0 into +0).
+      const bool has_add = add != nullptr;
+      const __m256 a = has_add ? _mm256_loadu_ps(add + 8 * rb) : _mm256_setzero_ps();
+      float* d = dst + 8 * cb * ds + 8 * rb;
+      for (int c = 0; c < 4; ++c) {
+        const __m256 lo = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);  // column c
+        const __m256 hi = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);  // column 4 + c
+        _mm256_storeu_ps(d + c * ds, has_add ? _mm256_add_ps(lo, a) : lo);
+        _mm256_storeu_ps(d + (4 + c) * ds, has_add ? _mm256_add_ps(hi, a) : hi);
+      }
+    }
+  }
+}
 constexpr bool kHaveTranspose16 = true;
 #else
 void transpose16x16(const float*, int64_t, float*, int64_t, const float* = nullptr) {}
+void transpose16x16_avx2(const float*, int64_t, float*, int64_t, const float* = nullptr) {}
 constexpr bool kHaveTranspose16 = false;
 #endif
 
@@ -247,8 +311,9 @@ template <typename in_t, typename out_t>
 inline void transpose_tile(const in_t* src, int64_t ss0, int64_t ss1, out_t* dst, int64_t ds,
                            int64_t rows, int64_t cols, const out_t* add = nullptr) {
   if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
-    if (kHaveTranspose16 && rows == 16 && cols == 16 && ss1 == 1 && cpu_has_avx512()) {
-      transpose16x16(src, ss0, dst, ds, add);
+    if (kHaveTranspose16 && rows == 16 && cols == 16 && ss1 == 1 && simd_level() != SimdLevel::kGeneric) {
+      if (simd_level() == SimdLevel::kAvx512) transpose16x16(src, ss0, dst, ds, add);
+      else transpose16x16_avx2(src, ss0, dst, ds, add);
       return;
     }
   }
@@ -271,8 +336,18 @@ __attribute__((target("avx512f"))) void add_column_sums16(const float* src, int6
   for (int r = 1; r < 16; ++r) acc = _mm512_add_ps(acc, _mm512_loadu_ps(src + r * ss));
   _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), acc));
 }
+
+// The same with AVX2: each 8-column half in the same order.
+__attribute__((target("avx2"))) void add_column_sums16_avx2(const float* src, int64_t ss, float* sums) {
+  for (int h = 0; h < 16; h += 8) {
+    __m256 acc = _mm256_loadu_ps(src + h);
+    for (int r = 1; r < 16; ++r) acc = _mm256_add_ps(acc, _mm256_loadu_ps(src + r * ss + h));
+    _mm256_storeu_ps(sums + h, _mm256_add_ps(_mm256_loadu_ps(sums + h), acc));
+  }
+}
 #else
 void add_column_sums16(const float*, int64_t, float*) {}
+void add_column_sums16_avx2(const float*, int64_t, float*) {}
 #endif
 
 // sums[c] += sum over r < rows of src[r * ss0 + c * ss1], c < cols: the rows are added in
@@ -281,8 +356,9 @@ void add_column_sums16(const float*, int64_t, float*) {}
 template <typename in_t, typename out_t>
 inline void add_column_sums(const in_t* src, int64_t ss0, int64_t ss1, int64_t rows, int64_t cols, out_t* sums) {
   if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
-    if (kHaveTranspose16 && rows == 16 && cols == 16 && ss1 == 1 && cpu_has_avx512()) {
-      add_column_sums16(src, ss0, sums);
+    if (kHaveTranspose16 && rows == 16 && cols == 16 && ss1 == 1 && simd_level() != SimdLevel::kGeneric) {
+      if (simd_level() == SimdLevel::kAvx512) add_column_sums16(src, ss0, sums);
+      else add_column_sums16_avx2(src, ss0, sums);
       return;
     }
   }

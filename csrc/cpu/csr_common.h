@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 namespace sparsekernels::cpu {
@@ -24,9 +25,14 @@ constexpr int64_t kWidePanel = 64;
 constexpr int64_t kMidPanel = 32;
 constexpr int64_t kNarrowPanel = 16;
 
-// The batch-only rule of the 2:4 kernel, on every CPU: its K slices
-// (sparse24_slice_bytes) keep the panel's reads in cache whatever the width.
-inline int64_t choose_panel(int64_t m) { return m <= kNarrowPanel ? kNarrowPanel : kWidePanel; }
+// The batch-only rule of the 2:4 kernel: its K slices (sparse24_slice_bytes) keep the
+// panel's reads in cache whatever the width. 64 wide, or 32 without AVX-512 (widest_panel).
+int64_t choose_panel(int64_t m);
+
+// The widest panel the CPU's row kernels keep in registers: 64 with AVX-512, else 32
+// (with AVX2's 16 registers a 64-wide row's accumulators alone take 8, which leaves no
+// room for a second FMA chain, the fused backward's x row or the 2:4 kernel's lockstep).
+int64_t widest_panel();
 
 // Per-core L2 size in bytes (sysconf; 1 MiB when unknown).
 int64_t l2_cache_bytes();
@@ -77,6 +83,16 @@ bool cpu_is_amd();
 // True when the running CPU has AVX-512F (checked once, at run time, so the same
 // binary runs on machines without it through the portable path).
 bool cpu_has_avx512();
+
+// The instruction set the fp32 kernels run (simd_rows.h): the best of AVX-512F, AVX2 +
+// FMA and the portable loops that the CPU has, or a lower one forced for tests.
+enum class SimdLevel : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+SimdLevel simd_level();
+// The best level the CPU has, whatever is forced.
+SimdLevel cpu_simd_level();
+// Caps simd_level() at `level` (any level up to the CPU's), or restores the CPU's best
+// for std::nullopt: tests run the AVX2 and portable kernels on AVX-512 machines too.
+void force_simd_level(std::optional<SimdLevel> level);
 
 // Scalar type the kernels compute in: double for double, float for everything else
 // (bf16 / fp16 inputs are widened while packing, so they accumulate in fp32).

@@ -6,21 +6,20 @@
 // CSR row, x's row is gathered per non-zero. A thread owns a block of CSR rows and sums
 // over all panels itself, so no two threads ever write the same dvalues entry.
 #include "csr_common.h"
-#include "simd_reduce.h"
+#include "simd_rows.h"
 
 #include <torch/library.h>
 
 #include <atomic>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include <type_traits>
 
 namespace sparsekernels::cpu {
 namespace {
 
 constexpr int64_t kRowsPerTask = 32;
 
+// Portable path (fp64, and fp32 on CPUs without AVX2); the fp32 kernels are
+// simd_rows.inc's sddmm.
 template <typename acc_t, int64_t T>
 void sddmm_rows_generic(const acc_t* panel_dy, const acc_t* panel_x, acc_t* out,
                         const int32_t* row_ptr, const int32_t* col_idx, int64_t r0, int64_t r1) {
@@ -34,42 +33,6 @@ void sddmm_rows_generic(const acc_t* panel_dy, const acc_t* panel_x, acc_t* out,
     }
   }
 }
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-template <int64_t T>
-__attribute__((target("avx512f"))) void sddmm_rows_avx512(const float* panel_dy,
-                                                          const float* panel_x, float* out,
-                                                          const int32_t* row_ptr,
-                                                          const int32_t* col_idx, int64_t r0,
-                                                          int64_t r1) {
-  constexpr int V = static_cast<int>(T / 16);
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 d[V];
-    for (int v = 0; v < V; ++v) d[v] = _mm512_loadu_ps(panel_dy + r * T + 16 * v);
-    int32_t e = row_ptr[r];
-    const int32_t end = row_ptr[r + 1];
-    for (; end - e >= 16; e += 16) {  // not e + 16 <= end: e near INT32_MAX would overflow
-      __m512 acc[16];
-      for (int i = 0; i < 16; ++i) {
-        const float* x = panel_x + static_cast<int64_t>(col_idx[e + i]) * T;
-        acc[i] = _mm512_mul_ps(d[0], _mm512_loadu_ps(x));
-        for (int v = 1; v < V; ++v) acc[i] = _mm512_fmadd_ps(d[v], _mm512_loadu_ps(x + 16 * v), acc[i]);
-      }
-      _mm512_storeu_ps(out + e, _mm512_add_ps(_mm512_loadu_ps(out + e), reduce16(acc)));
-    }
-    if (e < end) {
-      __m512 acc[16];
-      const int r = static_cast<int>(end - e);
-      for (int i = 0; i < r; ++i) {
-        const float* x = panel_x + static_cast<int64_t>(col_idx[e + i]) * T;
-        acc[i] = _mm512_mul_ps(d[0], _mm512_loadu_ps(x));
-        for (int v = 1; v < V; ++v) acc[i] = _mm512_fmadd_ps(d[v], _mm512_loadu_ps(x + 16 * v), acc[i]);
-      }
-      add_reduced_tail(out + e, acc, r);
-    }
-  }
-}
-#endif
 
 // False when some task's column indices were out of range (that task was skipped).
 template <typename acc_t, int64_t T>
@@ -93,14 +56,10 @@ bool sddmm_panels(const at::Tensor& pdy, const at::Tensor& px, at::Tensor& out,
     for (int64_t p = 0; p < p_count; ++p) {
       const acc_t* pd = dy + p * n * T;
       const acc_t* pxp = x + p * k * T;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (cpu_has_avx512()) {
-          sddmm_rows_avx512<T>(pd, pxp, o, rp, ci, r0, r1);
+        if (with_simd_rows([&](auto rows) { decltype(rows)::template sddmm<T>(pd, pxp, o, rp, ci, r0, r1); }))
           continue;
-        }
       }
-#endif
       sddmm_rows_generic<acc_t, T>(pd, pxp, o, rp, ci, r0, r1);
     }
   });

@@ -2,10 +2,10 @@
 // values [N, K/2] + meta [N, K/4] (uint8: positions i0 | i1 << 2 of the two kept weights
 // of each group of 4 along a row).
 //
-// Batch panels as the CSR kernels' (csr_common.h; 64 wide for batches over 16 rows on
-// every CPU, the batch-only choose_panel(m)), but the 2:4 structure lets a task
-// run kRows output rows in lockstep over the groups, and every row of a task reads the
-// same groups: a task (panel, 32 rows; 64 when the panel exceeds the L2) sweeps K in
+// Batch panels as the CSR kernels' (csr_common.h; 64 wide for batches over 16 rows, 32
+// without AVX-512: the batch-only choose_panel(m)), but the 2:4 structure lets a task
+// run several output rows in lockstep over the groups (simd_rows.inc's rows24), and
+// every row of a task reads the same groups: a task (panel, 32 rows; 64 when the panel exceeds the L2) sweeps K in
 // slices of the panel (sparse24_slice_bytes: L1-sized on Intel, a quarter of the L2 on
 // AMD), so a slice comes from the next cache level once per task and is then served to
 // all the task's rows (each panel row is read by half of them), instead of each row
@@ -13,20 +13,17 @@
 // task's L1 buffer between slices.
 // No column indices are read at all: meta is one byte per 4 weights.
 #include "csr_common.h"
+#include "simd_rows.h"
 
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include <type_traits>
 
 namespace sparsekernels::cpu {
 namespace {
 
-constexpr int64_t kRows = 4;  // rows in lockstep: kRows x (T/16) = 16 zmm accumulators
 // Bytes of the packed panel one K slice covers, which the two machine kinds want far
 // apart. Intel: small enough to stay in L1 next to the task's output buffer (32 rows x T
 // floats); Sapphire Rapids, one core, 4096 x 4096 weight, T = 64: 16 KiB slices 1.33 ns
@@ -59,44 +56,12 @@ void rows24_generic(const acc_t* panel_x, acc_t* block, const acc_t* vals, const
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-template <int64_t T>
-__attribute__((target("avx512f"))) void rows24_avx512(const float* panel_x, float* block, const float* vals,
-                                                      const uint8_t* meta, int64_t groups, int64_t g0, int64_t g1,
-                                                      int64_t r0, int64_t r1) {
-  constexpr int V = static_cast<int>(T / 16);
-  int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows) {
-    __m512 acc[kRows][V];
-    for (int i = 0; i < kRows; ++i)
-      for (int v = 0; v < V; ++v)
-        acc[i][v] = g0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(block + (r - r0 + i) * T + 16 * v);
-    for (int64_t g = g0; g < g1; ++g) {
-      const float* xg = panel_x + 4 * g * T;
-      for (int i = 0; i < kRows; ++i) {
-        const uint8_t m = meta[(r + i) * groups + g];
-        const float* x0 = xg + (m & 3) * T;
-        const float* x1 = xg + (m >> 2) * T;
-        const __m512 w0 = _mm512_set1_ps(vals[(r + i) * 2 * groups + 2 * g]);
-        const __m512 w1 = _mm512_set1_ps(vals[(r + i) * 2 * groups + 2 * g + 1]);
-        for (int v = 0; v < V; ++v) {
-          acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + 16 * v), acc[i][v]);
-          acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + 16 * v), acc[i][v]);
-        }
-      }
-    }
-    for (int i = 0; i < kRows; ++i)
-      for (int v = 0; v < V; ++v) _mm512_storeu_ps(block + (r - r0 + i) * T + 16 * v, acc[i][v]);
-  }
-  if (r < r1) rows24_generic<float, T>(panel_x, block + (r - r0) * T, vals, meta, groups, g0, g1, r, r1);
-}
-#endif
 
 template <typename acc_t, int64_t T>
 void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                      const at::Tensor* bias) {
   const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1), groups = k / 4;
-  // Rows per task (a multiple of kRows). Every task sweeps the whole panel; one larger
+  // Rows per task. Every task sweeps the whole panel; one larger
   // than the L2 then comes from L3 once per task, so such panels get tasks of twice the
   // rows: K = 11008 (2.8 MB), one Sapphire Rapids core, 144-151 ms instead of 155-160.
   // Not more: 128 rows of accumulators (32 KiB) and a slice no longer fit L1 (192 ms).
@@ -116,14 +81,11 @@ void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals
       for (int64_t g0 = 0; g0 < groups; g0 += slice_groups) {
         const int64_t g1 = std::min(groups, g0 + slice_groups);
         bool done = false;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
         if constexpr (std::is_same_v<acc_t, float>) {
-          if (cpu_has_avx512()) {
-            rows24_avx512<T>(x + p * k * T, block, v, m, groups, g0, g1, r0, r1);
-            done = true;
-          }
+          done = with_simd_rows([&](auto rows) {
+            decltype(rows)::template rows24<T>(x + p * k * T, block, v, m, groups, g0, g1, r0, r1);
+          });
         }
-#endif
         if (!done) rows24_generic<acc_t, T>(x + p * k * T, block, v, m, groups, g0, g1, r0, r1);
       }
       store_block(block, T, r1 - r0, p, r0, y, bias);
@@ -188,13 +150,11 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor y = out.view({m, n});
   const at::Tensor v = values.to(ct).contiguous();
-  if (ct == at::kDouble) {
-    if (t == kWidePanel) sparse24_panels<double, kWidePanel>(px, y, v, mc, bp);
-    else sparse24_panels<double, kNarrowPanel>(px, y, v, mc, bp);
-  } else {
-    if (t == kWidePanel) sparse24_panels<float, kWidePanel>(px, y, v, mc, bp);
-    else sparse24_panels<float, kNarrowPanel>(px, y, v, mc, bp);
-  }
+  with_panel_width(t, [&](auto width) {
+    constexpr int64_t T = decltype(width)::value;
+    if (ct == at::kDouble) sparse24_panels<double, T>(px, y, v, mc, bp);
+    else sparse24_panels<float, T>(px, y, v, mc, bp);
+  });
   return out;
 }
 

@@ -9,16 +9,13 @@
 // all its rows against one panel while that panel sits in its L2. A task computes its
 // rows into a small buffer in L1 and writes them transposed into y (store_block).
 #include "csr_common.h"
+#include "simd_rows.h"
 
 #include <torch/library.h>
 
 #include <atomic>
 #include <type_traits>
 #include <vector>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace sparsekernels::cpu {
 namespace {
@@ -27,8 +24,8 @@ namespace {
 // enough that two threads split even a 1024-row weight into many tasks.
 constexpr int64_t kRowsPerTask = 32;
 
-// Portable path (any ISA, any compute type): the compiler vectorises the T-wide axpy.
-// Rows [r0, r1) into block [r1 - r0, T].
+// Portable path (fp64, and fp32 on CPUs without AVX2): rows [r0, r1) into block
+// [r1 - r0, T]. The fp32 kernels are simd_rows.inc's spmm.
 template <typename acc_t, int64_t T>
 void spmm_rows_generic(const acc_t* panel_x, acc_t* block, const int32_t* row_ptr,
                        const int32_t* col_idx, const acc_t* vals, int64_t r0, int64_t r1) {
@@ -45,56 +42,12 @@ void spmm_rows_generic(const acc_t* panel_x, acc_t* block, const int32_t* row_pt
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// AVX-512 path for fp32. T / 16 accumulators per row, doubled (two non-zeros in flight)
-// so the FMA chains are independent: 8 chains for T = 64 hide the 4-cycle FMA latency.
-// No software prefetch: the loop is bound by the load ports, and 4 prefetches per
-// non-zero took them from the gathers (Sapphire Rapids, one core, T = 64: 1.17 vs 2.58 ns
-// per non-zero with the panel in L1, 2.03 vs 2.22 at K = 768, equal at K = 4096).
-template <int64_t T>
-__attribute__((target("avx512f"))) void spmm_rows_avx512(const float* panel_x, float* block,
-                                                         const int32_t* row_ptr,
-                                                         const int32_t* col_idx,
-                                                         const float* vals, int64_t r0,
-                                                         int64_t r1) {
-  constexpr int V = static_cast<int>(T / 16);
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 a[V], b[V];
-    for (int v = 0; v < V; ++v) {
-      a[v] = _mm512_setzero_ps();
-      b[v] = _mm512_setzero_ps();
-    }
-    int32_t e = row_ptr[r];
-    const int32_t end = row_ptr[r + 1];
-    for (; e + 1 < end; e += 2) {
-      const float* xa = panel_x + static_cast<int64_t>(col_idx[e]) * T;
-      const float* xb = panel_x + static_cast<int64_t>(col_idx[e + 1]) * T;
-      const __m512 wa = _mm512_set1_ps(vals[e]);
-      const __m512 wb = _mm512_set1_ps(vals[e + 1]);
-      for (int v = 0; v < V; ++v) {
-        a[v] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xa + 16 * v), a[v]);
-        b[v] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xb + 16 * v), b[v]);
-      }
-    }
-    if (e < end) {
-      const float* xa = panel_x + static_cast<int64_t>(col_idx[e]) * T;
-      const __m512 wa = _mm512_set1_ps(vals[e]);
-      for (int v = 0; v < V; ++v) a[v] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xa + 16 * v), a[v]);
-    }
-    float* y = block + (r - r0) * T;
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + 16 * v, _mm512_add_ps(a[v], b[v]));
-  }
-}
-#endif
-
 template <typename acc_t, int64_t T>
 void run_rows(const acc_t* px, acc_t* block, const int32_t* rp, const int32_t* ci, const acc_t* v,
               int64_t r0, int64_t r1) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx512()) return spmm_rows_avx512<T>(px, block, rp, ci, v, r0, r1);
+    if (with_simd_rows([&](auto rows) { decltype(rows)::template spmm<T>(px, block, rp, ci, v, r0, r1); })) return;
   }
-#endif
   spmm_rows_generic<acc_t, T>(px, block, rp, ci, v, r0, r1);
 }
 

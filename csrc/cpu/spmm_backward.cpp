@@ -21,17 +21,13 @@
 //   sparse, packing the 24 MiB dy was most of each op's time), for one panel or a
 //   pattern too large for the random writes to pay.
 #include "csr_common.h"
-#include "simd_reduce.h"
+#include "simd_rows.h"
 
 #include <torch/library.h>
 
 #include <atomic>
 #include <tuple>
 #include <type_traits>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace sparsekernels::cpu {
 namespace {
@@ -62,88 +58,17 @@ void fused_rows_generic(const acc_t* panel_dy, const acc_t* panel_x, acc_t* bloc
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// One entry: the gathered row d, times w, into the accumulators acc (a or b); its dot
-// product with x's row into *dot.
-template <int V>
-__attribute__((target("avx512f"), always_inline)) inline void fused_entry(const float* d, float weight,
-                                                                          const __m512* xk, __m512* acc,
-                                                                          __m512* dot) {
-  const __m512 w = _mm512_set1_ps(weight);
-  __m512 s = _mm512_setzero_ps();
-  for (int v = 0; v < V; ++v) {
-    __m512 dv = _mm512_loadu_ps(d + 16 * v);
-    // In a register: else the compiler folds the load into both FMAs and every gathered
-    // line is read twice.
-    asm("" : "+v"(dv));
-    acc[v] = _mm512_fmadd_ps(w, dv, acc[v]);
-    s = v == 0 ? _mm512_mul_ps(dv, xk[0]) : _mm512_fmadd_ps(dv, xk[v], s);
-  }
-  *dot = s;
-}
 
-// fp32: entries in groups of 16, whose dot products are summed horizontally together
-// (reduce16; a row's tail padded with zeros). A gathered row is loaded once into
-// registers and feeds both FMAs. The bits equal spmm_t's and sddmm's: dx^T's even and odd
-// entries go to two accumulators added at the end, as spmm_t's kernel does, and every dot
-// product is reduced by the same tree as sddmm's, so the choice between the two ways
-// never changes a result.
-template <int64_t T>
-__attribute__((target("avx512f"))) void fused_rows_avx512(const float* panel_dy, const float* panel_x, float* block,
-                                                          float* dw, const int32_t* t_row_ptr,
-                                                          const int32_t* t_col_idx, const float* vt, int64_t r0,
-                                                          int64_t r1, bool first) {
-  constexpr int V = static_cast<int>(T / 16);
-  // The dot products of a group wait here for reduce16 (in registers they pushed the
-  // accumulators out: 28 live vectors).
-  alignas(64) __m512 dot[16];
-  for (int64_t k = r0; k < r1; ++k) {
-    __m512 xk[V], a[V], b[V];
-    for (int v = 0; v < V; ++v) {
-      xk[v] = _mm512_loadu_ps(panel_x + k * T + 16 * v);
-      a[v] = _mm512_setzero_ps();
-      b[v] = _mm512_setzero_ps();
-    }
-    int32_t e = t_row_ptr[k];
-    const int32_t end = t_row_ptr[k + 1];
-    for (; end - e >= 16; e += 16) {  // not e + 16 <= end: e near INT32_MAX would overflow
-#pragma GCC unroll 8
-      for (int i = 0; i < 16; i += 2) {
-        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
-        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i + 1]) * T, vt[e + i + 1], xk, b,
-                       &dot[i + 1]);
-      }
-      const __m512 sums = reduce16(dot);
-      // 0 + sums at the first panel, as sddmm's zeroed output (a -0 dot product becomes +0).
-      _mm512_storeu_ps(dw + e, _mm512_add_ps(first ? _mm512_setzero_ps() : _mm512_loadu_ps(dw + e), sums));
-    }
-    if (e < end) {  // the tail (fewer than 16; it starts at an even offset in the row)
-      const int r = static_cast<int>(end - e);
-      int i = 0;
-      for (; i + 1 < r; i += 2) {
-        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
-        fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i + 1]) * T, vt[e + i + 1], xk, b,
-                       &dot[i + 1]);
-      }
-      if (i < r) fused_entry<V>(panel_dy + static_cast<int64_t>(t_col_idx[e + i]) * T, vt[e + i], xk, a, &dot[i]);
-      if (first) _mm512_mask_storeu_ps(dw + e, static_cast<__mmask16>((1u << r) - 1u), _mm512_setzero_ps());
-      add_reduced_tail(dw + e, dot, r);
-    }
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(block + (k - r0) * T + 16 * v, _mm512_add_ps(a[v], b[v]));
-  }
-}
-#endif
-
-// The AVX-512 rows for fp32 where the CPU has it, else the portable ones.
+// The fp32 rows of simd_rows.inc where the CPU has them, else the portable ones.
 template <typename acc_t, int64_t T>
 void run_fused_rows(const acc_t* panel_dy, const acc_t* panel_x, acc_t* block, acc_t* dw, const int32_t* t_row_ptr,
                     const int32_t* t_col_idx, const acc_t* vt, int64_t r0, int64_t r1, bool first) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx512())
-      return fused_rows_avx512<T>(panel_dy, panel_x, block, dw, t_row_ptr, t_col_idx, vt, r0, r1, first);
+    if (with_simd_rows([&](auto rows) {
+          decltype(rows)::template fused<T>(panel_dy, panel_x, block, dw, t_row_ptr, t_col_idx, vt, r0, r1, first);
+        }))
+      return;
   }
-#endif
   fused_rows_generic<acc_t, T>(panel_dy, panel_x, block, dw, t_row_ptr, t_col_idx, vt, r0, r1, first);
 }
 

@@ -253,7 +253,7 @@ __attribute__((target("avx512f"))) void collect_avx512(const uint32_t* gp, int64
 void collect_row(const uint32_t* gp, int64_t kk, int32_t row, bool use_floor, uint32_t floor,
                  std::vector<Candidate>& out) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (use_floor && cpu_has_avx512()) return collect_avx512(gp, kk, row, floor, out);
+  if (use_floor && simd_level() == SimdLevel::kAvx512) return collect_avx512(gp, kk, row, floor, out);
 #endif
   collect_scalar(gp, 0, kk, row, use_floor, floor, out);
 }

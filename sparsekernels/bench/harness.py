@@ -126,10 +126,12 @@ def _cache_sizes_kib(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
 
 
 def machine_kind(vendor: str, model: str, flags: set[str]) -> str:
-    """A short name for the kind of CPU, the unit results are compared by: "amd-epyc",
+    """A short name for the kind of CPU, the unit results are compared by: "amd-epyc"
+    (with AVX-512, Zen 4 on), "amd-epyc-avx2" (without: the kernels' AVX2 path),
     "intel-sapphire-rapids" (Xeon with AMX), "intel-xeon", else vendor and model."""
     if vendor == "AuthenticAMD":
-        return "amd-epyc" if "EPYC" in model else "amd"
+        kind = "amd-epyc" if "EPYC" in model else "amd"
+        return kind if "avx512f" in flags else kind + "-avx2"
     if vendor == "GenuineIntel":
         if "amx_tile" in flags:
             return "intel-sapphire-rapids"  # AMX first shipped with Sapphire Rapids Xeons
@@ -192,6 +194,7 @@ def machine_info(device: str = "cpu") -> dict:
 
     info["compiled_extension"] = _extension.compiled()
     info["cpu_avx512_path"] = _extension.cpu_has_avx512()
+    info["cpu_simd_path"] = _extension.cpu_simd_level()
     return info
 
 

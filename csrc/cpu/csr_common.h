@@ -81,7 +81,7 @@ void with_panel_width(int64_t t, F&& f) {
 bool cpu_is_amd();
 
 // True when the running CPU has AVX-512F (checked once, at run time, so the same
-// binary runs on machines without it through the portable path).
+// binary runs on machines without it through the AVX2 or portable paths).
 bool cpu_has_avx512();
 
 // The instruction set the fp32 kernels run (simd_rows.h): the best of AVX-512F, AVX2 +

@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -43,24 +44,29 @@ def random_batches(shape, count=2, seed=0):
     return [torch.randn(*shape, generator=g) for _ in range(count)]
 
 
-def assert_agrees(result, batch):
+def assert_agrees(result, batch, retimes=3):
     """Predicted vs measured end-to-end speed-up within AGREEMENT. A machine shared with other
-    jobs drifts over minutes (its dense-vs-sparse speed ratio moved by 10-20% between two
-    timings a minute apart here): when the gap is larger, the plan is timed again and the
-    models measured again right after, once, before failing."""
-    predicted, measured = result.predicted_speedup, result.measured_speedup
-    gap = abs(measured / predicted - 1)
-    again = ""
-    if gap > AGREEMENT:
-        again = f" (timed again after predicted {predicted:.3f}x, measured {measured:.3f}x)"
-        dense = result.dense_model
+    jobs drifts over minutes: its dense-vs-sparse speed ratio moved by 10-20% between two
+    timings a minute apart here, in either direction (one CI run: predicted 2.08x / measured
+    1.80x, then 1.91x / 2.19x). When the gap is larger, the plan is timed again and the models
+    measured again right after, up to ``retimes`` times, and the medians of all the
+    predictions and all the measurements are compared: a prediction that is off stays off
+    in the median, while drift in either direction cancels."""
+    predicted, measured = [result.predicted_speedup], [result.measured_speedup]
+
+    def gap():
+        return abs(statistics.median(measured) / statistics.median(predicted) - 1)
+
+    dense = result.dense_model
+    while gap() > AGREEMENT and len(predicted) <= retimes:
         db = spdy.measure_timings(dense, batch, {n: dense.get_submodule(n) for n in result.plan},
                                   result.timings.levels, repeats=9, progress=False)
-        predicted = db.dense_s / db.planned_s([result.level_index[n] for n in db.names])
-        measured = result.measure(rounds=15)
-        gap = abs(measured / predicted - 1)
-    print(f"\nSPDY target {result.target_speedup}x: predicted {predicted:.3f}x, measured {measured:.3f}x{again}")  # -s
-    assert gap <= AGREEMENT, f"predicted {predicted:.3f}x vs measured {measured:.3f}x\n" + result.table()
+        predicted.append(db.dense_s / db.planned_s([result.level_index[n] for n in db.names]))
+        measured.append(result.measure(rounds=15))
+    pairs = ", ".join(f"{p:.3f}x / {m:.3f}x" for p, m in zip(predicted, measured))
+    print(f"\nSPDY target {result.target_speedup}x: predicted / measured {pairs}")  # -s
+    assert gap() <= AGREEMENT, (f"predicted / measured {pairs}: medians {statistics.median(predicted):.3f}x "
+                                f"/ {statistics.median(measured):.3f}x\n" + result.table())
 
 
 def assert_plan_applied(result, model):

@@ -152,6 +152,28 @@ def test_tile_sizes_identical(backend):
                 torch.testing.assert_close(outs[0][2], o[2], rtol=2e-6, atol=1e-6)
 
 
+# The CPU kernel guesses a floor for the candidates from the gradient of 64 rows spread
+# evenly over W (rows i * N / 64), then checks that guess: fewer than k keys above it
+# means it was too high, and the selection runs again without it. Wider than 64 rows and
+# several tiles, so the guess is used; sampled rows with much larger gradients than the
+# rest make it too high (the second selection), much smaller ones make it low.
+@pytest.mark.parametrize("sampled_scale", [1.0, 1e3, 1e-3])
+@pytest.mark.parametrize("k", [1, 37, 300, 2000])
+def test_sampled_floor_any_gradient_scale(sampled_scale, k):
+    out_f, in_f = 256, 40
+    dy, x, mask = _random_case(16, out_f, in_f, 0.3, torch.float32, seed=k)
+    sampled = [i * out_f // 64 for i in range(64)]
+    dy[:, sampled] *= sampled_scale
+    row_ptr, col_idx = _pattern(mask)
+    with sparsekernels.use_backend("reference"):
+        want = topk_grow(dy, x, row_ptr, col_idx, k)
+    for tile in (400, 4096):  # 10 and 102 rows per tile
+        with sparsekernels.use_backend("cpu"):
+            got = topk_grow(dy, x, row_ptr, col_idx, k, tile_elems=tile)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), tile
+        torch.testing.assert_close(got[2], want[2], rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_agree(backend):
     dy, x, mask = _random_case(9, 20, 15, 0.3, torch.float64, seed=5)

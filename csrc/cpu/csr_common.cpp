@@ -89,14 +89,19 @@ namespace {
 std::atomic<int> forced_simd_level{-1};  // -1: the CPU's best
 }  // namespace
 
-SimdLevel simd_level() {
+std::atomic<int> detail::active_simd_level{-1};
+
+SimdLevel detail::init_simd_level() {
   const int forced = forced_simd_level.load(std::memory_order_relaxed);
-  const SimdLevel best = cpu_simd_level();
-  return forced < 0 ? best : static_cast<SimdLevel>(std::min(forced, static_cast<int>(best)));
+  const int best = static_cast<int>(cpu_simd_level());
+  const int level = forced < 0 ? best : std::min(forced, best);
+  active_simd_level.store(level, std::memory_order_relaxed);
+  return static_cast<SimdLevel>(level);
 }
 
 void force_simd_level(std::optional<SimdLevel> level) {
   forced_simd_level.store(level ? static_cast<int>(*level) : -1, std::memory_order_relaxed);
+  detail::init_simd_level();
 }
 
 namespace {

@@ -210,6 +210,15 @@ bool kth_largest_key(ForEachKey for_each_key, int64_t k, std::vector<int64_t>& c
   return true;
 }
 
+// For kth_largest_key: visits the rank keys of a score tile's `count` entries, skipping
+// the active positions.
+inline auto inactive_keys(const uint32_t* gp, int64_t count) {
+  return [gp, count](auto f) {
+    for (int64_t i = 0; i < count; ++i)
+      if (gp[i] != kActive) f(rank_key_of_bits(gp[i]));
+  };
+}
+
 // Appends the entries of tile row `row` (columns [c0, kk), at gp) whose rank key beats
 // `floor` (any key when `use_floor` is false; active positions never) as candidates, in
 // column order.
@@ -301,12 +310,7 @@ uint32_t sample_floor(const at::Tensor& dyc, const at::Tensor& xc, const int64_t
   uint32_t kth = 0;
   int64_t above = 0;
   const int64_t total = s * kk;
-  kth_largest_key(
-      [&](auto f) {
-        for (int64_t i = 0; i < total; ++i)
-          if (gp[i] != kActive) f(rank_key_of_bits(gp[i]));
-      },
-      static_cast<int64_t>(want), count, kth, above);
+  kth_largest_key(inactive_keys(gp, total), static_cast<int64_t>(want), count, kth, above);
   return kth;
 }
 
@@ -358,15 +362,9 @@ bool collect_best(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp
       // the ties at it by position). A radix select over the tile's keys, instead of
       // collecting and then cutting a million records. Not with a guess: a tile's k-th
       // key lies below a guess made for the whole gradient, unless the guess is far off.
-      const int64_t total = rows * kk;
       uint32_t kth = 0;
       int64_t above = 0;
-      const bool enough = kth_largest_key(
-          [&](auto f) {
-            for (int64_t i = 0; i < total; ++i)
-              if (gp[i] != kActive) f(rank_key_of_bits(gp[i]));
-          },
-          k, count, kth, above);
+      const bool enough = kth_largest_key(inactive_keys(gp, rows * kk), k, count, kth, above);
       if (enough && kth > 0) {
         use_floor = true;
         fl = kth - 1;  // collect keys >= kth
@@ -391,7 +389,6 @@ bool collect_best(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp
   if (static_cast<int64_t>(pool.size()) > k) cut_to_k();
   return true;
 }
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_keys_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                                    const at::Tensor& row_ptr,

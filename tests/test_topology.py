@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekernels import SparseConv2d, SparseLinear
+from sparsekernels.formats import CSR
 from sparsekernels.topology import (drop_smallest, grow_all, grow_by_gradient, grow_random, inactive_count,
                                     update_layer)
 
@@ -154,6 +155,41 @@ def test_grow_random_covers_the_inactive_positions_uniformly():
             counts[p] += 1
     expect = trials * 3 / len(free)
     assert all(0.5 * expect < c < 1.5 * expect for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv_groups2"])
+def test_grow_random_full_and_empty_rows(kind):
+    """Rows with every in-block position active and rows with none, the keep mask emptying
+    some more: every draw up to half the free positions stays inactive, in-block and
+    distinct, and over seeds every free position is drawn (the numbering of the free
+    positions misses none and invents none)."""
+    layer = _linear(12, 9, sparsity=0.5) if kind == "linear" else _conv(groups=2, sparsity=0.5)
+    groups, rpg, cpg = layer.groups_layout
+    rows = groups * rpg
+    mask = torch.zeros(rows, layer.csr().shape[1], dtype=torch.bool)
+    for r in range(rows):
+        block = slice((r // rpg) * cpg, (r // rpg + 1) * cpg)
+        if r % 4 == 0:
+            mask[r, block] = True                  # full row
+        elif r % 4 == 1:
+            pass                                   # empty row
+        else:
+            cols = torch.randperm(cpg, generator=torch.Generator().manual_seed(r))[: cpg // 2]
+            mask[r, (r // rpg) * cpg + cols] = True
+    dense = torch.randn(mask.shape, dtype=torch.float64) * mask
+    layer.set_csr(CSR.from_dense(dense))
+    keep = torch.arange(layer.nnz) % 5 != 0         # some active entries dropped
+    active_after = {e for e, k in zip(_entries(layer), keep.tolist()) if k}
+    free = {p for p in _all_positions(layer) if p not in active_after}
+    seen = set()
+    for seed in range(60):
+        rows_, cols_ = grow_random(layer, len(free) // 2, torch.Generator().manual_seed(seed), keep)
+        got = list(zip(rows_.tolist(), cols_.tolist()))
+        assert len(set(got)) == len(got) == len(free) // 2
+        assert set(got) <= free
+        assert got == sorted(got)                  # row-major
+        seen |= set(got)
+    assert seen == free
 
 
 # --------------------------------------------------------------------------- grow_all

@@ -73,47 +73,67 @@ def grow_by_gradient(layer, x: Tensor, dy: Tensor, n: int, keep: Tensor | None =
     return rows, cols, scores
 
 
+def _distinct_ranks(total: int, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` distinct integers drawn uniformly from [0, total) (int64, ascending), for
+    ``n`` well below ``total``. Independent uniform draws, their union sorted (duplicates
+    merged), more drawn while fewer than ``n`` are distinct, then a uniform n-subset of
+    the union: the union of i.i.d. draws is exchangeable, and so is the stopping rule (it
+    sees only the union's size), so every n-subset is equally likely. O(n log n)."""
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < n:
+        need = n - chosen.numel()
+        # Enough for the expected repeats among the draws and against the chosen ones.
+        draws = need + (need + chosen.numel()) * need // max(total, 1) + 64
+        chosen = torch.unique(torch.cat([chosen, torch.randint(0, total, (draws,), generator=generator)]))
+    if chosen.numel() > n:  # drop a uniform random few (the order stays ascending)
+        kept = torch.ones(chosen.numel(), dtype=torch.bool)
+        kept[torch.randperm(chosen.numel(), generator=generator)[:chosen.numel() - n]] = False
+        chosen = chosen[kept]
+    return chosen
+
+
 def grow_random(layer, n: int, generator: torch.Generator, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``n`` distinct inactive in-block positions drawn uniformly at random (SET).
 
-    Rejection sampling against the sorted active keys: O(n log nnz) per round, no dense
-    mask, and the same ``generator`` state gives the same positions on every rank."""
+    The inactive positions are numbered row-major; ``n`` distinct numbers are drawn and
+    each is turned into its (row, column) by two binary searches over the active pattern,
+    O(nnz + n log nnz) with no dense mask. The same ``generator`` state gives the same
+    positions on every rank. Returned in row-major order."""
     groups, rpg, cpg = layer.groups_layout
-    n_cols = layer.csr().shape[1]
     inactive = inactive_count(layer, keep)
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= inactive:
         raise ValueError(f"grow_random: n must be an int in [0, {inactive}] (inactive positions), got {n!r}")
-    active = _active_keys(layer, keep).cpu()
-    total_rows = groups * rpg
-    chosen = torch.empty(0, dtype=torch.long)
-    if 2 * n > inactive:
-        # Rejection sampling slows to a crawl when most free positions are wanted (the last
-        # few are rarely hit); then list the free positions, O(nnz + inactive) = O(nnz + n).
-        r_all, c_all = grow_all(layer, keep)
-        free = (r_all * n_cols + c_all).cpu()
-        chosen = free[torch.randperm(free.numel(), generator=generator)[:n]]
-    while chosen.numel() < n:
-        want = max(2 * (n - chosen.numel()), 64)
-        r = torch.randint(0, total_rows, (want,), generator=generator)
-        c = torch.randint(0, cpg, (want,), generator=generator) + (r // rpg) * cpg
-        keys = r * n_cols + c
-        if active.numel():
-            # Looked up in sorted order (sequential walks of ``active`` instead of a cache
-            # miss per random key), the verdicts put back in draw order.
-            sorted_keys, order = torch.sort(keys)
-            pos = torch.searchsorted(active, sorted_keys).clamp_max(active.numel() - 1)
-            hit = torch.empty_like(keys, dtype=torch.bool)
-            hit[order] = active[pos] == sorted_keys
-            keys = keys[~hit]
-        fresh = keys
-        # Keep first occurrences in draw order (deterministic), skipping ones already chosen.
-        merged = torch.cat([chosen, fresh])
-        uniq, inverse = torch.unique(merged, return_inverse=True)
-        first = torch.full((uniq.numel(),), merged.numel(), dtype=torch.long).scatter_reduce(
-            0, inverse, torch.arange(merged.numel()), reduce="amin")
-        chosen = merged[torch.sort(first).values][:n]
     device = layer.values.device
-    return (chosen // n_cols).to(device), (chosen % n_cols).to(device)
+    if 2 * n > inactive:
+        # Most free positions wanted: list them, O(nnz + inactive) = O(nnz + n).
+        r_all, c_all = grow_all(layer, keep)
+        pick = torch.randperm(r_all.numel(), generator=generator)[:n].sort().values.to(r_all.device)
+        return r_all[pick], c_all[pick]
+    row_ptr, col_idx = layer.row_ptr, layer.col_idx
+    if keep is not None:
+        row_ptr, col_idx = kept_pattern(row_ptr, col_idx, keep.nonzero().squeeze(1))
+    row_ptr, col_idx = row_ptr.long().cpu(), col_idx.long().cpu()
+    rows = groups * rpg
+    active = row_ptr[1:] - row_ptr[:-1]
+    # Inactive positions before each row (its in-block columns less its active ones).
+    starts = torch.zeros(rows + 1, dtype=torch.long)
+    starts[1:] = torch.cumsum(cpg - active, 0)
+    # For the active entry i of row r (local column k_i, i-th of its row): u = k_i - i +
+    # starts[r]. The inactive position numbered j (row r, local rank j - starts[r]) lies
+    # at local column (j - starts[r]) + #{i : k_i - i <= j - starts[r]}. u never
+    # decreases along the pattern (k_{i+1} >= k_i + 1, and a row's last u is at most
+    # starts[r + 1]), so one searchsorted over u counts, for every j, all entries of the
+    # rows before r plus those of row r that lie before it.
+    # u = col_idx - (global entry index) + (row start + starts[r] - the row's block start),
+    # the last term repeated over each row's entries.
+    row_offset = row_ptr[:-1] + starts[:-1] - (torch.arange(rows) // rpg) * cpg
+    u = col_idx - torch.arange(col_idx.numel()) + torch.repeat_interleave(row_offset, active,
+                                                                          output_size=col_idx.numel())
+    j = _distinct_ranks(inactive, n, generator)
+    r = torch.searchsorted(starts, j, right=True) - 1
+    before = torch.searchsorted(u, j, right=True) - row_ptr[r]
+    c = (r // rpg) * cpg + (j - starts[r]) + before
+    return r.to(device), c.to(device)
 
 
 def grow_all(layer, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:

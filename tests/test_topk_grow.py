@@ -153,10 +153,11 @@ def test_tile_sizes_identical(backend):
 
 
 # The CPU kernel guesses a floor for the candidates from the gradient of 64 rows spread
-# evenly over W (rows i * N / 64), then checks that guess: fewer than k keys above it
-# means it was too high, and the selection runs again without it. Wider than 64 rows and
-# several tiles, so the guess is used; sampled rows with much larger gradients than the
-# rest make it too high (the second selection), much smaller ones make it low.
+# evenly over W (rows i * N / 64; fewer where a tile holds fewer rows), then checks that
+# guess: fewer than k keys above it means it was too high, and the selection runs again
+# without it. Wider than 64 rows and several tiles, so the guess is used; with 64 or more
+# rows per tile the sampled rows are the scaled ones: much larger gradients than the rest
+# make the guess too high (the second selection), much smaller ones make it low.
 @pytest.mark.parametrize("sampled_scale", [1.0, 1e3, 1e-3])
 @pytest.mark.parametrize("k", [1, 37, 300, 2000])
 def test_sampled_floor_any_gradient_scale(sampled_scale, k):
@@ -167,7 +168,7 @@ def test_sampled_floor_any_gradient_scale(sampled_scale, k):
     row_ptr, col_idx = _pattern(mask)
     with sparsekernels.use_backend("reference"):
         want = topk_grow(dy, x, row_ptr, col_idx, k)
-    for tile in (400, 4096):  # 10 and 102 rows per tile
+    for tile in (400, 2560, 5120):  # 10, 64 and 128 rows per tile
         with sparsekernels.use_backend("cpu"):
             got = topk_grow(dy, x, row_ptr, col_idx, k, tile_elems=tile)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), tile

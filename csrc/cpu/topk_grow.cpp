@@ -286,11 +286,12 @@ constexpr double kMinSampleRank = 64;
 // gradients than the rest can put it above the true k-th key, which the caller detects
 // (fewer than k candidates collected) and then selects again without it. Without it the
 // first tiles see only a small part of the gradient, their k-th keys are low, and the
-// pool takes in k x (1 + ln(tiles)) candidates (4096 x 4096 at k = 30% of 10% nnz: 2 ms
+// pool takes in k x (1 + ln(tiles)) candidates (4096 x 4096, 90% sparse, k = 30% of nnz: 2 ms
 // of collecting and cutting per 1 ms of GEMM).
+// At most a tile's rows, so the extra memory stays one tile's worth.
 uint32_t sample_floor(const at::Tensor& dyc, const at::Tensor& xc, const int64_t* rp, const int32_t* c, int64_t k,
-                      int64_t inactive, std::vector<int64_t>& count) {
-  const int64_t n = dyc.size(1), kk = xc.size(1), s = std::min(n, kSampleRows);
+                      int64_t inactive, int64_t rows_per_tile, std::vector<int64_t>& count) {
+  const int64_t n = dyc.size(1), kk = xc.size(1), s = std::min({n, kSampleRows, rows_per_tile});
   std::vector<int64_t> rows(s);
   for (int64_t i = 0; i < s; ++i) rows[i] = i * n / s;
   const at::Tensor idx = at::from_blob(rows.data(), {s}, at::kLong);
@@ -413,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_keys_cpu(const at::Tens
   std::vector<int64_t> count(1 << 16);
   // A guessed floor pays where the tiles are several; with one tile the first tile's own
   // k-th key is exact. A wrong guess costs a second pass (never a wrong answer).
-  const uint32_t guess = rows_per_tile < n ? sample_floor(dyc, xc, rp, c, k, inactive, count) : 0;
+  const uint32_t guess = rows_per_tile < n ? sample_floor(dyc, xc, rp, c, k, inactive, rows_per_tile, count) : 0;
   bool ok = collect_best(dyc, xc, rp, c, k, rows_per_tile, guess, count, pool);
   if (!ok && guess > 0) ok = collect_best(dyc, xc, rp, c, k, rows_per_tile, 0, count, pool);
   TORCH_CHECK(ok, "topk_grow: internal selection error (", k, " of ", pool.size(), ")");

@@ -91,17 +91,25 @@ std::atomic<int> forced_simd_level{-1};  // -1: the CPU's best
 
 std::atomic<int> detail::active_simd_level{-1};
 
-SimdLevel detail::init_simd_level() {
-  const int forced = forced_simd_level.load(std::memory_order_relaxed);
+namespace {
+int level_for(int forced) {
   const int best = static_cast<int>(cpu_simd_level());
-  const int level = forced < 0 ? best : std::min(forced, best);
-  active_simd_level.store(level, std::memory_order_relaxed);
+  return forced < 0 ? best : std::min(forced, best);
+}
+}  // namespace
+
+SimdLevel detail::init_simd_level() {
+  // First use: set only if still unset, so a force_simd_level that ran meanwhile wins.
+  int level = level_for(forced_simd_level.load(std::memory_order_relaxed));
+  int unset = -1;
+  if (!active_simd_level.compare_exchange_strong(unset, level, std::memory_order_relaxed)) level = unset;
   return static_cast<SimdLevel>(level);
 }
 
 void force_simd_level(std::optional<SimdLevel> level) {
-  forced_simd_level.store(level ? static_cast<int>(*level) : -1, std::memory_order_relaxed);
-  detail::init_simd_level();
+  const int forced = level ? static_cast<int>(*level) : -1;
+  forced_simd_level.store(forced, std::memory_order_relaxed);
+  detail::active_simd_level.store(level_for(forced), std::memory_order_relaxed);
 }
 
 namespace {

@@ -307,7 +307,7 @@ uint32_t sample_floor(const at::Tensor& dyc, const at::Tensor& xc, const int64_t
   const double want = std::max(kMinSampleRank, std::ceil(static_cast<double>(kSampleMargin) * static_cast<double>(k) *
                                                          static_cast<double>(sample_inactive) /
                                                          static_cast<double>(inactive)));
-  if (want < 1 || want > static_cast<double>(sample_inactive)) return 0;
+  if (want > static_cast<double>(sample_inactive)) return 0;  // want >= kMinSampleRank >= 1
   uint32_t kth = 0;
   int64_t above = 0;
   const int64_t total = s * kk;

@@ -22,6 +22,15 @@ def _active_keys(layer, keep: Tensor | None) -> Tensor:
     return keys if keep is None else keys[keep]
 
 
+def _active_pattern(layer, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(row_ptr, col_idx) of the active positions after ``keep``: the layer's own pattern
+    with ``keep`` applied, a gather with each row's start the number of kept entries
+    before it (no flat keys)."""
+    if keep is None:
+        return layer.row_ptr, layer.col_idx
+    return kept_pattern(layer.row_ptr, layer.col_idx, keep.nonzero().squeeze(1))
+
+
 def inactive_count(layer, keep: Tensor | None = None) -> int:
     """In-block positions not active after ``keep``."""
     groups, rows, cols = layer.groups_layout
@@ -44,11 +53,7 @@ def grow_by_gradient(layer, x: Tensor, dy: Tensor, n: int, keep: Tensor | None =
     n_cols = layer.csr().shape[1]
     kwargs = {} if tile_elems is None else {"tile_elems": tile_elems}
     if groups == 1:
-        # The exclusion pattern is the layer's own with ``keep`` applied: a gather, and
-        # each row's start the number of kept entries before it (no flat keys).
-        row_ptr, col_idx = layer.row_ptr, layer.col_idx
-        if keep is not None:
-            row_ptr, col_idx = kept_pattern(row_ptr, col_idx, keep.nonzero().squeeze(1))
+        row_ptr, col_idx = _active_pattern(layer, keep)  # the positions excluded from growth
         k = min(n, rpg * cpg - col_idx.numel())
         return topk_grow(dy.contiguous(), x.contiguous(), row_ptr, col_idx, k, **kwargs)
     keys = _active_keys(layer, keep)
@@ -109,10 +114,7 @@ def grow_random(layer, n: int, generator: torch.Generator, keep: Tensor | None =
         r_all, c_all = grow_all(layer, keep)
         pick = torch.randperm(r_all.numel(), generator=generator)[:n].sort().values.to(r_all.device)
         return r_all[pick], c_all[pick]
-    row_ptr, col_idx = layer.row_ptr, layer.col_idx
-    if keep is not None:
-        row_ptr, col_idx = kept_pattern(row_ptr, col_idx, keep.nonzero().squeeze(1))
-    row_ptr, col_idx = row_ptr.long().cpu(), col_idx.long().cpu()
+    row_ptr, col_idx = (t.long().cpu() for t in _active_pattern(layer, keep))
     rows = groups * rpg
     active = row_ptr[1:] - row_ptr[:-1]
     # Inactive positions before each row (its in-block columns less its active ones).

@@ -675,11 +675,14 @@ def test_spmm_t_gathers_values_of_a_large_pattern(dtype, perm_dtype, seed):
         rev_tp[a:b] = tp[a:b].flip(0)
     got = C.spmm_t(dy, csr.values, trp, rev_ci, rev_tp.to(perm_dtype), None, False)
     assert rel_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # The range is checked chunk by chunk just before each is gathered: a bad entry
+    # anywhere (first chunk, middle, last entry) raises.
     for bad_value in (csr.nnz, -1):
-        bad = tp.clone().to(perm_dtype)
-        bad[-1] = bad_value
-        with pytest.raises(ValueError, match="t_perm entries must lie in"):
-            C.spmm_t(dy, csr.values, trp, tci, bad, None, False)
+        for at in (0, csr.nnz // 2, csr.nnz - 1):
+            bad = tp.clone().to(perm_dtype)
+            bad[at] = bad_value
+            with pytest.raises(ValueError, match="t_perm entries must lie in"):
+                C.spmm_t(dy, csr.values, trp, tci, bad, None, False)
 
 
 # --------------------------------------------------------------------------- backend selection

@@ -808,7 +808,8 @@ def test_unmeasured_auto_takes_the_compiled_kernel_at_every_density(sparsity, mo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("lead,out_f,in_f,sparsity", [((5,), 7, 9, 0.5), ((3, 33), 40, 17, 0.9), ((70,), 19, 130, 0.0),
                                                       ((0,), 6, 4, 0.5), ((16,), 8, 8, 1.0), ((150,), 200, 50, 0.5),
-                                                      ((2, 65), 33, 300, 0.97), ((129,), 64, 48, 1.0)])
+                                                      ((2, 65), 33, 300, 0.97), ((129,), 64, 48, 1.0),
+                                                      ((130,), 300, 40, 0.99)])
 def test_compiled_spmm_backward_matches_the_two_ops_and_float64(dtype, lead, out_f, in_f, sparsity):
     """spmm_backward's (dx, dvalues) against float64 dense products, and equal to spmm_t and
     sddmm run apart: odd sizes, batch dims, one to three panels, empty rows and columns,
@@ -846,6 +847,38 @@ def test_compiled_spmm_backward_matches_the_two_ops_and_float64(dtype, lead, out
     assert torch.equal(gx, apart_gx) and torch.equal(gv, apart_gv), seed
     bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
     assert torch.equal(gv.view(bits), apart_gv.view(bits)) and torch.equal(gx.view(bits), apart_gx.view(bits)), seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_backward_bits_do_not_depend_on_who_packs_dy(dtype):
+    """The one-sweep backward packs dy's panels once for all threads, or lets each thread
+    pack every panel itself where its entries outnumber dy's columns (nnz >= threads x
+    out_features). With nnz between out_features and twice that, one thread packs its own
+    and two threads share one packing: dx, dvalues and dbias must come out bit for bit the
+    same either way."""
+    if not sparsekernels._extension.compiled():
+        pytest.skip("compiled extension not loaded")
+    seed = torch.seed() % 2**31
+    out_f, in_f = 100, 80  # 3 blocks of 32 rows of W^T: two threads get two chunks
+    csr = make_csr(out_f, in_f, 0.98, dtype, seed=seed)
+    assert out_f <= csr.nnz < 2 * out_f, csr.nnz
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(130, out_f, generator=g, dtype=dtype)
+    x = torch.randn(130, in_f, generator=g, dtype=dtype)
+    C = torch.ops.sparsekernels_C
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = C.spmm_backward(dy, x, csr.values, *csr.pattern(), True)
+        torch.set_num_threads(2)
+        two = C.spmm_backward(dy, x, csr.values, *csr.pattern(), True)
+    finally:
+        torch.set_num_threads(threads)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    for a, b in zip(one, two):
+        assert torch.equal(a.view(bits), b.view(bits)), seed
+    want_gb = dy.double().sum(0)
+    assert rel_error(one[2], want_gb) < (1e-5 if dtype == torch.float32 else 1e-12), seed
 
 
 @pytest.mark.parametrize("batch", [5, 150])

@@ -383,6 +383,27 @@ inline void add_column_sums(const in_t* src, int64_t ss0, int64_t ss1, int64_t r
   }
 }
 
+// Columns [k0, k1) of panel p of x [m, k] (strides xs0, xs1) into panel [k, t]; their
+// column sums (the panel's rows in order) into sums[k0, k1) when sums is given.
+template <typename in_t, typename out_t>
+void pack_panel_columns(const in_t* src, int64_t xs0, int64_t xs1, int64_t m, int64_t t, int64_t p, int64_t k0,
+                        int64_t k1, out_t* panel, out_t* sums) {
+  if (sums) std::fill(sums + k0, sums + k1, out_t(0));
+  for (int64_t j0 = 0; j0 < t; j0 += 16) {
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, m - (p * t + j0)));
+    for (int64_t kk = k0; kk < k1; kk += 16) {
+      const int64_t cols = std::min<int64_t>(16, k1 - kk);
+      if (rows > 0) {  // (a padding tile has no rows of x to point at)
+        const in_t* tile = src + (p * t + j0) * xs0 + kk * xs1;
+        transpose_tile(tile, xs0, xs1, panel + kk * t + j0, t, rows, cols);
+        if (sums) add_column_sums(tile, xs0, xs1, rows, cols, sums + kk);
+      }
+      for (int64_t c = 0; c < cols; ++c)  // padding rows of the last panel
+        for (int64_t r = rows; r < 16; ++r) panel[(kk + c) * t + j0 + r] = out_t(0);
+    }
+  }
+}
+
 template <typename in_t, typename out_t>
 void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t, out_t* col_sums) {
   const int64_t m = x.size(0), k = x.size(1);
@@ -395,24 +416,9 @@ void pack_impl(const at::Tensor& x, at::Tensor& out, int64_t t, out_t* col_sums)
   at::parallel_for(0, p_count * k_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / k_blocks, k0 = (task % k_blocks) * kb;
-      const int64_t k1 = std::min(k, k0 + kb);
-      out_t* panel = dst + p * k * t;
       // This task owns columns [k0, k1) of panel p's sums: no two threads share one.
-      out_t* sums = col_sums ? col_sums + p * k : nullptr;
-      if (sums) std::fill(sums + k0, sums + k1, out_t(0));
-      for (int64_t j0 = 0; j0 < t; j0 += 16) {
-        const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, m - (p * t + j0)));
-        for (int64_t kk = k0; kk < k1; kk += 16) {
-          const int64_t cols = std::min<int64_t>(16, k1 - kk);
-          if (rows > 0) {  // (a padding tile has no rows of x to point at)
-            const in_t* tile = src + (p * t + j0) * xs0 + kk * xs1;
-            transpose_tile(tile, xs0, xs1, panel + kk * t + j0, t, rows, cols);
-            if (sums) add_column_sums(tile, xs0, xs1, rows, cols, sums + kk);
-          }
-          for (int64_t c = 0; c < cols; ++c)  // padding rows of the last panel
-            for (int64_t r = rows; r < 16; ++r) panel[(kk + c) * t + j0 + r] = out_t(0);
-        }
-      }
+      pack_panel_columns(src, xs0, xs1, m, t, p, k0, std::min(k, k0 + kb), dst + p * k * t,
+                         col_sums ? col_sums + p * k : nullptr);
     }
   });
 }
@@ -461,6 +467,20 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
   });
   return out;
 }
+
+template <typename out_t>
+void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out_t* col_sums) {
+  TORCH_INTERNAL_ASSERT(x.dim() == 2);
+  const int64_t m = x.size(0), k = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pack_one_panel", [&] {
+    // The same 64-column steps as pack_panels, so the column sums come out bit for bit alike.
+    for (int64_t k0 = 0; k0 < k; k0 += 64)
+      pack_panel_columns(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), m, t, p, k0, std::min(k, k0 + 64), panel,
+                         col_sums);
+  });
+}
+template void pack_one_panel<float>(const at::Tensor&, int64_t, int64_t, float*, float*);
+template void pack_one_panel<double>(const at::Tensor&, int64_t, int64_t, double*, double*);
 
 void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
                  const at::Tensor* bias) {

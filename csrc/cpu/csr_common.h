@@ -152,6 +152,11 @@ at::Tensor checked_bias(const char* what, const std::optional<at::Tensor>& bias,
 // gradient (dy summed over the batch) without another pass over dy.
 at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType compute, int slot,
                        at::Tensor* col_sums = nullptr);
+// Panel p of pack_panels(x, t, ...) into panel [K, t] (out_t: the compute dtype) on the
+// calling thread, with its column sums into col_sums [K] when given (bit for bit those of
+// pack_panels). For a thread that packs the panels it reads itself.
+template <typename out_t>
+void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out_t* col_sums);
 
 // Writes one task's output straight into y [M, N] (row-major, floating, any dtype):
 // block [rows, T] holds output rows r0 .. r0+rows-1 of panel p, and

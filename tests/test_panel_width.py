@@ -113,3 +113,38 @@ def test_layer_training_step_at_the_rules_narrow_width_matches_reference(seed):
     assert _width(k, torch.float32) == 16
     layer = sk.SparseLinear(k, 24, sparsity=0.995)
     assert_step_matches_reference(layer, torch.randn(BATCH, k, requires_grad=True), backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [40, 150])
+def test_forward_bits_do_not_depend_on_who_packs_x(force_width, dtype, batch):
+    """The forward (spmm, and spmm_t through the transpose map) packs x's panels once for
+    all threads, or lets each thread pack the panels its tasks read where there are at
+    least as many panels as threads (spmm.cpp: own_x_panels). At 64 wide, 40 rows are one
+    panel: one thread packs its own, two share one packing; 150 rows are three panels:
+    each thread packs its own either way. Every output must be bit for bit the same, and
+    right against float64."""
+    force_width(64)
+    seed = torch.seed() % 2**31
+    csr = make_csr(70, 90, 0.8, dtype, seed=seed, empty_rows=True)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 90, generator=g, dtype=dtype)
+    dy = torch.randn(batch, 70, generator=g, dtype=dtype)
+    bias = torch.randn(70, generator=g, dtype=dtype)
+    C = torch.ops.sparsekernels_C
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((C.spmm(x, csr.values, csr.row_ptr, csr.col_idx, None, False, bias),
+                         C.spmm_t(dy, csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)))
+    finally:
+        torch.set_num_threads(threads)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    for a, b in zip(*outs):
+        assert torch.equal(a.view(bits), b.view(bits)), seed
+    w = dense_of(csr)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_error(outs[0][0], x.double() @ w.t() + bias.double()) < tol, seed
+    assert rel_error(outs[0][1], dy.double() @ w) < tol, seed

@@ -119,6 +119,35 @@ def test_sparse24_mm_spans_this_cpus_slices(dtype, batch, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [40, 150])
+def test_sparse24_mm_bits_do_not_depend_on_who_packs_x(dtype, batch, seed):
+    # The 2:4 kernel packs x's panels once for all threads, or lets each thread pack the
+    # panels its tasks read where there are at least as many panels as threads
+    # (csr_common.h: chunks_pack_own_panels). 40 rows are one 64-wide panel: one thread
+    # packs its own, two share one packing; 150 rows are three panels, each thread packs
+    # its own. The output (with a bias) must be the same bits either way.
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(70, 96, generator=g, dtype=torch.float64).to(dtype)
+    vals, meta, mask = torch.ops.sparsekernels_C.sparse24_compress(w, False)
+    x = torch.randn(batch, 96, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(70, generator=g, dtype=torch.float64).to(dtype)
+    threads = torch.get_num_threads()
+    ys = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ys.append(torch.ops.sparsekernels_C.sparse24_mm(x, vals, meta, bias))
+    finally:
+        torch.set_num_threads(threads)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    assert torch.equal(ys[0].view(bits), ys[1].view(bits))
+    want = x.double() @ (w.double() * mask).t() + bias.double()
+    assert_close_rel(ys[0], want, 1e-5 if dtype == torch.float32 else 1e-12, "sparse24_mm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sparse24_mm_panel_larger_than_l2(dtype, seed):
     # A 64-wide panel of 8192 rows (2 / 4 MiB) exceeds the kernel's L2 budget, so its
     # tasks take 64 output rows instead of 32 (csrc/cpu/sparse24_mm.cpp): 150 rows make

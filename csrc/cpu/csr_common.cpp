@@ -482,6 +482,11 @@ void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out
 template void pack_one_panel<float>(const at::Tensor&, int64_t, int64_t, float*, float*);
 template void pack_one_panel<double>(const at::Tensor&, int64_t, int64_t, double*, double*);
 
+bool chunks_pack_own_panels(int64_t p_count, int64_t tasks) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  return p_count >= chunks;
+}
+
 void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
                  const at::Tensor* bias) {
   store_block_any(block, t, rows, p, r0, y, bias);

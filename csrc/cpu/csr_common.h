@@ -158,6 +158,43 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
 template <typename out_t>
 void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out_t* col_sums);
 
+// Whether the chunks of a parallel loop over tasks (panel, row block), run panel by panel,
+// pack the panels their tasks read themselves (ChunkPanels) instead of reading panels
+// packed for all of them beforehand: where there are at least as many panels as chunks,
+// so a panel is packed twice at most where two chunks split it. Why: a shared packed
+// panel reaches each chunk's L2 through its gathers' first touches, random, one miss to
+// L3 per line, which the kernel waits for; packed by the chunk just before its first task,
+// the panel is in L2 when the gathers start, and no packed copy is written out and read
+// back. DEVELOPERS.md has the measurements.
+bool chunks_pack_own_panels(int64_t p_count, int64_t tasks);
+
+// The panels of x [M, K] a chunk of tasks reads, in the compute dtype acc_t: panel p of
+// `packed` [P, K, T] where that is defined, else the chunk's own copy, packed (with its
+// column sums into col_sums [K], when given) when the chunk moves to panel p.
+template <typename acc_t, int64_t T>
+class ChunkPanels {
+ public:
+  ChunkPanels(const at::Tensor& x, const at::Tensor& packed) : x_(x), k_(x.size(1)) {
+    if (packed.defined()) shared_ = packed.data_ptr<acc_t>();
+    else own_ = at::empty({k_ * T}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  }
+  const acc_t* panel(int64_t p, acc_t* col_sums = nullptr) {
+    if (shared_ != nullptr) return shared_ + p * k_ * T;
+    if (p != own_p_) {
+      pack_one_panel<acc_t>(x_, T, p, own_.data_ptr<acc_t>(), col_sums);
+      own_p_ = p;
+    }
+    return own_.data_ptr<acc_t>();
+  }
+
+ private:
+  const at::Tensor& x_;
+  const int64_t k_;
+  const acc_t* shared_ = nullptr;
+  at::Tensor own_;
+  int64_t own_p_ = -1;
+};
+
 // Writes one task's output straight into y [M, N] (row-major, floating, any dtype):
 // block [rows, T] holds output rows r0 .. r0+rows-1 of panel p, and
 // y[p*T + j][r0 + r] = block[r][j] for the batch rows p*T + j < M (padding dropped).

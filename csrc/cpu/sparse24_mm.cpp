@@ -57,10 +57,15 @@ void rows24_generic(const acc_t* panel_x, acc_t* block, const acc_t* vals, const
 }
 
 
+// x2 [M, K]'s panels come packed in px [P, K, T], or, where px is undefined, each chunk
+// of tasks packs the panels its tasks read itself (chunks_pack_own_panels). Measured
+// (Sapphire Rapids, 2 threads, builds alternating, first call after a dense one, x dense):
+// (2048, 1024, 1024) 0.99-1.03 -> 1.11-1.12, (256, 4096, 4096) 1.13-1.16 -> 1.17.
 template <typename acc_t, int64_t T>
-void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
-                     const at::Tensor* bias) {
-  const int64_t p_count = px.size(0), k = px.size(1), n = y.size(1), groups = k / 4;
+void sparse24_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals,
+                     const at::Tensor& meta, const at::Tensor* bias) {
+  const int64_t k = x2.size(1), n = y.size(1), groups = k / 4;
+  const int64_t p_count = (x2.size(0) + T - 1) / T;
   // Rows per task. Every task sweeps the whole panel; one larger
   // than the L2 then comes from L3 once per task, so such panels get tasks of twice the
   // rows: K = 11008 (2.8 MB), one Sapphire Rapids core, 144-151 ms instead of 155-160.
@@ -70,23 +75,24 @@ void sparse24_panels(const at::Tensor& px, at::Tensor& y, const at::Tensor& vals
   // A group is 4 panel rows of T values.
   const int64_t group_bytes = 4 * T * static_cast<int64_t>(sizeof(acc_t));
   const int64_t slice_groups = std::max<int64_t>(1, sparse24_slice_bytes() / group_bytes);
-  const acc_t* x = px.data_ptr<acc_t>();
   const acc_t* v = vals.data_ptr<acc_t>();
   const uint8_t* m = meta.data_ptr<uint8_t>();
   at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
+    ChunkPanels<acc_t, T> panels(x2, px);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, r0 = (task % blocks) * rows_per_task;
       const int64_t r1 = std::min(n, r0 + rows_per_task);
+      const acc_t* x = panels.panel(p);
       alignas(64) acc_t block[kMaxRowsPerTask * T];
       for (int64_t g0 = 0; g0 < groups; g0 += slice_groups) {
         const int64_t g1 = std::min(groups, g0 + slice_groups);
         bool done = false;
         if constexpr (std::is_same_v<acc_t, float>) {
           done = with_simd_rows([&](auto rows) {
-            decltype(rows)::template rows24<T>(x + p * k * T, block, v, m, groups, g0, g1, r0, r1);
+            decltype(rows)::template rows24<T>(x, block, v, m, groups, g0, g1, r0, r1);
           });
         }
-        if (!done) rows24_generic<acc_t, T>(x + p * k * T, block, v, m, groups, g0, g1, r0, r1);
+        if (!done) rows24_generic<acc_t, T>(x, block, v, m, groups, g0, g1, r0, r1);
       }
       store_block(block, T, r1 - r0, p, r0, y, bias);
     }
@@ -144,7 +150,11 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   if (k == 0) return bp ? at::zeros(out_shape, x.options()).add_(*bp) : at::zeros(out_shape, x.options());
   const at::ScalarType ct = compute_type(x.scalar_type());
   const int64_t t = choose_panel(m);
-  const at::Tensor px = pack_panels(x2, t, ct, /*slot=*/0);
+  const int64_t p_count = (m + t - 1) / t;
+  const int64_t rows_per_task = 32;  // the fewest sparse24_panels uses: the most tasks
+  const at::Tensor px = chunks_pack_own_panels(p_count, p_count * ((n + rows_per_task - 1) / rows_per_task))
+                            ? at::Tensor()
+                            : pack_panels(x2, t, ct, /*slot=*/0);
   // Allocated in the output's shape and returned as is (not a view: callers may add to it
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());
@@ -152,8 +162,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const at::Tensor v = values.to(ct).contiguous();
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
-    if (ct == at::kDouble) sparse24_panels<double, T>(px, y, v, mc, bp);
-    else sparse24_panels<float, T>(px, y, v, mc, bp);
+    if (ct == at::kDouble) sparse24_panels<double, T>(px, x2, y, v, mc, bp);
+    else sparse24_panels<float, T>(px, x2, y, v, mc, bp);
   });
   return out;
 }

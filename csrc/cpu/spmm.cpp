@@ -51,23 +51,12 @@ void run_rows(const acc_t* px, acc_t* block, const int32_t* rp, const int32_t* c
   spmm_rows_generic<acc_t, T>(px, block, rp, ci, v, r0, r1);
 }
 
-// Whether spmm_panels' chunks pack the panels their tasks read themselves (below) rather
-// than read panels packed for all beforehand: where there are at least as many panels as
-// chunks, so a panel is packed twice at most where two chunks split it. A chunk's tasks
-// run panel by panel; packed by the chunk just before its first task, the panel is in L2
-// when the gathers start, instead of reaching it by random first touches from L3 (one
-// miss per line), and no packed copy of x is written out and read back. Measured
+// x2 [M, K]'s panels come packed in px [P, K, T], or, where px is undefined, each chunk
+// of tasks packs the panels its tasks read itself (chunks_pack_own_panels). Measured
 // (Sapphire Rapids, 2 threads, builds alternating, forward alone, first call after a
 // dense one / later calls, ms): SparseProp's (2048, 768 -> 3072) 98% 4.2-4.7 / 3.6-3.9
 // -> 3.5-3.9 / 2.8-3.1; 11008 -> 4096 90% (B = 256) 30.5-32.8 / 31.0-31.8 -> 28.4-28.6 /
 // 27.0-28.1; (256, 4096, 4096) 90% and 95% within the noise (better in 2 of 3 rounds).
-bool own_x_panels(int64_t p_count, int64_t tasks) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
-  return p_count >= chunks;
-}
-
-// x2 [M, K]'s panels come packed in px [P, K, T], or, where px is undefined, each chunk
-// of tasks packs the panel its next task reads itself (own_x_panels).
 // False when some task's column indices were out of range (that task was skipped).
 template <typename acc_t, int64_t T>
 bool spmm_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, const at::Tensor& row_ptr,
@@ -75,7 +64,6 @@ bool spmm_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, cons
   const int64_t k = x2.size(1), n = y.size(1);
   const int64_t p_count = (x2.size(0) + T - 1) / T;
   const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
-  const acc_t* x = px.defined() ? px.data_ptr<acc_t>() : nullptr;
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const acc_t* v = vals.data_ptr<acc_t>();
@@ -84,21 +72,9 @@ bool spmm_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, cons
     // Blocks whose indices this chunk of tasks has checked: a block recurs once per panel
     // (each check re-read its indices: 3.6% of a 95%-sparse (256, 4096, 4096) forward).
     std::vector<char> checked(static_cast<size_t>(blocks), 0);
-    at::Tensor own;
-    int64_t own_p = -1;
-    if (x == nullptr) own = at::empty({k * T}, x2.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    ChunkPanels<acc_t, T> panels(x2, px);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, b = task % blocks, r0 = b * kRowsPerTask;
-      const acc_t* panel;
-      if (x == nullptr) {
-        if (p != own_p) {
-          pack_one_panel<acc_t>(x2, T, p, own.data_ptr<acc_t>(), nullptr);
-          own_p = p;
-        }
-        panel = own.data_ptr<acc_t>();
-      } else {
-        panel = x + p * k * T;
-      }
       const int64_t r1 = std::min(n, r0 + kRowsPerTask);
       // The pattern's column check, for just the indices this task reads (check_csr).
       if (!checked[b]) {
@@ -109,7 +85,7 @@ bool spmm_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, cons
         checked[b] = 1;
       }
       alignas(64) acc_t block[kRowsPerTask * T];
-      run_rows<acc_t, T>(panel, block, rp, ci, v, r0, r1);
+      run_rows<acc_t, T>(panels.panel(p), block, rp, ci, v, r0, r1);
       store_block(block, T, r1 - r0, p, r0, y, bias);
     }
   });
@@ -195,7 +171,7 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   const int64_t t = packed ? packed->size(2) : choose_panel(m, k, c10::elementSize(ct));
   const int64_t p_count = (m + t - 1) / t, tasks = p_count * ((n + kRowsPerTask - 1) / kRowsPerTask);
   const at::Tensor px =
-      packed ? *packed : (own_x_panels(p_count, tasks) ? at::Tensor() : pack_panels(x2, t, ct, /*slot=*/0));
+      packed ? *packed : (chunks_pack_own_panels(p_count, tasks) ? at::Tensor() : pack_panels(x2, t, ct, /*slot=*/0));
   // Allocated in the output's shape and returned as is (not a view: callers may add to it
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());

@@ -98,16 +98,9 @@ bool fused_panels(const at::Tensor& pdy, const at::Tensor& dy, acc_t* dy_sums, c
       return;
     }
     alignas(64) acc_t block[kRowsPerTask * T];
-    at::Tensor own;  // this chunk's panel of dy, where it packs its own
-    if (!pdy.defined()) own = at::empty({n * T}, dy.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    ChunkPanels<acc_t, T> panels(dy, pdy);
     for (int64_t p = 0; p < p_count; ++p) {
-      const acc_t* dyp;
-      if (own.defined()) {
-        pack_one_panel<acc_t>(dy, T, p, own.data_ptr<acc_t>(), dy_sums != nullptr && begin == 0 ? dy_sums + p * n : nullptr);
-        dyp = own.data_ptr<acc_t>();
-      } else {
-        dyp = pdy.data_ptr<acc_t>() + p * n * T;
-      }
+      const acc_t* dyp = panels.panel(p, dy_sums != nullptr && begin == 0 ? dy_sums + p * n : nullptr);
       for (int64_t r0 = k0; r0 < k1; r0 += kRowsPerTask) {
         const int64_t r1 = std::min(k1, r0 + kRowsPerTask);
         run_fused_rows<acc_t, T>(dyp, xp + p * k * T, block, dw, rp, ci, v, r0, r1, p == 0);

@@ -120,10 +120,10 @@ def test_layer_training_step_at_the_rules_narrow_width_matches_reference(seed):
 def test_forward_bits_do_not_depend_on_who_packs_x(force_width, dtype, batch):
     """The forward (spmm, and spmm_t through the transpose map) packs x's panels once for
     all threads, or lets each thread pack the panels its tasks read where there are at
-    least as many panels as threads (spmm.cpp: own_x_panels). At 64 wide, 40 rows are one
-    panel: one thread packs its own, two share one packing; 150 rows are three panels:
-    each thread packs its own either way. Every output must be bit for bit the same, and
-    right against float64."""
+    least as many panels as threads (csr_common.h: chunks_pack_own_panels). At 64 wide,
+    40 rows are one panel: one thread packs its own, two share one packing; 150 rows are
+    three panels: each thread packs its own either way. Every output must be bit for bit
+    the same, and right against float64."""
     force_width(64)
     seed = torch.seed() % 2**31
     csr = make_csr(70, 90, 0.8, dtype, seed=seed, empty_rows=True)

@@ -469,18 +469,20 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
 }
 
 template <typename out_t>
-void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out_t* col_sums) {
+void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out_t* col_sums, int64_t c0,
+                    int64_t c1) {
   TORCH_INTERNAL_ASSERT(x.dim() == 2);
-  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t m = x.size(0);
+  if (c1 < 0) c1 = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pack_one_panel", [&] {
     // The same 64-column steps as pack_panels, so the column sums come out bit for bit alike.
-    for (int64_t k0 = 0; k0 < k; k0 += 64)
-      pack_panel_columns(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), m, t, p, k0, std::min(k, k0 + 64), panel,
+    for (int64_t k0 = c0; k0 < c1; k0 += 64)
+      pack_panel_columns(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), m, t, p, k0, std::min(c1, k0 + 64), panel,
                          col_sums);
   });
 }
-template void pack_one_panel<float>(const at::Tensor&, int64_t, int64_t, float*, float*);
-template void pack_one_panel<double>(const at::Tensor&, int64_t, int64_t, double*, double*);
+template void pack_one_panel<float>(const at::Tensor&, int64_t, int64_t, float*, float*, int64_t, int64_t);
+template void pack_one_panel<double>(const at::Tensor&, int64_t, int64_t, double*, double*, int64_t, int64_t);
 
 bool chunks_pack_own_panels(int64_t p_count, int64_t tasks) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));

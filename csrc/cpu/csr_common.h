@@ -154,9 +154,12 @@ at::Tensor pack_panels(const at::Tensor& x, int64_t panel, at::ScalarType comput
                        at::Tensor* col_sums = nullptr);
 // Panel p of pack_panels(x, t, ...) into panel [K, t] (out_t: the compute dtype) on the
 // calling thread, with its column sums into col_sums [K] when given (bit for bit those of
-// pack_panels). For a thread that packs the panels it reads itself.
+// pack_panels). For a thread that packs the panels it reads itself. Only x's columns
+// [c0, c1) (c1 < 0: to the end; c0 a multiple of 64 for pack_panels' sums) when given:
+// panel rows c0 .. c1 - 1, at their places in panel.
 template <typename out_t>
-void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out_t* col_sums);
+void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out_t* col_sums, int64_t c0 = 0,
+                    int64_t c1 = -1);
 
 // Whether the chunks of a parallel loop over tasks (panel, row block), run panel by panel,
 // pack the panels their tasks read themselves (ChunkPanels) instead of reading panels

@@ -82,11 +82,10 @@ void run_fused_rows(const acc_t* panel_dy, const acc_t* panel_x, acc_t* block, a
 // every panel of dy [M, n] itself just before sweeping it (own_dy_panels); the chunk that
 // starts at block 0 then also takes the panels' column sums into dy_sums [P, n] (if given).
 template <typename acc_t, int64_t T>
-bool fused_panels(const at::Tensor& pdy, const at::Tensor& dy, acc_t* dy_sums, const at::Tensor& px, at::Tensor& dx,
+bool fused_panels(const at::Tensor& pdy, const at::Tensor& dy, acc_t* dy_sums, const at::Tensor& x2, at::Tensor& dx,
                   const at::Tensor& vt, acc_t* dw, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx) {
-  const int64_t p_count = px.size(0), n = dy.size(1), k = px.size(1);
+  const int64_t p_count = (dy.size(0) + T - 1) / T, n = dy.size(1), k = x2.size(1);
   const int64_t blocks = (k + kRowsPerTask - 1) / kRowsPerTask;
-  const acc_t* xp = px.data_ptr<acc_t>();
   const acc_t* v = vt.data_ptr<acc_t>();
   const int32_t* rp = t_row_ptr.data_ptr<int32_t>();
   const int32_t* ci = t_col_idx.data_ptr<int32_t>();
@@ -99,11 +98,16 @@ bool fused_panels(const at::Tensor& pdy, const at::Tensor& dy, acc_t* dy_sums, c
     }
     alignas(64) acc_t block[kRowsPerTask * T];
     ChunkPanels<acc_t, T> panels(dy, pdy);
+    // x's panel rows of this chunk's W^T rows, packed by the chunk (held in registers per
+    // row by the sweep; at their places in a [K, T] buffer).
+    at::Tensor xown = at::empty({k * T}, dy.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* xp = xown.data_ptr<acc_t>();
     for (int64_t p = 0; p < p_count; ++p) {
       const acc_t* dyp = panels.panel(p, dy_sums != nullptr && begin == 0 ? dy_sums + p * n : nullptr);
+      pack_one_panel<acc_t>(x2, T, p, xp, nullptr, k0, k1);
       for (int64_t r0 = k0; r0 < k1; r0 += kRowsPerTask) {
         const int64_t r1 = std::min(k1, r0 + kRowsPerTask);
-        run_fused_rows<acc_t, T>(dyp, xp + p * k * T, block, dw, rp, ci, v, r0, r1, p == 0);
+        run_fused_rows<acc_t, T>(dyp, xp, block, dw, rp, ci, v, r0, r1, p == 0);
         store_block(block, T, r1 - r0, p, r0, dx);
       }
     }
@@ -159,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& dy, const at
   at::Tensor dx = dx_out.view({m, k});
   const at::Tensor dy2 = dy.reshape({m, n});
   const at::Tensor pdy = own_dy_panels(nnz, n, k) ? at::Tensor() : pack_panels(dy2, t, ct, /*slot=*/0, dy_sums);
-  const at::Tensor px = pack_panels(x.reshape({m, k}), t, ct, /*slot=*/1);
+  const at::Tensor x2 = x.reshape({m, k});
   const at::Tensor vt = gather_values(values, t_perm, ct);
   at::Tensor dw = workspace(kDwSlot, {nnz}, ct);
   // Zeroed: t_perm is a permutation by the transpose map's contract, but one that is not
@@ -170,11 +174,11 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& dy, const at
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
     if (ct == at::kDouble) {
-      ok = fused_panels<double, T>(pdy, dy2, dy_sums ? dy_sums->data_ptr<double>() : nullptr, px, dx, vt,
+      ok = fused_panels<double, T>(pdy, dy2, dy_sums ? dy_sums->data_ptr<double>() : nullptr, x2, dx, vt,
                                    dw.data_ptr<double>(), trp, tci);
       if (ok) scatter_values(dw.data_ptr<double>(), tp, dvalues);
     } else {
-      ok = fused_panels<float, T>(pdy, dy2, dy_sums ? dy_sums->data_ptr<float>() : nullptr, px, dx, vt,
+      ok = fused_panels<float, T>(pdy, dy2, dy_sums ? dy_sums->data_ptr<float>() : nullptr, x2, dx, vt,
                                   dw.data_ptr<float>(), trp, tci);
       if (ok) scatter_values(dw.data_ptr<float>(), tp, dvalues);
     }

@@ -60,7 +60,7 @@ void rows24_generic(const acc_t* panel_x, acc_t* block, const acc_t* vals, const
 // x2 [M, K]'s panels come packed in px [P, K, T], or, where px is undefined, each chunk
 // of tasks packs the panels its tasks read itself (chunks_pack_own_panels). Measured
 // (Sapphire Rapids, 2 threads, builds alternating, first call after a dense one, x dense):
-// (2048, 1024, 1024) 0.99-1.03 -> 1.11-1.12, (256, 4096, 4096) 1.13-1.16 -> 1.17.
+// (2048, 1024, 1024) 0.99-1.03 -> 1.09-1.12, (256, 4096, 4096) 1.13-1.16 -> 1.17.
 template <typename acc_t, int64_t T>
 void sparse24_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals,
                      const at::Tensor& meta, const at::Tensor* bias) {

@@ -16,7 +16,9 @@
 //   that bounds both (csr_common.h); fused, the gathers are halved. The dot products
 //   come out in W^T's order and are put in W's order at the end (one random write per
 //   entry, besides the values' gather into W^T's order that spmm_t also makes): O(nnz),
-//   against the O(nnz x panels) of gathers saved.
+//   against the O(nnz x panels) of gathers saved. Each chunk of the sweep packs the x
+//   rows of its own W^T rows, and dy's panels too where its entries outnumber dy's
+//   columns (own_dy_panels), so the panels it gathers from are in its L2 beforehand.
 // * spmm_t and sddmm, sharing one packing of dy (at SparseProp's 2048 x 768 -> 3072, 98%
 //   sparse, packing the 24 MiB dy was most of each op's time), for one panel or a
 //   pattern too large for the random writes to pay.
@@ -81,6 +83,7 @@ void run_fused_rows(const acc_t* panel_dy, const acc_t* panel_x, acc_t* block, a
 // dy's panels come packed (pdy [P, n, T]) or, where pdy is undefined, each chunk packs
 // every panel of dy [M, n] itself just before sweeping it (own_dy_panels); the chunk that
 // starts at block 0 then also takes the panels' column sums into dy_sums [P, n] (if given).
+// x [M, K]'s panel rows of a chunk's W^T rows are always packed by the chunk.
 template <typename acc_t, int64_t T>
 bool fused_panels(const at::Tensor& pdy, const at::Tensor& dy, acc_t* dy_sums, const at::Tensor& x2, at::Tensor& dx,
                   const at::Tensor& vt, acc_t* dw, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx) {

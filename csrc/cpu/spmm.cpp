@@ -119,8 +119,11 @@ at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::Sca
         at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) {
           for (int64_t c0 = b; c0 < e; c0 += kCheckChunk) {
             const int64_t c1 = std::min(e, c0 + kCheckChunk);
+            // Checked through the entries the chunk's prefetches look up as well, so no
+            // prefetch address is formed from an unchecked index.
+            const int64_t checked_end = std::min(e, c1 + kGatherAhead);
             index_t lo = 0, hi = 0;
-            for (int64_t i = c0; i < c1; ++i) {
+            for (int64_t i = c0; i < checked_end; ++i) {
               lo = std::min(lo, idx[i]);
               hi = std::max(hi, idx[i]);
             }

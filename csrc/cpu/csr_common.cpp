@@ -484,10 +484,11 @@ void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out
 template void pack_one_panel<float>(const at::Tensor&, int64_t, int64_t, float*, float*, int64_t, int64_t);
 template void pack_one_panel<double>(const at::Tensor&, int64_t, int64_t, double*, double*, int64_t, int64_t);
 
-bool chunks_pack_own_panels(int64_t p_count, int64_t tasks) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
-  return p_count >= chunks;
+int64_t parallel_chunks(int64_t tasks) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
 }
+
+bool chunks_pack_own_panels(int64_t p_count, int64_t tasks) { return p_count >= parallel_chunks(tasks); }
 
 void store_block(const float* block, int64_t t, int64_t rows, int64_t p, int64_t r0, at::Tensor& y,
                  const at::Tensor* bias) {

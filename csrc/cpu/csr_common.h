@@ -171,6 +171,10 @@ void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out
 // back. DEVELOPERS.md has the measurements.
 bool chunks_pack_own_panels(int64_t p_count, int64_t tasks);
 
+// How many chunks at::parallel_for(0, tasks, 1, ...) forms: one per thread, at most one
+// per task (at least one).
+int64_t parallel_chunks(int64_t tasks);
+
 // The panels of x [M, K] a chunk of tasks reads, in the compute dtype acc_t: panel p of
 // `packed` [P, K, T] where that is defined, else the chunk's own copy, packed (with its
 // column sums into col_sums [K], when given) when the chunk moves to panel p.

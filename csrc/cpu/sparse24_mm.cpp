@@ -57,13 +57,13 @@ void rows24_generic(const acc_t* panel_x, acc_t* block, const acc_t* vals, const
 }
 
 
-// x2 [M, K]'s panels come packed in px [P, K, T], or, where px is undefined, each chunk
-// of tasks packs the panels its tasks read itself (chunks_pack_own_panels). Measured
+// x2 [M, K]'s panels are packed once for all chunks of tasks, or each chunk packs the
+// panels its tasks read itself (chunks_pack_own_panels). Measured
 // (Sapphire Rapids, 2 threads, builds alternating, first call after a dense one, x dense):
 // (2048, 1024, 1024) 0.99-1.03 -> 1.09-1.12, (256, 4096, 4096) 1.13-1.16 -> 1.17.
 template <typename acc_t, int64_t T>
-void sparse24_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals,
-                     const at::Tensor& meta, const at::Tensor* bias) {
+void sparse24_panels(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
+                     const at::Tensor* bias) {
   const int64_t k = x2.size(1), n = y.size(1), groups = k / 4;
   const int64_t p_count = (x2.size(0) + T - 1) / T;
   // Rows per task. Every task sweeps the whole panel; one larger
@@ -72,6 +72,9 @@ void sparse24_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, 
   // Not more: 128 rows of accumulators (32 KiB) and a slice no longer fit L1 (192 ms).
   const int64_t rows_per_task = panel_fits_l2(k, T, sizeof(acc_t)) ? 32 : kMaxRowsPerTask;
   const int64_t blocks = (n + rows_per_task - 1) / rows_per_task;
+  const at::Tensor px = chunks_pack_own_panels(p_count, p_count * blocks)
+                            ? at::Tensor()
+                            : pack_panels(x2, T, c10::CppTypeToScalarType<acc_t>::value, /*slot=*/0);
   // A group is 4 panel rows of T values.
   const int64_t group_bytes = 4 * T * static_cast<int64_t>(sizeof(acc_t));
   const int64_t slice_groups = std::max<int64_t>(1, sparse24_slice_bytes() / group_bytes);
@@ -150,11 +153,6 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   if (k == 0) return bp ? at::zeros(out_shape, x.options()).add_(*bp) : at::zeros(out_shape, x.options());
   const at::ScalarType ct = compute_type(x.scalar_type());
   const int64_t t = choose_panel(m);
-  const int64_t p_count = (m + t - 1) / t;
-  const int64_t rows_per_task = 32;  // the fewest sparse24_panels uses: the most tasks
-  const at::Tensor px = chunks_pack_own_panels(p_count, p_count * ((n + rows_per_task - 1) / rows_per_task))
-                            ? at::Tensor()
-                            : pack_panels(x2, t, ct, /*slot=*/0);
   // Allocated in the output's shape and returned as is (not a view: callers may add to it
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());
@@ -162,8 +160,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const at::Tensor v = values.to(ct).contiguous();
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
-    if (ct == at::kDouble) sparse24_panels<double, T>(px, x2, y, v, mc, bp);
-    else sparse24_panels<float, T>(px, x2, y, v, mc, bp);
+    if (ct == at::kDouble) sparse24_panels<double, T>(x2, y, v, mc, bp);
+    else sparse24_panels<float, T>(x2, y, v, mc, bp);
   });
   return out;
 }

@@ -149,9 +149,7 @@ void scatter_values(const acc_t* src, const at::Tensor& perm, at::Tensor& out) {
 // 3072) 98% 11.0-11.5 -> 5.3-5.5 ms, (256, 4096, 4096) 90% 18.1-19.1 -> 16.8-17.7,
 // (2048, 1024, 1024) 90% 8.0-8.3 -> 7.0-8.0, 11008 -> 4096 90% 65.7-65.9 -> 61.5-61.7.
 bool own_dy_panels(int64_t nnz, int64_t n, int64_t k) {
-  const int64_t blocks = (k + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  return nnz >= chunks * n;
+  return nnz >= parallel_chunks((k + kRowsPerTask - 1) / kRowsPerTask) * n;
 }
 
 // The one-sweep way (where fused_pays): returns (dx, dvalues) or raises. dy_sums: see

@@ -78,6 +78,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def with_threads(threads: int, fn):
+    """fn() run with `threads` intra-op threads, the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gen(seed) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ import torch
 from sparsekernels import CSR
 from sparsekernels.formats import build_transpose, check_sparsity, kept_count, magnitude_mask, random_mask
 
-from conftest import dense_of, make_csr, make_dense_and_mask, mask_of
+from conftest import dense_of, make_csr, make_dense_and_mask, mask_of, with_threads
 
 
 def _expected_transpose(w: torch.Tensor, mask: torch.Tensor):
@@ -137,12 +137,7 @@ def test_compiled_transpose_in_row_chunks_equals_the_sorted_one(threads):
     mask[:, 5] = False             # an empty column
     mask[333] = True               # a full row
     csr = CSR.from_dense(torch.ones(700, 900), mask)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = torch.ops.sparsekernels_C.csr_transpose(csr.row_ptr, csr.col_idx, 900)
-    finally:
-        torch.set_num_threads(before)
+    got = with_threads(threads, lambda: torch.ops.sparsekernels_C.csr_transpose(csr.row_ptr, csr.col_idx, 900))
     want = _build_transpose_sorted(csr.row_ptr, csr.col_idx, 900)
     assert csr.nnz > 2 * 65536
     for a, b in zip(got, want):

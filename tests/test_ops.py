@@ -19,7 +19,8 @@ import sparsekernels
 from sparsekernels import CSR, backends, ops
 from sparsekernels.ops import csr_matmul
 
-from conftest import FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, dense_of, make_csr, make_dense_and_mask, rel_error
+from conftest import (FLOAT_DTYPES, TOL, TOL_REORDERED, assert_close_rel, dense_of, make_csr, make_dense_and_mask,
+                      rel_error, with_threads)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -866,14 +867,7 @@ def test_fused_backward_bits_do_not_depend_on_who_packs_dy(dtype):
     dy = torch.randn(130, out_f, generator=g, dtype=dtype)
     x = torch.randn(130, in_f, generator=g, dtype=dtype)
     C = torch.ops.sparsekernels_C
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = C.spmm_backward(dy, x, csr.values, *csr.pattern(), True)
-        torch.set_num_threads(2)
-        two = C.spmm_backward(dy, x, csr.values, *csr.pattern(), True)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = (with_threads(n, lambda: C.spmm_backward(dy, x, csr.values, *csr.pattern(), True)) for n in (1, 2))
     bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
     for a, b in zip(one, two):
         assert torch.equal(a.view(bits), b.view(bits)), seed

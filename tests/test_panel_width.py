@@ -10,7 +10,7 @@ import torch
 
 import sparsekernels as sk
 
-from conftest import assert_step_matches_reference, dense_of, make_csr, rel_error
+from conftest import assert_step_matches_reference, dense_of, make_csr, rel_error, with_threads
 
 pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
 
@@ -132,15 +132,9 @@ def test_forward_bits_do_not_depend_on_who_packs_x(force_width, dtype, batch):
     dy = torch.randn(batch, 70, generator=g, dtype=dtype)
     bias = torch.randn(70, generator=g, dtype=dtype)
     C = torch.ops.sparsekernels_C
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            outs.append((C.spmm(x, csr.values, csr.row_ptr, csr.col_idx, None, False, bias),
-                         C.spmm_t(dy, csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)))
-    finally:
-        torch.set_num_threads(threads)
+    outs = [with_threads(n, lambda: (C.spmm(x, csr.values, csr.row_ptr, csr.col_idx, None, False, bias),
+                                     C.spmm_t(dy, csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)))
+            for n in (1, 2)]
     bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
     for a, b in zip(*outs):
         assert torch.equal(a.view(bits), b.view(bits)), seed

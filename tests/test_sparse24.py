@@ -11,7 +11,7 @@ import sparsekernels as sk
 from sparsekernels.formats import Sparse24, is_24, prune_24, prune_24_transposable
 from sparsekernels.methods import SRSTE
 
-from conftest import assert_close_rel
+from conftest import assert_close_rel, with_threads
 
 
 def _sparse24_args(weight, mask=None):
@@ -133,14 +133,7 @@ def test_sparse24_mm_bits_do_not_depend_on_who_packs_x(dtype, batch, seed):
     vals, meta, mask = torch.ops.sparsekernels_C.sparse24_compress(w, False)
     x = torch.randn(batch, 96, generator=g, dtype=torch.float64).to(dtype)
     bias = torch.randn(70, generator=g, dtype=torch.float64).to(dtype)
-    threads = torch.get_num_threads()
-    ys = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            ys.append(torch.ops.sparsekernels_C.sparse24_mm(x, vals, meta, bias))
-    finally:
-        torch.set_num_threads(threads)
+    ys = [with_threads(n, lambda: torch.ops.sparsekernels_C.sparse24_mm(x, vals, meta, bias)) for n in (1, 2)]
     bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
     assert torch.equal(ys[0].view(bits), ys[1].view(bits))
     want = x.double() @ (w.double() * mask).t() + bias.double()

@@ -124,6 +124,85 @@ def test_sparse24_mm_at_every_level(level, batch, out_f, in_f, seed):
     assert rel_error(y, x.double() @ s24.to_dense().double().t() + bias.double()) < 1e-5
 
 
+@pytest.mark.parametrize("out_f,in_f,sparsity", [(37, 61, 0.5), (70, 300, 0.97), (9, 20, 0.0), (12, 20, 1.0)])
+def test_few_rows_csr_products_equal_a_larger_batch_bit_for_bit(level, out_f, in_f, sparsity, seed):
+    """Batches of 1 and 2 rows run spmm_few (no panels) at the SIMD levels: its FMAs are the
+    panel kernel's, so each row of the result is bit for bit that row of a 40-row batch,
+    for spmm (with a bias) and spmm_t; rows of every length (empty, odd, 1..100 entries,
+    four in lockstep and the rest alone), x as a transposed view, bf16 against float64."""
+    C = torch.ops.sparsekernels_C
+    csr = make_csr(out_f, in_f, sparsity, seed=seed, empty_rows=True)
+    w = dense_of(csr)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, in_f, generator=g)
+    dy = torch.randn(40, out_f, generator=g)
+    bias = torch.randn(out_f, generator=g)
+    full = C.spmm(x, csr.values, csr.row_ptr, csr.col_idx, None, False, bias)
+    full_t = C.spmm_t(dy, csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)
+    for m in (1, 2, 3):
+        few = C.spmm(x[:m], csr.values, csr.row_ptr, csr.col_idx, None, False, bias)
+        assert torch.equal(few.view(torch.int32), full[:m].view(torch.int32)), m
+        few_t = C.spmm_t(dy[:m], csr.values, csr.t_row_ptr, csr.t_col_idx, csr.t_perm, None, False)
+        assert torch.equal(few_t.view(torch.int32), full_t[:m].view(torch.int32)), m
+    # Two rows as columns of a transposed [in_f, 2] buffer (not contiguous as [2, in_f]).
+    xt = x[:2].t().contiguous().t()
+    assert not xt.is_contiguous()
+    assert torch.equal(C.spmm(xt, csr.values, csr.row_ptr, csr.col_idx, None, False, bias), full[:2])
+    xb = x[:2].bfloat16()
+    yb = C.spmm(xb, csr.values.bfloat16(), csr.row_ptr, csr.col_idx, None, False, None)
+    assert yb.dtype == torch.bfloat16
+    assert rel_error(yb, xb.double() @ w.float().bfloat16().double().t()) < 1e-2
+
+
+def test_few_rows_csr_rejects_out_of_range_columns(level):
+    C = torch.ops.sparsekernels_C
+    csr = make_csr(70, 50, 0.5, seed=1)
+    for pos in (0, csr.col_idx.numel() // 2, -1):
+        for bad in (-1, 50):
+            col_idx = csr.col_idx.clone()
+            col_idx[pos] = bad
+            for m in (1, 2):
+                with pytest.raises(ValueError, match=r"col_idx entries must lie in \[0, 50\)"):
+                    C.spmm(torch.randn(m, 50), csr.values, csr.row_ptr, col_idx, None, False)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(37, 36), (70, 100), (5, 8), (33, 4100), (40, 64)])
+def test_sparse24_mm_few_rows_at_every_level(level, out_f, in_f, seed):
+    """Batches of 1..8 rows run rows24_few (kept values against x through permutes; 9 rows
+    run the panels): against float64 with a bias, for K with whole vectors of groups, one
+    whole vector, groups past the last one, or none; 3-D and transposed inputs; bf16."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).float()
+    s24 = sk.formats.Sparse24.from_dense(w)
+    wd = s24.to_dense().double()
+    bias = torch.randn(out_f, generator=g)
+    C = torch.ops.sparsekernels_C
+    for m in range(1, 10):
+        x = torch.randn(m, in_f, generator=g)
+        y = C.sparse24_mm(x, s24.values, s24.meta, bias)
+        assert y.shape == (m, out_f)
+        assert rel_error(y, x.double() @ wd.t() + bias.double()) < 1e-5, m
+    x3 = torch.randn(2, 3, in_f, generator=g)
+    assert rel_error(C.sparse24_mm(x3, s24.values, s24.meta, None), x3.double() @ wd.t()) < 1e-5
+    xt = torch.randn(in_f, 4, generator=g).t()
+    assert rel_error(C.sparse24_mm(xt, s24.values, s24.meta, bias), xt.double() @ wd.t() + bias.double()) < 1e-5
+    xb = torch.randn(2, in_f, generator=g).bfloat16()
+    yb = C.sparse24_mm(xb, s24.values.bfloat16(), s24.meta, None)
+    assert yb.dtype == torch.bfloat16
+    assert rel_error(yb, xb.double() @ s24.to_dense().bfloat16().double().t()) < 1e-2
+
+
+def test_sparse24_mm_few_rows_rejects_corrupt_meta_in_a_tail_group(level):
+    """The last group of a row past the whole vectors is read one by one; a corrupt byte
+    there is a ValueError too, before any value is read through it."""
+    s24 = sk.formats.Sparse24.from_dense(torch.randn(40, 36))
+    for bad in (0x3F, 0x05, 0xF4):
+        meta = s24.meta.clone()
+        meta[-1, -1] = bad
+        with pytest.raises(ValueError, match="meta entries"):
+            torch.ops.sparsekernels_C.sparse24_mm(torch.randn(1, 36), s24.values, meta)
+
+
 def test_layer_training_step_at_every_level(level, seed):
     from conftest import assert_step_matches_reference
 

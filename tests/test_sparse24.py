@@ -455,12 +455,14 @@ def big_24():
     return Sparse24.from_dense(torch.randn(512, 4096, generator=torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.parametrize("batch", [3, 40])
 @pytest.mark.parametrize("bad", [0, 7, 16, 0x34])
 @pytest.mark.parametrize("where", [0, 1 << 18, -1])
-def test_cpu_kernel_rejects_corrupt_meta_anywhere(bad, where, big_24):
+def test_cpu_kernel_rejects_corrupt_meta_anywhere(batch, bad, where, big_24):
     # The C++ kernel checks every meta byte, split over the threads in chunks of 2^18
-    # bytes: meta of 512 x 1024 bytes is two chunks; a corrupt byte at the start of
-    # either or at the very end is a ValueError.
+    # bytes (batches over kFewRows) or per task of 32 rows (fewer rows): meta of
+    # 512 x 1024 bytes is two chunks; a corrupt byte at the start of either or at the very
+    # end is a ValueError.
     if not sk._extension.compiled():
         pytest.skip("extension not built")
     meta = big_24.meta.clone()
@@ -469,6 +471,6 @@ def test_cpu_kernel_rejects_corrupt_meta_anywhere(bad, where, big_24):
     torch.set_num_threads(2)
     try:
         with pytest.raises(ValueError, match="meta entries"):
-            torch.ops.sparsekernels_C.sparse24_mm(torch.randn(3, 4096), big_24.values, meta)
+            torch.ops.sparsekernels_C.sparse24_mm(torch.randn(batch, 4096), big_24.values, meta)
     finally:
         torch.set_num_threads(threads)

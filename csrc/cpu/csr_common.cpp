@@ -484,6 +484,19 @@ void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out
 template void pack_one_panel<float>(const at::Tensor&, int64_t, int64_t, float*, float*, int64_t, int64_t);
 template void pack_one_panel<double>(const at::Tensor&, int64_t, int64_t, double*, double*, int64_t, int64_t);
 
+const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder) {
+  TORCH_INTERNAL_ASSERT(x.dim() == 2);
+  const int64_t m = x.size(0), k = x.size(1);
+  // One row is its own transpose.
+  const bool usable = x.scalar_type() == at::kFloat &&
+                      (m == 1 ? x.stride(1) == 1 || k <= 1
+                              : (transposed ? x.stride(0) == 1 && x.stride(1) == m : x.is_contiguous()));
+  if (usable) return x.data_ptr<float>();
+  holder = transposed ? workspace(0, {k, m}, at::kFloat) : workspace(0, {m, k}, at::kFloat);
+  holder.copy_(transposed ? x.t() : x);
+  return holder.data_ptr<float>();
+}
+
 int64_t parallel_chunks(int64_t tasks) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
 }

@@ -26,6 +26,39 @@ constexpr int64_t kWidePanel = 64;
 constexpr int64_t kMidPanel = 32;
 constexpr int64_t kNarrowPanel = 16;
 
+// Batches of at most kFewRows rows (decode-sized inputs) skip the panels in the 2:4
+// kernel, kFewRowsCsr rows in the CSR products: a 16-wide panel leaves 16 - M lanes of
+// every gathered row empty, and its kernel's cost hardly falls with M. The 2:4 product
+// then runs simd_rows.inc's rows24_few (a row's kept values against x's, picked by
+// permutes), spmm / spmm_t spmm_few (x^T [K, M] rows in the first lanes, the panel
+// kernel's bits). The bounds are measured (Sapphire Rapids, 2 threads, us, panels ->
+// few rows): 2:4 4096 x 4096, M = 1: 3500 -> 1000, 4: 3500 -> 1850, 8: 3450 -> 2900
+// (16-row panels: 2900-3100); CSR at 90%, 4096 x 4096, M = 1: 760-890 -> 670-720, 2:
+// 830-940 -> 760-810, 4: 840-950 -> 820-880, 8: 830-950 -> 900-1050.
+constexpr int64_t kFewRows = 8;
+constexpr int64_t kFewRowsCsr = 2;
+
+// Calls f(std::integral_constant<int, M>{}) for m = M in [1, kFewRows].
+template <typename F>
+void with_few_rows(int64_t m, F&& f) {
+  switch (m) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "with_few_rows: m = ", m);
+  }
+}
+
+// x [M, K] (any floating dtype, any strides) as a contiguous fp32 matrix, [M, K] or, with
+// `transposed`, x^T [K, M]: x's own data where it already is one, else a copy in
+// workspace slot 0 (held by `holder`).
+const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder);
+
 // The batch-only rule of the 2:4 kernel: its K slices (sparse24_slice_bytes) keep the
 // panel's reads in cache whatever the width. 64 wide, or 32 without AVX-512 (widest_panel).
 int64_t choose_panel(int64_t m);

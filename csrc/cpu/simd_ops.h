@@ -34,6 +34,32 @@ struct Avx512 {
   // The first r < kLanes lanes (the others read as 0 / are left alone).
   SK_AVX512_OP vec load_first(const float* p, int r) { return _mm512_maskz_loadu_ps(first_lanes(r), p); }
   SK_AVX512_OP void store_first(float* p, int r, vec a) { _mm512_mask_storeu_ps(p, first_lanes(r), a); }
+  // Two floats at p into lanes 0 and 1, the others zero: an 8-byte load (a masked vector
+  // load that spans a line, even where the mask drops the lanes past it, costs a split).
+  SK_AVX512_OP vec load_two(const float* p) {
+    return _mm512_zextps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
+  }
+
+  // 2:4 groups per vector of kept values: a vector holds the kept values of kGroups24
+  // consecutive groups (two each), and their columns span 4 * kGroups24 = two vectors.
+  static constexpr int kGroups24 = kLanes / 2;
+  using ivec = __m512i;
+  // The positions, within the 4 * kGroups24 columns of kGroups24 groups, of the kept
+  // values of those groups, from their meta bytes (i0 | i1 << 2 each): lane 2j holds
+  // 4j + i0 of group j, lane 2j + 1 holds 4j + i1, in the order the values are stored.
+  SK_AVX512_OP ivec positions24(const uint8_t* meta) {
+    const __m128i m = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta));
+    const __m512i twice = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(m, m));  // each byte in two lanes
+    const __m512i pos = _mm512_and_si512(_mm512_srlv_epi32(twice, _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0,
+                                                                                    2, 0, 2, 0, 2)),
+                                         _mm512_set1_epi32(3));
+    return _mm512_add_epi32(pos, _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
+  }
+  // The kept values of x's 4 * kGroups24 columns at `positions` (positions24): one
+  // two-source permute, no per-value loads.
+  SK_AVX512_OP vec pick24(const float* x, ivec positions) {
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(x), positions, _mm512_loadu_ps(x + kLanes));
+  }
 
   // Lane i of the result = the sum of in[i]'s 16 lanes, for in[0, 16). A shuffle tree
   // costs ~45 instructions for 16 dot products (~3 per non-zero) instead of ~8 each for
@@ -76,6 +102,31 @@ struct Avx2 {
   SK_AVX2_OP vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   SK_AVX2_OP vec load_first(const float* p, int r) { return _mm256_maskload_ps(p, first_lanes(r)); }
   SK_AVX2_OP void store_first(float* p, int r, vec a) { _mm256_maskstore_ps(p, first_lanes(r), a); }
+
+  SK_AVX2_OP vec load_two(const float* p) {
+    return _mm256_zextps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
+  }
+
+  // As Avx512's: 4 groups per vector of kept values, their 16 columns in two vectors.
+  static constexpr int kGroups24 = kLanes / 2;
+  using ivec = __m256i;
+  SK_AVX2_OP ivec positions24(const uint8_t* meta) {
+    int32_t bytes;
+    __builtin_memcpy(&bytes, meta, sizeof(bytes));
+    const __m128i m = _mm_cvtsi32_si128(bytes);
+    const __m256i twice = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(m, m));
+    const __m256i pos = _mm256_and_si256(_mm256_srlv_epi32(twice, _mm256_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2)),
+                                         _mm256_set1_epi32(3));
+    return _mm256_add_epi32(pos, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12));
+  }
+  // Lanes 0-3 come from the first vector (groups 0 and 1), lanes 4-7 from the second;
+  // the permute reads only the low 3 bits of each position, which is the position
+  // within that vector in both cases.
+  SK_AVX2_OP vec pick24(const float* x, ivec positions) {
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), positions);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + kLanes), positions);
+    return _mm256_blend_ps(lo, hi, 0xF0);
+  }
 
   // Lane i of the result = the sum of in[i]'s 8 lanes, for in[0, 8): three rounds of
   // horizontal adds (pairs, then pairs of pairs, within each 128-bit half), then the two

@@ -92,6 +92,37 @@ bool spmm_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, cons
   return ok.load();
 }
 
+// x2 [M <= kFewRowsCsr, K] (fp32 compute, a CPU with SIMD kernels) into y: spmm_few,
+// which gives the panel kernel's bits, over tasks of kRowsPerTask output rows. False when
+// some task's column indices were out of range (that task was skipped).
+bool spmm_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                   const at::Tensor& vals, const at::Tensor* bias) {
+  const int64_t m = x2.size(0), k = x2.size(1), n = y.size(1);
+  at::Tensor holder;
+  const float* xt = few_rows_operand(x2, /*transposed=*/true, holder);
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const float* v = vals.data_ptr<float>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task * kRowsPerTask, r1 = std::min(n, r0 + kRowsPerTask);
+      if (!indices_in_range(ci + rp[r0], rp[r1] - rp[r0], k)) {
+        ok = false;
+        continue;
+      }
+      alignas(64) float block[kRowsPerTask * kFewRowsCsr];
+      with_simd_rows([&](auto rows) {
+        using Rows = decltype(rows);
+        if (m == 1) Rows::template spmm_few<1>(xt, block, rp, ci, v, r0, r1);
+        else Rows::template spmm_few<2>(xt, block, rp, ci, v, r0, r1);
+      });
+      store_block(block, m, r1 - r0, 0, r0, y, bias);
+    }
+  });
+  return ok.load();
+}
+
 }  // namespace
 
 // out[e] = vals[perm[e]] in dtype ct (workspace slot 2). Raises where perm has an entry
@@ -170,18 +201,23 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   }
 
   const at::ScalarType ct = compute_type(x.scalar_type());
+  // Allocated in the output's shape and returned as is (not a view: callers may add to it
+  // in place); the kernels write it as [M, N].
+  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor y = out.view({m, n});
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  bool ok = true;
+  if (!packed && ct == at::kFloat && m <= kFewRowsCsr && simd_level() != SimdLevel::kGeneric) {
+    const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
+    if (!spmm_few_rows(x2, y, rp, ci, v, bias)) columns_out_of_range(what, k);
+    return out;
+  }
   // A panel packed by the caller (spmm_backward) brings its own width.
   const int64_t t = packed ? packed->size(2) : choose_panel(m, k, c10::elementSize(ct));
   const int64_t p_count = (m + t - 1) / t, tasks = p_count * ((n + kRowsPerTask - 1) / kRowsPerTask);
   const at::Tensor px =
       packed ? *packed : (chunks_pack_own_panels(p_count, tasks) ? at::Tensor() : pack_panels(x2, t, ct, /*slot=*/0));
-  // Allocated in the output's shape and returned as is (not a view: callers may add to it
-  // in place); the kernels write it as [M, N].
-  at::Tensor out = at::empty(out_shape, x.options());
-  at::Tensor y = out.view({m, n});
   const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
-  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  bool ok = true;
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
     if (ct == at::kDouble) ok = spmm_panels<double, T>(px, x2, y, rp, ci, v, bias);

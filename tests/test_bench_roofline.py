@@ -64,6 +64,10 @@ def test_benchmark_reports_the_roofline_for_its_target_cases(monkeypatch):
     assert {r["fwd_backend"] for r in payload["results"]} == {"cpu"}   # too small to measure: the fixed order
     by = {r["sparsity"]: r["limits"] for r in payload["results"]}
     assert set(by[0.9]["needed_ns_per_gather"]) == {"fwd_vs_dense"}
+    # Decode-sized batches on the first shape's layer: both layers against dense.
+    assert [(d["batch"], d["in_features"], d["out_features"]) for d in payload["decode"]] == [(1, 64, 40), (8, 64, 40)]
+    for d in payload["decode"]:
+        assert set(d["vs_dense"]) == {"csr90", "sparse24"} and all(v > 0 for v in d["vs_dense"].values())
     assert by[0.5]["needed_ns_per_gather"] == {}
     for lim in by.values():
         assert lim["gathers"] > 0 and math.isfinite(lim["ns_per_gather"]) and lim["ns_per_gather"] > 0

@@ -169,6 +169,32 @@ def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: in
     return out
 
 
+# Decode-sized batches (one token, or a few, through an LLM layer): run on the first
+# shape's layer dimensions. 8 is the most rows the 2:4 kernel runs without panels.
+DECODE_BATCHES = (1, 8)
+
+
+def run_decode_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int = 0) -> dict:
+    """The layers' forward on a decode-sized batch, fp32: SparseLinear at 90% and
+    Sparse24Linear against the dense layer's product, interleaved in one run. Python's
+    per-call cost (tens of microseconds per layer) is part of what is timed, as a user's
+    model pays it."""
+    from ..nn import Sparse24Linear
+
+    g = torch.Generator().manual_seed(seed)
+    csr = SparseLinear(in_f, out_f, sparsity=0.9, bias=False, generator=g)
+    s24 = Sparse24Linear(in_f, out_f, bias=False)
+    w = s24.dense_weight()
+    x = torch.randn(batch, in_f, generator=g)
+    with torch.no_grad():
+        samples = harness.time_round_robin({"dense_fwd": lambda: x @ w.t(), "csr90_fwd": lambda: csr(x),
+                                            "sparse24_fwd": lambda: s24(x)}, rounds)
+    return {"batch": batch, "in_features": in_f, "out_features": out_f,
+            "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
+            "vs_dense": {k.replace("_fwd", ""): harness.median_ratio(samples["dense_fwd"], v)
+                         for k, v in samples.items() if k != "dense_fwd"}}
+
+
 def targets(results: list[CaseResult], sparse24: list[dict] = ()) -> list[dict]:
     """The issue's speed targets, checked against this run's results."""
     by = {(r.batch, r.in_features, r.out_features, r.sparsity): r for r in results}
@@ -214,9 +240,10 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
     for (b, i, o), sp in cases:
         goal = FORWARD_GOALS.get((b, i, o, sp))
         r = run_case(b, i, o, sp, rounds, torch_sparse=torch_sparse, marginal=goal is not None)
-        if (b, o) not in l1_probe:
-            l1_probe[(b, o)] = roofline.l1_ns_per_gather(b, o, machine.get("l1d_kib"), rounds)
-        if r.fwd_backend == "cpu":  # the roofline describes our kernel, not a dense fallback
+        # The roofline describes our panel kernel, not a dense fallback or the few-rows one.
+        if r.fwd_backend == "cpu" and b > roofline.FEW_ROWS_CSR:
+            if (b, o) not in l1_probe:
+                l1_probe[(b, o)] = roofline.l1_ns_per_gather(b, o, machine.get("l1d_kib"), rounds)
             r.limits = roofline.case_limits(b, r.nnz, r.ms["dense_fwd"], r.ms["ours_fwd"], l1_probe[(b, o)],
                                             {"fwd_vs_dense": goal} if goal else {}, in_features=i)
             roofline.add_marginal(r.limits, r.marginal_ns, r.ms["dense_fwd"])
@@ -225,12 +252,14 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
             progress(f"B={b} {i}->{o} s={sp}")
     sparse24 = [run_sparse24_case(b, i, o, rounds) for (b, i, o) in shapes if i % 4 == 0]
     for case in sparse24:
-        if case["auto_choice"] == "cpu":  # the limit describes our kernel, not the dense fallback
+        # The limit describes our panel kernel, not the dense fallback or the few-rows one.
+        if case["auto_choice"] == "cpu" and case["batch"] > roofline.FEW_ROWS_24:
             b, i, o = case["batch"], case["in_features"], case["out_features"]
             case["limits"] = roofline.sparse24_limits(b, i, o, case["ms"]["dense_fwd"], case["ms"]["sparse24_fwd"])
     # bf16 on the first shape: where the CPU's bf16 GEMM (AMX) beats our kernel, auto
     # should run dense; the table shows what it chose per sparsity.
     bf16 = [run_bf16_case(*shapes[0], sp, rounds) for sp in sparsities] if bf16_cases else []
+    decode = [run_decode_case(b, *shapes[0][1:], rounds) for b in DECODE_BATCHES] if shapes[0][1] % 4 == 0 else []
     return {
         "benchmark": "csr_linear",
         "machine": machine,
@@ -238,6 +267,7 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
         "results": [asdict(r) for r in results],
         "sparse24": sparse24,
         "bf16": bf16,
+        "decode": decode,
         "targets": targets(results, sparse24),
         # What "auto" (the op the layers call) measured and chose per problem class.
         "auto_choices": backends.measured(),

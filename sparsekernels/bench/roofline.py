@@ -42,6 +42,9 @@ from . import harness
 # csrc/cpu/csr_common.h: the 2:4 kernel's batch-only choose_panel(m) on every CPU, and the
 # CSR widths assumed without the extension (its rule is per CPU: cpu_panel_width).
 WIDE_PANEL, NARROW_PANEL = 64, 16
+# csrc/cpu/csr_common.h (kFewRowsCsr, kFewRows): batches of up to this many rows skip the
+# panels (the CSR products, the 2:4 product), so no panel roofline describes them.
+FEW_ROWS_CSR, FEW_ROWS_24 = 2, 8
 
 
 def _batch_rule_width(batch: int) -> int:

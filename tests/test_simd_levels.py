@@ -170,7 +170,8 @@ def test_few_rows_csr_rejects_out_of_range_columns(level):
 def test_sparse24_mm_few_rows_at_every_level(level, out_f, in_f, seed):
     """Batches of 1..8 rows run rows24_few (kept values against x through permutes; 9 rows
     run the panels): against float64 with a bias, for K with whole vectors of groups, one
-    whole vector, groups past the last one, or none; 3-D and transposed inputs; bf16."""
+    whole vector, groups past the last one, or none; 3-D and transposed inputs; bf16
+    values and inputs."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).float()
     s24 = sk.formats.Sparse24.from_dense(w)
@@ -186,10 +187,13 @@ def test_sparse24_mm_few_rows_at_every_level(level, out_f, in_f, seed):
     assert rel_error(C.sparse24_mm(x3, s24.values, s24.meta, None), x3.double() @ wd.t()) < 1e-5
     xt = torch.randn(in_f, 4, generator=g).t()
     assert rel_error(C.sparse24_mm(xt, s24.values, s24.meta, bias), xt.double() @ wd.t() + bias.double()) < 1e-5
-    xb = torch.randn(2, in_f, generator=g).bfloat16()
-    yb = C.sparse24_mm(xb, s24.values.bfloat16(), s24.meta, None)
-    assert yb.dtype == torch.bfloat16
-    assert rel_error(yb, xb.double() @ s24.to_dense().bfloat16().double().t()) < 1e-2
+    # bf16 values, widened in the kernel (rows24_few) or before it (the panels, 9 rows).
+    for m in (1, 5, 8, 9):
+        xb = torch.randn(m, in_f, generator=g).bfloat16()
+        yb = C.sparse24_mm(xb, s24.values.bfloat16(), s24.meta, bias.bfloat16())
+        assert yb.dtype == torch.bfloat16
+        ref = xb.double() @ s24.to_dense().bfloat16().double().t() + bias.bfloat16().double()
+        assert rel_error(yb, ref) < 1e-2, m
 
 
 def test_sparse24_mm_few_rows_rejects_corrupt_meta_in_a_tail_group(level):

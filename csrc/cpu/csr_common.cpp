@@ -484,6 +484,13 @@ void pack_one_panel(const at::Tensor& x, int64_t t, int64_t p, out_t* panel, out
 template void pack_one_panel<float>(const at::Tensor&, int64_t, int64_t, float*, float*, int64_t, int64_t);
 template void pack_one_panel<double>(const at::Tensor&, int64_t, int64_t, double*, double*, int64_t, int64_t);
 
+at::Tensor values_in(const at::Tensor& vals, at::ScalarType ct) {
+  if (vals.scalar_type() == ct && vals.is_contiguous()) return vals;
+  at::Tensor out = workspace(2, vals.sizes(), ct);
+  out.copy_(vals);
+  return out;
+}
+
 const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder) {
   TORCH_INTERNAL_ASSERT(x.dim() == 2);
   const int64_t m = x.size(0), k = x.size(1);

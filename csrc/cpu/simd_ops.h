@@ -40,6 +40,12 @@ struct Avx512 {
     return _mm512_zextps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
   }
 
+  // 16 bf16 values (raw bits) at p widened to fp32 exactly (the bits shifted up).
+  SK_AVX512_OP vec load_bf16(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+
   // 2:4 groups per vector of kept values: a vector holds the kept values of kGroups24
   // consecutive groups (two each), and their columns span 4 * kGroups24 = two vectors.
   static constexpr int kGroups24 = kLanes / 2;
@@ -105,6 +111,11 @@ struct Avx2 {
 
   SK_AVX2_OP vec load_two(const float* p) {
     return _mm256_zextps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
+  }
+
+  SK_AVX2_OP vec load_bf16(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
 
   // As Avx512's: 4 groups per vector of kept values, their 16 columns in two vectors.

@@ -122,7 +122,8 @@ bool meta24_valid(const uint8_t* p, int64_t count) {
   TORCH_CHECK_VALUE(false, "sparse24_mm: meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4");
 }
 
-// x2 [M <= kFewRows, K] (fp32 compute, a CPU with SIMD kernels) into y: rows24_few over
+// x2 [M <= kFewRows, K] (fp32 compute, a CPU with SIMD kernels) into y, for fp32 or bf16
+// values [N, K / 2] (contiguous): rows24_few over
 // tasks of 32 output rows (each x row is read whole per row of W, from L1 / L2). Each
 // task checks its rows' meta bytes just before reading them: at M = 1 a separate pass
 // over meta took a quarter of the product's time (4096 x 4096). False when some task's
@@ -133,7 +134,6 @@ bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& va
   const int64_t m = x2.size(0), groups = x2.size(1) / 4, n = y.size(1);
   at::Tensor holder;
   const float* x = few_rows_operand(x2, /*transposed=*/false, holder);
-  const float* v = vals.data_ptr<float>();
   const uint8_t* mt = meta.data_ptr<uint8_t>();
   std::atomic<bool> ok{true};
   at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
@@ -146,7 +146,13 @@ bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& va
       alignas(64) float block[kRows * kFewRows];
       with_simd_rows([&](auto rows) {
         with_few_rows(m, [&](auto few) {
-          decltype(rows)::template rows24_few<decltype(few)::value>(x, block, v, mt, groups, r0, r1);
+          constexpr int M = decltype(few)::value;
+          using Rows = decltype(rows);
+          if (vals.scalar_type() == at::kBFloat16) {
+            Rows::template rows24_few<M>(x, block, vals.data_ptr<c10::BFloat16>(), mt, groups, r0, r1);
+          } else {
+            Rows::template rows24_few<M>(x, block, vals.data_ptr<float>(), mt, groups, r0, r1);
+          }
         });
       });
       store_block(block, m, r1 - r0, 0, r0, y, bias);
@@ -204,11 +210,13 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor y = out.view({m, n});
-  const at::Tensor v = values.to(ct).contiguous();
   if (ct == at::kFloat && m <= kFewRows && simd_level() != SimdLevel::kGeneric) {
-    if (!sparse24_few_rows(x2, y, v, mc, bp)) meta24_invalid();
+    // bf16 values are widened by the kernel as it streams them, others converted first.
+    const at::Tensor fv = values.scalar_type() == at::kBFloat16 ? values.contiguous() : values_in(values, ct);
+    if (!sparse24_few_rows(x2, y, fv, mc, bp)) meta24_invalid();
     return out;
   }
+  const at::Tensor v = values_in(values, ct);
   check_meta();
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;

@@ -208,7 +208,7 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   bool ok = true;
   if (!packed && ct == at::kFloat && m <= kFewRowsCsr && simd_level() != SimdLevel::kGeneric) {
-    const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
+    const at::Tensor v = perm ? gather_values(vals, *perm, ct) : values_in(vals, ct);
     if (!spmm_few_rows(x2, y, rp, ci, v, bias)) columns_out_of_range(what, k);
     return out;
   }
@@ -217,7 +217,7 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   const int64_t p_count = (m + t - 1) / t, tasks = p_count * ((n + kRowsPerTask - 1) / kRowsPerTask);
   const at::Tensor px =
       packed ? *packed : (chunks_pack_own_panels(p_count, tasks) ? at::Tensor() : pack_panels(x2, t, ct, /*slot=*/0));
-  const at::Tensor v = perm ? gather_values(vals, *perm, ct) : vals.to(ct).contiguous();
+  const at::Tensor v = perm ? gather_values(vals, *perm, ct) : values_in(vals, ct);
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
     if (ct == at::kDouble) ok = spmm_panels<double, T>(px, x2, y, rp, ci, v, bias);

@@ -92,9 +92,10 @@ bool spmm_panels(const at::Tensor& px, const at::Tensor& x2, at::Tensor& y, cons
   return ok.load();
 }
 
-// x2 [M <= kFewRowsCsr, K] (fp32 compute, a CPU with SIMD kernels) into y: spmm_few,
-// which gives the panel kernel's bits, over tasks of kRowsPerTask output rows. False when
-// some task's column indices were out of range (that task was skipped).
+// x2 [M <= kFewRowsCsr, K] (fp32 compute, a CPU with SIMD kernels) into y, for fp32 or
+// bf16 values (contiguous): spmm_few, which gives the panel kernel's bits, over tasks of
+// kRowsPerTask output rows. False when some task's column indices were out of range
+// (that task was skipped).
 bool spmm_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                    const at::Tensor& vals, const at::Tensor* bias) {
   const int64_t m = x2.size(0), k = x2.size(1), n = y.size(1);
@@ -102,7 +103,6 @@ bool spmm_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& row_pt
   const float* xt = few_rows_operand(x2, /*transposed=*/true, holder);
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const float* v = vals.data_ptr<float>();
   std::atomic<bool> ok{true};
   at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -114,8 +114,12 @@ bool spmm_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& row_pt
       alignas(64) float block[kRowsPerTask * kFewRowsCsr];
       with_simd_rows([&](auto rows) {
         using Rows = decltype(rows);
-        if (m == 1) Rows::template spmm_few<1>(xt, block, rp, ci, v, r0, r1);
-        else Rows::template spmm_few<2>(xt, block, rp, ci, v, r0, r1);
+        auto run = [&](auto* v) {
+          if (m == 1) Rows::template spmm_few<1>(xt, block, rp, ci, v, r0, r1);
+          else Rows::template spmm_few<2>(xt, block, rp, ci, v, r0, r1);
+        };
+        if (vals.scalar_type() == at::kBFloat16) run(vals.data_ptr<c10::BFloat16>());
+        else run(vals.data_ptr<float>());
       });
       store_block(block, m, r1 - r0, 0, r0, y, bias);
     }
@@ -208,7 +212,9 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   bool ok = true;
   if (!packed && ct == at::kFloat && m <= kFewRowsCsr && simd_level() != SimdLevel::kGeneric) {
-    const at::Tensor v = perm ? gather_values(vals, *perm, ct) : values_in(vals, ct);
+    // W's own bf16 values are widened by the kernel as it reads them, others converted first.
+    const at::Tensor v = perm ? gather_values(vals, *perm, ct)
+                              : (vals.scalar_type() == at::kBFloat16 ? vals.contiguous() : values_in(vals, ct));
     if (!spmm_few_rows(x2, y, rp, ci, v, bias)) columns_out_of_range(what, k);
     return out;
   }

@@ -271,12 +271,13 @@ def _cmd_bench(args) -> int:
                        r["auto_choice"], f"{vs.get('kernel', float('nan')):.2f}", f"{vs['auto']:.2f}")
         console.print(tb)
     if payload.get("decode"):
-        td = Table(title="decode-sized batches: layer forward (Python's per-call cost included), fp32")
-        for col in ("B", "in", "out", "dense ms", "90% CSR ms", "2:4 ms", "90% x dense", "2:4 x dense"):
+        td = Table(title="decode-sized batches: layer forward (Python's per-call cost included)")
+        for col in ("dtype", "B", "in", "out", "dense ms", "90% CSR ms", "2:4 ms", "90% x dense", "2:4 x dense"):
             td.add_column(col, justify="right")
         for r in payload["decode"]:
             ms, vs = r["ms"], r["vs_dense"]
-            td.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{ms['dense_fwd']:.3f}",
+            td.add_row(r["dtype"], str(r["batch"]), str(r["in_features"]), str(r["out_features"]),
+                       f"{ms['dense_fwd']:.3f}",
                        f"{ms['csr90_fwd']:.3f}", f"{ms['sparse24_fwd']:.3f}", f"{vs['csr90']:.2f}",
                        f"{vs['sparse24']:.2f}")
         console.print(td)

@@ -174,22 +174,24 @@ def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: in
 DECODE_BATCHES = (1, 8)
 
 
-def run_decode_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int = 0) -> dict:
-    """The layers' forward on a decode-sized batch, fp32: SparseLinear at 90% and
-    Sparse24Linear against the dense layer's product, interleaved in one run. Python's
+def run_decode_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> dict:
+    """The layers' forward on a decode-sized batch in ``dtype`` (fp32 or bf16):
+    SparseLinear at 90% and Sparse24Linear against the dense layer's product (in bf16 the
+    CPU's own GEMM: oneDNN, AMX where the CPU has it), interleaved in one run. Python's
     per-call cost (tens of microseconds per layer) is part of what is timed, as a user's
     model pays it."""
     from ..nn import Sparse24Linear
 
     g = torch.Generator().manual_seed(seed)
-    csr = SparseLinear(in_f, out_f, sparsity=0.9, bias=False, generator=g)
-    s24 = Sparse24Linear(in_f, out_f, bias=False)
-    w = s24.dense_weight()
-    x = torch.randn(batch, in_f, generator=g)
+    csr = SparseLinear(in_f, out_f, sparsity=0.9, bias=False, generator=g).to(dtype)
+    s24 = Sparse24Linear(in_f, out_f, bias=False).to(dtype)
+    w = s24.dense_weight().to(dtype)
+    x = torch.randn(batch, in_f, generator=g).to(dtype)
     with torch.no_grad():
         samples = harness.time_round_robin({"dense_fwd": lambda: x @ w.t(), "csr90_fwd": lambda: csr(x),
                                             "sparse24_fwd": lambda: s24(x)}, rounds)
-    return {"batch": batch, "in_features": in_f, "out_features": out_f,
+    return {"batch": batch, "in_features": in_f, "out_features": out_f, "dtype": str(dtype).replace("torch.", ""),
             "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
             "vs_dense": {k.replace("_fwd", ""): harness.median_ratio(samples["dense_fwd"], v)
                          for k, v in samples.items() if k != "dense_fwd"}}
@@ -259,7 +261,8 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
     # bf16 on the first shape: where the CPU's bf16 GEMM (AMX) beats our kernel, auto
     # should run dense; the table shows what it chose per sparsity.
     bf16 = [run_bf16_case(*shapes[0], sp, rounds) for sp in sparsities] if bf16_cases else []
-    decode = [run_decode_case(b, *shapes[0][1:], rounds) for b in DECODE_BATCHES] if shapes[0][1] % 4 == 0 else []
+    decode = ([run_decode_case(b, *shapes[0][1:], rounds, dtype=dt) for dt in (torch.float32, torch.bfloat16)
+               for b in DECODE_BATCHES] if shapes[0][1] % 4 == 0 else [])
     return {
         "benchmark": "csr_linear",
         "machine": machine,

@@ -123,11 +123,11 @@ bool meta24_valid(const uint8_t* p, int64_t count) {
 }
 
 // x2 [M <= kFewRows, K] (fp32 compute, a CPU with SIMD kernels) into y, for fp32 or bf16
-// values [N, K / 2] (contiguous): rows24_few over
-// tasks of 32 output rows (each x row is read whole per row of W, from L1 / L2). Each
-// task checks its rows' meta bytes just before reading them: at M = 1 a separate pass
-// over meta took a quarter of the product's time (4096 x 4096). False when some task's
-// meta was invalid (that task was skipped).
+// values [N, K / 2] (contiguous): rows24_few over tasks of 32 output rows (each x row is
+// read whole per row of W, from L1 / L2). Each task checks its rows' meta bytes just
+// before reading them: at M = 1 a separate pass over meta took a quarter of the
+// product's time (4096 x 4096). False when some task's meta was invalid (that task was
+// skipped).
 bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                        const at::Tensor* bias) {
   constexpr int64_t kRows = 32;

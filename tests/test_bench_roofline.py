@@ -21,10 +21,11 @@ def _wide() -> int:
     return 64
 
 
-@pytest.mark.parametrize("batch", [1, 16, 17, 64, 65, 256])
+@pytest.mark.parametrize("batch", [1, 16, 17, 32, 33, 64, 65, 256])
 def test_panel_width_and_gathers_follow_the_kernel(batch):
-    # csrc/cpu/csr_common.h: 16-wide panels up to B = 16, else the CPU's wide width.
-    width = 16 if batch <= 16 else _wide()
+    # csrc/cpu/csr_common.h: 16-wide panels up to B = 16, at most 32 up to 32, else the
+    # CPU's wide width.
+    width = 16 if batch <= 16 else min(32, _wide()) if batch <= 32 else _wide()
     assert roofline.panel_width(batch) == width
     assert roofline.gathers(batch, 1000) == 1000 * math.ceil(batch / width)
 

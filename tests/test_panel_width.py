@@ -56,6 +56,16 @@ def test_width_shrinks_with_the_panel_and_follows_the_batch():
         assert widths[:2] == [32, 32]               # without AVX-512: at most 32 (widest_panel)
 
 
+def test_batches_of_17_to_32_rows_get_at_most_32_wide_panels():
+    """A 64-wide panel half empty costs what a full one does: batches of 17-32 rows get
+    32-wide panels (or the rule's narrower width), the CSR rule and the 2:4 kernel's."""
+    f = torch.ops.sparsekernels_C.cpu_panel_width
+    for k in (64, 4096, 65536):
+        for m in (17, 32):
+            assert f(m, k, 4) == min(32, f(BATCH, k, 4))
+        assert f(33, k, 4) == f(BATCH, k, 4)
+
+
 def test_forced_width_overrides_the_rule_for_batches_over_16(force_width):
     f = torch.ops.sparsekernels_C.cpu_panel_width
     rule = [f(BATCH, k, 4) for k in (64, 65536)]

@@ -43,17 +43,26 @@ void force_panel_width(int64_t t) {
 
 int64_t widest_panel() { return simd_level() == SimdLevel::kAvx512 ? kWidePanel : kMidPanel; }
 
-int64_t choose_panel(int64_t m) { return m <= kNarrowPanel ? kNarrowPanel : widest_panel(); }
+int64_t choose_panel(int64_t m) {
+  return m <= kNarrowPanel ? kNarrowPanel : std::min(widest_panel(), m <= kMidPanel ? kMidPanel : kWidePanel);
+}
 
-int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
-  if (m <= kNarrowPanel) return kNarrowPanel;
-  if (const int64_t forced = forced_panel_width.load(std::memory_order_relaxed)) return forced;
+namespace {
+int64_t csr_panel_rule(int64_t gathered_rows, int64_t elem_bytes) {
   if (cpu_is_amd()) {
     return gathered_rows * kMidPanel * elem_bytes <= 2 * l2_cache_bytes() ? kMidPanel : kNarrowPanel;
   }
   if (widest_panel() == kWidePanel && panel_fits_l2(gathered_rows, kWidePanel, elem_bytes)) return kWidePanel;
   if (panel_fits_l2(gathered_rows, kMidPanel, elem_bytes)) return kMidPanel;
   return kNarrowPanel;
+}
+}  // namespace
+
+int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes) {
+  if (m <= kNarrowPanel) return kNarrowPanel;
+  if (const int64_t forced = forced_panel_width.load(std::memory_order_relaxed)) return forced;
+  const int64_t rule = csr_panel_rule(gathered_rows, elem_bytes);
+  return m <= kMidPanel ? std::min(rule, kMidPanel) : rule;
 }
 
 bool cpu_is_amd() {

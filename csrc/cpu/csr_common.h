@@ -66,7 +66,8 @@ at::Tensor values_in(const at::Tensor& vals, at::ScalarType ct);
 const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder);
 
 // The batch-only rule of the 2:4 kernel: its K slices (sparse24_slice_bytes) keep the
-// panel's reads in cache whatever the width. 64 wide, or 32 without AVX-512 (widest_panel).
+// panel's reads in cache whatever the width. 64 wide, or 32 without AVX-512 (widest_panel);
+// 16 for batches of up to 16 rows, 32 for up to 32 (as the CSR rule below).
 int64_t choose_panel(int64_t m);
 
 // The widest panel the CPU's row kernels keep in registers: 64 with AVX-512, else 32
@@ -94,6 +95,10 @@ bool panel_fits_l2(int64_t rows, int64_t t, int64_t elem_bytes);
 // 38.3; (2048, 1024 -> 1024) 90% 5.9 / 4.9 / 5.0; (2048, 768 -> 3072) 98% 4.1 / 3.5 /
 // 3.4; layer step (256, 4096 -> 4096) 90% 32.0 / 29.2 / 31.9, (256, 11008 -> 4096)
 // 128.7 / 111.8 / 110.0, (2048, 768 -> 3072) 98% 13.9 / 14.3 / 14.8.
+// Batches of 17-32 rows get at most 32: a 64-wide panel half empty costs what a full one
+// does (Sapphire Rapids, 2 threads, us, 64 -> 32 wide: 90% CSR at 4096 x 4096, B = 24
+// 2320-2640 -> 1400-1750, B = 32 2330-2540 -> 1320; 2:4 B = 24 7430-8300 -> 4540-4640,
+// B = 32 7450-8090 -> 4380-4590; 1024 x 1024 alike).
 int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes);
 
 // Makes choose_panel(m, gathered_rows, elem_bytes) return `t` (16, 32 or 64) for batches

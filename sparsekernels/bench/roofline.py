@@ -39,18 +39,21 @@ import torch
 
 from . import harness
 
-# csrc/cpu/csr_common.h: the 2:4 kernel's batch-only choose_panel(m) on every CPU, and the
-# CSR widths assumed without the extension (its rule is per CPU: cpu_panel_width).
+# csrc/cpu/csr_common.h: the 2:4 kernel's batch-only choose_panel(m) on an AVX-512 CPU, and
+# the CSR widths assumed without the extension (its rule is per CPU: cpu_panel_width).
 WIDE_PANEL, NARROW_PANEL = 64, 16
 # csrc/cpu/csr_common.h (kFewRowsCsr, kFewRows): batches of up to this many rows skip the
 # panels (the CSR products, the 2:4 product), so no panel roofline describes them.
 FEW_ROWS_CSR, FEW_ROWS_24 = 2, 8
 
 
+MID_PANEL = 32
+
+
 def _batch_rule_width(batch: int) -> int:
-    """16 columns for batches of up to 16 rows, else 64: the 2:4 kernel's panels on every
-    CPU, and the CSR kernels' where the extension is not loaded."""
-    return NARROW_PANEL if batch <= NARROW_PANEL else WIDE_PANEL
+    """16 columns for batches of up to 16 rows, 32 up to 32, else 64: the 2:4 kernel's
+    panels on an AVX-512 CPU, and the CSR kernels' where the extension is not loaded."""
+    return NARROW_PANEL if batch <= NARROW_PANEL else MID_PANEL if batch <= MID_PANEL else WIDE_PANEL
 
 
 def panel_width(batch: int, in_features: int | None = None) -> int:

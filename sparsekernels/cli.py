@@ -277,9 +277,8 @@ def _cmd_bench(args) -> int:
         for r in payload["decode"]:
             ms, vs = r["ms"], r["vs_dense"]
             td.add_row(r["dtype"], str(r["batch"]), str(r["in_features"]), str(r["out_features"]),
-                       f"{ms['dense_fwd']:.3f}",
-                       f"{ms['csr90_fwd']:.3f}", f"{ms['sparse24_fwd']:.3f}", f"{vs['csr90']:.2f}",
-                       f"{vs['sparse24']:.2f}")
+                       f"{ms['dense_fwd']:.3f}", f"{ms['csr90_fwd']:.3f}", f"{ms['sparse24_fwd']:.3f}",
+                       f"{vs['csr90']:.2f}", f"{vs['sparse24']:.2f}")
         console.print(td)
     if payload["targets"]:
         tt = Table(title="targets (this run)")

@@ -500,6 +500,10 @@ at::Tensor values_in(const at::Tensor& vals, at::ScalarType ct) {
   return out;
 }
 
+at::Tensor few_rows_values(const at::Tensor& vals) {
+  return vals.scalar_type() == at::kBFloat16 ? vals.contiguous() : values_in(vals, at::kFloat);
+}
+
 const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder) {
   TORCH_INTERNAL_ASSERT(x.dim() == 2);
   const int64_t m = x.size(0), k = x.size(1);

@@ -150,6 +150,23 @@ SimdLevel cpu_simd_level();
 // for std::nullopt: tests run the AVX2 and portable kernels on AVX-512 machines too.
 void force_simd_level(std::optional<SimdLevel> level);
 
+// Whether a product of m rows computed in ct runs the few-rows kernels: at most `bound`
+// rows (kFewRows, kFewRowsCsr), fp32 compute, a CPU with SIMD kernels.
+inline bool runs_few_rows(at::ScalarType ct, int64_t m, int64_t bound) {
+  return ct == at::kFloat && m <= bound && simd_level() != SimdLevel::kGeneric;
+}
+
+// A weight's values as the few-rows kernels read them: bf16 values as they are (the
+// kernels widen them as they stream them: half the bytes), others values_in(vals, fp32).
+at::Tensor few_rows_values(const at::Tensor& vals);
+
+// Calls f with the data of v, fp32 or bf16 values (const float* or const c10::BFloat16*).
+template <typename F>
+void with_value_data(const at::Tensor& v, F&& f) {
+  if (v.scalar_type() == at::kBFloat16) f(static_cast<const c10::BFloat16*>(v.data_ptr<c10::BFloat16>()));
+  else f(static_cast<const float*>(v.data_ptr<float>()));
+}
+
 // Scalar type the kernels compute in: double for double, float for everything else
 // (bf16 / fp16 inputs are widened while packing, so they accumulate in fp32).
 inline at::ScalarType compute_type(at::ScalarType t) {

@@ -147,12 +147,9 @@ bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& va
       with_simd_rows([&](auto rows) {
         with_few_rows(m, [&](auto few) {
           constexpr int M = decltype(few)::value;
-          using Rows = decltype(rows);
-          if (vals.scalar_type() == at::kBFloat16) {
-            Rows::template rows24_few<M>(x, block, vals.data_ptr<c10::BFloat16>(), mt, groups, r0, r1);
-          } else {
-            Rows::template rows24_few<M>(x, block, vals.data_ptr<float>(), mt, groups, r0, r1);
-          }
+          with_value_data(vals, [&](auto* v) {
+            decltype(rows)::template rows24_few<M>(x, block, v, mt, groups, r0, r1);
+          });
         });
       });
       store_block(block, m, r1 - r0, 0, r0, y, bias);
@@ -210,10 +207,8 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor y = out.view({m, n});
-  if (ct == at::kFloat && m <= kFewRows && simd_level() != SimdLevel::kGeneric) {
-    // bf16 values are widened by the kernel as it streams them, others converted first.
-    const at::Tensor fv = values.scalar_type() == at::kBFloat16 ? values.contiguous() : values_in(values, ct);
-    if (!sparse24_few_rows(x2, y, fv, mc, bp)) meta24_invalid();
+  if (runs_few_rows(ct, m, kFewRows)) {
+    if (!sparse24_few_rows(x2, y, few_rows_values(values), mc, bp)) meta24_invalid();
     return out;
   }
   const at::Tensor v = values_in(values, ct);

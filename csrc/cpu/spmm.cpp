@@ -114,12 +114,10 @@ bool spmm_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& row_pt
       alignas(64) float block[kRowsPerTask * kFewRowsCsr];
       with_simd_rows([&](auto rows) {
         using Rows = decltype(rows);
-        auto run = [&](auto* v) {
+        with_value_data(vals, [&](auto* v) {
           if (m == 1) Rows::template spmm_few<1>(xt, block, rp, ci, v, r0, r1);
           else Rows::template spmm_few<2>(xt, block, rp, ci, v, r0, r1);
-        };
-        if (vals.scalar_type() == at::kBFloat16) run(vals.data_ptr<c10::BFloat16>());
-        else run(vals.data_ptr<float>());
+        });
       });
       store_block(block, m, r1 - r0, 0, r0, y, bias);
     }
@@ -210,11 +208,8 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor y = out.view({m, n});
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  bool ok = true;
-  if (!packed && ct == at::kFloat && m <= kFewRowsCsr && simd_level() != SimdLevel::kGeneric) {
-    // W's own bf16 values are widened by the kernel as it reads them, others converted first.
-    const at::Tensor v = perm ? gather_values(vals, *perm, ct)
-                              : (vals.scalar_type() == at::kBFloat16 ? vals.contiguous() : values_in(vals, ct));
+  if (!packed && runs_few_rows(ct, m, kFewRowsCsr)) {
+    const at::Tensor v = perm ? gather_values(vals, *perm, ct) : few_rows_values(vals);
     if (!spmm_few_rows(x2, y, rp, ci, v, bias)) columns_out_of_range(what, k);
     return out;
   }
@@ -224,6 +219,7 @@ at::Tensor spmm_core(const char* what, const at::Tensor& x, const at::Tensor& va
   const at::Tensor px =
       packed ? *packed : (chunks_pack_own_panels(p_count, tasks) ? at::Tensor() : pack_panels(x2, t, ct, /*slot=*/0));
   const at::Tensor v = perm ? gather_values(vals, *perm, ct) : values_in(vals, ct);
+  bool ok = true;
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
     if (ct == at::kDouble) ok = spmm_panels<double, T>(px, x2, y, rp, ci, v, bias);

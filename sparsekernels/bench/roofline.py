@@ -41,13 +41,10 @@ from . import harness
 
 # csrc/cpu/csr_common.h: the 2:4 kernel's batch-only choose_panel(m) on an AVX-512 CPU, and
 # the CSR widths assumed without the extension (its rule is per CPU: cpu_panel_width).
-WIDE_PANEL, NARROW_PANEL = 64, 16
+WIDE_PANEL, MID_PANEL, NARROW_PANEL = 64, 32, 16
 # csrc/cpu/csr_common.h (kFewRowsCsr, kFewRows): batches of up to this many rows skip the
 # panels (the CSR products, the 2:4 product), so no panel roofline describes them.
 FEW_ROWS_CSR, FEW_ROWS_24 = 2, 8
-
-
-MID_PANEL = 32
 
 
 def _batch_rule_width(batch: int) -> int:

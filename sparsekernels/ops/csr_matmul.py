@@ -49,6 +49,15 @@ def _release_workspace() -> None:
     torch.ops.sparsekernels_C.release_workspace()
 
 
+def unmeasured_args(flops: float) -> dict | None:
+    """The dispatch args of a product too small to measure (under MEASURE_MIN_FLOPS), or
+    None for one that may be measured. Dispatch then follows resolve(), which needs
+    neither the shape class nor the candidates (they key and narrow a measurement):
+    skipping them took ~25 us of Python off each small CSR product (three per training
+    step of a layer), ~40 us off a 1 x 1024 -> 1024 2:4 product (its kernel ~50 us)."""
+    return {"flops": flops, "key": (), "candidates": None} if flops < backends.MEASURE_MIN_FLOPS else None
+
+
 def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
                    tiled_pattern: tuple[Tensor, Tensor] | None = None, dense_variant: bool = False) -> dict:
     """The flops, shape class and candidates under which a CSR product of W [out, in] with
@@ -59,11 +68,8 @@ def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
     out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
     m = lead.shape[:-1].numel()
     flops = 2.0 * m * out_f * in_f
-    if flops < backends.MEASURE_MIN_FLOPS:
-        # Never measured: dispatch follows resolve(), which needs neither the shape class
-        # nor the candidates (they key and narrow a measurement). Skipping them took ~25 us
-        # of Python off each small product (three per training step of a layer).
-        return {"flops": flops, "key": (), "candidates": None}
+    if (small := unmeasured_args(flops)) is not None:
+        return small
     density = nnz / (out_f * in_f) if out_f * in_f else 1.0
     candidates = None
     if (tiled_pattern is not None and lead.is_cuda and m >= TILED_MIN_ROWS

@@ -24,7 +24,7 @@ from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, autocast
 from .csr_matmul import (_add_bias, _fused_cpu_backward, _sddmm_op, _spmm_backward_cpu_op, _spmm_t_op,
-                         dense_candidates, dispatch_measured)
+                         dense_candidates, dispatch_measured, unmeasured_args)
 
 
 def _rows2d(t: Tensor) -> Tensor:
@@ -132,11 +132,8 @@ def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = 
     ``dense_variant``: ``run`` can also run "cpu:dense" (the CSR view densified in C++)."""
     m = x.shape[:-1].numel()
     flops = 2.0 * m * n * k
-    if flops < backends.MEASURE_MIN_FLOPS:
-        # Never measured: the shape class and candidates only key and narrow a measurement
-        # (as csr_matmul._dispatch_args). Skipping them took ~40 us off a 1 x 1024 -> 1024
-        # product, whose kernel takes ~50 us.
-        return dispatch_measured(op, x, run, {"flops": flops, "key": (), "candidates": None})
+    if (small := unmeasured_args(flops)) is not None:
+        return dispatch_measured(op, x, run, small)
     key = backends.shape_class(m, n, k)
     cands = None
     if x.is_cuda:

@@ -38,6 +38,8 @@ int64_t cpu_panel_width_op(int64_t m, int64_t gathered_rows, int64_t elem_bytes)
 }
 void cpu_force_panel_width_op(int64_t t) { cpu::force_panel_width(t); }
 bool cpu_is_amd_op() { return cpu::cpu_is_amd(); }
+bool cpu_bf16_dot_op() { return cpu::bf16_dot_active(); }
+void cpu_allow_bf16_dot_op(bool allow) { cpu::allow_bf16_dot(allow); }
 int64_t cpu_sparse24_slice_bytes_op() { return cpu::sparse24_slice_bytes(); }
 void release_workspace_op() { cpu::release_workspace(); }
 bool built_with_cuda_op() {
@@ -90,6 +92,10 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   m.def("cpu_force_panel_width(int width) -> ()", &cpu_force_panel_width_op);
   // True on an AMD CPU, where some kernels block differently (csr_common.h).
   m.def("cpu_is_amd() -> bool", &cpu_is_amd_op);
+  // True when the CPU 2:4 kernel multiplies a few bf16 rows in bf16 dot products
+  // (AVX512-BF16); cpu_allow_bf16_dot(False) makes it widen them to fp32 (for tests).
+  m.def("cpu_bf16_dot() -> bool", &cpu_bf16_dot_op);
+  m.def("cpu_allow_bf16_dot(bool allow) -> ()", &cpu_allow_bf16_dot_op);
   // Bytes of the packed panel one K slice of the CPU 2:4 kernel covers (for tests).
   m.def("cpu_sparse24_slice_bytes() -> int", &cpu_sparse24_slice_bytes_op);
   // True when the CUDA kernels were compiled into this library.

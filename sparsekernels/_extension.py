@@ -44,6 +44,12 @@ def cpu_simd_level() -> str:
     return str(torch.ops.sparsekernels_C.cpu_simd_level()) if compiled() else ""
 
 
+def cpu_bf16_dot() -> bool:
+    """Whether the compiled CPU 2:4 kernel multiplies decode-sized bf16 batches in bf16 dot
+    products (AVX512-BF16) rather than widening them to fp32."""
+    return compiled() and bool(torch.ops.sparsekernels_C.cpu_bf16_dot())
+
+
 def release_workspace() -> None:
     """Frees the calling thread's cached kernel scratch buffers (packed input panels)."""
     if compiled():

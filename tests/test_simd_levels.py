@@ -174,11 +174,11 @@ def test_few_rows_csr_rejects_out_of_range_columns(level):
 
 
 @pytest.mark.parametrize("out_f,in_f", [(37, 36), (70, 100), (5, 8), (33, 4100), (40, 64)])
-def test_sparse24_mm_few_rows_at_every_level(level, out_f, in_f, seed):
+def test_sparse24_mm_few_rows_at_every_level(level, bf16_step, out_f, in_f, seed):
     """Batches of 1..8 rows run rows24_few (kept values against x through permutes; 9 rows
     run the panels): against float64 with a bias, for K with whole vectors of groups, one
     whole vector, groups past the last one, or none; 3-D and transposed inputs; bf16
-    values and inputs."""
+    values and inputs through both bf16 steps (dot products, widening)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).float()
     s24 = sk.formats.Sparse24.from_dense(w)
@@ -194,13 +194,68 @@ def test_sparse24_mm_few_rows_at_every_level(level, out_f, in_f, seed):
     assert rel_error(C.sparse24_mm(x3, s24.values, s24.meta, None), x3.double() @ wd.t()) < 1e-5
     xt = torch.randn(in_f, 4, generator=g).t()
     assert rel_error(C.sparse24_mm(xt, s24.values, s24.meta, bias), xt.double() @ wd.t() + bias.double()) < 1e-5
-    # bf16 values, widened in the kernel (rows24_few) or before it (the panels, 9 rows).
+    # bf16 values: rows24_few's dot or widening step, or widened before the panels (9 rows).
     for m in (1, 5, 8, 9):
         xb = torch.randn(m, in_f, generator=g).bfloat16()
         yb = C.sparse24_mm(xb, s24.values.bfloat16(), s24.meta, bias.bfloat16())
         assert yb.dtype == torch.bfloat16
         ref = xb.double() @ s24.to_dense().bfloat16().double().t() + bias.bfloat16().double()
         assert rel_error(yb, ref) < 1e-2, m
+
+
+@pytest.fixture(params=["dot", "widen"])
+def bf16_step(request):
+    """rows24_few's bf16 step: dot products where the CPU has AVX512-BF16 (skipped
+    elsewhere), or x and the values widened to fp32; the CPU's choice is restored."""
+    C = torch.ops.sparsekernels_C
+    if request.param == "dot":
+        if not C.cpu_bf16_dot():
+            pytest.skip("the kernels do not take bf16 dot products here (no AVX512-BF16, or a lower level)")
+    else:
+        C.cpu_allow_bf16_dot(False)
+    yield request.param
+    C.cpu_allow_bf16_dot(True)
+
+
+@pytest.mark.parametrize("in_f", [4100, 2112, 1040])
+def test_sparse24_mm_few_rows_bits_do_not_depend_on_the_batch(level, bf16_step, in_f, seed):
+    """rows24_few walks x in slices that stay in L1 when its M rows are wide, parking each
+    row's accumulators between slices: the FMAs and their order are those of one pass, so a
+    row's result has the same bits for every batch of 1..8 rows (K here spans slices at 8
+    rows, in fp32 and bf16, with groups past the last whole vector)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(70, in_f, generator=g)
+    s24 = sk.formats.Sparse24.from_dense(w)
+    C = torch.ops.sparsekernels_C
+    x = torch.randn(8, in_f, generator=g)
+    for values, xs, tol in ((s24.values, x, 1e-5), (s24.values.bfloat16(), x.bfloat16(), 1e-2)):
+        if bf16_step == "dot" and xs.dtype != torch.bfloat16:
+            continue
+        full = C.sparse24_mm(xs, values, s24.meta, None)
+        ref = xs.double() @ s24.to_dense().to(values.dtype).double().t()
+        assert rel_error(full, ref) < tol
+        for m in range(1, 8):
+            few = C.sparse24_mm(xs[:m], values, s24.meta, None)
+            assert torch.equal(few.view(torch.int16 if few.dtype == torch.bfloat16 else torch.int32),
+                               full[:m].view(torch.int16 if full.dtype == torch.bfloat16 else torch.int32)), m
+
+
+def test_bf16_dot_switch_is_reported_and_restored():
+    C = torch.ops.sparsekernels_C
+    has = C.cpu_bf16_dot()
+    try:
+        C.cpu_allow_bf16_dot(False)
+        assert not C.cpu_bf16_dot()
+        C.cpu_force_simd_level("avx2")
+        C.cpu_allow_bf16_dot(True)
+        assert not C.cpu_bf16_dot()  # the dot step is AVX-512 code
+    finally:
+        C.cpu_force_simd_level(None)
+        C.cpu_allow_bf16_dot(True)
+    assert C.cpu_bf16_dot() == has
+    from sparsekernels import info
+
+    assert info.collect()["cpu_bf16_dot_path"] == has
 
 
 def test_sparse24_mm_few_rows_rejects_corrupt_meta_in_a_tail_group(level):

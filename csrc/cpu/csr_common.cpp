@@ -83,6 +83,27 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_bf16_dot() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::atomic<bool> bf16_dot_allowed{true};
+}  // namespace
+
+bool bf16_dot_active() {
+  return bf16_dot_allowed.load(std::memory_order_relaxed) && simd_level() == SimdLevel::kAvx512 &&
+         cpu_has_bf16_dot();
+}
+
+void allow_bf16_dot(bool allow) { bf16_dot_allowed.store(allow, std::memory_order_relaxed); }
+
 SimdLevel cpu_simd_level() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const SimdLevel level = cpu_has_avx512()                                                 ? SimdLevel::kAvx512

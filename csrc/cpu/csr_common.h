@@ -34,7 +34,9 @@ constexpr int64_t kNarrowPanel = 16;
 // kernel's bits). The bounds are measured (Sapphire Rapids, 2 threads, us, panels ->
 // few rows): 2:4 4096 x 4096, M = 1: 3500 -> 1000, 4: 3500 -> 1850, 8: 3450 -> 2900
 // (16-row panels: 2900-3100); CSR at 90%, 4096 x 4096, M = 1: 760-890 -> 670-720, 2:
-// 830-940 -> 760-810, 4: 840-950 -> 820-880, 8: 830-950 -> 900-1050.
+// 830-940 -> 760-810, 4: 840-950 -> 820-880, 8: 830-950 -> 900-1050. rows24_few walking
+// x in L1-sized slices then took the 2:4 product at M = 4 from 1500 to 1260-1330 us and
+// at M = 8 from 2400 to 2010-2080 (fp32; bf16 2300 -> 1880-1910).
 constexpr int64_t kFewRows = 8;
 constexpr int64_t kFewRowsCsr = 2;
 
@@ -149,6 +151,14 @@ SimdLevel cpu_simd_level();
 // Caps simd_level() at `level` (any level up to the CPU's), or restores the CPU's best
 // for std::nullopt: tests run the AVX2 and portable kernels on AVX-512 machines too.
 void force_simd_level(std::optional<SimdLevel> level);
+
+// Whether the 2:4 product of a few bf16 rows takes bf16 dot products (rows24_few's step in
+// RowsAvx512Bf16) instead of widening x and the values to fp32: a CPU with AVX512-BF16
+// and AVX512BW, kernels at the AVX-512 level, and not turned off by allow_bf16_dot(false)
+// (tests run the widening step on such a CPU too).
+bool cpu_has_bf16_dot();
+bool bf16_dot_active();
+void allow_bf16_dot(bool allow);
 
 // Whether a product of m rows computed in ct runs the few-rows kernels: at most `bound`
 // rows (kFewRows, kFewRowsCsr), fp32 compute, a CPU with SIMD kernels.

@@ -156,6 +156,41 @@ struct Avx2 {
   }
 };
 
+// Avx512's operations plus those of the bf16 dot-product step of the 2:4 few-rows kernel
+// (AVX512-BF16, with AVX512BW's 16-bit permutes and widenings). Compiled into
+// RowsAvx512Bf16 only, which runs where the CPU has both (cpu_has_bf16_dot).
+#define SK_AVX512_BF16_OP __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline
+
+struct Avx512Bf16 : Avx512 {
+  // 32 raw bf16 values at p.
+  SK_AVX512_BF16_OP __m512i load_words(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  // positions24 for 16-bit lanes: the positions, within the 64 columns of 16 groups, of
+  // their 32 kept values (word 2j: 4j + i0 of group j, word 2j + 1: 4j + i1), from 16
+  // meta bytes.
+  SK_AVX512_BF16_OP __m512i positions24_words(const uint8_t* meta) {
+    alignas(64) static constexpr uint16_t kShift[32] = {0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,
+                                                        0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2};
+    alignas(64) static constexpr uint16_t kBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
+                                                       20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+                                                       44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+    const __m128i m = _mm_loadu_si128(reinterpret_cast<const __m128i*>(meta));
+    const __m256i twice = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(m, m)),
+                                                  _mm_unpackhi_epi8(m, m), 1);  // each byte in two lanes
+    const __m512i pos = _mm512_and_si512(_mm512_srlv_epi16(_mm512_cvtepu8_epi16(twice), _mm512_load_si512(kShift)),
+                                         _mm512_set1_epi16(3));
+    return _mm512_add_epi16(pos, _mm512_load_si512(kBase));
+  }
+  // x's bf16 values at `positions` (positions24_words) among the 64 at x.
+  SK_AVX512_BF16_OP __m512i pick24_words(const uint16_t* x, __m512i positions) {
+    return _mm512_permutex2var_epi16(_mm512_loadu_si512(x), positions, _mm512_loadu_si512(x + 32));
+  }
+  // acc lane j += a[2j] b[2j] + a[2j + 1] b[2j + 1] (bf16 products are exact in fp32).
+  SK_AVX512_BF16_OP __m512 dot_bf16(__m512i a, __m512i b, __m512 acc) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+  }
+};
+
+#undef SK_AVX512_BF16_OP
 #undef SK_AVX512_OP
 #undef SK_AVX2_OP
 

@@ -1,5 +1,5 @@
 // The fp32 row kernels for each instruction set (RowsAvx512, RowsAvx2: simd_rows.inc
-// compiled once per set) and with_simd_rows, which picks the set this CPU runs.
+// compiled once per set; RowsAvx512Bf16 for the 2:4 few-rows kernel's bf16 step) and with_simd_rows, which picks the set this CPU runs.
 #pragma once
 
 #include "csr_common.h"
@@ -14,6 +14,16 @@ namespace sparsekernels::cpu {
 #define SK_ROWS_NAME RowsAvx512
 #define SK_ROWS_OPS Avx512
 #define SK_ROWS_TARGET __attribute__((target("avx512f")))
+#include "simd_rows.inc"
+#undef SK_ROWS_NAME
+#undef SK_ROWS_OPS
+#undef SK_ROWS_TARGET
+
+// Only rows24_few's bf16 dot step uses what this target adds; the other kernels of this
+// set are never instantiated.
+#define SK_ROWS_NAME RowsAvx512Bf16
+#define SK_ROWS_OPS Avx512Bf16
+#define SK_ROWS_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #include "simd_rows.inc"
 #undef SK_ROWS_NAME
 #undef SK_ROWS_OPS

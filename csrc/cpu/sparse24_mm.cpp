@@ -123,17 +123,29 @@ bool meta24_valid(const uint8_t* p, int64_t count) {
 }
 
 // x2 [M <= kFewRows, K] (fp32 compute, a CPU with SIMD kernels) into y, for fp32 or bf16
-// values [N, K / 2] (contiguous): rows24_few over tasks of 32 output rows (each x row is
-// read whole per row of W, from L1 / L2). Each task checks its rows' meta bytes just
-// before reading them: at M = 1 a separate pass over meta took a quarter of the
+// values [N, K / 2] (contiguous): rows24_few over tasks of 32 output rows. bf16 x and
+// values on a CPU with AVX512-BF16 (bf16_dot_active) take its bf16 dot step, x as it is;
+// otherwise x is read as fp32 (few_rows_operand). Each task checks its rows' meta bytes
+// just before reading them: at M = 1 a separate pass over meta took a quarter of the
 // product's time (4096 x 4096). False when some task's meta was invalid (that task was
 // skipped).
 bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                        const at::Tensor* bias) {
   constexpr int64_t kRows = 32;
-  const int64_t m = x2.size(0), groups = x2.size(1) / 4, n = y.size(1);
+  const int64_t m = x2.size(0), k = x2.size(1), groups = k / 4, n = y.size(1);
+  const bool dot = x2.scalar_type() == at::kBFloat16 && vals.scalar_type() == at::kBFloat16 && bf16_dot_active();
   at::Tensor holder;
-  const float* x = few_rows_operand(x2, /*transposed=*/false, holder);
+  const float* x = nullptr;
+  const c10::BFloat16* xb = nullptr;
+  if (!dot) {
+    x = few_rows_operand(x2, /*transposed=*/false, holder);
+  } else if (x2.is_contiguous()) {
+    xb = x2.data_ptr<c10::BFloat16>();
+  } else {
+    holder = workspace(0, {m, k}, at::kBFloat16);
+    holder.copy_(x2);
+    xb = holder.data_ptr<c10::BFloat16>();
+  }
   const uint8_t* mt = meta.data_ptr<uint8_t>();
   std::atomic<bool> ok{true};
   at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
@@ -144,12 +156,16 @@ bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& va
         continue;
       }
       alignas(64) float block[kRows * kFewRows];
-      with_simd_rows([&](auto rows) {
-        with_few_rows(m, [&](auto few) {
-          constexpr int M = decltype(few)::value;
-          with_value_data(vals, [&](auto* v) {
-            decltype(rows)::template rows24_few<M>(x, block, v, mt, groups, r0, r1);
-          });
+      with_few_rows(m, [&](auto few) {
+        constexpr int M = decltype(few)::value;
+#if defined(SPARSEKERNELS_X86_SIMD)
+        if (dot) {
+          RowsAvx512Bf16::rows24_few<M>(xb, block, vals.data_ptr<c10::BFloat16>(), mt, groups, r0, r1);
+          return;
+        }
+#endif
+        with_simd_rows([&](auto rows) {
+          with_value_data(vals, [&](auto* v) { decltype(rows)::template rows24_few<M>(x, block, v, mt, groups, r0, r1); });
         });
       });
       store_block(block, m, r1 - r0, 0, r0, y, bias);

@@ -38,8 +38,24 @@ int64_t cpu_panel_width_op(int64_t m, int64_t gathered_rows, int64_t elem_bytes)
 }
 void cpu_force_panel_width_op(int64_t t) { cpu::force_panel_width(t); }
 bool cpu_is_amd_op() { return cpu::cpu_is_amd(); }
-bool cpu_bf16_dot_op() { return cpu::bf16_dot_active(); }
-void cpu_allow_bf16_dot_op(bool allow) { cpu::allow_bf16_dot(allow); }
+std::string cpu_bf16_step_op() {
+  switch (cpu::bf16_step()) {
+    case cpu::Bf16Step::kAmx:
+      return "amx";
+    case cpu::Bf16Step::kDot:
+      return "dot";
+    case cpu::Bf16Step::kWiden:
+      break;
+  }
+  return "widen";
+}
+void cpu_force_bf16_step_op(std::optional<std::string> step) {
+  if (!step) return cpu::force_bf16_step(std::nullopt);
+  const std::string& s = *step;
+  TORCH_CHECK_VALUE(s == "amx" || s == "dot" || s == "widen",
+                    "cpu_force_bf16_step: step must be 'amx', 'dot', 'widen' or None, got '", s, "'");
+  cpu::force_bf16_step(s == "amx" ? cpu::Bf16Step::kAmx : s == "dot" ? cpu::Bf16Step::kDot : cpu::Bf16Step::kWiden);
+}
 int64_t cpu_sparse24_slice_bytes_op() { return cpu::sparse24_slice_bytes(); }
 void release_workspace_op() { cpu::release_workspace(); }
 bool built_with_cuda_op() {
@@ -92,10 +108,12 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   m.def("cpu_force_panel_width(int width) -> ()", &cpu_force_panel_width_op);
   // True on an AMD CPU, where some kernels block differently (csr_common.h).
   m.def("cpu_is_amd() -> bool", &cpu_is_amd_op);
-  // True when the CPU 2:4 kernel multiplies a few bf16 rows in bf16 dot products
-  // (AVX512-BF16); cpu_allow_bf16_dot(False) makes it widen them to fp32 (for tests).
-  m.def("cpu_bf16_dot() -> bool", &cpu_bf16_dot_op);
-  m.def("cpu_allow_bf16_dot(bool allow) -> ()", &cpu_allow_bf16_dot_op);
+  // How the CPU 2:4 kernel multiplies a few bf16 rows here: "amx" (AMX tiles), "dot"
+  // (AVX512-BF16 dot products) or "widen" (fp32 FMAs).
+  m.def("cpu_bf16_step() -> str", &cpu_bf16_step_op);
+  // For tests: caps that step ("amx", "dot", "widen"; one above the CPU's runs the CPU's),
+  // or the CPU's best again for None.
+  m.def("cpu_force_bf16_step(str? step) -> ()", &cpu_force_bf16_step_op);
   // Bytes of the packed panel one K slice of the CPU 2:4 kernel covers (for tests).
   m.def("cpu_sparse24_slice_bytes() -> int", &cpu_sparse24_slice_bytes_op);
   // True when the CUDA kernels were compiled into this library.

@@ -44,10 +44,11 @@ def cpu_simd_level() -> str:
     return str(torch.ops.sparsekernels_C.cpu_simd_level()) if compiled() else ""
 
 
-def cpu_bf16_dot() -> bool:
-    """Whether the compiled CPU 2:4 kernel multiplies decode-sized bf16 batches in bf16 dot
-    products (AVX512-BF16) rather than widening them to fp32."""
-    return compiled() and bool(torch.ops.sparsekernels_C.cpu_bf16_dot())
+def cpu_bf16_step() -> str:
+    """How the compiled CPU 2:4 kernel multiplies decode-sized bf16 batches here: "amx"
+    (AMX-BF16 tiles), "dot" (AVX512-BF16 dot products) or "widen" (fp32 FMAs); "" without
+    the extension."""
+    return str(torch.ops.sparsekernels_C.cpu_bf16_step()) if compiled() else ""
 
 
 def release_workspace() -> None:

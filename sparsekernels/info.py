@@ -33,7 +33,7 @@ def collect() -> dict:
         "load_error": _extension.LOAD_ERROR,
         "cpu_avx512_path": _extension.cpu_has_avx512(),
         "cpu_simd_path": _extension.cpu_simd_level(),
-        "cpu_bf16_dot_path": _extension.cpu_bf16_dot(),
+        "cpu_bf16_step": _extension.cpu_bf16_step(),
         "cuda_available": torch.cuda.is_available(),
         "requested_backend": backends.get_backend(),
         "compiled_with_cuda": _extension.compiled_with_cuda(),

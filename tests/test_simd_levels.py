@@ -203,22 +203,24 @@ def test_sparse24_mm_few_rows_at_every_level(level, bf16_step, out_f, in_f, seed
         assert rel_error(yb, ref) < 1e-2, m
 
 
-@pytest.fixture(params=["dot", "widen"])
+@pytest.fixture(params=["amx", "dot", "widen"])
 def bf16_step(request):
-    """rows24_few's bf16 step: dot products where the CPU has AVX512-BF16 (skipped
-    elsewhere), or x and the values widened to fp32; the CPU's choice is restored."""
+    """How the 2:4 kernel multiplies a few bf16 rows: AMX tiles, AVX512-BF16 dot products or
+    fp32 FMAs, forced in turn (skipped where this CPU, at the test's level, lacks it); the
+    CPU's choice is restored."""
     C = torch.ops.sparsekernels_C
-    if request.param == "dot":
-        if not C.cpu_bf16_dot():
-            pytest.skip("the kernels do not take bf16 dot products here (no AVX512-BF16, or a lower level)")
-    else:
-        C.cpu_allow_bf16_dot(False)
+    C.cpu_force_bf16_step(request.param)
+    if C.cpu_bf16_step() != request.param:
+        C.cpu_force_bf16_step(None)
+        pytest.skip(f"the 2:4 kernel cannot take the {request.param} step here")
     yield request.param
-    C.cpu_allow_bf16_dot(True)
+    C.cpu_force_bf16_step(None)
 
 
 @pytest.mark.parametrize("in_f", [4100, 2112, 1040])
 def test_sparse24_mm_few_rows_bits_do_not_depend_on_the_batch(level, bf16_step, in_f, seed):
+    if bf16_step == "amx":
+        pytest.skip("AMX tiles need K to be a multiple of 32; rows24_few's steps are checked here")
     """rows24_few walks x in slices that stay in L1 when its M rows are wide, parking each
     row's accumulators between slices: the FMAs and their order are those of one pass, so a
     row's result has the same bits for every batch of 1..8 rows (K here spans slices at 8
@@ -229,7 +231,7 @@ def test_sparse24_mm_few_rows_bits_do_not_depend_on_the_batch(level, bf16_step, 
     C = torch.ops.sparsekernels_C
     x = torch.randn(8, in_f, generator=g)
     for values, xs, tol in ((s24.values, x, 1e-5), (s24.values.bfloat16(), x.bfloat16(), 1e-2)):
-        if bf16_step == "dot" and xs.dtype != torch.bfloat16:
+        if bf16_step != "widen" and xs.dtype != torch.bfloat16:
             continue
         full = C.sparse24_mm(xs, values, s24.meta, None)
         ref = xs.double() @ s24.to_dense().to(values.dtype).double().t()
@@ -240,22 +242,79 @@ def test_sparse24_mm_few_rows_bits_do_not_depend_on_the_batch(level, bf16_step, 
                                full[:m].view(torch.int16 if full.dtype == torch.bfloat16 else torch.int32)), m
 
 
-def test_bf16_dot_switch_is_reported_and_restored():
+def test_bf16_step_is_reported_forced_and_restored():
     C = torch.ops.sparsekernels_C
-    has = C.cpu_bf16_dot()
-    try:
-        C.cpu_allow_bf16_dot(False)
-        assert not C.cpu_bf16_dot()
-        C.cpu_force_simd_level("avx2")
-        C.cpu_allow_bf16_dot(True)
-        assert not C.cpu_bf16_dot()  # the dot step is AVX-512 code
-    finally:
-        C.cpu_force_simd_level(None)
-        C.cpu_allow_bf16_dot(True)
-    assert C.cpu_bf16_dot() == has
+    best = C.cpu_bf16_step()
+    assert best in ("amx", "dot", "widen")
     from sparsekernels import info
 
-    assert info.collect()["cpu_bf16_dot_path"] == has
+    assert info.collect()["cpu_bf16_step"] == best
+    order = ("widen", "dot", "amx")
+    try:
+        for name in order:
+            C.cpu_force_bf16_step(name)
+            assert C.cpu_bf16_step() == (name if order.index(name) <= order.index(best) else best)
+        C.cpu_force_bf16_step(None)
+        C.cpu_force_simd_level("avx2")
+        assert C.cpu_bf16_step() == "widen"  # the dot and AMX steps are AVX-512 code
+        with pytest.raises(ValueError, match="'amx', 'dot', 'widen' or None"):
+            C.cpu_force_bf16_step("avx512")
+    finally:
+        C.cpu_force_simd_level(None)
+        C.cpu_force_bf16_step(None)
+    assert C.cpu_bf16_step() == best
+
+
+@pytest.mark.parametrize("out_f,in_f", [(37, 32), (70, 96), (33, 4096), (16, 64)])
+def test_sparse24_mm_amx_rows(out_f, in_f, seed):
+    """bf16 batches of 3 to 16 rows with K a multiple of 32 run on AMX tiles where the CPU
+    has them (1 row takes the dot step): against float64 with a bias, for N with a partial last task and tile, 3-D
+    and transposed inputs; oneDNN's bf16 GEMM, which runs AMX on the same threads, still
+    gives its results after ours (the tile configuration is restored)."""
+    C = torch.ops.sparsekernels_C
+    if C.cpu_bf16_step() != "amx":
+        pytest.skip("no AMX-BF16 here")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    s24 = sk.formats.Sparse24.from_dense(w)
+    values = s24.values.bfloat16()
+    wd = s24.to_dense().bfloat16().double()
+    bias = torch.randn(out_f, generator=g).bfloat16()
+    dense_w = torch.randn(out_f, in_f, generator=g).bfloat16()
+    for m in (1, 3, 7, 8, 9, 15, 16):
+        x = torch.randn(m, in_f, generator=g).bfloat16()
+        before = torch.nn.functional.linear(x, dense_w)
+        y = C.sparse24_mm(x, values, s24.meta, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, out_f)
+        assert rel_error(y, x.double() @ wd.t() + bias.double()) < 1e-2, m
+        assert torch.equal(torch.nn.functional.linear(x, dense_w), before), m
+    x3 = torch.randn(2, 5, in_f, generator=g).bfloat16()
+    assert rel_error(C.sparse24_mm(x3, values, s24.meta, None), x3.double() @ wd.t()) < 1e-2
+    xt = torch.randn(in_f, 12, generator=g).bfloat16().t()
+    assert rel_error(C.sparse24_mm(xt, values, s24.meta, bias), xt.double() @ wd.t() + bias.double()) < 1e-2
+    # Rows with every kept value zero, and zero x: exact zeros.
+    zero_rows = values.clone()
+    zero_rows[::3] = 0
+    y0 = C.sparse24_mm(torch.ones(4, in_f).bfloat16(), zero_rows, s24.meta, None)
+    assert torch.equal(y0[:, ::3], torch.zeros_like(y0[:, ::3]))
+    assert torch.equal(C.sparse24_mm(torch.zeros(3, in_f).bfloat16(), values, s24.meta, None),
+                       torch.zeros(3, out_f).bfloat16())
+
+
+def test_sparse24_mm_amx_rejects_corrupt_meta():
+    """A corrupt meta byte anywhere is a ValueError on the AMX step too, before the expand
+    reads values through it."""
+    C = torch.ops.sparsekernels_C
+    if C.cpu_bf16_step() != "amx":
+        pytest.skip("no AMX-BF16 here")
+    s24 = sk.formats.Sparse24.from_dense(torch.randn(70, 64))
+    values = s24.values.bfloat16()
+    for bad in (0x3F, 0x05, 0xF4, 0x00):
+        for row, col in ((0, 0), (69, 15), (40, 7)):
+            meta = s24.meta.clone()
+            meta[row, col] = bad
+            with pytest.raises(ValueError, match="meta entries"):
+                C.sparse24_mm(torch.randn(3, 64).bfloat16(), values, meta)
 
 
 def test_sparse24_mm_few_rows_rejects_corrupt_meta_in_a_tail_group(level):

@@ -83,26 +83,33 @@ bool cpu_has_avx512() {
 #endif
 }
 
-bool cpu_has_bf16_dot() {
+Bf16Step cpu_bf16_step() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
+  static const Bf16Step step = !cpu_has_avx512() ? Bf16Step::kWiden
+                               : cpu_has_amx_bf16() ? Bf16Step::kAmx
+                               : __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16")
+                                   ? Bf16Step::kDot
+                                   : Bf16Step::kWiden;
+  return step;
 #else
-  return false;
+  return Bf16Step::kWiden;
 #endif
 }
 
 namespace {
-std::atomic<bool> bf16_dot_allowed{true};
+std::atomic<int> forced_bf16_step{-1};  // -1: the CPU's best
 }  // namespace
 
-bool bf16_dot_active() {
-  return bf16_dot_allowed.load(std::memory_order_relaxed) && simd_level() == SimdLevel::kAvx512 &&
-         cpu_has_bf16_dot();
+Bf16Step bf16_step() {
+  if (simd_level() != SimdLevel::kAvx512) return Bf16Step::kWiden;
+  const int best = static_cast<int>(cpu_bf16_step()), forced = forced_bf16_step.load(std::memory_order_relaxed);
+  return static_cast<Bf16Step>(forced < 0 ? best : std::min(forced, best));
 }
 
-void allow_bf16_dot(bool allow) { bf16_dot_allowed.store(allow, std::memory_order_relaxed); }
+void force_bf16_step(std::optional<Bf16Step> step) {
+  forced_bf16_step.store(step ? static_cast<int>(*step) : -1, std::memory_order_relaxed);
+}
+
 
 SimdLevel cpu_simd_level() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -152,13 +152,36 @@ SimdLevel cpu_simd_level();
 // for std::nullopt: tests run the AVX2 and portable kernels on AVX-512 machines too.
 void force_simd_level(std::optional<SimdLevel> level);
 
-// Whether the 2:4 product of a few bf16 rows takes bf16 dot products (rows24_few's step in
-// RowsAvx512Bf16) instead of widening x and the values to fp32: a CPU with AVX512-BF16
-// and AVX512BW, kernels at the AVX-512 level, and not turned off by allow_bf16_dot(false)
-// (tests run the widening step on such a CPU too).
-bool cpu_has_bf16_dot();
-bool bf16_dot_active();
-void allow_bf16_dot(bool allow);
+// How the 2:4 product of a few bf16 rows (bf16 x and values) multiplies, best last:
+//  kWiden: rows24_few widens x and the values to fp32 (any SIMD level);
+//  kDot:   rows24_few's bf16 dot step (RowsAvx512Bf16: AVX512-BF16 and AVX512BW);
+//  kAmx:   sparse24_amx (AMX-BF16 tiles) for kAmxMinRows to kAmxRows rows and K a
+//          multiple of kAmxChunk; other batches as kDot.
+// cpu_bf16_step(): the best the CPU (and, for AMX, the OS) allows at the AVX-512 level;
+// bf16_step(): that, capped by force_bf16_step (tests run every step on one CPU), and
+// kWiden below the AVX-512 level.
+enum class Bf16Step : int { kWiden = 0, kDot = 1, kAmx = 2 };
+Bf16Step cpu_bf16_step();
+Bf16Step bf16_step();
+void force_bf16_step(std::optional<Bf16Step> step);
+// True when the CPU has AMX-BF16 (with AVX512BW, AVX512-VBMI2 and BMI2, which the
+// kernel's decompression uses) and the OS granted this process the tile data.
+bool cpu_has_amx_bf16();
+
+// sparse24_amx (sparse24_amx.cpp): y [M, N] = x2 [M, K] W^T for bf16 x2 and values [N,
+// K / 2] (contiguous), M <= kAmxRows, K a multiple of kAmxChunk, on a CPU where
+// cpu_has_amx_bf16(); the bias as store_block adds it. The meta bytes are checked as they
+// are decoded (no read outside a group's values whatever they hold); false when some
+// were invalid.
+// From kAmxMinRows rows on: below, the weight's stream through the dot step is cheaper
+// than its decompression (4096 x 4096, 2 threads, us, dot -> AMX: M = 1 600 -> 800, 2
+// 790 -> 815, 3 950 -> 820, 4 1150 -> 820, 8 1850 -> 830; 16 rows: 1000, the panels
+// 4000; oneDNN's dense bf16 GEMM 1160-1300 throughout).
+constexpr int64_t kAmxMinRows = 3;
+constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxChunk = 32;
+bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
+                  const at::Tensor* bias);
 
 // Whether a product of m rows computed in ct runs the few-rows kernels: at most `bound`
 // rows (kFewRows, kFewRowsCsr), fp32 compute, a CPU with SIMD kernels.

@@ -124,7 +124,7 @@ bool meta24_valid(const uint8_t* p, int64_t count) {
 
 // x2 [M <= kFewRows, K] (fp32 compute, a CPU with SIMD kernels) into y, for fp32 or bf16
 // values [N, K / 2] (contiguous): rows24_few over tasks of 32 output rows. bf16 x and
-// values on a CPU with AVX512-BF16 (bf16_dot_active) take its bf16 dot step, x as it is;
+// values on a CPU with AVX512-BF16 (bf16_step) take its bf16 dot step, x as it is;
 // otherwise x is read as fp32 (few_rows_operand). Each task checks its rows' meta bytes
 // just before reading them: at M = 1 a separate pass over meta took a quarter of the
 // product's time (4096 x 4096). False when some task's meta was invalid (that task was
@@ -133,7 +133,8 @@ bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& va
                        const at::Tensor* bias) {
   constexpr int64_t kRows = 32;
   const int64_t m = x2.size(0), k = x2.size(1), groups = k / 4, n = y.size(1);
-  const bool dot = x2.scalar_type() == at::kBFloat16 && vals.scalar_type() == at::kBFloat16 && bf16_dot_active();
+  const bool dot = x2.scalar_type() == at::kBFloat16 && vals.scalar_type() == at::kBFloat16 &&
+                   bf16_step() >= Bf16Step::kDot;
   at::Tensor holder;
   const float* x = nullptr;
   const c10::BFloat16* xb = nullptr;
@@ -223,6 +224,11 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   // in place); the kernels write it as [M, N].
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor y = out.view({m, n});
+  if (m >= kAmxMinRows && m <= kAmxRows && k % kAmxChunk == 0 && x.scalar_type() == at::kBFloat16 &&
+      bf16_step() == Bf16Step::kAmx) {
+    if (!sparse24_amx(x2, y, values.contiguous(), mc, bp)) meta24_invalid();
+    return out;
+  }
   if (runs_few_rows(ct, m, kFewRows)) {
     if (!sparse24_few_rows(x2, y, few_rows_values(values), mc, bp)) meta24_invalid();
     return out;

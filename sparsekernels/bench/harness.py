@@ -195,7 +195,7 @@ def machine_info(device: str = "cpu") -> dict:
     info["compiled_extension"] = _extension.compiled()
     info["cpu_avx512_path"] = _extension.cpu_has_avx512()
     info["cpu_simd_path"] = _extension.cpu_simd_level()
-    info["cpu_bf16_dot_path"] = _extension.cpu_bf16_dot()
+    info["cpu_bf16_step"] = _extension.cpu_bf16_step()
     return info
 
 

@@ -1,0 +1,208 @@
+// The CPU 2:4 product of a few bf16 rows on AMX (Intel Sapphire Rapids and later):
+// y [M, N] = x [M, K] W^T for kAmxMinRows <= M <= kAmxRows, K a multiple of kAmxChunk.
+//
+// Why: with fp32 FMAs (or AVX512-BF16 dot products) against x's values picked by permutes,
+// a decode-sized 2:4 product costs a permute and a multiply per 16-32 MACs and grows with
+// M (4096 x 4096, 8 rows: 1.85 ms), while oneDNN's dense bf16 GEMM on AMX costs about the
+// same for 8 rows as for 1 (1.15-1.3 ms: the 32 MiB weight streamed once). Here the
+// weight streams once too, at a little over half the bytes: each 16 x 32 tile of W is
+// decompressed into an L1 buffer (vpexpandw puts a row's 16 kept values of 8 groups at
+// their positions; the mask comes from the 8 meta bytes through a table and pext) and
+// multiplied by TDPBF16PS with a tile of x^T, M columns wide. The decompression costs the
+// same for every M up to 16: 0.82-0.83 ms for 3 to 8 rows, 0.95-1.0 for 16.
+//
+// Products of bf16 values are exact in fp32 and the tiles accumulate in fp32, as the
+// other steps do, in another order.
+#include "csr_common.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SPARSEKERNELS_AMX 1
+#endif
+
+namespace sparsekernels::cpu {
+
+#if defined(SPARSEKERNELS_AMX)
+namespace {
+
+// The tile configuration LDTILECFG reads (palette 1: 8 tiles of at most 16 rows x 64 bytes).
+struct TileConfig {
+  uint8_t palette = 0;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// Tiles: C0-C3 (y^T of the task's two 16-row halves of W, fp32: C0 / C1 over even chunks
+// of K, C2 / C3 over odd ones, so that four accumulations are in flight), A0, A1 (the
+// chunk's halves of W, 16 rows x 32 bf16), B0, B1 (x^T of even / odd chunks: 16 pairs of
+// K x M). Macros, not constants: the tile intrinsics paste their argument into the
+// instruction's register name.
+#define SK_TILE_C0 0
+#define SK_TILE_C1 1
+#define SK_TILE_C2 2
+#define SK_TILE_C3 3
+#define SK_TILE_A0 4
+#define SK_TILE_A1 5
+#define SK_TILE_B0 6
+#define SK_TILE_B1 7
+constexpr int kTaskRows = 32;  // two A tiles
+constexpr int kTileRows = 16;
+
+// Linux hands a process the AMX tile state only when asked (arch_prctl, 5.16 and later).
+bool request_tile_data() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+#define SK_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt,amx-tile,amx-bf16")))
+
+// A row of W's groups [8c, 8c + 8) (vals: their 16 kept values, meta: their 8 bytes) into
+// 32 bf16 at dst, zeros where not kept. Returns 0 for valid meta, nonzero otherwise.
+// Validated here, not in a pass before (which took a third of the kernel's time at M = 1):
+// an invalid code (i0 >= i1) maps to an empty mask, so the expand reads at most the 16
+// values that belong to these groups whatever the bytes are, and the 16 bits a valid
+// chunk's mask has are one popcount away; bits 4-7, which the table lookup ignores, are
+// checked on the bytes.
+SK_AMX_TARGET __attribute__((always_inline)) inline uint64_t decompress32(const uint16_t* vals, const uint8_t* meta,
+                                                                         uint16_t* dst) {
+  // Meta byte i0 | i1 << 2 -> the group's 4-bit mask 1 << i0 | 1 << i1: codes 4 (0, 1),
+  // 8 (0, 2), 9 (1, 2), 12 (0, 3), 13 (1, 3), 14 (2, 3); every other code -> 0.
+  const __m128i lut = _mm_setr_epi8(0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0);
+  uint64_t bytes;
+  std::memcpy(&bytes, meta, sizeof(bytes));
+  const __m128i nibbles = _mm_shuffle_epi8(lut, _mm_cvtsi64_si128(static_cast<long long>(bytes)));
+  const uint64_t mask = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(nibbles)), 0x0F0F0F0F0F0F0F0FULL);
+  _mm512_store_si512(dst, _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(mask), vals));
+  return (bytes & 0xF0F0F0F0F0F0F0F0ULL) | static_cast<uint64_t>(_mm_popcnt_u64(mask) ^ 16);
+}
+
+// Tasks [t0, t1) of kTaskRows rows of W. xt: x^T as bf16 pairs [K / 2, M] (uint32).
+// False when some task's meta was invalid (its rows of y are then left unwritten).
+SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, const uint8_t* meta, int64_t groups,
+                             int64_t n, int64_t t0, int64_t t1, at::Tensor& y, const at::Tensor* bias) {
+  // The thread's tile configuration is restored afterwards: oneDNN's AMX kernels run on
+  // these threads too and may count on theirs.
+  alignas(64) TileConfig saved;
+  _tile_storeconfig(&saved);
+  alignas(64) TileConfig cfg;
+  cfg.palette = 1;
+  for (int t : {SK_TILE_C0, SK_TILE_C1, SK_TILE_C2, SK_TILE_C3, SK_TILE_B0, SK_TILE_B1}) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = static_cast<uint16_t>(4 * m);
+  }
+  for (int t : {SK_TILE_A0, SK_TILE_A1}) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  // A chunk's 32 rows, decompressed into a[chunk & 1] while the tiles read the other.
+  alignas(64) uint16_t a[2][kTaskRows][32];
+  alignas(64) float block[2][kTaskRows * kAmxRows];
+  const int64_t chunks = groups / 8;
+  // Values are read 32 bytes per row and chunk, from 32 rows at once: the prefetcher
+  // does not follow that many streams, so each row's line two lines ahead is asked for.
+  constexpr int64_t kAhead = 128;
+  uint64_t bad = 0;
+  for (int64_t task = t0; task < t1 && bad == 0; ++task) {
+    const int64_t r0 = task * kTaskRows, r1 = std::min(n, r0 + kTaskRows);
+    const int rows = static_cast<int>(r1 - r0);
+    for (auto& buf : a) std::memset(buf[rows], 0, sizeof(buf[0]) * (kTaskRows - rows));  // the last task's missing rows
+    _tile_zero(SK_TILE_C0);
+    _tile_zero(SK_TILE_C1);
+    _tile_zero(SK_TILE_C2);
+    _tile_zero(SK_TILE_C3);
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint16_t(*ac)[32] = a[c & 1];
+      for (int i = 0; i < rows; ++i) {
+        const uint16_t* v = vals + (r0 + i) * 2 * groups + 16 * c;
+        if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(v) + kAhead, _MM_HINT_T0);
+        bad |= decompress32(v, meta + (r0 + i) * groups + 8 * c, ac[i]);
+      }
+      _tile_loadd(SK_TILE_A0, ac[0], 64);
+      _tile_loadd(SK_TILE_A1, ac[kTileRows], 64);
+      if ((c & 1) == 0) {
+        _tile_loadd(SK_TILE_B0, xt + c * kTileRows * m, 4 * m);
+        _tile_dpbf16ps(SK_TILE_C0, SK_TILE_A0, SK_TILE_B0);
+        _tile_dpbf16ps(SK_TILE_C1, SK_TILE_A1, SK_TILE_B0);
+      } else {
+        _tile_loadd(SK_TILE_B1, xt + c * kTileRows * m, 4 * m);
+        _tile_dpbf16ps(SK_TILE_C2, SK_TILE_A0, SK_TILE_B1);
+        _tile_dpbf16ps(SK_TILE_C3, SK_TILE_A1, SK_TILE_B1);
+      }
+    }
+    _tile_stored(SK_TILE_C0, block[0], 4 * m);
+    _tile_stored(SK_TILE_C1, block[0] + kTileRows * m, 4 * m);
+    _tile_stored(SK_TILE_C2, block[1], 4 * m);
+    _tile_stored(SK_TILE_C3, block[1] + kTileRows * m, 4 * m);
+    for (int i = 0; i < rows * m; ++i) block[0][i] += block[1][i];
+    if (bad == 0) store_block(block[0], m, rows, 0, r0, y, bias);
+  }
+  if (saved.palette != 0) _tile_loadconfig(&saved);
+  else _tile_release();
+  return bad == 0;
+}
+
+}  // namespace
+
+bool cpu_has_amx_bf16() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("amx-tile") &&
+                          __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt") &&
+                          request_tile_data();
+  return has;
+}
+
+bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
+                  const at::Tensor* bias) {
+  const int64_t m = x2.size(0), k = x2.size(1), n = y.size(1), groups = k / 4;
+  TORCH_INTERNAL_ASSERT(m >= 1 && m <= kAmxRows && k % kAmxChunk == 0 && x2.scalar_type() == at::kBFloat16 &&
+                        vals.scalar_type() == at::kBFloat16 && vals.is_contiguous());
+  // x^T as pairs of bf16 (one uint32 per two K columns): B tile c is rows [16c, 16c + 16).
+  const at::Tensor xc = x2.contiguous();
+  const auto* x32 = reinterpret_cast<const uint32_t*>(xc.data_ptr<c10::BFloat16>());
+  at::Tensor xt = workspace(0, {k / 2, m}, at::kInt);
+  auto* xp = reinterpret_cast<uint32_t*>(xt.data_ptr<int32_t>());
+  for (int64_t p = 0; p < k / 2; ++p)  // (ATen's strided copy took ~20 us for 8 x 4096)
+    for (int64_t j = 0; j < m; ++j) xp[p * m + j] = x32[j * (k / 2) + p];
+  const auto* vp = reinterpret_cast<const uint16_t*>(vals.data_ptr<c10::BFloat16>());
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, (n + kTaskRows - 1) / kTaskRows, 1, [&](int64_t begin, int64_t end) {
+    if (!amx_tasks(xp, static_cast<int>(m), vp, mp, groups, n, begin, end, y, bias)) ok = false;
+  });
+  return ok.load();
+}
+
+#undef SK_TILE_C0
+#undef SK_TILE_C1
+#undef SK_TILE_C2
+#undef SK_TILE_C3
+#undef SK_TILE_A0
+#undef SK_TILE_A1
+#undef SK_TILE_B0
+#undef SK_TILE_B1
+#undef SK_AMX_TARGET
+
+#else
+
+bool cpu_has_amx_bf16() { return false; }
+
+bool sparse24_amx(const at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor*) {
+  TORCH_INTERNAL_ASSERT(false, "sparse24_amx: not built for this platform");
+  return false;
+}
+
+#endif
+
+}  // namespace sparsekernels::cpu

@@ -267,8 +267,8 @@ def test_bf16_step_is_reported_forced_and_restored():
 
 @pytest.mark.parametrize("out_f,in_f", [(37, 32), (70, 96), (33, 4096), (16, 64)])
 def test_sparse24_mm_amx_rows(out_f, in_f, seed):
-    """bf16 batches of 3 to 16 rows with K a multiple of 32 run on AMX tiles where the CPU
-    has them (1 row takes the dot step): against float64 with a bias, for N with a partial last task and tile, 3-D
+    """bf16 batches of 3 to 32 rows with K a multiple of 32 run on AMX tiles where the CPU
+    has them (one or two blocks of 16 rows of x; 1 row takes the dot step, 33 the panels): against float64 with a bias, for N with a partial last task and tile, 3-D
     and transposed inputs; oneDNN's bf16 GEMM, which runs AMX on the same threads, still
     gives its results after ours (the tile configuration is restored)."""
     C = torch.ops.sparsekernels_C
@@ -281,21 +281,22 @@ def test_sparse24_mm_amx_rows(out_f, in_f, seed):
     wd = s24.to_dense().bfloat16().double()
     bias = torch.randn(out_f, generator=g).bfloat16()
     dense_w = torch.randn(out_f, in_f, generator=g).bfloat16()
-    for m in (1, 3, 7, 8, 9, 15, 16):
+    for m in (1, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33):
         x = torch.randn(m, in_f, generator=g).bfloat16()
         before = torch.nn.functional.linear(x, dense_w)
         y = C.sparse24_mm(x, values, s24.meta, bias)
         assert y.dtype == torch.bfloat16 and y.shape == (m, out_f)
         assert rel_error(y, x.double() @ wd.t() + bias.double()) < 1e-2, m
         assert torch.equal(torch.nn.functional.linear(x, dense_w), before), m
-    x3 = torch.randn(2, 5, in_f, generator=g).bfloat16()
-    assert rel_error(C.sparse24_mm(x3, values, s24.meta, None), x3.double() @ wd.t()) < 1e-2
-    xt = torch.randn(in_f, 12, generator=g).bfloat16().t()
+    for lead in ((2, 5), (2, 12)):
+        x3 = torch.randn(*lead, in_f, generator=g).bfloat16()
+        assert rel_error(C.sparse24_mm(x3, values, s24.meta, None), x3.double() @ wd.t()) < 1e-2
+    xt = torch.randn(in_f, 20, generator=g).bfloat16().t()
     assert rel_error(C.sparse24_mm(xt, values, s24.meta, bias), xt.double() @ wd.t() + bias.double()) < 1e-2
     # Rows with every kept value zero, and zero x: exact zeros.
     zero_rows = values.clone()
     zero_rows[::3] = 0
-    y0 = C.sparse24_mm(torch.ones(4, in_f).bfloat16(), zero_rows, s24.meta, None)
+    y0 = C.sparse24_mm(torch.ones(20, in_f).bfloat16(), zero_rows, s24.meta, None)
     assert torch.equal(y0[:, ::3], torch.zeros_like(y0[:, ::3]))
     assert torch.equal(C.sparse24_mm(torch.zeros(3, in_f).bfloat16(), values, s24.meta, None),
                        torch.zeros(3, out_f).bfloat16())
@@ -315,6 +316,8 @@ def test_sparse24_mm_amx_rejects_corrupt_meta():
             meta[row, col] = bad
             with pytest.raises(ValueError, match="meta entries"):
                 C.sparse24_mm(torch.randn(3, 64).bfloat16(), values, meta)
+            with pytest.raises(ValueError, match="meta entries"):
+                C.sparse24_mm(torch.randn(20, 64).bfloat16(), values, meta)
 
 
 def test_sparse24_mm_few_rows_rejects_corrupt_meta_in_a_tail_group(level):

@@ -176,9 +176,11 @@ bool cpu_has_amx_bf16();
 // From kAmxMinRows rows on: below, the weight's stream through the dot step is cheaper
 // than its decompression (4096 x 4096, 2 threads, us, dot -> AMX: M = 1 600 -> 800, 2
 // 790 -> 815, 3 950 -> 820, 4 1150 -> 820, 8 1850 -> 830; 16 rows: 1000, the panels
-// 4000; oneDNN's dense bf16 GEMM 1160-1300 throughout).
+// 4000; oneDNN's dense bf16 GEMM 1160-1300 throughout). Up to kAmxRows = 32 rows: two
+// 16-row blocks of x share each decompressed tile (17-32 rows 1.2-1.4 ms, the panels
+// 6.2-7.0, oneDNN 1.5-1.6, measured in a slower hour).
 constexpr int64_t kAmxMinRows = 3;
-constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxRows = 32;
 constexpr int64_t kAmxChunk = 32;
 bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                   const at::Tensor* bias);

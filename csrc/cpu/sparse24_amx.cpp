@@ -9,7 +9,9 @@
 // decompressed into an L1 buffer (vpexpandw puts a row's 16 kept values of 8 groups at
 // their positions; the mask comes from the 8 meta bytes through a table and pext) and
 // multiplied by TDPBF16PS with a tile of x^T, M columns wide. The decompression costs the
-// same for every M up to 16: 0.82-0.83 ms for 3 to 8 rows, 0.95-1.0 for 16.
+// same for every M: 0.82-0.83 ms for 3 to 8 rows, 0.95-1.0 for 16; 17-32 rows (two blocks
+// of x, four more tile products per chunk) 1.2-1.4 ms against oneDNN's 1.5-1.6 in a
+// slower hour, where the panels took 6.2-7.0 ms.
 //
 // Products of bf16 values are exact in fp32 and the tiles accumulate in fp32, as the
 // other steps do, in another order.
@@ -43,11 +45,14 @@ struct TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
 
-// Tiles: C0-C3 (y^T of the task's two 16-row halves of W, fp32: C0 / C1 over even chunks
-// of K, C2 / C3 over odd ones, so that four accumulations are in flight), A0, A1 (the
-// chunk's halves of W, 16 rows x 32 bf16), B0, B1 (x^T of even / odd chunks: 16 pairs of
-// K x M). Macros, not constants: the tile intrinsics paste their argument into the
-// instruction's register name.
+// Tiles: A0, A1 (the chunk's two 16-row halves of W, 16 rows x 32 bf16), B0, B1 and C0-C3:
+//  - up to 16 rows of x: B0 / B1 x^T of even / odd chunks (16 pairs of K x M), C0 / C1
+//    y^T of the two halves over even chunks, C2 / C3 over odd ones (four accumulations in
+//    flight; summed at the end);
+//  - 17 to 32 rows: B0 / B1 x^T of the chunk for x rows 0-15 / 16-31, C0 / C1 y^T of the
+//    halves for rows 0-15, C2 / C3 for rows 16-31.
+// Macros, not constants: the tile intrinsics paste their argument into the instruction's
+// register name.
 #define SK_TILE_C0 0
 #define SK_TILE_C1 1
 #define SK_TILE_C2 2
@@ -58,6 +63,7 @@ static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
 #define SK_TILE_B1 7
 constexpr int kTaskRows = 32;  // two A tiles
 constexpr int kTileRows = 16;
+static_assert(kAmxRows <= 2 * kTileRows, "two blocks of x rows at most");
 
 // Linux hands a process the AMX tile state only when asked (arch_prctl, 5.16 and later).
 bool request_tile_data() {
@@ -91,24 +97,24 @@ SK_AMX_TARGET __attribute__((always_inline)) inline uint64_t decompress32(const 
 // False when some task's meta was invalid (its rows of y are then left unwritten).
 SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, const uint8_t* meta, int64_t groups,
                              int64_t n, int64_t t0, int64_t t1, at::Tensor& y, const at::Tensor* bias) {
+  const bool two_blocks = m > kTileRows;
+  const int64_t half = static_cast<int64_t>(groups / 8) * kTileRows * kTileRows;  // x^T block 1's offset
   // The thread's tile configuration is restored afterwards: oneDNN's AMX kernels run on
   // these threads too and may count on theirs.
   alignas(64) TileConfig saved;
   _tile_storeconfig(&saved);
   alignas(64) TileConfig cfg;
   cfg.palette = 1;
-  for (int t : {SK_TILE_C0, SK_TILE_C1, SK_TILE_C2, SK_TILE_C3, SK_TILE_B0, SK_TILE_B1}) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = static_cast<uint16_t>(4 * m);
-  }
-  for (int t : {SK_TILE_A0, SK_TILE_A1}) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = kTileRows;
+  const auto first = static_cast<uint16_t>(4 * std::min(m, kTileRows));
+  const auto second = static_cast<uint16_t>(two_blocks ? 4 * (m - kTileRows) : first);
+  for (int t : {SK_TILE_C0, SK_TILE_C1, SK_TILE_B0}) cfg.colsb[t] = first;
+  for (int t : {SK_TILE_C2, SK_TILE_C3, SK_TILE_B1}) cfg.colsb[t] = second;
+  for (int t : {SK_TILE_A0, SK_TILE_A1}) cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
   // A chunk's 32 rows, decompressed into a[chunk & 1] while the tiles read the other.
   alignas(64) uint16_t a[2][kTaskRows][32];
-  alignas(64) float block[2][kTaskRows * kAmxRows];
+  alignas(64) float block[2][kTaskRows * kTileRows];  // [row][x row] per 16 rows of x
   const int64_t chunks = groups / 8;
   // Values are read 32 bytes per row and chunk, from 32 rows at once: the prefetcher
   // does not follow that many streams, so each row's line two lines ahead is asked for.
@@ -131,22 +137,35 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
       }
       _tile_loadd(SK_TILE_A0, ac[0], 64);
       _tile_loadd(SK_TILE_A1, ac[kTileRows], 64);
-      if ((c & 1) == 0) {
-        _tile_loadd(SK_TILE_B0, xt + c * kTileRows * m, 4 * m);
+      const uint32_t* xc = xt + c * kTileRows * kTileRows;
+      if (two_blocks) {
+        _tile_loadd(SK_TILE_B0, xc, 64);
+        _tile_loadd(SK_TILE_B1, xc + half, 64);
+        _tile_dpbf16ps(SK_TILE_C0, SK_TILE_A0, SK_TILE_B0);
+        _tile_dpbf16ps(SK_TILE_C1, SK_TILE_A1, SK_TILE_B0);
+        _tile_dpbf16ps(SK_TILE_C2, SK_TILE_A0, SK_TILE_B1);
+        _tile_dpbf16ps(SK_TILE_C3, SK_TILE_A1, SK_TILE_B1);
+      } else if ((c & 1) == 0) {
+        _tile_loadd(SK_TILE_B0, xc, 64);
         _tile_dpbf16ps(SK_TILE_C0, SK_TILE_A0, SK_TILE_B0);
         _tile_dpbf16ps(SK_TILE_C1, SK_TILE_A1, SK_TILE_B0);
       } else {
-        _tile_loadd(SK_TILE_B1, xt + c * kTileRows * m, 4 * m);
+        _tile_loadd(SK_TILE_B1, xc, 64);
         _tile_dpbf16ps(SK_TILE_C2, SK_TILE_A0, SK_TILE_B1);
         _tile_dpbf16ps(SK_TILE_C3, SK_TILE_A1, SK_TILE_B1);
       }
     }
-    _tile_stored(SK_TILE_C0, block[0], 4 * m);
-    _tile_stored(SK_TILE_C1, block[0] + kTileRows * m, 4 * m);
-    _tile_stored(SK_TILE_C2, block[1], 4 * m);
-    _tile_stored(SK_TILE_C3, block[1] + kTileRows * m, 4 * m);
-    for (int i = 0; i < rows * m; ++i) block[0][i] += block[1][i];
-    if (bad == 0) store_block(block[0], m, rows, 0, r0, y, bias);
+    _tile_stored(SK_TILE_C0, block[0], 64);
+    _tile_stored(SK_TILE_C1, block[0] + kTileRows * kTileRows, 64);
+    _tile_stored(SK_TILE_C2, block[1], 64);
+    _tile_stored(SK_TILE_C3, block[1] + kTileRows * kTileRows, 64);
+    if (bad != 0) break;
+    if (two_blocks) {
+      store_block(block[1], kTileRows, rows, 1, r0, y, bias);
+    } else {
+      for (int i = 0; i < kTaskRows * kTileRows; ++i) block[0][i] += block[1][i];
+    }
+    store_block(block[0], kTileRows, rows, 0, r0, y, bias);
   }
   if (saved.palette != 0) _tile_loadconfig(&saved);
   else _tile_release();
@@ -158,7 +177,8 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
 bool cpu_has_amx_bf16() {
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("amx-tile") &&
                           __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt") &&
+                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") &&
+                          __builtin_cpu_supports("popcnt") &&
                           request_tile_data();
   return has;
 }
@@ -168,13 +188,17 @@ bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
   const int64_t m = x2.size(0), k = x2.size(1), n = y.size(1), groups = k / 4;
   TORCH_INTERNAL_ASSERT(m >= 1 && m <= kAmxRows && k % kAmxChunk == 0 && x2.scalar_type() == at::kBFloat16 &&
                         vals.scalar_type() == at::kBFloat16 && vals.is_contiguous());
-  // x^T as pairs of bf16 (one uint32 per two K columns): B tile c is rows [16c, 16c + 16).
+  // x^T as pairs of bf16 (one uint32 per two K columns), 16 rows of x at a time: [block][K
+  // / 2][16], B tile c of a block its rows [16c, 16c + 16) (columns past M never read).
   const at::Tensor xc = x2.contiguous();
   const auto* x32 = reinterpret_cast<const uint32_t*>(xc.data_ptr<c10::BFloat16>());
-  at::Tensor xt = workspace(0, {k / 2, m}, at::kInt);
+  const int64_t pairs = k / 2;
+  at::Tensor xt = workspace(0, {(m + kTileRows - 1) / kTileRows, pairs, kTileRows}, at::kInt);
   auto* xp = reinterpret_cast<uint32_t*>(xt.data_ptr<int32_t>());
-  for (int64_t p = 0; p < k / 2; ++p)  // (ATen's strided copy took ~20 us for 8 x 4096)
-    for (int64_t j = 0; j < m; ++j) xp[p * m + j] = x32[j * (k / 2) + p];
+  for (int64_t j = 0; j < m; ++j) {  // (ATen's strided copy took ~20 us for 8 x 4096)
+    uint32_t* dst = xp + (j / kTileRows) * pairs * kTileRows + j % kTileRows;
+    for (int64_t p = 0; p < pairs; ++p) dst[p * kTileRows] = x32[j * pairs + p];
+  }
   const auto* vp = reinterpret_cast<const uint16_t*>(vals.data_ptr<c10::BFloat16>());
   const uint8_t* mp = meta.data_ptr<uint8_t>();
   std::atomic<bool> ok{true};

@@ -135,19 +135,84 @@ def test_sparse24_forward_measures_and_runs_the_dense_variant(measure_everything
     assert rel_error(layer(x), want) < 1e-5
 
 
-def test_srste_forward_never_runs_the_dense_variant_it_cannot(measure_everything):
-    # Sparse24Linear offers "cpu:dense" (it has the CSR view); SR-STE's forward op does
-    # not, and is measured under its own name, so a choice stored for one never reaches
-    # the other.
+def test_srste_forward_is_measured_apart_and_runs_the_dense_variant(measure_everything):
+    # SR-STE's forward op is measured under its own name, so a choice stored for
+    # Sparse24Linear never reaches it; pinned to "cpu:dense" it runs the decompressed GEMM.
     layer = sk.nn.Sparse24Linear(64, 24, bias=False)
     x = torch.randn(5, 64)
     layer(x)
     (entry,) = [e for e in backends.measured() if e["op"] == "sparse24_mm"]
     backends._measured[("sparse24_mm", "cpu", "float32", *entry["key"])]["choice"] = "cpu:dense"
     w = layer.dense_weight().detach().clone().requires_grad_()
+    want = x.double() @ layer.dense_weight().double().t()
     y = sk.ops.srste_linear(x, w, layer.meta, layer.mask().bool())
-    assert rel_error(y, x.double() @ layer.dense_weight().double().t()) < 1e-5
+    assert rel_error(y, want) < 1e-5
     assert {e["op"] for e in backends.measured()} == {"sparse24_mm", "sparse24_linear_forward"}
+    (srste,) = [e for e in backends.measured() if e["op"] == "sparse24_linear_forward"]
+    assert set(srste["times_ms"]) == {"cpu", "reference", "cpu:dense"}
+    backends._measured[("sparse24_linear_forward", "cpu", "float32", *srste["key"])]["choice"] = "cpu:dense"
+    assert rel_error(sk.ops.srste_linear(x, w, layer.meta, layer.mask().bool()), want) < 1e-5
+
+
+_LEVELS = ("generic", "avx2", "avx512")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_f,in_f", [(7, 36), (40, 100), (33, 64), (5, 4100), (3, 32), (1, 4)])
+def test_sparse24_dense_mm_matches_the_dense_product(dtype, out_f, in_f, seed):
+    """sparse24_dense_mm decompresses the 2:4 weight (expand instructions at the AVX-512
+    level where the CPU has VBMI2, group by group elsewhere and past the last whole vector)
+    and runs the dense GEMM: against float64 at every level this CPU runs, with a bias,
+    1-D to 3-D inputs and rows of zeros; empty shapes."""
+    C = torch.ops.sparsekernels_C
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).to(dtype)
+    s24 = sk.formats.Sparse24.from_dense(w)
+    values = s24.values.clone()
+    values[::2] = 0
+    wd = s24.to_dense().to(dtype).double()
+    wd[::2] = 0
+    bias = torch.randn(out_f, generator=g, dtype=torch.float64).to(dtype)
+    levels = _LEVELS[: _LEVELS.index(C.cpu_simd_level()) + 1]
+    try:
+        for level in levels:
+            C.cpu_force_simd_level(level)
+            for lead in ((), (5,), (2, 3)):
+                x = torch.randn(*lead, in_f, generator=g, dtype=torch.float64).to(dtype)
+                y = C.sparse24_dense_mm(x, values, s24.meta, bias)
+                assert y.dtype == dtype and y.shape == (*lead, out_f)
+                assert rel_error(y, x.double() @ wd.t() + bias.double()) <= TOL[dtype], (level, lead)
+            assert rel_error(C.sparse24_dense_mm(x, values, s24.meta), x.double() @ wd.t()) <= TOL[dtype]
+    finally:
+        C.cpu_force_simd_level(None)
+    assert C.sparse24_dense_mm(torch.randn(0, in_f).to(dtype), values, s24.meta).shape == (0, out_f)
+    empty = sk.formats.Sparse24.from_dense(torch.randn(0, in_f).to(dtype))
+    assert C.sparse24_dense_mm(torch.randn(3, in_f).to(dtype), empty.values, empty.meta).shape == (3, 0)
+
+
+def test_sparse24_dense_mm_rejects_bad_input():
+    C = torch.ops.sparsekernels_C
+    s24 = sk.formats.Sparse24.from_dense(torch.randn(40, 100))
+    levels = _LEVELS[: _LEVELS.index(C.cpu_simd_level()) + 1]
+    try:
+        for level in levels:
+            C.cpu_force_simd_level(level)
+            for bad in (0x3F, 0x05, 0xF4, 0x00):
+                for row, col in ((0, 0), (39, 24), (20, 9)):  # col 24: past the last whole vector
+                    meta = s24.meta.clone()
+                    meta[row, col] = bad
+                    with pytest.raises(ValueError, match="meta entries"):
+                        C.sparse24_dense_mm(torch.randn(3, 100), s24.values, meta)
+    finally:
+        C.cpu_force_simd_level(None)
+    with pytest.raises(ValueError, match="do not match"):
+        C.sparse24_dense_mm(torch.randn(3, 100), s24.values[:, :-2], s24.meta)
+    with pytest.raises(TypeError, match="meta must be uint8"):
+        C.sparse24_dense_mm(torch.randn(3, 100), s24.values, s24.meta.int())
+    with pytest.raises((ValueError, TypeError), match="x"):
+        C.sparse24_dense_mm(torch.randn(3, 99), s24.values, s24.meta)
+    with pytest.raises((ValueError, TypeError), match="bias"):
+        C.sparse24_dense_mm(torch.randn(3, 100), s24.values, s24.meta, torch.randn(39))
 
 
 def test_a_stored_choice_outside_the_candidates_is_measured_again(measure_everything):

@@ -1,4 +1,5 @@
 #include "csr_common.h"
+#include "sparse24_expand.h"
 
 #include <c10/util/Exception.h>
 
@@ -82,6 +83,19 @@ bool cpu_has_avx512() {
   return false;
 #endif
 }
+
+bool cpu_has_expand24() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") &&
+                          __builtin_cpu_supports("popcnt");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool expand24_active() { return simd_level() == SimdLevel::kAvx512 && cpu_has_expand24(); }
 
 Bf16Step cpu_bf16_step() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

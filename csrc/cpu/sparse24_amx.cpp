@@ -16,6 +16,7 @@
 // Products of bf16 values are exact in fp32 and the tiles accumulate in fp32, as the
 // other steps do, in another order.
 #include "csr_common.h"
+#include "sparse24_expand.h"
 
 #include <torch/library.h>
 
@@ -73,26 +74,6 @@ bool request_tile_data() {
 
 #define SK_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt,amx-tile,amx-bf16")))
 
-// A row of W's groups [8c, 8c + 8) (vals: their 16 kept values, meta: their 8 bytes) into
-// 32 bf16 at dst, zeros where not kept. Returns 0 for valid meta, nonzero otherwise.
-// Validated here, not in a pass before (which took a third of the kernel's time at M = 1):
-// an invalid code (i0 >= i1) maps to an empty mask, so the expand reads at most the 16
-// values that belong to these groups whatever the bytes are, and the 16 bits a valid
-// chunk's mask has are one popcount away; bits 4-7, which the table lookup ignores, are
-// checked on the bytes.
-SK_AMX_TARGET __attribute__((always_inline)) inline uint64_t decompress32(const uint16_t* vals, const uint8_t* meta,
-                                                                         uint16_t* dst) {
-  // Meta byte i0 | i1 << 2 -> the group's 4-bit mask 1 << i0 | 1 << i1: codes 4 (0, 1),
-  // 8 (0, 2), 9 (1, 2), 12 (0, 3), 13 (1, 3), 14 (2, 3); every other code -> 0.
-  const __m128i lut = _mm_setr_epi8(0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0);
-  uint64_t bytes;
-  std::memcpy(&bytes, meta, sizeof(bytes));
-  const __m128i nibbles = _mm_shuffle_epi8(lut, _mm_cvtsi64_si128(static_cast<long long>(bytes)));
-  const uint64_t mask = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(nibbles)), 0x0F0F0F0F0F0F0F0FULL);
-  _mm512_store_si512(dst, _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(mask), vals));
-  return (bytes & 0xF0F0F0F0F0F0F0F0ULL) | static_cast<uint64_t>(_mm_popcnt_u64(mask) ^ 16);
-}
-
 // Tasks [t0, t1) of kTaskRows rows of W. xt: x^T as bf16 pairs [K / 2, M] (uint32).
 // False when some task's meta was invalid (its rows of y are then left unwritten).
 SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, const uint8_t* meta, int64_t groups,
@@ -133,7 +114,7 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
       for (int i = 0; i < rows; ++i) {
         const uint16_t* v = vals + (r0 + i) * 2 * groups + 16 * c;
         if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(v) + kAhead, _MM_HINT_T0);
-        bad |= decompress32(v, meta + (r0 + i) * groups + 8 * c, ac[i]);
+        bad |= expand24_words(v, meta + (r0 + i) * groups + 8 * c, ac[i]);  // checks the meta (sparse24_expand.h)
       }
       _tile_loadd(SK_TILE_A0, ac[0], 64);
       _tile_loadd(SK_TILE_A1, ac[kTileRows], 64);
@@ -175,11 +156,8 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
 }  // namespace
 
 bool cpu_has_amx_bf16() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("amx-tile") &&
-                          __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") &&
-                          __builtin_cpu_supports("popcnt") &&
-                          request_tile_data();
+  static const bool has = cpu_has_expand24() && __builtin_cpu_supports("amx-tile") &&
+                          __builtin_cpu_supports("amx-bf16") && request_tile_data();
   return has;
 }
 

@@ -129,7 +129,7 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
 def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = False):
     """``backends.dispatch`` for a 2:4 product of x [..., k] with a weight [n, k]; on the
     GPU, says once when measurement found dense faster than 2:4 for a shape.
-    ``dense_variant``: ``run`` can also run "cpu:dense" (the CSR view densified in C++)."""
+    ``dense_variant``: ``run`` can also run "cpu:dense" (the weight decompressed in C++)."""
     m = x.shape[:-1].numel()
     flops = 2.0 * m * n * k
     if (small := unmeasured_args(flops)) is not None:
@@ -149,31 +149,28 @@ def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = 
     return out
 
 
-def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None,
-                csr: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """``x @ W^T + bias`` for the 2:4 weight (values, meta) on the chosen backend; ``csr``
-    (row_ptr, col_idx), the weight's CSR view, adds the "cpu:dense" candidate."""
+def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op: str = "sparse24_mm") -> Tensor:
+    """``x @ W^T + bias`` for the 2:4 weight (values, meta) on the chosen backend, measured
+    under ``op``; on the CPU "auto" also tries "cpu:dense" (the weight decompressed in C++,
+    then the dense GEMM) where our kernel is not faster."""
     def run(backend: str) -> Tensor:
         if backend == "cpu":  # the kernel adds the bias as it writes y (no second pass)
             return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
-        if backend == "cpu:dense":  # values in row-major order are the CSR view's values
-            return _add_bias(torch.ops.sparsekernels_C.csr_dense_mm(x, values.reshape(-1), *csr, 4 * meta.shape[1],
-                                                                    False), bias)
+        if backend == "cpu:dense":
+            return torch.ops.sparsekernels_C.sparse24_dense_mm(x, values, meta, bias)
         _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
         if x.is_cuda and backend in ("cuda", "triton"):
             return _linear_24(x, values, meta, bias, "sparse24_mm")
         return torch.nn.functional.linear(x, _dense_24(values, meta), bias)
 
-    # Without the CSR view (SR-STE's forward) there is no "cpu:dense": measured apart.
-    op = "sparse24_mm" if csr is not None else "sparse24_linear_forward"
-    return _dispatch_24(op, x, values.shape[0], 4 * meta.shape[1], run, dense_variant=csr is not None)
+    return _dispatch_24(op, x, values.shape[0], 4 * meta.shape[1], run, dense_variant=True)
 
 
 @torch.library.custom_op("sparsekernels::sparse24_mm", mutates_args=())
 def _sparse24_mm_op(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                     t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None,
                     transposable: bool = False) -> Tensor:
-    return _forward_24(x, values, meta, bias, (row_ptr, col_idx))
+    return _forward_24(x, values, meta, bias)
 
 
 @_sparse24_mm_op.register_fake
@@ -269,7 +266,7 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
 # rule); its registered autograd is the plain gradient of the product.
 @torch.library.custom_op("sparsekernels::sparse24_linear_forward", mutates_args=())
 def _sparse24_forward_op(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
-    return _forward_24(x, values, meta, bias)
+    return _forward_24(x, values, meta, bias, op="sparse24_linear_forward")
 
 
 @_sparse24_forward_op.register_fake

@@ -170,8 +170,9 @@ def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: in
 
 
 # Decode-sized batches (one token, or a few, through an LLM layer): run on the first
-# shape's layer dimensions. 8 is the most rows the 2:4 kernel runs without panels.
-DECODE_BATCHES = (1, 8)
+# shape's layer dimensions. 8 is the most rows the 2:4 kernel runs without panels in fp32,
+# 32 the most a bf16 2:4 product runs on AMX tiles (where the CPU has them).
+DECODE_BATCHES = (1, 8, 32)
 
 
 def run_decode_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int = 0,

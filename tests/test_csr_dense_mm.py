@@ -201,8 +201,9 @@ def test_sparse24_dense_mm_rejects_bad_input():
                 for row, col in ((0, 0), (39, 24), (20, 9)):  # col 24: past the last whole vector
                     meta = s24.meta.clone()
                     meta[row, col] = bad
-                    with pytest.raises(ValueError, match="meta entries"):
-                        C.sparse24_dense_mm(torch.randn(3, 100), s24.values, meta)
+                    for dtype in (torch.float32, torch.bfloat16):  # expand24_floats / _words
+                        with pytest.raises(ValueError, match="meta entries"):
+                            C.sparse24_dense_mm(torch.randn(3, 100).to(dtype), s24.values.to(dtype), meta)
     finally:
         C.cpu_force_simd_level(None)
     with pytest.raises(ValueError, match="do not match"):

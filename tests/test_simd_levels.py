@@ -219,12 +219,14 @@ def bf16_step(request):
 
 @pytest.mark.parametrize("in_f", [4100, 2112, 1040])
 def test_sparse24_mm_few_rows_bits_do_not_depend_on_the_batch(level, bf16_step, in_f, seed):
-    if bf16_step == "amx":
-        pytest.skip("AMX tiles need K to be a multiple of 32; rows24_few's steps are checked here")
     """rows24_few walks x in slices that stay in L1 when its M rows are wide, parking each
     row's accumulators between slices: the FMAs and their order are those of one pass, so a
     row's result has the same bits for every batch of 1..8 rows (K here spans slices at 8
-    rows, in fp32 and bf16, with groups past the last whole vector)."""
+    rows, in fp32 and bf16, with groups past the last whole vector). Not so for bf16 with
+    the AMX step: 1-2 rows take the dot step and 3 or more the tiles, which sum in another
+    order (and change it again past 16 rows)."""
+    if bf16_step == "amx":
+        pytest.skip("the AMX step does not keep a row's bf16 bits across batch sizes; rows24_few's steps do")
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(70, in_f, generator=g)
     s24 = sk.formats.Sparse24.from_dense(w)
@@ -268,9 +270,11 @@ def test_bf16_step_is_reported_forced_and_restored():
 @pytest.mark.parametrize("out_f,in_f", [(37, 32), (70, 96), (33, 4096), (16, 64)])
 def test_sparse24_mm_amx_rows(out_f, in_f, seed):
     """bf16 batches of 3 to 32 rows with K a multiple of 32 run on AMX tiles where the CPU
-    has them (one or two blocks of 16 rows of x; 1 row takes the dot step, 33 the panels): against float64 with a bias, for N with a partial last task and tile, 3-D
-    and transposed inputs; oneDNN's bf16 GEMM, which runs AMX on the same threads, still
-    gives its results after ours (the tile configuration is restored)."""
+    has them (one or two blocks of 16 rows of x; 1 row takes the dot step, 33 the panels):
+    against float64 with a bias, for N with a partial last task and tile, 3-D and
+    transposed inputs. A smoke test of the tile configuration's restore: oneDNN's bf16
+    GEMM, which may run AMX on the same threads, gives the same results after ours (it
+    loads its own configuration per kernel, so this would not catch every leak)."""
     C = torch.ops.sparsekernels_C
     if C.cpu_bf16_step() != "amx":
         pytest.skip("no AMX-BF16 here")

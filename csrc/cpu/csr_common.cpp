@@ -99,11 +99,11 @@ bool expand24_active() { return simd_level() == SimdLevel::kAvx512 && cpu_has_ex
 
 Bf16Step cpu_bf16_step() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const Bf16Step step = !cpu_has_avx512() ? Bf16Step::kWiden
-                               : cpu_has_amx_bf16() ? Bf16Step::kAmx
-                               : __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16")
-                                   ? Bf16Step::kDot
-                                   : Bf16Step::kWiden;
+  // kAmx needs the dot step too: batches the tiles do not take (1-2 rows, K not a multiple
+  // of 32) run it. (Real AMX parts have AVX512-BF16; a VM could hide it.)
+  static const bool dot = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  static const Bf16Step step = !dot ? Bf16Step::kWiden : cpu_has_amx_bf16() ? Bf16Step::kAmx : Bf16Step::kDot;
   return step;
 #else
   return Bf16Step::kWiden;

@@ -158,7 +158,7 @@ struct Avx2 {
 
 // Avx512's operations plus those of the bf16 dot-product step of the 2:4 few-rows kernel
 // (AVX512-BF16, with AVX512BW's 16-bit permutes and widenings). Compiled into
-// RowsAvx512Bf16 only, which runs where the CPU has both (cpu_has_bf16_dot).
+// RowsAvx512Bf16 only, which runs where the CPU has both (bf16_step() >= Bf16Step::kDot).
 #define SK_AVX512_BF16_OP __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline
 
 struct Avx512Bf16 : Avx512 {

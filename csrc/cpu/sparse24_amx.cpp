@@ -78,20 +78,26 @@ bool request_tile_data() {
 // A0 / A1 64 bytes wide, C0 / C1 / B0 `first` bytes, C2 / C3 / B1 `second`. The thread's
 // own configuration is restored afterwards: oneDNN's AMX kernels run on these threads too
 // and may count on theirs.
+// LDTILECFG / STTILECFG in asm with the whole 64-byte struct as the memory operand: GCC
+// 12's _tile_loadconfig let it drop the stores of rows and colsb before the load (the
+// tiles then ran unconfigured: SIGILL at the first TILEZERO).
+SK_AMX_TARGET inline void load_tile_config(const TileConfig& c) { __asm__ volatile("ldtilecfg %0" : : "m"(c)); }
+SK_AMX_TARGET inline void store_tile_config(TileConfig& c) { __asm__ volatile("sttilecfg %0" : "=m"(c)); }
+
 struct TileScope {
   alignas(64) TileConfig saved;
   SK_AMX_TARGET TileScope(uint16_t first, uint16_t second) {
-    _tile_storeconfig(&saved);
+    store_tile_config(saved);
     alignas(64) TileConfig cfg;
     cfg.palette = 1;
     for (int t = 0; t < 8; ++t) cfg.rows[t] = kTileRows;
     for (int t : {SK_TILE_C0, SK_TILE_C1, SK_TILE_B0}) cfg.colsb[t] = first;
     for (int t : {SK_TILE_C2, SK_TILE_C3, SK_TILE_B1}) cfg.colsb[t] = second;
     for (int t : {SK_TILE_A0, SK_TILE_A1}) cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
+    load_tile_config(cfg);
   }
   SK_AMX_TARGET ~TileScope() {
-    if (saved.palette != 0) _tile_loadconfig(&saved);
+    if (saved.palette != 0) load_tile_config(saved);
     else _tile_release();
   }
   TileScope(const TileScope&) = delete;
@@ -108,7 +114,9 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
   const TileScope tiles(first, two_blocks ? static_cast<uint16_t>(4 * (m - kTileRows)) : first);
   // A chunk's 32 rows, decompressed into a[chunk & 1] while the tiles read the other.
   alignas(64) uint16_t a[2][kTaskRows][32];
-  alignas(64) float block[2][kTaskRows * kTileRows];  // [row][x row] per 16 rows of x
+  // [row][x row] per 16 rows of x; the tiles store only M (or M - 16) columns of each row,
+  // the rest stays zero (store_block reads only those columns, the sum below all).
+  alignas(64) float block[2][kTaskRows * kTileRows] = {};
   const int64_t chunks = groups / 8;
   // Values are read 32 bytes per row and chunk, from 32 rows at once: the prefetcher
   // does not follow that many streams, so each row's line two lines ahead is asked for.
@@ -180,7 +188,7 @@ bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
   // x^T as pairs of bf16 (one uint32 per two K columns), 16 rows of x at a time: [block][K
   // / 2][16], B tile c of a block its rows [16c, 16c + 16) (columns past M never read).
   const at::Tensor xc = x2.contiguous();
-  const auto* x32 = reinterpret_cast<const uint32_t*>(xc.data_ptr<c10::BFloat16>());
+  const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
   const int64_t pairs = k / 2, blocks = (m + kTileRows - 1) / kTileRows;
   at::Tensor xt = workspace(0, {blocks, pairs, kTileRows}, at::kInt);
   auto* xp = reinterpret_cast<uint32_t*>(xt.data_ptr<int32_t>());
@@ -190,9 +198,10 @@ bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j0 = blk * kTileRows, rows = std::min<int64_t>(kTileRows, m - j0);
       uint32_t* dst = xp + blk * pairs * kTileRows;
-      const uint32_t* src = x32 + j0 * pairs;
+      const c10::BFloat16* src = xb + j0 * k;
       for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t jj = 0; jj < rows; ++jj) dst[p * kTileRows + jj] = src[jj * pairs + p];
+        for (int64_t jj = 0; jj < rows; ++jj)  // (x may be only 2-byte aligned)
+          std::memcpy(dst + p * kTileRows + jj, src + jj * k + 2 * p, sizeof(uint32_t));
     }
   });
   const auto* vp = reinterpret_cast<const uint16_t*>(vals.data_ptr<c10::BFloat16>());

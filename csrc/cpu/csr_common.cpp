@@ -124,7 +124,6 @@ void force_bf16_step(std::optional<Bf16Step> step) {
   forced_bf16_step.store(step ? static_cast<int>(*step) : -1, std::memory_order_relaxed);
 }
 
-
 SimdLevel cpu_simd_level() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const SimdLevel level = cpu_has_avx512()                                                 ? SimdLevel::kAvx512
@@ -269,6 +268,16 @@ std::array<at::Tensor, kWorkspaceSlots>& thread_buffers() {
   return buffers;
 }
 }  // namespace
+
+void check_sparse24(const char* what, const at::Tensor& values, const at::Tensor& meta) {
+  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()), what, ": values must be a floating dtype, got ",
+                   values.scalar_type());
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, what, ": meta must be uint8, got ", meta.scalar_type());
+  TORCH_CHECK_VALUE(values.dim() == 2 && meta.dim() == 2 && values.size(0) == meta.size(0) &&
+                        values.size(1) == 2 * meta.size(1),
+                    what, ": values [N, K/2] and meta [N, K/4] do not match: ", values.sizes(), " and ", meta.sizes());
+  TORCH_CHECK_VALUE(values.device().is_cpu() && meta.device().is_cpu(), what, ": the CPU kernel needs CPU tensors");
+}
 
 at::Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_INTERNAL_ASSERT(slot >= 0 && slot < kWorkspaceSlots);

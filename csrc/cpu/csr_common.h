@@ -226,6 +226,9 @@ inline int64_t leading_rows(const at::Tensor& x) {
 void check_csr(const char* what, const at::Tensor& values, const at::Tensor& row_ptr,
                const at::Tensor& col_idx, int64_t n_rows, int64_t n_cols, bool check_columns = true);
 void check_csr_columns(const char* what, const at::Tensor& col_idx, int64_t n_cols);
+// Validates a 2:4 weight's tensors (floating values [N, K/2], uint8 meta [N, K/4], both on
+// the CPU); the meta bytes themselves are checked by the kernels as they read them.
+void check_sparse24(const char* what, const at::Tensor& values, const at::Tensor& meta);
 [[noreturn]] void columns_out_of_range(const char* what, int64_t n_cols);
 
 // True when every idx[0, count) lies in [0, bound) (one unsigned max over them: a

@@ -98,15 +98,7 @@ bool fill_dense24(scalar_t* w, const scalar_t* vals, const uint8_t* meta, int64_
 
 at::Tensor sparse24_dense_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                  const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()), "sparse24_dense_mm: values must be a floating dtype, got ",
-                   values.scalar_type());
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "sparse24_dense_mm: meta must be uint8, got ", meta.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 2 && meta.dim() == 2 && values.size(0) == meta.size(0) &&
-                        values.size(1) == 2 * meta.size(1),
-                    "sparse24_dense_mm: values [N, K/2] and meta [N, K/4] do not match: ", values.sizes(), " and ",
-                    meta.sizes());
-  TORCH_CHECK_VALUE(values.device().is_cpu() && meta.device().is_cpu(),
-                    "sparse24_dense_mm: the CPU kernel needs CPU tensors");
+  check_sparse24("sparse24_dense_mm", values, meta);
   const int64_t n = values.size(0), groups = meta.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1, "sparse24_dense_mm: x must have at least 1 dimension");
   check_dense("sparse24_dense_mm", "x", x, values.scalar_type(), 4 * groups);

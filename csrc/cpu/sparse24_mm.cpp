@@ -186,14 +186,7 @@ int64_t sparse24_slice_bytes() {
 // bias (optional [N], x's dtype) is added to every output row as y is written.
 at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                            const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()), "sparse24_mm: values must be a floating dtype, got ",
-                   values.scalar_type());
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "sparse24_mm: meta must be uint8, got ", meta.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 2 && meta.dim() == 2 && values.size(0) == meta.size(0) &&
-                        values.size(1) == 2 * meta.size(1),
-                    "sparse24_mm: values [N, K/2] and meta [N, K/4] do not match: ", values.sizes(), " and ",
-                    meta.sizes());
-  TORCH_CHECK_VALUE(values.device().is_cpu() && meta.device().is_cpu(), "sparse24_mm: the CPU kernel needs CPU tensors");
+  check_sparse24("sparse24_mm", values, meta);
   const int64_t n = values.size(0), k = 4 * meta.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1, "sparse24_mm: x must have at least 1 dimension");
   check_dense("sparse24_mm", "x", x, values.scalar_type(), k);

@@ -15,6 +15,7 @@
 //
 // Products of bf16 values are exact in fp32 and the tiles accumulate in fp32, as the
 // other steps do, in another order.
+#include "amx_tiles.h"
 #include "csr_common.h"
 #include "sparse24_expand.h"
 
@@ -24,47 +25,43 @@
 #include <atomic>
 #include <cstring>
 
-#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
+#if defined(SPARSEKERNELS_AMX)
 #include <sys/syscall.h>
 #include <unistd.h>
-#define SPARSEKERNELS_AMX 1
 #endif
 
 namespace sparsekernels::cpu {
 
+const uint32_t* pack_amx_x(const at::Tensor& x2, int64_t kp) {
+  const int64_t m = x2.size(0), k = x2.size(1), pairs = kp / 2, blocks = (m + kTileRows - 1) / kTileRows;
+  const at::Tensor xc = x2.contiguous();
+  const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
+  at::Tensor xt = workspace(0, {blocks, pairs, kTileRows}, at::kInt);
+  auto* xp = reinterpret_cast<uint32_t*>(xt.data_ptr<int32_t>());
+  // Block by block, each output row of 16 written whole (ATen's strided copy took ~20 us
+  // for 8 x 4096); whole pairs by memcpy (x may be only 2-byte aligned), the last of an
+  // odd K and those past it zero.
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t j0 = blk * kTileRows, rows = std::min<int64_t>(kTileRows, m - j0);
+      uint32_t* dst = xp + blk * pairs * kTileRows;
+      const c10::BFloat16* src = xb + j0 * k;
+      const int64_t whole = k / 2;
+      for (int64_t p = 0; p < whole; ++p)
+        for (int64_t jj = 0; jj < rows; ++jj) std::memcpy(dst + p * kTileRows + jj, src + jj * k + 2 * p, 4);
+      for (int64_t p = whole; p < pairs; ++p)
+        for (int64_t jj = 0; jj < rows; ++jj) {
+          uint16_t low = 0;
+          if (2 * p < k) std::memcpy(&low, src + jj * k + 2 * p, 2);
+          dst[p * kTileRows + jj] = low;
+        }
+    }
+  });
+  return xp;
+}
+
 #if defined(SPARSEKERNELS_AMX)
 namespace {
-
-// The tile configuration LDTILECFG reads (palette 1: 8 tiles of at most 16 rows x 64 bytes).
-struct TileConfig {
-  uint8_t palette = 0;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
-
-// Tiles: A0, A1 (the chunk's two 16-row halves of W, 16 rows x 32 bf16), B0, B1 and C0-C3:
-//  - up to 16 rows of x: B0 / B1 x^T of even / odd chunks (16 pairs of K x M), C0 / C1
-//    y^T of the two halves over even chunks, C2 / C3 over odd ones (four accumulations in
-//    flight; summed at the end);
-//  - 17 to 32 rows: B0 / B1 x^T of the chunk for x rows 0-15 / 16-31, C0 / C1 y^T of the
-//    halves for rows 0-15, C2 / C3 for rows 16-31.
-// Macros, not constants: the tile intrinsics paste their argument into the instruction's
-// register name.
-#define SK_TILE_C0 0
-#define SK_TILE_C1 1
-#define SK_TILE_C2 2
-#define SK_TILE_C3 3
-#define SK_TILE_A0 4
-#define SK_TILE_A1 5
-#define SK_TILE_B0 6
-#define SK_TILE_B1 7
-constexpr int kTaskRows = 32;  // two A tiles
-constexpr int kTileRows = 16;
-static_assert(kAmxRows <= 2 * kTileRows, "two blocks of x rows at most");
 
 // Linux hands a process the AMX tile state only when asked (arch_prctl, 5.16 and later).
 bool request_tile_data() {
@@ -72,64 +69,23 @@ bool request_tile_data() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-#define SK_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt,amx-tile,amx-bf16")))
-
-// The tile configuration of a kernel for the scope of one thread's tasks: 16-row tiles,
-// A0 / A1 64 bytes wide, C0 / C1 / B0 `first` bytes, C2 / C3 / B1 `second`. The thread's
-// own configuration is restored afterwards: oneDNN's AMX kernels run on these threads too
-// and may count on theirs.
-// LDTILECFG / STTILECFG in asm with the whole 64-byte struct as the memory operand: GCC
-// 12's _tile_loadconfig let it drop the stores of rows and colsb before the load (the
-// tiles then ran unconfigured: SIGILL at the first TILEZERO).
-SK_AMX_TARGET inline void load_tile_config(const TileConfig& c) { __asm__ volatile("ldtilecfg %0" : : "m"(c)); }
-SK_AMX_TARGET inline void store_tile_config(TileConfig& c) { __asm__ volatile("sttilecfg %0" : "=m"(c)); }
-
-struct TileScope {
-  alignas(64) TileConfig saved;
-  SK_AMX_TARGET TileScope(uint16_t first, uint16_t second) {
-    store_tile_config(saved);
-    alignas(64) TileConfig cfg;
-    cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) cfg.rows[t] = kTileRows;
-    for (int t : {SK_TILE_C0, SK_TILE_C1, SK_TILE_B0}) cfg.colsb[t] = first;
-    for (int t : {SK_TILE_C2, SK_TILE_C3, SK_TILE_B1}) cfg.colsb[t] = second;
-    for (int t : {SK_TILE_A0, SK_TILE_A1}) cfg.colsb[t] = 64;
-    load_tile_config(cfg);
-  }
-  SK_AMX_TARGET ~TileScope() {
-    if (saved.palette != 0) load_tile_config(saved);
-    else _tile_release();
-  }
-  TileScope(const TileScope&) = delete;
-  TileScope& operator=(const TileScope&) = delete;
-};
-
-// Tasks [t0, t1) of kTaskRows rows of W. xt: x^T as bf16 pairs [K / 2, M] (uint32).
-// False when some task's meta was invalid (its rows of y are then left unwritten).
+// Tasks [t0, t1) of kAmxTaskRows rows of W. xt: pack_amx_x's B tiles. False when some
+// task's meta was invalid (its rows of y are then left unwritten).
 SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, const uint8_t* meta, int64_t groups,
                              int64_t n, int64_t t0, int64_t t1, at::Tensor& y, const at::Tensor* bias) {
-  const bool two_blocks = m > kTileRows;
-  const int64_t half = static_cast<int64_t>(groups / 8) * kTileRows * kTileRows;  // x^T block 1's offset
-  const auto first = static_cast<uint16_t>(4 * std::min(m, kTileRows));
-  const TileScope tiles(first, two_blocks ? static_cast<uint16_t>(4 * (m - kTileRows)) : first);
+  AmxTiles tiles(m, 4 * groups);
   // A chunk's 32 rows, decompressed into a[chunk & 1] while the tiles read the other.
-  alignas(64) uint16_t a[2][kTaskRows][32];
-  // [row][x row] per 16 rows of x; the tiles store only M (or M - 16) columns of each row,
-  // the rest stays zero (store_block reads only those columns, the sum below all).
-  alignas(64) float block[2][kTaskRows * kTileRows] = {};
+  alignas(64) uint16_t a[2][kAmxTaskRows][32];
   const int64_t chunks = groups / 8;
   // Values are read 32 bytes per row and chunk, from 32 rows at once: the prefetcher
   // does not follow that many streams, so each row's line two lines ahead is asked for.
   constexpr int64_t kAhead = 128;
   uint64_t bad = 0;
   for (int64_t task = t0; task < t1 && bad == 0; ++task) {
-    const int64_t r0 = task * kTaskRows, r1 = std::min(n, r0 + kTaskRows);
+    const int64_t r0 = task * kAmxTaskRows, r1 = std::min(n, r0 + kAmxTaskRows);
     const int rows = static_cast<int>(r1 - r0);
-    for (auto& buf : a) std::memset(buf[rows], 0, sizeof(buf[0]) * (kTaskRows - rows));  // the last task's missing rows
-    _tile_zero(SK_TILE_C0);
-    _tile_zero(SK_TILE_C1);
-    _tile_zero(SK_TILE_C2);
-    _tile_zero(SK_TILE_C3);
+    for (auto& buf : a) std::memset(buf[rows], 0, sizeof(buf[0]) * (kAmxTaskRows - rows));  // the last task's missing rows
+    tiles.zero();
     for (int64_t c = 0; c < chunks; ++c) {
       uint16_t(*ac)[32] = a[c & 1];
       for (int i = 0; i < rows; ++i) {
@@ -137,37 +93,9 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
         if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(v) + kAhead, _MM_HINT_T0);
         bad |= expand24_words(v, meta + (r0 + i) * groups + 8 * c, ac[i]);  // checks the meta (sparse24_expand.h)
       }
-      _tile_loadd(SK_TILE_A0, ac[0], 64);
-      _tile_loadd(SK_TILE_A1, ac[kTileRows], 64);
-      const uint32_t* xc = xt + c * kTileRows * kTileRows;
-      if (two_blocks) {
-        _tile_loadd(SK_TILE_B0, xc, 64);
-        _tile_loadd(SK_TILE_B1, xc + half, 64);
-        _tile_dpbf16ps(SK_TILE_C0, SK_TILE_A0, SK_TILE_B0);
-        _tile_dpbf16ps(SK_TILE_C1, SK_TILE_A1, SK_TILE_B0);
-        _tile_dpbf16ps(SK_TILE_C2, SK_TILE_A0, SK_TILE_B1);
-        _tile_dpbf16ps(SK_TILE_C3, SK_TILE_A1, SK_TILE_B1);
-      } else if ((c & 1) == 0) {
-        _tile_loadd(SK_TILE_B0, xc, 64);
-        _tile_dpbf16ps(SK_TILE_C0, SK_TILE_A0, SK_TILE_B0);
-        _tile_dpbf16ps(SK_TILE_C1, SK_TILE_A1, SK_TILE_B0);
-      } else {
-        _tile_loadd(SK_TILE_B1, xc, 64);
-        _tile_dpbf16ps(SK_TILE_C2, SK_TILE_A0, SK_TILE_B1);
-        _tile_dpbf16ps(SK_TILE_C3, SK_TILE_A1, SK_TILE_B1);
-      }
+      tiles.chunk(ac[0], 64, xt, c);
     }
-    _tile_stored(SK_TILE_C0, block[0], 64);
-    _tile_stored(SK_TILE_C1, block[0] + kTileRows * kTileRows, 64);
-    _tile_stored(SK_TILE_C2, block[1], 64);
-    _tile_stored(SK_TILE_C3, block[1] + kTileRows * kTileRows, 64);
-    if (bad != 0) break;
-    if (two_blocks) {
-      store_block(block[1], kTileRows, rows, 1, r0, y, bias);
-    } else {
-      for (int i = 0; i < kTaskRows * kTileRows; ++i) block[0][i] += block[1][i];
-    }
-    store_block(block[0], kTileRows, rows, 0, r0, y, bias);
+    if (bad == 0) tiles.store(rows, r0, y, bias);
   }
   return bad == 0;
 }
@@ -185,43 +113,15 @@ bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
   const int64_t m = x2.size(0), k = x2.size(1), n = y.size(1), groups = k / 4;
   TORCH_INTERNAL_ASSERT(m >= 1 && m <= kAmxRows && k % kAmxChunk == 0 && x2.scalar_type() == at::kBFloat16 &&
                         vals.scalar_type() == at::kBFloat16 && vals.is_contiguous());
-  // x^T as pairs of bf16 (one uint32 per two K columns), 16 rows of x at a time: [block][K
-  // / 2][16], B tile c of a block its rows [16c, 16c + 16) (columns past M never read).
-  const at::Tensor xc = x2.contiguous();
-  const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
-  const int64_t pairs = k / 2, blocks = (m + kTileRows - 1) / kTileRows;
-  at::Tensor xt = workspace(0, {blocks, pairs, kTileRows}, at::kInt);
-  auto* xp = reinterpret_cast<uint32_t*>(xt.data_ptr<int32_t>());
-  // Block by block, each output row of 16 written whole (ATen's strided copy took ~20 us
-  // for 8 x 4096).
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t j0 = blk * kTileRows, rows = std::min<int64_t>(kTileRows, m - j0);
-      uint32_t* dst = xp + blk * pairs * kTileRows;
-      const c10::BFloat16* src = xb + j0 * k;
-      for (int64_t p = 0; p < pairs; ++p)
-        for (int64_t jj = 0; jj < rows; ++jj)  // (x may be only 2-byte aligned)
-          std::memcpy(dst + p * kTileRows + jj, src + jj * k + 2 * p, sizeof(uint32_t));
-    }
-  });
+  const uint32_t* xp = pack_amx_x(x2, k);
   const auto* vp = reinterpret_cast<const uint16_t*>(vals.data_ptr<c10::BFloat16>());
   const uint8_t* mp = meta.data_ptr<uint8_t>();
   std::atomic<bool> ok{true};
-  at::parallel_for(0, (n + kTaskRows - 1) / kTaskRows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (n + kAmxTaskRows - 1) / kAmxTaskRows, 1, [&](int64_t begin, int64_t end) {
     if (!amx_tasks(xp, static_cast<int>(m), vp, mp, groups, n, begin, end, y, bias)) ok = false;
   });
   return ok.load();
 }
-
-#undef SK_TILE_C0
-#undef SK_TILE_C1
-#undef SK_TILE_C2
-#undef SK_TILE_C3
-#undef SK_TILE_A0
-#undef SK_TILE_A1
-#undef SK_TILE_B0
-#undef SK_TILE_B1
-#undef SK_AMX_TARGET
 
 #else
 

@@ -1,6 +1,6 @@
-// What the CPU AMX kernels share (sparse24_amx.cpp: 2:4 weights; spmm_amx.cpp: CSR): the
-// tile configuration, x^T packed into B tiles, and the tile products of a task of 32 rows
-// of W against 1-32 rows of x, chunk by chunk of 32 columns of K.
+// The CPU AMX kernel's tiles (sparse24_amx.cpp; a CSR kernel on them was tried, see
+// DEVELOPERS.md): the tile configuration, x^T packed into B tiles, and the tile products
+// of a task of 32 rows of W against 1-32 rows of x, chunk by chunk of 32 columns of K.
 //
 // A task's tiles: A0, A1 (the chunk's two 16-row halves of W, 16 rows x 32 bf16), B0, B1
 // and C0-C3:

@@ -91,7 +91,7 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
       for (int i = 0; i < rows; ++i) {
         const uint16_t* v = vals + (r0 + i) * 2 * groups + 16 * c;
         if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(v) + kAhead, _MM_HINT_T0);
-        bad |= expand24_words(v, meta + (r0 + i) * groups + 8 * c, ac[i]);  // checks the meta (sparse24_expand.h)
+        bad |= expand24(v, meta + (r0 + i) * groups + 8 * c, ac[i]);  // checks the meta (sparse24_expand.h)
       }
       tiles.chunk(ac[0], 64, xt, c);
     }

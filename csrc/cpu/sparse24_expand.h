@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -35,7 +36,7 @@ inline uint32_t expand24_group(const scalar_t* vals, uint8_t code, scalar_t* dst
 #if defined(SPARSEKERNELS_EXPAND24)
 #define SK_EXPAND24_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt"), always_inline)) inline
 
-// The lane mask of `count` groups (count * 4 bits) from their meta bytes.
+// The lane mask of the groups whose meta bytes are `bytes` (the nibbles in nibble_bits).
 SK_EXPAND24_TARGET uint64_t expand24_mask(uint64_t bytes, uint64_t nibble_bits) {
   // Codes 4 (0, 1), 8 (0, 2), 9 (1, 2), 12 (0, 3), 13 (1, 3), 14 (2, 3); others -> 0.
   const __m128i lut = _mm_setr_epi8(0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0);
@@ -43,36 +44,32 @@ SK_EXPAND24_TARGET uint64_t expand24_mask(uint64_t bytes, uint64_t nibble_bits) 
   return _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(nibbles)), nibble_bits);
 }
 
-// 8 groups of 16-bit values (bf16, fp16): 32 at dst from the 16 at vals.
-SK_EXPAND24_TARGET uint64_t expand24_words(const uint16_t* vals, const uint8_t* meta, uint16_t* dst) {
-  uint64_t bytes;
-  std::memcpy(&bytes, meta, sizeof(bytes));
-  const uint64_t mask = expand24_mask(bytes, 0x0F0F0F0F0F0F0F0FULL);
-  _mm512_storeu_si512(dst, _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(mask), vals));
-  return (bytes & 0xF0F0F0F0F0F0F0F0ULL) | static_cast<uint64_t>(_mm_popcnt_u64(mask) ^ 16);
-}
-
-// 4 groups of fp32 values: 16 at dst from the 8 at vals.
-SK_EXPAND24_TARGET uint64_t expand24_floats(const float* vals, const uint8_t* meta, float* dst) {
-  uint32_t bytes;
-  std::memcpy(&bytes, meta, sizeof(bytes));
-  const uint64_t mask = expand24_mask(bytes, 0x0F0F0F0FULL);
-  _mm512_storeu_ps(dst, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), vals));
-  return (bytes & 0xF0F0F0F0U) | static_cast<uint64_t>(_mm_popcnt_u64(mask) ^ 8);
+// One vector of groups: 16-bit values (bf16, fp16; T = uint16_t): 8 groups, 32 values at
+// dst from the 16 at vals; fp32 (T = float): 4 groups, 16 from 8.
+template <typename T>
+SK_EXPAND24_TARGET uint64_t expand24(const T* vals, const uint8_t* meta, T* dst) {
+  static_assert(std::is_same_v<T, uint16_t> || std::is_same_v<T, float>, "16-bit or fp32 values");
+  constexpr int kGroups = 64 / sizeof(T) / 4;
+  uint64_t bytes = 0;
+  std::memcpy(&bytes, meta, kGroups);
+  const uint64_t mask = expand24_mask(bytes, 0x0F0F0F0F0F0F0F0FULL >> (64 - 8 * kGroups));
+  if constexpr (sizeof(T) == 2) {
+    _mm512_storeu_si512(dst, _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(mask), vals));
+  } else {
+    _mm512_storeu_ps(dst, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), vals));
+  }
+  return (bytes & 0xF0F0F0F0F0F0F0F0ULL) | static_cast<uint64_t>(_mm_popcnt_u64(mask) ^ (2 * kGroups));
 }
 
 #undef SK_EXPAND24_TARGET
 #define SK_EXPAND24_ROW_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi2,bmi2,popcnt"))) inline
 
-// Groups [0, whole) of a row (whole a multiple of 8 for words, 4 for floats), as above.
-SK_EXPAND24_ROW_TARGET uint64_t expand24_row(const uint16_t* vals, const uint8_t* meta, uint16_t* dst, int64_t whole) {
+// Groups [0, whole) of a row (whole a multiple of expand24's groups per vector).
+template <typename T>
+SK_EXPAND24_ROW_TARGET uint64_t expand24_row(const T* vals, const uint8_t* meta, T* dst, int64_t whole) {
+  constexpr int kGroups = 64 / sizeof(T) / 4;
   uint64_t bad = 0;
-  for (int64_t g = 0; g < whole; g += 8) bad |= expand24_words(vals + 2 * g, meta + g, dst + 4 * g);
-  return bad;
-}
-SK_EXPAND24_ROW_TARGET uint64_t expand24_row(const float* vals, const uint8_t* meta, float* dst, int64_t whole) {
-  uint64_t bad = 0;
-  for (int64_t g = 0; g < whole; g += 4) bad |= expand24_floats(vals + 2 * g, meta + g, dst + 4 * g);
+  for (int64_t g = 0; g < whole; g += kGroups) bad |= expand24(vals + 2 * g, meta + g, dst + 4 * g);
   return bad;
 }
 

@@ -1,5 +1,6 @@
 // The fp32 row kernels for each instruction set (RowsAvx512, RowsAvx2: simd_rows.inc
-// compiled once per set; RowsAvx512Bf16 for the 2:4 few-rows kernel's bf16 step) and with_simd_rows, which picks the set this CPU runs.
+// compiled once per set; RowsAvx512Bf16 for the 2:4 few-rows kernel's bf16 step) and
+// with_simd_rows, which picks the set this CPU runs.
 #pragma once
 
 #include "csr_common.h"

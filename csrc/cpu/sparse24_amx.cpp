@@ -84,7 +84,8 @@ SK_AMX_TARGET bool amx_tasks(const uint32_t* xt, int m, const uint16_t* vals, co
   for (int64_t task = t0; task < t1 && bad == 0; ++task) {
     const int64_t r0 = task * kAmxTaskRows, r1 = std::min(n, r0 + kAmxTaskRows);
     const int rows = static_cast<int>(r1 - r0);
-    for (auto& buf : a) std::memset(buf[rows], 0, sizeof(buf[0]) * (kAmxTaskRows - rows));  // the last task's missing rows
+    // The last task's missing rows.
+    for (auto& buf : a) std::memset(buf[rows], 0, sizeof(buf[0]) * (kAmxTaskRows - rows));
     tiles.zero();
     for (int64_t c = 0; c < chunks; ++c) {
       uint16_t(*ac)[32] = a[c & 1];

@@ -12,6 +12,8 @@
 // gathering its rows from L2 as the CSR kernel must. The rows' partial sums stay in the
 // task's L1 buffer between slices.
 // No column indices are read at all: meta is one byte per 4 weights.
+// Decode-sized batches skip the panels (sparse24_few_rows, kFewRows rows); bf16 batches of
+// kAmxMinRows to kAmxRows rows run on AMX tiles where the CPU has them (sparse24_amx.cpp).
 #include "csr_common.h"
 #include "simd_rows.h"
 
@@ -166,7 +168,9 @@ bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& va
         }
 #endif
         with_simd_rows([&](auto rows) {
-          with_value_data(vals, [&](auto* v) { decltype(rows)::template rows24_few<M>(x, block, v, mt, groups, r0, r1); });
+          with_value_data(vals, [&](auto* v) {
+            decltype(rows)::template rows24_few<M>(x, block, v, mt, groups, r0, r1);
+          });
         });
       });
       store_block(block, m, r1 - r0, 0, r0, y, bias);

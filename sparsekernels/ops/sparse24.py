@@ -23,7 +23,7 @@ from .. import backends
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, autocast
-from .csr_matmul import (_add_bias, _fused_cpu_backward, _sddmm_op, _spmm_backward_cpu_op, _spmm_t_op,
+from .csr_matmul import (_fused_cpu_backward, _sddmm_op, _spmm_backward_cpu_op, _spmm_t_op,
                          dense_candidates, dispatch_measured, unmeasured_args)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, backends, reference
-from . import _checks
+from . import _checks, _eager
 from ..kernels.launch_plan import launch_plan, rows_sorted
 
 
@@ -247,19 +247,53 @@ def _spmm_setup(ctx, inputs, output):
     ctx.has_bias = inputs[7] is not None
 
 
-def _spmm_backward(ctx, grad):
+def _spmm_backward(ctx, grad, eager: bool = False):
+    """The gradients of spmm. ``eager``: called from ``_EagerSpmm`` (never traced), so
+    products that need no graph of their own may skip the custom ops (``_eager``)."""
     x, values, *pattern = ctx.saved_tensors
     # (needs_input_grad may be shorter than the schema when the bias was left out.)
     need_gb = ctx.has_bias and ctx.needs_input_grad[7]
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, values, pattern[0],
                                                                                  pattern[2]):
         # The bias gradient comes out of the same call (summed while dy is packed).
-        gx, gv, gb = _spmm_backward_cpu_op(grad, x, values, *pattern, need_gb)
+        gx, gv, gb = fused_backward(grad, eager)(grad, x, values, *pattern, need_gb)
         return gx, gv, None, None, None, None, None, gb if need_gb else None
     gb = _bias_grad(grad) if need_gb else None
-    gx = _spmm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
-    gv = _sddmm_op(grad, x, *pattern) if ctx.needs_input_grad[1] else None
+    gx = spmm_t_in_backward(grad, values, pattern, eager) if ctx.needs_input_grad[0] else None
+    gv = sddmm_in_backward(grad, x, pattern, eager) if ctx.needs_input_grad[1] else None
     return gx, gv, None, None, None, None, None, gb
+
+
+def fused_backward(grad: Tensor, eager: bool):
+    """The fused CPU backward (``spmm_backward``) to call from a backward: its kernel
+    directly where ``eager`` and ``_eager`` allow (the caller checked
+    ``_fused_cpu_backward``), else the custom op."""
+    return _compiled("spmm_backward") if eager and _eager.direct_call_allowed(grad) else _spmm_backward_cpu_op
+
+
+def _direct_cpu(op: str, lead: Tensor, others: tuple, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
+                dense_variant: bool) -> bool:
+    """Whether this eager CSR product may run its C++ kernel directly (``_eager``): plain
+    CPU tensors, no graph to record, and ``op`` planned on the "cpu" backend."""
+    return (not _eager.wants_graph(lead, *others) and _eager.direct_call_allowed(lead, *others)
+            and backends.planned(op, lead.device, lead.dtype,
+                                 **_dispatch_args(lead, row_ptr, t_row_ptr, nnz, dense_variant=dense_variant)) == "cpu")
+
+
+def spmm_t_in_backward(dy: Tensor, values: Tensor, pattern: list, eager: bool) -> Tensor:
+    """spmm_t for a backward: the kernel directly where ``eager`` allows, else the op."""
+    row_ptr, _, t_row_ptr, t_col_idx, t_perm = pattern
+    if eager and _direct_cpu("spmm_t", dy, (values,), row_ptr, t_row_ptr, values.shape[0], True):
+        return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+    return _spmm_t_op(dy, values, *pattern)
+
+
+def sddmm_in_backward(dy: Tensor, x: Tensor, pattern: list, eager: bool) -> Tensor:
+    """sddmm for a backward: the kernel directly where ``eager`` allows, else the op."""
+    row_ptr, col_idx, t_row_ptr = pattern[:3]
+    if eager and _direct_cpu("sddmm", dy, (x,), row_ptr, t_row_ptr, col_idx.shape[0], False):
+        return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+    return _sddmm_op(dy, x, *pattern)
 
 
 def _spmm_t_backward(ctx, grad):
@@ -285,6 +319,22 @@ _spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_save_all)
 _sddmm_op.register_autograd(_sddmm_backward, setup_context=_save_all)
 
 
+class _EagerSpmm(torch.autograd.Function):
+    """spmm on the C++ CPU kernel without the custom op's dispatch (``_eager``): the same
+    kernel, the same backward (``_spmm_backward``), so the same bits; used by :func:`spmm`
+    only where the op would run that kernel itself."""
+
+    @staticmethod
+    def forward(ctx, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias):
+        ctx.save_for_backward(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        ctx.has_bias = bias is not None
+        return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _spmm_backward(ctx, grad, eager=True)
+
+
 # --------------------------------------------------------------------------- public entry points
 def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
          t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -305,6 +355,13 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
         _checks.check_dense("spmm", "bias", bias, values, out_f)
         if bias.dim() != 1:
             raise ValueError(f"spmm: bias must have shape [{out_f}], got {tuple(bias.shape)}")
+    if _eager.direct_call_allowed(x, values, bias) and backends.planned(
+            "spmm", x.device, x.dtype, **_dispatch_args(x, row_ptr, t_row_ptr, values.shape[0],
+                                                         dense_variant=True)) == "cpu":
+        # The op would run the C++ kernel: run it without the op's dispatch (``_eager``).
+        if _eager.wants_graph(x, values, bias):
+            return _EagerSpmm.apply(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
+        return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
     return _spmm_op(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
 
 

@@ -22,9 +22,9 @@ from torch import Tensor
 from .. import backends
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
-from . import _checks, autocast
-from .csr_matmul import (_fused_cpu_backward, _sddmm_op, _spmm_backward_cpu_op, _spmm_t_op,
-                         dense_candidates, dispatch_measured, unmeasured_args)
+from . import _checks, _eager, autocast
+from .csr_matmul import (_fused_cpu_backward, _spmm_t_op, dense_candidates, dispatch_measured, fused_backward,
+                         sddmm_in_backward, spmm_t_in_backward, unmeasured_args)
 
 
 def _rows2d(t: Tensor) -> Tensor:
@@ -126,15 +126,13 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
     return y.reshape(*x.shape[:-1], n)
 
 
-def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = False):
-    """``backends.dispatch`` for a 2:4 product of x [..., k] with a weight [n, k]; on the
-    GPU, says once when measurement found dense faster than 2:4 for a shape.
-    ``dense_variant``: ``run`` can also run "cpu:dense" (the weight decompressed in C++)."""
+def _dispatch_args_24(x: Tensor, n: int, k: int, dense_variant: bool) -> dict:
+    """The flops, shape class and candidates under which a 2:4 product of x [..., k] with
+    a weight [n, k] is dispatched (``dense_variant``: as for :func:`_dispatch_24`)."""
     m = x.shape[:-1].numel()
     flops = 2.0 * m * n * k
     if (small := unmeasured_args(flops)) is not None:
-        return dispatch_measured(op, x, run, small)
-    key = backends.shape_class(m, n, k)
+        return small
     cands = None
     if x.is_cuda:
         cands = ["cuda", "reference"] if gpu_plan(m, n, k, x.dtype) == "semi_structured" else []
@@ -142,8 +140,17 @@ def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = 
         # Where our 2:4 kernel is not faster than the CPU's dense GEMM, run that GEMM on
         # the weight densified in C++ (the reference densifies in Python, far slower).
         cands = dense_candidates(x)
-    out = dispatch_measured(op, x, run, {"flops": flops, "key": key, "candidates": cands})
-    if x.is_cuda and backends.measured_choice(op, x.device, x.dtype, key) == "reference":
+    return {"flops": flops, "key": backends.shape_class(m, n, k), "candidates": cands}
+
+
+def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = False):
+    """``backends.dispatch`` for a 2:4 product of x [..., k] with a weight [n, k]; on the
+    GPU, says once when measurement found dense faster than 2:4 for a shape.
+    ``dense_variant``: ``run`` can also run "cpu:dense" (the weight decompressed in C++)."""
+    args = _dispatch_args_24(x, n, k, dense_variant)
+    out = dispatch_measured(op, x, run, args)
+    if x.is_cuda and backends.measured_choice(op, x.device, x.dtype, args["key"]) == "reference":
+        m = x.shape[:-1].numel()
         _warn_once(f"{op}: dense measured faster than 2:4 for x [{m}, {k}] and W [{n}, {k}] ({x.dtype}); running "
                    "dense (sparsekernels info lists the measured choices)")
     return out
@@ -201,7 +208,9 @@ def _setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, eager: bool = False):
+    """The gradients of sparse24_mm (``eager``: from ``_EagerSparse24``, see
+    ``csr_matmul._spmm_backward``)."""
     x, values, meta, *pattern = ctx.saved_tensors
     gx = gv = gb = None
     flat = values.reshape(-1)
@@ -211,7 +220,7 @@ def _backward(ctx, grad):
         # (csr_matmul._spmm_backward): one sweep over W^T for both, or one packing of dy,
         # and the bias gradient summed while dy is packed.
         need_gb = ctx.has_bias and ctx.needs_input_grad[8]
-        gx, gv, gb = _spmm_backward_cpu_op(grad, x, flat, *pattern, need_gb)
+        gx, gv, gb = fused_backward(grad, eager)(grad, x, flat, *pattern, need_gb)
         gv = gv.view_as(values)
         if not need_gb:
             gb = None
@@ -219,15 +228,30 @@ def _backward(ctx, grad):
         if ctx.transposable:
             gx = _input_grad_24(grad, values, meta, tuple(pattern))
         else:
-            gx = _spmm_t_op(grad, flat, *pattern)
+            gx = spmm_t_in_backward(grad, flat, pattern, eager)
     if ctx.needs_input_grad[1] and gv is None:
-        gv = _sddmm_op(grad, x, *pattern).view_as(values)
+        gv = sddmm_in_backward(grad, x, pattern, eager).view_as(values)
     if ctx.has_bias and ctx.needs_input_grad[8] and gb is None:
         gb = _rows2d(grad).sum(0)
     return gx, gv, None, None, None, None, None, None, gb, None
 
 
 _sparse24_mm_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerSparse24(torch.autograd.Function):
+    """sparse24_mm on the C++ CPU kernel without the custom op's dispatch (``_eager``),
+    with the op's backward: used by :func:`sparse24_mm` only where the op would run that
+    kernel itself."""
+
+    @staticmethod
+    def forward(ctx, x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable):
+        _setup(ctx, (x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable), None)
+        return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, eager=True)
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
@@ -259,6 +283,13 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
             raise ValueError(f"sparse24_mm: bias must be 1-D [{out_f}], got shape {tuple(bias.shape)}")
     if not isinstance(transposable, bool):
         raise TypeError(f"sparse24_mm: transposable must be a bool, got {type(transposable).__name__}")
+    if _eager.direct_call_allowed(x, values, meta, bias) and backends.planned(
+            "sparse24_mm", x.device, x.dtype, **_dispatch_args_24(x, out_f, in_f, dense_variant=True)) == "cpu":
+        # The op would run the C++ kernel: run it without the op's dispatch (``_eager``).
+        if _eager.wants_graph(x, values, bias):
+            return _EagerSparse24.apply(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias,
+                                        transposable)
+        return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
     return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
 
 

@@ -1,0 +1,182 @@
+"""The eager CPU path (ops/_eager.py): spmm and sparse24_mm called from Python run the
+C++ kernel without the custom op's dispatch where the op would run that kernel anyway.
+
+It must give the op's bits (forward, every gradient, double backward), and step aside
+(the custom op runs) wherever the op provides something: autocast, a forced or measured
+other backend, an unmeasured product that must be measured first, tracing, a mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsekernels as sk
+from sparsekernels import backends, ops
+from sparsekernels.ops import _eager, csr_matmul, sparse24
+
+from conftest import make_csr
+
+pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="the eager path runs the compiled kernels")
+
+
+def _count_op_calls(monkeypatch, module, name):
+    """Wraps ``module.name`` (a custom op) so that its calls are counted."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+def _csr_case(batch, out_f, in_f, sparsity, dtype, seed, empty_rows=False):
+    csr = make_csr(out_f, in_f, sparsity, dtype, seed, empty_rows=empty_rows)
+    g = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn(*batch, in_f, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(out_f, generator=g, dtype=torch.float64).to(dtype)
+    return csr, x, bias
+
+
+def _grads(fn, x, values, bias):
+    """(y, dx, dvalues, dbias) of fn(x, values, bias) under a fixed random output gradient."""
+    x, values, bias = (t.detach().clone().requires_grad_() for t in (x, values, bias))
+    y = fn(x, values, bias)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(y.dtype)
+    gx, gv, gb = torch.autograd.grad(y, (x, values, bias), dy)
+    return y.detach(), gx, gv, gb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch,out_f,in_f,sparsity,empty_rows", [
+    ((1,), 33, 70, 0.9, False), ((2, 3), 40, 17, 0.5, True), ((64,), 48, 96, 0.0, False),
+    ((5,), 31, 65, 0.99, True), ((300,), 130, 70, 0.8, False),
+])
+def test_eager_spmm_gives_the_ops_bits(monkeypatch, dtype, batch, out_f, in_f, sparsity, empty_rows):
+    csr, x, bias = _csr_case(batch, out_f, in_f, sparsity, dtype, seed=out_f + in_f, empty_rows=empty_rows)
+    p = csr.pattern()
+    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm_op")
+    with backends.use_backend("cpu"):
+        fast = _grads(lambda x, v, b: ops.spmm(x, v, *p, b), x, csr.values, bias)
+        assert not calls  # the eager path ran
+        via_op = _grads(lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b), x, csr.values, bias)
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name
+    with torch.no_grad(), backends.use_backend("cpu"):
+        assert torch.equal(ops.spmm(x, csr.values, *p, bias), fast[0])
+    assert not calls
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)])
+def test_eager_spmm_backward_with_one_gradient_wanted(needs):
+    """The first layer of a network (x needs no gradient) and a frozen weight."""
+    csr, x, bias = _csr_case((9,), 24, 40, 0.7, torch.float32, seed=5)
+    p = csr.pattern()
+    want_x, want_v = needs
+
+    def grads(fn):
+        xs, vs = x.clone().requires_grad_(want_x), csr.values.detach().clone().requires_grad_(want_v)
+        y = fn(xs, vs)
+        inputs = [t for t, w in ((xs, want_x), (vs, want_v)) if w]
+        return torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+    fast = grads(lambda xs, vs: ops.spmm(xs, vs, *p, bias))
+    via_op = grads(lambda xs, vs: torch.ops.sparsekernels.spmm(xs, vs, *p, bias))
+    assert all(torch.equal(a, b) for a, b in zip(fast, via_op))
+
+
+def test_eager_spmm_double_backward_and_gradcheck():
+    """A graph of the backward (create_graph) goes through the custom ops' autograd."""
+    csr, x, bias = _csr_case((4,), 9, 13, 0.6, torch.float64, seed=11)
+    p = csr.pattern()
+    args = (x.requires_grad_(), csr.values.detach().requires_grad_(), bias.requires_grad_())
+    assert _eager.direct_call_allowed(*args)
+    f = lambda x, v, b: ops.spmm(x, v, *p, b)  # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_eager_path_steps_aside_where_the_op_is_needed(monkeypatch):
+    csr, x, bias = _csr_case((6,), 20, 30, 0.8, torch.float32, seed=2)
+    p = csr.pattern()
+    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm_op")
+    ops.spmm(x, csr.values, *p, bias)
+    assert len(calls) == 0
+    with backends.use_backend("reference"):  # a forced other backend
+        ops.spmm(x, csr.values, *p, bias)
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op's autocast rule casts
+        assert ops.spmm(x, csr.values, *p, bias).dtype == torch.bfloat16
+    assert len(calls) == 2
+    with FlopCounterMode(display=False):  # a dispatch mode must see the op
+        ops.spmm(x, csr.values, *p, bias)
+    assert len(calls) == 3
+    traced = torch.jit.trace(lambda a: ops.spmm(a, csr.values, *p, bias), (x,), check_trace=False)
+    assert len(calls) == 4  # torch.jit.trace records the op, not a Python Function
+    torch.testing.assert_close(traced(x + 1), ops.spmm(x + 1, csr.values, *p, bias))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # tracing keeps the op
+    ops.spmm(x, csr.values, *p, bias)
+    assert len(calls) == 5
+
+
+def test_eager_path_waits_for_a_measurement(monkeypatch):
+    """A product large enough to be measured goes through the op until its class is
+    measured; then, if the C++ kernel won, the eager path runs it."""
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 1.0)
+    monkeypatch.setattr(backends, "_measured", {})
+    csr, x, bias = _csr_case((8,), 32, 48, 0.9, torch.float32, seed=4)
+    p = csr.pattern()
+    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm_op")
+    ops.spmm(x, csr.values, *p, bias)
+    assert len(calls) == 1
+    choice = [e["choice"] for e in backends.measured() if e["op"] == "spmm"]
+    assert len(choice) == 1
+    ops.spmm(x, csr.values, *p, bias)
+    assert len(calls) == (1 if choice[0] == "cpu" else 2)
+
+
+def test_direct_call_allowed_refuses_other_devices_subclasses_and_transforms():
+    x = torch.randn(3)
+    assert _eager.direct_call_allowed(x, None, torch.nn.Parameter(x.clone()))
+    assert not _eager.direct_call_allowed(x, torch.randn(3, device="meta"))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _eager.direct_call_allowed(x, x.as_subclass(Sub))
+    seen = []
+    torch.func.grad(lambda t: (seen.append(_eager.direct_call_allowed(t)), t.sum())[1])(x)
+    assert seen == [False]
+
+
+def test_layer_capture_hook_sees_dy_on_the_eager_path():
+    """Topology updates capture (x, dy) through a hook on the product's backward node."""
+    layer = sk.nn.SparseLinear(24, 16, sparsity=0.75, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 24)
+    layer.capture_next()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    cx, cdy = layer.captured()
+    assert torch.equal(cx, x) and torch.equal(cdy, dy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [(1,), (3, 5), (70,)])
+def test_eager_sparse24_gives_the_ops_bits(monkeypatch, dtype, batch):
+    g = torch.Generator().manual_seed(len(batch) * 10 + batch[0])
+    lin = torch.nn.Linear(64, 40, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 64, generator=g))
+    layer = sk.nn.Sparse24Linear.from_dense(lin)
+    x = torch.randn(*batch, 64, generator=g).to(dtype)
+    p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    calls = _count_op_calls(monkeypatch, sparse24, "_sparse24_mm_op")
+
+    def fn(op):
+        return lambda x, v, b: op(x, v, layer.meta, *p, b)
+
+    with backends.use_backend("cpu"):
+        fast = _grads(fn(ops.sparse24_mm), x, layer.values, layer.bias)
+        assert not calls
+        via_op = _grads(fn(torch.ops.sparsekernels.sparse24_mm), x, layer.values, layer.bias)
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name

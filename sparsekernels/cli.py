@@ -248,16 +248,20 @@ def _cmd_bench(args) -> int:
                       f"{r['gflops']['ours_fwd']:.1f}", r.get("fwd_backend", ""))
     console.print(table)
     if payload.get("sparse24"):
-        t24 = Table(title="2:4 (50%) forward, fp32, our kernel on the compressed form vs dense")
+        t24 = Table(title="2:4 (50%), fp32, our kernels on the compressed form vs dense: forward and layer step")
         for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense", "auto ran", "ns per kept weight x panel",
-                    "FMA rate / dense's"):
+                    "FMA rate / dense's", "dense step ms", "2:4 step ms", "step x dense", "dx / dW ran"):
             t24.add_column(col, justify="right")
         for r in payload["sparse24"]:
             lim = r.get("limits") or {}
-            t24.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{r['ms']['dense_fwd']:.2f}",
-                        f"{r['ms']['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}", r.get("auto_choice", ""),
+            ms, bwd = r["ms"], r.get("bwd_choice", {})
+            t24.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), f"{ms['dense_fwd']:.2f}",
+                        f"{ms['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}", r.get("auto_choice", ""),
                         "-" if not lim else f"{lim['ns_per_gather']:.3f}",
-                        "-" if not lim else f"{lim['fma_rate_vs_dense']:.2f}")
+                        "-" if not lim else f"{lim['fma_rate_vs_dense']:.2f}",
+                        f"{ms.get('dense_step', float('nan')):.2f}", f"{ms.get('sparse24_step', float('nan')):.2f}",
+                        f"{r.get('step_vs_dense', float('nan')):.2f}",
+                        f"{bwd.get('sparse24_mm_t', '-')} / {bwd.get('sparse24_sddmm', '-')}")
         console.print(t24)
     if payload.get("bf16"):
         tb = Table(title="bf16 forward: the CPU's dense GEMM vs our kernel vs measured auto (what layers run)")

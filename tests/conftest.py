@@ -233,3 +233,24 @@ def pinned_backend():
     change nnz every round slow and not bitwise reproducible across a resume."""
     with sparsekernels.use_backend("cpu" if sparsekernels._extension.compiled() else "reference"):
         yield
+
+
+SIMD_LEVELS = ("generic", "avx2", "avx512")
+
+
+def _levels() -> list[str]:
+    """The instruction sets this CPU's kernels can run (up to its best)."""
+    return list(SIMD_LEVELS[: SIMD_LEVELS.index(torch.ops.sparsekernels_C.cpu_simd_level()) + 1])
+
+
+@pytest.fixture(params=list(SIMD_LEVELS))
+def level(request):
+    """Forces one instruction set for the test (skipped where the CPU lacks it), then
+    restores the CPU's best and its panel rule."""
+    C = torch.ops.sparsekernels_C
+    if request.param not in _levels():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    C.cpu_force_simd_level(request.param)
+    yield request.param
+    C.cpu_force_simd_level(None)
+    C.cpu_force_panel_width(0)

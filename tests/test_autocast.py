@@ -28,7 +28,9 @@ SETTINGS = [
 TOL = 1e-2  # bf16 / fp16 relative Frobenius error (DESIGN.md)
 # Ops that need no autocast rule, and why (every other op of the namespace must have one).
 EXEMPT = {"topk_grow": "ranks growth candidates outside the forward; no autograd, caller picks the precision",
-          "spmm_backward_cpu": "runs inside spmm's backward only, on the dtypes its forward already cast to"}
+          "spmm_backward_cpu": "runs inside spmm's backward only, on the dtypes its forward already cast to",
+          "sparse24_mm_t": "runs inside sparse24_mm's backward only, on the dtypes its forward already cast to",
+          "sparse24_sddmm": "runs inside sparse24_mm's backward only, on the dtypes its forward already cast to"}
 
 
 def _dense_grad(layer: nn.Module) -> torch.Tensor:

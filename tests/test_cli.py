@@ -48,6 +48,10 @@ def test_sparse24_never_slower_target_takes_the_worst_shape():
     assert never["value"] == 0.93 and never["met"] is False and "(64,1024,1024)" in never["target"]
     (never,) = [c for c in csr_linear.targets([], s24[:1]) if "never slower" in c["target"]]
     assert never["met"] is True
+    # The layer step's own check, where the cases carry a step ratio.
+    s24[0]["step_vs_dense"], s24[1]["step_vs_dense"] = 0.97, 1.4
+    (step,) = [c for c in csr_linear.targets([], s24) if "step never slower" in c["target"]]
+    assert step["value"] == 0.97 and step["met"] is False and "(256,4096,4096)" in step["target"]
 
 
 def test_targets_flag_misses():

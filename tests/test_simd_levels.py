@@ -11,30 +11,9 @@ import torch
 
 import sparsekernels as sk
 
-from conftest import dense_of, make_csr, rel_error
+from conftest import SIMD_LEVELS as _ORDER, _levels, dense_of, make_csr, rel_error
 
 pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
-
-_ORDER = ("generic", "avx2", "avx512")
-
-
-def _levels() -> list[str]:
-    """The levels this CPU can run (up to its best)."""
-    return list(_ORDER[: _ORDER.index(torch.ops.sparsekernels_C.cpu_simd_level()) + 1])
-
-
-@pytest.fixture(params=list(_ORDER))
-def level(request):
-    """Forces one instruction set for the test (skipped where the CPU lacks it), then
-    restores the CPU's best and its panel rule."""
-    C = torch.ops.sparsekernels_C
-    if request.param not in _levels():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    C.cpu_force_simd_level(request.param)
-    yield request.param
-    C.cpu_force_simd_level(None)
-    C.cpu_force_panel_width(0)
-
 
 def test_level_is_reported_forced_and_restored():
     C = torch.ops.sparsekernels_C

@@ -555,7 +555,7 @@ at::Tensor few_rows_values(const at::Tensor& vals) {
   return vals.scalar_type() == at::kBFloat16 ? vals.contiguous() : values_in(vals, at::kFloat);
 }
 
-const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder) {
+const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder, int slot) {
   TORCH_INTERNAL_ASSERT(x.dim() == 2);
   const int64_t m = x.size(0), k = x.size(1);
   // One row is its own transpose.
@@ -563,7 +563,7 @@ const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& 
                       (m == 1 ? x.stride(1) == 1 || k <= 1
                               : (transposed ? x.stride(0) == 1 && x.stride(1) == m : x.is_contiguous()));
   if (usable) return x.data_ptr<float>();
-  holder = transposed ? workspace(0, {k, m}, at::kFloat) : workspace(0, {m, k}, at::kFloat);
+  holder = transposed ? workspace(slot, {k, m}, at::kFloat) : workspace(slot, {m, k}, at::kFloat);
   holder.copy_(transposed ? x.t() : x);
   return holder.data_ptr<float>();
 }

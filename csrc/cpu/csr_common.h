@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+#include <utility>
 
 namespace sparsekernels::cpu {
 
@@ -39,20 +40,18 @@ constexpr int64_t kNarrowPanel = 16;
 // at M = 8 from 2400 to 2010-2080 (fp32; bf16 2300 -> 1880-1910).
 constexpr int64_t kFewRows = 8;
 constexpr int64_t kFewRowsCsr = 2;
+constexpr int64_t kFewRowsBackward = 16;
 
-// Calls f(std::integral_constant<int, M>{}) for m = M in [1, kFewRows].
-template <typename F>
+// Calls f(std::integral_constant<int, M>{}) for m = M in [1, kMax] (kFewRows unless
+// given: the 2:4 backward's few-rows kernels take up to kFewRowsBackward).
+template <int kMax = kFewRows, int M = 1, typename F>
 void with_few_rows(int64_t m, F&& f) {
-  switch (m) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_INTERNAL_ASSERT(false, "with_few_rows: m = ", m);
+  if constexpr (M > kMax) {
+    TORCH_INTERNAL_ASSERT(false, "with_few_rows: m = ", m, " is over ", kMax);
+  } else if (m == M) {
+    f(std::integral_constant<int, M>{});
+  } else {
+    with_few_rows<kMax, M + 1>(m, std::forward<F>(f));
   }
 }
 
@@ -64,8 +63,8 @@ at::Tensor values_in(const at::Tensor& vals, at::ScalarType ct);
 
 // x [M, K] (any floating dtype, any strides) as a contiguous fp32 matrix, [M, K] or, with
 // `transposed`, x^T [K, M]: x's own data where it already is one, else a copy in
-// workspace slot 0 (held by `holder`).
-const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder);
+// workspace slot `slot` (held by `holder`).
+const float* few_rows_operand(const at::Tensor& x, bool transposed, at::Tensor& holder, int slot = 0);
 
 // The batch-only rule of the 2:4 kernel: its K slices (sparse24_slice_bytes) keep the
 // panel's reads in cache whatever the width. 64 wide, or 32 without AVX-512 (widest_panel);
@@ -229,6 +228,12 @@ void check_csr_columns(const char* what, const at::Tensor& col_idx, int64_t n_co
 // Validates a 2:4 weight's tensors (floating values [N, K/2], uint8 meta [N, K/4], both on
 // the CPU); the meta bytes themselves are checked by the kernels as they read them.
 void check_sparse24(const char* what, const at::Tensor& values, const at::Tensor& meta);
+// Whether every meta byte of p[0, count) holds two positions i0 < i1 in [0, 4) (and
+// nothing in bits 4-7); check_meta24 checks a whole contiguous meta tensor that way, split
+// over the threads, and raises meta24_invalid's ValueError (`what` names the op).
+bool meta24_valid(const uint8_t* p, int64_t count);
+[[noreturn]] void meta24_invalid(const char* what);
+void check_meta24(const char* what, const at::Tensor& meta);
 [[noreturn]] void columns_out_of_range(const char* what, int64_t n_cols);
 
 // True when every idx[0, count) lies in [0, bound) (one unsigned max over them: a

@@ -18,6 +18,8 @@
 // sparse24_dense_mm is the same for a 2:4 weight (values [N, K/2], meta [N, K/4]), whose
 // rows are decompressed by expand instructions (sparse24_expand.h): 4096 x 4096 bf16
 // through the CSR view's scatter took 6.4-7.7 ms, more than oneDNN's GEMM of 256 rows.
+// sparse24_dense_sddmm is the weight gradient's counterpart (sparse24_backward.cpp has
+// the sparse kernels): the dense GEMM dy^T x into the workspace, then its kept entries.
 #include "csr_common.h"
 #include "sparse24_expand.h"
 
@@ -96,22 +98,69 @@ bool fill_dense24(scalar_t* w, const scalar_t* vals, const uint8_t* meta, int64_
   return ok.load();
 }
 
-at::Tensor sparse24_dense_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                                 const std::optional<at::Tensor>& bias) {
-  check_sparse24("sparse24_dense_mm", values, meta);
+// The 2:4 weight (values [N, K/2], meta [N, K/4]) decompressed into the workspace.
+at::Tensor dense24_weight(const char* what, const at::Tensor& values, const at::Tensor& meta) {
   const int64_t n = values.size(0), groups = meta.size(1);
-  TORCH_CHECK_VALUE(x.dim() >= 1, "sparse24_dense_mm: x must have at least 1 dimension");
-  check_dense("sparse24_dense_mm", "x", x, values.scalar_type(), 4 * groups);
-  const at::Tensor b = checked_bias("sparse24_dense_mm", bias, values.scalar_type(), n);
-
   at::Tensor w = workspace(kDenseSlot, {n, 4 * groups}, values.scalar_type());
   const at::Tensor v = values.contiguous(), mc = meta.contiguous();
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "sparse24_dense_mm", [&] {
     ok = fill_dense24<scalar_t>(w.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), mc.data_ptr<uint8_t>(), n, groups);
   });
-  TORCH_CHECK_VALUE(ok, "sparse24_dense_mm: meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4");
+  if (!ok) meta24_invalid(what);
+  return w;
+}
+
+at::Tensor sparse24_dense_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                 const std::optional<at::Tensor>& bias, bool transpose) {
+  check_sparse24("sparse24_dense_mm", values, meta);
+  const int64_t n = values.size(0), k = 4 * meta.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "sparse24_dense_mm: x must have at least 1 dimension");
+  check_dense("sparse24_dense_mm", "x", x, values.scalar_type(), transpose ? n : k);
+  const at::Tensor b = checked_bias("sparse24_dense_mm", bias, values.scalar_type(), transpose ? k : n);
+  const at::Tensor w = dense24_weight("sparse24_dense_mm", values, meta);
+  if (transpose) return b.defined() ? at::matmul(x, w).add_(b) : at::matmul(x, w);
   return b.defined() ? at::linear(x, w, b) : at::linear(x, w);
+}
+
+// dvalues [N, K/2] = (dy^T x) at the 2:4 weight's kept positions, through the dense GEMM
+// dy^T x (into the workspace) and a pick of its kept entries row by row.
+at::Tensor sparse24_dense_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values,
+                                    const at::Tensor& meta) {
+  check_sparse24("sparse24_dense_sddmm", values, meta);
+  const int64_t n = values.size(0), groups = meta.size(1), k = 4 * groups;
+  TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "sparse24_dense_sddmm: dy and x must have at least 1 dimension");
+  check_dense("sparse24_dense_sddmm", "dy", dy, values.scalar_type(), n);
+  check_dense("sparse24_dense_sddmm", "x", x, values.scalar_type(), k);
+  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    "sparse24_dense_sddmm: dy and x must have the same leading (batch) dimensions, got ",
+                    dy.sizes(), " and ", x.sizes());
+  const int64_t m = leading_rows(dy);
+  at::Tensor g = workspace(kDenseSlot, {n, k}, values.scalar_type());
+  at::mm_out(g, dy.reshape({m, n}).t(), x.reshape({m, k}));
+  const at::Tensor mc = meta.contiguous();
+  at::Tensor out = at::empty(values.sizes(), values.options());
+  std::atomic<bool> ok{true};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "sparse24_dense_sddmm", [&] {
+    const scalar_t* src = g.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const uint8_t* mt = mc.data_ptr<uint8_t>();
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      if (!meta24_valid(mt + r0 * groups, (r1 - r0) * groups)) {
+        ok = false;
+        return;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          const uint8_t code = mt[r * groups + gi];
+          dst[r * 2 * groups + 2 * gi] = src[r * k + 4 * gi + (code & 3)];
+          dst[r * 2 * groups + 2 * gi + 1] = src[r * k + 4 * gi + ((code >> 2) & 3)];
+        }
+      }
+    });
+  });
+  if (!ok.load()) meta24_invalid("sparse24_dense_sddmm");
+  return out;
 }
 
 }  // namespace
@@ -120,14 +169,18 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   // y = x W^T (transpose = false, x [..., K]) or y = x W (transpose = true, x [..., N]) for
   // W [N, K = n_cols] = CSR(values, row_ptr, col_idx), through a dense GEMM.
   m.def("csr_dense_mm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, int n_cols, bool transpose) -> Tensor");
-  // y = x W^T (+ bias) for a 2:4 weight W [N, K] = (values [N, K/2], meta [N, K/4]),
+  // y = x W^T (+ bias) (transpose = false, x [..., K]) or y = x W (+ bias) (transpose =
+  // true, x [..., N]) for a 2:4 weight W [N, K] = (values [N, K/2], meta [N, K/4]),
   // through a dense GEMM.
-  m.def("sparse24_dense_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  m.def("sparse24_dense_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, bool transpose=False) -> Tensor");
+  // dvalues [N, K/2] = (dy^T x) at the 2:4 weight's kept positions, through the dense GEMM.
+  m.def("sparse24_dense_sddmm(Tensor dy, Tensor x, Tensor values, Tensor meta) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) {
   m.impl("csr_dense_mm", &csr_dense_mm_cpu);
   m.impl("sparse24_dense_mm", &sparse24_dense_mm_cpu);
+  m.impl("sparse24_dense_sddmm", &sparse24_dense_sddmm_cpu);
 }
 
 }  // namespace sparsekernels::cpu

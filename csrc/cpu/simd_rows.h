@@ -7,6 +7,7 @@
 #include "simd_ops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace sparsekernels::cpu {

@@ -104,26 +104,6 @@ void sparse24_panels(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals
   });
 }
 
-// Whether every meta byte of p[0, count) holds two positions in [0, 4) with i0 < i1: a
-// corrupt byte is an error, not an out-of-group read. Branch-free so the compiler
-// vectorises it: the short-circuit form took 5 ms of a 50 ms forward at 4096 x 4096
-// (one core). In bytes throughout, so it vectorises 16 bytes to a vector: with unsigned
-// ints the compiler widened every byte to 32 bits, and at M = 1 the check took 40% of a
-// 4096 x 4096 product.
-bool meta24_valid(const uint8_t* p, int64_t count) {
-  uint8_t bad = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const uint8_t b = p[i];
-    const uint8_t i0 = b & 3, i1 = (b >> 2) & 3;
-    bad |= static_cast<uint8_t>((b >> 4) | (i0 >= i1 ? 1 : 0));
-  }
-  return bad == 0;
-}
-
-[[noreturn]] void meta24_invalid() {
-  TORCH_CHECK_VALUE(false, "sparse24_mm: meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4");
-}
-
 // x2 [M <= kFewRows, K] (fp32 compute, a CPU with SIMD kernels) into y, for fp32 or bf16
 // values [N, K / 2] (contiguous): rows24_few over tasks of 32 output rows. bf16 x and
 // values on a CPU with AVX512-BF16 (bf16_step) take its bf16 dot step, x as it is;
@@ -181,6 +161,35 @@ bool sparse24_few_rows(const at::Tensor& x2, at::Tensor& y, const at::Tensor& va
 
 }  // namespace
 
+// Whether every meta byte of p[0, count) holds two positions in [0, 4) with i0 < i1: a
+// corrupt byte is an error, not an out-of-group read. Branch-free so the compiler
+// vectorises it: the short-circuit form took 5 ms of a 50 ms forward at 4096 x 4096
+// (one core). In bytes throughout, so it vectorises 16 bytes to a vector: with unsigned
+// ints the compiler widened every byte to 32 bits, and at M = 1 the check took 40% of a
+// 4096 x 4096 product.
+bool meta24_valid(const uint8_t* p, int64_t count) {
+  uint8_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint8_t b = p[i];
+    const uint8_t i0 = b & 3, i1 = (b >> 2) & 3;
+    bad |= static_cast<uint8_t>((b >> 4) | (i0 >= i1 ? 1 : 0));
+  }
+  return bad == 0;
+}
+
+[[noreturn]] void meta24_invalid(const char* what) {
+  TORCH_CHECK_VALUE(false, what, ": meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4");
+}
+
+void check_meta24(const char* what, const at::Tensor& meta) {
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, meta.numel(), 1 << 18, [&](int64_t begin, int64_t end) {
+    if (!meta24_valid(mp + begin, end - begin)) ok = false;
+  });
+  if (!ok.load()) meta24_invalid(what);
+}
+
 int64_t sparse24_slice_bytes() {
   // Capped so a VM reporting an inflated L2 does not turn the slicing off (measured up to
   // 512 KiB slices on the 1 MiB-L2 EPYC: 30.7 ms against 29.6 at 256 KiB).
@@ -197,16 +206,9 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const at::Tensor b = checked_bias("sparse24_mm", bias, values.scalar_type(), n);
   const at::Tensor* bp = b.defined() ? &b : nullptr;
   const at::Tensor mc = meta.contiguous();
-  const uint8_t* mp = mc.data_ptr<uint8_t>();
   // The whole meta tensor checked in one pass, split over the threads (the few-rows path
   // checks each task's bytes instead, just before it reads them).
-  auto check_meta = [&] {
-    std::atomic<bool> ok{true};
-    at::parallel_for(0, mc.numel(), 1 << 18, [&](int64_t begin, int64_t end) {
-      if (!meta24_valid(mp + begin, end - begin)) ok = false;
-    });
-    if (!ok.load()) meta24_invalid();
-  };
+  auto check_meta = [&] { check_meta24("sparse24_mm", mc); };
 
   const int64_t m = leading_rows(x);
   const at::Tensor x2 = x.reshape({m, k});
@@ -223,11 +225,11 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   at::Tensor y = out.view({m, n});
   if (m >= kAmxMinRows && m <= kAmxRows && k % kAmxChunk == 0 && x.scalar_type() == at::kBFloat16 &&
       bf16_step() == Bf16Step::kAmx) {
-    if (!sparse24_amx(x2, y, values.contiguous(), mc, bp)) meta24_invalid();
+    if (!sparse24_amx(x2, y, values.contiguous(), mc, bp)) meta24_invalid("sparse24_mm");
     return out;
   }
   if (runs_few_rows(ct, m, kFewRows)) {
-    if (!sparse24_few_rows(x2, y, few_rows_values(values), mc, bp)) meta24_invalid();
+    if (!sparse24_few_rows(x2, y, few_rows_values(values), mc, bp)) meta24_invalid("sparse24_mm");
     return out;
   }
   const at::Tensor v = values_in(values, ct);

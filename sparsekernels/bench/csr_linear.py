@@ -126,20 +126,32 @@ def _auto_choice(op: str, x: torch.Tensor, key: tuple) -> str:
 
 
 def run_sparse24_case(batch: int, in_f: int, out_f: int, rounds: int, seed: int = 0) -> dict:
-    """2:4 forward (our C++ kernel on the compressed form) vs dense, fp32, same run."""
+    """2:4 against dense, fp32, same run: the forward (our C++ kernel on the compressed
+    form) and the layer step (forward + input and weight gradients: Sparse24Linear's
+    backward products against nn.Linear's)."""
     from ..nn import Sparse24Linear
 
     g = torch.Generator().manual_seed(seed)
     layer = Sparse24Linear(in_f, out_f, bias=False)
     w = layer.dense_weight()
+    dense_layer = torch.nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        dense_layer.weight.copy_(w)
     x = torch.randn(batch, in_f, generator=g)
+    dy = torch.randn(batch, out_f, generator=g)
     with torch.no_grad():
         samples = harness.time_round_robin({"dense_fwd": lambda: x @ w.t(), "sparse24_fwd": lambda: layer(x)}, rounds)
+    samples.update(harness.time_round_robin({"dense_step": harness.layer_step(dense_layer, x, dy),
+                                             "sparse24_step": harness.layer_step(layer, x, dy)}, rounds))
+    key = backends.shape_class(batch, out_f, in_f)
     return {"batch": batch, "in_features": in_f, "out_features": out_f,
             "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
             "fwd_vs_dense": harness.median_ratio(samples["dense_fwd"], samples["sparse24_fwd"]),
-            # The layer runs what measured auto chose: our 2:4 kernel, or "cpu:dense".
-            "auto_choice": _auto_choice("sparse24_mm", x, backends.shape_class(batch, out_f, in_f))}
+            "step_vs_dense": harness.median_ratio(samples["dense_step"], samples["sparse24_step"]),
+            # The layer runs what measured auto chose: our 2:4 kernels, or "cpu:dense".
+            "auto_choice": _auto_choice("sparse24_mm", x, key),
+            "bwd_choice": {op: _auto_choice(op, x, k) for op, k in
+                           (("sparse24_mm_t", backends.shape_class(batch, in_f, out_f)), ("sparse24_sddmm", key))}}
 
 
 def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: int, seed: int = 0) -> dict:
@@ -223,6 +235,13 @@ def targets(results: list[CaseResult], sparse24: list[dict] = ()) -> list[dict]:
         if (r["batch"], r["in_features"], r["out_features"]) == (256, 4096, 4096):
             checks.append({"target": "2:4 fwd vs dense, (256,4096,4096)", "value": round(r["fwd_vs_dense"], 3),
                            "goal": 1.6, "met": r["fwd_vs_dense"] >= 1.6})
+    stepped = [r for r in sparse24 if "step_vs_dense" in r]
+    if stepped:
+        slowest = min(stepped, key=lambda r: r["step_vs_dense"])
+        checks.append({"target": f"2:4 layer step never slower than dense (worst of {len(stepped)} shapes: "
+                                 f"({slowest['batch']},{slowest['in_features']},{slowest['out_features']}))",
+                       "value": round(slowest["step_vs_dense"], 3), "goal": 1.0,
+                       "met": slowest["step_vs_dense"] >= 1.0})
     if sparse24:
         worst = min(sparse24, key=lambda r: r["fwd_vs_dense"])
         checks.append({"target": f"2:4 fwd never slower than dense (worst of {len(sparse24)} shapes: "

@@ -208,13 +208,83 @@ def _setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+# --------------------------------------------------------------------------- CPU backward products
+def _mm_t_24(dy: Tensor, values: Tensor, meta: Tensor) -> Tensor:
+    """dx [..., k] = dy [..., n] @ W for the 2:4 weight W [n, k] = (values, meta), on the
+    backend chosen for it: our kernel, which streams W's rows ("cpu": sparse24_mm_t), the
+    dense GEMM of W decompressed in C++ ("cpu:dense", where measured faster: bf16 on AMX,
+    large batches), or dense in PyTorch (the reference)."""
+    def run(backend: str) -> Tensor:
+        if backend == "cpu":
+            return torch.ops.sparsekernels_C.sparse24_mm_t(dy, values, meta)
+        if backend == "cpu:dense":
+            return torch.ops.sparsekernels_C.sparse24_dense_mm(dy, values, meta, None, True)
+        return dy @ _dense_24(values, meta)
+
+    n, k = values.shape[0], 4 * meta.shape[1]
+    return dispatch_measured("sparse24_mm_t", dy, run, _dispatch_args_24(dy, k, n, dense_variant=True))
+
+
+def _sddmm_24(dy: Tensor, x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
+    """dvalues [n, k/2] = (dy^T x) at W's kept positions, laid out as ``values``, on the
+    backend chosen for it: our kernel ("cpu": sparse24_sddmm), the dense GEMM dy^T x and a
+    pick of its kept entries in C++ ("cpu:dense"), or dense in PyTorch (the reference)."""
+    def run(backend: str) -> Tensor:
+        if backend == "cpu":
+            return torch.ops.sparsekernels_C.sparse24_sddmm(dy, x, values, meta)
+        if backend == "cpu:dense":
+            return torch.ops.sparsekernels_C.sparse24_dense_sddmm(dy, x, values, meta)
+        return (_rows2d(dy).t() @ _rows2d(x)).gather(1, meta_columns(meta))
+
+    n, k = values.shape[0], 4 * meta.shape[1]
+    return dispatch_measured("sparse24_sddmm", dy, run, _dispatch_args_24(x, n, k, dense_variant=True))
+
+
+@torch.library.custom_op("sparsekernels::sparse24_mm_t", mutates_args=())
+def _sparse24_mm_t_op(dy: Tensor, values: Tensor, meta: Tensor) -> Tensor:
+    return _mm_t_24(dy, values, meta)
+
+
+@_sparse24_mm_t_op.register_fake
+def _(dy, values, meta):
+    return dy.new_empty((*dy.shape[:-1], 4 * meta.shape[1]))
+
+
+@torch.library.custom_op("sparsekernels::sparse24_sddmm", mutates_args=())
+def _sparse24_sddmm_op(dy: Tensor, x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
+    return _sddmm_24(dy, x, values, meta)
+
+
+@_sparse24_sddmm_op.register_fake
+def _(dy, x, values, meta):
+    return values.new_empty(values.shape)
+
+
+def _native_cpu_backward(grad: Tensor) -> bool:
+    """Whether the gradients may come from the 2:4 backward products above rather than
+    the CSR view's: CPU tensors, no graph of the backward wanted (those products have no
+    autograd of their own; the CSR ops, which a double backward runs, do), and an
+    extension that has them. The CSR view's spmm_t reads W's values in W^T's order, a
+    gather that missed the TLB on every value (4096 x 4096: ~50 ms per call, against
+    1.3 ms for sparse24_mm_t at one row; DEVELOPERS.md)."""
+    return (grad.device.type == "cpu" and not torch.is_grad_enabled()
+            and hasattr(torch.ops.sparsekernels_C, "sparse24_mm_t"))
+
+
 def _backward(ctx, grad, eager: bool = False):
     """The gradients of sparse24_mm (``eager``: from ``_EagerSparse24``, see
     ``csr_matmul._spmm_backward``)."""
     x, values, meta, *pattern = ctx.saved_tensors
     gx = gv = gb = None
     flat = values.reshape(-1)
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, flat, pattern[0],
+    if _native_cpu_backward(grad):
+        # From an eager backward on plain tensors, without the custom ops' dispatch (_eager).
+        direct = eager and _eager.direct_call_allowed(grad, x, values)
+        if ctx.needs_input_grad[0]:
+            gx = (_mm_t_24 if direct else _sparse24_mm_t_op)(grad, values, meta)
+        if ctx.needs_input_grad[1]:
+            gv = (_sddmm_24 if direct else _sparse24_sddmm_op)(grad, x, values, meta)
+    elif ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, flat, pattern[0],
                                                                                  pattern[2]):
         # Both gradients through the CSR view in one compiled call, as SparseLinear's
         # (csr_matmul._spmm_backward): one sweep over W^T for both, or one packing of dy,

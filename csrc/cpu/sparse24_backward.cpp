@@ -257,10 +257,21 @@ int64_t sddmm_slice_groups(int64_t group_bytes) {
   return std::max<int64_t>(kAlign, kSliceBytes / group_bytes / kAlign * kAlign);
 }
 
+// Portable sddmm24 over np panels (as the SIMD kernel's, one sum per entry and panel).
+template <typename acc_t, int64_t T>
+void sddmm24_generic_panels(const acc_t* panel_dy, int64_t dy_stride, const acc_t* panel_x, int64_t x_stride,
+                            int64_t np, acc_t* out, const uint8_t* meta, int64_t groups, int64_t g0, int64_t g1,
+                            int64_t o0, int64_t o1, bool first) {
+  for (int64_t p = 0; p < np; ++p)
+    sddmm24_generic<acc_t, T>(panel_dy + p * dy_stride, panel_x + p * x_stride, out, meta, groups, g0, g1, o0, o1,
+                              first && p == 0);
+}
+
 // out [N, 2 * groups] = the dot products over the batch (dy2 [M, N], x2 [M, K]) at W's
 // kept positions, over batch panels of width T: tasks of kRowsPerTask rows of W, each
-// sweeping K in slices and, per slice, the panels in order (the first panel writes, the
-// others add: each element's sum over the batch runs in panel order).
+// sweeping K in slices and, per slice, the panels in order, a few at a time (the
+// kernel's sddmm24_panels; the first writes, the others add: each element's sum over the
+// batch runs in a fixed order whatever the threads).
 template <typename acc_t, int64_t T>
 void sddmm24_panels(const at::Tensor& dy2, const at::Tensor& x2, acc_t* out, const at::Tensor& meta) {
   const at::ScalarType ct = c10::CppTypeToScalarType<acc_t>::value;
@@ -271,22 +282,34 @@ void sddmm24_panels(const at::Tensor& dy2, const at::Tensor& x2, acc_t* out, con
   const acc_t* dyp = pdy.data_ptr<acc_t>();
   const acc_t* xp = px.data_ptr<acc_t>();
   const uint8_t* mt = meta.data_ptr<uint8_t>();
-  const int64_t slice_groups = sddmm_slice_groups(4 * T * static_cast<int64_t>(sizeof(acc_t)));
+  int per_call = 1;  // panels per kernel call
+  if constexpr (std::is_same_v<acc_t, float>) {
+    with_simd_rows([&](auto rows) { per_call = decltype(rows)::sddmm24_panels(static_cast<int>(T) / decltype(rows)::Ops::kLanes); });
+  }
+  // The slice of x's panels one call reads stays in L1.
+  const int64_t slice_groups = sddmm_slice_groups(per_call * 4 * T * static_cast<int64_t>(sizeof(acc_t)));
   at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o0 = task * kRowsPerTask, o1 = std::min(n, o0 + kRowsPerTask);
       for (int64_t g0 = 0; g0 < groups; g0 += slice_groups) {
         const int64_t g1 = std::min(groups, g0 + slice_groups);
-        for (int64_t p = 0; p < p_count; ++p) {
+        for (int64_t p = 0; p < p_count; p += per_call) {
+          const int64_t np = std::min<int64_t>(per_call, p_count - p);
           const acc_t* d = dyp + p * n * T;
           const acc_t* x = xp + p * k * T;
           bool done = false;
           if constexpr (std::is_same_v<acc_t, float>) {
             done = with_simd_rows([&](auto rows) {
-              decltype(rows)::template sddmm24<T>(d, x, out, mt, groups, g0, g1, o0, o1, p == 0);
+              using Rows = decltype(rows);
+              auto call = [&](auto panels) {
+                Rows::template sddmm24<T, decltype(panels)::value>(d, n * T, x, k * T, out, mt, groups, g0, g1, o0,
+                                                                  o1, p == 0);
+              };
+              if (np == 2) call(std::integral_constant<int, 2>{});
+              else call(std::integral_constant<int, 1>{});
             });
           }
-          if (!done) sddmm24_generic<acc_t, T>(d, x, out, mt, groups, g0, g1, o0, o1, p == 0);
+          if (!done) sddmm24_generic_panels<acc_t, T>(d, n * T, x, k * T, np, out, mt, groups, g0, g1, o0, o1, p == 0);
         }
       }
     }

@@ -84,7 +84,8 @@ def test_backward_products_have_the_same_bits_on_one_and_two_threads(batch, seed
     """Each output element is summed by one task in a fixed order, whatever the threads
     (the few-rows dx kernel cuts K by the thread count)."""
     s24, dy, x = _case(45, 1028, batch, torch.float32, seed)
-    for fn in (lambda: C.sparse24_mm_t(dy, s24.values, s24.meta), lambda: C.sparse24_sddmm(dy, x, s24.values, s24.meta)):
+    for fn in (lambda: C.sparse24_mm_t(dy, s24.values, s24.meta),
+               lambda: C.sparse24_sddmm(dy, x, s24.values, s24.meta)):
         one, two = with_threads(1, fn), with_threads(2, fn)
         assert torch.equal(one.view(torch.int32), two.view(torch.int32))
 

@@ -105,7 +105,9 @@ void mm_t_panels(const at::Tensor& dy2, at::Tensor& dx, const at::Tensor& vals, 
       const acc_t* d = panels.panel(p);
       bool done = false;
       if constexpr (std::is_same_v<acc_t, float>) {
-        done = with_simd_rows([&](auto rows) { decltype(rows)::template scatter24<T>(d, block, v, mt, groups, g0, g1, 0, n); });
+        done = with_simd_rows([&](auto rows) {
+          decltype(rows)::template scatter24<T>(d, block, v, mt, groups, g0, g1, 0, n);
+        });
       }
       if (!done) scatter24_generic<acc_t, T>(d, block, v, mt, groups, g0, g1, 0, n);
       store_block(block, T, 4 * (g1 - g0), p, 4 * g0, dx);
@@ -139,8 +141,8 @@ SK_MM_T_FEW_TARGET __attribute__((always_inline)) inline void mm_t_few_add(const
 }
 
 // Rows [o, o + R) of W into acc [M, ld] (column 0 = column 4 g0 of W) over groups [g0,
-// g1) (a multiple of 4 groups): per 4 groups, each row's kept values expanded to their 16 columns (one
-// vpexpandd), then acc[m] += dy[m, o + r] * that, r in order, one FMA each.
+// g1) (a multiple of 4 groups): per 4 groups, each row's kept values expanded to their 16
+// columns (one vpexpandd), then acc[m] += dy[m, o + r] * that, r in order, one FMA each.
 template <int M, int R, typename val_t>
 SK_MM_T_FEW_TARGET inline void mm_t_few_pass(const float* dyt, float* acc, const val_t* vals, const uint8_t* meta,
                                              int64_t groups, int64_t g0, int64_t g1, int64_t o, int64_t ld) {
@@ -173,9 +175,10 @@ SK_MM_T_FEW_TARGET inline void mm_t_few_pass(const float* dyt, float* acc, const
   }
 }
 
-// All n rows of W into acc [M, ld] (zeroed by the caller), groups [g0, g1) a multiple of 4: four rows per pass, the last n % 4 one at a time. Every element sums
-// its terms in row order, one FMA each, so the bits depend neither on the passes nor on
-// how K was cut into tasks.
+// All n rows of W into acc [M, ld] (zeroed by the caller), groups [g0, g1) a multiple of
+// 4: four rows per pass, the last n % 4 one at a time. Every element sums its terms in
+// row order, one FMA each, so the bits depend neither on the passes nor on how K was
+// cut into tasks.
 template <int M, typename val_t>
 SK_MM_T_FEW_TARGET void mm_t_few_avx512(const float* dyt, float* acc, const val_t* vals, const uint8_t* meta,
                                         int64_t groups, int64_t g0, int64_t g1, int64_t n, int64_t ld) {
@@ -186,8 +189,8 @@ SK_MM_T_FEW_TARGET void mm_t_few_avx512(const float* dyt, float* acc, const val_
 #undef SK_MM_T_FEW_TARGET
 #endif
 
-// dx [M, K] (any floating dtype) = dy W for a batch of M <= kFewRowsBackward rows (fp32 compute;
-// fp32 or bf16 values, contiguous) on a CPU where expand24_active(): tasks over K in
+// dx [M, K] (any floating dtype) = dy W for a batch of M <= kFewRowsBackward rows (fp32
+// compute; fp32 or bf16 values, contiguous) on a CPU where expand24_active(): tasks over K in
 // chunks of whole 4-group vectors, each accumulating its columns of all M rows in an L1
 // buffer while every row of W streams past (mm_t_few_avx512). A dy row's 16-wide panel
 // would leave 16 - M lanes of every FMA empty, and the scatter's load and store per
@@ -284,7 +287,10 @@ void sddmm24_panels(const at::Tensor& dy2, const at::Tensor& x2, acc_t* out, con
   const uint8_t* mt = meta.data_ptr<uint8_t>();
   int per_call = 1;  // panels per kernel call
   if constexpr (std::is_same_v<acc_t, float>) {
-    with_simd_rows([&](auto rows) { per_call = decltype(rows)::sddmm24_panels(static_cast<int>(T) / decltype(rows)::Ops::kLanes); });
+    with_simd_rows([&](auto rows) {
+      using Rows = decltype(rows);
+      per_call = Rows::sddmm24_panels(static_cast<int>(T) / Rows::Ops::kLanes);
+    });
   }
   // The slice of x's panels one call reads stays in L1.
   const int64_t slice_groups = sddmm_slice_groups(per_call * 4 * T * static_cast<int64_t>(sizeof(acc_t)));

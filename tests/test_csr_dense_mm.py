@@ -76,15 +76,50 @@ def test_bad_input_is_a_clear_error():
         op(torch.randn(3, 5), csr.values, csr.row_ptr, csr.col_idx, -1, False)
 
 
-def test_auto_measures_the_dense_variant_for_spmm_and_spmm_t(measure_everything):
+def test_auto_measures_the_dense_variant_for_every_csr_product(measure_everything):
     layer = sk.SparseLinear(48, 40, sparsity=0.7)
     x = torch.randn(33, 48, requires_grad=True)
     layer(x).square().sum().backward()
     by_op = {e["op"]: e for e in backends.measured()}
-    assert set(by_op["spmm"]["times_ms"]) == {"cpu", "reference", "cpu:dense"}
-    assert set(by_op["spmm_t"]["times_ms"]) == {"cpu", "reference", "cpu:dense"}
-    assert "cpu:dense" not in by_op["sddmm"]["times_ms"]   # the reference already is the dense sddmm
+    for op in ("spmm", "spmm_t", "sddmm"):
+        assert set(by_op[op]["times_ms"]) == {"cpu", "reference", "cpu:dense"}, op
     assert all(e["rejected"] == {} for e in by_op.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,sparsity,empty_rows", [((7, 13), 0.6, True), ((40, 33), 0.0, False),
+                                                        ((33, 64), 1.0, False)])
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (0,)])
+def test_csr_dense_sddmm_matches_the_dense_product_at_the_pattern(dtype, shape, sparsity, empty_rows, lead, seed):
+    """sddmm's "cpu:dense" variant: the dense dy^T x (summed over every leading dimension)
+    at the pattern's entries, in the pattern's order."""
+    out_f, in_f = shape
+    csr = make_csr(out_f, in_f, sparsity, dtype, seed=seed, empty_rows=empty_rows)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, in_f, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(*lead, out_f, generator=g, dtype=torch.float64).to(dtype)
+    got = torch.ops.sparsekernels_C.csr_dense_sddmm(dy, x, csr.row_ptr, csr.col_idx)
+    full = dy.double().reshape(-1, out_f).t() @ x.double().reshape(-1, in_f)
+    rows = torch.repeat_interleave(torch.arange(out_f), csr.row_ptr.diff().long())
+    want = full[rows, csr.col_idx.long()]
+    assert got.dtype == dtype and got.shape == (csr.col_idx.numel(),)
+    if want.numel():
+        assert rel_error(got, want) <= TOL[dtype] or float(want.abs().max()) == 0.0
+
+
+def test_csr_dense_sddmm_rejects_bad_input():
+    csr = make_csr(6, 5, 0.5, seed=4)
+    op = torch.ops.sparsekernels_C.csr_dense_sddmm
+    with pytest.raises(ValueError, match="dy"):
+        op(torch.randn(3, 5), torch.randn(3, 5), csr.row_ptr, csr.col_idx)          # dy wants 6 columns
+    with pytest.raises(TypeError):
+        op(torch.randn(3, 6), torch.randn(3, 5, dtype=torch.float64), csr.row_ptr, csr.col_idx)
+    with pytest.raises(ValueError, match="leading"):
+        op(torch.randn(3, 6), torch.randn(4, 5), csr.row_ptr, csr.col_idx)
+    bad = csr.col_idx.clone()
+    bad[0] = 5
+    with pytest.raises(ValueError, match="col_idx"):
+        op(torch.randn(3, 6), torch.randn(3, 5), csr.row_ptr, bad)
 
 
 def test_training_step_on_the_dense_variant_matches_reference(measure_everything, monkeypatch, seed):

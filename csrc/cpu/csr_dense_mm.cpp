@@ -66,6 +66,42 @@ at::Tensor csr_dense_mm_cpu(const at::Tensor& x, const at::Tensor& values, const
   return at::matmul(x, transpose ? w : w.t());
 }
 
+// dvalues [nnz] = (dy^T x) at W's non-zeros for W = CSR(row_ptr [N + 1], col_idx) of
+// shape [N, K], dy [..., N], x [..., K] (same leading dimensions), through the dense GEMM
+// dy^T x (into the workspace) and a gather of the pattern's entries row by row: sddmm's
+// "cpu:dense" variant, for where the CPU's dense GEMM outruns our kernel (bf16 on AMX).
+at::Tensor csr_dense_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                               const at::Tensor& col_idx) {
+  TORCH_CHECK_TYPE(at::isFloatingType(dy.scalar_type()), "csr_dense_sddmm: dy must be a floating dtype, got ",
+                   dy.scalar_type());
+  TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "csr_dense_sddmm: dy and x must have at least 1 dimension");
+  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "csr_dense_sddmm: row_ptr must be 1-D [N + 1]");
+  const int64_t n = row_ptr.numel() - 1, k = x.size(-1);
+  check_dense("csr_dense_sddmm", "x", x, dy.scalar_type(), k);
+  check_dense("csr_dense_sddmm", "dy", dy, dy.scalar_type(), n);
+  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    "csr_dense_sddmm: dy and x must have the same leading (batch) dimensions, got ", dy.sizes(),
+                    " and ", x.sizes());
+  const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
+  check_csr("csr_dense_sddmm", placeholder, row_ptr, col_idx, n, k);
+  const int64_t m = leading_rows(dy);
+  at::Tensor g = workspace(kDenseSlot, {n, k}, dy.scalar_type());
+  at::mm_out(g, dy.reshape({m, n}).t(), x.reshape({m, k}));
+  at::Tensor out = at::empty({col_idx.numel()}, dy.options());
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "csr_dense_sddmm", [&] {
+    const scalar_t* src = g.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int32_t* r = rp.data_ptr<int32_t>();
+    const int32_t* c = ci.data_ptr<int32_t>();
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row)
+        for (int32_t e = r[row]; e < r[row + 1]; ++e) dst[e] = src[row * k + c[e]];
+    });
+  });
+  return out;
+}
+
 // Rows of a 2:4 weight (vals [rows, 2 * groups], meta [rows, groups]) into w [rows, 4 *
 // groups]: by expand instructions where expand24_active(), group by group elsewhere and
 // for the groups past the last whole vector. False when some meta byte was invalid.
@@ -169,6 +205,9 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
   // y = x W^T (transpose = false, x [..., K]) or y = x W (transpose = true, x [..., N]) for
   // W [N, K = n_cols] = CSR(values, row_ptr, col_idx), through a dense GEMM.
   m.def("csr_dense_mm(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, int n_cols, bool transpose) -> Tensor");
+  // dvalues [nnz] = (dy^T x) at W's non-zeros (W = CSR(row_ptr, col_idx)), through the
+  // dense GEMM.
+  m.def("csr_dense_sddmm(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx) -> Tensor");
   // y = x W^T (+ bias) (transpose = false, x [..., K]) or y = x W (+ bias) (transpose =
   // true, x [..., N]) for a 2:4 weight W [N, K] = (values [N, K/2], meta [N, K/4]),
   // through a dense GEMM.
@@ -179,6 +218,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekernels_C, m) {
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) {
   m.impl("csr_dense_mm", &csr_dense_mm_cpu);
+  m.impl("csr_dense_sddmm", &csr_dense_sddmm_cpu);
   m.impl("sparse24_dense_mm", &sparse24_dense_mm_cpu);
   m.impl("sparse24_dense_sddmm", &sparse24_dense_sddmm_cpu);
 }

@@ -63,8 +63,9 @@ def _dispatch_args(lead: Tensor, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
     """The flops, shape class and candidates under which a CSR product of W [out, in] with
     ``nnz`` non-zeros and a dense operand ``lead`` [..., *] is dispatched. ``tiled_pattern``
     (row_ptr, col_idx) of the rows the kernel walks makes the tiled CUDA variant a
-    candidate when its columns are sorted; ``dense_variant`` (spmm, spmm_t) makes the
-    compiled densify + dense GEMM ("cpu:dense") a candidate on the CPU."""
+    candidate when its columns are sorted; ``dense_variant`` makes the compiled dense
+    GEMM variant ("cpu:dense": spmm / spmm_t on the densified weight, sddmm as the dense
+    dy^T x and a gather of the pattern's entries) a candidate on the CPU."""
     out_f, in_f = row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1
     m = lead.shape[:-1].numel()
     flops = 2.0 * m * out_f * in_f
@@ -185,6 +186,8 @@ def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+        if backend == "cpu:dense":
+            return _compiled("csr_dense_sddmm")(dy, x, row_ptr, col_idx)
         _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "cuda":
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
@@ -193,7 +196,7 @@ def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr
             return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
-    return _dispatch("sddmm", dy, row_ptr, t_row_ptr, col_idx.shape[0], run)
+    return _dispatch("sddmm", dy, row_ptr, t_row_ptr, col_idx.shape[0], run, dense_variant=True)
 
 
 @_sddmm_op.register_fake
@@ -232,7 +235,7 @@ def _fused_cpu_backward(grad: Tensor, values: Tensor, row_ptr: Tensor, t_row_ptr
     if grad.device.type != "cpu" or torch.is_grad_enabled() or not hasattr(torch.ops.sparsekernels_C, "spmm_backward"):
         return False
     return all(backends.planned(op, grad.device, grad.dtype,
-                                **_dispatch_args(grad, row_ptr, t_row_ptr, values.shape[0], dense_variant=op == "spmm_t"))
+                                **_dispatch_args(grad, row_ptr, t_row_ptr, values.shape[0], dense_variant=True))
                == "cpu" for op in ("spmm_t", "sddmm"))
 
 
@@ -291,7 +294,7 @@ def spmm_t_in_backward(dy: Tensor, values: Tensor, pattern: list, eager: bool) -
 def sddmm_in_backward(dy: Tensor, x: Tensor, pattern: list, eager: bool) -> Tensor:
     """sddmm for a backward: the kernel directly where ``eager`` allows, else the op."""
     row_ptr, col_idx, t_row_ptr = pattern[:3]
-    if eager and _direct_cpu("sddmm", dy, (x,), row_ptr, t_row_ptr, col_idx.shape[0], False):
+    if eager and _direct_cpu("sddmm", dy, (x,), row_ptr, t_row_ptr, col_idx.shape[0], True):
         return _compiled("sddmm")(dy, x, row_ptr, col_idx)
     return _sddmm_op(dy, x, *pattern)
 

@@ -21,6 +21,7 @@
 // sparse24_dense_sddmm is the weight gradient's counterpart (sparse24_backward.cpp has
 // the sparse kernels): the dense GEMM dy^T x into the workspace, then its kept entries.
 #include "csr_common.h"
+#include "simd_ops.h"
 #include "sparse24_expand.h"
 
 #include <torch/library.h>
@@ -159,6 +160,42 @@ at::Tensor sparse24_dense_mm_cpu(const at::Tensor& x, const at::Tensor& values, 
   return b.defined() ? at::linear(x, w, b) : at::linear(x, w);
 }
 
+#if defined(SPARSEKERNELS_X86_SIMD)
+// A row's kept entries of its dense row src (4 * groups values) into dst (2 * groups), in
+// whole vectors of groups (one permute each, as the forward's few-rows kernel picks x's
+// values); returns the groups done, the rest left to the caller.
+__attribute__((target("avx512f"))) int64_t pick24_row(const float* src, const uint8_t* meta, float* dst,
+                                                      int64_t groups) {
+  int64_t g = 0;
+  for (; g + Avx512::kGroups24 <= groups; g += Avx512::kGroups24)
+    _mm512_storeu_ps(dst + 2 * g, Avx512::pick24(src + 4 * g, Avx512::positions24(meta + g)));
+  return g;
+}
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) int64_t pick24_row(const uint16_t* src, const uint8_t* meta,
+                                                                         uint16_t* dst, int64_t groups) {
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16)
+    _mm512_storeu_si512(dst + 2 * g, Avx512Bf16::pick24_words(src + 4 * g, Avx512Bf16::positions24_words(meta + g)));
+  return g;
+}
+#endif
+
+// pick24_row where this CPU has its permutes (fp32 at the AVX-512 level, bf16 with
+// AVX512-BF16), else 0 groups: a scalar pick took 2.5 of the 9.5 ms of a (256, 4096 ->
+// 4096) bf16 sparse24_dense_sddmm on Sapphire Rapids.
+template <typename scalar_t>
+int64_t pick24_row_simd(const scalar_t* src, const uint8_t* meta, scalar_t* dst, int64_t groups) {
+#if defined(SPARSEKERNELS_X86_SIMD)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (simd_level() == SimdLevel::kAvx512) return pick24_row(src, meta, dst, groups);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16_step() >= Bf16Step::kDot)
+      return pick24_row(reinterpret_cast<const uint16_t*>(src), meta, reinterpret_cast<uint16_t*>(dst), groups);
+  }
+#endif
+  return 0;
+}
+
 // dvalues [N, K/2] = (dy^T x) at the 2:4 weight's kept positions, through the dense GEMM
 // dy^T x (into the workspace) and a pick of its kept entries row by row.
 at::Tensor sparse24_dense_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values,
@@ -187,7 +224,8 @@ at::Tensor sparse24_dense_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, c
         return;
       }
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t gi = 0; gi < groups; ++gi) {
+        int64_t gi = pick24_row_simd(src + r * k, mt + r * groups, dst + r * 2 * groups, groups);
+        for (; gi < groups; ++gi) {
           const uint8_t code = mt[r * groups + gi];
           dst[r * 2 * groups + 2 * gi] = src[r * k + 4 * gi + (code & 3)];
           dst[r * 2 * groups + 2 * gi + 1] = src[r * k + 4 * gi + ((code >> 2) & 3)];

@@ -274,6 +274,16 @@ def _cmd_bench(args) -> int:
                        f"{ms['dense_fwd']:.2f}", f"{ms.get('kernel_fwd', float('nan')):.2f}", f"{ms['auto_fwd']:.2f}",
                        r["auto_choice"], f"{vs.get('kernel', float('nan')):.2f}", f"{vs['auto']:.2f}")
         console.print(tb)
+    if payload.get("bf16_step"):
+        ts = Table(title="bf16 layer step (forward + both gradients) vs nn.Linear in bf16, and what auto ran")
+        for col in ("B", "in", "out", "weight", "dense ms", "sparse ms", "x dense", "fwd / dx / dW ran"):
+            ts.add_column(col, justify="right")
+        for r in payload["bf16_step"]:
+            ch = r["auto_choice"]
+            ts.add_row(str(r["batch"]), str(r["in_features"]), str(r["out_features"]), r["format"],
+                       f"{r['ms']['dense_step']:.2f}", f"{r['ms']['sparse_step']:.2f}", f"{r['step_vs_dense']:.2f}",
+                       f"{ch['fwd']} / {ch['dx']} / {ch['dW']}")
+        console.print(ts)
     if payload.get("decode"):
         td = Table(title="decode-sized batches: layer forward (Python's per-call cost included)")
         for col in ("dtype", "B", "in", "out", "dense ms", "90% CSR ms", "2:4 ms", "90% x dense", "2:4 x dense"):

@@ -32,9 +32,17 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
         [(8, 48, 40, 0.5), (8, 48, 40, 0.9)]
     for r in payload["bf16"]:
         assert r["auto_choice"] in ("cpu", "reference", "cpu:dense") and r["vs_dense"]["auto"] > 0
+    # The bf16 layer step on the first shape: CSR at 90% and 95%, and 2:4 (48 columns).
+    assert [r["format"] for r in payload["bf16_step"]] == ["0.9", "0.95", "2:4"]
+    for r in payload["bf16_step"]:
+        assert r["step_vs_dense"] > 0 and set(r["auto_choice"]) == {"fwd", "dx", "dW"}
+        assert all(c in ("cpu", "reference", "cpu:dense") for c in r["auto_choice"].values())
+    # ... and the fp32 2:4 layer step next to the 2:4 forward.
+    (s24,) = payload["sparse24"]
+    assert s24["step_vs_dense"] > 0 and s24["ms"]["sparse24_step"] > 0
     assert (tmp_path / "r.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "fwd x dense" in out and "bf16 forward" in out
+    assert "fwd x dense" in out and "bf16 forward" in out and "bf16 layer step" in out
 
 
 def test_median_ratio():

@@ -181,6 +181,38 @@ def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: in
     return out
 
 
+def run_bf16_step_case(batch: int, in_f: int, out_f: int, fmt, rounds: int, seed: int = 0) -> dict:
+    """bf16 layer step (forward + input and weight gradients) of the sparse layer (CSR at
+    sparsity ``fmt``, or ``"2:4"``) against nn.Linear in bf16 on the same weight (the CPU's
+    bf16 GEMM: oneDNN, AMX where the CPU has it), interleaved; with what measured "auto"
+    ran for each product (our kernel, or "cpu:dense")."""
+    from ..nn import Sparse24Linear
+
+    g = torch.Generator().manual_seed(seed)
+    if fmt == "2:4":
+        layer = Sparse24Linear(in_f, out_f, bias=False).bfloat16()
+        w = layer.dense_weight().detach()
+        key = backends.shape_class(batch, out_f, in_f)
+        ops = {"fwd": ("sparse24_mm", key), "dx": ("sparse24_mm_t", backends.shape_class(batch, in_f, out_f)),
+               "dW": ("sparse24_sddmm", key)}
+    else:
+        layer = SparseLinear(in_f, out_f, sparsity=fmt, bias=False, generator=g).bfloat16()
+        w = layer.to_dense().weight.detach()
+        key = backends.shape_class(batch, out_f, in_f, density=layer.nnz / (out_f * in_f))
+        ops = {"fwd": ("spmm", key), "dx": ("spmm_t", key), "dW": ("sddmm", key)}
+    dense_layer = torch.nn.Linear(in_f, out_f, bias=False).bfloat16()
+    with torch.no_grad():
+        dense_layer.weight.copy_(w)
+    x = torch.randn(batch, in_f, generator=g).bfloat16()
+    dy = torch.randn(batch, out_f, generator=g).bfloat16()
+    samples = harness.time_round_robin({"dense_step": harness.layer_step(dense_layer, x, dy),
+                                        "sparse_step": harness.layer_step(layer, x, dy)}, rounds)
+    return {"batch": batch, "in_features": in_f, "out_features": out_f, "format": str(fmt),
+            "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
+            "step_vs_dense": harness.median_ratio(samples["dense_step"], samples["sparse_step"]),
+            "auto_choice": {name: _auto_choice(op, x, k) for name, (op, k) in ops.items()}}
+
+
 # Decode-sized batches (one token, or a few, through an LLM layer): run on the first
 # shape's layer dimensions. 8 is the most rows the 2:4 kernel runs without panels in fp32,
 # 32 the most a bf16 2:4 product runs on AMX tiles (where the CPU has them).
@@ -281,6 +313,10 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
     # bf16 on the first shape: where the CPU's bf16 GEMM (AMX) beats our kernel, auto
     # should run dense; the table shows what it chose per sparsity.
     bf16 = [run_bf16_case(*shapes[0], sp, rounds) for sp in sparsities] if bf16_cases else []
+    # The bf16 layer step on the first shape: where the CPU's bf16 GEMM is fast (AMX), what
+    # the sparse layers cost against it once every product runs what auto chose.
+    bf16_steps = ([run_bf16_step_case(*shapes[0], fmt, rounds) for fmt in (0.9, 0.95, "2:4")
+                   if fmt != "2:4" or shapes[0][1] % 4 == 0] if bf16_cases else [])
     decode = ([run_decode_case(b, *shapes[0][1:], rounds, dtype=dt) for dt in (torch.float32, torch.bfloat16)
                for b in DECODE_BATCHES] if shapes[0][1] % 4 == 0 else [])
     return {
@@ -290,6 +326,7 @@ def run(shapes=None, sparsities=None, rounds: int = 5, torch_sparse: bool = True
         "results": [asdict(r) for r in results],
         "sparse24": sparse24,
         "bf16": bf16,
+        "bf16_step": bf16_steps,
         "decode": decode,
         "targets": targets(results, sparse24),
         # What "auto" (the op the layers call) measured and chose per problem class.

@@ -20,7 +20,7 @@ from conftest import assert_close_rel, with_threads
 pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
 
 C = torch.ops.sparsekernels_C
-_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}
+_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # Batches: the few-rows kernels (up to 16 rows, fp32 compute), 16-, 32- and 64-wide panels.
 _BATCHES = [1, 3, 8, 16, 17, 40, 150]
 
@@ -56,9 +56,9 @@ def test_backward_products_match_float64_at_every_level(level, batch, out_f, in_
     assert_close_rel(dv, want_dv, 1e-5, "sparse24_sddmm")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 9, 70])
-def test_backward_products_in_float64_and_bf16(dtype, batch, seed):
+def test_backward_products_in_other_dtypes(dtype, batch, seed):
     s24, dy, x = _case(24, 100, batch, dtype, seed)
     dx, dv = C.sparse24_mm_t(dy, s24.values, s24.meta), C.sparse24_sddmm(dy, x, s24.values, s24.meta)
     assert dx.dtype == dtype and dv.dtype == dtype

@@ -197,3 +197,19 @@ def test_compiled_training_step_matches_eager(seed):
     torch.compile(step, backend="aot_eager", fullgraph=True)(x).backward()
     assert_close_rel(layer.values.grad, eager[0], 1e-6, "dvalues (compiled)")
     assert_close_rel(layer.bias.grad, eager[1], 1e-6, "dbias (compiled)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [3, 40])
+def test_strided_operands_give_the_contiguous_results(dtype, batch, seed):
+    """dy and x as transposed views, values and meta as column slices of wider tensors."""
+    s24, dy, x = _case(20, 64, batch, dtype, seed)
+    wide_v = torch.zeros(20, 50, dtype=dtype)
+    wide_v[:, 3:35] = s24.values
+    wide_m = torch.zeros(20, 30, dtype=torch.uint8)
+    wide_m[:, 5:21] = s24.meta
+    v, m = wide_v[:, 3:35], wide_m[:, 5:21]
+    dy_t, x_t = dy.t().contiguous().t(), x.t().contiguous().t()
+    assert not (v.is_contiguous() or m.is_contiguous() or dy_t.is_contiguous() or x_t.is_contiguous())
+    assert torch.equal(C.sparse24_mm_t(dy_t, v, m), C.sparse24_mm_t(dy, s24.values, s24.meta))
+    assert torch.equal(C.sparse24_sddmm(dy_t, x_t, v, m), C.sparse24_sddmm(dy, x, s24.values, s24.meta))

@@ -2,13 +2,15 @@
 
 A 2:4 weight W [N, K] is ``values [N, K/2]`` + ``meta [N, K/4]`` (see
 ``sparsekernels.formats.Sparse24``). Its non-zeros in row-major order are exactly a CSR
-matrix with K/2 entries per row, so the backward products reuse the CSR ops: the layer
-keeps ``row_ptr``, ``col_idx`` and the transpose map next to ``meta``.
+matrix with K/2 entries per row, so the backward products can reuse the CSR ops: the
+layer keeps ``row_ptr``, ``col_idx`` and the transpose map next to ``meta``.
 
     sparse24_mm(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
         forward on the compressed form (C++ CPU kernel; sparse tensor cores on the GPU,
-        bias fused), dx = dy W through W^T's CSR (spmm_t) or, for a transposable mask on
-        the GPU, through sparse tensor cores on W^T; dvalues at the kept positions (sddmm).
+        bias fused). Backward on the CPU: dx = dy W and dvalues at the kept positions on
+        the compressed form too (sparse24_mm_t, sparse24_sddmm, or their dense variants
+        where measured faster); a double backward and the GPU use the CSR view (spmm_t,
+        sddmm), or for a transposable mask on the GPU sparse tensor cores on W^T.
     srste_linear(x, weight, meta, ..., lam)
         SR-STE (Zhou et al. 2021): forward with the 2:4-pruned weight, straight-through
         dense gradient plus the sparse-refined term: dW = dy^T x + lam * (1 - E) * W.

@@ -213,3 +213,35 @@ def test_strided_operands_give_the_contiguous_results(dtype, batch, seed):
     assert not (v.is_contiguous() or m.is_contiguous() or dy_t.is_contiguous() or x_t.is_contiguous())
     assert torch.equal(C.sparse24_mm_t(dy_t, v, m), C.sparse24_mm_t(dy, s24.values, s24.meta))
     assert torch.equal(C.sparse24_sddmm(dy_t, x_t, v, m), C.sparse24_sddmm(dy, x, s24.values, s24.meta))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_custom_ops_reject_corrupt_meta_on_every_backend(monkeypatch, backend):
+    """Measured (auto) or forced, the reference path checks meta as the C++ kernels do: a
+    corrupt byte is a ValueError, never a result (nor a stored "reference" choice)."""
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 1.0)
+    monkeypatch.setattr(backends, "_measured", {})
+    s24, dy, x = _case(32, 64, 20, torch.float32, 0)
+    meta = s24.meta.clone()
+    meta[0, 0] = 0
+    with sk.use_backend(None if backend == "auto" else backend):
+        with pytest.raises(ValueError, match="meta entries"):
+            torch.ops.sparsekernels.sparse24_mm_t(dy, s24.values, meta)
+        with pytest.raises(ValueError, match="meta entries"):
+            torch.ops.sparsekernels.sparse24_sddmm(dy, x, s24.values, meta)
+    assert not [e for e in backends.measured() if e["op"].startswith("sparse24_")]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_dy_reaches_the_same_columns_on_every_path(level, bad, seed):
+    """dx = dy W touches the weight's kept entries only, on the few-rows path (expanded
+    rows, masked FMAs) as on the panels: a non-finite dy entry spreads to the columns its
+    row keeps, not to the zeros between them, whatever the batch size."""
+    s24, dy, _ = _case(8, 36, 17, torch.float32, seed)
+    dy[0, 3] = bad
+    few = C.sparse24_mm_t(dy[:1], s24.values, s24.meta)[0]
+    panel = C.sparse24_mm_t(dy, s24.values, s24.meta)[0]
+    kept = s24.to_dense()[3] != 0
+    assert torch.equal(few.isfinite(), panel.isfinite())
+    assert torch.equal(few.isfinite(), ~kept)
+    assert_close_rel(few[~kept], panel[~kept], 1e-6, "finite columns")

@@ -129,13 +129,18 @@ SK_MM_T_FEW_TARGET inline __m512 expand_four_groups(const val_t* v, __mmask16 ma
   }
 }
 
-// a[m * ld .. + 16) += sum over r of b[r][m] d[r], one FMA per r in order (M batch rows).
+// a[m * ld .. + 16) += sum over r of b[r][m] d[r], one FMA per r in order (M batch rows),
+// in the lanes of row r's kept weights only (mask[r]): the zeros the expansion put between
+// them are not weights, and an FMA on them would turn an inf or NaN of dy into NaNs in
+// columns the weight does not have (the panel kernel, which touches kept entries only,
+// leaves them alone; a batch's result must not depend on which path it took).
 template <int M, int R>
 SK_MM_T_FEW_TARGET __attribute__((always_inline)) inline void mm_t_few_add(const __m512 (&b)[R][M], const __m512* d,
-                                                                          float* a, int64_t ld) {
+                                                                          const __mmask16* mask, float* a,
+                                                                          int64_t ld) {
   for (int m = 0; m < M; ++m) {
     __m512 s = _mm512_loadu_ps(a + m * ld);
-    for (int r = 0; r < R; ++r) s = _mm512_fmadd_ps(b[r][m], d[r], s);
+    for (int r = 0; r < R; ++r) s = _mm512_mask3_fmadd_ps(b[r][m], d[r], s, mask[r]);
     _mm512_storeu_ps(a + m * ld, s);
   }
 }
@@ -152,26 +157,30 @@ SK_MM_T_FEW_TARGET inline void mm_t_few_pass(const float* dyt, float* acc, const
   int64_t g = g0;
   for (; g + 8 <= g1; g += 8) {  // one mask computation for two vectors
     __m512 lo[R], hi[R];
+    __mmask16 lo_mask[R], hi_mask[R];
     for (int r = 0; r < R; ++r) {
       uint64_t bytes;
       std::memcpy(&bytes, meta + (o + r) * groups + g, sizeof(bytes));
       const uint64_t mask = expand24_mask(bytes, 0x0F0F0F0F0F0F0F0FULL);
       const val_t* v = vals + (o + r) * 2 * groups + 2 * g;
-      lo[r] = expand_four_groups(v, static_cast<__mmask16>(mask));
-      hi[r] = expand_four_groups(v + 8, static_cast<__mmask16>(mask >> 16));
+      lo_mask[r] = static_cast<__mmask16>(mask);
+      hi_mask[r] = static_cast<__mmask16>(mask >> 16);
+      lo[r] = expand_four_groups(v, lo_mask[r]);
+      hi[r] = expand_four_groups(v + 8, hi_mask[r]);
     }
-    mm_t_few_add<M, R>(b, lo, acc + 4 * (g - g0), ld);
-    mm_t_few_add<M, R>(b, hi, acc + 4 * (g + 4 - g0), ld);
+    mm_t_few_add<M, R>(b, lo, lo_mask, acc + 4 * (g - g0), ld);
+    mm_t_few_add<M, R>(b, hi, hi_mask, acc + 4 * (g + 4 - g0), ld);
   }
   if (g < g1) {
     __m512 d[R];
+    __mmask16 mask[R];
     for (int r = 0; r < R; ++r) {
       uint32_t bytes;
       std::memcpy(&bytes, meta + (o + r) * groups + g, sizeof(bytes));
-      d[r] = expand_four_groups(vals + (o + r) * 2 * groups + 2 * g,
-                                static_cast<__mmask16>(expand24_mask(bytes, 0x0F0F0F0FULL)));
+      mask[r] = static_cast<__mmask16>(expand24_mask(bytes, 0x0F0F0F0FULL));
+      d[r] = expand_four_groups(vals + (o + r) * 2 * groups + 2 * g, mask[r]);
     }
-    mm_t_few_add<M, R>(b, d, acc + 4 * (g - g0), ld);
+    mm_t_few_add<M, R>(b, d, mask, acc + 4 * (g - g0), ld);
   }
 }
 
@@ -189,7 +198,7 @@ SK_MM_T_FEW_TARGET void mm_t_few_avx512(const float* dyt, float* acc, const val_
 #undef SK_MM_T_FEW_TARGET
 #endif
 
-// dx [M, K] (any floating dtype) = dy W for a batch of M <= kFewRowsBackward rows (fp32
+// dx [M, K] (any floating dtype) = dy W for a batch of M <= kFewRows rows (fp32
 // compute; fp32 or bf16 values, contiguous) on a CPU where expand24_active(): tasks over K in
 // chunks of whole 4-group vectors, each accumulating its columns of all M rows in an L1
 // buffer while every row of W streams past (mm_t_few_avx512). A dy row's 16-wide panel
@@ -212,14 +221,14 @@ void mm_t_few_rows(const at::Tensor& dy2, at::Tensor& dx, const at::Tensor& vals
   const int64_t tasks = std::max<int64_t>(1, (whole + chunk - 1) / chunk);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     // The last task's tail groups (at most 3) widen its rows by up to 12 columns.
-    alignas(64) float acc[kSliceBytes / sizeof(float) + kFewRowsBackward * 12];
+    alignas(64) float acc[kSliceBytes / sizeof(float) + kFewRows * 12];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g0 = task * chunk, g1 = std::min(whole, g0 + chunk);
       const int64_t g_end = task == tasks - 1 ? groups : g1;
       const int64_t ld = 4 * (g_end - g0);
       std::fill(acc, acc + m * ld, 0.0f);
       if (g1 > g0) {
-        with_few_rows<kFewRowsBackward>(m, [&](auto few) {
+        with_few_rows(m, [&](auto few) {
           constexpr int M = decltype(few)::value;
           with_value_data(vals, [&](auto* v) { mm_t_few_avx512<M>(dyt, acc, v, mt, groups, g0, g1, n, ld); });
         });
@@ -376,7 +385,10 @@ at::Tensor sparse24_mm_t_cpu(const at::Tensor& dy, const at::Tensor& values, con
   at::Tensor out = at::empty(out_shape, dy.options());
   at::Tensor dx = out.view({m, k});
   const at::Tensor dy2 = dy.reshape({m, n});
-  if (runs_few_rows(ct, m, kFewRowsBackward) && expand24_active()) {
+  // Up to kFewRows rows: at 9-16 the expanded rows' FMAs (with twice the lanes of the
+  // kept weights) cost more than the 16-wide panels' scatter (4096 x 4096, 16 rows: 5.5-6.5
+  // against 4.2-4.3 ms).
+  if (runs_few_rows(ct, m, kFewRows) && expand24_active()) {
     mm_t_few_rows(dy2, dx, few_rows_values(values), mc);
     return out;
   }

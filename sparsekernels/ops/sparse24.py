@@ -221,6 +221,7 @@ def _mm_t_24(dy: Tensor, values: Tensor, meta: Tensor) -> Tensor:
             return torch.ops.sparsekernels_C.sparse24_mm_t(dy, values, meta)
         if backend == "cpu:dense":
             return torch.ops.sparsekernels_C.sparse24_dense_mm(dy, values, meta, None, True)
+        _checks.check_meta("sparse24_mm_t", meta)  # the C++ kernels check it themselves
         return dy @ _dense_24(values, meta)
 
     n, k = values.shape[0], 4 * meta.shape[1]
@@ -236,6 +237,7 @@ def _sddmm_24(dy: Tensor, x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
             return torch.ops.sparsekernels_C.sparse24_sddmm(dy, x, values, meta)
         if backend == "cpu:dense":
             return torch.ops.sparsekernels_C.sparse24_dense_sddmm(dy, x, values, meta)
+        _checks.check_meta("sparse24_sddmm", meta)
         return (_rows2d(dy).t() @ _rows2d(x)).gather(1, meta_columns(meta))
 
     n, k = values.shape[0], 4 * meta.shape[1]

@@ -72,3 +72,29 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     x2 = x.reshape(rows, x.shape[-1])
     full = dy2.t() @ x2
     return full[csr_rows(row_ptr), col_idx.long()]
+
+
+# --------------------------------------------------------------------------- 2:4
+# A 2:4 weight W [out, in]: values [out, in/2] (its kept weights, two per group of 4 along
+# a row, in order) and meta [out, in/4] (uint8, their positions i0 | i1 << 2).
+def sparse24_to_dense(values: Tensor, meta: Tensor) -> Tensor:
+    """Dense ``[out, in]`` weight of a 2:4 matrix (differentiable in ``values``)."""
+    return values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, meta_columns(meta), values)
+
+
+def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y[..., out] = x[..., in] @ W^T (+ bias)``."""
+    return torch.nn.functional.linear(x, sparse24_to_dense(values, meta), bias)
+
+
+def sparse24_mm_t(dy: Tensor, values: Tensor, meta: Tensor) -> Tensor:
+    """``dx[..., in] = dy[..., out] @ W``."""
+    return dy @ sparse24_to_dense(values, meta)
+
+
+def sparse24_sddmm(dy: Tensor, x: Tensor, meta: Tensor) -> Tensor:
+    """``dvalues[out, in/2] = (dy^T @ x)`` at W's kept positions, laid out as ``values``,
+    batch dimensions summed. dy: [..., out], x: [..., in] with equal leading dimensions."""
+    rows = dy.shape[:-1].numel()  # not reshape(-1, n): ambiguous when n == 0
+    full = dy.reshape(rows, dy.shape[-1]).t() @ x.reshape(rows, x.shape[-1])
+    return full.gather(1, meta_columns(meta))

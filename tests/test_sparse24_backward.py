@@ -36,11 +36,24 @@ def _case(out_f, in_f, batch, dtype, seed, zero_rows=()):
 
 
 def _want(s24, dy, x):
-    dense = s24.to_dense().double()
-    dx = dy.double() @ dense
-    cols = sk.reference.meta_columns(s24.meta)
-    dv = (dy.double().reshape(-1, dy.shape[-1]).t() @ x.double().reshape(-1, x.shape[-1])).gather(1, cols)
-    return dx, dv
+    """The plain-PyTorch references (sparsekernels.reference) in float64."""
+    v = s24.values.double()
+    return (sk.reference.sparse24_mm_t(dy.double(), v, s24.meta),
+            sk.reference.sparse24_sddmm(dy.double(), x.double(), s24.meta))
+
+
+def test_references_agree_with_the_format_and_a_masked_dense_product(seed):
+    """The references themselves, against the format's own densification and a masked
+    dense weight's autograd gradients."""
+    s24, dy, x = _case(12, 20, 5, torch.float64, seed)
+    dense = s24.to_dense()
+    assert torch.equal(sk.reference.sparse24_to_dense(s24.values, s24.meta), dense)
+    w = dense.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    (xg @ w.t()).backward(dy)
+    want_dx, want_dv = _want(s24, dy, x)
+    torch.testing.assert_close(want_dx, xg.grad)
+    torch.testing.assert_close(want_dv, w.grad[dense != 0].view_as(s24.values))
 
 
 @pytest.mark.parametrize("batch", _BATCHES)

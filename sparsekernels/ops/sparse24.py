@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import backends, reference
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, _eager, autocast
@@ -34,9 +34,7 @@ def _rows2d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
-def _dense_24(values: Tensor, meta: Tensor) -> Tensor:
-    """The 2:4 weight [N, K] as a dense tensor (differentiable in values)."""
-    return values.new_zeros(values.shape[0], 4 * meta.shape[1]).scatter(1, meta_columns(meta), values)
+_dense_24 = reference.sparse24_to_dense  # the 2:4 weight [N, K] as a dense tensor
 
 
 # GPU policy (UNVERIFIED until bench/gpu_check.sh runs): 2:4 GEMMs on sparse tensor cores
@@ -170,7 +168,7 @@ def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op
         _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
         if x.is_cuda and backend in ("cuda", "triton"):
             return _linear_24(x, values, meta, bias, "sparse24_mm")
-        return torch.nn.functional.linear(x, _dense_24(values, meta), bias)
+        return reference.sparse24_mm(x, values, meta, bias)
 
     return _dispatch_24(op, x, values.shape[0], 4 * meta.shape[1], run, dense_variant=True)
 
@@ -222,7 +220,7 @@ def _mm_t_24(dy: Tensor, values: Tensor, meta: Tensor) -> Tensor:
         if backend == "cpu:dense":
             return torch.ops.sparsekernels_C.sparse24_dense_mm(dy, values, meta, None, True)
         _checks.check_meta("sparse24_mm_t", meta)  # the C++ kernels check it themselves
-        return dy @ _dense_24(values, meta)
+        return reference.sparse24_mm_t(dy, values, meta)
 
     n, k = values.shape[0], 4 * meta.shape[1]
     return dispatch_measured("sparse24_mm_t", dy, run, _dispatch_args_24(dy, k, n, dense_variant=True))
@@ -238,7 +236,7 @@ def _sddmm_24(dy: Tensor, x: Tensor, values: Tensor, meta: Tensor) -> Tensor:
         if backend == "cpu:dense":
             return torch.ops.sparsekernels_C.sparse24_dense_sddmm(dy, x, values, meta)
         _checks.check_meta("sparse24_sddmm", meta)
-        return (_rows2d(dy).t() @ _rows2d(x)).gather(1, meta_columns(meta))
+        return reference.sparse24_sddmm(dy, x, meta)
 
     n, k = values.shape[0], 4 * meta.shape[1]
     return dispatch_measured("sparse24_sddmm", dy, run, _dispatch_args_24(x, n, k, dense_variant=True))

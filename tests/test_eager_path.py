@@ -147,6 +147,26 @@ def test_direct_call_allowed_refuses_other_devices_subclasses_and_transforms():
     assert seen == [False]
 
 
+@pytest.mark.parametrize("fmt", ["csr", "2:4"])
+def test_no_graph_where_autograd_is_off_at_the_dispatcher(fmt):
+    """Inference mode with grad mode switched back on, or a call below autograd (as from
+    another op's kernel): the custom op records no graph there, nor does nn.Linear, so the
+    eager path must not either (it built one, and the parameters' .grad became inference
+    tensors that broke the next training step)."""
+    layer = (sk.nn.SparseLinear(32, 24, sparsity=0.9, generator=torch.Generator().manual_seed(0)) if fmt == "csr"
+             else sk.nn.Sparse24Linear(32, 24))
+    dense = torch.nn.Linear(32, 24)
+    x = torch.randn(5, 32)
+    want = layer(x).detach()
+    for guard in (lambda: torch.inference_mode(), lambda: torch._C._AutoDispatchBelowAutograd()):
+        with guard(), torch.enable_grad():
+            y = layer(x)
+            assert y.requires_grad == dense(x).requires_grad is False and y.grad_fn is None
+            assert torch.equal(y, want)
+    layer(x).sum().backward()  # an ordinary step afterwards
+    assert layer.values.grad is not None and not layer.values.grad.is_inference()
+
+
 def test_layer_capture_hook_sees_dy_on_the_eager_path():
     """Topology updates capture (x, dy) through a hook on the product's backward node."""
     layer = sk.nn.SparseLinear(24, 16, sparsity=0.75, generator=torch.Generator().manual_seed(0))

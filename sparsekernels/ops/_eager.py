@@ -31,6 +31,17 @@ def _modes_active() -> bool:
         return True
 
 
+def _autograd_below() -> bool | None:
+    """Whether autograd is switched off at the dispatcher (inference mode, even with grad
+    mode re-enabled inside it, or a call made below autograd, e.g. from another op's
+    kernel): the custom op then records no graph, whatever ``torch.is_grad_enabled()``
+    says. None where the query is missing (another torch version)."""
+    try:
+        return bool(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality))
+    except AttributeError:
+        return None
+
+
 def direct_call_allowed(*tensors: Tensor | None) -> bool:
     """True when an eager call on these tensors (None entries ignored) may skip the custom
     op: all on the CPU and of class Tensor or Parameter (no subclass: fake, functional or
@@ -42,9 +53,12 @@ def direct_call_allowed(*tensors: Tensor | None) -> bool:
         if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
             return False
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")
-                or _modes_active())
+                or _modes_active() or _autograd_below() is None)
 
 
 def wants_graph(*tensors: Tensor | None) -> bool:
-    """Whether a call on these tensors must record autograd history."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether a call on these tensors must record autograd history: grad mode on,
+    autograd not switched off at the dispatcher (``_autograd_below``), and an input that
+    requires grad."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            and not _autograd_below())

@@ -259,7 +259,7 @@ def _spmm_backward(ctx, grad, eager: bool = False):
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _fused_cpu_backward(grad, values, pattern[0],
                                                                                  pattern[2]):
         # The bias gradient comes out of the same call (summed while dy is packed).
-        gx, gv, gb = fused_backward(grad, eager)(grad, x, values, *pattern, need_gb)
+        gx, gv, gb = fused_backward(eager, grad, x, values)(grad, x, values, *pattern, need_gb)
         return gx, gv, None, None, None, None, None, gb if need_gb else None
     gb = _bias_grad(grad) if need_gb else None
     gx = spmm_t_in_backward(grad, values, pattern, eager) if ctx.needs_input_grad[0] else None
@@ -267,11 +267,11 @@ def _spmm_backward(ctx, grad, eager: bool = False):
     return gx, gv, None, None, None, None, None, gb
 
 
-def fused_backward(grad: Tensor, eager: bool):
-    """The fused CPU backward (``spmm_backward``) to call from a backward: its kernel
-    directly where ``eager`` and ``_eager`` allow (the caller checked
-    ``_fused_cpu_backward``), else the custom op."""
-    return _compiled("spmm_backward") if eager and _eager.direct_call_allowed(grad) else _spmm_backward_cpu_op
+def fused_backward(eager: bool, *tensors: Tensor):
+    """The fused CPU backward (``spmm_backward``) to call from a backward on ``tensors``
+    (dy and the saved x and values): its kernel directly where ``eager`` and ``_eager``
+    allow (the caller checked ``_fused_cpu_backward``), else the custom op."""
+    return _compiled("spmm_backward") if eager and _eager.direct_call_allowed(*tensors) else _spmm_backward_cpu_op
 
 
 def _direct_cpu(op: str, lead: Tensor, others: tuple, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,

@@ -292,7 +292,7 @@ def _backward(ctx, grad, eager: bool = False):
         # (csr_matmul._spmm_backward): one sweep over W^T for both, or one packing of dy,
         # and the bias gradient summed while dy is packed.
         need_gb = ctx.has_bias and ctx.needs_input_grad[8]
-        gx, gv, gb = fused_backward(grad, eager)(grad, x, flat, *pattern, need_gb)
+        gx, gv, gb = fused_backward(eager, grad, x, flat)(grad, x, flat, *pattern, need_gb)
         gv = gv.view_as(values)
         if not need_gb:
             gb = None

@@ -189,6 +189,7 @@ def _check_bsr(op: str, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tens
 def bsr_mm(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
            t_perm: Tensor) -> Tensor:
     """``y [..., N] = x [..., K] @ W^T`` for a BSR weight (differentiable in x and values)."""
+    _checks.reject_forward_mode("bsr_mm")
     out_f, in_f = _check_bsr("bsr_mm", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_mm", "x", x, values, in_f)
     return _bsr_mm_op(x, values, crow, ccol, t_crow, t_ccol, t_perm)
@@ -197,6 +198,7 @@ def bsr_mm(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor
 def bsr_mm_t(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
              t_perm: Tensor) -> Tensor:
     """``dx [..., K] = dy [..., N] @ W`` for a BSR weight."""
+    _checks.reject_forward_mode("bsr_mm_t")
     out_f, in_f = _check_bsr("bsr_mm_t", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_mm_t", "dy", dy, values, out_f)
     return _bsr_mm_t_op(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
@@ -206,6 +208,7 @@ def bsr_sddmm(dy: Tensor, x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor,
               t_perm: Tensor) -> Tensor:
     """``dvalues [nb, b, b]``: the weight gradient of :func:`bsr_mm` at the stored blocks
     (``values`` gives the block shape; its numbers are not used)."""
+    _checks.reject_forward_mode("bsr_sddmm")
     out_f, in_f = _check_bsr("bsr_sddmm", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_sddmm", "dy", dy, values, out_f)
     _checks.check_dense("bsr_sddmm", "x", x, values, in_f)

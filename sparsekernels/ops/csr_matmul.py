@@ -352,6 +352,7 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
     Returns:
         y: [..., out] of x's dtype. Differentiable in ``x``, ``values`` and ``bias``.
     """
+    _checks.reject_forward_mode("spmm")
     out_f, in_f = _checks.check_csr_pattern("spmm", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("spmm", "x", x, values, in_f)
     if bias is not None:
@@ -377,6 +378,7 @@ def spmm_t(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_p
     Returns:
         dx: [..., in]. Computed from W^T's CSR (the transpose map): a gather, no atomics.
     """
+    _checks.reject_forward_mode("spmm_t")
     out_f, in_f = _checks.check_csr_pattern("spmm_t", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("spmm_t", "dy", dy, values, out_f)
     return _spmm_t_op(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
@@ -392,6 +394,7 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     Returns:
         dvalues: [nnz] of dy's dtype.
     """
+    _checks.reject_forward_mode("sddmm")
     dy = _checks.check_tensor("sddmm", "dy", dy)
     if not dy.dtype.is_floating_point:
         raise TypeError(f"sddmm: dy must be a floating dtype, got {dy.dtype}")

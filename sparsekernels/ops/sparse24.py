@@ -335,6 +335,7 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
 
     ``transposable=True`` declares that W^T is 2:4 too (a transposable mask): on the GPU
     the input gradient then also runs on sparse tensor cores."""
+    _checks.reject_forward_mode("sparse24_mm")
     values = _checks.check_tensor("sparse24_mm", "values", values)
     meta = _checks.check_tensor("sparse24_mm", "meta", meta)
     if values.dim() != 2 or meta.dim() != 2 or values.shape[1] != 2 * meta.shape[1] or values.shape[0] != meta.shape[0]:

@@ -16,7 +16,8 @@
 //   is added to dx^T's row of that weight's column (simd_rows.inc's scatter24), a task
 //   being (batch panel, K slice) with its dx^T rows in L1. A task owns its dx elements,
 //   and each sums its terms in row order: no atomics, and the bits do not depend on the
-//   threads.
+//   threads. Up to kFewRows rows (AVX-512) each row of W is expanded to its columns
+//   instead and multiplied into all batch rows at once (mm_t_few_rows), no panels.
 // * sparse24_sddmm takes, per row o, the dot products of dy's panel row o with x's
 //   panel rows at the row's kept columns (sddmm24), a task being a block of rows that
 //   sweeps K in L1-sized slices of x's panel, panel after panel; decode-sized batches

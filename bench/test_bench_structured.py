@@ -1,4 +1,5 @@
-"""2:4 forward and fused regrowth on the CPU (pytest-benchmark; `make bench-pytest`).
+"""2:4 forward, 2:4 layer step and fused regrowth on the CPU (pytest-benchmark; `make
+bench-pytest`).
 
 Groups pair each of our ops with the dense baseline, so the table shows them side by side
 and bench/conftest.py prints the ratios."""
@@ -31,6 +32,35 @@ def test_ours_fwd_24(benchmark, case24):
     benchmark.group = case24["group"]
     with torch.no_grad():
         benchmark(lambda: case24["layer"](case24["x"]))
+
+
+# The 2:4 layer step (forward + input and weight gradients): the training shapes, and a
+# small batch, where the backward's few-rows kernels run.
+STEP_SHAPES = [(256, 4096, 4096), (16, 4096, 4096)]
+
+
+@pytest.fixture(scope="module", params=STEP_SHAPES, ids=lambda s: f"B{s[0]}-{s[1]}x{s[2]}")
+def step24(request):
+    from sparsekernels.bench.harness import layer_step
+
+    b, i, o = request.param
+    torch.manual_seed(0)
+    layer = sk.nn.Sparse24Linear(i, o, bias=False)
+    dense = torch.nn.Linear(i, o, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+    x, dy = torch.randn(b, i), torch.randn(b, o)
+    return {"group": f"2:4 step B{b}-{i}x{o}", "dense": layer_step(dense, x, dy), "ours": layer_step(layer, x, dy)}
+
+
+def test_dense_step(benchmark, step24):
+    benchmark.group = step24["group"]
+    benchmark(step24["dense"])
+
+
+def test_ours_step(benchmark, step24):
+    benchmark.group = step24["group"]
+    benchmark(step24["ours"])
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,16 @@ from sparsekernels.ops import topk_grow
 SHAPES = [(256, 4096, 4096), (2048, 768, 3072)]
 
 
+def _layer24(shape):
+    """(B, in, out) and a fresh Sparse24Linear in -> out (seeded)."""
+    b, i, o = shape
+    torch.manual_seed(0)
+    return b, i, o, sk.nn.Sparse24Linear(i, o, bias=False)
+
+
 @pytest.fixture(scope="module", params=SHAPES, ids=lambda s: f"B{s[0]}-{s[1]}x{s[2]}")
 def case24(request):
-    b, i, o = request.param
-    torch.manual_seed(0)
-    layer = sk.nn.Sparse24Linear(i, o, bias=False)
+    b, i, o, layer = _layer24(request.param)
     return {"group": f"2:4 B{b}-{i}x{o}", "layer": layer, "w": layer.dense_weight(), "x": torch.randn(b, i)}
 
 
@@ -43,9 +48,7 @@ STEP_SHAPES = [(256, 4096, 4096), (16, 4096, 4096)]
 def step24(request):
     from sparsekernels.bench.harness import layer_step
 
-    b, i, o = request.param
-    torch.manual_seed(0)
-    layer = sk.nn.Sparse24Linear(i, o, bias=False)
+    b, i, o, layer = _layer24(request.param)
     dense = torch.nn.Linear(i, o, bias=False)
     with torch.no_grad():
         dense.weight.copy_(layer.dense_weight())

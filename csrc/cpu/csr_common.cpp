@@ -255,6 +255,11 @@ void check_dense(const char* what, const char* arg, const at::Tensor& x, at::Sca
                     x.sizes());
 }
 
+void check_same_batch(const char* what, const at::Tensor& dy, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1), what,
+                    ": dy and x must have the same leading (batch) dimensions, got ", dy.sizes(), " and ", x.sizes());
+}
+
 at::Tensor checked_bias(const char* what, const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t n) {
   if (!bias.has_value()) return at::Tensor();
   check_dense(what, "bias", *bias, dtype, n);

@@ -248,6 +248,10 @@ bool indices_in_range(const int32_t* idx, int64_t count, int64_t bound);
 void check_dense(const char* what, const char* arg, const at::Tensor& x, at::ScalarType dtype,
                  int64_t k);
 
+// dy [..., N] and x [..., K] of a weight-gradient product must share their leading
+// (batch) dimensions: a ValueError naming `what` otherwise.
+void check_same_batch(const char* what, const at::Tensor& dy, const at::Tensor& x);
+
 // A product's optional bias, checked (CPU, `dtype`, 1-D [n]; errors name "bias") and made
 // contiguous for store_block; undefined when none was given.
 at::Tensor checked_bias(const char* what, const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t n);

@@ -67,6 +67,15 @@ at::Tensor csr_dense_mm_cpu(const at::Tensor& x, const at::Tensor& values, const
   return at::matmul(x, transpose ? w : w.t());
 }
 
+// The dense weight gradient dy^T x [n, k] (dy [..., n], x [..., k], checked, of one dtype)
+// in the workspace: the dense sddmm variants then take their entries from it.
+at::Tensor dense_weight_grad(const at::Tensor& dy, const at::Tensor& x, int64_t n, int64_t k) {
+  const int64_t m = leading_rows(dy);
+  at::Tensor g = workspace(kDenseSlot, {n, k}, dy.scalar_type());
+  at::mm_out(g, dy.reshape({m, n}).t(), x.reshape({m, k}));
+  return g;
+}
+
 // dvalues [nnz] = (dy^T x) at W's non-zeros for W = CSR(row_ptr [N + 1], col_idx) of
 // shape [N, K], dy [..., N], x [..., K] (same leading dimensions), through the dense GEMM
 // dy^T x (into the workspace) and a gather of the pattern's entries row by row: sddmm's
@@ -80,14 +89,10 @@ at::Tensor csr_dense_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const 
   const int64_t n = row_ptr.numel() - 1, k = x.size(-1);
   check_dense("csr_dense_sddmm", "x", x, dy.scalar_type(), k);
   check_dense("csr_dense_sddmm", "dy", dy, dy.scalar_type(), n);
-  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-                    "csr_dense_sddmm: dy and x must have the same leading (batch) dimensions, got ", dy.sizes(),
-                    " and ", x.sizes());
+  check_same_batch("csr_dense_sddmm", dy, x);
   const at::Tensor placeholder = at::empty({col_idx.numel()}, dy.options());
   check_csr("csr_dense_sddmm", placeholder, row_ptr, col_idx, n, k);
-  const int64_t m = leading_rows(dy);
-  at::Tensor g = workspace(kDenseSlot, {n, k}, dy.scalar_type());
-  at::mm_out(g, dy.reshape({m, n}).t(), x.reshape({m, k}));
+  const at::Tensor g = dense_weight_grad(dy, x, n, k);
   at::Tensor out = at::empty({col_idx.numel()}, dy.options());
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "csr_dense_sddmm", [&] {
@@ -205,12 +210,8 @@ at::Tensor sparse24_dense_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, c
   TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "sparse24_dense_sddmm: dy and x must have at least 1 dimension");
   check_dense("sparse24_dense_sddmm", "dy", dy, values.scalar_type(), n);
   check_dense("sparse24_dense_sddmm", "x", x, values.scalar_type(), k);
-  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-                    "sparse24_dense_sddmm: dy and x must have the same leading (batch) dimensions, got ",
-                    dy.sizes(), " and ", x.sizes());
-  const int64_t m = leading_rows(dy);
-  at::Tensor g = workspace(kDenseSlot, {n, k}, values.scalar_type());
-  at::mm_out(g, dy.reshape({m, n}).t(), x.reshape({m, k}));
+  check_same_batch("sparse24_dense_sddmm", dy, x);
+  const at::Tensor g = dense_weight_grad(dy, x, n, k);
   const at::Tensor mc = meta.contiguous();
   at::Tensor out = at::empty(values.sizes(), values.options());
   std::atomic<bool> ok{true};

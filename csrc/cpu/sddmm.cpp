@@ -81,9 +81,7 @@ at::Tensor sddmm_packed(const at::Tensor& dy, const at::Tensor* pdy_packed, cons
                    "sddmm: dy must be a floating dtype, got ", dy.scalar_type());
   TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "sddmm: dy and x must have at least 1 dimension");
   check_dense("sddmm", "x", x, dy.scalar_type(), x.size(-1));
-  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-                    "sddmm: dy and x must have the same leading (batch) dimensions, got ",
-                    dy.sizes(), " and ", x.sizes());
+  check_same_batch("sddmm", dy, x);
   TORCH_CHECK_VALUE(dy.device().is_cpu(), "sddmm: dy must be on the CPU, got ", dy.device());
   const int64_t n = row_ptr.numel() - 1, k = x.size(-1);
   TORCH_CHECK_VALUE(dy.size(-1) == n, "sddmm: dy must have last dimension ", n,

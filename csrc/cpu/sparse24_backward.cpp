@@ -411,9 +411,7 @@ at::Tensor sparse24_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const a
   TORCH_CHECK_VALUE(dy.dim() >= 1 && x.dim() >= 1, "sparse24_sddmm: dy and x must have at least 1 dimension");
   check_dense("sparse24_sddmm", "dy", dy, values.scalar_type(), n);
   check_dense("sparse24_sddmm", "x", x, values.scalar_type(), k);
-  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-                    "sparse24_sddmm: dy and x must have the same leading (batch) dimensions, got ", dy.sizes(),
-                    " and ", x.sizes());
+  check_same_batch("sparse24_sddmm", dy, x);
   const at::Tensor mc = meta.contiguous();
   const int64_t m = leading_rows(dy);
   const at::ScalarType ct = compute_type(dy.scalar_type());

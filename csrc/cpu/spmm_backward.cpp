@@ -214,9 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_backward_cpu(
   const int64_t n = row_ptr.numel() - 1;
   check_dense("spmm_backward", "dy", dy, values.scalar_type(), n);
   check_dense("spmm_backward", "x", x, values.scalar_type(), x.size(-1));
-  TORCH_CHECK_VALUE(dy.sizes().slice(0, dy.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-                    "spmm_backward: dy and x must have the same leading (batch) dimensions, got ", dy.sizes(),
-                    " and ", x.sizes());
+  check_same_batch("spmm_backward", dy, x);
   const int64_t m = leading_rows(dy), k = x.size(-1);
   // One width for both products: spmm_t gathers dy's panel rows (n of them), sddmm x's
   // (k): the panel must fit for the larger.

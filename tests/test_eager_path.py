@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="the eager 
 
 
 def _count_op_calls(monkeypatch, module, name):
-    """Wraps ``module.name`` (a custom op) so that its calls are counted."""
+    """Wraps ``module.name`` (a custom op's routed caller) so that its calls are counted."""
     calls = []
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -53,7 +53,7 @@ def _grads(fn, x, values, bias):
 def test_eager_spmm_gives_the_ops_bits(monkeypatch, dtype, batch, out_f, in_f, sparsity, empty_rows):
     csr, x, bias = _csr_case(batch, out_f, in_f, sparsity, dtype, seed=out_f + in_f, empty_rows=empty_rows)
     p = csr.pattern()
-    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm_op")
+    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm")
     with backends.use_backend("cpu"):
         fast = _grads(lambda x, v, b: ops.spmm(x, v, *p, b), x, csr.values, bias)
         assert not calls  # the eager path ran
@@ -97,7 +97,7 @@ def test_eager_spmm_double_backward_and_gradcheck():
 def test_eager_path_steps_aside_where_the_op_is_needed(monkeypatch):
     csr, x, bias = _csr_case((6,), 20, 30, 0.8, torch.float32, seed=2)
     p = csr.pattern()
-    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm_op")
+    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm")
     ops.spmm(x, csr.values, *p, bias)
     assert len(calls) == 0
     with backends.use_backend("reference"):  # a forced other backend
@@ -124,7 +124,7 @@ def test_eager_path_waits_for_a_measurement(monkeypatch):
     monkeypatch.setattr(backends, "_measured", {})
     csr, x, bias = _csr_case((8,), 32, 48, 0.9, torch.float32, seed=4)
     p = csr.pattern()
-    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm_op")
+    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm")
     ops.spmm(x, csr.values, *p, bias)
     assert len(calls) == 1
     choice = [e["choice"] for e in backends.measured() if e["op"] == "spmm"]
@@ -189,7 +189,7 @@ def test_eager_sparse24_gives_the_ops_bits(monkeypatch, dtype, batch):
     layer = sk.nn.Sparse24Linear.from_dense(lin)
     x = torch.randn(*batch, 64, generator=g).to(dtype)
     p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
-    calls = _count_op_calls(monkeypatch, sparse24, "_sparse24_mm_op")
+    calls = _count_op_calls(monkeypatch, sparse24, "_sparse24_mm")
 
     def fn(op):
         return lambda x, v, b: op(x, v, layer.meta, *p, b)

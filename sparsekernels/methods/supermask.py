@@ -79,8 +79,12 @@ class _BernoulliSTE(torch.autograd.Function):
     straight-through estimator: d m / d p taken as 1)."""
 
     @staticmethod
-    def forward(ctx, p: Tensor, generator: torch.Generator | None) -> Tensor:
+    def forward(p: Tensor, generator: torch.Generator | None) -> Tensor:
         return torch.bernoulli(p, generator=generator)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass  # the straight-through backward needs nothing saved
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -35,14 +35,22 @@ class _Fp32InputGrad(torch.autograd.Function):
     Inputs: y [N, L, out], x [N, C, H, W] (the padded input), values [nnz] and the pattern;
     ``geometry`` = ((H, W), kernel_size, dilation, stride)."""
 
+    # forward / setup_context kept apart, as functorch transforms (torch.func.grad) require;
+    # vmap (per-sample gradients) runs forward and backward batched.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+    def forward(y: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                 t_col_idx: Tensor, t_perm: Tensor, geometry) -> Tensor:
-        ctx.save_for_backward(values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        ctx.geometry, ctx.x_dtype = geometry, x.dtype
         # A copy, not a view: autograd forbids in-place ops (ReLU(inplace=True) right after
         # the convolution) on views of a custom Function's input.
         return y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, x, *weight, geometry = inputs
+        ctx.save_for_backward(*weight)  # values and the pattern
+        ctx.geometry, ctx.x_dtype = geometry, x.dtype
 
     @staticmethod
     def backward(ctx, grad: Tensor):

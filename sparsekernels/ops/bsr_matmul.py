@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import csr_rows
-from . import _checks
+from . import _checks, _functorch
 
 
 # --------------------------------------------------------------------------- reference
@@ -71,6 +71,13 @@ def _static_backend(op: str, t: Tensor) -> str:
     return "triton" if backends.resolve(op, t.device, t.dtype) == "triton" else "reference"
 
 
+def _check_contents(op: str, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor, t_perm: Tensor) -> None:
+    """The pattern's index values, in the op's body: no BSR kernel checks them, and a bad
+    one would wrap or read out of bounds. Once per pattern (no device sync on later calls);
+    not in the entry points, where ``torch.export`` traces fake tensors without values."""
+    _checks.check_csr_contents(op, crow, ccol, t_crow, t_ccol, t_perm, names=("crow", "ccol", "t_crow", "t_ccol"))
+
+
 def _dispatch(op: str, lead: Tensor, crow: Tensor, t_crow: Tensor, values: Tensor, run):
     """``backends.dispatch`` for a BSR product with dense operand ``lead`` [..., *]: on the
     GPU, Triton is measured against the reference per problem class."""
@@ -96,6 +103,7 @@ def _bsr_mm_op(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Te
             return bsr.bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
         return reference_bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
 
+    _check_contents("bsr_mm", crow, ccol, t_crow, t_ccol, t_perm)
     return _dispatch("bsr_mm", x, crow, t_crow, values, run)
 
 
@@ -114,6 +122,7 @@ def _bsr_mm_t_op(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow:
             return bsr.bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
         return reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
 
+    _check_contents("bsr_mm_t", crow, ccol, t_crow, t_ccol, t_perm)
     return _dispatch("bsr_mm_t", dy, crow, t_crow, values, run)
 
 
@@ -132,6 +141,7 @@ def _bsr_sddmm_op(dy: Tensor, x: Tensor, crow: Tensor, ccol: Tensor, t_crow: Ten
             return bsr.bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like)
         return reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like)
 
+    _check_contents("bsr_sddmm", crow, ccol, t_crow, t_ccol, t_perm)
     return _dispatch("bsr_sddmm", dy, crow, t_crow, values_like, run)
 
 
@@ -146,29 +156,35 @@ def _save(ctx, inputs, output):
 
 def _bsr_mm_backward(ctx, grad):
     x, values, *pattern = ctx.saved_tensors
-    gx = _bsr_mm_t_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
-    gv = _bsr_sddmm_op(grad, x, *pattern, values) if ctx.needs_input_grad[1] else None
+    gx = _bsr_mm_t(grad, values, *pattern) if ctx.needs_input_grad[0] else None
+    gv = _bsr_sddmm(grad, x, *pattern, values) if ctx.needs_input_grad[1] else None
     return gx, gv, None, None, None, None, None
 
 
 def _bsr_mm_t_backward(ctx, grad):
     dy, values, *pattern = ctx.saved_tensors
-    gdy = _bsr_mm_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
-    gv = _bsr_sddmm_op(dy, grad, *pattern, values) if ctx.needs_input_grad[1] else None
+    gdy = _bsr_mm(grad, values, *pattern) if ctx.needs_input_grad[0] else None
+    gv = _bsr_sddmm(dy, grad, *pattern, values) if ctx.needs_input_grad[1] else None
     return gdy, gv, None, None, None, None, None
 
 
 def _bsr_sddmm_backward(ctx, grad):
     dy, x, *rest = ctx.saved_tensors
     pattern = rest[:5]
-    gdy = _bsr_mm_op(x, grad, *pattern) if ctx.needs_input_grad[0] else None
-    gx = _bsr_mm_t_op(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
+    gdy = _bsr_mm(x, grad, *pattern) if ctx.needs_input_grad[0] else None
+    gx = _bsr_mm_t(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
     return gdy, gx, None, None, None, None, None, None
 
 
 _bsr_mm_op.register_autograd(_bsr_mm_backward, setup_context=_save)
 _bsr_mm_t_op.register_autograd(_bsr_mm_t_backward, setup_context=_save)
 _bsr_sddmm_op.register_autograd(_bsr_sddmm_backward, setup_context=_save)
+_bsr_mm = _functorch.routed(_bsr_mm_op, _save, _bsr_mm_backward, "bsr_mm")
+_bsr_mm_t = _functorch.routed(_bsr_mm_t_op, _save, _bsr_mm_t_backward, "bsr_mm_t")
+_bsr_sddmm = _functorch.routed(_bsr_sddmm_op, _save, _bsr_sddmm_backward, "bsr_sddmm")
+_functorch.register_vmap(_bsr_mm_op, _bsr_mm, batch_arg=0)
+_functorch.register_vmap(_bsr_mm_t_op, _bsr_mm_t, batch_arg=0)
+_functorch.register_vmap(_bsr_sddmm_op, _bsr_sddmm, batch_arg=None)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -179,9 +195,6 @@ def _check_bsr(op: str, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tens
         raise ValueError(f"{op}: values must be [nb, b, b], got {tuple(values.shape)}")
     flat = values.new_empty(1).expand(values.shape[0])
     out_blocks, in_blocks = _checks.check_csr_pattern(op, flat, crow, ccol, t_crow, t_ccol, t_perm)
-    # No compiled BSR kernel checks indices, and a bad one would wrap or read out of bounds
-    # (checked once per pattern: no device sync on later calls).
-    _checks.check_csr_contents(op, crow, ccol, t_crow, t_ccol, t_perm, names=("crow", "ccol", "t_crow", "t_ccol"))
     b = values.shape[-1]
     return out_blocks * b, in_blocks * b
 
@@ -192,7 +205,7 @@ def bsr_mm(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor
     _checks.reject_forward_mode("bsr_mm")
     out_f, in_f = _check_bsr("bsr_mm", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_mm", "x", x, values, in_f)
-    return _bsr_mm_op(x, values, crow, ccol, t_crow, t_ccol, t_perm)
+    return _bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
 
 
 def bsr_mm_t(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
@@ -201,7 +214,7 @@ def bsr_mm_t(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Ten
     _checks.reject_forward_mode("bsr_mm_t")
     out_f, in_f = _check_bsr("bsr_mm_t", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_mm_t", "dy", dy, values, out_f)
-    return _bsr_mm_t_op(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
+    return _bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
 
 
 def bsr_sddmm(dy: Tensor, x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
@@ -214,4 +227,4 @@ def bsr_sddmm(dy: Tensor, x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor,
     _checks.check_dense("bsr_sddmm", "x", x, values, in_f)
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"bsr_sddmm: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
-    return _bsr_sddmm_op(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values.detach())
+    return _bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values.detach())

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, backends, reference
-from . import _checks, _eager
+from . import _checks, _eager, _functorch
 from ..kernels.launch_plan import launch_plan, rows_sorted
 
 
@@ -288,7 +288,7 @@ def spmm_t_in_backward(dy: Tensor, values: Tensor, pattern: list, eager: bool) -
     row_ptr, _, t_row_ptr, t_col_idx, t_perm = pattern
     if eager and _direct_cpu("spmm_t", dy, (values,), row_ptr, t_row_ptr, values.shape[0], True):
         return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
-    return _spmm_t_op(dy, values, *pattern)
+    return _spmm_t(dy, values, *pattern)
 
 
 def sddmm_in_backward(dy: Tensor, x: Tensor, pattern: list, eager: bool) -> Tensor:
@@ -296,14 +296,14 @@ def sddmm_in_backward(dy: Tensor, x: Tensor, pattern: list, eager: bool) -> Tens
     row_ptr, col_idx, t_row_ptr = pattern[:3]
     if eager and _direct_cpu("sddmm", dy, (x,), row_ptr, t_row_ptr, col_idx.shape[0], True):
         return _compiled("sddmm")(dy, x, row_ptr, col_idx)
-    return _sddmm_op(dy, x, *pattern)
+    return _sddmm(dy, x, *pattern)
 
 
 def _spmm_t_backward(ctx, grad):
     # out = dy W  =>  d dy = grad W^T (spmm),  dW[o, k] = sum_b dy[b, o] grad[b, k] (sddmm)
     dy, values, *pattern = ctx.saved_tensors
-    gdy = _spmm_op(grad, values, *pattern) if ctx.needs_input_grad[0] else None
-    gv = _sddmm_op(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
+    gdy = _spmm(grad, values, *pattern, None) if ctx.needs_input_grad[0] else None
+    gv = _sddmm(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
     return gdy, gv, None, None, None, None, None
 
 
@@ -312,14 +312,23 @@ def _sddmm_backward(ctx, grad):
     #   d dy[b, o] = sum_{e in row o} grad[e] x[b, col e]   = spmm(x, grad)
     #   d x[b, k]  = sum_{e in col k} grad[e] dy[b, row e]  = spmm_t(dy, grad)
     dy, x, *pattern = ctx.saved_tensors
-    gdy = _spmm_op(x, grad, *pattern) if ctx.needs_input_grad[0] else None
-    gx = _spmm_t_op(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
+    gdy = _spmm(x, grad, *pattern, None) if ctx.needs_input_grad[0] else None
+    gx = _spmm_t(dy, grad, *pattern) if ctx.needs_input_grad[1] else None
     return gdy, gx, None, None, None, None, None
 
 
 _spmm_op.register_autograd(_spmm_backward, setup_context=_spmm_setup)
 _spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_save_all)
 _sddmm_op.register_autograd(_sddmm_backward, setup_context=_save_all)
+
+# What the entry points and the backward formulas call (``_functorch``): the ops, or under
+# a grad transform Functions with the same setup_context and backward.
+_spmm = _functorch.routed(_spmm_op, _spmm_setup, _spmm_backward, "spmm")
+_spmm_t = _functorch.routed(_spmm_t_op, _save_all, _spmm_t_backward, "spmm_t")
+_sddmm = _functorch.routed(_sddmm_op, _save_all, _sddmm_backward, "sddmm")
+_functorch.register_vmap(_spmm_op, _spmm, batch_arg=0)
+_functorch.register_vmap(_spmm_t_op, _spmm_t, batch_arg=0)
+_functorch.register_vmap(_sddmm_op, _sddmm, batch_arg=None)  # dy and x share their batch: per entry
 
 
 class _EagerSpmm(torch.autograd.Function):
@@ -366,7 +375,7 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
         if _eager.wants_graph(x, values, bias):
             return _EagerSpmm.apply(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
         return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
-    return _spmm_op(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
+    return _spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
 
 
 def spmm_t(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
@@ -381,7 +390,7 @@ def spmm_t(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_p
     _checks.reject_forward_mode("spmm_t")
     out_f, in_f = _checks.check_csr_pattern("spmm_t", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("spmm_t", "dy", dy, values, out_f)
-    return _spmm_t_op(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    return _spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
 
 def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
@@ -406,4 +415,4 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     _checks.check_dense("sddmm", "x", x, placeholder, in_f)
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"sddmm: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
-    return _sddmm_op(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    return _sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

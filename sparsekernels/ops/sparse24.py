@@ -24,8 +24,8 @@ from torch import Tensor
 from .. import backends, reference
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
-from . import _checks, _eager, autocast
-from .csr_matmul import (_fused_cpu_backward, _spmm_t_op, dense_candidates, dispatch_measured, fused_backward,
+from . import _checks, _eager, _functorch, autocast
+from .csr_matmul import (_fused_cpu_backward, _spmm_t, dense_candidates, dispatch_measured, fused_backward,
                          sddmm_in_backward, spmm_t_in_backward, unmeasured_args)
 
 
@@ -190,7 +190,7 @@ def _input_grad_24(grad: Tensor, values: Tensor, meta: Tensor, pattern: tuple) -
     (transposable mask): on the GPU through sparse tensor cores on W^T; elsewhere W^T's
     CSR (spmm_t)."""
     if not grad.is_cuda:
-        return _spmm_t_op(grad, values.reshape(-1), *pattern)
+        return _spmm_t(grad, values.reshape(-1), *pattern)
     n, k = values.shape[0], 4 * meta.shape[1]
 
     def run(backend: str) -> Tensor:
@@ -262,6 +262,11 @@ def _(dy, x, values, meta):
     return values.new_empty(values.shape)
 
 
+# (No autograd of their own: a backward calls them with grad mode off only.)
+_functorch.register_vmap(_sparse24_mm_t_op, _sparse24_mm_t_op, batch_arg=0)
+_functorch.register_vmap(_sparse24_sddmm_op, _sparse24_sddmm_op, batch_arg=None)
+
+
 def _native_cpu_backward(grad: Tensor) -> bool:
     """Whether the gradients may come from the 2:4 backward products above rather than
     the CSR view's: CPU tensors, no graph of the backward wanted (those products have no
@@ -309,6 +314,8 @@ def _backward(ctx, grad, eager: bool = False):
 
 
 _sparse24_mm_op.register_autograd(_backward, setup_context=_setup)
+_sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_mm")
+_functorch.register_vmap(_sparse24_mm_op, _sparse24_mm, batch_arg=0)
 
 
 class _EagerSparse24(torch.autograd.Function):
@@ -363,7 +370,7 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
             return _EagerSparse24.apply(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias,
                                         transposable)
         return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
-    return _sparse24_mm_op(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
+    return _sparse24_mm(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
 
 
 # The forward product alone, for SR-STE's autograd.Function (which applies its own gradient
@@ -395,6 +402,8 @@ def _forward_backward(ctx, grad):
 
 
 _sparse24_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+_sparse24_forward = _functorch.routed(_sparse24_forward_op, _forward_setup, _forward_backward, "sparse24_forward")
+_functorch.register_vmap(_sparse24_forward_op, _sparse24_forward, batch_arg=0)
 
 
 class _SRSTE(torch.autograd.Function):
@@ -405,15 +414,25 @@ class _SRSTE(torch.autograd.Function):
     (a sort of nnz entries) per step would cost more than the product. dx runs on the 2:4
     GEMM of W^T on the GPU when the mask is transposable, as a dense product otherwise."""
 
-    @staticmethod
-    def forward(ctx, x, weight, meta, mask, bias, lam, transposable, kept_values):
-        values = kept_values if kept_values is not None else weight.gather(1, meta_columns(meta))
-        ctx.save_for_backward(x, weight, values, meta, mask)
-        ctx.lam, ctx.transposable, ctx.has_bias = lam, transposable, bias is not None
-        return _sparse24_forward_op(x, values, meta, bias)
+    # forward / setup_context kept apart, as functorch transforms (torch.func.grad) require;
+    # vmap (per-sample gradients) runs forward and backward batched.
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad):
+    def forward(x, weight, meta, mask, bias, lam, transposable, kept_values):
+        # (kept_values as a view: an input returned as-is could not be saved for backward.)
+        values = kept_values.view_as(kept_values) if kept_values is not None else weight.gather(1, meta_columns(meta))
+        return _sparse24_forward(x, values, meta, bias), values
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, meta, mask, bias, lam, transposable, _ = inputs
+        ctx.save_for_backward(x, weight, output[1], meta, mask)
+        ctx.mark_non_differentiable(output[1])
+        ctx.lam, ctx.transposable, ctx.has_bias = lam, transposable, bias is not None
+
+    @staticmethod
+    def backward(ctx, grad, _values_grad):
         x, weight, values, meta, mask = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -456,4 +475,4 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
                                     or tuple(kept_values.shape) != (weight.shape[0], weight.shape[1] // 2)):
         raise TypeError(f"srste_linear: kept_values must be [{weight.shape[0]}, {weight.shape[1] // 2}] of the "
                         f"weight's dtype")
-    return _SRSTE.apply(x, weight, meta, mask, bias, float(lam), bool(transposable), kept_values)
+    return _SRSTE.apply(x, weight, meta, mask, bias, float(lam), bool(transposable), kept_values)[0]

@@ -1,0 +1,166 @@
+"""The layers under torch.func transforms and torch.export.
+
+torch's own wrapper of a custom op's autograd had made ``torch.func.grad`` (and vjp,
+jacrev, per-sample gradients) raise "must override the setup_context staticmethod"
+through every product (ops/_functorch.py routes them); the BSR entry points read index
+values that ``torch.export`` cannot see. Every check compares against plain autograd on
+the same layer, computed independently (per sample in a loop, double backward with
+create_graph)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jacrev, vjp, vmap
+
+import sparsekernels as sk
+
+LAYERS = ["csr", "2:4", "2:4-srste", "bsr", "conv"]
+
+
+def _layer(kind: str, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "csr":
+        layer, shape = sk.nn.SparseLinear(20, 12, sparsity=0.7, generator=g), (5, 20)
+    elif kind == "2:4":
+        layer, shape = sk.nn.Sparse24Linear(16, 12), (5, 16)
+    elif kind == "2:4-srste":
+        layer, shape = sk.nn.Sparse24Linear(16, 12, mode="srste"), (5, 16)
+    elif kind == "bsr":
+        layer, shape = sk.nn.SparseLinear(32, 16, sparsity=0.5, format="bsr", block_size=8, generator=g), (5, 32)
+    else:
+        layer, shape = sk.nn.SparseConv2d(3, 4, 3, padding=1, sparsity=0.5, generator=g), (5, 3, 6, 6)
+    layer = layer.to(dtype)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    return layer, x
+
+
+def _loss(layer, params, x):
+    return functional_call(layer, params, (x,)).pow(2).sum()
+
+
+def _params(layer):
+    return {k: v.detach() for k, v in layer.named_parameters()}
+
+
+def _autograd_grads(layer, x):
+    layer.zero_grad(set_to_none=True)
+    _loss(layer, dict(layer.named_parameters()), x).backward()
+    return {k: v.grad.clone() for k, v in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_func_grad_matches_backward(kind, seed):
+    layer, x = _layer(kind, seed)
+    got = grad(_loss, argnums=1)(layer, _params(layer), x)
+    want = _autograd_grads(layer, x)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=k)
+    # vjp gives the input gradient too
+    out, pullback = vjp(lambda xx: functional_call(layer, _params(layer), (xx,)), x)
+    (gx,) = pullback(2 * out)
+    xr = x.clone().requires_grad_()
+    _loss(layer, _params(layer), xr).backward()
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_per_sample_gradients_match_a_loop(kind, seed):
+    """vmap(grad(...)): the common functorch use (per-sample gradients, DP-SGD)."""
+    layer, x = _layer(kind, seed)
+    per_sample = vmap(grad(_loss, argnums=1), in_dims=(None, None, 0))(layer, _params(layer), x.unsqueeze(1))
+    for i in range(x.shape[0]):
+        want = _autograd_grads(layer, x[i:i + 1])
+        for k in want:
+            torch.testing.assert_close(per_sample[k][i], want[k], rtol=1e-9, atol=1e-10, msg=f"{k}[{i}]")
+
+
+@pytest.mark.parametrize("kind", ["csr", "2:4", "bsr", "conv"])
+def test_second_order_and_jacrev(kind, seed):
+    layer, x = _layer(kind, seed)
+    params = _params(layer)
+
+    def input_grad_norm(xx):
+        return grad(lambda z: _loss(layer, params, z))(xx).pow(2).sum()
+
+    got = grad(input_grad_norm)(x)
+    xr = x.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(_loss(layer, params, xr), xr, create_graph=True)
+    (want,) = torch.autograd.grad(g1.pow(2).sum(), xr)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+    x1 = x[:2]
+    jac = jacrev(lambda xx: functional_call(layer, params, (xx,)))(x1)
+    want_jac = torch.autograd.functional.jacobian(lambda xx: functional_call(layer, params, (xx,)), x1)
+    torch.testing.assert_close(jac, want_jac, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_conv_input_gradient_under_grad(seed):
+    """The fp16 / bf16 convolution's fp32 input gradient (conv._Fp32InputGrad) under grad."""
+    layer, x = _layer("conv", seed, dtype=torch.bfloat16)
+    params = _params(layer)
+    got = grad(lambda xx: _loss(layer, params, xx))(x)
+    xr = x.clone().requires_grad_()
+    _loss(layer, params, xr).backward()
+    torch.testing.assert_close(got, xr.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["csr", "2:4", "bsr"])
+def test_vmap_folds_the_batch_into_one_call(kind, seed):
+    """vmap over the input runs the op once (its batching rule), without torch's
+    per-entry fallback and its warning; vmap over the weight runs per entry."""
+    layer, x = _layer(kind, seed)
+    params = _params(layer)
+    xs = torch.stack([x, 2 * x, -x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback's "performance drop" warning
+        got = vmap(lambda xx: functional_call(layer, params, (xx,)))(xs)
+    torch.testing.assert_close(got, torch.stack([layer(xx) for xx in xs]).detach(), rtol=1e-12, atol=1e-12)
+    name = "values"
+    stacked = {**params, name: torch.stack([params[name], 0.5 * params[name]])}
+    got_w = vmap(lambda p: functional_call(layer, {**params, name: p}, (x,)))(stacked[name])
+    torch.testing.assert_close(got_w[1], 0.5 * (got_w[0] - (params["bias"] if "bias" in params else 0))
+                               + (params["bias"] if "bias" in params else 0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_export_runs_the_ops(kind, seed):
+    """torch.export of a model holding the layer: the exported program calls our op and
+    matches eager. (A Sparse24Linear exported as the root module cannot be unlifted by
+    ``ep.module()``: its ``meta`` buffer collides with GraphModule.meta; nested, as in any
+    real model, it can.)"""
+    layer, x = _layer(kind, seed, dtype=torch.float32)
+    model = torch.nn.Sequential(layer, torch.nn.ReLU()).eval()
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any(t.startswith("sparsekernels.") for t in targets), targets
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-6, atol=1e-6)
+    x2 = torch.randn_like(x)
+    torch.testing.assert_close(ep.module()(x2), model(x2), rtol=1e-6, atol=1e-6)
+
+
+def test_bsr_bad_indices_still_raise_from_the_op(seed):
+    """The BSR index check moved into the op's body: a bad pattern is still a ValueError."""
+    layer, x = _layer("bsr", seed)
+    bad = layer.ccol.clone()
+    bad[0] = 99
+    with pytest.raises(ValueError, match="ccol"):
+        sk.ops.bsr_mm(x, layer.values, layer.crow, bad, layer.t_crow, layer.t_ccol, layer.t_perm)
+
+
+def test_fx_symbolic_trace_keeps_the_layers_as_leaves(seed):
+    """torch.fx's own symbolic_trace cannot enter the layers (their input checks meet a
+    Proxy); sparsekernels.nn.symbolic_trace keeps them as call_module nodes."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(
+        sk.nn.SparseConv2d(3, 4, 3, sparsity=0.5, generator=g), torch.nn.ReLU(), torch.nn.Flatten(),
+        sk.nn.SparseLinear(64, 16, sparsity=0.8, generator=g), sk.nn.Sparse24Linear(16, 8),
+        sk.nn.SparseLinear(8, 8, sparsity=0.5, format="bsr", block_size=4, generator=g))
+    gm = sk.nn.symbolic_trace(model)
+    leaves = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert leaves == ["0", "1", "2", "3", "4", "5"]
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    assert torch.equal(gm(x), model(x))

@@ -124,6 +124,8 @@ def test_vmap_folds_the_batch_into_one_call(kind, seed):
     got_w = vmap(lambda p: functional_call(layer, {**params, name: p}, (x,)))(stacked[name])
     torch.testing.assert_close(got_w[1], 0.5 * (got_w[0] - (params["bias"] if "bias" in params else 0))
                                + (params["bias"] if "bias" in params else 0), rtol=1e-12, atol=1e-12)
+    none = vmap(lambda p: functional_call(layer, {**params, name: p}, (x,)))(stacked[name][:0])
+    assert none.shape == (0, *got_w.shape[1:])
 
 
 @pytest.mark.parametrize("kind", LAYERS)

@@ -78,9 +78,10 @@ def register_vmap(op, call: Callable, batch_arg: int | None) -> None:
             args = list(args)
             args[batch_arg] = args[batch_arg].movedim(in_dims[batch_arg], 0)
             return call(*args), 0
-        outs = []
-        for b in range(info.batch_size):
-            outs.append(call(*(_entry(a, d, b) for a, d in zip(args, in_dims))))
+        if info.batch_size == 0:  # the result's shape from one zero entry
+            one = call(*(_zero_entry(a, d) for a, d in zip(args, in_dims)))
+            return one.new_empty((0, *one.shape)), 0
+        outs = [call(*(_entry(a, d, b) for a, d in zip(args, in_dims))) for b in range(info.batch_size)]
         return torch.stack(outs), 0
 
     op.register_vmap(rule)
@@ -89,3 +90,11 @@ def register_vmap(op, call: Callable, batch_arg: int | None) -> None:
 def _entry(arg, dim: int | None, index: int):
     """Batch entry ``index`` of a vmapped argument (its batch dimension ``dim``)."""
     return arg.select(dim, index) if dim is not None and isinstance(arg, Tensor) else arg
+
+
+def _zero_entry(arg, dim: int | None):
+    """A zero stand-in for one entry of a vmapped argument of batch size 0."""
+    if dim is None or not isinstance(arg, Tensor):
+        return arg
+    shape = arg.shape[:dim] + arg.shape[dim + 1:]
+    return arg.new_zeros(shape)

@@ -190,7 +190,7 @@ def _input_grad_24(grad: Tensor, values: Tensor, meta: Tensor, pattern: tuple) -
     (transposable mask): on the GPU through sparse tensor cores on W^T; elsewhere W^T's
     CSR (spmm_t)."""
     if not grad.is_cuda:
-        return _spmm_t(grad, values.reshape(-1), *pattern)
+        return _spmm_t(grad, values.flatten(), *pattern)
     n, k = values.shape[0], 4 * meta.shape[1]
 
     def run(backend: str) -> Tensor:
@@ -283,7 +283,7 @@ def _backward(ctx, grad, eager: bool = False):
     ``csr_matmul._spmm_backward``)."""
     x, values, meta, *pattern = ctx.saved_tensors
     gx = gv = gb = None
-    flat = values.reshape(-1)
+    flat = values.flatten()
     if _native_cpu_backward(grad):
         # From an eager backward on plain tensors, without the custom ops' dispatch (_eager).
         direct = eager and _eager.direct_call_allowed(grad, x, values)
@@ -350,7 +350,7 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
                          f"{tuple(meta.shape)}")
     if meta.dtype != torch.uint8:
         raise TypeError(f"sparse24_mm: meta must be uint8, got {meta.dtype}")
-    out_f, in_f = _checks.check_csr_pattern("sparse24_mm", values.reshape(-1), row_ptr, col_idx, t_row_ptr,
+    out_f, in_f = _checks.check_csr_pattern("sparse24_mm", values.flatten(), row_ptr, col_idx, t_row_ptr,
                                             t_col_idx, t_perm)
     if in_f != 4 * meta.shape[1]:
         raise ValueError(f"sparse24_mm: the transpose map has {in_f} columns, meta implies {4 * meta.shape[1]}")

@@ -166,3 +166,55 @@ def test_fx_symbolic_trace_keeps_the_layers_as_leaves(seed):
     assert leaves == ["0", "1", "2", "3", "4", "5"]
     x = torch.randn(2, 3, 6, 6, generator=g)
     assert torch.equal(gm(x), model(x))
+
+
+@pytest.mark.parametrize("kind", ["csr", "2:4", "bsr", "conv"])
+@pytest.mark.parametrize("batched", ["x", "values"])
+def test_grad_of_vmap(kind, batched, seed):
+    """grad outside, vmap inside (a loss summed over a vmapped forward): the op's batching
+    rule runs with the grad level still wrapped around it."""
+    layer, x = _layer(kind, seed)
+    params = _params(layer)
+    if batched == "x":
+        def loss(p):
+            return vmap(lambda xx: functional_call(layer, p, (xx,)))(x.unsqueeze(1)).pow(2).sum()
+        want = _autograd_grads(layer, x)
+    else:
+        scales = torch.tensor([1.0, -0.5, 2.0], dtype=x.dtype)
+
+        def loss(p):
+            stacked = p["values"] * scales.reshape(-1, *([1] * p["values"].dim()))
+            ys = vmap(lambda v: functional_call(layer, {**p, "values": v}, (x,)))(stacked)
+            return ys.pow(2).sum()
+        want = {k: torch.zeros_like(v) for k, v in params.items()}
+        for s in scales.tolist():
+            with torch.no_grad():
+                scaled = {**params, "values": params["values"] * s}
+            p = {k: v.clone().requires_grad_() for k, v in scaled.items()}
+            g = torch.autograd.grad(_loss(layer, p, x), list(p.values()))
+            for k, gk in zip(p, g):
+                want[k] += gk * (s if k == "values" else 1.0)
+    got = grad(loss)(params)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-10, msg=k)
+
+
+def test_srste_under_transforms_keeps_the_layer_buffers_plain(seed):
+    """SR-STE's mask update is a buffer write: skipped inside functorch transforms, so no
+    wrapped tensor is left in the layer (it could not be copied or saved afterwards)."""
+    layer, x = _layer("2:4-srste", seed)
+    meta = layer.meta.clone()
+    grad(_loss, argnums=1)(layer, {k: v.detach() * 1.5 for k, v in layer.named_parameters()}, x)
+    vmap(grad(_loss, argnums=1), in_dims=(None, None, 0))(layer, _params(layer), x.unsqueeze(1))
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(layer.meta)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(layer.stored_mask)
+    assert torch.equal(layer.meta, meta)
+    import copy
+    copy.deepcopy(layer)
+    layer(x).sum().backward()  # outside transforms the update runs again
+
+
+def test_symbolic_trace_of_a_function():
+    gm = sk.nn.symbolic_trace(lambda x: x.relu() + 1)
+    x = torch.randn(4)
+    assert torch.equal(gm(x), x.relu() + 1)

@@ -8,6 +8,10 @@
   ``weight [out, in]``; the 2:4 mask is recomputed from |weight| every ``update_every``
   training forwards, the forward runs on the compressed weight, and the gradient is
   dW = dy^T x + lambda_w * (1 - E) * W (straight-through plus sparse-refined decay).
+  Inside functorch transforms (``torch.func.grad``, ``vmap``) the forward is a pure
+  function: it uses the stored mask and does not count towards ``update_every``. The
+  decay is added once per call of the product, so ``grad(vmap(...))`` over B entries
+  adds it B times.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from ..formats import CSR, Sparse24, compress_24, is_24
 from ..formats.sparse24 import check_24_shape
 from ..ops import sparse24_mm, srste_linear
+from ..ops._functorch import transforms_active
 from ..reference import meta_columns
 from ._sparse_weight import check_layer_input, dense_linear
 
@@ -157,7 +162,11 @@ class Sparse24Linear(nn.Module):
             pattern = (self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm)
             return sparse24_mm(input, self.values, self.meta, *pattern, self.bias, transposable=self.transposable)
         kept = None
-        if self.training and torch.is_grad_enabled() and not self.freeze_mask:
+        # Not under functorch transforms (torch.func.grad, vmap): they run the forward as a
+        # pure function of wrapped tensors, which the mask update would store in this
+        # layer's buffers (and under vmap over weights one mask would serve every entry).
+        if (self.training and torch.is_grad_enabled() and not self.freeze_mask
+                and not transforms_active()):
             if self._forwards % self.update_every == 0:
                 # Pruned from the current weight just now: its compressed values are the
                 # kept weights (no second gather).

@@ -29,8 +29,10 @@ class SparseTracer(torch.fx.Tracer):
         return isinstance(m, LAYERS) or super().is_leaf_module(m, module_qualified_name)
 
 
-def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with the sparse layers as leaf modules."""
-    graph = SparseTracer().trace(model)
+def symbolic_trace(model) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace`` (of a module or a function) with the sparse layers as leaf
+    modules."""
+    tracer = SparseTracer()
+    graph = tracer.trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
-    return torch.fx.GraphModule(model, graph, name)
+    return torch.fx.GraphModule(tracer.root, graph, name)

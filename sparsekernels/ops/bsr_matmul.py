@@ -179,12 +179,10 @@ def _bsr_sddmm_backward(ctx, grad):
 _bsr_mm_op.register_autograd(_bsr_mm_backward, setup_context=_save)
 _bsr_mm_t_op.register_autograd(_bsr_mm_t_backward, setup_context=_save)
 _bsr_sddmm_op.register_autograd(_bsr_sddmm_backward, setup_context=_save)
-_bsr_mm = _functorch.routed(_bsr_mm_op, _save, _bsr_mm_backward, "bsr_mm")
-_bsr_mm_t = _functorch.routed(_bsr_mm_t_op, _save, _bsr_mm_t_backward, "bsr_mm_t")
-_bsr_sddmm = _functorch.routed(_bsr_sddmm_op, _save, _bsr_sddmm_backward, "bsr_sddmm")
-_functorch.register_vmap(_bsr_mm_op, _bsr_mm, batch_arg=0)
-_functorch.register_vmap(_bsr_mm_t_op, _bsr_mm_t, batch_arg=0)
-_functorch.register_vmap(_bsr_sddmm_op, _bsr_sddmm, batch_arg=None)
+# What the entry points and the backward formulas call (``_functorch``).
+_bsr_mm = _functorch.routed(_bsr_mm_op, _save, _bsr_mm_backward, "bsr_mm", batch_arg=0)
+_bsr_mm_t = _functorch.routed(_bsr_mm_t_op, _save, _bsr_mm_t_backward, "bsr_mm_t", batch_arg=0)
+_bsr_sddmm = _functorch.routed(_bsr_sddmm_op, _save, _bsr_sddmm_backward, "bsr_sddmm", batch_arg=None)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -322,13 +322,11 @@ _spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_save_all)
 _sddmm_op.register_autograd(_sddmm_backward, setup_context=_save_all)
 
 # What the entry points and the backward formulas call (``_functorch``): the ops, or under
-# a grad transform Functions with the same setup_context and backward.
-_spmm = _functorch.routed(_spmm_op, _spmm_setup, _spmm_backward, "spmm")
-_spmm_t = _functorch.routed(_spmm_t_op, _save_all, _spmm_t_backward, "spmm_t")
-_sddmm = _functorch.routed(_sddmm_op, _save_all, _sddmm_backward, "sddmm")
-_functorch.register_vmap(_spmm_op, _spmm, batch_arg=0)
-_functorch.register_vmap(_spmm_t_op, _spmm_t, batch_arg=0)
-_functorch.register_vmap(_sddmm_op, _sddmm, batch_arg=None)  # dy and x share their batch: per entry
+# functorch transforms Functions with the same setup_context and backward.
+_spmm = _functorch.routed(_spmm_op, _spmm_setup, _spmm_backward, "spmm", batch_arg=0)
+_spmm_t = _functorch.routed(_spmm_t_op, _save_all, _spmm_t_backward, "spmm_t", batch_arg=0)
+# (sddmm: dy and x share their batch, so vmap runs it per entry)
+_sddmm = _functorch.routed(_sddmm_op, _save_all, _sddmm_backward, "sddmm", batch_arg=None)
 
 
 class _EagerSpmm(torch.autograd.Function):

@@ -263,8 +263,8 @@ def _(dy, x, values, meta):
 
 
 # (No autograd of their own: a backward calls them with grad mode off only.)
-_functorch.register_vmap(_sparse24_mm_t_op, _sparse24_mm_t_op, batch_arg=0)
-_functorch.register_vmap(_sparse24_sddmm_op, _sparse24_sddmm_op, batch_arg=None)
+_sparse24_mm_t_op.register_vmap(_functorch.batching_rule(_sparse24_mm_t_op, batch_arg=0))
+_sparse24_sddmm_op.register_vmap(_functorch.batching_rule(_sparse24_sddmm_op, batch_arg=None))
 
 
 def _native_cpu_backward(grad: Tensor) -> bool:
@@ -314,8 +314,7 @@ def _backward(ctx, grad, eager: bool = False):
 
 
 _sparse24_mm_op.register_autograd(_backward, setup_context=_setup)
-_sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_mm")
-_functorch.register_vmap(_sparse24_mm_op, _sparse24_mm, batch_arg=0)
+_sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_mm", batch_arg=0)
 
 
 class _EagerSparse24(torch.autograd.Function):
@@ -402,8 +401,8 @@ def _forward_backward(ctx, grad):
 
 
 _sparse24_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
-_sparse24_forward = _functorch.routed(_sparse24_forward_op, _forward_setup, _forward_backward, "sparse24_forward")
-_functorch.register_vmap(_sparse24_forward_op, _sparse24_forward, batch_arg=0)
+_sparse24_forward = _functorch.routed(_sparse24_forward_op, _forward_setup, _forward_backward, "sparse24_forward",
+                                      batch_arg=0)
 
 
 class _SRSTE(torch.autograd.Function):

@@ -200,25 +200,3 @@ def test_eager_sparse24_gives_the_ops_bits(monkeypatch, dtype, batch):
         via_op = _grads(fn(torch.ops.sparsekernels.sparse24_mm), x, layer.values, layer.bias)
     for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
         assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("fmt", ["csr", "2:4", "bsr"])
-def test_forward_mode_transforms_raise_instead_of_a_zero_tangent(fmt):
-    """torch.func.jvp / jacfwd run a custom op without a forward-mode rule and returned a
-    zero tangent; the products refuse them with a clear error."""
-    from torch.func import functional_call, jacfwd, jvp
-
-    if fmt == "csr":
-        layer = sk.nn.SparseLinear(16, 8, sparsity=0.5, generator=torch.Generator().manual_seed(0))
-    elif fmt == "2:4":
-        layer = sk.nn.Sparse24Linear(16, 8)
-    else:
-        layer = sk.nn.SparseLinear(16, 8, sparsity=0.5, format="bsr", block_size=4)
-    params = {k: v.detach() for k, v in layer.named_parameters()}
-    x, t = torch.randn(3, 16), torch.randn(3, 16)
-    with pytest.raises(NotImplementedError, match="forward-mode AD"):
-        jvp(lambda xx: functional_call(layer, params, (xx,)), (x,), (t,))
-    with pytest.raises(NotImplementedError, match="forward-mode AD"):
-        jacfwd(lambda xx: functional_call(layer, params, (xx,)))(x[0])
-    # vmap alone (no forward mode) still runs.
-    assert torch.func.vmap(lambda xx: functional_call(layer, params, (xx,)))(x.unsqueeze(1)).shape == (3, 1, 8)

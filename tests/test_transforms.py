@@ -2,18 +2,20 @@
 
 torch's own wrapper of a custom op's autograd had made ``torch.func.grad`` (and vjp,
 jacrev, per-sample gradients) raise "must override the setup_context staticmethod"
-through every product (ops/_functorch.py routes them); the BSR entry points read index
-values that ``torch.export`` cannot see. Every check compares against plain autograd on
+through every product, and forward mode (jvp, jacfwd, hessian) had no rule
+(ops/_functorch.py routes them, with a forward-mode rule per op); the BSR entry points
+read index values that ``torch.export`` cannot see. Every check compares against plain autograd on
 the same layer, computed independently (per sample in a loop, double backward with
 create_graph)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import sparsekernels as sk
 
@@ -209,7 +211,6 @@ def test_srste_under_transforms_keeps_the_layer_buffers_plain(seed):
     assert not torch._C._functorch.is_functorch_wrapped_tensor(layer.meta)
     assert not torch._C._functorch.is_functorch_wrapped_tensor(layer.stored_mask)
     assert torch.equal(layer.meta, meta)
-    import copy
     copy.deepcopy(layer)
     layer(x).sum().backward()  # outside transforms the update runs again
 
@@ -218,3 +219,77 @@ def test_symbolic_trace_of_a_function():
     gm = sk.nn.symbolic_trace(lambda x: x.relu() + 1)
     x = torch.randn(4)
     assert torch.equal(gm(x), x.relu() + 1)
+
+
+@pytest.mark.parametrize("kind", ["csr", "2:4", "bsr", "conv"])
+def test_forward_mode_matches_autograd(kind, seed):
+    """jvp in the input and in the parameters against torch.autograd.functional.jvp (the
+    double-backward trick: reverse mode only), jacfwd against the reverse-mode Jacobian,
+    and hessian (forward over reverse) against autograd's."""
+    layer, x = _layer(kind, seed)
+    params = _params(layer)
+    g = torch.Generator().manual_seed(seed + 1)
+    tx = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    f = lambda xx: functional_call(layer, params, (xx,))  # noqa: E731
+    y, ty = jvp(f, (x,), (tx,))
+    torch.testing.assert_close(ty, torch.autograd.functional.jvp(f, x, tx)[1], rtol=1e-10, atol=1e-10)
+    tp = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+    h = lambda pp: functional_call(layer, pp, (x,))  # noqa: E731
+    _, typ = jvp(h, (params,), (tp,))
+    want = torch.autograd.functional.jvp(lambda *vs: h(dict(zip(params, vs))), tuple(params.values()),
+                                         tuple(tp.values()))[1]
+    torch.testing.assert_close(typ, want, rtol=1e-10, atol=1e-10)
+    x1 = x[:1]
+    torch.testing.assert_close(jacfwd(f)(x1), torch.autograd.functional.jacobian(f, x1), rtol=1e-10, atol=1e-10)
+    loss = lambda xx: f(xx).pow(3).sum()  # noqa: E731
+    torch.testing.assert_close(hessian(loss)(x1), torch.autograd.functional.hessian(loss, x1), rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_srste_forward_mode_is_the_straight_through_jacobian(seed):
+    """SR-STE's forward-mode rule: the product's for the input and the bias, and for the
+    weight the straight-through Jacobian its backward uses (a dense weight tangent: x tW^T;
+    the decay term is not a derivative)."""
+    layer, x = _layer("2:4-srste", seed)
+    layer.eval()
+    params = _params(layer)
+    g = torch.Generator().manual_seed(seed + 1)
+    tx = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    tw = torch.randn(params["weight"].shape, generator=g, dtype=x.dtype)
+    tb = torch.randn(params["bias"].shape, generator=g, dtype=x.dtype)
+    w_kept = params["weight"] * layer.mask()
+    f = lambda xx, w, b: functional_call(layer, {"weight": w, "bias": b}, (xx,))  # noqa: E731
+    _, t = jvp(f, (x, params["weight"], params["bias"]), (tx, tw, tb))
+    torch.testing.assert_close(t, tx @ w_kept.t() + x @ tw.t() + tb, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_conv_hessian_through_the_fp32_bridge(seed):
+    """Forward over reverse through the bf16 convolution's bridge (conv._Fp32InputGrad):
+    its product runs on a detached unfold, so x's tangent must enter in the bridge's rule.
+    For y affine in x the Hessian of sum(y^2) is 2 J^T J: against the float64 layer."""
+    layer, x = _layer("conv", seed, dtype=torch.bfloat16)
+    x = x[:1]
+    exact = copy.deepcopy(layer).double()
+    params, params64 = _params(layer), _params(exact)
+    got = hessian(lambda xx: functional_call(layer, params, (xx,)).float().pow(2).sum())(x)
+    want = hessian(lambda xx: functional_call(exact, params64, (xx,)).pow(2).sum())(x.double())
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_forward_ad_dual_tensors(kind, seed):
+    """torch.autograd.forward_ad (dual tensors, no functorch) through the layer, against
+    the reverse-mode jvp; outside the dual level the eager path is back."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer, x = _layer(kind, seed)
+    layer.eval()
+    tx = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=x.dtype)
+    with fwAD.dual_level():
+        y = layer(fwAD.make_dual(x, tx))
+        primal, tangent = fwAD.unpack_dual(y)
+    f = lambda xx: layer(xx)  # noqa: E731
+    want_y, want_t = torch.autograd.functional.jvp(f, x, tx)
+    torch.testing.assert_close(primal, want_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tangent, want_t, rtol=1e-10, atol=1e-10)

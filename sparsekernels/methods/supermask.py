@@ -84,7 +84,11 @@ class _BernoulliSTE(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass  # the straight-through backward needs nothing saved
+        pass  # the straight-through rules need nothing saved
+
+    @staticmethod
+    def jvp(ctx, tp: Tensor, _generator):
+        return tp  # straight through, as the backward
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..formats import CSR, check_sparsity, random_mask
-from ..ops import spmm_t
+from ..ops import spmm, spmm_t
 from ._sparse_weight import SparseWeightMixin, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -50,7 +50,20 @@ class _Fp32InputGrad(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _, x, *weight, geometry = inputs
         ctx.save_for_backward(*weight)  # values and the pattern
+        ctx.save_for_forward(*weight)
         ctx.geometry, ctx.x_dtype = geometry, x.dtype
+
+    @staticmethod
+    def jvp(ctx, ty, tx, *_):
+        # y was formed from a detached unfold of x: x's tangent enters here, as its
+        # gradient leaves in backward (values' tangent reached y through the product).
+        if tx is None:
+            return ty
+        values, *pattern = ctx.saved_tensors
+        _, kernel_size, dilation, stride = ctx.geometry
+        cols = F.unfold(tx, kernel_size, dilation=dilation, stride=stride).transpose(1, 2)
+        t = spmm(cols, values, *pattern).to(ty.dtype if ty is not None else tx.dtype)
+        return t if ty is None else ty + t
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -19,23 +19,6 @@ def check_tensor(op: str, name: str, t: object) -> Tensor:
     return t
 
 
-def reject_forward_mode(op: str) -> None:
-    """torch.func.jvp / jacfwd run a custom op without a forward-mode rule and hand back a
-    zero tangent, silently (torch.autograd.forward_ad raises by itself): a NotImplementedError
-    instead. Only asked while a functorch transform is active."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if active is None or not active():
-        return
-    try:
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:
-        return
-    if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
-        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, jacfwd) is not supported by the sparse "
-                                  "products; use reverse mode (backward(), torch.autograd.grad)")
-
-
 def check_csr_pattern(op: str, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
                       t_row_ptr: Tensor, t_col_idx: Tensor, t_perm: Tensor) -> tuple[int, int]:
     """Checks the CSR + transpose-map arguments; returns (out_features, in_features)."""

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from ._functorch import forward_ad_active
+
 _PLAIN = (Tensor, Parameter)
 
 
@@ -46,14 +48,14 @@ def direct_call_allowed(*tensors: Tensor | None) -> bool:
     """True when an eager call on these tensors (None entries ignored) may skip the custom
     op: all on the CPU and of class Tensor or Parameter (no subclass: fake, functional or
     distributed tensors need the op's registrations), no tracing (``torch.compile`` and
-    ``torch.jit.trace`` keep the op in their graphs), no CPU autocast (the op's autocast rule casts), and no mode or
-    functorch transform active. The caller still checks that the op would run on the
+    ``torch.jit.trace`` keep the op in their graphs), no CPU autocast (the op's autocast rule casts), no mode or
+    functorch transform active, and no forward-AD dual level open (the routed Function has the tangent rule). The caller still checks that the op would run on the
     "cpu" backend (``backends.planned``): measuring and the other backends stay in the op."""
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
             return False
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")
-                or _modes_active() or _autograd_below() is None)
+                or _modes_active() or _autograd_below() is None or forward_ad_active())
 
 
 def wants_graph(*tensors: Tensor | None) -> bool:

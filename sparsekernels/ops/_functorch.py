@@ -1,17 +1,20 @@
-"""The products under functorch transforms: ``torch.func.grad``, ``vjp``, ``jacrev`` and
-``vmap``, in any nesting (per-sample gradients ``vmap(grad(...))``, ``grad(vmap(...))``).
+"""The products under functorch transforms (``torch.func.grad``, ``vjp``, ``jacrev``,
+``vmap``, ``jvp``, ``jacfwd``, ``hessian``, in any nesting: per-sample gradients
+``vmap(grad(...))``, ``grad(vmap(...))``) and forward-mode AD with dual tensors.
 
 torch (2.14 included) wraps a ``torch.library.custom_op``'s registered autograd in an
 ``autograd.Function`` without ``setup_context``, and functorch refuses such a Function:
 ``torch.func.grad`` through any of our ops raised "must override the setup_context
-staticmethod" (pytorch/pytorch#170834). So each op gets a :func:`routed` caller: while any
-functorch transform is active it runs the op through an ``autograd.Function`` of its own,
-with the op's ``setup_context`` and ``backward`` (the same kernels and formulas as the
-op's autograd) and a ``vmap`` rule; otherwise the op itself. functorch runs such a
-Function one transform level at a time (its forward and its vmap rule one level lower),
-so the caller, called again inside, peels the levels off down to the plain op. The
-backward formulas call the routed callers too: functorch's grad records the backward's
-graph, and nested grads differentiate it again.
+staticmethod" (pytorch/pytorch#170834), and the ops have no forward-mode rule (``jvp``
+returned a zero tangent without a word). So each op gets a :func:`routed` caller: while
+any functorch transform is active, or a forward-AD dual level is open, it runs the op
+through an ``autograd.Function`` of its own, with the op's ``setup_context`` and
+``backward`` (the same kernels and formulas as the op's autograd), a forward-mode rule
+(each product is bilinear in its two operands) and a ``vmap`` rule; otherwise the op
+itself. functorch runs such a Function one transform level at a time (its forward and
+its vmap rule one level lower), so the caller, called again inside, peels the levels
+off down to the plain op. The backward formulas call the routed callers too: functorch's
+grad records the backward's graph, and nested grads differentiate it again.
 
 The batching rule (:func:`batching_rule`): where only the dense operand whose leading
 dimensions are batch dimensions anyway is batched (x of a forward product, dy of an
@@ -27,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 
 def transforms_active() -> bool:
@@ -35,6 +39,12 @@ def transforms_active() -> bool:
     too."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return True if active is None else bool(active())
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may meet
+    the op). True where this torch lacks the query."""
+    return getattr(forward_ad, "_current_level", 0) >= 0
 
 
 def batching_rule(call: Callable, batch_arg: int | None) -> Callable:
@@ -59,28 +69,74 @@ def batching_rule(call: Callable, batch_arg: int | None) -> Callable:
     return rule
 
 
-def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg: int | None) -> Callable:
+def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg: int | None,
+           jvp: Callable) -> Callable:
     """A caller of custom op ``op`` (positional arguments, all passed): the op itself, or,
     while a functorch transform is active, an ``autograd.Function`` built from the op's
-    ``setup_context`` and ``backward`` with :func:`batching_rule` as its vmap rule. The op
-    gets that rule too."""
+    ``setup_context`` and ``backward``, with :func:`batching_rule` as its vmap rule and
+    ``jvp(primals, tangents)`` as its forward-mode rule (``jvp``, ``jacfwd``, ``hessian``):
+    both lists aligned with the op's arguments, a tangent None where there is none. The op
+    gets the batching rule too."""
 
     def call(*args):
-        if transforms_active():
+        if transforms_active() or forward_ad_active():
             return function.apply(*args)
         return op(*args)
+
+    def forward(*args):
+        # Under functorch one level lower (the caller peels the next one); under plain
+        # forward AD the op itself (the Function already records the tangent rule).
+        return function.apply(*args) if transforms_active() else op(*args)
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        # The primals for the forward-mode rule (ctx.saved_tensors in jvp), non-tensors aside.
+        ctx.save_for_forward(*(a for a in inputs if isinstance(a, Tensor)))
+        ctx.primal_args = [None if isinstance(a, Tensor) else a for a in inputs]
+
+    def forward_rule(ctx, *tangents):
+        saved = iter(ctx.saved_tensors)
+        primals = [next(saved) if a is None else a for a in ctx.primal_args]
+        return jvp(primals, list(tangents))
 
     rule = batching_rule(call, batch_arg)
     function = type(f"Functorch_{name}", (torch.autograd.Function,), {
         "__doc__": f"{name} under functorch transforms: the op's own setup_context and backward.",
-        "forward": staticmethod(call),
-        "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup),
         "backward": staticmethod(backward),
+        "jvp": staticmethod(forward_rule),
         "vmap": staticmethod(rule),
     })
     op.register_vmap(rule)
     call.__name__ = call.__qualname__ = f"{name}_routed"
     return call
+
+
+def linear_tangent(product: Callable, primals: list, tangents: list, slots: tuple[int, ...]):
+    """The tangent of a product linear in each argument of ``slots`` separately (bilinear
+    in two of them, e.g. x and values): the sum over those slots of the product with that
+    slot's tangent in place of its primal, all other slots primal; None where no slot has a
+    tangent. ``product`` takes the arguments positionally (a routed caller)."""
+    total = None
+    for i in slots:
+        if tangents[i] is None:
+            continue
+        args = list(primals)
+        args[i] = tangents[i]
+        term = product(*args)
+        total = term if total is None else total + term
+    return total
+
+
+def add_bias_tangent(tangent: Tensor | None, bias_tangent: Tensor | None, x: Tensor, out_features: int):
+    """``tangent`` plus the bias's tangent [out] broadcast over x's leading dimensions (the
+    output is [..., out]); None where both are None."""
+    if bias_tangent is None:
+        return tangent
+    if tangent is None:
+        return bias_tangent.expand(*x.shape[:-1], out_features).clone()
+    return tangent + bias_tangent
 
 
 def _entry(arg, dim: int | None, index: int):

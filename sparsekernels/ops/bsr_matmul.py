@@ -180,9 +180,13 @@ _bsr_mm_op.register_autograd(_bsr_mm_backward, setup_context=_save)
 _bsr_mm_t_op.register_autograd(_bsr_mm_t_backward, setup_context=_save)
 _bsr_sddmm_op.register_autograd(_bsr_sddmm_backward, setup_context=_save)
 # What the entry points and the backward formulas call (``_functorch``).
-_bsr_mm = _functorch.routed(_bsr_mm_op, _save, _bsr_mm_backward, "bsr_mm", batch_arg=0)
-_bsr_mm_t = _functorch.routed(_bsr_mm_t_op, _save, _bsr_mm_t_backward, "bsr_mm_t", batch_arg=0)
-_bsr_sddmm = _functorch.routed(_bsr_sddmm_op, _save, _bsr_sddmm_backward, "bsr_sddmm", batch_arg=None)
+# Each product is bilinear in its two dense / values operands (the forward-mode rules).
+_bsr_mm = _functorch.routed(_bsr_mm_op, _save, _bsr_mm_backward, "bsr_mm", batch_arg=0,
+                            jvp=lambda p, t: _functorch.linear_tangent(_bsr_mm, p, t, (0, 1)))
+_bsr_mm_t = _functorch.routed(_bsr_mm_t_op, _save, _bsr_mm_t_backward, "bsr_mm_t", batch_arg=0,
+                              jvp=lambda p, t: _functorch.linear_tangent(_bsr_mm_t, p, t, (0, 1)))
+_bsr_sddmm = _functorch.routed(_bsr_sddmm_op, _save, _bsr_sddmm_backward, "bsr_sddmm", batch_arg=None,
+                               jvp=lambda p, t: _functorch.linear_tangent(_bsr_sddmm, p, t, (0, 1)))
 
 
 # --------------------------------------------------------------------------- entry points
@@ -200,7 +204,6 @@ def _check_bsr(op: str, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tens
 def bsr_mm(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
            t_perm: Tensor) -> Tensor:
     """``y [..., N] = x [..., K] @ W^T`` for a BSR weight (differentiable in x and values)."""
-    _checks.reject_forward_mode("bsr_mm")
     out_f, in_f = _check_bsr("bsr_mm", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_mm", "x", x, values, in_f)
     return _bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
@@ -209,7 +212,6 @@ def bsr_mm(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor
 def bsr_mm_t(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
              t_perm: Tensor) -> Tensor:
     """``dx [..., K] = dy [..., N] @ W`` for a BSR weight."""
-    _checks.reject_forward_mode("bsr_mm_t")
     out_f, in_f = _check_bsr("bsr_mm_t", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_mm_t", "dy", dy, values, out_f)
     return _bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
@@ -219,7 +221,6 @@ def bsr_sddmm(dy: Tensor, x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor,
               t_perm: Tensor) -> Tensor:
     """``dvalues [nb, b, b]``: the weight gradient of :func:`bsr_mm` at the stored blocks
     (``values`` gives the block shape; its numbers are not used)."""
-    _checks.reject_forward_mode("bsr_sddmm")
     out_f, in_f = _check_bsr("bsr_sddmm", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_sddmm", "dy", dy, values, out_f)
     _checks.check_dense("bsr_sddmm", "x", x, values, in_f)

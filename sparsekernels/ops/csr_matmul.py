@@ -323,10 +323,18 @@ _sddmm_op.register_autograd(_sddmm_backward, setup_context=_save_all)
 
 # What the entry points and the backward formulas call (``_functorch``): the ops, or under
 # functorch transforms Functions with the same setup_context and backward.
-_spmm = _functorch.routed(_spmm_op, _spmm_setup, _spmm_backward, "spmm", batch_arg=0)
-_spmm_t = _functorch.routed(_spmm_t_op, _save_all, _spmm_t_backward, "spmm_t", batch_arg=0)
+def _spmm_jvp(primals, tangents):
+    # y = x W^T + b: bilinear in (x, values), affine in the bias.
+    t = _functorch.linear_tangent(_spmm, primals[:7] + [None], tangents, (0, 1))
+    return _functorch.add_bias_tangent(t, tangents[7], primals[0], primals[2].shape[0] - 1)
+
+
+_spmm = _functorch.routed(_spmm_op, _spmm_setup, _spmm_backward, "spmm", batch_arg=0, jvp=_spmm_jvp)
+_spmm_t = _functorch.routed(_spmm_t_op, _save_all, _spmm_t_backward, "spmm_t", batch_arg=0,
+                            jvp=lambda p, t: _functorch.linear_tangent(_spmm_t, p, t, (0, 1)))
 # (sddmm: dy and x share their batch, so vmap runs it per entry)
-_sddmm = _functorch.routed(_sddmm_op, _save_all, _sddmm_backward, "sddmm", batch_arg=None)
+_sddmm = _functorch.routed(_sddmm_op, _save_all, _sddmm_backward, "sddmm", batch_arg=None,
+                           jvp=lambda p, t: _functorch.linear_tangent(_sddmm, p, t, (0, 1)))
 
 
 class _EagerSpmm(torch.autograd.Function):
@@ -359,7 +367,6 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
     Returns:
         y: [..., out] of x's dtype. Differentiable in ``x``, ``values`` and ``bias``.
     """
-    _checks.reject_forward_mode("spmm")
     out_f, in_f = _checks.check_csr_pattern("spmm", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("spmm", "x", x, values, in_f)
     if bias is not None:
@@ -385,7 +392,6 @@ def spmm_t(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_p
     Returns:
         dx: [..., in]. Computed from W^T's CSR (the transpose map): a gather, no atomics.
     """
-    _checks.reject_forward_mode("spmm_t")
     out_f, in_f = _checks.check_csr_pattern("spmm_t", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("spmm_t", "dy", dy, values, out_f)
     return _spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
@@ -401,7 +407,6 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     Returns:
         dvalues: [nnz] of dy's dtype.
     """
-    _checks.reject_forward_mode("sddmm")
     dy = _checks.check_tensor("sddmm", "dy", dy)
     if not dy.dtype.is_floating_point:
         raise TypeError(f"sddmm: dy must be a floating dtype, got {dy.dtype}")

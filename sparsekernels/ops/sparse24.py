@@ -314,7 +314,14 @@ def _backward(ctx, grad, eager: bool = False):
 
 
 _sparse24_mm_op.register_autograd(_backward, setup_context=_setup)
-_sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_mm", batch_arg=0)
+def _sparse24_mm_jvp(primals, tangents):
+    # y = x W^T + b: bilinear in (x, values), affine in the bias (argument 8).
+    t = _functorch.linear_tangent(_sparse24_mm, primals[:8] + [None] + primals[9:], tangents, (0, 1))
+    return _functorch.add_bias_tangent(t, tangents[8], primals[0], primals[1].shape[0])
+
+
+_sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_mm", batch_arg=0,
+                                 jvp=_sparse24_mm_jvp)
 
 
 class _EagerSparse24(torch.autograd.Function):
@@ -341,7 +348,6 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
 
     ``transposable=True`` declares that W^T is 2:4 too (a transposable mask): on the GPU
     the input gradient then also runs on sparse tensor cores."""
-    _checks.reject_forward_mode("sparse24_mm")
     values = _checks.check_tensor("sparse24_mm", "values", values)
     meta = _checks.check_tensor("sparse24_mm", "meta", meta)
     if values.dim() != 2 or meta.dim() != 2 or values.shape[1] != 2 * meta.shape[1] or values.shape[0] != meta.shape[0]:
@@ -401,8 +407,13 @@ def _forward_backward(ctx, grad):
 
 
 _sparse24_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+def _sparse24_forward_jvp(primals, tangents):
+    t = _functorch.linear_tangent(_sparse24_forward, primals[:3] + [None], tangents, (0, 1))
+    return _functorch.add_bias_tangent(t, tangents[3], primals[0], primals[1].shape[0])
+
+
 _sparse24_forward = _functorch.routed(_sparse24_forward_op, _forward_setup, _forward_backward, "sparse24_forward",
-                                      batch_arg=0)
+                                      batch_arg=0, jvp=_sparse24_forward_jvp)
 
 
 class _SRSTE(torch.autograd.Function):
@@ -427,8 +438,23 @@ class _SRSTE(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, meta, mask, bias, lam, transposable, _ = inputs
         ctx.save_for_backward(x, weight, output[1], meta, mask)
+        ctx.save_for_forward(output[1], meta, x)
         ctx.mark_non_differentiable(output[1])
         ctx.lam, ctx.transposable, ctx.has_bias = lam, transposable, bias is not None
+
+    @staticmethod
+    def jvp(ctx, tx, tweight, _meta, _mask, tbias, _lam, _transposable, _kept):
+        # The straight-through Jacobian that SR-STE's backward uses (d(W * E)/dW taken as
+        # the identity: a dense weight tangent); its decay term is not a derivative and
+        # has no forward-mode counterpart.
+        values, meta, x = ctx.saved_tensors
+        t = _sparse24_forward(tx, values, meta, None) if tx is not None else None
+        if tweight is not None:
+            tw = torch.nn.functional.linear(x, tweight)
+            t = tw if t is None else t + tw
+        if tbias is not None:
+            t = t + tbias if t is not None else tbias.expand(*x.shape[:-1], values.shape[0]).clone()
+        return t, None
 
     @staticmethod
     def backward(ctx, grad, _values_grad):

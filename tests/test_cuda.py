@@ -311,3 +311,41 @@ def test_gpu_tiled_kernel_matches_dense(dtype, shape, sparsity):
         assert not got.isnan().any(), f"{name}: NaN (unwritten output?)"
         if want.norm() > 0:
             assert _rel(got, want) < TOL[dtype], f"tiled {name} {dtype} {shape} s={sparsity}: {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "2:4"])
+def test_gpu_func_transforms_match_autograd(backend, fmt):
+    """torch.func.grad, per-sample gradients (vmap of grad) and jvp through a GPU layer
+    (ops/_functorch.py routes the ops): against plain autograd on the same layer."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} not available")
+    from torch.func import functional_call, grad, jvp, vmap
+
+    torch.manual_seed(0)
+    if fmt == "csr":
+        layer = sk.SparseLinear(96, 64, sparsity=0.8)
+    elif fmt == "bsr":
+        layer = sk.SparseLinear(96, 64, sparsity=0.5, format="bsr", block_size=16)
+    else:
+        layer = sk.nn.Sparse24Linear(96, 64)
+    layer = layer.cuda()
+    x = torch.randn(6, 96, device="cuda")
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, xx):
+        return functional_call(layer, p, (xx,)).square().sum()
+
+    with sk.use_backend(backend):
+        g = grad(loss)(params, x)
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+        tx = torch.randn_like(x)
+        _, ty = jvp(lambda xx: functional_call(layer, params, (xx,)), (x,), (tx,))
+        layer.zero_grad()
+        loss(dict(layer.named_parameters()), x).backward()
+        want_t = torch.autograd.functional.jvp(lambda xx: functional_call(layer, params, (xx,)), x, tx)[1]
+    torch.cuda.synchronize()
+    for k, v in layer.named_parameters():
+        assert _rel(g[k], v.grad) < 1e-4, k
+        assert _rel(per_sample[k].sum(0), v.grad) < 1e-4, k
+    assert _rel(ty, want_t) < 1e-4

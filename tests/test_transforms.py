@@ -293,3 +293,73 @@ def test_forward_ad_dual_tensors(kind, seed):
     want_y, want_t = torch.autograd.functional.jvp(f, x, tx)
     torch.testing.assert_close(primal, want_y, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(tangent, want_t, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["csr", "2:4", "conv"])
+def test_forward_mode_without_bias(kind, seed):
+    """A product called with bias=None: the forward-mode rule must not take the missing
+    bias for a saved tensor."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "csr":
+        layer, x = sk.nn.SparseLinear(20, 12, bias=False, sparsity=0.7, generator=g), torch.randn(4, 20)
+    elif kind == "2:4":
+        layer, x = sk.nn.Sparse24Linear(16, 12, bias=False), torch.randn(4, 16)
+    else:
+        layer, x = sk.nn.SparseConv2d(3, 4, 3, bias=False, sparsity=0.5, generator=g), torch.randn(2, 3, 5, 5)
+    layer, x = layer.double(), x.double()
+    tx = torch.randn_like(x)
+    _, t = jvp(layer, (x,), (tx,))
+    torch.testing.assert_close(t, torch.autograd.functional.jvp(layer, x, tx)[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["2:4-srste", "conv-bf16", "supermask"])
+def test_compile_fullgraph_of_the_custom_functions(kind, seed):
+    """The Functions with a forward-mode rule are applied only where tangents are possible:
+    dynamo cannot trace a Function that defines jvp, and fullgraph compiles must keep
+    working for SR-STE, the bf16 conv bridge and the supermask sampler."""
+    torch._dynamo.reset()
+    if kind == "2:4-srste":
+        layer, x = _layer("2:4-srste", seed, dtype=torch.float32)
+        layer.freeze_mask = True  # (the mask update's compress op has no fake kernel: not compiled)
+    elif kind == "conv-bf16":
+        layer, x = _layer("conv", seed, dtype=torch.bfloat16)
+        x.requires_grad_()
+    else:
+        from sparsekernels.methods.supermask import _BernoulliSTE
+
+        p = torch.full((8,), 0.5, requires_grad=True)
+        compiled = torch.compile(lambda q: _BernoulliSTE.apply(q, None), backend="aot_eager", fullgraph=True)
+        compiled(p).sum().backward()
+        assert torch.equal(p.grad, torch.ones(8))
+        return
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.float().square().sum().backward()
+    eager_x = x.detach().clone().requires_grad_(x.requires_grad)
+    eager(eager_x).float().square().sum().backward()
+    torch.testing.assert_close(y, eager(x.detach()), rtol=1e-2, atol=1e-2)
+    for (k, a), b in zip(layer.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=2e-2, msg=k)
+
+
+def test_srste_jvp_of_vmap_over_the_weight(seed):
+    layer, x = _layer("2:4-srste", seed)
+    layer.eval()
+    params = _params(layer)
+    ws = torch.stack([params["weight"], 2 * params["weight"]])
+    tws = torch.randn_like(ws)
+    f = lambda w: functional_call(layer, {**params, "weight": w}, (x,))  # noqa: E731
+    _, t = jvp(vmap(f), (ws,), (tws,))
+    for i in range(2):
+        torch.testing.assert_close(t[i], x @ tws[i].t(), rtol=1e-10, atol=1e-10)
+
+
+def test_capture_skipped_inside_transforms(seed):
+    """Topology capture (dy^T x scores) keeps only plain tensors: nothing from inside
+    torch.func.grad."""
+    layer, x = _layer("csr", seed)
+    layer.capture_next(True)
+    grad(_loss, argnums=1)(layer, _params(layer), x)
+    assert all(not torch._C._functorch.is_functorch_wrapped_tensor(t)
+               for slot in layer._captured for t in slot if t is not None)

@@ -23,6 +23,7 @@ from ..formats import check_sparsity, kept_count
 from ..nn import SparseConv2d, SparseLinear
 from ..nn._conv1d import is_conv1d
 from ..nn.sparsify import eligible_layers, left_dense_layers, sparse_class_for, warn_left_dense
+from ..ops._functorch import tangents_possible
 
 _SPARSE = (SparseLinear, SparseConv2d)
 
@@ -87,12 +88,17 @@ class _BernoulliSTE(torch.autograd.Function):
         pass  # the straight-through rules need nothing saved
 
     @staticmethod
-    def jvp(ctx, tp: Tensor, _generator):
-        return tp  # straight through, as the backward
-
-    @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
+
+
+class _BernoulliSTEForwardMode(_BernoulliSTE):
+    """_BernoulliSTE with its forward-mode rule, used only where tangents are possible:
+    dynamo cannot trace a Function that defines ``jvp``."""
+
+    @staticmethod
+    def jvp(ctx, tp: Tensor, _generator):
+        return tp  # straight through, as the backward
 
 
 class _SupermaskLayer(nn.Module):
@@ -127,7 +133,8 @@ class _SupermaskLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            mask = _BernoulliSTE.apply(torch.sigmoid(self.scores), self.generator)
+            ste = _BernoulliSTEForwardMode if tangents_possible() else _BernoulliSTE
+            mask = ste.apply(torch.sigmoid(self.scores), self.generator)
         else:
             mask = self.final_mask().to(self.scores.dtype)
         w = self.layer.weight * mask

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..formats import CSR, check_sparsity, magnitude_mask
 from ..kernels.pattern_cache import PatternCache
 from ..ops import spmm
+from ..ops._functorch import transforms_active
 from ..ops.autocast import same_cast_dtype
 
 _PATTERN = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
@@ -150,7 +151,8 @@ class SparseWeightMixin(nn.Module):
             y = torch.nn.functional.linear(x, self.values.reshape(self._matrix_shape), bias)
         else:
             y = spmm(x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm, bias)
-        if self._capture and y.requires_grad:
+        # (Not inside functorch transforms: the captured tensors would be their wrapped ones.)
+        if self._capture and y.requires_grad and not transforms_active():
             # Topology updates score inactive weights by |dy^T x| of this step: keep the
             # matmul's input and, through a hook, its output gradient. Every forward of the
             # step gets its own slot (gradient accumulation, a layer used twice), and the

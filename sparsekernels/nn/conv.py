@@ -18,6 +18,7 @@ from torch.nn.modules.utils import _pair
 
 from ..formats import CSR, check_sparsity, random_mask
 from ..ops import spmm, spmm_t
+from ..ops._functorch import tangents_possible
 from ._sparse_weight import SparseWeightMixin, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -50,8 +51,27 @@ class _Fp32InputGrad(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _, x, *weight, geometry = inputs
         ctx.save_for_backward(*weight)  # values and the pattern
-        ctx.save_for_forward(*weight)
         ctx.geometry, ctx.x_dtype = geometry, x.dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, *pattern = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[1]:
+            size, kernel_size, dilation, stride = ctx.geometry
+            dcols = spmm_t(grad.float(), values.detach().float(), *pattern)            # [N, L, C*kh*kw]
+            dx = F.fold(dcols.transpose(1, 2), size, kernel_size, dilation=dilation, stride=stride).to(ctx.x_dtype)
+        return grad, dx, None, None, None, None, None, None, None
+
+
+class _Fp32InputGradForwardMode(_Fp32InputGrad):
+    """_Fp32InputGrad with its forward-mode rule, used only where tangents are possible
+    (``_functorch.tangents_possible``): dynamo cannot trace a Function that defines ``jvp``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Fp32InputGrad.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[2:8])  # values and the pattern
 
     @staticmethod
     def jvp(ctx, ty, tx, *_):
@@ -64,16 +84,6 @@ class _Fp32InputGrad(torch.autograd.Function):
         cols = F.unfold(tx, kernel_size, dilation=dilation, stride=stride).transpose(1, 2)
         t = spmm(cols, values, *pattern).to(ty.dtype if ty is not None else tx.dtype)
         return t if ty is None else ty + t
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        values, *pattern = ctx.saved_tensors
-        dx = None
-        if ctx.needs_input_grad[1]:
-            size, kernel_size, dilation, stride = ctx.geometry
-            dcols = spmm_t(grad.float(), values.detach().float(), *pattern)            # [N, L, C*kh*kw]
-            dx = F.fold(dcols.transpose(1, 2), size, kernel_size, dilation=dilation, stride=stride).to(ctx.x_dtype)
-        return grad, dx, None, None, None, None, None, None, None
 
 
 class SparseConv2d(SparseWeightMixin):
@@ -227,7 +237,8 @@ class SparseConv2d(SparseWeightMixin):
         # CPU kernel adds it as it writes y, instead of a y + bias pass making a new [N, L, out].
         y = self._matmul(cols.transpose(1, 2), self.bias)  # [N, L, out]
         if low:
-            y = _Fp32InputGrad.apply(y, x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx,
+            bridge = _Fp32InputGradForwardMode if tangents_possible() else _Fp32InputGrad
+            y = bridge.apply(y, x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx,
                                      self.t_perm, ((h, w), self.kernel_size, self.dilation, self.stride))
         y = y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)
         return y.squeeze(0) if unbatched else y

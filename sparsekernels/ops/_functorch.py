@@ -47,6 +47,13 @@ def forward_ad_active() -> bool:
     return getattr(forward_ad, "_current_level", 0) >= 0
 
 
+def tangents_possible() -> bool:
+    """Whether a forward-mode rule may be asked for: a functorch transform is active or a
+    dual level is open. Functions that define ``jvp`` are applied only then (as a subclass
+    of the plain Function): dynamo cannot trace a Function with a custom ``jvp``."""
+    return transforms_active() or forward_ad_active()
+
+
 def batching_rule(call: Callable, batch_arg: int | None) -> Callable:
     """A vmap rule ``(info, in_dims, *args) -> (out, 0)`` that runs ``call``: once, with
     the vmapped dimension moved in front, when argument ``batch_arg`` (a dense operand
@@ -79,7 +86,7 @@ def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg
     gets the batching rule too."""
 
     def call(*args):
-        if transforms_active() or forward_ad_active():
+        if tangents_possible():
             return function.apply(*args)
         return op(*args)
 
@@ -92,11 +99,11 @@ def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg
         setup_context(ctx, inputs, output)
         # The primals for the forward-mode rule (ctx.saved_tensors in jvp), non-tensors aside.
         ctx.save_for_forward(*(a for a in inputs if isinstance(a, Tensor)))
-        ctx.primal_args = [None if isinstance(a, Tensor) else a for a in inputs]
+        ctx.primal_args = [_SAVED if isinstance(a, Tensor) else a for a in inputs]
 
     def forward_rule(ctx, *tangents):
         saved = iter(ctx.saved_tensors)
-        primals = [next(saved) if a is None else a for a in ctx.primal_args]
+        primals = [next(saved) if a is _SAVED else a for a in ctx.primal_args]
         return jvp(primals, list(tangents))
 
     rule = batching_rule(call, batch_arg)
@@ -111,6 +118,9 @@ def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg
     op.register_vmap(rule)
     call.__name__ = call.__qualname__ = f"{name}_routed"
     return call
+
+
+_SAVED = object()  # marks a tensor argument (saved for forward) in ctx.primal_args
 
 
 def linear_tangent(product: Callable, primals: list, tangents: list, slots: tuple[int, ...]):

@@ -425,39 +425,23 @@ class _SRSTE(torch.autograd.Function):
     GEMM of W^T on the GPU when the mask is transposable, as a dense product otherwise."""
 
     # forward / setup_context kept apart, as functorch transforms (torch.func.grad) require;
-    # vmap (per-sample gradients) runs forward and backward batched.
+    # vmap (per-sample gradients) runs forward and backward batched. The kept values come
+    # in as an input (gathered by the caller, no gradient of their own): a second,
+    # non-differentiable output had tripped functorch under jvp of vmap.
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, meta, mask, bias, lam, transposable, kept_values):
-        # (kept_values as a view: an input returned as-is could not be saved for backward.)
-        values = kept_values.view_as(kept_values) if kept_values is not None else weight.gather(1, meta_columns(meta))
-        return _sparse24_forward(x, values, meta, bias), values
+    def forward(x, weight, values, meta, mask, bias, lam, transposable):
+        return _sparse24_forward(x, values, meta, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, meta, mask, bias, lam, transposable, _ = inputs
-        ctx.save_for_backward(x, weight, output[1], meta, mask)
-        ctx.save_for_forward(output[1], meta, x)
-        ctx.mark_non_differentiable(output[1])
+        x, weight, values, meta, mask, bias, lam, transposable = inputs
+        ctx.save_for_backward(x, weight, values, meta, mask)
         ctx.lam, ctx.transposable, ctx.has_bias = lam, transposable, bias is not None
 
     @staticmethod
-    def jvp(ctx, tx, tweight, _meta, _mask, tbias, _lam, _transposable, _kept):
-        # The straight-through Jacobian that SR-STE's backward uses (d(W * E)/dW taken as
-        # the identity: a dense weight tangent); its decay term is not a derivative and
-        # has no forward-mode counterpart.
-        values, meta, x = ctx.saved_tensors
-        t = _sparse24_forward(tx, values, meta, None) if tx is not None else None
-        if tweight is not None:
-            tw = torch.nn.functional.linear(x, tweight)
-            t = tw if t is None else t + tw
-        if tbias is not None:
-            t = t + tbias if t is not None else tbias.expand(*x.shape[:-1], values.shape[0]).clone()
-        return t, None
-
-    @staticmethod
-    def backward(ctx, grad, _values_grad):
+    def backward(ctx, grad):
         x, weight, values, meta, mask = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -469,9 +453,32 @@ class _SRSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = g2.t() @ _rows2d(x)
             gw.add_(torch.where(mask, 0.0, weight), alpha=ctx.lam)  # in the weight's dtype, in place
-        if ctx.has_bias and ctx.needs_input_grad[4]:
+        if ctx.has_bias and ctx.needs_input_grad[5]:
             gb = g2.sum(0)
-        return gx, gw, None, None, gb, None, None, None
+        return gx, gw, None, None, None, gb, None, None
+
+
+class _SRSTEForwardMode(_SRSTE):
+    """_SRSTE with its forward-mode rule, used only under functorch transforms or a
+    forward-AD dual level: dynamo cannot trace a Function that defines ``jvp``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _SRSTE.setup_context(ctx, inputs, output)
+        x, _, values, meta = inputs[:4]
+        ctx.save_for_forward(x, values, meta)
+
+    @staticmethod
+    def jvp(ctx, tx, tweight, _values, _meta, _mask, tbias, _lam, _transposable):
+        # The straight-through Jacobian that SR-STE's backward uses (d(W * E)/dW taken as
+        # the identity: a dense weight tangent); its decay term is not a derivative and
+        # has no forward-mode counterpart.
+        x, values, meta = ctx.saved_tensors
+        t = _sparse24_forward(tx, values, meta, None) if tx is not None else None
+        if tweight is not None:
+            tw = torch.nn.functional.linear(x, tweight)
+            t = tw if t is None else t + tw
+        return _functorch.add_bias_tangent(t, tbias, x, values.shape[0])
 
 
 def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: float = 2e-4, *,
@@ -500,4 +507,6 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
                                     or tuple(kept_values.shape) != (weight.shape[0], weight.shape[1] // 2)):
         raise TypeError(f"srste_linear: kept_values must be [{weight.shape[0]}, {weight.shape[1] // 2}] of the "
                         f"weight's dtype")
-    return _SRSTE.apply(x, weight, meta, mask, bias, float(lam), bool(transposable), kept_values)[0]
+    values = kept_values if kept_values is not None else weight.detach().gather(1, meta_columns(meta))
+    fn = _SRSTEForwardMode if _functorch.tangents_possible() else _SRSTE
+    return fn.apply(x, weight, values, meta, mask, bias, float(lam), bool(transposable))

@@ -87,8 +87,16 @@ def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg
 
     def call(*args):
         if tangents_possible():
+            if torch.compiler.is_compiling():
+                # dynamo cannot follow the level-by-level peeling (it recursed without
+                # end): the transform runs eagerly around this call.
+                return apply_eagerly(*args)
             return function.apply(*args)
         return op(*args)
+
+    @torch.compiler.disable
+    def apply_eagerly(*args):
+        return function.apply(*args)
 
     def forward(*args):
         # Under functorch one level lower (the caller peels the next one); under plain

@@ -79,11 +79,11 @@ def batching_rule(call: Callable, batch_arg: int | None) -> Callable:
 def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg: int | None,
            jvp: Callable) -> Callable:
     """A caller of custom op ``op`` (positional arguments, all passed): the op itself, or,
-    while a functorch transform is active, an ``autograd.Function`` built from the op's
-    ``setup_context`` and ``backward``, with :func:`batching_rule` as its vmap rule and
-    ``jvp(primals, tangents)`` as its forward-mode rule (``jvp``, ``jacfwd``, ``hessian``):
-    both lists aligned with the op's arguments, a tangent None where there is none. The op
-    gets the batching rule too."""
+    where :func:`tangents_possible` (a functorch transform active, a dual level open), an
+    ``autograd.Function`` built from the op's ``setup_context`` and ``backward``, with
+    :func:`batching_rule` as its vmap rule and ``jvp(primals, tangents)`` as its
+    forward-mode rule (``jvp``, ``jacfwd``, ``hessian``): both lists aligned with the op's
+    arguments, a tangent None where there is none. The op gets the batching rule too."""
 
     def call(*args):
         if tangents_possible():

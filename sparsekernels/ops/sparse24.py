@@ -314,6 +314,8 @@ def _backward(ctx, grad, eager: bool = False):
 
 
 _sparse24_mm_op.register_autograd(_backward, setup_context=_setup)
+
+
 def _sparse24_mm_jvp(primals, tangents):
     # y = x W^T + b: bilinear in (x, values), affine in the bias (argument 8).
     t = _functorch.linear_tangent(_sparse24_mm, primals[:8] + [None] + primals[9:], tangents, (0, 1))
@@ -407,6 +409,8 @@ def _forward_backward(ctx, grad):
 
 
 _sparse24_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
 def _sparse24_forward_jvp(primals, tangents):
     t = _functorch.linear_tangent(_sparse24_forward, primals[:3] + [None], tangents, (0, 1))
     return _functorch.add_bias_tangent(t, tangents[3], primals[0], primals[1].shape[0])

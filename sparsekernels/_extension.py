@@ -16,6 +16,23 @@ except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+def _register_fakes() -> None:
+    """Fake (shape-only) kernels for the compiled ops Python calls directly, outside a
+    custom op of its own, so torch.compile / torch.export can trace those calls: the 2:4
+    prune + compress that SR-STE's mask update runs in its forward (without it a
+    ``fullgraph=True`` compile of a training SR-STE layer failed)."""
+
+    @torch.library.register_fake("sparsekernels_C::sparse24_compress")
+    def _(weight, transposable):
+        n, k = weight.shape
+        return (weight.new_empty((n, k // 2)), weight.new_empty((n, k // 4), dtype=torch.uint8),
+                weight.new_empty((n, k), dtype=torch.bool))
+
+
+if LOAD_ERROR is None and hasattr(torch.ops.sparsekernels_C, "sparse24_compress"):
+    _register_fakes()
+
+
 def compiled() -> bool:
     """True when the C++ extension is loaded."""
     return LOAD_ERROR is None

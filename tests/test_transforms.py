@@ -319,8 +319,7 @@ def test_compile_fullgraph_of_the_custom_functions(kind, seed):
     working for SR-STE, the bf16 conv bridge and the supermask sampler."""
     torch._dynamo.reset()
     if kind == "2:4-srste":
-        layer, x = _layer("2:4-srste", seed, dtype=torch.float32)
-        layer.freeze_mask = True  # (the mask update's compress op has no fake kernel: not compiled)
+        layer, x = _layer("2:4-srste", seed, dtype=torch.float32)  # the mask update included
     elif kind == "conv-bf16":
         layer, x = _layer("conv", seed, dtype=torch.bfloat16)
         x.requires_grad_()
@@ -383,3 +382,24 @@ def test_compiled_transforms_match_eager(kind, seed):
     t_comp = torch.compile(lambda xx, tt: jvp(f, (xx,), (tt,))[1], backend="aot_eager")(x, tx)
     torch.testing.assert_close(t_comp, t_eager, rtol=1e-5, atol=1e-5)
     assert t_eager.abs().max() > 0
+
+
+@pytest.mark.skipif(not sk._extension.compiled(), reason="the compiled 2:4 compress op")
+def test_srste_training_compiles_fullgraph_with_its_mask_updates(seed):
+    """SR-STE's forward prunes and compresses (a compiled op called from Python, with a
+    fake kernel for tracing): three compiled training steps against eager, masks included."""
+    torch._dynamo.reset()
+    layer, x = _layer("2:4-srste", seed, dtype=torch.float32)
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    masks = []
+    for _ in range(3):
+        for m, run in ((layer, compiled), (eager, eager)):
+            run(x).square().sum().backward()
+            with torch.no_grad():
+                m.weight -= 0.5 * m.weight.grad
+            m.weight.grad = None
+        assert torch.equal(layer.meta, eager.meta)
+        torch.testing.assert_close(layer.weight, eager.weight, rtol=1e-5, atol=1e-6)
+        masks.append(layer.mask())
+    assert not all(torch.equal(masks[0], m) for m in masks[1:])  # the mask did move

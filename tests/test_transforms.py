@@ -403,3 +403,22 @@ def test_srste_training_compiles_fullgraph_with_its_mask_updates(seed):
         torch.testing.assert_close(layer.weight, eager.weight, rtol=1e-5, atol=1e-6)
         masks.append(layer.mask())
     assert not all(torch.equal(masks[0], m) for m in masks[1:])  # the mask did move
+
+
+@pytest.mark.parametrize("kind", ["csr", "2:4", "bsr", "conv"])
+def test_gradcheck_every_mode(kind, seed):
+    """torch.autograd.gradcheck with forward AD and batched (vmapped) gradients, and
+    gradgradcheck forward over reverse, in float64 against finite differences."""
+    from torch.autograd import gradcheck, gradgradcheck
+
+    layer, x = _layer(kind, seed)
+    x = x[:2]
+    names = [k for k, _ in layer.named_parameters()]
+    inputs = (x.clone().requires_grad_(),) + tuple(v.detach().clone().requires_grad_()
+                                                   for _, v in layer.named_parameters())
+
+    def f(xx, *ps):
+        return functional_call(layer, dict(zip(names, ps)), (xx,))
+
+    assert gradcheck(f, inputs, check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True)
+    assert gradgradcheck(f, inputs, check_fwd_over_rev=True, check_batched_grad=True)

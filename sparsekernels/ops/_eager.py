@@ -48,9 +48,11 @@ def direct_call_allowed(*tensors: Tensor | None) -> bool:
     """True when an eager call on these tensors (None entries ignored) may skip the custom
     op: all on the CPU and of class Tensor or Parameter (no subclass: fake, functional or
     distributed tensors need the op's registrations), no tracing (``torch.compile`` and
-    ``torch.jit.trace`` keep the op in their graphs), no CPU autocast (the op's autocast rule casts), no mode or
-    functorch transform active, and no forward-AD dual level open (the routed Function has the tangent rule). The caller still checks that the op would run on the
-    "cpu" backend (``backends.planned``): measuring and the other backends stay in the op."""
+    ``torch.jit.trace`` keep the op in their graphs), no CPU autocast (the op's autocast
+    rule casts), no mode or functorch transform active, and no forward-AD dual level open
+    (the routed Function has the tangent rule). The caller still checks that the op would
+    run on the "cpu" backend (``backends.planned``): measuring and the other backends stay
+    in the op."""
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
             return False

@@ -131,11 +131,17 @@ def routed(op, setup_context: Callable, backward: Callable, name: str, batch_arg
 _SAVED = object()  # marks a tensor argument (saved for forward) in ctx.primal_args
 
 
-def linear_tangent(product: Callable, primals: list, tangents: list, slots: tuple[int, ...]):
+def linear_tangent(product: Callable, primals: list, tangents: list, slots: tuple[int, ...],
+                   bias_slot: int | None = None, out_features: int = 0):
     """The tangent of a product linear in each argument of ``slots`` separately (bilinear
     in two of them, e.g. x and values): the sum over those slots of the product with that
     slot's tangent in place of its primal, all other slots primal; None where no slot has a
-    tangent. ``product`` takes the arguments positionally (a routed caller)."""
+    tangent. ``product`` takes the arguments positionally (a routed caller). With
+    ``bias_slot`` the product is affine in that argument (y [..., out_features] + bias):
+    the products run without it and its tangent is added (:func:`add_bias_tangent`)."""
+    if bias_slot is not None:
+        primals = list(primals)
+        primals[bias_slot] = None
     total = None
     for i in slots:
         if tangents[i] is None:
@@ -144,6 +150,8 @@ def linear_tangent(product: Callable, primals: list, tangents: list, slots: tupl
         args[i] = tangents[i]
         term = product(*args)
         total = term if total is None else total + term
+    if bias_slot is not None:
+        total = add_bias_tangent(total, tangents[bias_slot], primals[0], out_features)
     return total
 
 

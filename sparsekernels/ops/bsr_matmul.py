@@ -71,16 +71,15 @@ def _static_backend(op: str, t: Tensor) -> str:
     return "triton" if backends.resolve(op, t.device, t.dtype) == "triton" else "reference"
 
 
-def _check_contents(op: str, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor, t_perm: Tensor) -> None:
-    """The pattern's index values, in the op's body: no BSR kernel checks them, and a bad
-    one would wrap or read out of bounds. Once per pattern (no device sync on later calls);
-    not in the entry points, where ``torch.export`` traces fake tensors without values."""
-    _checks.check_csr_contents(op, crow, ccol, t_crow, t_ccol, t_perm, names=("crow", "ccol", "t_crow", "t_ccol"))
-
-
-def _dispatch(op: str, lead: Tensor, crow: Tensor, t_crow: Tensor, values: Tensor, run):
-    """``backends.dispatch`` for a BSR product with dense operand ``lead`` [..., *]: on the
-    GPU, Triton is measured against the reference per problem class."""
+def _dispatch(op: str, lead: Tensor, pattern: tuple, values: Tensor, run):
+    """``backends.dispatch`` for a BSR product with dense operand ``lead`` [..., *] and the
+    pattern (crow, ccol, t_crow, t_ccol, t_perm): on the GPU, Triton is measured against
+    the reference per problem class. The pattern's index values are checked first, here
+    in the op's body: no BSR kernel checks them, and a bad one would wrap or read out of
+    bounds. Once per pattern (no device sync on later calls); not in the entry points,
+    where ``torch.export`` traces fake tensors without values."""
+    _checks.check_csr_contents(op, *pattern, names=("crow", "ccol", "t_crow", "t_ccol"))
+    crow, t_crow = pattern[0], pattern[2]
     b = values.shape[-1]
     out_blocks, in_blocks = crow.shape[0] - 1, t_crow.shape[0] - 1
     m = lead.shape[:-1].numel()
@@ -103,8 +102,7 @@ def _bsr_mm_op(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Te
             return bsr.bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
         return reference_bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
 
-    _check_contents("bsr_mm", crow, ccol, t_crow, t_ccol, t_perm)
-    return _dispatch("bsr_mm", x, crow, t_crow, values, run)
+    return _dispatch("bsr_mm", x, (crow, ccol, t_crow, t_ccol, t_perm), values, run)
 
 
 @_bsr_mm_op.register_fake
@@ -122,8 +120,7 @@ def _bsr_mm_t_op(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow:
             return bsr.bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
         return reference_bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
 
-    _check_contents("bsr_mm_t", crow, ccol, t_crow, t_ccol, t_perm)
-    return _dispatch("bsr_mm_t", dy, crow, t_crow, values, run)
+    return _dispatch("bsr_mm_t", dy, (crow, ccol, t_crow, t_ccol, t_perm), values, run)
 
 
 @_bsr_mm_t_op.register_fake
@@ -141,8 +138,7 @@ def _bsr_sddmm_op(dy: Tensor, x: Tensor, crow: Tensor, ccol: Tensor, t_crow: Ten
             return bsr.bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like)
         return reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like)
 
-    _check_contents("bsr_sddmm", crow, ccol, t_crow, t_ccol, t_perm)
-    return _dispatch("bsr_sddmm", dy, crow, t_crow, values_like, run)
+    return _dispatch("bsr_sddmm", dy, (crow, ccol, t_crow, t_ccol, t_perm), values_like, run)
 
 
 @_bsr_sddmm_op.register_fake

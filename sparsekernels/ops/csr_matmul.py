@@ -322,14 +322,11 @@ _spmm_t_op.register_autograd(_spmm_t_backward, setup_context=_save_all)
 _sddmm_op.register_autograd(_sddmm_backward, setup_context=_save_all)
 
 # What the entry points and the backward formulas call (``_functorch``): the ops, or under
-# functorch transforms Functions with the same setup_context and backward.
-def _spmm_jvp(primals, tangents):
-    # y = x W^T + b: bilinear in (x, values), affine in the bias.
-    t = _functorch.linear_tangent(_spmm, primals[:7] + [None], tangents, (0, 1))
-    return _functorch.add_bias_tangent(t, tangents[7], primals[0], primals[2].shape[0] - 1)
-
-
-_spmm = _functorch.routed(_spmm_op, _spmm_setup, _spmm_backward, "spmm", batch_arg=0, jvp=_spmm_jvp)
+# functorch transforms Functions with the same setup_context and backward. Forward-mode
+# rules: each product is bilinear in its two operands; spmm is affine in its bias.
+_spmm = _functorch.routed(_spmm_op, _spmm_setup, _spmm_backward, "spmm", batch_arg=0,
+                          jvp=lambda p, t: _functorch.linear_tangent(_spmm, p, t, (0, 1), bias_slot=7,
+                                                                     out_features=p[2].shape[0] - 1))
 _spmm_t = _functorch.routed(_spmm_t_op, _save_all, _spmm_t_backward, "spmm_t", batch_arg=0,
                             jvp=lambda p, t: _functorch.linear_tangent(_spmm_t, p, t, (0, 1)))
 # (sddmm: dy and x share their batch, so vmap runs it per entry)

@@ -316,14 +316,10 @@ def _backward(ctx, grad, eager: bool = False):
 _sparse24_mm_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _sparse24_mm_jvp(primals, tangents):
-    # y = x W^T + b: bilinear in (x, values), affine in the bias (argument 8).
-    t = _functorch.linear_tangent(_sparse24_mm, primals[:8] + [None] + primals[9:], tangents, (0, 1))
-    return _functorch.add_bias_tangent(t, tangents[8], primals[0], primals[1].shape[0])
-
-
+# y = x W^T + b: bilinear in (x, values), affine in the bias (argument 8).
 _sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_mm", batch_arg=0,
-                                 jvp=_sparse24_mm_jvp)
+                                 jvp=lambda p, t: _functorch.linear_tangent(_sparse24_mm, p, t, (0, 1), bias_slot=8,
+                                                                            out_features=p[1].shape[0]))
 
 
 class _EagerSparse24(torch.autograd.Function):
@@ -411,13 +407,10 @@ def _forward_backward(ctx, grad):
 _sparse24_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
 
 
-def _sparse24_forward_jvp(primals, tangents):
-    t = _functorch.linear_tangent(_sparse24_forward, primals[:3] + [None], tangents, (0, 1))
-    return _functorch.add_bias_tangent(t, tangents[3], primals[0], primals[1].shape[0])
-
-
-_sparse24_forward = _functorch.routed(_sparse24_forward_op, _forward_setup, _forward_backward, "sparse24_forward",
-                                      batch_arg=0, jvp=_sparse24_forward_jvp)
+_sparse24_forward = _functorch.routed(
+    _sparse24_forward_op, _forward_setup, _forward_backward, "sparse24_forward", batch_arg=0,
+    jvp=lambda p, t: _functorch.linear_tangent(_sparse24_forward, p, t, (0, 1), bias_slot=3,
+                                               out_features=p[1].shape[0]))
 
 
 class _SRSTE(torch.autograd.Function):

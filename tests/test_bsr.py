@@ -46,6 +46,28 @@ BACKENDS = ["reference"] + (["triton"] if TRITON else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_called_directly_reject_operands_of_another_width(backend, seed):
+    """torch.ops.sparsekernels.bsr_* skip the entry points' checks: an operand of another
+    width raises a ValueError naming it, not a reshape error or a product of its first
+    columns."""
+    bsr, _ = _bsr(32, 48, 16, 0.5, torch.float32, torch.Generator().manual_seed(seed))
+    p = bsr.pattern()
+    cases = [("x", lambda w: torch.ops.sparsekernels.bsr_mm(torch.randn(4, w), bsr.values, *p), 48),
+             ("dy", lambda w: torch.ops.sparsekernels.bsr_mm_t(torch.randn(4, w), bsr.values, *p), 32),
+             ("x", lambda w: torch.ops.sparsekernels.bsr_sddmm(torch.randn(4, 32), torch.randn(4, w), *p, bsr.values),
+              48),
+             ("dy", lambda w: torch.ops.sparsekernels.bsr_sddmm(torch.randn(4, w), torch.randn(4, 48), *p, bsr.values),
+              32)]
+    with sk.use_backend(backend):
+        for name, call, width in cases:
+            for wrong in (width + 16, width - 16, width + 1):
+                with pytest.raises(ValueError, match=rf"{name} must have shape \[\.\.\., {width}\]"):
+                    call(wrong)
+        with pytest.raises(ValueError, match="same leading dimensions"):
+            torch.ops.sparsekernels.bsr_sddmm(torch.randn(4, 32), torch.randn(3, 48), *p, bsr.values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("b,density,batch", [(16, 0.5, 5), (16, 1.0, 1), (32, 0.3, 17), (16, 0.0, 3)])
 def test_bsr_ops_match_dense(backend, dtype, b, density, batch, seed):

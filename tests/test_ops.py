@@ -517,6 +517,26 @@ def test_bad_inputs_sddmm(seed):
     _raises(ValueError, "x", lambda: ops.sddmm(dy, torch.randn(5, 7), rp, ci, trp, tci, tp))
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_custom_ops_called_directly_reject_operands_of_another_width(backend, seed):
+    """torch.ops.sparsekernels.* skip the public entry points' checks: a wider operand must
+    not have its first columns taken for all of it (the CPU kernels read the weight's
+    width), and a narrower one must not fail deep inside a kernel."""
+    csr = CSR.from_dense(torch.randn(8, 12, generator=torch.Generator().manual_seed(seed)))
+    pattern = csr.pattern()
+    cases = [("x", lambda w: torch.ops.sparsekernels.spmm(torch.randn(4, w), csr.values, *pattern), 12),
+             ("dy", lambda w: torch.ops.sparsekernels.spmm_t(torch.randn(4, w), csr.values, *pattern), 8),
+             ("x", lambda w: torch.ops.sparsekernels.sddmm(torch.randn(4, 8), torch.randn(4, w), *pattern), 12),
+             ("dy", lambda w: torch.ops.sparsekernels.sddmm(torch.randn(4, w), torch.randn(4, 12), *pattern), 8)]
+    with sparsekernels.use_backend(None if backend == "auto" else backend):
+        for name, call, width in cases:
+            for wrong in (width + 3, width - 1):
+                with pytest.raises(ValueError, match=rf"{name} must have shape \[\.\.\., {width}\]"):
+                    call(wrong)
+        with pytest.raises(ValueError, match="same leading dimensions"):
+            torch.ops.sparsekernels.sddmm(torch.randn(4, 8), torch.randn(3, 12), *pattern)
+
+
 # --------------------------------------------------------------------------- compiled ops, corrupt patterns
 # A valid W [4, 5]: rows {0: cols 0, 3}, {1: col 1}, {2: -}, {3: cols 2, 4}; its transpose map.
 _CHILD = textwrap.dedent(r"""

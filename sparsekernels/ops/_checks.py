@@ -63,6 +63,21 @@ def check_dense(op: str, name: str, x: object, values: Tensor, features: int) ->
     return x
 
 
+def check_features(op: str, name: str, t: Tensor, features: int) -> None:
+    """The shape part of :func:`check_dense` alone, for the custom ops' bodies: the public
+    entry points have checked everything, but a direct call of
+    ``torch.ops.sparsekernels.<op>`` must not take a wider operand's first columns for all
+    of it (the kernels read the weight's width, not the operand's)."""
+    if t.dim() < 1 or t.shape[-1] != features:
+        raise ValueError(f"{op}: {name} must have shape [..., {features}], got {tuple(t.shape)}")
+
+
+def check_same_batch(op: str, dy: Tensor, x: Tensor) -> None:
+    """dy [..., out] and x [..., in] of a weight-gradient product share their leading dims."""
+    if dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{op}: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
+
+
 def check_pattern_contents(op: str, ptr: Tensor, idx: Tensor, n_cols: int, ptr_name: str = "row_ptr",
                            idx_name: str = "col_idx") -> None:
     """Checks the index *values* of a CSR-like pattern: ``ptr`` runs from 0 to nnz without

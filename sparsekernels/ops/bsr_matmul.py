@@ -95,6 +95,8 @@ def _dispatch(op: str, lead: Tensor, pattern: tuple, values: Tensor, run):
 @torch.library.custom_op("sparsekernels::bsr_mm", mutates_args=())
 def _bsr_mm_op(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
                t_perm: Tensor) -> Tensor:
+    _checks.check_features("bsr_mm", "x", x, (t_crow.shape[0] - 1) * values.shape[-1])
+
     def run(backend: str) -> Tensor:
         if backend == "triton":
             from ..kernels.triton import bsr
@@ -113,6 +115,8 @@ def _(x, values, crow, ccol, t_crow, t_ccol, t_perm):
 @torch.library.custom_op("sparsekernels::bsr_mm_t", mutates_args=())
 def _bsr_mm_t_op(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
                  t_perm: Tensor) -> Tensor:
+    _checks.check_features("bsr_mm_t", "dy", dy, (crow.shape[0] - 1) * values.shape[-1])
+
     def run(backend: str) -> Tensor:
         if backend == "triton":
             from ..kernels.triton import bsr
@@ -131,6 +135,11 @@ def _(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
 @torch.library.custom_op("sparsekernels::bsr_sddmm", mutates_args=())
 def _bsr_sddmm_op(dy: Tensor, x: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
                   t_perm: Tensor, values_like: Tensor) -> Tensor:
+    b = values_like.shape[-1]
+    _checks.check_features("bsr_sddmm", "dy", dy, (crow.shape[0] - 1) * b)
+    _checks.check_features("bsr_sddmm", "x", x, (t_crow.shape[0] - 1) * b)
+    _checks.check_same_batch("bsr_sddmm", dy, x)
+
     def run(backend: str) -> Tensor:
         if backend == "triton":
             from ..kernels.triton import bsr
@@ -220,6 +229,5 @@ def bsr_sddmm(dy: Tensor, x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor,
     out_f, in_f = _check_bsr("bsr_sddmm", values, crow, ccol, t_crow, t_ccol, t_perm)
     _checks.check_dense("bsr_sddmm", "dy", dy, values, out_f)
     _checks.check_dense("bsr_sddmm", "x", x, values, in_f)
-    if dy.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"bsr_sddmm: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
+    _checks.check_same_batch("bsr_sddmm", dy, x)
     return _bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values.detach())

@@ -127,6 +127,8 @@ def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
 @torch.library.custom_op("sparsekernels::spmm", mutates_args=())
 def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
              t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None) -> Tensor:
+    _checks.check_features("spmm", "x", x, t_row_ptr.shape[0] - 1)
+
     def run(backend: str) -> Tensor:
         if backend == "cpu":  # the C++ CPU kernels check the pattern themselves
             # The bias is added as the kernel writes y: no second pass over the output.
@@ -157,6 +159,8 @@ def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias=None):
 @torch.library.custom_op("sparsekernels::spmm_t", mutates_args=())
 def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    _checks.check_features("spmm_t", "dy", dy, row_ptr.shape[0] - 1)
+
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
@@ -183,6 +187,10 @@ def _(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 @torch.library.custom_op("sparsekernels::sddmm", mutates_args=())
 def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
               t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    _checks.check_features("sddmm", "dy", dy, row_ptr.shape[0] - 1)
+    _checks.check_features("sddmm", "x", x, t_row_ptr.shape[0] - 1)
+    _checks.check_same_batch("sddmm", dy, x)
+
     def run(backend: str) -> Tensor:
         if backend == "cpu":
             return _compiled("sddmm")(dy, x, row_ptr, col_idx)
@@ -413,6 +421,5 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     out_f, in_f = _checks.check_csr_pattern("sddmm", placeholder, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("sddmm", "dy", dy, placeholder, out_f)
     _checks.check_dense("sddmm", "x", x, placeholder, in_f)
-    if dy.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"sddmm: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
+    _checks.check_same_batch("sddmm", dy, x)
     return _sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

@@ -282,3 +282,100 @@ def test_bad_inputs(gen, tmp_path):
     incomplete = {k: v for k, v in sd.items() if not k.endswith("t_row_ptr")}
     with pytest.raises(ValueError, match="column count"):
         sparsekernels.save(incomplete, tmp_path / "x.safetensors")
+
+
+# --------------------------------------------------------------------------- corrupt or foreign checkpoints
+def _swap_first_two(t):
+    t = t.clone()
+    t[[0, 1]] = t[[1, 0]]
+    return t
+
+
+def _sparse_layers(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    return {"linear": SparseLinear.from_dense(nn.Linear(12, 8), sparsity=0.5),
+            "grouped_conv": SparseConv2d.from_dense(nn.Conv2d(4, 6, 3, groups=2), sparsity=0.5),
+            "bsr": BSRLinear.from_dense(nn.Linear(64, 32), sparsity=0.5, block_size=16)}
+
+
+@pytest.mark.parametrize("kind", ["linear", "grouped_conv", "bsr"])
+def test_a_checkpoint_whose_transpose_map_is_not_its_patterns_own_is_refused(kind, seed):
+    """In-range entries in the wrong order passed the kernels' range checks and gave wrong
+    input gradients, silently: the load now checks the map against the pattern, before
+    anything is copied."""
+    layer = _sparse_layers(torch.Generator().manual_seed(seed))[kind]
+    sd = layer.state_dict()
+    names = ("crow", "ccol") if kind == "bsr" else ("row_ptr", "col_idx")
+    for key in ("t_perm", "t_col_idx" if kind != "bsr" else "t_ccol"):
+        bad = dict(sd, **{key: _swap_first_two(sd[key])})
+        if torch.equal(bad[key], sd[key]):
+            continue  # two equal entries: nothing to swap
+        fresh = _sparse_layers(torch.Generator().manual_seed(seed))[kind]
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"{key} is not the transpose map of \({names[0]}, {names[1]}\)"):
+            fresh.load_state_dict(bad)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()), "nothing loaded"
+    bad = dict(sd, **{names[1]: sd[names[1]] + 10_000})
+    with pytest.raises(ValueError, match=names[1]):
+        _sparse_layers(torch.Generator().manual_seed(seed))[kind].load_state_dict(bad)
+    bad = dict(sd, values=sd["values"][:-1])
+    with pytest.raises(ValueError, match="values"):
+        _sparse_layers(torch.Generator().manual_seed(seed))[kind].load_state_dict(bad)
+
+
+def test_a_grouped_conv_checkpoint_with_entries_across_groups_is_refused(seed):
+    layer = SparseConv2d.from_dense(nn.Conv2d(4, 6, 3, groups=2), sparsity=0.0)
+    rows, cols = torch.tensor([0, 5]), torch.tensor([20, 3])  # row 0 (group 0) at a column of group 1
+    from sparsekernels.formats import CSR
+    csr = CSR.from_indices(torch.ones(2), rows, cols, layer.csr().shape)
+    sd = dict(layer.state_dict(), values=csr.values, **dict(zip(("row_ptr", "col_idx", "t_row_ptr", "t_col_idx",
+                                                                  "t_perm"), csr.pattern())))
+    with pytest.raises(ValueError, match="outside their group's block"):
+        layer.load_state_dict(sd)
+
+
+def test_int64_indices_load_as_int32_into_a_layer_of_another_nnz(seed):
+    """A checkpoint with int64 index tensors (another tool wrote it) into a layer of another
+    sparsity: the resized buffers keep the layer's int32, and the products run."""
+    torch.manual_seed(seed)
+    src = SparseLinear.from_dense(nn.Linear(12, 8), sparsity=0.5)
+    sd = {k: (v.long() if v.dtype == torch.int32 else v) for k, v in src.state_dict().items()}
+    dst = SparseLinear.from_dense(nn.Linear(12, 8), sparsity=0.75)
+    dst.load_state_dict(sd)
+    assert all(getattr(dst, n).dtype == torch.int32 for n in ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx",
+                                                              "t_perm"))
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(dst(x), src(x))
+    wide = dict(sd, col_idx=sd["col_idx"].clone())
+    wide["col_idx"][0] = 2**32 + 1  # would wrap to column 1 in int32
+    with pytest.raises(ValueError, match="col_idx"):
+        SparseLinear.from_dense(nn.Linear(12, 8), sparsity=0.75).load_state_dict(wide)
+
+
+def test_a_2_4_checkpoint_with_bad_meta_or_a_foreign_csr_view_is_refused(seed):
+    torch.manual_seed(seed)
+    layer = Sparse24Linear.from_dense(nn.Linear(16, 8))
+    sd = layer.state_dict()
+    meta = sd["meta"].clone()
+    meta[0, 0] = 255
+    for bad, match in ((dict(sd, meta=meta), "meta entries"), (dict(sd, meta=sd["meta"].long()), "uint8"),
+                       (dict(sd, meta=sd["meta"][:, :2]), "shape"),
+                       (dict(sd, t_perm=_swap_first_two(sd["t_perm"])), "t_perm is not the CSR view of meta")):
+        with pytest.raises(ValueError, match=match):
+            Sparse24Linear.from_dense(nn.Linear(16, 8)).load_state_dict(bad)
+    srste = Sparse24Linear.from_dense(nn.Linear(16, 8), mode="srste")
+    with pytest.raises(ValueError, match="meta entries"):
+        srste.load_state_dict(dict(srste.state_dict(), meta=meta))
+    # Into a dense-constructed model: load_sparse_state_dict rebuilds the mask from meta.
+    prefixed = {f"0.{k}": v for k, v in dict(sd, meta=meta).items()}
+    with pytest.raises(ValueError, match="sparse layer '0': meta entries"):
+        load_sparse_state_dict(nn.Sequential(nn.Linear(16, 8)), prefixed)
+    with pytest.raises(ValueError, match="t_perm is not the transpose map"):
+        load_sparse_state_dict(nn.Sequential(nn.Linear(12, 8)),
+                               {f"0.{k}": v for k, v in _corrupt_linear_state(seed).items()})
+
+
+def _corrupt_linear_state(seed):
+    torch.manual_seed(seed)
+    sd = SparseLinear.from_dense(nn.Linear(12, 8), sparsity=0.5).state_dict()
+    return dict(sd, t_perm=_swap_first_two(sd["t_perm"]))

@@ -221,7 +221,7 @@ def test_from_dense_bad_inputs():
         CSR.from_dense(w, torch.ones(5, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
         CSR.from_dense(w, torch.ones(4, 5, 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(TypeError, match="mask"):
         CSR.from_dense(w, [[True] * 5] * 4)
     with pytest.raises(ValueError, match="mask"):
         CSR.from_dense(w, torch.full((4, 5), 0.5))
@@ -328,3 +328,50 @@ def test_check_sparsity_accepts(good):
 def test_check_sparsity_rejects(bad, exc):
     with pytest.raises(exc, match="sparsity"):
         check_sparsity(bad)
+
+
+def test_from_indices_and_from_pattern_check_their_entries():
+    """Out-of-range, out-of-order, repeated or mismatched entries raise a ValueError naming
+    the argument; int64 indices past int32 are refused before they are narrowed (one at
+    2**32 + 1 had wrapped to column 1)."""
+    one = torch.ones(1)
+    cases = [
+        (lambda: CSR.from_pattern(one, torch.tensor([0, 1]), torch.tensor([2**32 + 1]), (1, 3)), ValueError, "col_idx"),
+        (lambda: CSR.from_pattern(one, torch.tensor([0, 5]), torch.tensor([1]), (1, 3)), ValueError, "row_ptr"),
+        (lambda: CSR.from_pattern(one, torch.tensor([0, 1]), torch.tensor([1]), (2, 3)), ValueError, "row_ptr"),
+        (lambda: CSR.from_pattern(torch.ones(2), torch.tensor([0, 1]), torch.tensor([1]), (1, 3)), ValueError,
+         "values"),
+        (lambda: CSR.from_pattern(one, torch.tensor([0., 1.]), torch.tensor([1]), (1, 3)), TypeError, "row_ptr"),
+        (lambda: CSR.from_indices(torch.ones(2), torch.tensor([0]), torch.tensor([1]), (1, 3)), ValueError, "values"),
+        (lambda: CSR.from_indices(one, torch.tensor([0]), torch.tensor([1, 2]), (1, 3)), ValueError, "cols"),
+        (lambda: CSR.from_indices(one, torch.tensor([4]), torch.tensor([1]), (1, 3)), ValueError, "rows"),
+        (lambda: CSR.from_indices(one, torch.tensor([0]), torch.tensor([-1]), (1, 3)), ValueError, "cols"),
+        (lambda: CSR.from_indices(torch.ones(2), torch.tensor([0, 0]), torch.tensor([1, 1]), (1, 3)), ValueError,
+         "row-major"),
+        (lambda: CSR.from_indices(torch.ones(2), torch.tensor([1, 0]), torch.tensor([0, 0]), (2, 3)), ValueError,
+         "row-major"),
+        (lambda: CSR.from_indices(one, torch.tensor([0]), torch.tensor([1]), (1, -3)), ValueError, "shape"),
+        (lambda: CSR.from_indices(one, torch.tensor([0]), torch.tensor([1]), (1.0, 3)), ValueError, "shape"),
+    ]
+    for call, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            call()
+    csr = CSR.from_pattern(torch.tensor([1.0, 2.0]), torch.tensor([0, 1, 2]), torch.tensor([2, 0]), (2, 3))
+    csr.validate()
+    assert csr.to_dense().tolist() == [[0, 0, 1], [2, 0, 0]]
+    assert CSR.from_indices(torch.tensor([3.0]), torch.tensor([1]), torch.tensor([2]), (2, 3)).to_dense()[1, 2] == 3
+
+
+def test_masks_check_their_sparsity_and_masks_their_dtype():
+    from sparsekernels.formats import BSR, Sparse24, magnitude_mask, random_mask
+    for bad in (1.0, 1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="sparsity"):
+            random_mask((3, 3), bad)
+        with pytest.raises(ValueError, match="sparsity"):
+            magnitude_mask(torch.randn(3, 3), bad)
+    with pytest.raises(ValueError, match="block_mask must be boolean"):
+        BSR.from_dense(torch.randn(32, 32), torch.rand(2, 2), 16)
+    with pytest.raises(TypeError, match="mask"):
+        Sparse24.from_dense(torch.randn(4, 8), [[True]])
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        Sparse24.from_dense(torch.randn(4, 8), torch.rand(4, 8))

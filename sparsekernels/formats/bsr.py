@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..reference import csr_rows
 from .csr import build_transpose, row_ptr_from_rows
+from .masks import check_mask
 
 BLOCK_SIZES = (16, 32, 64)
 
@@ -57,10 +58,7 @@ class BSR:
         blocks = weight.reshape(nbr, b, nbc, b).transpose(1, 2)          # [nbr, nbc, b, b]
         if block_mask is None:
             block_mask = blocks.ne(0).any(-1).any(-1)
-        if not isinstance(block_mask, Tensor) or tuple(block_mask.shape) != (nbr, nbc):
-            raise ValueError(f"BSR.from_dense: block_mask must have shape {(nbr, nbc)}, got "
-                             f"{tuple(block_mask.shape) if isinstance(block_mask, Tensor) else type(block_mask).__name__}")
-        block_mask = block_mask.to(device=weight.device, dtype=torch.bool)
+        block_mask = check_mask("BSR.from_dense", block_mask, (nbr, nbc), "block_mask").to(weight.device)
         rows, cols = block_mask.nonzero(as_tuple=True)
         crow = row_ptr_from_rows(rows, nbr)
         ccol = cols.to(torch.int32)

@@ -9,12 +9,14 @@ so it is built when the pattern changes, never per step.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import reference
+from .masks import check_mask
 
 
 def _rows_of(row_ptr: Tensor) -> Tensor:
@@ -49,6 +51,75 @@ def _build_transpose_sorted(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> tu
     if cols.numel():
         t_row_ptr[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)
     return t_row_ptr, rows[perm].to(torch.int32), perm.to(torch.int32)
+
+
+def check_pattern_contents(op: str, ptr: Tensor, idx: Tensor, n_cols: int, ptr_name: str = "row_ptr",
+                           idx_name: str = "col_idx") -> None:
+    """Checks the index *values* of a CSR-like pattern: ``ptr`` runs from 0 to nnz without
+    decreasing and every ``idx`` lies in [0, n_cols). O(nnz) with torch ops (a device sync on
+    a GPU); run on the paths that would otherwise read out of bounds or wrap silently."""
+    nnz = idx.shape[0]
+    if ptr.numel() == 0 or int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+        raise ValueError(f"{op}: {ptr_name} must start at 0 and end at nnz = {nnz}")
+    if ptr.numel() > 1 and bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"{op}: {ptr_name} must be non-decreasing")
+    if nnz and (int(idx.min()) < 0 or int(idx.max()) >= n_cols):
+        raise ValueError(f"{op}: {idx_name} entries must lie in [0, {n_cols})")
+
+
+def _check_index_tensor(op: str, name: str, t: object, length: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+    if t.dim() != 1 or (length is not None and t.shape[0] != length):
+        want = "1-D" if length is None else f"1-D with {length} entries"
+        raise ValueError(f"{op}: {name} must be {want}, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_shape(op: str, shape: object) -> tuple[int, int]:
+    try:
+        if isinstance(shape, Tensor) or len(shape) != 2 or any(isinstance(d, bool) for d in shape):
+            raise TypeError
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise ValueError(f"{op}: shape must be two non-negative ints (rows, cols), got {shape!r}") from None
+    if min(dims) < 0 or max(dims) >= 2**31:
+        raise ValueError(f"{op}: shape must be two ints in [0, 2**31) (int32 indices), got {dims}")
+    return dims
+
+
+def _check_values(op: str, values: object, nnz: int) -> Tensor:
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{op}: values must be a torch.Tensor, got {type(values).__name__}")
+    if values.dim() != 1 or values.shape[0] != nnz:
+        raise ValueError(f"{op}: values must be 1-D with nnz = {nnz} entries, got shape {tuple(values.shape)}")
+    return values
+
+
+def check_csr_structure(owner: str, nnz: int, pattern: tuple[Tensor, ...], shape: tuple[int, int],
+                        names: tuple[str, ...] = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm"),
+                        ) -> tuple[Tensor, ...]:
+    """Raises ValueError (TypeError for a non-integer tensor) unless ``pattern`` (row_ptr,
+    col_idx, t_row_ptr, t_col_idx, t_perm; any integer dtype, as a checkpoint may hold) is
+    a CSR pattern of ``shape`` with ``nnz`` entries and the transpose map
+    :func:`build_transpose` gives for it; then returns the five as int32 (after the range
+    checks, so nothing wraps). O(nnz); for checkpoints and :meth:`CSR.validate`, not for
+    the hot path. A transpose map with the right entries in the wrong order would give
+    silently wrong input gradients."""
+    n_rows, n_cols = shape
+    lengths = (n_rows + 1, nnz, n_cols + 1, nnz, nnz)
+    for name, t, length in zip(names, pattern, lengths):
+        _check_index_tensor(owner, name, t, length)
+    row_ptr, col_idx = pattern[0], pattern[1]
+    check_pattern_contents(owner, row_ptr, col_idx, n_cols, names[0], names[1])
+    row_ptr, col_idx = row_ptr.to(torch.int32), col_idx.to(torch.int32)
+    want = build_transpose(row_ptr, col_idx, n_cols)
+    for name, t, w in zip(names[2:], pattern[2:], want):
+        if not torch.equal(t.to(w.device, torch.int64), w.long()):
+            raise ValueError(f"{owner}: {name} is not the transpose map of ({names[0]}, {names[1]})")
+    return (row_ptr, col_idx, *(t.to(torch.int32) for t in pattern[2:]))
 
 
 def kept_pattern(row_ptr: Tensor, col_idx: Tensor, kept_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,22 +165,32 @@ class CSR:
                              f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
         if not weight.dtype.is_floating_point:
             raise TypeError(f"CSR.from_dense: weight must be a floating dtype, got {weight.dtype}")
-        if mask is None:
-            mask = weight != 0
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(weight.shape):
-            raise ValueError(f"CSR.from_dense: mask must be a tensor of shape {tuple(weight.shape)}, got "
-                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            if mask.dtype.is_floating_point or mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
-                raise ValueError("CSR.from_dense: mask must be boolean (or integer 0/1)")
-            mask = mask.bool()
+        mask = weight != 0 if mask is None else check_mask("CSR.from_dense", mask, tuple(weight.shape))
         mask = mask.to(weight.device)
-        return cls.from_indices(weight[mask], *mask.nonzero(as_tuple=True), shape=tuple(weight.shape))
+        return cls.from_indices(weight[mask], *mask.nonzero(as_tuple=True), shape=tuple(weight.shape), check=False)
 
     @classmethod
-    def from_indices(cls, values: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> "CSR":
+    def from_indices(cls, values: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int], *,
+                     check: bool = True) -> "CSR":
         """CSR from COO entries given in row-major order (``rows`` sorted, ``cols`` sorted
-        within each row), e.g. from ``mask.nonzero(as_tuple=True)``."""
+        within each row, no repeats), e.g. from ``mask.nonzero(as_tuple=True)``.
+        ``check``: raise ValueError unless the entries lie in ``shape`` in that order (O(nnz);
+        the package's own callers, whose entries are so by construction, skip it)."""
+        if check:
+            n_rows, n_cols = _check_shape("CSR.from_indices", shape)
+            rows = _check_index_tensor("CSR.from_indices", "rows", rows)
+            cols = _check_index_tensor("CSR.from_indices", "cols", cols, rows.shape[0])
+            _check_values("CSR.from_indices", values, rows.shape[0])
+            if rows.numel():
+                r, c = rows.long(), cols.long()
+                if int(r.min()) < 0 or int(r.max()) >= n_rows:
+                    raise ValueError(f"CSR.from_indices: rows must lie in [0, {n_rows})")
+                if int(c.min()) < 0 or int(c.max()) >= n_cols:
+                    raise ValueError(f"CSR.from_indices: cols must lie in [0, {n_cols})")
+                keys = r * n_cols + c
+                if bool((keys[1:] <= keys[:-1]).any()):
+                    raise ValueError("CSR.from_indices: entries must be in row-major order (rows sorted, cols "
+                                     "increasing within a row), each position once")
         n_rows, n_cols = int(shape[0]), int(shape[1])
         if n_rows * n_cols >= 2**31 and values.numel() >= 2**31:
             raise ValueError("CSR: nnz must fit int32 indices")
@@ -119,9 +200,18 @@ class CSR:
         return cls(values.contiguous(), row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, (n_rows, n_cols))
 
     @classmethod
-    def from_pattern(cls, values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: tuple[int, int]) -> "CSR":
-        """CSR from its row-major pattern (``row_ptr`` [rows+1], ``col_idx`` [nnz], int32,
-        columns sorted within each row): builds the transpose map only."""
+    def from_pattern(cls, values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: tuple[int, int], *,
+                     check: bool = True) -> "CSR":
+        """CSR from its row-major pattern (``row_ptr`` [rows+1], ``col_idx`` [nnz], integer,
+        columns sorted within each row): builds the transpose map only. ``check``: raise
+        ValueError unless the pattern fits ``shape`` (O(nnz); skipped by the package's own
+        callers), before the indices are narrowed to int32."""
+        if check:
+            n_rows, n_cols = _check_shape("CSR.from_pattern", shape)
+            row_ptr = _check_index_tensor("CSR.from_pattern", "row_ptr", row_ptr, n_rows + 1)
+            col_idx = _check_index_tensor("CSR.from_pattern", "col_idx", col_idx)
+            _check_values("CSR.from_pattern", values, col_idx.shape[0])
+            check_pattern_contents("CSR.from_pattern", row_ptr, col_idx, n_cols)
         n_rows, n_cols = int(shape[0]), int(shape[1])
         row_ptr, col_idx = row_ptr.to(torch.int32), col_idx.to(torch.int32)
         t_row_ptr, t_col_idx, t_perm = build_transpose(row_ptr, col_idx, n_cols)
@@ -167,14 +257,4 @@ class CSR:
 
     def validate(self) -> None:
         """Raises ValueError if the index structure is inconsistent (O(nnz))."""
-        n_rows, n_cols = self.shape
-        rp, ci = self.row_ptr, self.col_idx
-        if rp.numel() != n_rows + 1 or int(rp[0]) != 0 or int(rp[-1]) != self.nnz:
-            raise ValueError("CSR: row_ptr must have rows + 1 entries from 0 to nnz")
-        if (rp[1:] < rp[:-1]).any():
-            raise ValueError("CSR: row_ptr must be non-decreasing")
-        if self.nnz and (int(ci.min()) < 0 or int(ci.max()) >= n_cols):
-            raise ValueError(f"CSR: col_idx must lie in [0, {n_cols})")
-        t = build_transpose(rp, ci, n_cols)
-        if not all(torch.equal(a, b.to(a.dtype)) for a, b in zip(t, (self.t_row_ptr, self.t_col_idx, self.t_perm))):
-            raise ValueError("CSR: the transpose map does not match the pattern")
+        check_csr_structure("CSR", self.nnz, self.pattern(), self.shape)

@@ -18,6 +18,21 @@ def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
     return s
 
 
+def check_mask(owner: str, mask: object, shape: tuple[int, ...], name: str = "mask") -> Tensor:
+    """``mask`` as a bool tensor, after checking that it is a tensor of ``shape`` holding
+    booleans or integers 0 / 1. A float mask (scores, probabilities) is refused rather than
+    read as "every non-zero is kept": rounding or thresholding it is the caller's call."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor of shape {tuple(shape)}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{owner}: {name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{owner}: {name} must be boolean (or integer 0/1), got {mask.dtype}")
+        mask = mask.bool()
+    return mask
+
+
 def kept_count(numel: int, sparsity: float) -> int:
     """Non-zeros kept out of ``numel`` at ``sparsity`` (rounded, at least one when numel > 0
     so no layer is cut off entirely)."""
@@ -30,7 +45,7 @@ def random_mask(shape: tuple[int, ...], sparsity: float, *, device=None,
                 generator: torch.Generator | None = None) -> Tensor:
     """Boolean mask of ``shape`` with exactly ``kept_count`` true entries, uniform at random."""
     numel = math.prod(shape)
-    keep = kept_count(numel, sparsity)
+    keep = kept_count(numel, check_sparsity(sparsity))
     mask = torch.zeros(numel, dtype=torch.bool, device=device)
     if keep:
         gen_device = generator.device if generator is not None else device
@@ -50,6 +65,9 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     (``kthvalue``), everything above it is kept, and the entries equal to it fill the rest
     in index order (a full sort of every layer made ``sparsify`` of resnet18 take seconds).
     """
+    sparsity = check_sparsity(sparsity)
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"magnitude_mask: weight must be a torch.Tensor, got {type(weight).__name__}")
     flat = weight.detach().abs().reshape(-1)
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()  # exact; the selection kernels cover fp32 / fp64 everywhere

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..reference import meta_columns
+from .masks import check_mask
 
 # The 6 ways to keep 2 of 4: (i0, i1) with i0 < i1.
 PAIRS = list(itertools.combinations(range(4), 2))
@@ -41,6 +42,15 @@ def check_24_dtype(op: str, weight: Tensor) -> None:
         raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{op}: weight must have a floating dtype, got {weight.dtype}")
+
+
+def check_meta_bytes(owner: str, meta: Tensor, name: str = "meta") -> None:
+    """Raises ValueError unless every byte of ``meta`` is i0 | i1 << 2 with 0 <= i0 < i1 < 4
+    (the positions of a group's two kept values). O(numel); a device sync on a GPU."""
+    if meta.numel():
+        m = meta.to(torch.int32)
+        if bool(((m >= 16) | (m < 0) | ((m & 3) >= (m >> 2))).any()):
+            raise ValueError(f"{owner}: {name} entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4")
 
 
 def _groups(t: Tensor) -> Tensor:
@@ -119,9 +129,10 @@ class Sparse24:
             raise ValueError("Sparse24.from_dense: weight must be a 2-D tensor [out, in]")
         check_24_dtype("Sparse24.from_dense", weight)
         check_24_shape(tuple(weight.shape))
-        mask = prune_24(weight) if mask is None else mask.to(device=weight.device, dtype=torch.bool)
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise ValueError(f"Sparse24.from_dense: mask must have shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+        if mask is None:
+            mask = prune_24(weight)
+        else:
+            mask = check_mask("Sparse24.from_dense", mask, tuple(weight.shape)).to(weight.device)
         if not is_24(mask):
             raise ValueError("Sparse24.from_dense: mask is not 2:4 (more than 2 kept in a group of 4 along a row)")
         out_f, in_f = weight.shape

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats.csr import build_transpose
+from ..formats.sparse24 import check_meta_bytes
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
 from ..reference import csr_rows, meta_columns
 
@@ -154,6 +155,8 @@ def _sparse24_mask(name: str, sd, p: str, mode: str, out_f: int, in_f: int, devi
     shape = (out_f, in_f // 2) if mode == "fixed" else (out_f, in_f)
     _expect(tuple(held.shape) == shape, name,
             f"{'values' if mode == 'fixed' else 'weight'} has shape {tuple(held.shape)}, expected {shape}")
+    _expect(meta.dtype == torch.uint8, name, f"meta must be uint8, got {meta.dtype}")
+    check_meta_bytes(f"load_sparse_state_dict: sparse layer '{name}'", meta)
     mask = torch.zeros(out_f, in_f, dtype=torch.bool, device=device)
     return mask.scatter(1, meta_columns(meta.to(device)), True)
 

@@ -76,7 +76,8 @@ def superpose_states(states: list[Mapping], weights: list[float], layers: Mappin
         offset += union.numel()
         n_rows, n_cols = layer.csr().shape
         keys = union[keep]
-        csr = CSR.from_indices(values[keep].to(layer.values.dtype), keys // n_cols, keys % n_cols, (n_rows, n_cols))
+        csr = CSR.from_indices(values[keep].to(layer.values.dtype), keys // n_cols, keys % n_cols, (n_rows, n_cols),
+                               check=False)
         for attr, tensor in zip(("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm"), csr.pattern()):
             out[f"{name}.{attr}"] = tensor
         out[f"{name}.values"] = csr.values

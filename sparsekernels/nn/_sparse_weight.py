@@ -8,7 +8,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import reference
 from ..formats import CSR, check_sparsity, magnitude_mask
+from ..formats.masks import check_mask
+from ..formats.csr import check_csr_structure
 from ..kernels.pattern_cache import PatternCache
 from ..ops import spmm
 from ..ops._functorch import transforms_active
@@ -72,10 +75,32 @@ def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor |
         raise ValueError(f"{owner}: give mask or sparsity, not both")
     if mask is None:
         return magnitude_mask(weight, check_sparsity(sparsity)) if sparsity is not None else weight != 0
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(weight.shape):
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"{owner}: mask must have shape {tuple(weight.shape)} (the weight's), got {got}")
-    return mask
+    return check_mask(owner, mask, tuple(weight.shape))
+
+
+def check_loaded_pattern(layer: nn.Module, state_dict, prefix: str, names: tuple[str, ...],
+                         shape: tuple[int, int]) -> None:
+    """Before a layer loads a checkpoint: where it holds the layer's pattern (the five
+    index tensors ``names``), raises ValueError unless they are a pattern of ``shape`` with
+    its own transpose map and as many entries as the checkpoint's values
+    (:func:`check_csr_structure`), and, for a grouped convolution, every entry inside its
+    group's block. The kernels check column ranges, not that the transpose map belongs to
+    the pattern: a corrupt one would give wrong input gradients, silently."""
+    keys = [prefix + n for n in names]
+    if not all(k in state_dict for k in keys):
+        return  # strict loading reports the missing keys
+    owner = f"{type(layer).__name__}.load_state_dict ({prefix.rstrip('.') or 'root'})"
+    pattern = tuple(state_dict[k] for k in keys)
+    nnz = pattern[1].shape[0] if isinstance(pattern[1], Tensor) and pattern[1].dim() == 1 else -1
+    values = state_dict.get(prefix + "values")
+    if isinstance(values, Tensor) and values.shape[0] != nnz:
+        raise ValueError(f"{owner}: values has {values.shape[0]} entries but {names[1]} has {nnz}")
+    row_ptr, col_idx, *_ = check_csr_structure(owner, nnz, pattern, shape, names)
+    groups, rows_per_group, cols_per_group = getattr(layer, "groups_layout", (1, 0, 0))
+    if groups > 1 and nnz:
+        rows = reference.csr_rows(row_ptr)
+        if bool((rows // rows_per_group != col_idx.long() // cols_per_group).any()):
+            raise ValueError(f"{owner}: {names[1]} has entries outside their group's block ({groups} groups)")
 
 
 class SparseWeightMixin(nn.Module):
@@ -217,6 +242,7 @@ class SparseWeightMixin(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        check_loaded_pattern(self, state_dict, prefix, _PATTERN, self._matrix_shape)
         # A checkpoint may hold a different nnz (another sparsity, or a later topology):
         # take its pattern wholesale instead of failing on a size mismatch.
         key = prefix + "values"
@@ -225,7 +251,8 @@ class SparseWeightMixin(nn.Module):
                                                            device=self.values.device))
             for name in _PATTERN:
                 if prefix + name in state_dict:
-                    setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.values.device))
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name], dtype=getattr(self, name).dtype,
+                                                         device=self.values.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

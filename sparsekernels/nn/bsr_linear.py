@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import autocast, bsr_mm
-from ._sparse_weight import check_layer_input, dense_linear, resize_parameter
+from ._sparse_weight import check_layer_input, check_loaded_pattern, dense_linear, resize_parameter
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
 
@@ -114,13 +114,20 @@ class BSRLinear(nn.Module):
         return y + autocast.cast(self.bias) if self.bias is not None else y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        b = self.block_size
+        check_loaded_pattern(self, state_dict, prefix, _PATTERN, (self.out_features // b, self.in_features // b))
+        values = state_dict.get(prefix + "values")
+        if isinstance(values, Tensor) and tuple(values.shape[1:]) != (b, b):
+            raise ValueError(f"BSRLinear.load_state_dict ({prefix.rstrip('.') or 'root'}): values must be "
+                             f"[blocks, {b}, {b}], got {tuple(values.shape)}")
         key = prefix + "values"
         if key in state_dict and state_dict[key].shape != self.values.shape:  # another number of blocks
             resize_parameter(self.values, torch.empty_like(state_dict[key], dtype=self.values.dtype,
                                                            device=self.values.device))
             for name in _PATTERN:
                 if prefix + name in state_dict:
-                    setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.values.device))
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name], dtype=getattr(self, name).dtype,
+                                                         device=self.values.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -152,7 +152,7 @@ class SparseConv2d(SparseWeightMixin):
         rows, cols = mask.reshape(self.out_channels, -1).nonzero(as_tuple=True)
         unfolded_cols = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         csr = CSR.from_indices(w2[rows, cols], rows, self._block_diagonal_cols(rows, cols),
-                               (self.out_channels, unfolded_cols))
+                               (self.out_channels, unfolded_cols), check=False)
         self._init_sparse_weight(csr, dense_numel=math.prod(self.weight_shape))
 
     @property

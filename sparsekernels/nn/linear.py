@@ -58,7 +58,7 @@ class SparseLinear(SparseWeightMixin):
         mask = random_mask((out_features, in_features), sparsity, device=device, generator=generator)
         rows, cols = mask.nonzero(as_tuple=True)
         self._init_sparse_weight(CSR.from_indices(torch.zeros(rows.numel(), **factory), rows, cols,
-                                                  (out_features, in_features)))
+                                                  (out_features, in_features), check=False))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats import CSR, Sparse24, compress_24, is_24
-from ..formats.sparse24 import check_24_shape
+from ..formats.sparse24 import check_24_shape, check_meta_bytes
 from ..ops import sparse24_mm, srste_linear
 from ..ops._functorch import transforms_active
 from ..reference import meta_columns
@@ -79,11 +79,7 @@ class Sparse24Linear(nn.Module):
             mask = s24.mask()  # positions as stored (the given mask may keep fewer than 2 of 4)
         tensors = {"meta": s24.meta}
         if self.mode == "fixed":
-            cols = s24.columns()
-            rows = torch.arange(self.out_features, device=weight.device).repeat_interleave(cols.shape[1])
-            csr = CSR.from_indices(s24.values.reshape(-1), rows, cols.reshape(-1),
-                                   (self.out_features, self.in_features))
-            tensors.update(zip(_BUFFERS[1:], csr.pattern()))
+            tensors.update(zip(_BUFFERS[1:], self._csr_view(s24.meta)))
         for name, t in tensors.items():
             if name in self._buffers:
                 setattr(self, name, t)
@@ -91,6 +87,14 @@ class Sparse24Linear(nn.Module):
                 self.register_buffer(name, t)
         self.register_buffer("stored_mask", mask, persistent=False)
         return s24
+
+    def _csr_view(self, meta: Tensor) -> tuple[Tensor, ...]:
+        """The CSR pattern (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm) of the positions
+        ``meta`` [out, in/4] keeps, in values' order."""
+        cols = meta_columns(meta)
+        rows = torch.arange(self.out_features, device=meta.device).repeat_interleave(cols.shape[1])
+        return CSR.from_indices(torch.empty(rows.shape[0], device=meta.device), rows, cols.reshape(-1),
+                                (self.out_features, self.in_features), check=False).pattern()
 
     def _check_transposable(self, mask: Tensor, where: str) -> None:
         # The GPU input gradient runs W^T on the 2:4 GEMM: a W^T that is not 2:4 would give
@@ -122,6 +126,25 @@ class Sparse24Linear(nn.Module):
         return layer
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint's meta is checked before anything is loaded: a bad byte would index
+        # out of the group when the mask is rebuilt, or pick wrong columns in the kernels.
+        # The CSR view is derived from meta; a stored one that differs is refused rather
+        # than let the backward products use another pattern than the forward.
+        owner = f"Sparse24Linear.load_state_dict ({prefix.rstrip('.') or 'root'})"
+        meta = state_dict.get(prefix + "meta")
+        if meta is not None:
+            want = (self.out_features, self.in_features // 4)
+            if not isinstance(meta, Tensor) or meta.dtype != torch.uint8 or tuple(meta.shape) != want:
+                got = (f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, Tensor) else type(meta).__name__)
+                raise ValueError(f"{owner}: meta must be a uint8 tensor of shape {want}, got {got}")
+            check_meta_bytes(owner, meta)
+            stored = [prefix + n for n in _BUFFERS[1:]]
+            if self.mode == "fixed" and all(k in state_dict for k in stored):
+                for key, derived in zip(stored, self._csr_view(meta)):
+                    t = state_dict[key]
+                    if not (isinstance(t, Tensor) and t.shape == derived.shape
+                            and torch.equal(t.to(derived.device, torch.int64), derived.long())):
+                        raise ValueError(f"{owner}: {key[len(prefix):]} is not the CSR view of meta")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The mask is derived from meta (not saved twice): rebuild it from the loaded meta.
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.meta.device)

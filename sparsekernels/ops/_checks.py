@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..formats.csr import check_pattern_contents  # noqa: F401  (shared with the format's checks)
+from ..formats.sparse24 import check_meta_bytes
 from ..kernels.pattern_cache import PatternCache
 from .autocast import same_cast_dtype
 
@@ -78,20 +80,6 @@ def check_same_batch(op: str, dy: Tensor, x: Tensor) -> None:
         raise ValueError(f"{op}: dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same leading dimensions")
 
 
-def check_pattern_contents(op: str, ptr: Tensor, idx: Tensor, n_cols: int, ptr_name: str = "row_ptr",
-                           idx_name: str = "col_idx") -> None:
-    """Checks the index *values* of a CSR-like pattern: ``ptr`` runs from 0 to nnz without
-    decreasing and every ``idx`` lies in [0, n_cols). O(nnz) with torch ops (a device sync on
-    a GPU); run on the paths that would otherwise read out of bounds or wrap silently."""
-    nnz = idx.shape[0]
-    if ptr.numel() == 0 or int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
-        raise ValueError(f"{op}: {ptr_name} must start at 0 and end at nnz = {nnz}")
-    if ptr.numel() > 1 and bool((ptr[1:] < ptr[:-1]).any()):
-        raise ValueError(f"{op}: {ptr_name} must be non-decreasing")
-    if nnz and (int(idx.min()) < 0 or int(idx.max()) >= n_cols):
-        raise ValueError(f"{op}: {idx_name} entries must lie in [0, {n_cols})")
-
-
 _validated = PatternCache()
 
 
@@ -126,8 +114,5 @@ def check_meta(op: str, meta: Tensor) -> None:
 
 
 def _check_meta(op: str, meta: Tensor) -> bool:
-    if meta.numel():
-        m = meta.to(torch.int32)
-        if bool(((m >= 16) | ((m & 3) >= (m >> 2))).any()):
-            raise ValueError(f"{op}: meta entries must be i0 | i1 << 2 with 0 <= i0 < i1 < 4")
+    check_meta_bytes(op, meta)
     return True

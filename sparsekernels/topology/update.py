@@ -60,13 +60,14 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
         kept_idx = keep.nonzero().squeeze(1)
         # A pure drop: the kept entries' pattern is a gather (no keys, no sort).
         source = kept_idx
-        new_csr = CSR.from_pattern(old_values[kept_idx], *kept_pattern(csr.row_ptr, csr.col_idx, kept_idx), csr.shape)
+        new_csr = CSR.from_pattern(old_values[kept_idx], *kept_pattern(csr.row_ptr, csr.col_idx, kept_idx), csr.shape,
+                                   check=False)
         n_grown = n_new = 0
     elif _merge_compiled(csr.row_ptr):
         # One O(nnz + g) pass in C++: grown positions bucketed by row, merged row by row.
         row_ptr, col_idx, source = torch.ops.sparsekernels_C.csr_merge_grow(
             csr.row_ptr, csr.col_idx, keep, grow_rows.long(), grow_cols.long(), n_cols)
-        new_csr = CSR.from_pattern(gather_or_zero(old_values, source), row_ptr, col_idx, csr.shape)
+        new_csr = CSR.from_pattern(gather_or_zero(old_values, source), row_ptr, col_idx, csr.shape, check=False)
         n_grown, n_new = grow_rows.numel(), int((source < 0).sum())
     else:
         kept_idx = keep.nonzero().squeeze(1)
@@ -96,7 +97,8 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
         source = torch.empty_like(keys)
         keys[at_kept], keys[at_grow] = kept_keys, grow_keys
         source[at_kept], source[at_grow] = kept_idx, grow_source
-        new_csr = CSR.from_indices(gather_or_zero(old_values, source), keys // n_cols, keys % n_cols, csr.shape)
+        new_csr = CSR.from_indices(gather_or_zero(old_values, source), keys // n_cols, keys % n_cols, csr.shape,
+                                   check=False)
         n_grown, n_new = grow_source.numel(), int((grow_source < 0).sum())
 
     old_nnz = old_values.numel()

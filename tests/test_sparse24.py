@@ -439,6 +439,20 @@ def test_srste_linear_rejects_bad_mask_and_meta():
         sk.ops.srste_linear(torch.randn(2, 8), w, s24.meta.int(), mask)
     with pytest.raises(ValueError, match="x"):
         sk.ops.srste_linear(torch.randn(2, 7), w, s24.meta, mask)
+    x = torch.randn(2, 8)
+    bad_meta = s24.meta.clone()
+    bad_meta[0, 0] = 255
+    with pytest.raises(ValueError, match="meta entries"):
+        sk.ops.srste_linear(x, w, bad_meta, mask)
+    with pytest.raises(ValueError, match="positions meta describes"):  # forward by meta, backward by mask
+        sk.ops.srste_linear(x, w, s24.meta, ~mask)
+    with pytest.raises(ValueError, match="weight"):
+        sk.ops.srste_linear(x, torch.randn(8), s24.meta, mask)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sk.ops.srste_linear(torch.randn(2, 6), torch.randn(8, 6), s24.meta, mask)
+    for lam in (float("nan"), -1.0, float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="lam"):
+            sk.ops.srste_linear(x, w, s24.meta, mask, lam)
 
 
 def test_srste_kept_values_shortcut_matches_the_gather(seed):

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..formats import CSR, Sparse24, compress_24, is_24
 from ..formats.sparse24 import check_24_shape, check_meta_bytes
-from ..ops import sparse24_mm, srste_linear
+from ..ops import sparse24_mm
+from ..ops.sparse24 import srste_product
 from ..ops._functorch import transforms_active
 from ..reference import meta_columns
 from ._sparse_weight import check_layer_input, dense_linear
@@ -195,8 +196,8 @@ class Sparse24Linear(nn.Module):
                 # kept weights (no second gather).
                 kept = self._set_pattern(self.weight.detach(), None).values
             self._forwards += 1
-        return srste_linear(input, self.weight, self.meta, self.stored_mask, self.srste_lambda, bias=self.bias,
-                            transposable=self.transposable, kept_values=kept)
+        return srste_product(input, self.weight, self.meta, self.stored_mask, self.srste_lambda, bias=self.bias,
+                             transposable=self.transposable, kept_values=kept)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -18,10 +18,13 @@ layer keeps ``row_ptr``, ``col_idx`` and the transpose map next to ``meta``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import backends, reference
+from ..formats.sparse24 import check_meta_bytes
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
 from . import _checks, _eager, _functorch, autocast
@@ -486,13 +489,20 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
     Zhou et al. 2021: dW = dy^T x + lam * (1 - mask) * weight. ``transposable=True``
     declares the mask 2:4 along columns too (the GPU then runs dx on the 2:4 GEMM).
     ``kept_values`` [N, K/2]: weight's current values at the mask in meta's order, when the
-    caller has them (the prune + compress that produced meta returns them); else gathered."""
+    caller has them (the prune + compress that produced meta returns them); else gathered.
+    Checks every argument, meta's bytes and that ``mask`` holds meta's positions (the
+    forward reads meta, the backward the mask: two patterns would give gradients of
+    another product); ``Sparse24Linear``, whose meta and mask come from one compress,
+    calls :func:`srste_product` directly."""
     weight = _checks.check_tensor("srste_linear", "weight", weight)
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise ValueError(f"srste_linear: weight must be a 2-D floating tensor [N, K], got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] % 4:
+        raise ValueError(f"srste_linear: weight's K = {weight.shape[1]} must be divisible by 4 (2:4 groups)")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"srste_linear: lam must be a finite number >= 0, got {lam!r}")
     _checks.check_dense("srste_linear", "x", x, weight, weight.shape[1])
-    # SR-STE is an autograd.Function, not a custom op: under autocast it casts its operands
-    # here, as the op-level rule (ops/autocast.py) does for the others, and the gradient
-    # reaches the fp32 master weight through the casts.
-    x, weight, bias, kept_values = (autocast.cast(t) for t in (x, weight, bias, kept_values))
     if bias is not None:
         _checks.check_dense("srste_linear", "bias", bias, weight, weight.shape[0])
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
@@ -504,6 +514,25 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
                                     or tuple(kept_values.shape) != (weight.shape[0], weight.shape[1] // 2)):
         raise TypeError(f"srste_linear: kept_values must be [{weight.shape[0]}, {weight.shape[1] // 2}] of the "
                         f"weight's dtype")
+    if meta.device != weight.device or mask.device != weight.device:
+        raise ValueError(f"srste_linear: meta and mask must be on the weight's device {weight.device}")
+    # The contents, where they have values to read (not while tracing or under transforms).
+    if not (_functorch.transforms_active() or torch.compiler.is_compiling()):
+        check_meta_bytes("srste_linear", meta)
+        positions = torch.zeros_like(mask).scatter(1, meta_columns(meta), True)
+        if not torch.equal(positions, mask):
+            raise ValueError("srste_linear: mask must hold exactly the positions meta describes")
+    return srste_product(x, weight, meta, mask, lam, bias=bias, transposable=transposable, kept_values=kept_values)
+
+
+def srste_product(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: float, *, bias: Tensor | None = None,
+                  transposable: bool = False, kept_values: Tensor | None = None) -> Tensor:
+    """:func:`srste_linear` without its checks, for a caller whose arguments are consistent
+    by construction (``Sparse24Linear``: meta, mask and kept values from one compress)."""
+    # SR-STE is an autograd.Function, not a custom op: under autocast it casts its operands
+    # here, as the op-level rule (ops/autocast.py) does for the others, and the gradient
+    # reaches the fp32 master weight through the casts.
+    x, weight, bias, kept_values = (autocast.cast(t) for t in (x, weight, bias, kept_values))
     values = kept_values if kept_values is not None else weight.detach().gather(1, meta_columns(meta))
     fn = _SRSTEForwardMode if _functorch.tangents_possible() else _SRSTE
     return fn.apply(x, weight, values, meta, mask, bias, float(lam), bool(transposable))

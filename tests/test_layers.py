@@ -574,3 +574,13 @@ def test_conv_bad_inputs():
         SparseConv2d.from_dense(conv, sparsity=-0.1)
     with pytest.raises(TypeError):
         SparseConv2d.from_dense(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="mask must be boolean"):  # scores, not a mask
+        SparseConv2d.from_dense(conv, mask=torch.rand(4, 3, 3, 3))
+    # Geometry arguments are checked where they are given, not later in unfold / pad (a
+    # 3-element padding had run and returned an output of another shape).
+    for name, bad in (("padding", (1, 2, 3)), ("padding", (1,)), ("padding", -1), ("padding", 1.0),
+                      ("kernel_size", (3,)), ("kernel_size", (3, 3, 3)), ("kernel_size", 3.0), ("kernel_size", 0),
+                      ("stride", 0), ("stride", True), ("stride", (1, 0)), ("dilation", 1.5)):
+        kwargs = {"kernel_size": 3, name: bad}
+        with pytest.raises(ValueError, match=name):
+            SparseConv2d(3, 4, sparsity=0.5, **kwargs)

@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from ..formats import CSR, check_sparsity, random_mask
 from ..ops import spmm, spmm_t
@@ -22,6 +21,17 @@ from ..ops._functorch import tangents_possible
 from ._sparse_weight import SparseWeightMixin, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _int_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+    """An ``nn.Conv2d`` size argument (an int, or a pair of ints) as a pair, each at least
+    ``minimum``; a float, a bool or a pair of another length is refused here rather than
+    failing later in unfold or pad."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
+        kind = "a positive int" if minimum > 0 else "a non-negative int"
+        raise ValueError(f"SparseConv2d: {name} must be {kind} or a pair of them, got {value!r}")
+    return pair
 
 
 class _Fp32InputGrad(torch.autograd.Function):
@@ -116,9 +126,8 @@ class SparseConv2d(SparseWeightMixin):
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"SparseConv2d: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        if min(self.kernel_size) <= 0 or min(self.stride) <= 0 or min(self.dilation) <= 0:
-            raise ValueError("SparseConv2d: kernel_size, stride and dilation must be positive")
+        self.kernel_size = _int_pair("kernel_size", kernel_size, 1)
+        self.stride, self.dilation = _int_pair("stride", stride, 1), _int_pair("dilation", dilation, 1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"SparseConv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
@@ -126,9 +135,7 @@ class SparseConv2d(SparseWeightMixin):
                 raise ValueError("SparseConv2d: padding='same' needs stride 1 (as nn.Conv2d)")
             self.padding = padding
         else:
-            self.padding = _pair(padding)
-            if min(self.padding) < 0:
-                raise ValueError(f"SparseConv2d: padding must be non-negative, got {padding!r}")
+            self.padding = _int_pair("padding", padding, 0)
         self.padding_mode = padding_mode
         kh, kw = self.kernel_size
         self.weight_shape = (out_channels, in_channels // groups, kh, kw)

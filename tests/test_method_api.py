@@ -326,3 +326,22 @@ def test_srste_state_round_trip():
         other.load_state_dict({**state, "forwards": {"x": 1}})
     with pytest.raises(ValueError, match="non-negative int"):
         other.load_state_dict({**state, "forwards": {n: -1 for n in state["forwards"]}})
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_a_method_says_when_it_adopts_sparse_layers_at_another_sparsity(distribution):
+    """Layers the model holds sparse already are trained as they are: where one's sparsity
+    is not the method's (under its distribution), a warning names it; at the same
+    sparsity, nothing is said."""
+    import warnings
+
+    import sparsekernels
+
+    model = sparsekernels.sparsify(_mlp(), sparsity=0.5)
+    with pytest.warns(UserWarning, match=r"sparse already and are trained at their own sparsity.*\(0\.500, not"):
+        RigL(model, torch.optim.Adam(model.parameters()), sparsity=0.9, distribution=distribution, total_steps=10)
+    assert all(abs(m.sparsity - 0.5) < 1e-3 for m in model.modules() if isinstance(m, SparseLinear))
+    same = sparsekernels.sparsify(_mlp(), sparsity=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SET(same, torch.optim.SGD(same.parameters(), lr=0.1), sparsity=0.9, distribution="uniform", total_steps=10)

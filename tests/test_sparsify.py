@@ -338,3 +338,44 @@ def test_sparsify_bad_arguments():
 def test_package_exports():
     assert sparsekernels.sparsify is sparsify and sparsekernels.densify is densify
     assert sparsekernels.SparseLinear is SparseLinear and sparsekernels.SparseConv2d is SparseConv2d
+
+
+def test_sparsify_says_when_it_changes_nothing_expected():
+    """Sparse layers are left as they are (a second sparsify at another sparsity did not
+    change them, silently); a model with no layer to swap comes back unchanged with a
+    warning; a model sparsified at the same settings again, quietly."""
+    import warnings
+
+    from sparsekernels import sparsify
+
+    def mlp():
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    model = sparsify(mlp(), sparsity=0.5)
+    with pytest.warns(UserWarning, match=r"sparse already and stay as they are.*0 \(SparseLinear, sparsity 0\.500\)"):
+        sparsify(model, sparsity=0.9)
+    assert abs(model[0].sparsity - 0.5) < 1e-3
+    with pytest.warns(UserWarning, match="sparse already"):
+        sparsify(model, format="2:4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(model, sparsity=0.5)
+    with pytest.warns(UserWarning, match="no layer to swap"):
+        sparsify(nn.Sequential(nn.ReLU()), sparsity=0.5)
+
+
+def test_sparsify_checks_block_size_and_erk_handles_empty_layers():
+    from sparsekernels import sparsify
+    from sparsekernels.nn import layer_sparsities
+
+    for bad in (0, -16, 16.0, True):
+        with pytest.raises(ValueError, match="block_size"):
+            sparsify(nn.Sequential(nn.Linear(32, 32)), 0.5, format="bsr", block_size=bad)
+    # A layer with a zero dimension has nothing to prune: sparsity 0 under ERK (it had been
+    # given 1.0, which from_dense refused, though the caller asked for 0.5).
+    assert layer_sparsities({"empty": (8, 0), "w": (8, 8)}, 0.5, "erk")["empty"] == 0.0
+    model = sparsify(nn.Sequential(nn.Linear(0, 8), nn.Linear(8, 8)), 0.5, distribution="erk")
+    assert model[0].nnz == 0 and model[1].nnz == 32
+    for bad in (float("nan"), float("inf"), -1.0, "1"):
+        with pytest.raises(ValueError, match="erk_power_scale"):
+            layer_sparsities({"w": (8, 8)}, 0.5, "erk", erk_power_scale=bad)

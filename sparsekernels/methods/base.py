@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -167,6 +168,7 @@ class SparseTrainingMethod:
             if id(p) not in held:
                 raise ValueError(f"{type(self).__name__}: the optimizer does not hold the weights of layer "
                                  f"'{name}'; build the optimizer on model.parameters() first")
+        self._warn_adopted(dense, sparse)
         # linear_weight: a transformers Conv1D's weight [in, out] seen as [out, in], the
         # orientation of its SparseLinear (masks and shapes below are in it).
         per_layer = layer_sparsities({n: tuple(linear_weight(m).shape) for n, m in dense.items()}, self.sparsity,
@@ -181,6 +183,24 @@ class SparseTrainingMethod:
             self._swap_in_optimizer(module.weight, new.values, mask, transposed=is_conv1d(module))
             self._replace(name, new)
         self.layers = {n: m for n, m in self.model.named_modules() if isinstance(m, SPARSE_LAYERS)}
+
+    def _warn_adopted(self, dense: dict, sparse: dict) -> None:
+        """Sparse layers the model holds already are trained as they are: says so where one's
+        sparsity is not the one the method would have started it at (its ``sparsity`` under
+        its ``distribution``, over all the layers), for the methods that start layers at
+        that sparsity (the default ``initial_mask``)."""
+        if not sparse or type(self).initial_mask is not SparseTrainingMethod.initial_mask:
+            return
+        shapes = {n: tuple(linear_weight(m).shape) for n, m in dense.items()}
+        shapes.update({n: getattr(m, "weight_shape", (m.out_features, m.in_features)) for n, m in sparse.items()})
+        expected = layer_sparsities(shapes, self.sparsity, self.distribution)
+        off = [f"{n} ({m.sparsity:.3f}, not {expected[n]:.3f})" for n, m in sparse.items()
+               if abs(m.sparsity - expected[n]) > 0.01]
+        if off:
+            warnings.warn(f"{type(self).__name__}: {len(off)} layer(s) of the model are sparse already and are trained "
+                          f"at their own sparsity, not at sparsity={self.sparsity} ({self.distribution}): "
+                          f"{', '.join(off)}; build the method on the dense model to have it sparsify them",
+                          stacklevel=4)
 
     def _swap_in_optimizer(self, old: nn.Parameter, new: nn.Parameter, mask: Tensor, transposed: bool = False) -> None:
         """Re-points the optimizer from ``old`` to ``new`` and keeps the state at ``mask``

@@ -27,6 +27,9 @@ def layer_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float, distr
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if distribution == "uniform":
         return {name: sparsity for name in shapes}
+    if (isinstance(erk_power_scale, bool) or not isinstance(erk_power_scale, (int, float))
+            or not math.isfinite(erk_power_scale) or erk_power_scale < 0):
+        raise ValueError(f"erk_power_scale must be a finite number >= 0, got {erk_power_scale!r}")
 
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
     raw = {name: (sum(shape) / math.prod(shape)) ** erk_power_scale if numel[name] else 0.0
@@ -47,6 +50,8 @@ def layer_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float, distr
         dense.update(n for n in over if raw[n] == top)
     out = {}
     for name in shapes:
-        density = 1.0 if name in dense else min(1.0, eps * raw[name]) if weighted > 0 else 1.0
+        # A layer with no weights (a zero dimension) has nothing to prune: sparsity 0.
+        empty = numel[name] == 0
+        density = 1.0 if name in dense or empty else min(1.0, eps * raw[name]) if weighted > 0 else 1.0
         out[name] = max(0.0, 1.0 - density)
     return out

@@ -228,10 +228,13 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
         raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
     if format not in ("csr", "bsr", "2:4"):
         raise ValueError(f"sparsify: format must be 'csr', 'bsr' or '2:4', got {format!r}")
+    if format == "bsr" and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
+        raise ValueError(f"sparsify: block_size must be a positive int, got {block_size!r}")
     if not inplace:
         model = copy.deepcopy(model)
     layers, left = _scan(model, include, exclude)
     warn_left_dense("sparsify", left, stacklevel=2)
+    _warn_kept_as_they_are(model, layers, sparsity, distribution, format)
     if format != "csr":
         return _sparsify_structured(model, layers, sparsity, format, block_size)
     per_layer = layer_sparsities({n: tuple(linear_weight(m).shape) for n, m in layers.items()}, sparsity,
@@ -240,6 +243,28 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
         sparse = _sparse_class(module, tuple(include)).from_dense(module, sparsity=per_layer[name])
         model = _replace(model, name, sparse)
     return model
+
+
+def _warn_kept_as_they_are(model: nn.Module, layers: dict, sparsity: float, distribution: str, format: str) -> None:
+    """Says when sparsify changes nothing a caller may expect it to: the model has no layer
+    to swap, or holds sparse layers already, which it leaves as they are (their sparsity
+    and format, not the requested ones), named with their sparsity."""
+    kinds = {"csr": (SparseLinear, SparseConv2d), "bsr": (BSRLinear,), "2:4": (Sparse24Linear,)}[format]
+    kept, sparse_ones = [], 0
+    for name, m in model.named_modules():
+        if isinstance(m, SPARSE_LAYERS):
+            sparse_ones += 1
+            same = (isinstance(m, kinds) and (format == "2:4" or distribution != "uniform"
+                                              or abs(m.sparsity - sparsity) < 0.005))
+            if not same:
+                kept.append(f"{name or type(m).__name__} ({type(m).__name__}, sparsity {m.sparsity:.3f})")
+    if kept:
+        warnings.warn(f"sparsify: {len(kept)} layer(s) are sparse already and stay as they are, not at the requested "
+                      f"format {format!r} / sparsity {sparsity}: {', '.join(kept)}; densify(model) first to "
+                      "sparsify them again", stacklevel=3)
+    elif not layers and not sparse_ones:
+        warnings.warn("sparsify: the model has no layer to swap (nn.Linear, transformers' Conv1D, nn.Conv2d, as "
+                      "include allows); it is returned unchanged", stacklevel=3)
 
 
 def _as_linear(conv1d: nn.Module) -> nn.Linear:

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from .formats.masks import check_sparsity
+
 
 def _cmd_info(args) -> int:
     from .info import collect
@@ -27,18 +29,41 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _parse_shapes(text: str | None):
-    if not text:
-        return None
+def _shapes_arg(text: str) -> list[tuple[int, int, int]]:
+    """--shapes: "B,IN,OUT;B,IN,OUT" as positive int triples (argparse reports a bad one)."""
     shapes = []
     for part in text.split(";"):
         try:
             b, i, o = (int(v) for v in part.strip().split(","))
         except ValueError:
-            raise ValueError(f"--shapes: expected B,IN,OUT integer triples separated by ';' "
-                             f"(e.g. '256,4096,4096;2048,768,3072'), got {part.strip()!r}") from None
+            raise argparse.ArgumentTypeError(f"expected B,IN,OUT integer triples separated by ';' "
+                                             f"(e.g. '256,4096,4096;2048,768,3072'), got {part.strip()!r}") from None
+        if min(b, i, o) <= 0:
+            raise argparse.ArgumentTypeError(f"B, IN and OUT must be positive, got {part.strip()!r}")
         shapes.append((b, i, o))
     return shapes
+
+
+def _sparsity_arg(text: str) -> float:
+    try:
+        return check_sparsity(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sparsities_arg(text: str) -> list[float]:
+    """--sparsities: comma-separated sparsities in [0, 1)."""
+    return [_sparsity_arg(part) for part in text.split(",")]
+
+
+def _positive_int_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _cmd_bench_training(args) -> int:
@@ -222,10 +247,9 @@ def _cmd_bench(args) -> int:
 
     from .bench import csr_linear, harness
 
-    shapes = _parse_shapes(args.shapes) or (csr_linear.QUICK_SHAPES if args.quick else csr_linear.SHAPES)
-    sparsities = ([float(s) for s in args.sparsities.split(",")] if args.sparsities else
-                  (csr_linear.QUICK_SPARSITIES if args.quick else csr_linear.SPARSITIES))
-    rounds = args.rounds or (3 if args.quick else 7)
+    shapes = args.shapes or (csr_linear.QUICK_SHAPES if args.quick else csr_linear.SHAPES)
+    sparsities = args.sparsities or (csr_linear.QUICK_SPARSITIES if args.quick else csr_linear.SPARSITIES)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     # The table has 13 columns: keep it readable when stdout is a pipe or a log file.
     console = Console(width=None if sys.stdout.isatty() else 180)
     with Progress(console=console, transient=True) as progress:
@@ -371,22 +395,22 @@ def main(argv=None) -> int:
                               "ensembles: EDST vs one dense run vs a DST ensemble on digits; training: per-step time of a 4096-wide MLP; "
                               "phases: AC/DC compressed / decompressed step and phase-switch time vs dense")
     p_bench.add_argument("--quick", action="store_true", help="a small, fast run (~1 min)")
-    p_bench.add_argument("--hidden", type=int, default=4096, help="training scenario: hidden width")
-    p_bench.add_argument("--steps", type=int, default=20, help="training scenario: timed steps per method")
-    p_bench.add_argument("--sparsity", type=float, default=0.9, help="training scenario: sparsity")
-    p_bench.add_argument("--shapes", help='"B,in,out;B,in,out" (default: the four issue shapes and an 11008 -> 4096 layer)')
-    p_bench.add_argument("--sparsities", help='comma separated, e.g. "0.9,0.95"')
-    p_bench.add_argument("--rounds", type=int, help="timed rounds per case (default 7, quick 3)")
+    p_bench.add_argument("--hidden", type=_positive_int_arg, default=4096, help="training scenario: hidden width")
+    p_bench.add_argument("--steps", type=_positive_int_arg, default=20, help="training scenario: timed steps per method")
+    p_bench.add_argument("--sparsity", type=_sparsity_arg, default=0.9, help="training scenario: sparsity")
+    p_bench.add_argument("--shapes", type=_shapes_arg, help='"B,in,out;B,in,out" (default: the four issue shapes and an 11008 -> 4096 layer)')
+    p_bench.add_argument("--sparsities", type=_sparsities_arg, help='comma separated, e.g. "0.9,0.95"')
+    p_bench.add_argument("--rounds", type=_positive_int_arg, help="timed rounds per case (default 7, quick 3)")
     p_bench.add_argument("--out", help="JSON path (default bench/results/csr-linear-cpu-<CPU kind>-<time>.json)")
     p_bench.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
     p_bench.add_argument("--no-torch-sparse", action="store_true", help="skip the torch.sparse.mm baseline")
     p_bench.set_defaults(func=_cmd_bench)
 
     p_demo = sub.add_parser("demo", help="train an MLP dense vs RigL / SET / static at 90%% sparsity")
-    p_demo.add_argument("--epochs", type=int, default=30, help="digits epochs (default 30)")
-    p_demo.add_argument("--timing-steps", type=int, default=20, help="timed steps of the speed part")
-    p_demo.add_argument("--timing-hidden", type=int, default=4096, help="hidden width of the speed part")
-    p_demo.add_argument("--sparsity", type=float, default=0.9)
+    p_demo.add_argument("--epochs", type=_positive_int_arg, default=30, help="digits epochs (default 30)")
+    p_demo.add_argument("--timing-steps", type=_positive_int_arg, default=20, help="timed steps of the speed part")
+    p_demo.add_argument("--timing-hidden", type=_positive_int_arg, default=4096, help="hidden width of the speed part")
+    p_demo.add_argument("--sparsity", type=_sparsity_arg, default=0.9)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--methods", default=None,
                         help="digits rows, comma-separated (default dense,rigl,set,static,masked_rigl; also acdc, "
@@ -404,11 +428,11 @@ def main(argv=None) -> int:
     p_spdy.add_argument("--method", choices=("magnitude", "sparsegpt"), default="magnitude",
                         help="pruner of the search and the applied plan (default magnitude: SparseGPT takes ~8 s "
                              "per layer and level at 4096 wide on one core; the demo weights are random)")
-    p_spdy.add_argument("--search-steps", type=int, default=30, help="candidates the search scores (default 30)")
-    p_spdy.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (default 5)")
-    p_spdy.add_argument("--width", type=int, default=None, help="mlp: width (default 4096); cnn: channels (64)")
-    p_spdy.add_argument("--batch", type=int, default=None, help="default: mlp 256, cnn 64")
-    p_spdy.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p_spdy.add_argument("--search-steps", type=_positive_int_arg, default=30, help="candidates the search scores (default 30)")
+    p_spdy.add_argument("--repeats", type=_positive_int_arg, default=5, help="timed rounds per measurement (default 5)")
+    p_spdy.add_argument("--width", type=_positive_int_arg, default=None, help="mlp: width (default 4096); cnn: channels (64)")
+    p_spdy.add_argument("--batch", type=_positive_int_arg, default=None, help="default: mlp 256, cnn 64")
+    p_spdy.add_argument("--threads", type=_positive_int_arg, default=None, help="torch threads (default: torch's choice)")
     p_spdy.add_argument("--seed", type=int, default=0)
     p_spdy.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
     p_spdy.add_argument("--no-plot", action="store_true", help="skip the PNG")

@@ -584,3 +584,17 @@ def test_conv_bad_inputs():
         kwargs = {"kernel_size": 3, name: bad}
         with pytest.raises(ValueError, match=name):
             SparseConv2d(3, 4, sparsity=0.5, **kwargs)
+
+
+def test_constructors_name_bad_sizes_and_lambda():
+    """Negative or float sizes and a non-numeric SR-STE lambda raise a ValueError naming the
+    argument (they had failed in torch.empty / float() with messages that named neither)."""
+    from sparsekernels.nn import BSRLinear, Sparse24Linear
+
+    for cls, kwargs in ((BSRLinear, {"block_size": 16}), (Sparse24Linear, {}), (SparseLinear, {})):
+        for args, name in (((-32, 32), "in_features"), ((32, -32), "out_features"), ((32.0, 32), "in_features")):
+            with pytest.raises(ValueError, match=name):
+                cls(*args, **kwargs)
+    for lam in ("a", None, float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="srste_lambda"):
+            Sparse24Linear(16, 8, srste_lambda=lam)

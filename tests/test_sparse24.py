@@ -491,3 +491,17 @@ def test_cpu_kernel_rejects_corrupt_meta_anywhere(batch, bad, where, big_24):
             torch.ops.sparsekernels_C.sparse24_mm(torch.randn(batch, 4096), big_24.values, meta)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_format_helpers_name_bad_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        sk.formats.prune_24_transposable(torch.randn(8))
+    with pytest.raises(ValueError, match="2-D"):
+        sk.formats.prune_24(torch.randn(8))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sk.formats.is_24(torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2-D"):
+        sk.formats.is_24(torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dim"):
+        sk.formats.is_24(torch.ones(4, 4, dtype=torch.bool), dim=2)
+    assert sk.formats.is_24(torch.tensor([[1, 1, 0, 0]], dtype=torch.bool))

@@ -276,6 +276,10 @@ def test_bad_input(backend):
             topk_grow(dy, x, row_ptr, col_idx, 1, tile_elems=0)
         with pytest.raises(TypeError):
             topk_grow(dy.numpy(), x, row_ptr, col_idx, 1)
+        # An x narrower than the pattern: named as such, not as a k out of [0, negative].
+        narrow = max(1, col_idx.shape[0] // dy.shape[1] - 1)
+        with pytest.raises(ValueError, match="col_idx|x's width"):
+            topk_grow(dy, x[:, :narrow], row_ptr, col_idx, 1)
 
 
 # --------------------------------------------------------------------------- custom op

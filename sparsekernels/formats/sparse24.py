@@ -31,7 +31,9 @@ PAIRS = list(itertools.combinations(range(4), 2))
 
 
 def check_24_shape(shape: tuple[int, int]) -> None:
-    if len(shape) != 2 or shape[1] % 4:
+    if len(shape) != 2:
+        raise ValueError(f"2:4 sparsity needs a 2-D weight [out, in], got shape {tuple(shape)}")
+    if shape[1] % 4:
         raise ValueError(f"2:4 sparsity needs in_features (the reduction dimension) divisible by 4, got weight "
                          f"shape {tuple(shape)}")
 
@@ -85,6 +87,8 @@ def prune_24_transposable(weight: Tensor) -> Tensor:
     of the 90 valid ones keeping the largest sum of |w| (first one on ties; a sum holding a
     NaN beats every number, see the module docstring)."""
     check_24_dtype("prune_24_transposable", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"prune_24_transposable: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if out_f % 4 or in_f % 4:
         raise ValueError(f"transposable 2:4 needs both dimensions divisible by 4, got {tuple(weight.shape)}")
@@ -108,6 +112,13 @@ def prune_24_transposable(weight: Tensor) -> Tensor:
 
 def is_24(mask: Tensor, dim: int = 1) -> bool:
     """True when ``mask`` has at most 2 trues in every group of 4 along ``dim``."""
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError(f"is_24: mask must be a 2-D tensor, got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+    if dim not in (0, 1):
+        raise ValueError(f"is_24: dim must be 0 or 1, got {dim!r}")
+    if mask.shape[dim] % 4:
+        raise ValueError(f"is_24: mask's size along dim {dim} must be divisible by 4, got shape {tuple(mask.shape)}")
     m = mask.transpose(0, 1) if dim == 0 else mask
     return bool((_groups(m).sum(-1) <= 2).all())
 

@@ -78,6 +78,13 @@ def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor |
     return check_mask(owner, mask, tuple(weight.shape))
 
 
+def check_features(owner: str, in_features: object, out_features: object) -> None:
+    """in_features / out_features of a linear layer: non-negative ints (as nn.Linear takes)."""
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{owner}: {name} must be a non-negative int, got {v!r}")
+
+
 def check_loaded_pattern(layer: nn.Module, state_dict, prefix: str, names: tuple[str, ...],
                          shape: tuple[int, int]) -> None:
     """Before a layer loads a checkpoint: where it holds the layer's pattern (the five

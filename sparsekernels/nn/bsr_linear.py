@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import autocast, bsr_mm
-from ._sparse_weight import check_layer_input, check_loaded_pattern, dense_linear, resize_parameter
+from ._sparse_weight import (check_features, check_layer_input, check_loaded_pattern, dense_linear,
+                             resize_parameter)
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
 
@@ -30,6 +31,7 @@ class BSRLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.9,
                  block_size: int = 32, device=None, dtype=None, generator: torch.Generator | None = None) -> None:
         super().__init__()
+        check_features("BSRLinear", in_features, out_features)
         sparsity = check_sparsity(sparsity)
         check_block_shape((out_features, in_features), block_size)
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..formats import CSR, check_sparsity, random_mask
 from ._conv1d import is_conv1d
-from ._sparse_weight import SparseWeightMixin, check_layer_input, dense_linear, kept_mask
+from ._sparse_weight import SparseWeightMixin, check_features, check_layer_input, dense_linear, kept_mask
 
 
 class SparseLinear(SparseWeightMixin):
@@ -49,9 +49,7 @@ class SparseLinear(SparseWeightMixin):
                  device=None, dtype=None, generator: torch.Generator | None = None, format: str = "csr",
                  block_size: int = 32) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"SparseLinear: {name} must be a non-negative int, got {v!r}")
+        check_features("SparseLinear", in_features, out_features)
         sparsity = check_sparsity(sparsity)
         self.in_features, self.out_features = in_features, out_features
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}

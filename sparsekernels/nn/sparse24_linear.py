@@ -27,7 +27,7 @@ from ..ops import sparse24_mm
 from ..ops.sparse24 import srste_product
 from ..ops._functorch import transforms_active
 from ..reference import meta_columns
-from ._sparse_weight import check_layer_input, dense_linear
+from ._sparse_weight import check_features, check_layer_input, dense_linear
 
 MODES = ("fixed", "srste")
 
@@ -48,8 +48,9 @@ class Sparse24Linear(nn.Module):
                  srste_lambda: float = 2e-4, update_every: int = 1, transposable: bool = False, device=None,
                  dtype=None) -> None:
         super().__init__()
-        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        check_features("Sparse24Linear", in_features, out_features)
         self._configure(in_features, out_features, mode, srste_lambda, update_every, transposable)
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_from(dense.weight.detach(), None)
         self.bias = dense.bias
 
@@ -59,7 +60,7 @@ class Sparse24Linear(nn.Module):
             raise ValueError(f"Sparse24Linear: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every <= 0:
             raise ValueError(f"Sparse24Linear: update_every must be a positive int, got {update_every!r}")
-        if not math.isfinite(float(lam)) or lam < 0:
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"Sparse24Linear: srste_lambda must be a finite number >= 0, got {lam!r}")
         if transposable and out_f % 4:
             raise ValueError(f"Sparse24Linear: transposable 2:4 needs out_features divisible by 4, got {out_f}")

@@ -80,6 +80,9 @@ def topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
             raise TypeError(f"topk_grow: {name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
     if row_ptr.shape[0] != dy.shape[1] + 1:
         raise ValueError(f"topk_grow: row_ptr must have out + 1 = {dy.shape[1] + 1} entries, got {row_ptr.shape[0]}")
+    if col_idx.shape[0] > dy.shape[1] * x.shape[1]:
+        raise ValueError(f"topk_grow: col_idx has {col_idx.shape[0]} entries, more than the out x in = "
+                         f"{dy.shape[1]} x {x.shape[1]} positions of dy and x: x's width is not the pattern's")
     inactive = dy.shape[1] * x.shape[1] - col_idx.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= inactive:
         raise ValueError(f"topk_grow: k must be an int in [0, {inactive}] (inactive positions), got {k!r}")

@@ -345,3 +345,17 @@ def test_a_method_says_when_it_adopts_sparse_layers_at_another_sparsity(distribu
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SET(same, torch.optim.SGD(same.parameters(), lr=0.1), sparsity=0.9, distribution="uniform", total_steps=10)
+
+
+def test_every_method_has_a_history_list():
+    """Code that treats the methods alike reads method.history: SRSTE has one too (empty,
+    its masks follow the weights in every forward with no update step)."""
+    for cls, kwargs in ((RigL, {"sparsity": 0.5}), (SET, {"sparsity": 0.5}), (GMP, {"sparsity": 0.5}),
+                        (Static, {"sparsity": 0.5}), (SRSTE, {})):
+        model = _mlp()
+        method = cls(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=4, **kwargs)
+        for batch in _batches(2):
+            _step(model, method.optimizer, batch)
+        assert isinstance(method.history, list)
+        if cls is SRSTE:
+            assert method.history == []

@@ -168,6 +168,9 @@ def test_fx_symbolic_trace_keeps_the_layers_as_leaves(seed):
     assert leaves == ["0", "1", "2", "3", "4", "5"]
     x = torch.randn(2, 3, 6, 6, generator=g)
     assert torch.equal(gm(x), model(x))
+    for layer in (model[3], model[4], model[5]):  # torch.fx's own: an error that says what to use
+        with pytest.raises(TypeError, match="sparsekernels.nn.symbolic_trace"):
+            torch.fx.symbolic_trace(torch.nn.Sequential(layer))
 
 
 @pytest.mark.parametrize("kind", ["csr", "2:4", "bsr", "conv"])

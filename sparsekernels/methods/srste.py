@@ -39,6 +39,9 @@ class SRSTE:
         self.srste_lambda, self.update_every, self.transposable = srste_lambda, update_every, transposable
         self.model, self.optimizer = model, optimizer
         self.layers: dict[str, Sparse24Linear] = {}
+        # As every method has: the record of topology updates. SR-STE's masks follow the
+        # weights inside every training forward, with no update step to record: it stays empty.
+        self.history: list[dict] = []
         with restore_on_error(model, optimizer):
             self._attach(exclude)
 

@@ -43,6 +43,10 @@ def check_layer_input(owner: str, x: object, weight: Tensor, in_features: int | 
     """A layer input's type, dtype and device against the layer's weight, and (for linear
     layers) its last dimension: TypeError / ValueError naming the layer."""
     if not isinstance(x, Tensor):
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(f"{owner}: torch.fx.symbolic_trace traced into the sparse layer; trace the model with "
+                            "sparsekernels.nn.symbolic_trace (or a tracer subclassing sparsekernels.nn.SparseTracer), "
+                            "which keeps the sparse layers as leaf modules")
         raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
     # Under autocast the ops cast input and weights to the autocast dtype (ops/autocast.py),
     # so e.g. a bf16 input meets fp32 master weights there, as with nn.Linear.

@@ -105,6 +105,9 @@ def _cmd_bench_training(args) -> int:
         verdict = ("met" if cost <= 2.0 else "MISSED") if wide else "not shown by this run (width < 4096)"
         console.print(f"rigl: one topology update of the whole model costs {cost:.2f} dense training steps "
                       f"(target <= 2: {verdict})")
+    else:
+        console.print("rigl / set: no topology update fell inside this run's timed steps, so the update-cost "
+                      "column is empty; more --steps (or a run without --quick) shows it")
     out = args.out or harness.result_path("training", "cpu")
     payload = {"benchmark": "training_step", "machine": machine, "config": kwargs,
                "results": {m: {k: v for k, v in r.items()} for m, r in results.items()}}
@@ -131,13 +134,19 @@ def _cmd_bench_phases(args) -> int:
     sizes = "-".join(map(str, payload["config"]["sizes"]))
     table = Table(title=f"AC/DC vs dense, MLP {sizes}, batch {payload['config']['batch']}, Adam, "
                         f"{kwargs['sparsity']:.0%} global magnitude ({payload['machine']['cpu']}): median per step")
-    for col in ("phase", "steps", "AC/DC ms / step", "dense ms / step", "x dense (speed-up)"):
+    for col in ("phase", "steps", "AC/DC ms / step", "dense ms / step", "x dense (median of step pairs)"):
         table.add_column(col, justify="right")
     for phase, label in (("sparse", "compressed (C)"), ("dense", "decompressed (D)")):
         r = payload["phases"][phase]
         table.add_row(label, str(r["steps"]), f"{r['median_step_s'] * 1e3:.1f}", f"{r['dense_median_step_s'] * 1e3:.1f}",
                       f"{r['speedup_vs_dense']:.2f}")
     console.print(table)
+    if min(payload["phases"][p]["steps"] for p in ("sparse", "dense")) < 5:
+        # With a handful of pairs the median of the paired ratios (what the targets use:
+        # each AC/DC step against the dense step next to it) and the ratio of the two
+        # separate ms medians can point opposite ways.
+        console.print("few steps per phase: the ms medians and the paired ratio may disagree; more --steps (or a "
+                      "run without --quick) settles them")
     ts = Table(title="phase switches (cost in dense steps)")
     for col in ("after step", "enters", "ms", "dense steps"):
         ts.add_column(col, justify="right")

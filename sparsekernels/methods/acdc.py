@@ -208,10 +208,10 @@ class ACDC(SparseTrainingMethod):
         state["dense_snapshot"] = copy.deepcopy(self._dense_snapshot)
         return state
 
-    def load_state_dict(self, state: Mapping) -> None:
-        super().load_state_dict(state)
-        snapshot = state.get("dense_snapshot") if isinstance(state, Mapping) else None
+    def _load_extra(self, state: Mapping) -> None:
+        snapshot = state.get("dense_snapshot")
         if snapshot is not None and (not isinstance(snapshot, Mapping) or not {"layers", "other"} <= snapshot.keys()
+                                     or not isinstance(snapshot["layers"], Mapping)
                                      or not set(snapshot["layers"]) <= set(self.layers)):
             raise ValueError("ACDC.load_state_dict: dense_snapshot must map 'layers' (sparse layer names -> "
                              "values) and 'other' (state dict entries)")

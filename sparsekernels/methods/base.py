@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..formats import check_sparsity, kept_count, random_mask
 from ..nn import SparseConv2d, SparseLinear, eligible_layers, layer_sparsities
+from ..nn.distribution import DISTRIBUTIONS
 from ..nn._conv1d import is_conv1d
 from ..nn.sparsify import left_dense_layers, linear_weight, warn_left_dense
 from ..topology import drop_smallest, update_layer
@@ -324,12 +325,26 @@ class SparseTrainingMethod:
                              "sparse layers of the model; load the model's state dict first")
         schedule = {k: state[k] for k in self.schedule_keys if k in state}
         self._check_schedule(schedule)
-        for k, v in schedule.items():
-            setattr(self, k, copy.deepcopy(v))
-        self.step, self.seed, self.history = step, seed, copy.deepcopy(history)
-        self.layers = layers
-        self._after_load()
+        # All or nothing: what is restored, and what _after_load / _load_extra derive from
+        # it, goes back as it was if any of them raises (a half-loaded method would run a
+        # mix of two schedules).
+        before = dict(self.__dict__)
+        try:
+            for k, v in schedule.items():
+                setattr(self, k, copy.deepcopy(v))
+            self.step, self.seed, self.history = step, seed, copy.deepcopy(history)
+            self.layers = layers
+            self._after_load()
+            self._load_extra(state)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
         self._arm_capture()
+
+    def _load_extra(self, state: Mapping) -> None:
+        """Checks and restores a subclass's entries beyond the schedule (inside the
+        all-or-nothing part of :meth:`load_state_dict`; raise ValueError naming the entry)."""
 
     def _check_schedule(self, schedule: dict) -> None:
         """Validates saved schedule parameters (ValueError naming the entry)."""
@@ -340,8 +355,8 @@ class SparseTrainingMethod:
         for key in ("total_steps", "t_end", "end_step"):
             if key in schedule:
                 _check_positive_int(key, schedule[key], allow_none=True)
-        if "distribution" in schedule and not isinstance(schedule["distribution"], str):
-            raise ValueError(f"distribution must be a str, got {schedule['distribution']!r}")
+        if "distribution" in schedule and schedule["distribution"] not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {schedule['distribution']!r}")
         for key in ("drop_fraction", "initial_sparsity"):
             if key in schedule:
                 _check_fraction(key, schedule[key])

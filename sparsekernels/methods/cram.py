@@ -124,6 +124,9 @@ class CrAM(torch.optim.Optimizer):
         else:
             self._compress_params = [p for g in base.param_groups for p in g["params"] if p.dim() >= 2]
             self._norms = []
+        if not self._compress_params:
+            raise ValueError("CrAM: nothing to compress: the model has no nn.Linear / nn.Conv2d layer (without a "
+                             "model: the optimizer holds no parameter of 2 or more dimensions)")
         self.base_optimizer = base
         self.sparsities, self.rho, self.plus, self.seed = targets, float(rho), plus, seed
         self._generator = torch.Generator().manual_seed(seed)
@@ -199,14 +202,36 @@ class CrAM(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restores a :meth:`state_dict`: CrAM's own entries are checked before the base
+        optimizer's state is loaded (a bad one leaves everything as it was). A state saved
+        with other targets, rho, plus or seed is refused: the resumed run would draw and
+        perturb differently from the saved one."""
+        owner = "CrAM.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{owner}: state must be a dict from state_dict(), got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         cram = state_dict.pop("cram", None)
         if not isinstance(cram, Mapping) or not {"steps", "generator"} <= cram.keys():
-            raise ValueError("CrAM.load_state_dict: state lacks the 'cram' entry of CrAM.state_dict()")
+            raise ValueError(f"{owner}: state lacks the 'cram' entry of CrAM.state_dict()")
+        steps, generator = cram["steps"], cram["generator"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{owner}: steps must be a non-negative int, got {steps!r}")
+        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+            raise ValueError(f"{owner}: generator must be a torch.Generator state (a uint8 tensor)")
+        mine = {"sparsities": list(self.sparsities), "rho": self.rho, "plus": self.plus, "seed": self.seed}
+        differ = [k for k, v in mine.items() if k in cram and cram[k] != v]
+        if differ:
+            raise ValueError(f"{owner}: the state was saved with other {', '.join(differ)} "
+                             f"({', '.join(f'{k}={cram[k]!r}' for k in differ)}); build CrAM with the saved ones")
+        probe = torch.Generator()
+        try:
+            probe.set_state(generator)
+        except RuntimeError as exc:
+            raise ValueError(f"{owner}: generator is not a torch.Generator state ({exc})") from None
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
-        self.steps = int(cram["steps"])
-        self._generator.set_state(cram["generator"])
+        self.steps = steps
+        self._generator.set_state(generator)
 
 
 def one_shot_prune(model: nn.Module, target: float | str = 0.9, *, inplace: bool = True) -> nn.Module:

@@ -167,18 +167,28 @@ class EDST(RigL):
         """The base state plus the tickets collected so far (O(nnz) each)."""
         return {**super().state_dict(), "tickets": copy.deepcopy(self.tickets)}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        tickets = state.get("tickets") if isinstance(state, Mapping) else None
-        if isinstance(state, Mapping) and (not isinstance(tickets, list)
-                                           or not all(isinstance(t, Mapping) for t in tickets)):
+    def _load_extra(self, state: Mapping) -> None:
+        tickets = state.get("tickets")
+        if not isinstance(tickets, list) or not all(isinstance(t, Mapping) for t in tickets):
             raise ValueError("EDST.load_state_dict: state['tickets'] must be a list of state dicts")
-        super().load_state_dict(state)
         self.tickets = copy.deepcopy(tickets)
 
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)
-        if "num_tickets" in schedule and (not isinstance(schedule["num_tickets"], int) or schedule["num_tickets"] < 1):
-            raise ValueError(f"num_tickets must be an int >= 1, got {schedule['num_tickets']!r}")
+        if "total_steps" in schedule:
+            _check_positive_int("total_steps", schedule["total_steps"])  # EDST's phases need it
+        tickets = schedule.get("num_tickets", 1)
+        if isinstance(tickets, bool) or not isinstance(tickets, int) or tickets < 1:
+            raise ValueError(f"num_tickets must be an int >= 1, got {tickets!r}")
+        if not isinstance(schedule.get("lr_reset", True), bool):
+            raise ValueError(f"lr_reset must be a bool, got {schedule['lr_reset']!r}")
+        if "base_lrs" in schedule:
+            lrs, groups = schedule["base_lrs"], len(self.optimizer.param_groups)
+            if (not isinstance(lrs, list) or len(lrs) != groups
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                               for v in lrs)):
+                raise ValueError(f"base_lrs must be a list of {groups} learning rates (one per param group), "
+                                 f"got {lrs!r}")
         if "exploration_fraction" in schedule:
             _check_open_fraction("exploration_fraction", schedule["exploration_fraction"], False, True)
         if "explore_fraction" in schedule:
@@ -257,14 +267,32 @@ class DSTEnsemble:
                             for m, o, r in self.runs]}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Restores a :meth:`state_dict`, all members or none: the entries are checked
+        first, and if a member's own load fails the members already loaded go back to
+        their previous state."""
+        owner = "DSTEnsemble.load_state_dict"
         members = state.get("members") if isinstance(state, Mapping) else None
         if not isinstance(members, list) or len(members) != len(self.runs):
-            raise ValueError(f"DSTEnsemble.load_state_dict: state['members'] must be a list of {len(self.runs)} "
-                             "member states")
-        for (model, optimizer, method), saved in zip(self.runs, members):
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            method.load_state_dict(saved["method"])
+            raise ValueError(f"{owner}: state['members'] must be a list of {len(self.runs)} member states")
+        for i, saved in enumerate(members):
+            if not isinstance(saved, Mapping) or not all(isinstance(saved.get(k), Mapping)
+                                                         for k in ("model", "optimizer", "method")):
+                raise ValueError(f"{owner}: member {i} must map 'model', 'optimizer' and 'method' to their state dicts")
+        before = [copy.deepcopy({"model": m.state_dict(), "optimizer": o.state_dict(), "method": r.state_dict()})
+                  for m, o, r in self.runs]
+        done = 0
+        try:
+            for (model, optimizer, method), saved in zip(self.runs, members):
+                done += 1  # counted first: a member that fails halfway is restored too
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                method.load_state_dict(saved["method"])
+        except BaseException:
+            for (model, optimizer, method), old in zip(self.runs[:done], before):
+                model.load_state_dict(old["model"])
+                optimizer.load_state_dict(old["optimizer"])
+                method.load_state_dict(old["method"])
+            raise
 
 
 register_method(EDST)  # get_method("edst"); DSTEnsemble builds M runs from factories, not one method

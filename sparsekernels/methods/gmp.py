@@ -45,6 +45,14 @@ class GMP(SparseTrainingMethod):
     def _after_attach(self) -> None:
         shapes = {n: weight_shape(l) for n, l in self.layers.items()}
         self.final_sparsities = layer_sparsities(shapes, self.sparsity, self.distribution)
+        # GMP only prunes: a layer whose final sparsity is below where it starts would stay
+        # there, and the model would end above its target.
+        below = {n: s for n, s in self.final_sparsities.items() if s < self.initial_sparsity - 1e-9}
+        if below:
+            name, final = min(below.items(), key=lambda item: item[1])
+            raise ValueError(f"GMP: initial_sparsity ({self.initial_sparsity}) exceeds the final sparsity of "
+                             f"{len(below)} layer(s) (e.g. '{name}': {final:.3f}, under {self.distribution}); GMP "
+                             "only prunes, so start at or below every layer's target")
 
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)

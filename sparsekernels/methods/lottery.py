@@ -291,6 +291,11 @@ class LotteryTicket:
                 inner = unwrap_optimizer(optimizer)
             except TypeError as e:
                 raise TypeError(f"LotteryTicket: optimizer_fn returned no optimizer: {e}") from None
+            held = {id(p) for group in inner.param_groups for p in group["params"]}
+            missing = [n for n, layer in self.layers.items() if id(layer.values) not in held]
+            if missing:
+                raise ValueError(f"LotteryTicket: the optimizer from optimizer_fn does not hold the weights of "
+                                 f"{missing}; build it on the params optimizer_fn is given")
             density = 1.0 - self.sparsity
             rnd = Round(self.round, self.model, optimizer, None, 1.0 - density, density, self.round_step,
                         self._last_drop, self.layer_nnz())
@@ -422,10 +427,27 @@ class LotteryTicket:
                 or not isinstance(state.get("in_round"), bool):
             raise ValueError(f"{owner}: round_step must be a non-negative int and in_round a bool, got "
                              f"{step!r} and {state.get('in_round')!r}")
-        self.round, self.round_step, self.in_round = rnd, step, state["in_round"]
-        self._last_drop = float(state.get("last_drop", 0.0))
-        self._start = None if start is None else {n: t.clone().to(self.layers[n].values) for n, t in start.items()}
+        # The rest is checked too before anything changes: a failed load leaves the driver as it was.
+        if start is not None and not all(isinstance(t, torch.Tensor) for t in start.values()):
+            raise ValueError(f"{owner}: start must map layer names to tensors")
+        captured = rnd > 0 or not self.rewind_step or step >= self.rewind_step
+        if start is None and self._keeps_start and captured:
+            raise ValueError(f"{owner}: the state has no rewind point, but round {rnd} at step {step} is past "
+                             f"where it is taken (rewind_step={self.rewind_step})")
         rest = state.get("start_rest")
+        if rest is not None and (not isinstance(rest, Mapping)
+                                 or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in rest.items())):
+            raise ValueError(f"{owner}: start_rest must be None or map state-dict keys to tensors")
+        history, mask_history = state.get("history", []), state.get("mask_history", [])
+        for key, value in (("history", history), ("mask_history", mask_history)):
+            if not isinstance(value, list) or not all(isinstance(r, Mapping) for r in value):
+                raise ValueError(f"{owner}: {key} must be a list of records (dicts), got {type(value).__name__}")
+        last_drop = state.get("last_drop", 0.0)
+        if isinstance(last_drop, bool) or not isinstance(last_drop, (int, float)) or not 0.0 <= last_drop <= 1.0:
+            raise ValueError(f"{owner}: last_drop must be a fraction in [0, 1], got {last_drop!r}")
+        self.round, self.round_step, self.in_round = rnd, step, state["in_round"]
+        self._last_drop = float(last_drop)
+        self._start = None if start is None else {n: t.clone().to(self.layers[n].values) for n, t in start.items()}
         self._start_rest = None if rest is None else {k: t.clone() for k, t in rest.items()}
-        self.history = copy.deepcopy(list(state.get("history", [])))
-        self.mask_history = copy.deepcopy(list(state.get("mask_history", [])))
+        self.history = copy.deepcopy(history)
+        self.mask_history = copy.deepcopy(mask_history)

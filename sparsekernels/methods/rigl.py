@@ -47,6 +47,11 @@ class RigL(SparseTrainingMethod):
                          update_interval=update_interval, seed=seed, total_steps=total_steps, include=include,
                          exclude=exclude)
 
+    def _check_schedule(self, schedule: dict) -> None:
+        super()._check_schedule(schedule)
+        if "t_end" in schedule:
+            _check_positive_int("t_end", schedule["t_end"])  # RigL stops growing at t_end: it needs one
+
     def is_update_step(self, step: int) -> bool:
         return step % self.update_interval == 0 and step <= self.t_end
 

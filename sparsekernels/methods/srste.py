@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -36,6 +37,8 @@ class SRSTE:
         except TypeError as e:
             raise TypeError(f"SRSTE: {e}") from None
         self.total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
+        if not isinstance(transposable, bool):
+            raise TypeError(f"SRSTE: transposable must be a bool, got {transposable!r}")
         self.srste_lambda, self.update_every, self.transposable = srste_lambda, update_every, transposable
         self.model, self.optimizer = model, optimizer
         self.layers: dict[str, Sparse24Linear] = {}
@@ -98,24 +101,38 @@ class SRSTE:
                 "update_every": self.update_every, "transposable": self.transposable}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a :meth:`state_dict` (ValueError on a state of another method or of other
-        layers, TypeError on a non-mapping)."""
+        """Restores a :meth:`state_dict` (ValueError on a state of another method, of other
+        layers, or with an ill-typed entry, TypeError on a non-mapping); all of it is checked
+        before anything is restored. The saved ``srste_lambda`` and ``update_every`` replace
+        the constructor's (the resumed run continues the saved one); a saved
+        ``transposable`` must match the layers' (their masks were built for it)."""
+        owner = "SRSTE.load_state_dict"
         if not isinstance(state, dict):
-            raise TypeError(f"SRSTE.load_state_dict: state must be a dict from state_dict(), got {type(state).__name__}")
+            raise TypeError(f"{owner}: state must be a dict from state_dict(), got {type(state).__name__}")
         if state.get("method") != self.name:
-            raise ValueError(f"SRSTE.load_state_dict: state is for method {state.get('method')!r}")
+            raise ValueError(f"{owner}: state is for method {state.get('method')!r}")
         forwards = state.get("forwards")
         if not isinstance(forwards, dict) or set(forwards) != set(self.layers):
-            raise ValueError(f"SRSTE.load_state_dict: 'forwards' must name the layers {sorted(self.layers)}, got "
+            raise ValueError(f"{owner}: 'forwards' must name the layers {sorted(self.layers)}, got "
                              f"{sorted(forwards) if isinstance(forwards, dict) else forwards!r}")
         for n, count in forwards.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                raise ValueError(f"SRSTE.load_state_dict: forward count of '{n}' must be a non-negative int, "
-                                 f"got {count!r}")
-        if "total_steps" in state:
-            self.total_steps = _check_positive_int("total_steps", state["total_steps"], allow_none=True)
-        for n, count in forwards.items():
-            self.layers[n]._forwards = count
-        for n, frozen in state.get("frozen", {}).items():
-            if n in self.layers:
-                self.layers[n].freeze_mask = bool(frozen)
+                raise ValueError(f"{owner}: forward count of '{n}' must be a non-negative int, got {count!r}")
+        frozen = state.get("frozen", {})
+        if not isinstance(frozen, dict) or not set(frozen) <= set(self.layers) or not all(
+                isinstance(v, bool) for v in frozen.values()):
+            raise ValueError(f"{owner}: 'frozen' must map layer names to bools, got {frozen!r}")
+        total_steps = _check_positive_int("total_steps", state.get("total_steps", self.total_steps), allow_none=True)
+        lam = state.get("srste_lambda", self.srste_lambda)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"{owner}: srste_lambda must be a finite number >= 0, got {lam!r}")
+        update_every = _check_positive_int("update_every", state.get("update_every", self.update_every))
+        if state.get("transposable", self.transposable) != self.transposable:
+            raise ValueError(f"{owner}: the state was saved with transposable={state['transposable']}, these layers "
+                             f"are transposable={self.transposable}")
+        self.total_steps, self.srste_lambda, self.update_every = total_steps, float(lam), update_every
+        for n, layer in self.layers.items():
+            layer._forwards = forwards[n]
+            layer.srste_lambda, layer.update_every = float(lam), update_every
+            if n in frozen:
+                layer.freeze_mask = frozen[n]

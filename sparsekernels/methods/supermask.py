@@ -159,8 +159,12 @@ class LearnedSupermask:
             weights of each layer instead.
         score_init: initial score of every weight; default logit(1 - sparsity), so the
             sampled masks start at the target density (0 for ``sparsity=None``).
-        seed: seeds the mask sampling (one generator, drawn from in forward order).
+        seed: seeds the mask sampling (one generator, drawn from in forward order; a
+            train-mode forward draws whether or not grad is enabled, as dropout does).
         include, exclude: which layers (as :func:`sparsify`).
+
+    Resume: the scores are in ``model.state_dict()``; the sampling generator is in
+    :meth:`state_dict` (save and load it too, for the run to continue bit-identically).
 
     Use: ``opt = torch.optim.Adam(sm.parameters(), lr=0.1)``; train ``sm.model``; then
     ``sm.sparse_model()`` is the network with real sparse layers.
@@ -179,7 +183,7 @@ class LearnedSupermask:
             raise ValueError(f"score_init must be a finite number, got {score_init!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.model, self.generator = model, torch.Generator().manual_seed(seed)
+        self.model, self.generator, self.seed = model, torch.Generator().manual_seed(seed), seed
         dense = eligible_layers(model, include, exclude)
         warn_left_dense("LearnedSupermask", left_dense_layers(model, include, exclude), stacklevel=3)
         if not dense:
@@ -193,6 +197,31 @@ class LearnedSupermask:
             new = _SupermaskLayer(layer, self.sparsity, float(score_init), self.generator)
             _replace(model, name, new)
             self.layers[name] = new
+
+    def state_dict(self) -> dict:
+        """The sampling generator's state (the scores live in the model's state dict)."""
+        return {"method": "supermask", "seed": self.seed, "sparsity": self.sparsity,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` (ValueError on another method's state or a bad
+        entry, TypeError on a non-mapping; nothing changes then)."""
+        owner = "LearnedSupermask.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{owner}: state must be a dict from state_dict(), got {type(state).__name__}")
+        if state.get("method") != "supermask":
+            raise ValueError(f"{owner}: state is for method {state.get('method')!r}")
+        if state.get("sparsity", self.sparsity) != self.sparsity:
+            raise ValueError(f"{owner}: the state was saved with sparsity={state['sparsity']!r}, this search has "
+                             f"{self.sparsity!r}")
+        generator = state.get("generator")
+        probe = torch.Generator()
+        try:
+            probe.set_state(generator)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{owner}: generator must be a torch.Generator state, got "
+                             f"{type(generator).__name__}") from None
+        self.generator.set_state(generator)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The scores, one tensor per layer: what the optimizer trains."""

@@ -246,26 +246,35 @@ class SupTickets(RigL):
         return {**super().state_dict(), "tickets": copy.deepcopy(self.tickets),
                 "superposed": copy.deepcopy(self.superposed), "budget": self.budget}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        if isinstance(state, Mapping):
-            tickets = state.get("tickets")
-            if not isinstance(tickets, list) or not all(isinstance(t, Mapping) for t in tickets):
-                raise ValueError("SupTickets.load_state_dict: state['tickets'] must be a list of state dicts")
-            if not isinstance(state.get("budget"), int):
-                raise ValueError("SupTickets.load_state_dict: state lacks the int 'budget'")
-        super().load_state_dict(state)
-        self.tickets = copy.deepcopy(state["tickets"])
-        self.superposed = copy.deepcopy(state.get("superposed"))
-        self.budget = state["budget"]
+    def _load_extra(self, state: Mapping) -> None:
+        tickets, superposed, budget = state.get("tickets"), state.get("superposed"), state.get("budget")
+        if not isinstance(tickets, list) or not all(isinstance(t, Mapping) for t in tickets):
+            raise ValueError("SupTickets.load_state_dict: state['tickets'] must be a list of state dicts")
+        if superposed is not None and not isinstance(superposed, Mapping):
+            raise ValueError("SupTickets.load_state_dict: state['superposed'] must be None or a state dict")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError("SupTickets.load_state_dict: state lacks the non-negative int 'budget'")
+        self.tickets, self.superposed, self.budget = copy.deepcopy(tickets), copy.deepcopy(superposed), budget
 
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)
+        if "total_steps" in schedule:
+            _check_positive_int("total_steps", schedule["total_steps"])  # the cycles need it
         if "cycle_fraction" in schedule:
             _check_open("cycle_fraction", schedule["cycle_fraction"])
         if "cycles" in schedule:
             _check_positive_int("cycles", schedule["cycles"])
+        if "reexplore_fraction" in schedule:
+            _check_open("reexplore_fraction", schedule["reexplore_fraction"])
         if schedule.get("average", "cumulative") not in AVERAGES:
             raise ValueError(f"average must be one of {AVERAGES}, got {schedule['average']!r}")
+        if schedule.get("explore", "rigl") not in ("rigl", "set"):
+            raise ValueError(f"explore must be 'rigl' or 'set', got {schedule['explore']!r}")
+        for key in ("lr1", "lr2"):
+            v = schedule.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise ValueError(f"{key} must be None or a positive learning rate, got {v!r}")
 
     def _after_load(self) -> None:
         self._set_cycles(self.total_steps)

@@ -8,7 +8,8 @@ Unbiased, with E(C(x) − x)² ≤ x²/8 (the paper's ω = 1/8).
 For fp32 this is a rounding of the mantissa: the probability of rounding up is the
 mantissa's fraction, so C keeps the sign bit and the 8-bit exponent (9 bits on the wire,
 packed) and drops the 23 mantissa bits. Zero stays zero (exponent field 0); subnormals round
-to 0 or 2^-126, also unbiased; inf / NaN pass through.
+to 0 or 2^-126, also unbiased; inf passes through, and NaN arrives as an inf of its sign
+(9 bits hold no mantissa to tell them apart; both say the step diverged).
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ def _check_probs(name: str, probs: object) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor of probabilities, got {got}")
     if probs.dim() != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
         raise ValueError(f"{name} must have shape [N, C] with N, C >= 1, got {tuple(probs.shape)}")
+    # Logits or scores where probabilities belong give an ECE above 1 and negative NLLs.
+    tol = 1e-2 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    p = probs.detach().double()
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool(((p.sum(1) - 1).abs() > tol).any()):
+        raise ValueError(f"{name} must hold probabilities (non-negative rows summing to 1, e.g. a softmax), not "
+                         "logits or scores")
     return probs
 
 

@@ -35,6 +35,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int |
         ValueError: ``num_batches`` not a positive int, or an empty loader for a model
         with BatchNorm layers.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recalibrate_batchnorm: model must be an nn.Module, got {type(model).__name__}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches <= 0):
         raise ValueError(f"recalibrate_batchnorm: num_batches must be a positive int or None, got {num_batches!r}")
@@ -44,6 +46,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int |
         return 0
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
+    # The statistics as they were: put back if the loader is empty or a forward fails, so a
+    # failed recalibration does not leave them reset to 0 / 1.
+    saved = {m: {k: v.clone() for k, v in m.state_dict().items()} for m in norms}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch weighs the same
@@ -55,11 +60,15 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int |
                 break
             model(_inputs(batch))
             seen += 1
+        if seen == 0:
+            raise ValueError("recalibrate_batchnorm: loader yielded no batch")
+    except BaseException:
+        for m, state in saved.items():
+            m.load_state_dict(state)
+        raise
     finally:
         for m, mode in modes.items():
             m.training = mode
         for m, momentum in momenta.items():
             m.momentum = momentum
-    if seen == 0:
-        raise ValueError("recalibrate_batchnorm: loader yielded no batch")
     return seen

@@ -115,7 +115,16 @@ def _gradients(model: nn.Module, modules: list[nn.Module], kept: list[Tensor], b
         args, kwargs = batch_call(batch)
         with torch.enable_grad():
             loss = loss_fn(model(*args, **kwargs), batch[1])
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("prune(method='mfac'): loss_fn must return a scalar loss tensor, got "
+                                 f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(f"prune(method='mfac'): loss_fn returned {float(loss)} on a calibration batch; the "
+                                 "Fisher of a non-finite loss is undefined")
+            if not all(p.requires_grad for p in params):
+                raise ValueError("prune(method='mfac'): the layers' weights must require grad (the Fisher is built "
+                                 "from loss gradients); call model.requires_grad_(True) first")
+            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
         rows.append(torch.cat([
             torch.zeros(int(k.sum()), dtype=dtype, device=k.device) if g is None else _as_matrix(g, mod)[k].to(dtype)
             for g, mod, k in zip(grads, modules, kept)]))

@@ -93,7 +93,7 @@ def obc_prune(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None 
     double too). Returns (Ŵ [rows, k] in W's dtype, kept mask [rows, k] bool).
     Raises ValueError for k > ``max_columns``.
     """
-    check_layer_problem("obc_prune", W, H, damp, sparsity, nm)
+    nm = check_layer_problem("obc_prune", W, H, damp, sparsity, nm)
     rows, k = W.shape
     if k > max_columns:
         raise ValueError(f"obc: exact OBS costs O(rows·k³); layer has k = {k} inputs > max_columns = {max_columns}. "

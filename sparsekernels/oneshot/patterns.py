@@ -67,10 +67,12 @@ def lowest_mask(score: Tensor, count: int) -> Tensor:
 
 
 def check_layer_problem(owner: str, W: object, H: object, damp: object, sparsity: object = 0.0,
-                        nm: tuple[int, int] | None = None) -> None:
-    """W [rows, k] floating, H [k, k] floating on W's device, damp a finite number > 0,
-    sparsity in [0, 1), k divisible by M for N:M."""
+                        nm: object = None) -> tuple[int, int] | None:
+    """W [rows, k] floating, H [k, k] floating and finite on W's device, damp a finite
+    number > 0, sparsity in [0, 1), ``nm`` None / "N:M" / (N, M) with 1 <= N < M and k
+    divisible by M. Returns ``nm`` parsed."""
     check_sparsity(sparsity)
+    nm = parse_pattern(nm)
     if not isinstance(W, Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
         got = f"{tuple(W.shape)} {W.dtype}" if isinstance(W, Tensor) else type(W).__name__
         raise ValueError(f"{owner}: W must be a 2-D floating tensor [rows, k], got {got}")
@@ -82,4 +84,19 @@ def check_layer_problem(owner: str, W: object, H: object, damp: object, sparsity
         raise ValueError(f"{owner}: H is on {H.device} but W on {W.device}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0 or damp == float("inf"):
         raise ValueError(f"{owner}: damp must be a finite number > 0, got {damp!r}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(f"{owner}: H holds NaN or inf (the calibration inputs, or the activations reaching this "
+                         "layer, are not finite)")
     check_nm_columns(k, nm, owner)
+    return nm
+
+
+def check_block_size(owner: str, block_size: object, nm: tuple[int, int] | None) -> int:
+    """A column block size: a positive int, and a multiple of M for N:M (a block must hold
+    whole groups)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"{owner}: block_size must be a positive int, got {block_size!r}")
+    if nm is not None and block_size % nm[1]:
+        raise ValueError(f"{owner}: block_size ({block_size}) must be a multiple of M = {nm[1]} for pattern "
+                         f"{nm[0]}:{nm[1]}")
+    return block_size

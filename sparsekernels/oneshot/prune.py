@@ -20,7 +20,7 @@ from .calibration import collect_hessian, execution_order, materialise, weight_m
 from .magnitude import magnitude_prune
 from .mfac import FISHER_BLOCK_SIZE, FISHER_DAMP, NUM_GRADS, RECOMPUTATIONS, mfac_prune
 from .obc import MAX_COLUMNS, obc_prune
-from .patterns import check_nm_columns, parse_pattern, resolve_target
+from .patterns import check_block_size, check_nm_columns, parse_pattern, resolve_target
 from .sparsegpt import BLOCK_SIZE, sparsegpt_prune
 
 METHODS = ("magnitude", "obc", "sparsegpt", "mfac")
@@ -114,7 +114,7 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
     per_layer = _per_layer(sparsity, nm, method)
     target = resolve_target(None if per_layer is not None else sparsity, nm)
     _positive("damp", damp)
-    _positive("block_size", block_size, integer=True)
+    check_block_size("prune", block_size, nm)
     _positive("max_columns", max_columns, integer=True)
     if method == "mfac":
         if not callable(loss_fn):
@@ -131,6 +131,9 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
     if not inplace:
         model = copy.deepcopy(model)
     layers = eligible_layers(model, include, exclude)
+    if "" in layers:
+        raise ValueError("prune: the model itself is a single layer; wrap it in a module (e.g. nn.Sequential) so "
+                         "that it can be replaced by a sparse one")
     if per_layer is not None:
         unknown = sorted(set(per_layer) - set(layers))
         if unknown:
@@ -200,7 +203,15 @@ def prune_matrix(W: Tensor, H: Tensor, method: str, sparsity: float, nm: tuple[i
     ``W`` [out, k] (:func:`weight_matrix`) with its Hessians ``H`` [groups, k, k]
     (:func:`collect_hessian`): group g prunes rows g·out/groups .. (g+1)·out/groups − 1 (a
     grouped convolution; groups = 1 otherwise). Returns (Ŵ [out, k], kept [out, k] bool)."""
+    if method not in ("obc", "sparsegpt"):
+        raise ValueError(f"prune_matrix: method must be 'obc' or 'sparsegpt', got {method!r}")
+    if not isinstance(H, Tensor) or H.dim() != 3:
+        raise ValueError("prune_matrix: H must be [groups, k, k] (collect_hessian's), got "
+                         f"{tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__}")
     groups = H.shape[0]
+    if not isinstance(W, Tensor) or W.dim() != 2 or groups == 0 or W.shape[0] % groups:
+        raise ValueError(f"prune_matrix: W must be [out, k] with out divisible by H's {groups} groups, got "
+                         f"{tuple(W.shape) if isinstance(W, Tensor) else type(W).__name__}")
     per = W.shape[0] // groups
     outs, masks = [], []
     for g in range(groups):

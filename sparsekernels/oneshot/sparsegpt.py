@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .calibration import damped
-from .patterns import check_layer_problem, nm_prune_mask
+from .patterns import check_block_size, check_layer_problem, nm_prune_mask
 
 BLOCK_SIZE = 128
 
@@ -48,7 +48,8 @@ def sparsegpt_prune(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] |
     Computes in H's dtype (float32 or float64). Returns (Ŵ [rows, k] in W's dtype, kept
     mask [rows, k] bool).
     """
-    check_layer_problem("sparsegpt_prune", W, H, damp, sparsity, nm)
+    nm = check_layer_problem("sparsegpt_prune", W, H, damp, sparsity, nm)
+    check_block_size("sparsegpt_prune", block_size, nm)
     dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
     rows, k = W.shape
     out_dtype = W.dtype

@@ -15,6 +15,16 @@ from ..formats.csr import kept_pattern, row_ptr_from_rows
 from ..ops import topk_grow
 
 
+def check_keep(layer, keep: object) -> None:
+    """``keep``: None or a bool tensor [nnz] (one flag per stored entry of the layer). A
+    shorter one had been indexed as it was: positions already active were grown again."""
+    if keep is None:
+        return
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (layer.nnz,):
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+        raise ValueError(f"keep must be a bool tensor [nnz = {layer.nnz}] (one flag per stored entry), got {got}")
+
+
 def _active_keys(layer, keep: Tensor | None) -> Tensor:
     """Sorted flat keys (row * cols + col) of the active positions after ``keep``."""
     n_cols = layer.csr().shape[1]
@@ -33,6 +43,7 @@ def _active_pattern(layer, keep: Tensor | None) -> tuple[Tensor, Tensor]:
 
 def inactive_count(layer, keep: Tensor | None = None) -> int:
     """In-block positions not active after ``keep``."""
+    check_keep(layer, keep)
     groups, rows, cols = layer.groups_layout
     active = layer.nnz if keep is None else int(keep.sum())
     return groups * rows * cols - active
@@ -49,6 +60,7 @@ def grow_by_gradient(layer, x: Tensor, dy: Tensor, n: int, keep: Tensor | None =
     Returns:
         (rows int64 [n], cols int64 [n], scores [n]) in the stored matrix's coordinates.
     """
+    check_keep(layer, keep)
     groups, rpg, cpg = layer.groups_layout
     n_cols = layer.csr().shape[1]
     kwargs = {} if tile_elems is None else {"tile_elems": tile_elems}

@@ -32,6 +32,27 @@ class LayerUpdate:
     new: int            # grown positions that were not active before (start at zero)
 
 
+def _check_grown(layer, grow_rows: object, grow_cols: object, shape: tuple[int, int]) -> None:
+    """Grown positions: two 1-D integer tensors of one length, inside the stored matrix and,
+    for a grouped convolution, inside their group's block (the merge would otherwise place
+    an out-of-range column in the next row, or grow a weight the convolution never reads)."""
+    for name, t in (("grow_rows", grow_rows), ("grow_cols", grow_cols)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"update_layer: {name} must be a 1-D integer tensor, got "
+                             f"{f'{t.dtype} {tuple(t.shape)}' if isinstance(t, Tensor) else type(t).__name__}")
+    if grow_rows.shape != grow_cols.shape:
+        raise ValueError(f"update_layer: grow_rows and grow_cols must have one length, got {grow_rows.shape[0]} and "
+                         f"{grow_cols.shape[0]}")
+    if grow_rows.numel() == 0:
+        return
+    rows, cols = grow_rows.long(), grow_cols.long()
+    if int(rows.min()) < 0 or int(rows.max()) >= shape[0] or int(cols.min()) < 0 or int(cols.max()) >= shape[1]:
+        raise ValueError(f"update_layer: grown positions outside the stored matrix {tuple(shape)}")
+    groups, rows_per_group, cols_per_group = layer.groups_layout
+    if groups > 1 and bool((rows // rows_per_group != cols // cols_per_group).any()):
+        raise ValueError(f"update_layer: grown positions must lie in their group's block ({groups} groups)")
+
+
 def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, optimizers=()) -> tuple[LayerUpdate, Tensor]:
     """Rebuilds ``layer``'s pattern as (active entries with ``keep``) + grown positions.
 
@@ -52,8 +73,9 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
     csr = layer.csr()
     n_cols = csr.shape[1]
     nnz = csr.values.numel()
-    if keep.dtype != torch.bool or tuple(keep.shape) != (nnz,):
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (nnz,):
         raise ValueError(f"update_layer: keep must be a bool tensor of shape [{nnz}]")
+    _check_grown(layer, grow_rows, grow_cols, csr.shape)
     old_values = layer.values.detach()
     n_kept = int(keep.sum())
     if grow_rows.numel() == 0:

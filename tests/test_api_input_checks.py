@@ -1,0 +1,106 @@
+"""Public helpers outside the layers refuse bad input by name instead of returning a
+silently wrong result (found by a review of the oneshot / ensemble / topology APIs, 12-03):
+the one-shot pruners' block size, N:M pattern, sparsity, method and non-finite Hessians;
+ensemble metrics given logits; BatchNorm recalibration that fails; growth with a keep
+mask of the wrong length; grown positions outside the matrix or a group's block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekernels.ensemble import expected_calibration_error, metrics
+from sparsekernels.methods import recalibrate_batchnorm
+from sparsekernels.nn import SparseConv2d, SparseLinear
+from sparsekernels.oneshot import magnitude_prune, obc_prune, prune, sparsegpt_prune
+from sparsekernels.oneshot.prune import prune_matrix
+from sparsekernels.topology import grow_by_gradient, grow_random, inactive_count, update_layer
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W, X = torch.randn(8, 16, generator=g), torch.randn(64, 16, generator=g)
+    return W, 2 * X.t() @ X / 64
+
+
+def test_one_shot_pruners_check_block_size_pattern_sparsity_and_method():
+    W, H = _problem()
+    for bad in (-1, 0, 2.0):
+        with pytest.raises(ValueError, match="block_size"):
+            sparsegpt_prune(W, H, 0.5, block_size=bad)
+    with pytest.raises(ValueError, match="multiple of M"):
+        prune(nn.Sequential(nn.Linear(16, 8)), [torch.randn(4, 16)], pattern="2:4", block_size=6)
+    for bad in ((4, 2), (2, 2), (0, 4), (-1, 4), "2:4x"):
+        with pytest.raises(ValueError, match="pattern"):
+            obc_prune(W, H, 0.5, bad)
+    assert int(obc_prune(W, H, 0.5, "2:4")[1].sum()) == 64  # a string pattern is parsed, not misread
+    for bad in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="sparsity"):
+            magnitude_prune(W, bad)
+    with pytest.raises(ValueError, match="method"):
+        prune_matrix(W, H[None], "magnitude", 0.5)
+    with pytest.raises(ValueError, match="groups"):
+        prune_matrix(W, H[None].expand(3, 16, 16), "sparsegpt", 0.5)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sparsegpt_prune(W, H * float("nan"), 0.5)
+    with pytest.raises(ValueError, match="single layer"):
+        prune(nn.Linear(16, 4), None, method="magnitude", sparsity=0.5)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        prune(model, [torch.full((4, 16), float("nan"))], method="sparsegpt", sparsity=0.5, progress=False)
+
+
+def test_mfac_refuses_a_non_finite_or_non_scalar_loss():
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    batches = [(torch.randn(4, 16), torch.randn(4, 4)) for _ in range(4)]
+    for loss_fn, match in ((lambda out, y: (out - y).pow(2).mean() * float("nan"), "non-finite"),
+                           (lambda out, y: (out - y).pow(2), "scalar")):
+        with pytest.raises(ValueError, match=match):
+            prune(model, batches, method="mfac", sparsity=0.5, loss_fn=loss_fn, num_grads=4, progress=False)
+
+
+def test_ensemble_metrics_refuse_logits():
+    y = torch.tensor([0, 1])
+    for bad in (torch.tensor([[3.0, 0.5], [0.2, 2.0]]), torch.tensor([[0.5, float("nan")], [0.5, 0.5]]),
+                torch.tensor([[1.5, -0.5], [0.5, 0.5]])):
+        with pytest.raises(ValueError, match="probabilities"):
+            metrics(bad, y)
+        with pytest.raises(ValueError, match="probabilities"):
+            expected_calibration_error(bad, y)
+    assert metrics(torch.tensor([[0.6, 0.4], [0.3, 0.7]]), y)["accuracy"] == 1.0
+
+
+def test_recalibrate_batchnorm_keeps_the_statistics_when_it_fails():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 4) * 3 + 1)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    with pytest.raises(ValueError, match="no batch"):
+        recalibrate_batchnorm(model, [])
+    with pytest.raises(RuntimeError):
+        recalibrate_batchnorm(model, [torch.randn(8, 4), torch.randn(8, 5)])
+    assert all(torch.equal(v, before[k]) for k, v in model[1].state_dict().items())
+    with pytest.raises(TypeError, match="model"):
+        recalibrate_batchnorm(None, [torch.randn(8, 4)])
+
+
+def test_growth_checks_keep_and_update_checks_grown_positions():
+    torch.manual_seed(0)
+    layer = SparseLinear(12, 8, sparsity=0.75)
+    short = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="keep"):
+        inactive_count(layer, short)
+    with pytest.raises(ValueError, match="keep"):
+        grow_random(layer, 2, torch.Generator().manual_seed(0), short)
+    with pytest.raises(ValueError, match="keep"):
+        grow_by_gradient(layer, torch.randn(4, 12), torch.randn(4, 8), 2, short)
+    keep = torch.ones(layer.nnz, dtype=torch.bool)
+    for rows, cols, match in (([0], [12], "outside"), ([0, 1], [0], "one length"), ([0.0], [1], "integer")):
+        with pytest.raises(ValueError, match=match):
+            update_layer(layer, keep, torch.tensor(rows), torch.tensor(cols))
+    conv = SparseConv2d(4, 4, 1, groups=2, sparsity=0.5)
+    keep = torch.ones(conv.nnz, dtype=torch.bool)
+    with pytest.raises(ValueError, match="group's block"):
+        update_layer(conv, keep, torch.tensor([0]), torch.tensor([3]))  # row 0 (group 0), column of group 1

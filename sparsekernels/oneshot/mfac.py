@@ -119,7 +119,7 @@ def _gradients(model: nn.Module, modules: list[nn.Module], kept: list[Tensor], b
                 raise ValueError("prune(method='mfac'): loss_fn must return a scalar loss tensor, got "
                                  f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
             if not bool(torch.isfinite(loss)):
-                raise ValueError(f"prune(method='mfac'): loss_fn returned {float(loss)} on a calibration batch; the "
+                raise ValueError(f"prune(method='mfac'): loss_fn returned {float(loss.detach())} on a calibration batch; the "
                                  "Fisher of a non-finite loss is undefined")
             if not all(p.requires_grad for p in params):
                 raise ValueError("prune(method='mfac'): the layers' weights must require grad (the Fisher is built "

@@ -409,6 +409,46 @@ def test_model_without_prunable_layers():
         spdy.search(sparsify(tiny(), 0.5), [torch.randn(4, 8)], target_speedup=2.0)
 
 
+@pytest.mark.parametrize("kwargs,named", [({"damp": 0}, "damp"), ({"damp": "1"}, "damp"), ({"block_size": 0}, "block_size"),
+                                          ({"cache_bytes": "x"}, "cache_bytes"), ({"seed": "a"}, "seed")])
+def test_late_arguments_are_checked_before_the_timing(kwargs, named, monkeypatch):
+    """They were first used after the timing pass (minutes on a real model): the error came
+    late and opaque. Now they fail before anything is timed."""
+    import importlib
+
+    search_module = importlib.import_module("sparsekernels.spdy.search")  # the module, not the function
+    monkeypatch.setattr(search_module, "measure_timings", lambda *a, **k: pytest.fail("timed before checking"))
+    with pytest.raises(ValueError, match=named):
+        spdy.search(tiny(), [torch.randn(4, 8)], target_speedup=2.0, **kwargs)
+
+
+def test_levels_helpers_check_their_arguments():
+    from sparsekernels.spdy.levels import default_levels, error_prior
+
+    for count, top in ((1, 0.99), (0, 0.99), (3, 1.5), (3, 0.0), (2.0, 0.5)):
+        with pytest.raises(ValueError):
+            default_levels(count, top)
+    for count in (1, 2.5, True):
+        with pytest.raises(ValueError, match="count"):
+            error_prior(count)
+    assert default_levels(3, 0.75) == pytest.approx((0.0, 0.5, 0.75))
+
+
 def test_unknown_method():
     with pytest.raises(ValueError, match="method"):
         spdy.search(tiny(), [torch.randn(4, 8)], target_speedup=2.0, method="obs")
+
+
+def test_a_non_finite_calibration_loss_is_said_not_hidden():
+    """A NaN weight made every candidate's score NaN, which never ranks better: the search
+    returned its first plan with score inf and no word of why."""
+    from sparsekernels.spdy.scoring import CalibrationLoss
+
+    model = tiny()
+    loss = CalibrationLoss(model, {"0": model[0], "2": model[2]}, [torch.randn(4, 8)])
+    assert loss({"0": model[0].weight.detach().clone()}) == 0.0
+    bad = model[0].weight.detach().clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration loss"):
+        loss({"0": bad})
+    assert torch.isfinite(model[0].weight).all()  # restored after the failed call

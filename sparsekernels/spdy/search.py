@@ -119,6 +119,13 @@ def search(model: nn.Module, loader: Iterable, *, target_speedup: float, levels:
         _check_positive_int("random_candidates", random_candidates, minimum=0)
     if isinstance(mutate_fraction, bool) or not isinstance(mutate_fraction, (int, float)) or not 0 <= mutate_fraction <= 1:
         raise ValueError(f"spdy.search: mutate_fraction must be in [0, 1], got {mutate_fraction!r}")
+    # Checked here, not where they are first used after the timing pass (minutes later).
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"spdy.search: damp must be a finite number > 0, got {damp!r}")
+    _check_positive_int("block_size", block_size)
+    _check_positive_int("cache_bytes", cache_bytes, minimum=0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"spdy.search: seed must be an int, got {seed!r}")
     batches = materialise(loader, "spdy.search")
     layers = eligible_layers(model, include, exclude)
     if not layers:

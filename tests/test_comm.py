@@ -127,6 +127,30 @@ def test_bad_input():
         natural_compression_hook(QSGDState(), None)
     with pytest.raises(TypeError, match="error_feedback"):
         NaturalCompressionState(error_feedback="yes")
+    # Caught at construction, not at the first hook call.
+    with pytest.raises(TypeError, match="process_group"):
+        NaturalCompressionState(process_group=5)
+    with pytest.raises(TypeError, match="elias"):
+        QSGDState(elias="yes")
+    from sparsekernels.comm.benchmark import wire_report
+    from sparsekernels.comm.packing import pack_bits, unpack_bits
+    from sparsekernels.comm.qsgd import qsgd_decode
+
+    # Out-of-range codes lost their high bits on the wire, silently (40 -> 8 in 5 bits).
+    for codes in (torch.tensor([40]), torch.tensor([-1])):
+        with pytest.raises(ValueError, match="codes must lie"):
+            pack_bits(codes, 5)
+    with pytest.raises(ValueError, match="bits"):
+        pack_bits(torch.tensor([1]), 2.5)
+    with pytest.raises(ValueError, match="bits"):
+        unpack_bits(pack_bits(torch.tensor([1, 2]), 5), 40, 2)
+    with pytest.raises(ValueError, match="at least"):
+        unpack_bits(pack_bits(torch.tensor([1, 2]), 5), 5, 9)
+    with pytest.raises(ValueError, match="levels"):
+        qsgd_decode(torch.ones(1), torch.ones(4, dtype=torch.int32), 0, 4)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="numel"):
+            wire_report(bad)
 
 
 # --------------------------------------------------------------------------- 2-rank DDP

@@ -13,6 +13,8 @@ def wire_report(numel: int = 1 << 20, *, levels: int = LEVELS, bucket_size: int 
     """Compresses a Gaussian gradient of ``numel`` entries with each scheme and reports the
     payload sizes actually produced (bytes), the Elias-coded size of QSGD's levels, and the
     reduction against fp32 (``*_ratio``)."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+        raise ValueError(f"wire_report: numel must be a positive int, got {numel!r}")
     g = torch.Generator().manual_seed(seed)
     grad = torch.randn(numel, generator=g)
     dense = 4 * numel

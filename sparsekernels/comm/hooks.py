@@ -35,6 +35,9 @@ class _CompressionState:
             raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got "
+                            f"{type(process_group).__name__}")
         self.process_group = process_group
         self.error_feedback = error_feedback
         self.seed = seed
@@ -85,8 +88,10 @@ class QSGDState(_CompressionState):
                  process_group: dist.ProcessGroup | None = None, error_feedback: bool = False, elias: bool = False,
                  seed: int = 0) -> None:
         check_qsgd_args(levels, bucket_size)
+        if not isinstance(elias, bool):
+            raise TypeError(f"elias must be a bool, got {type(elias).__name__}")
         super().__init__(process_group, error_feedback, seed)
-        self.levels, self.bucket_size, self.elias = levels, bucket_size, bool(elias)
+        self.levels, self.bucket_size, self.elias = levels, bucket_size, elias
         self.coded_bits = 0
 
 

@@ -11,25 +11,40 @@ def packed_nbytes(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+def _check_bits(owner: str, bits: object) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"{owner}: bits must be an int in [1, 16], got {bits!r}")
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """``codes`` [n] integers in [0, 2^bits) → uint8 [ceil(n·bits/8)], little-endian bit
     order (bit j of code i is bit i·bits + j of the stream)."""
-    if not 1 <= bits <= 16:
-        raise ValueError(f"pack_bits: bits must be in [1, 16], got {bits}")
+    _check_bits("pack_bits", bits)
+    if not isinstance(codes, Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise TypeError(f"pack_bits: codes must be an integer tensor, got "
+                        f"{codes.dtype if isinstance(codes, Tensor) else type(codes).__name__}")
     n = codes.numel()
+    # A code out of range would lose its high bits on the wire, silently.
+    if n and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"pack_bits: codes must lie in [0, 2^{bits}) for {bits} bits, got "
+                         f"[{int(codes.min())}, {int(codes.max())}]")
     shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
     stream = ((codes.reshape(-1, 1).to(torch.int32) >> shifts) & 1).to(torch.uint8).reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
     weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32)).to(torch.uint8)
-    out = (stream.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
-    assert out.numel() == packed_nbytes(n, bits)
-    return out
+    return (stream.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
 def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: uint8 stream → int32 [n] codes."""
+    _check_bits("unpack_bits", bits)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"unpack_bits: n must be a non-negative int, got {n!r}")
+    if not isinstance(data, Tensor) or data.dtype != torch.uint8 or data.numel() < packed_nbytes(n, bits):
+        raise ValueError(f"unpack_bits: data must be a uint8 stream of at least {packed_nbytes(n, bits)} bytes "
+                         f"for {n} codes of {bits} bits")
     shifts = torch.arange(8, device=data.device, dtype=torch.int32)
     stream = ((data.reshape(-1, 1).to(torch.int32) >> shifts) & 1).reshape(-1)[: n * bits]
     weights = 1 << torch.arange(bits, device=data.device, dtype=torch.int32)

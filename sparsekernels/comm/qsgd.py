@@ -69,6 +69,7 @@ def qsgd_levels(x: Tensor, levels: int = LEVELS, bucket_size: int = BUCKET_SIZE,
 
 def qsgd_decode(norms: Tensor, q: Tensor, levels: int, bucket_size: int) -> Tensor:
     """Signed levels [n] and norms [nb] → fp32 [n] (‖v‖ · q / s)."""
+    check_qsgd_args(levels, bucket_size)
     n = q.numel()
     b = _buckets(q.float(), bucket_size)
     return (b * (norms / levels).unsqueeze(1)).reshape(-1)[:n]

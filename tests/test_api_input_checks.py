@@ -104,3 +104,25 @@ def test_growth_checks_keep_and_update_checks_grown_positions():
     keep = torch.ones(conv.nnz, dtype=torch.bool)
     with pytest.raises(ValueError, match="group's block"):
         update_layer(conv, keep, torch.tensor([0]), torch.tensor([3]))  # row 0 (group 0), column of group 1
+
+
+def test_remap_optimizer_state_and_drop_smallest_check_their_arguments():
+    from sparsekernels.topology import drop_smallest, remap_optimizer_state
+
+    param = nn.Parameter(torch.randn(6))
+    opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    param.grad = torch.randn(6)
+    opt.step()
+    for source, old, match in ((torch.tensor([0, 9]), 6, "source entries"), (torch.tensor([0.0, 1.0]), 6, "integer"),
+                               (torch.tensor([0, 1]), 4, "per-element state holds"), (torch.tensor([0]), -1, "old_numel")):
+        with pytest.raises(ValueError, match=match):
+            remap_optimizer_state(opt, param, source, old)
+    assert opt.state[param]["momentum_buffer"].numel() == 6  # untouched by the refusals
+    with pytest.raises(TypeError, match="optimizer"):
+        remap_optimizer_state(None, param, torch.tensor([0]), 6)
+    assert remap_optimizer_state(opt, param, torch.tensor([5, -1, 0]), 6) == 1
+    assert opt.state[param]["momentum_buffer"].numel() == 3
+    with pytest.raises(ValueError, match="1-D"):
+        drop_smallest(torch.randn(2, 3), 1)
+    with pytest.raises(ValueError, match="1-D"):
+        drop_smallest([1.0, 2.0], 1)

@@ -12,6 +12,9 @@ def drop_smallest(values: Tensor, n: int) -> Tensor:
 
     Ties are broken by position: among equal magnitudes the earlier entry (row-major
     order of the pattern) is dropped first, so every rank and every rerun agree."""
+    if not isinstance(values, Tensor) or values.dim() != 1 or not values.dtype.is_floating_point:
+        raise ValueError(f"drop_smallest: values must be a 1-D floating tensor [nnz], got "
+                         f"{f'{values.dtype} {tuple(values.shape)}' if isinstance(values, Tensor) else type(values).__name__}")
     nnz = values.numel()
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= nnz:
         raise ValueError(f"drop_smallest: n must be an int in [0, nnz = {nnz}], got {n!r}")

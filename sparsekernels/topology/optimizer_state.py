@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -23,9 +25,25 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.nn.Para
     Per-element state is every tensor of ``old_numel`` elements (``momentum_buffer``,
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...); scalars such as Adam's ``step``
     are left alone. Returns how many state tensors were remapped."""
+    owner = "remap_optimizer_state"
+    if not isinstance(getattr(optimizer, "state", None), Mapping):
+        raise TypeError(f"{owner}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(source, Tensor) or source.dim() != 1 or source.dtype.is_floating_point or \
+            source.dtype == torch.bool:
+        raise ValueError(f"{owner}: source must be a 1-D integer tensor (old index per new entry, -1 for grown)")
+    if isinstance(old_numel, bool) or not isinstance(old_numel, int) or old_numel < 0:
+        raise ValueError(f"{owner}: old_numel must be a non-negative int, got {old_numel!r}")
+    if source.numel() and (int(source.min()) < -1 or int(source.max()) >= old_numel):
+        raise ValueError(f"{owner}: source entries must lie in [-1, old_numel = {old_numel})")
     state = optimizer.state.get(param)
     if not state:
         return 0
+    # A per-element state tensor of another length than old_numel would be left at its old
+    # size (and misread by the next step): say so instead.
+    sizes = {v.numel() for k, v in state.items()
+             if isinstance(v, Tensor) and v.dim() == 1 and v.numel() > 1 and k != "step"}
+    if sizes - {old_numel}:
+        raise ValueError(f"{owner}: old_numel = {old_numel} but the per-element state holds {sorted(sizes)} entries")
     all_kept = bool((source >= 0).all())  # a pure drop: one gather, no fill
     remapped = 0
     for key, value in list(state.items()):

@@ -452,3 +452,28 @@ def test_a_non_finite_calibration_loss_is_said_not_hidden():
     with pytest.raises(ValueError, match="calibration loss"):
         loss({"0": bad})
     assert torch.isfinite(model[0].weight).all()  # restored after the failed call
+
+
+def test_timing_helpers_check_their_arguments():
+    from sparsekernels.spdy.timing import LayerTiming, TimingDB, measure_speedup, measure_timings
+
+    model = tiny()
+    layers = {"0": model[0], "2": model[2]}
+    x = torch.randn(4, 8)
+    for kwargs, match in (({"repeats": 0}, "repeats"), ({"levels": (0.5, 0.9)}, "levels"), ({"levels": 3}, "levels")):
+        args = {"levels": (0.0, 0.5), **kwargs}
+        with pytest.raises(ValueError, match=match):
+            measure_timings(model, x, layers, args.pop("levels"), progress=False, **args)
+    with pytest.raises(ValueError, match="prunable"):
+        measure_timings(model, x, {"1": model[1]}, (0.0, 0.5), progress=False)
+    for kwargs in ({"rounds": 0}, {"inner": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            measure_speedup(model, model, x, **kwargs)
+    lt = LayerTiming("0", "linear", (8, 8), (4, 8), 1, 1e-3, [None])
+    with pytest.raises(ValueError, match="one sparse time per level"):
+        TimingDB((0.0, 0.5), {"0": lt}, 1e-3, 2e-3)
+    db = TimingDB((0.0, 0.5), {"0": LayerTiming("0", "linear", (8, 8), (4, 8), 1, 1e-3, [None, 5e-4])}, 1e-3, 2e-3)
+    with pytest.raises(ValueError, match="plan has"):
+        db.planned_s([1, 1])
+    with pytest.raises(ValueError, match="no layer"):
+        TimingDB((0.0, 0.5), {}, 1e-3, 2e-3).max_speedup()

@@ -52,6 +52,11 @@ from ..oneshot._progress import progress as progress_bar
 from ..oneshot.calibration import batch_call, forward_with_pre_hooks
 
 DEFAULT_REPEATS = 5
+
+
+def _check_count(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 STOP_RATIO = 1.25
 
 
@@ -95,6 +100,12 @@ class TimingDB:
     model_dense_s: float
     machine: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        short = [lt.name for lt in self.layers.values() if len(lt.sparse_s) != len(self.levels)]
+        if short:
+            raise ValueError(f"TimingDB: every layer needs one sparse time per level ({len(self.levels)}); "
+                             f"{short} do not")
+
     @property
     def names(self) -> list[str]:
         return list(self.layers)
@@ -111,6 +122,8 @@ class TimingDB:
 
     def planned_s(self, plan: Sequence[int]) -> float:
         """Predicted forward time with level ``plan[l]`` for layer l."""
+        if len(plan) != len(self.layers):
+            raise ValueError(f"TimingDB.planned_s: the plan has {len(plan)} levels for {len(self.layers)} layers")
         return self.rest_s + sum(lt.time(i) for lt, i in zip(self.layers.values(), plan))
 
     def fastest_plan(self) -> list[int]:
@@ -118,6 +131,8 @@ class TimingDB:
 
     def max_speedup(self) -> float:
         """Dense time over the time with every layer at its fastest level."""
+        if not self.layers:
+            raise ValueError("TimingDB.max_speedup: the database holds no layer timings")
         return self.dense_s / self.planned_s(self.fastest_plan())
 
     def sparsities(self, plan: Sequence[int]) -> dict[str, float]:
@@ -280,6 +295,15 @@ def measure_timings(model: nn.Module, batch, layers: dict[str, nn.Module], level
     sparsity grid ``levels`` (levels[0] = 0). The model runs in eval mode, under no_grad,
     on its own device, with the current torch thread count; its layers are swapped for
     sparse ones during the measurement and always put back. See the module docstring."""
+    _check_count("measure_timings", "repeats", repeats)
+    if (isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) < 2
+            or levels[0] != 0):
+        raise ValueError(f"measure_timings: levels must be a sequence of sparsities starting at 0 (the dense "
+                         f"level), e.g. spdy.levels.default_levels(); got {levels!r}")
+    not_layers = [n for n, m in layers.items() if sparse_class_for(m) is None]
+    if not_layers:
+        raise ValueError(f"measure_timings: layers must be prunable layers (nn.Linear / nn.Conv2d / Conv1D), got "
+                         f"{not_layers}")
     device = _device_of(model)
     was = {m: m.training for m in model.modules()}
     model.eval()
@@ -317,6 +341,8 @@ def measure_speedup(dense: nn.Module, other: nn.Module, batch, rounds: int = 9, 
     timing both models (the order alternating) as the median of ``inner`` forwards after
     one untimed forward of the same model (so each finds its own weights in the cache).
     Returns ``{"speedup": median per-round dense / other, "dense_s", "other_s"}`` (medians)."""
+    _check_count("measure_speedup", "rounds", rounds)
+    _check_count("measure_speedup", "inner", inner)
     args, kwargs = batch_call(batch)
     device = _device_of(dense)
     models = {"dense": dense, "other": other}

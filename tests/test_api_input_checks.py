@@ -126,3 +126,17 @@ def test_remap_optimizer_state_and_drop_smallest_check_their_arguments():
         drop_smallest(torch.randn(2, 3), 1)
     with pytest.raises(ValueError, match="1-D"):
         drop_smallest([1.0, 2.0], 1)
+
+
+def test_ensemble_refuses_members_of_other_classes_and_non_iterables():
+    from sparsekernels.ensemble import Ensemble, pairwise_disagreement
+
+    ens = Ensemble([nn.Linear(4, 3), nn.Linear(4, 5)])
+    with pytest.raises(ValueError, match="differ in shape"):
+        ens(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="iterable"):
+        Ensemble(None)
+    with pytest.raises(TypeError, match="iterable"):
+        Ensemble.from_tickets(nn.Linear(4, 3), None)
+    with pytest.raises(ValueError, match="no sample"):
+        pairwise_disagreement(torch.zeros(2, 0, 3))

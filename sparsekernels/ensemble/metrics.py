@@ -85,6 +85,8 @@ def pairwise_disagreement(member_probs: Tensor) -> float:
     if not isinstance(member_probs, Tensor) or member_probs.dim() != 3:
         got = tuple(member_probs.shape) if isinstance(member_probs, Tensor) else type(member_probs).__name__
         raise ValueError(f"member_probs must be a tensor of shape [M, N, C], got {got}")
+    if member_probs.shape[1] == 0:
+        raise ValueError("member_probs holds no sample (N = 0): the disagreement is undefined")
     pairs = list(itertools.combinations(range(member_probs.shape[0]), 2))
     if not pairs:
         return 0.0

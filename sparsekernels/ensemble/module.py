@@ -28,7 +28,10 @@ class Ensemble(nn.Module):
         if isinstance(models, nn.Module):
             raise TypeError("Ensemble: models must be an iterable of nn.Module, got a single module; wrap it "
                             "in a list")
-        models = list(models)
+        try:
+            models = list(models)
+        except TypeError:
+            raise TypeError(f"Ensemble: models must be an iterable of nn.Module, got {type(models).__name__}") from None
         if not models:
             raise ValueError("Ensemble: models must hold at least one model")
         for i, m in enumerate(models):
@@ -44,7 +47,11 @@ class Ensemble(nn.Module):
         ``template`` must have the tickets' layer types: the sparse model the tickets came
         from (e.g. ``edst.model``); a sparse layer takes a ticket's pattern and nnz
         whatever its own, so the members' masks are the tickets'."""
-        tickets = list(tickets)
+        try:
+            tickets = list(tickets)
+        except TypeError:
+            raise TypeError(f"Ensemble.from_tickets: tickets must be an iterable of state dicts, got "
+                            f"{type(tickets).__name__}") from None
         if not tickets:
             raise ValueError("Ensemble.from_tickets: tickets must hold at least one state dict")
         if not isinstance(template, nn.Module) and not callable(template):
@@ -65,7 +72,12 @@ class Ensemble(nn.Module):
 
     def member_probs(self, x) -> Tensor:
         """[M, N, C]: every member's softmax probabilities."""
-        return torch.stack([torch.softmax(m(x), dim=-1) for m in self.members])
+        probs = [torch.softmax(m(x), dim=-1) for m in self.members]
+        shapes = {tuple(p.shape) for p in probs}
+        if len(shapes) > 1:
+            raise ValueError(f"Ensemble: the members' outputs differ in shape {sorted(shapes)}; members must be "
+                             "classifiers over the same classes")
+        return torch.stack(probs)
 
     def forward(self, x) -> Tensor:
         return self.member_probs(x).mean(dim=0)

@@ -140,3 +140,22 @@ def test_ensemble_refuses_members_of_other_classes_and_non_iterables():
         Ensemble.from_tickets(nn.Linear(4, 3), None)
     with pytest.raises(ValueError, match="no sample"):
         pairwise_disagreement(torch.zeros(2, 0, 3))
+
+
+def test_woodbury_fisher_inverse_and_coefficient_search_check_their_arguments():
+    from sparsekernels.oneshot.mfac import WoodburyFisherInverse
+    from sparsekernels.spdy.coefficients import coefficient_search
+
+    grads = torch.randn(4, 10, dtype=torch.float64)
+    for kwargs, match in (({"block_size": 0}, "block_size"), ({"block_size": -3}, "block_size"),
+                          ({"damp": "1"}, "damp"), ({"damp": 0.0}, "damp")):
+        args = {"damp": 1e-3, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            WoodburyFisherInverse(grads, args.pop("damp"), **args)
+    finv = WoodburyFisherInverse(grads, 1e-3, 4)
+    with pytest.raises(ValueError, match=r"x must be \[10\]"):
+        finv.mul(torch.randn(7, dtype=torch.float64))
+    for kwargs, match in (({"layers": 0}, "layers"), ({"steps": 0}, "steps"), ({"steps": -1}, "steps")):
+        args = {"layers": 3, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            coefficient_search(args.pop("layers"), lambda c: float(c.sum()), **args)

@@ -52,13 +52,17 @@ class WoodburyFisherInverse:
     """
 
     def __init__(self, grads: Tensor, damp: float, block_size: int | None = None) -> None:
-        if grads.dim() != 2 or grads.shape[0] < 1:
-            raise ValueError(f"WoodburyFisherInverse: grads must be [m, d] with m >= 1, got {tuple(grads.shape)}")
-        if not damp > 0:
-            raise ValueError(f"WoodburyFisherInverse: damp must be > 0, got {damp!r}")
+        if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.shape[0] < 1 or not grads.is_floating_point():
+            raise ValueError("WoodburyFisherInverse: grads must be a floating [m, d] tensor with m >= 1, got "
+                             f"{tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__}")
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+            raise ValueError(f"WoodburyFisherInverse: damp must be a finite number > 0, got {damp!r}")
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"WoodburyFisherInverse: block_size must be a positive int or None, got {block_size!r}")
         m, d = grads.shape
         self.m, self.d, self.damp = m, d, float(damp)
-        B = d if block_size is None else max(1, min(int(block_size), d))
+        B = max(1, d if block_size is None else min(block_size, d))
         nb = math.ceil(d / B) if d else 0
         self.B, self.nb = B, nb
         G = torch.zeros(m, nb * B, dtype=grads.dtype, device=grads.device)
@@ -89,6 +93,9 @@ class WoodburyFisherInverse:
 
     def mul(self, x: Tensor) -> Tensor:
         """F⁻¹ x for x [d]."""
+        if not isinstance(x, Tensor) or tuple(x.shape) != (self.d,):
+            raise ValueError(f"WoodburyFisherInverse.mul: x must be [{self.d}], got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         xb = self._blocks(x)
         coef = self.c * torch.einsum("njb,nb->nj", self.V, xb)
         y = xb / self.damp - torch.einsum("nj,njb->nb", coef, self.V)

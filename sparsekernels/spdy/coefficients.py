@@ -43,6 +43,11 @@ def coefficient_search(layers: int, score: Callable[[Tensor], float], *, steps: 
     (a ``torch.Generator`` of its own; the global RNG is not touched). Returns (best c, its score, history): one dict per scored
     candidate with ``step``, ``phase`` ("uniform" / "random" / "local"), ``score`` and
     ``best`` (the best score so far, never increasing)."""
+    for name, value, minimum in (("layers", layers, 1), ("steps", steps, 1), ("patience", patience, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"coefficient_search: {name} must be an int >= {minimum}, got {value!r}")
+    if not callable(score):
+        raise TypeError(f"coefficient_search: score must be callable score(c) -> float, got {type(score).__name__}")
     rng = torch.Generator().manual_seed(seed)
     n_random = (steps - 1) // 3 if random_candidates is None else random_candidates
     history: list[dict] = []

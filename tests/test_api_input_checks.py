@@ -159,3 +159,18 @@ def test_woodbury_fisher_inverse_and_coefficient_search_check_their_arguments():
         args = {"layers": 3, **kwargs}
         with pytest.raises(ValueError, match=match):
             coefficient_search(args.pop("layers"), lambda c: float(c.sum()), **args)
+
+
+def test_prune_puts_every_layer_back_when_a_later_one_fails():
+    """A failure halfway (here the second layer's inputs are NaN) had left the model part
+    sparse, part dense; now every layer is put back as it was, weights untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")  # layer 0's own inputs are finite, layer 2's are not
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        prune(model, [torch.randn(32, 16)], method="sparsegpt", sparsity=0.5, progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all() and
+               torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items())

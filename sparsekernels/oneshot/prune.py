@@ -49,10 +49,13 @@ def _to_sparse(module: nn.Module, W: Tensor, kept: Tensor, nm: tuple[int, int] |
     """The sparse twin of ``module`` holding Ŵ ``W`` [out, k] at ``kept`` [out, k]:
     ``Sparse24Linear`` for 2:4 on an nn.Linear, else CSR ``SparseLinear`` / ``SparseConv2d``."""
     training = module.training
-    if is_conv1d(module):
-        module.weight.copy_(W.t())
-    else:
-        module.weight.copy_(W.reshape(module.weight.shape))
+    # A shallow twin holding Ŵ: the dense layer itself stays as it was, so a failure later
+    # in prune() can put it back unchanged.
+    twin = copy.copy(module)
+    twin._parameters = dict(module._parameters)
+    new_weight = W.t() if is_conv1d(module) else W.reshape(module.weight.shape)
+    twin.weight = nn.Parameter(new_weight.to(module.weight.dtype).contiguous(), requires_grad=module.weight.requires_grad)
+    module = twin
     if nm == (2, 4) and isinstance(module, nn.Linear):
         sparse = Sparse24Linear.from_dense(module, mask=kept)
     else:
@@ -149,6 +152,7 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
         return model
     was = {mod: mod.training for mod in model.modules()}
     model.eval()
+    swapped: list[tuple[str, nn.Module]] = []  # (name, the dense layer): put back if a later layer fails
     try:
         if batches is not None:
             order = execution_order(model, layers, batches[0])
@@ -175,8 +179,16 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
                 W, kept = prune_matrix(weight_matrix(module), H, method, level, nm, damp=damp,
                                        block_size=block_size, max_columns=max_columns)
             sparse = _to_sparse(module, W, kept, nm)
-            was[sparse] = was.pop(module)
+            was[sparse] = was[module]
             _replace(model, name, sparse)
+            swapped.append((name, module))
+    except BaseException:
+        # All layers or none: a failure halfway (a non-finite Hessian, an interrupt) must not
+        # leave the model part sparse, part dense. (The dense layers' weights were not
+        # changed: every pruner works on a copy.)
+        for name, module in reversed(swapped):
+            _replace(model, name, module)
+        raise
     finally:
         for mod, flag in was.items():
             mod.train(flag)

@@ -174,3 +174,14 @@ def test_prune_puts_every_layer_back_when_a_later_one_fails():
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     assert all(torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all() and
                torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items())
+
+
+def test_obc_counts_as_the_other_pruners_and_takes_an_empty_layer():
+    W, H = _problem()
+    W = W[:3, :5]
+    H = H[:5, :5]
+    kept = [int(obc_prune(W, H, 0.5)[1].sum()), int(sparsegpt_prune(W, H, 0.5)[1].sum()),
+            int(magnitude_prune(W, 0.5)[1].sum())]
+    assert kept == [8, 8, 8]  # 15 weights at 0.5: OBC had kept 7
+    out, mask = obc_prune(torch.randn(0, 5), H, 0.5)
+    assert out.shape == (0, 5) and mask.shape == (0, 5)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from ._progress import progress as progress_bar
 
+from ..formats import kept_count
+from ._progress import progress as progress_bar
 from .calibration import damped
 from .patterns import check_layer_problem
 
@@ -98,6 +99,8 @@ def obc_prune(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None 
     if k > max_columns:
         raise ValueError(f"obc: exact OBS costs O(rows·k³); layer has k = {k} inputs > max_columns = {max_columns}. "
                          "Use method='sparsegpt' for wide layers, or raise max_columns")
+    if rows == 0 or k == 0:  # nothing to prune
+        return W.clone(), torch.ones(W.shape, dtype=torch.bool, device=W.device)
     Hd, dead = damped(H.to(torch.float64), damp)
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))
     Wd = W.to(torch.float64).clone()
@@ -114,7 +117,8 @@ def obc_prune(W: Tensor, H: Tensor, sparsity: float, nm: tuple[int, int] | None 
         orders.append(taken)
         losses.append(loss)
     order, loss = torch.cat(orders), torch.cat(losses)
-    count = int(round(sparsity * rows * k))
+    # The package's count (formats.kept_count), as magnitude and SparseGPT prune.
+    count = rows * k - kept_count(rows * k, sparsity)
     chosen = torch.zeros(rows * k, dtype=torch.bool, device=W.device)
     chosen[torch.sort(loss.reshape(-1), stable=True).indices[:count]] = True
     steps = chosen.view(rows, k).sum(dim=1)

@@ -185,3 +185,28 @@ def test_obc_counts_as_the_other_pruners_and_takes_an_empty_layer():
     assert kept == [8, 8, 8]  # 15 weights at 0.5: OBC had kept 7
     out, mask = obc_prune(torch.randn(0, 5), H, 0.5)
     assert out.shape == (0, 5) and mask.shape == (0, 5)
+
+
+def test_mfac_prune_and_calibration_helpers_check_their_arguments():
+    from sparsekernels.oneshot.calibration import HessianAccumulator, collect_hessian, input_groups
+    from sparsekernels.oneshot.memory import sparsegpt_peak_memory
+    from sparsekernels.oneshot.mfac import mfac_prune
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    batches = [(torch.randn(4, 16), torch.randn(4, 4))]
+    loss = nn.functional.mse_loss
+    for args, kwargs, match in ((({"0": model[0]}, 1.5), {}, "sparsity"), (({}, 0.5), {}, "layers"),
+                                (({"0": model[0]}, 0.5), {"num_grads": 0}, "num_grads"),
+                                (({"0": model[0]}, 0.5), {"recomputations": 0}, "recomputations")):
+        with pytest.raises(ValueError, match=match):
+            mfac_prune(model, args[0], batches, loss, args[1], **kwargs)
+    with pytest.raises(ValueError, match="batches"):
+        mfac_prune(model, {"0": model[0]}, [], loss, 0.5)
+    with pytest.raises(ValueError, match="HessianAccumulator"):
+        HessianAccumulator(1, 16).add(torch.randn(4, 16))
+    with pytest.raises(TypeError, match="collect_hessian"):
+        collect_hessian(model, None, [torch.randn(4, 16)])
+    with pytest.raises(ValueError, match="Conv2d"):
+        input_groups(nn.Conv2d(3, 4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="k must be"):
+        sparsegpt_peak_memory(0)

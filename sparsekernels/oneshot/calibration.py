@@ -64,6 +64,8 @@ def input_groups(module: nn.Module, x: Tensor) -> Tensor:
     """The input vectors of ``module`` for its input ``x``, as [N, groups, k] (k columns of
     the weight matrix per group; groups = 1 for linear layers)."""
     if isinstance(module, nn.Conv2d):
+        if x.dim() not in (3, 4):
+            raise ValueError(f"input_groups: a Conv2d's input must be [N, C, H, W] or [C, H, W], got {tuple(x.shape)}")
         if x.dim() == 3:
             x = x.unsqueeze(0)
         pad = module._reversed_padding_repeated_twice
@@ -88,6 +90,9 @@ class HessianAccumulator:
 
     def add(self, x: Tensor) -> None:
         """``x`` [N, groups, k] input vectors."""
+        if not isinstance(x, Tensor) or tuple(x.shape[1:]) != tuple(self.H.shape[:2]) or x.dim() != 3:
+            raise ValueError(f"HessianAccumulator.add: x must be [N, {self.H.shape[0]}, {self.H.shape[1]}] "
+                             f"(input_groups' layout), got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         b = x.shape[0]
         if b == 0:
             return
@@ -118,6 +123,8 @@ def collect_hessian(model: nn.Module, module: nn.Module, batches: list, *,
                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, int]:
     """Runs ``batches`` through ``model`` until ``module`` and returns (H [groups, k, k], N),
     N the number of input vectors seen. Raises ValueError if ``module`` was never called."""
+    if not isinstance(model, nn.Module) or not isinstance(module, nn.Module):
+        raise TypeError("collect_hessian: model and module must be nn.Modules (module one of model's layers)")
     acc: list[HessianAccumulator] = []
 
     def hook(mod, args, kwargs):

@@ -47,6 +47,9 @@ def sparsegpt_peak_memory(k: int, rows: int | None = None, *, sparsity: float = 
     which stays bounded as k grows when the memory is O(k²) (for rows ≈ k).
     """
     rows = k if rows is None else rows
+    for name, value in (("k", k), ("rows", rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"sparsegpt_peak_memory: {name} must be a positive int, got {value!r}")
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, k, generator=g, dtype=dtype)
     X = torch.randn(64, k, generator=g, dtype=dtype)

@@ -29,11 +29,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from ._progress import progress as progress_bar
 
-from ..formats import kept_count
+from ..formats import check_sparsity, kept_count
+from ._progress import progress as progress_bar
 from .calibration import batch_call
-from .patterns import lowest_mask, nm_prune_mask
+from .patterns import lowest_mask, nm_prune_mask, parse_pattern
 
 NUM_GRADS = 64
 FISHER_BLOCK_SIZE = 128
@@ -152,6 +152,15 @@ def mfac_prune(model: nn.Module, layers: dict[str, nn.Module], batches: list, lo
     The model's weights are updated in place (dense); returns name → (Ŵ [out, k] matrix,
     kept mask [out, k]).
     """
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError("mfac_prune: layers must map names to at least one nn.Linear / nn.Conv2d / Conv1D of model")
+    sparsity = check_sparsity(sparsity)
+    nm = parse_pattern(nm)
+    for name, value in (("num_grads", num_grads), ("recomputations", recomputations)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"mfac_prune: {name} must be a positive int, got {value!r}")
+    if not batches:
+        raise ValueError("mfac_prune: batches is empty; the Fisher needs at least one (inputs, targets) batch")
     if len(batches) < num_grads:
         warnings.warn(f"mfac: num_grads={num_grads} but the loader has {len(batches)} batches; using "
                       f"{len(batches)} gradients", stacklevel=3)

@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
-from ._progress import progress as progress_bar
 
 from ..formats import check_sparsity
 from ..nn import Sparse24Linear, eligible_layers, sparse_class_for
 from ..nn._conv1d import is_conv1d
 from ..nn.sparsify import DEFAULT_INCLUDE
+from ._progress import progress as progress_bar
 from .calibration import collect_hessian, execution_order, materialise, weight_matrix
 from .magnitude import magnitude_prune
 from .mfac import FISHER_BLOCK_SIZE, FISHER_DAMP, NUM_GRADS, RECOMPUTATIONS, mfac_prune

@@ -379,3 +379,41 @@ def test_sparsify_checks_block_size_and_erk_handles_empty_layers():
     for bad in (float("nan"), float("inf"), -1.0, "1"):
         with pytest.raises(ValueError, match="erk_power_scale"):
             layer_sparsities({"w": (8, 8)}, 0.5, "erk", erk_power_scale=bad)
+
+
+def test_conversions_keep_training_mode_and_frozen_weights():
+    """from_dense / to_dense / densify / sparsify(inplace=False) keep the training mode and
+    whether weight and bias train (new Parameters had all required grad; Sparse24Linear had
+    come back in training mode from an eval layer)."""
+    from sparsekernels.nn import BSRLinear, Sparse24Linear
+
+    lin = nn.Linear(16, 8).eval()
+    lin.weight.requires_grad_(False)
+    for make in (lambda: SparseLinear.from_dense(lin, sparsity=0.5), lambda: Sparse24Linear.from_dense(lin),
+                 lambda: Sparse24Linear.from_dense(lin, mode="srste"),
+                 lambda: BSRLinear.from_dense(lin, sparsity=0.5, block_size=8)):
+        layer = make()
+        weights = layer.weight if getattr(layer, "mode", "") == "srste" else layer.values
+        assert not layer.training and not weights.requires_grad and layer.bias.requires_grad
+        dense = layer.to_dense()
+        assert not dense.training and not dense.weight.requires_grad and dense.bias.requires_grad
+    conv = nn.Conv2d(2, 4, 3).eval()
+    conv.bias.requires_grad_(False)
+    sc = SparseConv2d.from_dense(conv, sparsity=0.5)
+    assert not sc.training and sc.values.requires_grad and not sc.bias.requires_grad
+    assert not densify(nn.Sequential(sc))[0].bias.requires_grad
+    model = sparsify(nn.Sequential(nn.Linear(16, 8)).eval(), format="2:4", inplace=False)
+    assert not model[0].training
+
+
+def test_densify_keeps_a_shared_layer_shared_and_sparsify_checks_its_arguments():
+    layer = SparseLinear(8, 8, sparsity=0.5)
+    dense = densify(nn.ModuleDict({"a": layer, "b": layer}))
+    assert isinstance(dense["b"], nn.Linear) and dense["a"] is dense["b"]
+    assert isinstance(sparsify(nn.Sequential(nn.Linear(8, 8), nn.Conv2d(2, 2, 1)), 0.5, include=nn.Linear)[0],
+                      SparseLinear)  # one type on its own
+    for kwargs, match in (({"exclude": 3}, "exclude"), ({"include": "Linear"}, "include"), ({"inplace": "no"}, "inplace")):
+        with pytest.raises(TypeError, match=match):
+            sparsify(nn.Sequential(nn.Linear(8, 8)), 0.5, **kwargs)
+    with pytest.raises(TypeError, match="inplace"):
+        densify(nn.Sequential(layer), inplace="no")

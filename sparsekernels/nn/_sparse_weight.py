@@ -59,6 +59,29 @@ def check_layer_input(owner: str, x: object, weight: Tensor, in_features: int | 
     return x
 
 
+def _weights_of(module: nn.Module) -> nn.Parameter | None:
+    """The trainable weights of a dense or sparse layer: ``values`` or ``weight``."""
+    for name in ("values", "weight"):
+        p = module._parameters.get(name)
+        if p is not None:
+            return p
+    return None
+
+
+def carry_flags(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """What a conversion (from_dense, to_dense, densify) keeps besides the numbers: the
+    training mode, and whether the weights and the bias train, so a frozen layer stays
+    frozen (the new Parameters had all required grad). Returns ``dst``."""
+    dst.train(src.training)
+    ws, wd = _weights_of(src), _weights_of(dst)
+    if ws is not None and wd is not None:
+        wd.requires_grad_(ws.requires_grad)
+    bs, bd = src._parameters.get("bias"), dst._parameters.get("bias")
+    if bs is not None and bd is not None:
+        bd.requires_grad_(bs.requires_grad)
+    return dst
+
+
 def dense_linear(weight: Tensor, bias: Tensor | None, training: bool) -> nn.Linear:
     """An ``nn.Linear`` holding copies of ``weight`` [out, in] and ``bias`` (the ``to_dense``
     of every sparse linear layer)."""

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import autocast, bsr_mm
-from ._sparse_weight import (check_features, check_layer_input, check_loaded_pattern, dense_linear,
+from ._sparse_weight import (carry_flags, check_features, check_layer_input, check_loaded_pattern, dense_linear,
                              resize_parameter)
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
@@ -83,7 +83,7 @@ class BSRLinear(nn.Module):
         layer.in_features, layer.out_features, layer.block_size = linear.in_features, linear.out_features, b
         layer._set_bsr(BSR.from_dense(w, block_mask, b))
         layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
-        layer.train(linear.training)
+        carry_flags(linear, layer)
         return layer
 
     def bsr(self) -> BSR:
@@ -92,7 +92,7 @@ class BSRLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with this layer's weights and zeros in the pruned blocks."""
-        return dense_linear(self.bsr().to_dense(), self.bias, self.training)
+        return carry_flags(self, dense_linear(self.bsr().to_dense(), self.bias, self.training))
 
     def mask(self) -> Tensor:
         return self.bsr().mask()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..formats import CSR, check_sparsity, random_mask
 from ..ops import spmm, spmm_t
 from ..ops._functorch import tangents_possible
-from ._sparse_weight import SparseWeightMixin, kept_mask
+from ._sparse_weight import SparseWeightMixin, carry_flags, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -183,7 +183,7 @@ class SparseConv2d(SparseWeightMixin):
                          conv.dilation, conv.groups, conv.padding_mode)
         layer._init_from_masked(w, mask.to(device=w.device, dtype=torch.bool))
         layer.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
-        layer.train(conv.training)
+        carry_flags(conv, layer)
         return layer
 
     def dense_weight(self) -> Tensor:
@@ -214,8 +214,7 @@ class SparseConv2d(SparseWeightMixin):
             dense.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        dense.train(self.training)
-        return dense
+        return carry_flags(self, dense)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..formats import CSR, check_sparsity, random_mask
 from ._conv1d import is_conv1d
-from ._sparse_weight import SparseWeightMixin, check_features, check_layer_input, dense_linear, kept_mask
+from ._sparse_weight import SparseWeightMixin, carry_flags, check_features, check_layer_input, dense_linear, kept_mask
 
 
 class SparseLinear(SparseWeightMixin):
@@ -95,13 +95,12 @@ class SparseLinear(SparseWeightMixin):
         layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         if conv1d:
             layer.dense_origin = type(linear)
-        layer.train(linear.training)
-        return layer
+        return carry_flags(linear, layer)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with this layer's weights and zeros where pruned (also for a
         layer built from a Conv1D: :func:`sparsekernels.densify` restores that class)."""
-        return dense_linear(self.csr().to_dense(), self.bias, self.training)
+        return carry_flags(self, dense_linear(self.csr().to_dense(), self.bias, self.training))
 
     def mask(self) -> Tensor:
         """Boolean [out_features, in_features] pattern."""

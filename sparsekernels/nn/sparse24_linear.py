@@ -27,7 +27,7 @@ from ..ops import sparse24_mm
 from ..ops.sparse24 import srste_product
 from ..ops._functorch import transforms_active
 from ..reference import meta_columns
-from ._sparse_weight import check_features, check_layer_input, dense_linear
+from ._sparse_weight import carry_flags, check_features, check_layer_input, dense_linear
 
 MODES = ("fixed", "srste")
 
@@ -125,7 +125,7 @@ class Sparse24Linear(nn.Module):
         layer._configure(linear.in_features, linear.out_features, mode, srste_lambda, update_every, transposable)
         layer._init_from(linear.weight.detach(), mask)
         layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
-        return layer
+        return carry_flags(linear, layer)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint's meta is checked before anything is loaded: a bad byte would index
@@ -167,7 +167,7 @@ class Sparse24Linear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with the effective (2:4-pruned) weight."""
-        return dense_linear(self.dense_weight(), self.bias, self.training)
+        return carry_flags(self, dense_linear(self.dense_weight(), self.bias, self.training))
 
     @property
     def nnz(self) -> int:

@@ -28,6 +28,7 @@ from ._conv1d import build_conv1d, is_conv1d, is_conv1d_class
 from .bsr_linear import BSRLinear
 from .conv import SparseConv2d
 from .distribution import layer_sparsities
+from ._sparse_weight import carry_flags
 from .linear import SparseLinear
 from .sparse24_linear import Sparse24Linear
 
@@ -100,8 +101,8 @@ def dense_twin(layer: nn.Module) -> nn.Module:
     origin = getattr(layer, "dense_origin", None)
     if origin is not None:
         dense = layer.to_dense()
-        return build_conv1d(origin, dense.weight.detach(), None if dense.bias is None else dense.bias.detach(),
-                            layer.training)
+        return carry_flags(layer, build_conv1d(origin, dense.weight.detach(),
+                                               None if dense.bias is None else dense.bias.detach(), layer.training))
     return layer.to_dense()
 
 
@@ -114,6 +115,11 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def _check_include(include) -> tuple:
+    if isinstance(include, type):
+        include = (include,)  # one layer type on its own
+    if isinstance(include, (str, bytes)) or not isinstance(include, Iterable):
+        raise TypeError(f"sparsify: include must be a layer type or an iterable of them (nn.Linear, nn.Conv2d, "
+                        f"transformers' Conv1D), got {include!r}")
     include = tuple(include)
     for cls in include:
         if cls not in _SPARSE_OF and not is_conv1d_class(cls):
@@ -149,6 +155,10 @@ def _scan(model: nn.Module, include, exclude) -> tuple[dict[str, nn.Module], dic
     include = _check_include(include)
     if isinstance(exclude, (str, type)):
         exclude = (exclude,)
+    if not isinstance(exclude, Iterable) or not all(isinstance(r, (str, type)) for r in exclude):
+        raise TypeError(f"exclude must be module names / glob patterns (str) and/or module types, or an iterable of "
+                        f"them, got {exclude!r}")
+    exclude = tuple(exclude)
     holders = _parameter_holders(model)
     swap, left = {}, {}
     for name, m in model.named_modules():
@@ -228,6 +238,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
         raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
     if format not in ("csr", "bsr", "2:4"):
         raise ValueError(f"sparsify: format must be 'csr', 'bsr' or '2:4', got {format!r}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"sparsify: inplace must be a bool, got {inplace!r}")
     if format == "bsr" and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
         raise ValueError(f"sparsify: block_size must be a positive int, got {block_size!r}")
     if not inplace:
@@ -240,7 +252,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
     per_layer = layer_sparsities({n: tuple(linear_weight(m).shape) for n, m in layers.items()}, sparsity,
                                  distribution)
     for name, module in layers.items():
-        sparse = _sparse_class(module, tuple(include)).from_dense(module, sparsity=per_layer[name])
+        sparse = _sparse_class(module, _check_include(include)).from_dense(module, sparsity=per_layer[name])
         model = _replace(model, name, sparse)
     return model
 
@@ -274,8 +286,7 @@ def _as_linear(conv1d: nn.Module) -> nn.Linear:
     dense.weight = nn.Parameter(w)
     if conv1d.bias is not None:
         dense.bias = nn.Parameter(conv1d.bias.detach())
-    dense.train(conv1d.training)
-    return dense
+    return carry_flags(conv1d, dense)
 
 
 def _sparsify_structured(model: nn.Module, layers: dict, sparsity: float, format: str, block_size: int) -> nn.Module:
@@ -311,9 +322,16 @@ def densify(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     inverse of :func:`sparsify`'s swap."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"densify: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"densify: inplace must be a bool, got {inplace!r}")
     if not inplace:
         model = copy.deepcopy(model)
-    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, SPARSE_LAYERS)]
+    # Every name a layer is registered under (a module shared by two parents), and one
+    # dense twin per layer, so the tie holds in the dense model too.
+    sparse = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, SPARSE_LAYERS)]
+    twins: dict[int, nn.Module] = {}
     for name, module in sparse:
-        model = _replace(model, name, dense_twin(module))
+        if id(module) not in twins:
+            twins[id(module)] = dense_twin(module)
+        model = _replace(model, name, twins[id(module)])
     return model

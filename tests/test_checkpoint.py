@@ -145,7 +145,7 @@ def test_file_is_compact_at_90_percent(tmp_path):
         meta = json.loads(f.metadata()["sparsekernels"])
     assert not any(k.rpartition(".")[2] in ("t_row_ptr", "t_col_idx", "t_perm") for k in keys)
     assert {"0.values", "0.row_ptr", "0.col_idx"} <= keys
-    assert meta["layers"]["0"] == {"format": "csr", "shape": [256, 256]}
+    assert meta["layers"]["0"] == {"format": "csr", "shape": [256, 256], "layer": "SparseLinear"}
     # a state dict (not the model) saves alike, its shapes read from the transpose maps
     sparsekernels.save(model.state_dict(), tmp_path / "sd.safetensors")
     fresh = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
@@ -379,3 +379,74 @@ def _corrupt_linear_state(seed):
     torch.manual_seed(seed)
     sd = SparseLinear.from_dense(nn.Linear(12, 8), sparsity=0.5).state_dict()
     return dict(sd, t_perm=_swap_first_two(sd["t_perm"]))
+
+
+def _mlp_16_32_8():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def test_a_failed_load_puts_the_dense_layers_back(tmp_path):
+    torch.manual_seed(0)
+    sparsekernels.save(sparsekernels.sparsify(_mlp_16_32_8(), 0.5), tmp_path / "a.st")
+    model = nn.Sequential(*_mlp_16_32_8(), nn.Linear(8, 4))  # a layer the file lacks: strict load fails
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        sparsekernels.load(model, tmp_path / "a.st")
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_file_goes_only_into_the_kind_of_layer_it_was_saved_from(tmp_path):
+    """A CSR [32, 16] pattern fits nn.Linear(16, 32) and a 1x1 Conv2d alike; the file
+    records the layer class and a convolution's kernel shape, and load checks them."""
+    torch.manual_seed(0)
+    sparsekernels.save(sparsekernels.sparsify(_mlp_16_32_8(), 0.5), tmp_path / "lin.st")
+    with pytest.raises(ValueError, match="saved as a SparseLinear"):
+        sparsekernels.load(nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Linear(32, 8)), tmp_path / "lin.st")
+    sparsekernels.save(sparsekernels.sparsify(nn.Sequential(nn.Conv2d(4, 32, 2)), 0.5), tmp_path / "conv.st")
+    for target, match in ((nn.Linear(16, 32), "saved as a SparseConv2d"), (nn.Conv2d(16, 32, 1), "weight shape"),
+                          (nn.Conv2d(1, 32, 4), "weight shape")):
+        with pytest.raises(ValueError, match=match):
+            sparsekernels.load(nn.Sequential(target), tmp_path / "conv.st")
+    sparsekernels.load(nn.Sequential(nn.Conv2d(4, 32, 2)), tmp_path / "conv.st")
+
+
+def test_2_4_options_come_back_from_files_and_trainer_resumes(tmp_path):
+    from sparsekernels.integrations._trainer_support import SparseLayersOnLoad
+
+    torch.manual_seed(0)
+    saved = nn.Sequential(Sparse24Linear(16, 8, mode="srste", transposable=True, srste_lambda=0.1, update_every=3))
+    sparsekernels.save(saved, tmp_path / "s.st")
+    with pytest.raises(ValueError, match="transposable"):  # the masks were built for it
+        sparsekernels.load(nn.Sequential(Sparse24Linear(16, 8, mode="srste")), tmp_path / "s.st")
+    target = nn.Sequential(Sparse24Linear(16, 8, mode="srste", transposable=True))
+    sparsekernels.load(target, tmp_path / "s.st")
+    assert target[0].srste_lambda == 0.1 and target[0].update_every == 3
+    # A trainer's resume into the dense model rebuilds the layer with the method's options.
+    dense = nn.Sequential(nn.Linear(16, 8))
+    hook = SparseLayersOnLoad(dense, {"transposable": True, "srste_lambda": 0.1, "update_every": 3})
+    dense.load_state_dict(saved.state_dict())
+    hook.remove()
+    assert isinstance(dense[0], Sparse24Linear) and dense[0].transposable and dense[0].srste_lambda == 0.1
+    assert torch.equal(dense[0].mask(), saved[0].mask())
+
+
+def test_unreadable_files_and_bad_paths_are_value_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.save({"a": 1}, tmp_path / "t.pt")
+    (tmp_path / "empty.st").write_bytes(b"")
+    sparsekernels.save(sparsekernels.sparsify(_mlp_16_32_8(), 0.5), tmp_path / "a.st")
+    data = (tmp_path / "a.st").read_bytes()
+    (tmp_path / "cut.st").write_bytes(data[: len(data) // 2])
+    for name in ("t.pt", "empty.st", "cut.st"):
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            sparsekernels.load(_mlp_16_32_8(), tmp_path / name)
+    for meta, match in (("{", "not JSON"), ("[1]", "JSON object"), ('{"version": 1, "layers": [1]}', "layers")):
+        save_file({"0.values": torch.ones(2)}, str(tmp_path / "m.st"), metadata={"sparsekernels": meta})
+        with pytest.raises(ValueError, match=match):
+            sparsekernels.load(_mlp_16_32_8(), tmp_path / "m.st")
+    with pytest.raises(ValueError, match="directory"):
+        sparsekernels.save(_mlp_16_32_8(), tmp_path)
+    with pytest.raises(ValueError, match="no folder"):
+        sparsekernels.save(_mlp_16_32_8(), tmp_path / "nope" / "a.st")

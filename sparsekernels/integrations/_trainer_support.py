@@ -78,8 +78,13 @@ class SparseLayersOnLoad:
     A state dict whose keys the model already has passes through untouched.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, method_kwargs: dict | None = None) -> None:
         self.model = model
+        # 2:4 options no tensor records, from the method the callback trains with (SR-STE's
+        # transposable / srste_lambda / update_every): a resumed run rebuilds its layers
+        # as they were, not with the defaults.
+        kwargs = method_kwargs or {}
+        self.sparse24_options = {k: kwargs[k] for k in ("transposable", "srste_lambda", "update_every") if k in kwargs}
         self._busy = False
         self._handle = model.register_load_state_dict_pre_hook(self._before_load)
 
@@ -94,7 +99,7 @@ class SparseLayersOnLoad:
         try:
             # Swaps, then loads non-strictly (the trainer's own load that follows applies
             # its strictness to the now matching module tree).
-            load_sparse_state_dict(module, own, strict=False)
+            load_sparse_state_dict(module, own, strict=False, sparse24_options=self.sparse24_options or None)
         finally:
             self._busy = False
 

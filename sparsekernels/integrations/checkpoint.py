@@ -184,8 +184,15 @@ def _sparse_layer_of(name: str, module: nn.Module, kind: str, sd, config: dict) 
             _expect(module.mode == mode, name, f"the state dict holds a 2:4 {mode} layer, the model's "
                                                f"Sparse24Linear has mode={module.mode!r}")
             _sparse24_mask(name, sd, p, mode, module.out_features, module.in_features, module.meta.device)
+            # Options no tensor records: transposable shaped the masks, so it must agree;
+            # the others are the saved run's and replace the layer's (after the checks).
+            if "transposable" in config:
+                _expect(bool(config["transposable"]) == module.transposable, name,
+                        f"saved with transposable={bool(config['transposable'])}, the model's Sparse24Linear has "
+                        f"transposable={module.transposable}")
         return None
 
+    _check_recorded_layer(name, module, config)
     twin = _twin_class(module)
     if twin is SparseConv2d:
         _expect(kind == "csr", name, f"the state dict holds a {kind} layer, the model's module is a {typename} "
@@ -224,6 +231,24 @@ def _sparse_layer_of(name: str, module: nn.Module, kind: str, sd, config: dict) 
     return new
 
 
+def _check_recorded_layer(name: str, module: nn.Module, config: dict) -> None:
+    """Where a file recorded the saved layer's class and weight shape (:func:`save`), the
+    module it goes into must be of that kind: a CSR pattern [32, 16] fits an nn.Linear(16,
+    32) and a 1x1 nn.Conv2d(16, 32) alike, and a [32, 16] conv pattern a 2x2 kernel over 4
+    channels as well as a linear layer, where the numbers mean other things."""
+    saved = config.get("layer")
+    if saved is None:
+        return
+    conv = isinstance(module, (nn.Conv2d, SparseConv2d))
+    if (saved == "SparseConv2d") != conv:
+        raise ValueError(f"load: layer '{name}' was saved as a {saved}, the model's module is a "
+                         f"{type(module).__name__}")
+    if conv and "weight_shape" in config:
+        shape = list(module.weight_shape) if isinstance(module, SparseConv2d) else list(module.weight.shape)
+        _expect(shape == list(config["weight_shape"]), name,
+                f"saved with weight shape {list(config['weight_shape'])}, the model's convolution has {shape}")
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -249,13 +274,37 @@ def _swap_and_load(model: nn.Module, state_dict: Mapping[str, object], strict: b
         if new is not None:
             _expect(name != "", name, "the model itself is the dense layer; wrap it in a module")
             swaps[name] = new
+    originals = {name: modules[name] for name in swaps}
+    # The dense modules' Parameters the sparse layers took over (bias; SR-STE's weight):
+    # a failed load may have written into them before it raised.
+    shared = [(p, p.detach().clone()) for name, new in swaps.items()
+              for p in originals[name].parameters(recurse=False)
+              if any(p is q for q in new.parameters(recurse=False))]
     for name, new in swaps.items():
         _set_module(model, name, new)
-    model.load_state_dict(state_dict, strict=strict)
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except BaseException:
+        # The swapped layers go back to the dense modules they replaced, as they were (the
+        # rest is as torch's own failed load leaves it).
+        for name, module in originals.items():
+            _set_module(model, name, module)
+        with torch.no_grad():
+            for p, saved in shared:
+                p.copy_(saved)
+        raise
+    for name in _sparse_entries(state_dict):
+        m, config = model.get_submodule(name), configs.get(name, {})
+        if isinstance(m, Sparse24Linear):
+            if "srste_lambda" in config:
+                m.srste_lambda = float(config["srste_lambda"])
+            if "update_every" in config:
+                m.update_every = int(config["update_every"])
     return model
 
 
-def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True) -> nn.Module:
+def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True,
+                           sparse24_options: Mapping[str, object] | None = None) -> nn.Module:
     """Loads a state dict holding sparse layers into ``model``, in place, and returns it.
 
     Every module the state dict says is sparse (by its keys; see the module docstring)
@@ -272,14 +321,29 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *
     checkpoint of a module held as ``self.model``.
 
     A 2:4 layer's options that no tensor records (``transposable``, ``srste_lambda``,
-    ``update_every``) take their defaults here; :func:`load` restores them from the file.
+    ``update_every``) come from ``sparse24_options`` (the same for every 2:4 layer; a
+    trainer callback passes its method's), else take their defaults; :func:`load` restores
+    them per layer from the file. An already-sparse 2:4 layer must have the given
+    ``transposable`` and takes the other two.
+
+    The swap and the load happen together: if the load fails (a missing or unexpected key
+    under ``strict``, a tensor that does not fit), the dense modules are put back.
 
     Raises:
         ValueError: the state dict names a sparse layer the model lacks, or one whose shape
             or kind does not fit the model's module there; nothing is swapped then.
         TypeError: ``model`` is not a module or ``state_dict`` not a mapping.
     """
-    return _swap_and_load(model, state_dict, strict, {})
+    options = {}
+    if sparse24_options is not None:
+        if not isinstance(sparse24_options, Mapping) or not set(sparse24_options) <= {"transposable", "srste_lambda",
+                                                                                       "update_every"}:
+            raise ValueError("load_sparse_state_dict: sparse24_options must map some of 'transposable', "
+                             f"'srste_lambda', 'update_every' to values, got {sparse24_options!r}")
+        options = dict(sparse24_options)
+    configs = {name: options for name, kind in _sparse_entries(state_dict).items() if kind.startswith("2:4")} \
+        if options and isinstance(state_dict, Mapping) else {}
+    return _swap_and_load(model, state_dict, strict, configs)
 
 
 # --------------------------------------------------------------------------- compact files
@@ -292,8 +356,10 @@ def _layer_configs(model: nn.Module) -> dict[str, dict]:
                          "update_every": m.update_every}
         elif isinstance(m, BSRLinear):
             out[name] = {"shape": [m.out_features, m.in_features]}
-        elif isinstance(m, (SparseLinear, SparseConv2d)):
-            out[name] = {"shape": list(m._matrix_shape)}
+        elif isinstance(m, SparseConv2d):
+            out[name] = {"shape": list(m._matrix_shape), "layer": "SparseConv2d", "weight_shape": list(m.weight_shape)}
+        elif isinstance(m, SparseLinear):
+            out[name] = {"shape": list(m._matrix_shape), "layer": "SparseLinear"}
     return out
 
 
@@ -359,7 +425,14 @@ def save(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | os.P
         storages.add(storage)
         tensors[k] = (v.clone() if shared else v).to("cpu").contiguous()
     meta = {"version": FORMAT_VERSION, "layers": layers, "aliases": aliases}
-    save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: json.dumps(meta)})
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"sparsekernels.save: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise ValueError(f"sparsekernels.save: cannot write {path!r}: "
+                         + ("it is a directory" if os.path.isdir(path) else f"no folder {folder!r}"))
+    save_file(tensors, path, metadata={_METADATA_KEY: json.dumps(meta)})
 
 
 def _rebuild(sd: dict[str, Tensor], name: str, record: dict) -> None:
@@ -393,24 +466,45 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, dict]]:
     keys restored) and its per-layer records (format, shape, options), on the CPU."""
     from safetensors import safe_open
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"sparsekernels.load: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"sparsekernels.load: path {path!r} is not a file")
-    with safe_open(path, framework="pt", device="cpu") as f:
-        raw = (f.metadata() or {}).get(_METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"sparsekernels.load: {path!r} is a safetensors file without sparsekernels metadata; "
-                             "write it with sparsekernels.save")
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(raw)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(_METADATA_KEY)
+            if raw is None:
+                raise ValueError(f"sparsekernels.load: {path!r} is a safetensors file without sparsekernels "
+                                 "metadata; write it with sparsekernels.save")
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' own errors: not a safetensors file, truncated, ...
+        raise ValueError(f"sparsekernels.load: {path!r} is not a readable safetensors file written by "
+                         f"sparsekernels.save ({type(exc).__name__}: {exc})") from None
+    bad = f"sparsekernels.load: {path!r} has corrupt sparsekernels metadata"
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{bad} (not JSON)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{bad} (not a JSON object)")
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"sparsekernels.load: {path!r} has format version {meta.get('version')!r}, this "
                          f"sparsekernels reads version {FORMAT_VERSION}")
-    for key, source in meta.get("aliases", {}).items():
+    aliases, layers = meta.get("aliases", {}), meta.get("layers", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and v in sd for k, v in aliases.items()):
+        raise ValueError(f"{bad} (aliases must map keys to stored tensors)")
+    if not isinstance(layers, dict) or not all(isinstance(r, dict) for r in layers.values()):
+        raise ValueError(f"{bad} (layers must map layer names to records)")
+    for key, source in aliases.items():
         sd[key] = sd[source]
-    layers = meta.get("layers", {})
     for name, record in layers.items():
-        _rebuild(sd, name, record)
+        try:
+            _rebuild(sd, name, record)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"{bad} (layer {name!r}: {type(exc).__name__} {exc})") from None
     return sd, layers
 
 

@@ -101,7 +101,7 @@ class SparseTrainingCallback(TrainerCallback):
         if model is not None and (self._load_hook is None or self._load_hook.model is not model):
             if self._load_hook is not None:
                 self._load_hook.remove()
-            self._load_hook = SparseLayersOnLoad(model)
+            self._load_hook = SparseLayersOnLoad(model, self.method_kwargs)
 
     # ---------------------------------------------------------------- once the optimizer exists
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

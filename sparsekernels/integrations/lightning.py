@@ -66,7 +66,7 @@ class SparseTraining(pl.Callback):
         if self._load_hook is None or self._load_hook.model is not pl_module:
             if self._load_hook is not None:
                 self._load_hook.remove()
-            self._load_hook = SparseLayersOnLoad(pl_module)
+            self._load_hook = SparseLayersOnLoad(pl_module, self.method_kwargs)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._load_hook is not None:

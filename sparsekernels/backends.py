@@ -28,6 +28,8 @@ from . import _extension
 from .kernels import triton as triton_kernels  # os and functools only: triton itself loads lazily
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+# The variants "auto" may measure besides the backends themselves (ops/csr_matmul.py).
+_VARIANTS = ("cpu:dense", "cuda:tiled")
 ENV_VAR = "SPARSEKERNELS_BACKEND"
 _override: str | None = None
 
@@ -39,8 +41,9 @@ def _check_name(name: str) -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Forces every op onto backend ``name`` (one of ``BACKENDS``); ``None`` or ``"auto"``
-    restores the automatic choice."""
+    """Forces every op onto backend ``name`` (one of ``BACKENDS``); ``"auto"`` restores the
+    automatic choice; ``None`` drops the override, so the ``SPARSEKERNELS_BACKEND``
+    environment variable applies again where it is set (``"auto"`` where it is not)."""
     global _override
     _override = None if name is None else _check_name(name)
 
@@ -51,7 +54,13 @@ def get_backend() -> str:
     if _override is not None:
         return _override
     env = os.environ.get(ENV_VAR)
-    return _check_name(env) if env else "auto"
+    if not env:
+        return "auto"
+    try:
+        return _check_name(env)
+    except ValueError:
+        raise ValueError(f"the environment variable {ENV_VAR}={env!r} names no backend: it must be one of "
+                         f"{BACKENDS} (or unset it)") from None
 
 
 @contextlib.contextmanager
@@ -167,20 +176,38 @@ def load_measurements(path: str | os.PathLike) -> int:
     again when its class first runs."""
     import json
 
-    with open(path) as f:
-        data = json.load(f)
+    owner = f"load_measurements: {os.fspath(path)!r}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{owner} is not a file")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{owner} is not a file written by save_measurements (not JSON)") from None
     if not isinstance(data, dict) or data.get("format") != "sparsekernels-measurements/1":
-        raise ValueError(f"load_measurements: {path} is not a file written by save_measurements")
-    loaded = 0
-    for entry in data["entries"]:
-        device_type = str(entry["device"]).split(":")[0]
-        choice = entry["choice"]
-        if choice.split(":")[0] not in auto_candidates(device_type):
+        raise ValueError(f"{owner} is not a file written by save_measurements")
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        raise ValueError(f"{owner}: 'entries' must be a list")
+    # Every entry is checked before any is adopted: a bad one must not leave half a file loaded.
+    adopted = {}
+    for i, entry in enumerate(entries):
+        if (not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("op", "device", "dtype",
+                                                                                             "choice"))
+                or not isinstance(entry.get("key"), list)
+                or not all(isinstance(v, (int, float, type(None))) and not isinstance(v, bool)
+                           for v in entry["key"])):
+            raise ValueError(f"{owner}: entry {i} must hold op, device, dtype and choice (str) and key (a list of "
+                             "numbers)")
+        device_type = entry["device"].split(":")[0]
+        base, _, variant = entry["choice"].partition(":")
+        if base not in BACKENDS or (variant and entry["choice"] not in _VARIANTS):
+            raise ValueError(f"{owner}: entry {i} names no backend: {entry['choice']!r}")
+        if base not in auto_candidates(device_type):
             continue  # not runnable in this build: measure again
-        key = (entry["op"], entry["device"], entry["dtype"], *entry["key"])
-        _measured[key] = {**entry, "key": tuple(entry["key"])}
-        loaded += 1
-    return loaded
+        adopted[(entry["op"], entry["device"], entry["dtype"], *entry["key"])] = {**entry, "key": tuple(entry["key"])}
+    _measured.update(adopted)
+    return len(adopted)
 
 
 def shape_class(m: int, *dims: int, density: float | None = None) -> tuple:

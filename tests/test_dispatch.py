@@ -301,3 +301,29 @@ def test_load_measurements_rejects_other_files_and_skips_unavailable_backends(me
              "times_ms": {}, "rejected": {}}
     other.write_text(json.dumps({"format": "sparsekernels-measurements/1", "entries": [entry]}))
     assert backends.load_measurements(other) == 0                # the interpreter is never an auto choice
+
+
+def test_a_bad_environment_variable_and_bad_measurement_files_are_named(tmp_path, monkeypatch):
+    """SPARSEKERNELS_BACKEND=bogus failed every op with a message that never named the
+    variable; load_measurements raised JSONDecodeError / KeyError / AttributeError and
+    could stop with half a file adopted."""
+    import json
+
+    monkeypatch.setenv("SPARSEKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SPARSEKERNELS_BACKEND='bogus'"):
+        backends.get_backend()
+    monkeypatch.delenv("SPARSEKERNELS_BACKEND")
+    good = {"op": "spmm", "device": "cpu", "dtype": "float32", "choice": "cpu", "key": [64, 8, 8, 0.5]}
+    cases = [("{", "not JSON"), (json.dumps({"format": "sparsekernels-measurements/1", "entries": {}}), "list"),
+             (json.dumps({"format": "sparsekernels-measurements/1", "entries": [good, {"op": 1}]}), "entry 1"),
+             (json.dumps({"format": "sparsekernels-measurements/1",
+                          "entries": [dict(good, choice="cpu:foo")]}), "names no backend")]
+    backends.clear_measurements()
+    before = backends.measured()
+    for content, match in cases:
+        (tmp_path / "m.json").write_text(content)
+        with pytest.raises(ValueError, match=match):
+            backends.load_measurements(tmp_path / "m.json")
+        assert backends.measured() == before  # nothing adopted
+    with pytest.raises(ValueError, match="not a file"):
+        backends.load_measurements(tmp_path / "missing.json")

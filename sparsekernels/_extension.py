@@ -42,7 +42,12 @@ def compiled_ops() -> list[str]:
     """Names of the ops the compiled library registered (empty when not loaded)."""
     if not compiled():
         return []
-    return sorted(name for name in ("spmm", "spmm_t", "sddmm", "topk_grow") if hasattr(torch.ops.sparsekernels_C, name))
+    try:  # every schema the library defined, read from the dispatcher
+        names = {n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()
+                 if n.startswith("sparsekernels_C::")}
+    except (AttributeError, RuntimeError):
+        names = {n for n in ("spmm", "spmm_t", "sddmm", "topk_grow") if hasattr(torch.ops.sparsekernels_C, n)}
+    return sorted(names)
 
 
 def compiled_with_cuda() -> bool:

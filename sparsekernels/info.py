@@ -11,10 +11,11 @@ from . import _extension, backends
 
 
 def _cusparselt() -> str | None:
-    """cuSPARSELt's version when torch can use it (its 2:4 GEMMs), else None."""
+    """cuSPARSELt's version when torch can use it for its 2:4 GEMMs (a GPU is there and
+    the library loads), else None."""
     backend = getattr(torch.backends, "cusparselt", None)
     try:
-        if backend is None or not backend.is_available():
+        if backend is None or not torch.cuda.is_available() or not backend.is_available():
             return None
         return str(backend.version())
     except (RuntimeError, AttributeError):
@@ -38,7 +39,9 @@ def collect() -> dict:
         "requested_backend": backends.get_backend(),
         "compiled_with_cuda": _extension.compiled_with_cuda(),
         "triton_interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "available": {"cpu": backends.available("cpu"), "cuda": backends.available("cuda")},
+        # Backends for CUDA tensors only where a GPU is: without one nothing runs there.
+        "available": {"cpu": backends.available("cpu"),
+                      "cuda": backends.available("cuda") if torch.cuda.is_available() else []},
         "chosen": {},
     }
     from .ops.sparse24 import GPU_MIN_ROWS

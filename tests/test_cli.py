@@ -14,6 +14,15 @@ def test_info_json(capsys):
     assert info["requested_backend"] in ("auto", "cpu", "reference")
     assert "reference" in info["available"]["cpu"]
     assert info["chosen"]["cpu/float32"] in info["available"]["cpu"]
+    # What the library registered, all of it (the list had named four ops), and nothing
+    # for CUDA tensors where there is no GPU (it had listed triton and reference there).
+    import torch
+    from sparsekernels import _extension
+
+    if _extension.compiled():
+        assert {"spmm", "sparse24_mm", "sparse24_mm_t", "csr_transpose", "topk_grow"} <= set(info["compiled_ops"])
+    if not torch.cuda.is_available():
+        assert info["available"]["cuda"] == [] and info["cusparselt"] is None
 
 
 def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):

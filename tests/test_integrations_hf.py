@@ -169,3 +169,27 @@ def test_bad_arguments_fail_when_the_callback_is_built():
         SparseTrainingCallback("set", update_intervals=10)
     with pytest.raises(TypeError, match="'model' is not a method argument"):
         SparseTrainingCallback("static", model=None)
+    for kwargs, match in (({"sparsity": 1.5}, "sparsity"), ({"update_interval": 0}, "update_interval"),
+                          ({"distribution": "bogus"}, "distribution")):
+        with pytest.raises(ValueError, match=match):
+            SparseTrainingCallback("rigl", **kwargs)
+
+
+def test_a_malformed_saved_state_is_a_value_error():
+    from sparsekernels.integrations.hf import _decode_state
+
+    for bad in ({"torch_save_base64": "!!!"}, {"torch_save_base64": "aGVsbG8="}, {"other": 1}, None):
+        with pytest.raises(ValueError, match="not a saved method state"):
+            _decode_state(bad)
+
+
+def test_a_failed_restore_detaches_the_method():
+    from sparsekernels.integrations._trainer_support import restore_method_state
+    from sparsekernels.methods import RigL
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = RigL(model, opt, sparsity=0.5, total_steps=10)
+    with pytest.raises(ValueError):
+        restore_method_state("SparseTrainingCallback", method, {"method": "set"})
+    assert not opt._optimizer_step_post_hooks  # no step hook left running

@@ -13,9 +13,11 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from ..formats import check_sparsity
 from ..methods.base import unwrap_optimizer
 from ..methods.registry import get_method
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
+from ..nn.distribution import DISTRIBUTIONS
 from .checkpoint import load_sparse_state_dict
 
 SPARSE_LAYER_TYPES = (SparseLinear, SparseConv2d, BSRLinear, Sparse24Linear)
@@ -39,7 +41,36 @@ def resolve_method(owner: str, method: object, method_kwargs: Mapping[str, objec
         if unknown:
             raise TypeError(f"{owner}: {cls.__name__} takes no argument(s) {', '.join(map(repr, unknown))}; it takes "
                             f"{', '.join(n for n in params if n not in ('self', 'model', 'optimizer'))}")
+    _check_common_kwargs(owner, kwargs)
     return cls, kwargs
+
+
+def _check_common_kwargs(owner: str, kwargs: Mapping[str, object]) -> None:
+    """The arguments most methods share, checked as the methods do, when the callback is
+    built: a bad one otherwise fails only once the trainer has set everything up."""
+    try:
+        if "sparsity" in kwargs:
+            check_sparsity(kwargs["sparsity"])
+        for name in ("update_interval", "total_steps"):
+            v = kwargs.get(name)
+            if name in kwargs and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if "distribution" in kwargs and kwargs["distribution"] not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {kwargs['distribution']!r}")
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{owner}: {exc}") from None
+
+
+def restore_method_state(owner: str, method, state: object) -> None:
+    """``method.load_state_dict(state)``; if that fails the method is detached (its step
+    hook removed) before the error goes on, so a failed resume leaves no hook running."""
+    try:
+        method.load_state_dict(state)
+    except BaseException:
+        remove = getattr(method, "remove", None)
+        if callable(remove):
+            remove()
+        raise
 
 
 def accepts_total_steps(cls: type) -> bool:

@@ -34,7 +34,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..methods.base import SparseTrainingMethod
-from ._trainer_support import SparseLayersOnLoad, build_method, has_sparse_layers, resolve_method
+from ._trainer_support import (SparseLayersOnLoad, build_method, has_sparse_layers, resolve_method,
+                               restore_method_state)
 
 STATE_KEY = "sparsekernels"
 
@@ -56,11 +57,15 @@ def _encode_state(state: dict) -> dict:
 
 def _decode_state(encoded: dict) -> dict:
     """Inverse of :func:`_encode_state`."""
+    bad = f"SparseTrainingCallback: the checkpoint's '{STATE_KEY}' entry is not a saved method state"
     if not isinstance(encoded, dict) or not ({"json", "torch_save_base64"} & encoded.keys()):
-        raise ValueError(f"SparseTrainingCallback: the checkpoint's '{STATE_KEY}' entry is not a saved method state")
+        raise ValueError(bad)
     if "json" in encoded:
         return encoded["json"]
-    return torch.load(io.BytesIO(base64.b64decode(encoded["torch_save_base64"])), weights_only=True)
+    try:
+        return torch.load(io.BytesIO(base64.b64decode(encoded["torch_save_base64"], validate=True)), weights_only=True)
+    except Exception as exc:  # bad base64, a truncated or foreign payload
+        raise ValueError(f"{bad} ({type(exc).__name__}: {exc})") from None
 
 
 def _same_types(a: object, b: object) -> bool:
@@ -115,6 +120,9 @@ class SparseTrainingCallback(TrainerCallback):
                                  "dense, or the callback was added after the Trainer was built (pass it in "
                                  "Trainer(callbacks=[...]) so it sees the checkpoint's weights load)")
             stored = state.stateful_callbacks.get(STATE_KEY)
+            if stored is not None and (not isinstance(stored, dict) or "method_state" not in stored):
+                raise ValueError(f"SparseTrainingCallback: the checkpoint's '{STATE_KEY}' entry is not a saved "
+                                 "method state (a dict with 'method_state' and 'global_step')")
             if stored is None:
                 raise ValueError(f"SparseTrainingCallback: resumed at step {state.global_step} from a checkpoint "
                                  "whose trainer_state.json holds no sparse method state (written without this "
@@ -129,7 +137,7 @@ class SparseTrainingCallback(TrainerCallback):
             self.method.remove()
         self.method = build_method(self.method_class, self.method_kwargs, model, optimizer, state.max_steps)
         if stored is not None:
-            self.method.load_state_dict(_decode_state(stored["method_state"]))
+            restore_method_state("SparseTrainingCallback", self.method, _decode_state(stored["method_state"]))
 
     # ---------------------------------------------------------------- checkpoint
     # The Trainer writes trainer_state.json right after these events when it saves: keep

@@ -29,7 +29,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from ..methods.base import SparseTrainingMethod
-from ._trainer_support import SparseLayersOnLoad, build_method, has_sparse_layers, resolve_method
+from ._trainer_support import (SparseLayersOnLoad, build_method, has_sparse_layers, resolve_method,
+                               restore_method_state)
 
 
 class SparseTraining(pl.Callback):
@@ -86,8 +87,8 @@ class SparseTraining(pl.Callback):
         self.method = build_method(self.method_class, self.method_kwargs, pl_module, optimizers[0],
                                    trainer.estimated_stepping_batches)
         if self._restored_state is not None:
-            self.method.load_state_dict(self._restored_state)
-            self._restored_state = None
+            state, self._restored_state = self._restored_state, None
+            restore_method_state("SparseTraining", self.method, state)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Everything is restored by now: a resumed run must have brought the method's state.
@@ -103,11 +104,14 @@ class SparseTraining(pl.Callback):
         return {"method_state": self.method.state_dict()} if self.method is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"SparseTraining.load_state_dict: expected a dict with 'method_state', got "
+                            f"{type(state_dict).__name__}")
         if "method_state" not in state_dict:
             raise ValueError(f"SparseTraining.load_state_dict: expected a dict with 'method_state', got keys "
                              f"{sorted(state_dict)}")
         self._state_loaded = True
         if self.method is not None:
-            self.method.load_state_dict(state_dict["method_state"])
+            restore_method_state("SparseTraining", self.method, state_dict["method_state"])
         else:
             self._restored_state = state_dict["method_state"]

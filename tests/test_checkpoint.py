@@ -450,3 +450,40 @@ def test_unreadable_files_and_bad_paths_are_value_errors(tmp_path):
         sparsekernels.save(_mlp_16_32_8(), tmp_path)
     with pytest.raises(ValueError, match="no folder"):
         sparsekernels.save(_mlp_16_32_8(), tmp_path / "nope" / "a.st")
+
+
+def test_shared_layers_conv1d_2_4_and_plain_modules_round_trip(tmp_path):
+    """A sparse layer registered under two names loads into both (one twin, still shared);
+    a Conv1D sparsified to 2:4 or BSR loads back into a fresh Conv1D model (it had been
+    refused: 'built from nn.Linear'); a plain module holding a weight and a `meta` buffer is
+    stored as the dense module it is, not taken for an SR-STE layer."""
+    torch.manual_seed(0)
+    layer = SparseLinear(8, 8, sparsity=0.5)
+    sparsekernels.save(nn.ModuleDict({"a": layer, "b": layer}), tmp_path / "shared.st")
+    dense = nn.Linear(8, 8)
+    target = nn.ModuleDict({"a": dense, "b": dense})
+    sparsekernels.load(target, tmp_path / "shared.st")
+    assert isinstance(target["a"], SparseLinear) and target["a"] is target["b"]
+    assert torch.equal(target["b"].values, layer.values)
+
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    for fmt in ("2:4", "bsr"):
+        src = sparsekernels.sparsify(nn.Sequential(conv1d(16, 16)), sparsity=0.5, format=fmt, block_size=8)
+        sparsekernels.save(src, tmp_path / "c.st")
+        target = nn.Sequential(conv1d(16, 16))
+        sparsekernels.load(target, tmp_path / "c.st")
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(target(x), src(x))
+        assert type(sparsekernels.densify(target)[0]) is conv1d
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+            self.register_buffer("meta", torch.zeros(4, 1, dtype=torch.uint8))
+
+    model = nn.Sequential(Odd(), nn.Linear(4, 4))
+    sparsekernels.save(model, tmp_path / "odd.st")
+    again = nn.Sequential(Odd(), nn.Linear(4, 4))
+    sparsekernels.load(again, tmp_path / "odd.st")
+    assert torch.equal(again[0].weight, model[0].weight)

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from ..formats.csr import build_transpose
 from ..formats.sparse24 import check_meta_bytes
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
+from ..nn._conv1d import is_conv1d
+from ..nn.sparsify import _as_linear
 from ..reference import csr_rows, meta_columns
 
 FORMAT_VERSION = 1
@@ -211,8 +213,13 @@ def _sparse_layer_of(name: str, module: nn.Module, kind: str, sd, config: dict) 
             new = twin.from_dense(module, mask=_csr_linear_mask(name, sd, p, out_f, in_f, device))
             keep = ("bias",)
         else:
-            _expect(isinstance(module, nn.Linear), name,
-                    f"{kind} layers are built from nn.Linear, the model's module is a {typename}")
+            conv1d = is_conv1d(module)
+            _expect(isinstance(module, nn.Linear) or (conv1d and kind != "2:4 srste"), name,
+                    f"{kind} layers are built from nn.Linear{' or a Conv1D' if kind != '2:4 srste' else ''}, the "
+                    f"model's module is a {typename}")
+            origin = module
+            if conv1d:  # sparsify built the layer from the Conv1D's nn.Linear view, and so does this
+                module = _as_linear(module)
             if kind == "bsr":
                 block_mask, b = _bsr_block_mask(name, sd, p, out_f, in_f, device)
                 new = BSRLinear.from_dense(module, block_mask=block_mask, block_size=b)
@@ -224,6 +231,9 @@ def _sparse_layer_of(name: str, module: nn.Module, kind: str, sd, config: dict) 
                                                 mode=mode, **options)
                 # SR-STE trains the dense master weight: keep the module's own Parameter too.
                 keep = ("bias", "weight") if mode == "srste" else ("bias",)
+            if conv1d:
+                new.dense_origin = type(origin)  # densify gives the Conv1D back
+                module = origin
     for attr in keep:
         # The same Parameter objects: an optimizer (and its state) built on them stays valid.
         if getattr(module, attr, None) is not None:
@@ -255,25 +265,30 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _swap_and_load(model: nn.Module, state_dict: Mapping[str, object], strict: bool,
-                   configs: Mapping[str, dict]) -> nn.Module:
+                   configs: Mapping[str, dict], only: set | None = None) -> nn.Module:
+    """``only``: the names the file says are sparse layers (None: recognised by their keys)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_sparse_state_dict: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_sparse_state_dict: state_dict must be a mapping of names to tensors, got "
                         f"{type(state_dict).__name__}")
-    modules = dict(model.named_modules())
-    swaps = {}
+    # Every name a module is registered under (one shared by two parents is saved under both).
+    modules = dict(model.named_modules(remove_duplicate=False))
+    swaps, twins = {}, {}
+    entries = {n: k for n, k in _sparse_entries(state_dict).items() if only is None or n in only}
     # Check every layer before swapping any, so a bad state dict leaves the model untouched.
-    for name, kind in _sparse_entries(state_dict).items():
+    for name, kind in entries.items():
         if name not in modules:
             prefixes = sorted({k.split(".")[0] for k in state_dict})[:5]
             raise ValueError(f"load_sparse_state_dict: the state dict holds a sparse layer '{name}' ({kind}) but "
                              f"the model has no module of that name; if the keys carry a prefix (the state dict's "
                              f"first names: {prefixes}), strip it first")
-        new = _sparse_layer_of(name, modules[name], kind, state_dict, dict(configs.get(name, {})))
+        module = modules[name]
+        new = twins[id(module)] if id(module) in twins else \
+            _sparse_layer_of(name, module, kind, state_dict, dict(configs.get(name, {})))
         if new is not None:
             _expect(name != "", name, "the model itself is the dense layer; wrap it in a module")
-            swaps[name] = new
+            swaps[name] = twins[id(module)] = new  # one sparse twin for a shared module
     originals = {name: modules[name] for name in swaps}
     # The dense modules' Parameters the sparse layers took over (bias; SR-STE's weight):
     # a failed load may have written into them before it raised.
@@ -293,7 +308,7 @@ def _swap_and_load(model: nn.Module, state_dict: Mapping[str, object], strict: b
             for p, saved in shared:
                 p.copy_(saved)
         raise
-    for name in _sparse_entries(state_dict):
+    for name in entries:
         m, config = model.get_submodule(name), configs.get(name, {})
         if isinstance(m, Sparse24Linear):
             if "srste_lambda" in config:
@@ -350,7 +365,7 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *
 def _layer_configs(model: nn.Module) -> dict[str, dict]:
     """The shape and options of every sparse layer that its stored tensors do not record."""
     out = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):  # a shared layer under each of its names
         if isinstance(m, Sparse24Linear):
             out[name] = {"mode": m.mode, "transposable": m.transposable, "srste_lambda": m.srste_lambda,
                          "update_every": m.update_every}
@@ -398,7 +413,12 @@ def save(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | os.P
             raise TypeError(f"sparsekernels.save: state_dict[{k!r}] is a {type(v).__name__}; only tensors can be "
                             "stored")
     layers, derived = {}, set()
-    for name, kind in _sparse_entries(sd).items():
+    entries = _sparse_entries(sd)
+    if isinstance(model_or_state_dict, nn.Module):
+        # Only the model's sparse layers: a plain module that happens to hold a `weight`
+        # and a `meta` buffer is not an SR-STE layer.
+        entries = {n: k for n, k in entries.items() if n in configs}
+    for name, kind in entries.items():
         p = name + "." if name else ""
         fmt, _, mode = kind.partition(" ")
         record = {"format": fmt, **configs.get(name, {})}
@@ -516,4 +536,4 @@ def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> n
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsekernels.load: model must be an nn.Module, got {type(model).__name__}")
     sd, layers = read(path)
-    return _swap_and_load(model, sd, strict, layers)
+    return _swap_and_load(model, sd, strict, layers, only=set(layers))

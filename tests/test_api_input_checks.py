@@ -210,3 +210,50 @@ def test_mfac_prune_and_calibration_helpers_check_their_arguments():
         input_groups(nn.Conv2d(3, 4, 3), torch.randn(4, 3))
     with pytest.raises(ValueError, match="k must be"):
         sparsegpt_peak_memory(0)
+
+
+def test_the_new_checks_keep_valid_use_working():
+    """Regressions a review of the checks found (12-03): each valid case works again."""
+    from sparsekernels.formats import is_24
+    from sparsekernels.methods import LearnedSupermask
+
+    # A float mask of exact 0 / 1 (torch.nn.utils.prune's weight_mask) is a mask.
+    conv = nn.Conv2d(2, 4, 3)
+    mask = (torch.rand(4, 2, 3, 3) > 0.5).float()
+    assert torch.equal(SparseConv2d.from_dense(conv, mask=mask).mask(), mask.bool())
+    # N:M with M not dividing SparseGPT's block size, for the pruners without blocks.
+    model = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+    prune(model, None, method="magnitude", pattern="1:3", progress=False)
+    assert isinstance(model[0], SparseLinear)
+    # The network a supermask search hands out trains.
+    sm = LearnedSupermask(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), sparsity=0.5)
+    assert all(p.requires_grad for p in sm.sparse_model().parameters())
+    assert is_24(torch.tensor([[True, True, False, False]]), dim=-1)
+    # SR-STE under autocast takes kept values in the autocast dtype.
+    from sparsekernels.formats import compress_24
+    from sparsekernels.ops import srste_linear
+
+    w = torch.randn(8, 16)
+    s24, m24 = compress_24(w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = srste_linear(torch.randn(2, 16), w, s24.meta, m24, kept_values=s24.values.bfloat16())
+    assert y.dtype == torch.bfloat16
+
+
+def test_mfac_failure_leaves_the_dense_weights_as_they_were():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {"n": 0}
+
+    def loss_fn(out, y):  # finite on the first pass, NaN on the second recomputation
+        calls["n"] += 1
+        loss = (out - y).pow(2).mean()
+        return loss if calls["n"] <= 4 else loss * float("nan")
+
+    batches = [(torch.randn(4, 16), torch.randn(4, 4)) for _ in range(4)]
+    with pytest.raises(ValueError, match="non-finite"):
+        prune(model, batches, method="mfac", sparsity=0.5, loss_fn=loss_fn, num_grads=4, recomputations=2,
+              progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -51,7 +51,7 @@ def natural_round(x: Tensor, *, generator: torch.Generator | None = None) -> Ten
 def natural_encode(x: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``x`` → (uint8 payload of packed 9-bit codes, the decoded C(x) fp32 [n])."""
     codes = natural_compress(x, generator=generator)
-    return pack_bits(codes, 9), natural_decode(codes)
+    return pack_bits(codes, 9, check=False), natural_decode(codes)
 
 
 def natural_payload_decode(payload: Tensor, n: int) -> Tensor:

@@ -16,7 +16,7 @@ def _check_bits(owner: str, bits: object) -> None:
         raise ValueError(f"{owner}: bits must be an int in [1, 16], got {bits!r}")
 
 
-def pack_bits(codes: Tensor, bits: int) -> Tensor:
+def pack_bits(codes: Tensor, bits: int, *, check: bool = True) -> Tensor:
     """``codes`` [n] integers in [0, 2^bits) → uint8 [ceil(n·bits/8)], little-endian bit
     order (bit j of code i is bit i·bits + j of the stream)."""
     _check_bits("pack_bits", bits)
@@ -24,8 +24,10 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
         raise TypeError(f"pack_bits: codes must be an integer tensor, got "
                         f"{codes.dtype if isinstance(codes, Tensor) else type(codes).__name__}")
     n = codes.numel()
-    # A code out of range would lose its high bits on the wire, silently.
-    if n and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+    # A code out of range would lose its high bits on the wire, silently. (``check=False``:
+    # the package's own encoders, whose codes are in range by construction; the check
+    # reads the codes back to the host, a device sync per bucket in a DDP hook.)
+    if check and n and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(f"pack_bits: codes must lie in [0, 2^{bits}) for {bits} bits, got "
                          f"[{int(codes.min())}, {int(codes.max())}]")
     shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)

@@ -82,7 +82,7 @@ def qsgd_encode(x: Tensor, levels: int = LEVELS, bucket_size: int = BUCKET_SIZE,
     norms, q = qsgd_levels(x, levels, bucket_size, generator=generator)
     mb = magnitude_bits(levels)
     codes = q.abs() | ((q < 0).to(torch.int32) << mb)   # magnitude bits, then the sign bit
-    payload = torch.cat([norms.contiguous().view(torch.uint8), pack_bits(codes, mb + 1)])
+    payload = torch.cat([norms.contiguous().view(torch.uint8), pack_bits(codes, mb + 1, check=False)])
     return payload, norms, q
 
 

@@ -9,12 +9,17 @@ import torch
 from torch import Tensor
 
 
-def _check_probs(name: str, probs: object) -> Tensor:
+def _check_scores(name: str, probs: object) -> Tensor:
     if not isinstance(probs, Tensor) or not probs.is_floating_point():
         got = probs.dtype if isinstance(probs, Tensor) else type(probs).__name__
         raise TypeError(f"{name} must be a floating-point tensor of probabilities, got {got}")
     if probs.dim() != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
         raise ValueError(f"{name} must have shape [N, C] with N, C >= 1, got {tuple(probs.shape)}")
+    return probs
+
+
+def _check_probs(name: str, probs: object) -> Tensor:
+    probs = _check_scores(name, probs)
     # Logits or scores where probabilities belong give an ECE above 1 and negative NLLs.
     tol = 1e-2 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-4
     p = probs.detach().double()
@@ -72,7 +77,8 @@ def metrics(probs: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, float
 def disagreement(probs_a: Tensor, probs_b: Tensor) -> float:
     """Fraction of samples on which two models' predicted classes (argmax) differ.
     probs_a, probs_b: [N, C] -> float in [0, 1]."""
-    probs_a, probs_b = _check_probs("probs_a", probs_a), _check_probs("probs_b", probs_b)
+    # Only the top class counts here: logits do as well as probabilities.
+    probs_a, probs_b = _check_scores("probs_a", probs_a), _check_scores("probs_b", probs_b)
     if probs_a.shape != probs_b.shape:
         raise ValueError(f"probs_a and probs_b must have the same shape, got {tuple(probs_a.shape)} and "
                          f"{tuple(probs_b.shape)}")

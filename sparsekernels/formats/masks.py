@@ -20,15 +20,17 @@ def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
 
 def check_mask(owner: str, mask: object, shape: tuple[int, ...], name: str = "mask") -> Tensor:
     """``mask`` as a bool tensor, after checking that it is a tensor of ``shape`` holding
-    booleans or integers 0 / 1. A float mask (scores, probabilities) is refused rather than
-    read as "every non-zero is kept": rounding or thresholding it is the caller's call."""
+    booleans or values exactly 0 / 1 (integer or floating: ``torch.nn.utils.prune``'s
+    masks are float). Scores or probabilities are refused rather than read as "every
+    non-zero is kept": rounding or thresholding them is the caller's call."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor of shape {tuple(shape)}, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{owner}: {name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{owner}: {name} must be boolean (or integer 0/1), got {mask.dtype}")
+        if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{owner}: {name} must be boolean or hold only 0 and 1, got {mask.dtype} values "
+                             "other than 0 / 1")
         mask = mask.bool()
     return mask
 

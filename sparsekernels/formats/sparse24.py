@@ -115,8 +115,9 @@ def is_24(mask: Tensor, dim: int = 1) -> bool:
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         raise ValueError(f"is_24: mask must be a 2-D tensor, got "
                          f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
-    if dim not in (0, 1):
-        raise ValueError(f"is_24: dim must be 0 or 1, got {dim!r}")
+    if isinstance(dim, bool) or dim not in (0, 1, -1, -2):
+        raise ValueError(f"is_24: dim must be 0 or 1 (or -2 / -1), got {dim!r}")
+    dim %= 2
     if mask.shape[dim] % 4:
         raise ValueError(f"is_24: mask's size along dim {dim} must be divisible by 4, got shape {tuple(mask.shape)}")
     m = mask.transpose(0, 1) if dim == 0 else mask

@@ -17,7 +17,6 @@ from ..formats import check_sparsity
 from ..methods.base import unwrap_optimizer
 from ..methods.registry import get_method
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
-from ..nn.distribution import DISTRIBUTIONS
 from .checkpoint import load_sparse_state_dict
 
 SPARSE_LAYER_TYPES = (SparseLinear, SparseConv2d, BSRLinear, Sparse24Linear)
@@ -55,8 +54,6 @@ def _check_common_kwargs(owner: str, kwargs: Mapping[str, object]) -> None:
             v = kwargs.get(name)
             if name in kwargs and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if "distribution" in kwargs and kwargs["distribution"] not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {kwargs['distribution']!r}")
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{owner}: {exc}") from None
 

@@ -45,14 +45,6 @@ class GMP(SparseTrainingMethod):
     def _after_attach(self) -> None:
         shapes = {n: weight_shape(l) for n, l in self.layers.items()}
         self.final_sparsities = layer_sparsities(shapes, self.sparsity, self.distribution)
-        # GMP only prunes: a layer whose final sparsity is below where it starts would stay
-        # there, and the model would end above its target.
-        below = {n: s for n, s in self.final_sparsities.items() if s < self.initial_sparsity - 1e-9}
-        if below:
-            name, final = min(below.items(), key=lambda item: item[1])
-            raise ValueError(f"GMP: initial_sparsity ({self.initial_sparsity}) exceeds the final sparsity of "
-                             f"{len(below)} layer(s) (e.g. '{name}': {final:.3f}, under {self.distribution}); GMP "
-                             "only prunes, so start at or below every layer's target")
 
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)
@@ -67,10 +59,14 @@ class GMP(SparseTrainingMethod):
         self._after_attach()  # the per-layer targets follow the restored sparsity / distribution
 
     def initial_mask(self, name: str, weight: Tensor, sparsity: float, generator: torch.Generator) -> Tensor:
-        return magnitude_mask(weight, self.initial_sparsity)
+        # ``sparsity`` is the layer's final target: a layer that ERK keeps denser than
+        # initial_sparsity starts at its target (GMP only prunes; starting above it, the
+        # layer would stay there and the model end above its target).
+        return magnitude_mask(weight, min(self.initial_sparsity, sparsity))
 
     def target_sparsity(self, name: str, step: int) -> float:
-        return gmp_sparsity(step, self.initial_sparsity, self.final_sparsities[name], self.start_step, self.end_step)
+        final = self.final_sparsities[name]
+        return gmp_sparsity(step, min(self.initial_sparsity, final), final, self.start_step, self.end_step)
 
     def is_update_step(self, step: int) -> bool:
         # Every update_interval steps from start_step, and at end_step itself so the final

@@ -104,8 +104,8 @@ class SRSTE:
         """Restores a :meth:`state_dict` (ValueError on a state of another method, of other
         layers, or with an ill-typed entry, TypeError on a non-mapping); all of it is checked
         before anything is restored. The saved ``srste_lambda`` and ``update_every`` replace
-        the constructor's (the resumed run continues the saved one); a saved
-        ``transposable`` must match the layers' (their masks were built for it)."""
+        the method's own (the layers keep theirs); a saved ``transposable`` must match the
+        layers' (their masks were built for it)."""
         owner = "SRSTE.load_state_dict"
         if not isinstance(state, dict):
             raise TypeError(f"{owner}: state must be a dict from state_dict(), got {type(state).__name__}")
@@ -131,8 +131,10 @@ class SRSTE:
             raise ValueError(f"{owner}: the state was saved with transposable={state['transposable']}, these layers "
                              f"are transposable={self.transposable}")
         self.total_steps, self.srste_lambda, self.update_every = total_steps, float(lam), update_every
+        # The layers keep their own srste_lambda / update_every (those it adopted may differ
+        # from the method's; their checkpoint holds them): the method's are what it gives the
+        # layers it builds.
         for n, layer in self.layers.items():
             layer._forwards = forwards[n]
-            layer.srste_lambda, layer.update_every = float(lam), update_every
             if n in frozen:
                 layer.freeze_mask = frozen[n]

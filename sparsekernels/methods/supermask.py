@@ -240,6 +240,9 @@ class LearnedSupermask:
         for layer in self.layers.values():
             sparse = SparseLinear.from_dense(layer.layer, mask=layer.final_mask()) if not layer.conv else \
                 SparseConv2d.from_dense(layer.layer, mask=layer.final_mask())
+            # The search froze the weights so that only the scores trained; the network it
+            # hands out trains as any other (fine-tuning it is the usual next step).
+            sparse.requires_grad_(True)
             sparse.train(self.model.training)
             memo[id(layer)] = sparse
         return copy.deepcopy(self.model, memo)

@@ -273,8 +273,8 @@ class SupTickets(RigL):
         for key in ("lr1", "lr2"):
             v = schedule.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                                  or v <= 0):
-                raise ValueError(f"{key} must be None or a positive learning rate, got {v!r}")
+                                  or v < 0):
+                raise ValueError(f"{key} must be None or a learning rate >= 0, got {v!r}")
 
     def _after_load(self) -> None:
         self._set_cycles(self.total_steps)

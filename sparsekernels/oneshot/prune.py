@@ -117,7 +117,10 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
     per_layer = _per_layer(sparsity, nm, method)
     target = resolve_target(None if per_layer is not None else sparsity, nm)
     _positive("damp", damp)
-    check_block_size("prune", block_size, nm)
+    if method == "sparsegpt":  # the only pruner with column blocks
+        check_block_size("prune", block_size, nm)
+    else:
+        _positive("block_size", block_size, integer=True)
     _positive("max_columns", max_columns, integer=True)
     if method == "mfac":
         if not callable(loss_fn):
@@ -153,6 +156,7 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
     was = {mod: mod.training for mod in model.modules()}
     model.eval()
     swapped: list[tuple[str, nn.Module]] = []  # (name, the dense layer): put back if a later layer fails
+    mfac_saved: dict[str, Tensor] | None = None
     try:
         if batches is not None:
             order = execution_order(model, layers, batches[0])
@@ -165,6 +169,9 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
         layers = {n: layers[n] for n in order}
         results: dict[str, tuple[Tensor, Tensor]] = {}
         if method == "mfac":
+            # M-FAC updates the dense weights in place between its recomputations: kept to
+            # put back if it fails.
+            mfac_saved = {name: module.weight.detach().clone() for name, module in layers.items()}
             results = mfac_prune(model, layers, batches, loss_fn, target, nm, num_grads=num_grads,
                                  block_size=fisher_block_size, damp=fisher_damp, recomputations=recomputations,
                                  progress=progress)
@@ -184,10 +191,13 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
             swapped.append((name, module))
     except BaseException:
         # All layers or none: a failure halfway (a non-finite Hessian, an interrupt) must not
-        # leave the model part sparse, part dense. (The dense layers' weights were not
-        # changed: every pruner works on a copy.)
+        # leave the model part sparse, part dense. The dense layers' weights: the sparse
+        # layers are built from twins, and M-FAC's in-place updates are undone.
         for name, module in reversed(swapped):
             _replace(model, name, module)
+        with torch.no_grad():
+            for name, weight in (mfac_saved or {}).items():
+                layers[name].weight.copy_(weight)
         raise
     finally:
         for mod, flag in was.items():

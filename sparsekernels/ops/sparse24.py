@@ -510,6 +510,8 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
     if not isinstance(meta, Tensor) or meta.dtype != torch.uint8 or tuple(meta.shape) != (weight.shape[0],
                                                                                            weight.shape[1] // 4):
         raise TypeError(f"srste_linear: meta must be uint8 [{weight.shape[0]}, {weight.shape[1] // 4}]")
+    # kept_values is compared with the weight as the product sees them (autocast's dtype).
+    x, weight, bias, kept_values = (autocast.cast(t) for t in (x, weight, bias, kept_values))
     if kept_values is not None and (not isinstance(kept_values, Tensor) or kept_values.dtype != weight.dtype
                                     or tuple(kept_values.shape) != (weight.shape[0], weight.shape[1] // 2)):
         raise TypeError(f"srste_linear: kept_values must be [{weight.shape[0]}, {weight.shape[1] // 2}] of the "

@@ -20,6 +20,7 @@ layer pruning. Scores are compared with "<", so the best score never gets worse.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -81,4 +82,9 @@ def coefficient_search(layers: int, score: Callable[[Tensor], float], *, steps: 
         r -= 1
     for _ in bar:  # finish the progress bar when the search ends early
         pass
+    if not math.isfinite(best):
+        # A non-finite score never ranks better, so a search where no candidate scored a
+        # finite value would hand back its first plan with score inf and no word of why.
+        raise ValueError(f"spdy: no candidate plan had a finite calibration loss ({len(history)} scored; the model's "
+                         "outputs or loss_fn are not finite on the calibration batches)")
     return best_c, best, history

@@ -21,9 +21,15 @@ from .masks import check_mask
 BLOCK_SIZES = (16, 32, 64)
 
 
-def check_block_shape(shape: tuple[int, int], block_size: int) -> None:
+def check_block_size(block_size: object, owner: str = "") -> int:
+    """A BSR block size: a positive int."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        raise ValueError(f"{owner}{': ' if owner else ''}block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def check_block_shape(shape: tuple[int, int], block_size: int) -> None:
+    check_block_size(block_size)
     out_f, in_f = shape
     if out_f % block_size or in_f % block_size:
         raise ValueError(f"BSR: the weight shape {tuple(shape)} must be divisible by block_size {block_size} "

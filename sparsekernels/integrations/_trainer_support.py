@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..formats import check_sparsity
-from ..methods.base import unwrap_optimizer
+from ..methods.base import _check_positive_int, unwrap_optimizer
 from ..methods.registry import get_method
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
 from .checkpoint import load_sparse_state_dict
@@ -51,9 +51,8 @@ def _check_common_kwargs(owner: str, kwargs: Mapping[str, object]) -> None:
         if "sparsity" in kwargs:
             check_sparsity(kwargs["sparsity"])
         for name in ("update_interval", "total_steps"):
-            v = kwargs.get(name)
-            if name in kwargs and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if name in kwargs:
+                _check_positive_int(name, kwargs[name], allow_none=True)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{owner}: {exc}") from None
 

@@ -31,6 +31,20 @@ def _check_positive_int(name: str, value: object, allow_none: bool = False) -> i
     return value
 
 
+def check_generator_state(owner: str, state: object) -> Tensor:
+    """``state`` a ``torch.Generator`` state (what ``get_state()`` returns: a uint8 tensor
+    the generator accepts), checked by loading it into a scratch generator; ValueError
+    naming ``owner`` otherwise."""
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+        raise ValueError(f"{owner}: generator must be a torch.Generator state (a uint8 tensor), got "
+                         f"{type(state).__name__}")
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{owner}: generator is not a torch.Generator state ({exc})") from None
+    return state
+
+
 def _check_fraction(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0 \
             or math.isnan(float(value)):

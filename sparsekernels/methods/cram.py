@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..formats import kept_count, prune_24
 from ..nn import eligible_layers, sparse_class_for, sparsify
 from ..nn.sparsify import linear_weight
+from .base import check_generator_state
 
 
 def _compressible(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -216,18 +217,12 @@ class CrAM(torch.optim.Optimizer):
         steps, generator = cram["steps"], cram["generator"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{owner}: steps must be a non-negative int, got {steps!r}")
-        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
-            raise ValueError(f"{owner}: generator must be a torch.Generator state (a uint8 tensor)")
+        check_generator_state(owner, generator)
         mine = {"sparsities": list(self.sparsities), "rho": self.rho, "plus": self.plus, "seed": self.seed}
         differ = [k for k, v in mine.items() if k in cram and cram[k] != v]
         if differ:
             raise ValueError(f"{owner}: the state was saved with other {', '.join(differ)} "
                              f"({', '.join(f'{k}={cram[k]!r}' for k in differ)}); build CrAM with the saved ones")
-        probe = torch.Generator()
-        try:
-            probe.set_state(generator)
-        except RuntimeError as exc:
-            raise ValueError(f"{owner}: generator is not a torch.Generator state ({exc})") from None
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
         self.steps = steps

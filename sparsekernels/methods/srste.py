@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import Tensor, nn
 
 from ..nn import Sparse24Linear, eligible_layers, left_dense_layers
+from ..ops.sparse24 import check_srste_lambda
 from .base import _check_positive_int, restore_on_error, unwrap_optimizer
 
 
@@ -123,14 +123,12 @@ class SRSTE:
                 isinstance(v, bool) for v in frozen.values()):
             raise ValueError(f"{owner}: 'frozen' must map layer names to bools, got {frozen!r}")
         total_steps = _check_positive_int("total_steps", state.get("total_steps", self.total_steps), allow_none=True)
-        lam = state.get("srste_lambda", self.srste_lambda)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"{owner}: srste_lambda must be a finite number >= 0, got {lam!r}")
+        lam = check_srste_lambda(owner, "srste_lambda", state.get("srste_lambda", self.srste_lambda))
         update_every = _check_positive_int("update_every", state.get("update_every", self.update_every))
         if state.get("transposable", self.transposable) != self.transposable:
             raise ValueError(f"{owner}: the state was saved with transposable={state['transposable']}, these layers "
                              f"are transposable={self.transposable}")
-        self.total_steps, self.srste_lambda, self.update_every = total_steps, float(lam), update_every
+        self.total_steps, self.srste_lambda, self.update_every = total_steps, lam, update_every
         # The layers keep their own srste_lambda / update_every (those it adopted may differ
         # from the method's; their checkpoint holds them): the method's are what it gives the
         # layers it builds.

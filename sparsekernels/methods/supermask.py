@@ -24,6 +24,7 @@ from ..nn import SparseConv2d, SparseLinear
 from ..nn._conv1d import is_conv1d
 from ..nn.sparsify import eligible_layers, left_dense_layers, sparse_class_for, warn_left_dense
 from ..ops._functorch import tangents_possible
+from .base import check_generator_state
 
 _SPARSE = (SparseLinear, SparseConv2d)
 
@@ -214,14 +215,7 @@ class LearnedSupermask:
         if state.get("sparsity", self.sparsity) != self.sparsity:
             raise ValueError(f"{owner}: the state was saved with sparsity={state['sparsity']!r}, this search has "
                              f"{self.sparsity!r}")
-        generator = state.get("generator")
-        probe = torch.Generator()
-        try:
-            probe.set_state(generator)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"{owner}: generator must be a torch.Generator state, got "
-                             f"{type(generator).__name__}") from None
-        self.generator.set_state(generator)
+        self.generator.set_state(check_generator_state(owner, state.get("generator")))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The scores, one tensor per layer: what the optimizer trains."""

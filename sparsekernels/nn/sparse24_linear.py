@@ -16,15 +16,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from ..formats import CSR, Sparse24, compress_24, is_24
 from ..formats.sparse24 import check_24_shape, check_meta_bytes
 from ..ops import sparse24_mm
-from ..ops.sparse24 import srste_product
+from ..ops.sparse24 import check_srste_lambda, srste_product
 from ..ops._functorch import transforms_active
 from ..reference import meta_columns
 from ._sparse_weight import carry_flags, check_features, check_layer_input, dense_linear
@@ -60,8 +58,7 @@ class Sparse24Linear(nn.Module):
             raise ValueError(f"Sparse24Linear: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every <= 0:
             raise ValueError(f"Sparse24Linear: update_every must be a positive int, got {update_every!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"Sparse24Linear: srste_lambda must be a finite number >= 0, got {lam!r}")
+        check_srste_lambda("Sparse24Linear", "srste_lambda", lam)
         if transposable and out_f % 4:
             raise ValueError(f"Sparse24Linear: transposable 2:4 needs out_features divisible by 4, got {out_f}")
         self.in_features, self.out_features = in_f, out_f

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..formats import check_sparsity
+from ..formats.bsr import check_block_size
 from ._conv1d import build_conv1d, is_conv1d, is_conv1d_class
 from .bsr_linear import BSRLinear
 from .conv import SparseConv2d
@@ -240,8 +241,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
         raise ValueError(f"sparsify: format must be 'csr', 'bsr' or '2:4', got {format!r}")
     if not isinstance(inplace, bool):
         raise TypeError(f"sparsify: inplace must be a bool, got {inplace!r}")
-    if format == "bsr" and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
-        raise ValueError(f"sparsify: block_size must be a positive int, got {block_size!r}")
+    if format == "bsr":
+        check_block_size(block_size, "sparsify")
+    include = _check_include(include)
     if not inplace:
         model = copy.deepcopy(model)
     layers, left = _scan(model, include, exclude)
@@ -252,7 +254,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
     per_layer = layer_sparsities({n: tuple(linear_weight(m).shape) for n, m in layers.items()}, sparsity,
                                  distribution)
     for name, module in layers.items():
-        sparse = _sparse_class(module, _check_include(include)).from_dense(module, sparsity=per_layer[name])
+        sparse = _sparse_class(module, include).from_dense(module, sparsity=per_layer[name])
         model = _replace(model, name, sparse)
     return model
 

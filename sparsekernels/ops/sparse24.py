@@ -481,6 +481,13 @@ class _SRSTEForwardMode(_SRSTE):
         return _functorch.add_bias_tangent(t, tbias, x, values.shape[0])
 
 
+def check_srste_lambda(owner: str, name: str, lam: object) -> float:
+    """SR-STE's decay lambda_w: a finite number >= 0 (bools and strings refused), as float."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
 def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: float = 2e-4, *,
                  bias: Tensor | None = None, transposable: bool = False,
                  kept_values: Tensor | None = None) -> Tensor:
@@ -500,8 +507,7 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
                          f"{tuple(weight.shape)}")
     if weight.shape[1] % 4:
         raise ValueError(f"srste_linear: weight's K = {weight.shape[1]} must be divisible by 4 (2:4 groups)")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"srste_linear: lam must be a finite number >= 0, got {lam!r}")
+    check_srste_lambda("srste_linear", "lam", lam)
     _checks.check_dense("srste_linear", "x", x, weight, weight.shape[1])
     if bias is not None:
         _checks.check_dense("srste_linear", "bias", bias, weight, weight.shape[0])

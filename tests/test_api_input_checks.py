@@ -257,3 +257,38 @@ def test_mfac_failure_leaves_the_dense_weights_as_they_were():
               progress=False)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_integer_arguments_share_one_check_and_wording():
+    """Every integer argument goes through sparsekernels._checks.check_int: bools and
+    floats are refused as well as values below the minimum, and the message names the
+    owner and the argument with the same wording everywhere."""
+    from sparsekernels._checks import check_int
+
+    assert check_int("n", 3) == 3 and check_int("n", 0, minimum=0) == 0
+    assert check_int("n", None, allow_none=True) is None
+    for value, minimum, what in ((0, 1, "a positive int"), (-1, 0, "a non-negative int"), (1, 2, "an int >= 2"),
+                                 (True, 1, "a positive int"), (2.0, 1, "a positive int"),
+                                 (None, 1, "a positive int")):
+        with pytest.raises(ValueError, match=f"^f: n must be {what}, got {value!r}$"):
+            check_int("n", value, "f", minimum=minimum)
+    with pytest.raises(ValueError, match="^n must be a positive int"):
+        check_int("n", 0)  # no owner: no prefix
+
+    from sparsekernels.comm import unpack_bits
+    from sparsekernels.spdy.levels import default_levels, error_prior
+    from sparsekernels.spdy.search import search
+
+    with pytest.raises(ValueError, match="^default_levels: count must be an int >= 2, got 1$"):
+        default_levels(1)
+    with pytest.raises(ValueError, match=r"^error_prior: count \(levels\) must be an int >= 2, got True$"):
+        error_prior(True)
+    with pytest.raises(ValueError, match="^unpack_bits: n must be a non-negative int, got -1$"):
+        unpack_bits(torch.zeros(4, dtype=torch.uint8), 2, -1)
+    with pytest.raises(ValueError, match="^SparseConv2d: groups must be a positive int, got 0$"):
+        SparseConv2d(4, 4, 3, groups=0)
+    with pytest.raises(ValueError, match="^n_bins must be a positive int, got 0$"):
+        expected_calibration_error(torch.full((2, 2), 0.5), torch.tensor([0, 1]), n_bins=0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="^spdy.search: buckets must be a positive int, got 0$"):
+        search(model, [(torch.randn(2, 4), torch.tensor([0, 1]))], target_speedup=2.0, buckets=0)

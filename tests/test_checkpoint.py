@@ -396,6 +396,25 @@ def test_a_failed_load_puts_the_dense_layers_back(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
+    """A model built under torch.device("meta") has no data to swap or load into: the load
+    says so (it had failed inside the pattern check with Tensor.item() on meta), and once
+    materialised with to_empty the same file loads."""
+    torch.manual_seed(0)
+    sparse = sparsekernels.sparsify(_mlp_16_32_8(), 0.5)
+    sparsekernels.save(sparse, tmp_path / "a.st")
+    with torch.device("meta"):
+        model = _mlp_16_32_8()
+    for load in (lambda: sparsekernels.load(model, tmp_path / "a.st"),
+                 lambda: load_sparse_state_dict(model, sparse.state_dict())):
+        with pytest.raises(ValueError, match="meta device .*'0.weight'.*to_empty"):
+            load()
+        assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    sparsekernels.load(model.to_empty(device="cpu"), tmp_path / "a.st")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), sparse(x))
+
+
 def test_a_file_goes_only_into_the_kind_of_layer_it_was_saved_from(tmp_path):
     """A CSR [32, 16] pattern fits nn.Linear(16, 32) and a 1x1 Conv2d alike; the file
     records the layer class and a convolution's kernel shape, and load checks them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_int
 from .natural import natural_encode
 from .qsgd import BUCKET_SIZE, LEVELS, elias_gamma_bits, qsgd_encode
 
@@ -13,8 +14,7 @@ def wire_report(numel: int = 1 << 20, *, levels: int = LEVELS, bucket_size: int 
     """Compresses a Gaussian gradient of ``numel`` entries with each scheme and reports the
     payload sizes actually produced (bytes), the Elias-coded size of QSGD's levels, and the
     reduction against fp32 (``*_ratio``)."""
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-        raise ValueError(f"wire_report: numel must be a positive int, got {numel!r}")
+    check_int("numel", numel, "wire_report")
     g = torch.Generator().manual_seed(seed)
     grad = torch.randn(numel, generator=g)
     dense = 4 * numel

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 
 def packed_nbytes(n: int, bits: int) -> int:
     """Bytes that ``n`` codes of ``bits`` bits take when packed."""
@@ -42,8 +44,7 @@ def pack_bits(codes: Tensor, bits: int, *, check: bool = True) -> Tensor:
 def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: uint8 stream → int32 [n] codes."""
     _check_bits("unpack_bits", bits)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"unpack_bits: n must be a non-negative int, got {n!r}")
+    check_int("n", n, "unpack_bits", minimum=0)
     if not isinstance(data, Tensor) or data.dtype != torch.uint8 or data.numel() < packed_nbytes(n, bits):
         raise ValueError(f"unpack_bits: data must be a uint8 stream of at least {packed_nbytes(n, bits)} bytes "
                          f"for {n} codes of {bits} bits")

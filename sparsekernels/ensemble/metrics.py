@@ -8,6 +8,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 
 def _check_scores(name: str, probs: object) -> Tensor:
     if not isinstance(probs, Tensor) or not probs.is_floating_point():
@@ -49,8 +51,7 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, n_bins: int = 15)
     probs [N, C] float, targets [N] int -> a float in [0, 1]."""
     probs = _check_probs("probs", probs)
     targets = _check_targets(probs, targets)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins <= 0:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    check_int("n_bins", n_bins)
     confidence, predicted = probs.double().max(dim=1)
     correct = (predicted == targets).double()
     # Bin i holds confidences in (i/n, (i+1)/n]; ceil maps exactly i/n into bin i-1.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ..reference import csr_rows
 from .csr import build_transpose, row_ptr_from_rows
 from .masks import check_mask
@@ -23,8 +24,7 @@ BLOCK_SIZES = (16, 32, 64)
 
 def check_block_size(block_size: object, owner: str = "") -> int:
     """A BSR block size: a positive int."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"{owner}{': ' if owner else ''}block_size must be a positive int, got {block_size!r}")
+    check_int("block_size", block_size, owner)
     return block_size
 
 

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from .._checks import check_int
 from ..formats import check_sparsity
-from ..methods.base import _check_positive_int, unwrap_optimizer
+from ..methods.base import unwrap_optimizer
 from ..methods.registry import get_method
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
 from .checkpoint import load_sparse_state_dict
@@ -52,7 +53,7 @@ def _check_common_kwargs(owner: str, kwargs: Mapping[str, object]) -> None:
             check_sparsity(kwargs["sparsity"])
         for name in ("update_interval", "total_steps"):
             if name in kwargs:
-                _check_positive_int(name, kwargs[name], allow_none=True)
+                check_int(name, kwargs[name], allow_none=True)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{owner}: {exc}") from None
 

@@ -272,6 +272,12 @@ def _swap_and_load(model: nn.Module, state_dict: Mapping[str, object], strict: b
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_sparse_state_dict: state_dict must be a mapping of names to tensors, got "
                         f"{type(state_dict).__name__}")
+    # A model built on the meta device has no values to swap or load into (its layers'
+    # patterns would be read from tensors without data).
+    on_meta = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(f"load_sparse_state_dict: the model is on the meta device ('{on_meta}'); materialise it "
+                         "first, e.g. model.to_empty(device='cpu'), then load")
     # Every name a module is registered under (one shared by two parents is saved under both).
     modules = dict(model.named_modules(remove_duplicate=False))
     swaps, twins = {}, {}

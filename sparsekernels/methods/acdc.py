@@ -9,10 +9,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import check_sparsity
 from ..nn import densify, layer_sparsities
 from ._phases import check_full, compress, decompress, global_keeps, grow_full, in_block_numel, keep_largest, steps_of
-from .base import SparseTrainingMethod, _check_positive_int, weight_shape
+from .base import SparseTrainingMethod, weight_shape
 
 DISTRIBUTIONS = ("global", "uniform", "erk")
 
@@ -88,7 +89,7 @@ class ACDC(SparseTrainingMethod):
                  total_steps: int, distribution: str = "global", warmup: int | float = 0.1,
                  phase_length: int | float = 0.05, dense_end: int | float = 0.85, keep_dense_model: bool = True,
                  seed: int = 0, include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
-        total_steps = _check_positive_int("total_steps", total_steps)
+        total_steps = check_int("total_steps", total_steps)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if not isinstance(keep_dense_model, bool):
@@ -222,11 +223,10 @@ class ACDC(SparseTrainingMethod):
             check_sparsity(schedule["sparsity"])
         if schedule.get("distribution", self.distribution) not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {schedule['distribution']!r}")
-        total = _check_positive_int("total_steps", schedule.get("total_steps", self.total_steps))
+        total = check_int("total_steps", schedule.get("total_steps", self.total_steps))
         values = {k: schedule.get(k, getattr(self, k)) for k in ("warmup_steps", "phase_steps", "dense_end_step")}
         for k, v in values.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "warmup_steps" else 1):
-                raise ValueError(f"{k} must be a {'non-negative' if k == 'warmup_steps' else 'positive'} int, got {v!r}")
+            check_int(k, v, minimum=0 if k == "warmup_steps" else 1)
         acdc_schedule(total, values["warmup_steps"], values["phase_steps"], values["dense_end_step"])
         if not isinstance(schedule.get("keep_dense_model", True), bool):
             raise ValueError("keep_dense_model must be a bool")

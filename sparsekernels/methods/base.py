@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import check_sparsity, kept_count, random_mask
 from ..nn import SparseConv2d, SparseLinear, eligible_layers, layer_sparsities
 from ..nn.distribution import DISTRIBUTIONS
@@ -21,14 +22,6 @@ from ..topology import drop_smallest, update_layer
 from . import _distributed
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
-
-
-def _check_positive_int(name: str, value: object, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def check_generator_state(owner: str, state: object) -> Tensor:
@@ -145,8 +138,8 @@ class SparseTrainingMethod:
             raise TypeError(f"{type(self).__name__}: {e}") from None
         self.sparsity = check_sparsity(sparsity)
         self.distribution = distribution
-        self.update_interval = _check_positive_int("update_interval", update_interval)
-        self.total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
+        self.update_interval = check_int("update_interval", update_interval)
+        self.total_steps = check_int("total_steps", total_steps, allow_none=True)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -325,8 +318,7 @@ class SparseTrainingMethod:
             if key not in state:
                 raise ValueError(f"{owner}: state lacks {key!r}")
         step, seed, history = state["step"], state["seed"], state["history"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{owner}: step must be a non-negative int, got {step!r}")
+        check_int("step", step, owner, minimum=0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"{owner}: seed must be an int, got {seed!r}")
         if not isinstance(history, list) or not all(isinstance(r, Mapping) and isinstance(r.get("step"), int)
@@ -365,10 +357,10 @@ class SparseTrainingMethod:
         if "sparsity" in schedule:
             check_sparsity(schedule["sparsity"])
         if "update_interval" in schedule:
-            _check_positive_int("update_interval", schedule["update_interval"])
+            check_int("update_interval", schedule["update_interval"])
         for key in ("total_steps", "t_end", "end_step"):
             if key in schedule:
-                _check_positive_int(key, schedule[key], allow_none=True)
+                check_int(key, schedule[key], allow_none=True)
         if "distribution" in schedule and schedule["distribution"] not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {schedule['distribution']!r}")
         for key in ("drop_fraction", "initial_sparsity"):

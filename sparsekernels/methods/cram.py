@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import kept_count, prune_24
 from ..nn import eligible_layers, sparse_class_for, sparsify
 from ..nn.sparsify import linear_weight
@@ -215,8 +216,7 @@ class CrAM(torch.optim.Optimizer):
         if not isinstance(cram, Mapping) or not {"steps", "generator"} <= cram.keys():
             raise ValueError(f"{owner}: state lacks the 'cram' entry of CrAM.state_dict()")
         steps, generator = cram["steps"], cram["generator"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"{owner}: steps must be a non-negative int, got {steps!r}")
+        check_int("steps", steps, owner, minimum=0)
         check_generator_state(owner, generator)
         mine = {"sparsities": list(self.sparsities), "rho": self.rho, "plus": self.plus, "seed": self.seed}
         differ = [k for k, v in mine.items() if k in cram and cram[k] != v]

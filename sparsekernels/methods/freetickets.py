@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .base import _check_fraction, _check_positive_int
+from .._checks import check_int
+from .base import _check_fraction
 from .registry import register_method
 from .rigl import RigL
 from .schedules import cosine_drop_fraction
@@ -71,9 +72,8 @@ class EDST(RigL):
                  explore_fraction: float = 0.8, drop_fraction: float = 0.5, update_interval: int = 100,
                  distribution: str = "erk", lr_reset: bool = True, seed: int = 0,
                  include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
-        if isinstance(tickets, bool) or not isinstance(tickets, int) or tickets < 1:
-            raise ValueError(f"EDST: tickets (the ensemble size M) must be an int >= 1, got {tickets!r}")
-        total_steps = _check_positive_int("total_steps", total_steps)
+        check_int("tickets (the ensemble size M)", tickets, "EDST")
+        total_steps = check_int("total_steps", total_steps)
         self.num_tickets = tickets
         self.exploration_fraction = _check_open_fraction("exploration_fraction", exploration_fraction, False, True)
         self.explore_fraction = _check_open_fraction("explore_fraction", explore_fraction, True, False)
@@ -176,10 +176,9 @@ class EDST(RigL):
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)
         if "total_steps" in schedule:
-            _check_positive_int("total_steps", schedule["total_steps"])  # EDST's phases need it
+            check_int("total_steps", schedule["total_steps"])  # EDST's phases need it
         tickets = schedule.get("num_tickets", 1)
-        if isinstance(tickets, bool) or not isinstance(tickets, int) or tickets < 1:
-            raise ValueError(f"num_tickets must be an int >= 1, got {tickets!r}")
+        check_int("num_tickets", tickets)
         if not isinstance(schedule.get("lr_reset", True), bool):
             raise ValueError(f"lr_reset must be a bool, got {schedule['lr_reset']!r}")
         if "base_lrs" in schedule:
@@ -219,12 +218,11 @@ class DSTEnsemble:
     def __init__(self, make_model: Callable[[], nn.Module], make_optimizer: Callable[[Iterable], torch.optim.Optimizer],
                  *, members: int = 3, sparsity: float = 0.9, total_steps: int, seed: int = 0,
                  drop_fraction: float = 0.5, **method_kwargs) -> None:
-        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
-            raise ValueError(f"DSTEnsemble: members (the ensemble size M) must be an int >= 1, got {members!r}")
+        check_int("members (the ensemble size M)", members, "DSTEnsemble")
         if isinstance(make_model, nn.Module) or not callable(make_model) or not callable(make_optimizer):
             raise TypeError("DSTEnsemble: make_model and make_optimizer must be callables (make_model returns a new "
                             f"model per member), got {type(make_model).__name__} and {type(make_optimizer).__name__}")
-        self.total_steps = _check_positive_int("total_steps", total_steps)
+        self.total_steps = check_int("total_steps", total_steps)
         self.runs: list[tuple[nn.Module, torch.optim.Optimizer, RigL]] = []
         for i in range(members):
             torch.manual_seed(seed + i)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import check_int
 from ..formats import check_sparsity
 from ..nn import layer_sparsities
 from ..nn.distribution import DISTRIBUTIONS
 from ._phases import check_full, compress, decompress, keep_largest, steps_of
-from .base import SparseTrainingMethod, _check_positive_int, weight_shape
+from .base import SparseTrainingMethod, weight_shape
 
 
 def gap_schedule(total_steps: int, partitions: int, cycles: int, phase_steps: int) -> list[tuple[int, int | None, int | None]]:
@@ -83,9 +84,9 @@ class GaP(SparseTrainingMethod):
                  total_steps: int, partitions: int = 4, cycles: int = 3, phase_length: int | float | None = None,
                  finetune: float = 0.25, distribution: str = "uniform", seed: int = 0,
                  include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
-        total_steps = _check_positive_int("total_steps", total_steps)
-        self.partitions = _check_positive_int("partitions", partitions)
-        self.cycles = _check_positive_int("cycles", cycles)
+        total_steps = check_int("total_steps", total_steps)
+        self.partitions = check_int("partitions", partitions)
+        self.cycles = check_int("cycles", cycles)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if isinstance(finetune, bool) or not isinstance(finetune, (int, float)) or not 0.0 <= finetune < 1.0:
@@ -156,7 +157,7 @@ class GaP(SparseTrainingMethod):
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {schedule.get('distribution')!r}")
         values = {k: schedule.get(k, getattr(self, k)) for k in ("total_steps", "partitions", "cycles", "phase_steps")}
         for k, v in values.items():
-            _check_positive_int(k, v)
+            check_int(k, v)
         if values["partitions"] > len(self.layers):
             raise ValueError(f"partitions ({values['partitions']}) must be at most the number of sparse layers "
                              f"({len(self.layers)})")

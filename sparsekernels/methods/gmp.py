@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import check_sparsity, kept_count, magnitude_mask
 from ..nn import layer_sparsities
-from .base import SparseTrainingMethod, _check_positive_int, weight_shape
+from .base import SparseTrainingMethod, weight_shape
 from .schedules import gmp_sparsity
 
 
@@ -27,10 +28,9 @@ class GMP(SparseTrainingMethod):
                  total_steps: int | None = None, update_interval: int = 100, distribution: str = "uniform",
                  seed: int = 0, include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
-        total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
-        end_step = _check_positive_int("end_step", end_step, allow_none=True)
+        check_int("start_step", start_step, minimum=0)
+        total_steps = check_int("total_steps", total_steps, allow_none=True)
+        end_step = check_int("end_step", end_step, allow_none=True)
         if end_step is None:
             if total_steps is None:
                 raise ValueError("GMP: give end_step or total_steps (end_step defaults to 75% of it)")
@@ -49,8 +49,7 @@ class GMP(SparseTrainingMethod):
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)
         start = schedule.get("start_step", self.start_step)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start_step must be a non-negative int, got {start!r}")
+        check_int("start_step", start, minimum=0)
         end = schedule.get("end_step", self.end_step)
         if end <= start:
             raise ValueError(f"GMP: end_step ({end}) must be after start_step ({start})")

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..nn import SparseConv2d, SparseLinear
 from ..nn.sparsify import eligible_layers, left_dense_layers, linear_weight, sparse_class_for, warn_left_dense
 from ..topology import update_layer
@@ -195,8 +196,7 @@ class LotteryTicket:
             raise TypeError(f"LotteryTicket: scheduler_fn must be callable (optimizer, round) -> scheduler or None, "
                             f"got {type(scheduler_fn).__name__}")
         self.prune_fraction = _check_fraction_open("prune_fraction", prune_fraction)
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+        check_int("rounds", rounds)
         if rewind_step is not None and (isinstance(rewind_step, bool) or not isinstance(rewind_step, int)
                                         or rewind_step < 0):
             raise ValueError(f"rewind_step must be a non-negative int or None (no rewinding), got {rewind_step!r}")

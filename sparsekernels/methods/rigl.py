@@ -7,9 +7,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..topology import grow_by_gradient
 from . import _distributed
-from .base import SparseTrainingMethod, _check_fraction, _check_positive_int
+from .base import SparseTrainingMethod, _check_fraction
 from .schedules import cosine_drop_fraction
 
 
@@ -36,8 +37,8 @@ class RigL(SparseTrainingMethod):
                  t_end: int | None = None, total_steps: int | None = None, seed: int = 0,
                  include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
         self.drop_fraction = _check_fraction("drop_fraction", drop_fraction)
-        total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
-        t_end = _check_positive_int("t_end", t_end, allow_none=True)
+        total_steps = check_int("total_steps", total_steps, allow_none=True)
+        t_end = check_int("t_end", t_end, allow_none=True)
         if t_end is None:
             if total_steps is None:
                 raise ValueError("RigL: give total_steps (t_end defaults to 75% of it) or t_end")
@@ -50,7 +51,7 @@ class RigL(SparseTrainingMethod):
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)
         if "t_end" in schedule:
-            _check_positive_int("t_end", schedule["t_end"])  # RigL stops growing at t_end: it needs one
+            check_int("t_end", schedule["t_end"])  # RigL stops growing at t_end: it needs one
 
     def is_update_step(self, step: int) -> bool:
         return step % self.update_interval == 0 and step <= self.t_end

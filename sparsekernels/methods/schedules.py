@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from .._checks import check_int
+
 
 def cosine_drop_fraction(step: int, alpha: float, t_end: int) -> float:
     """RigL's drop fraction: alpha/2 * (1 + cos(pi * t / T_end)) for t <= T_end, else 0."""
@@ -42,11 +44,6 @@ def gmp_sparsity(step: int, initial: float, final: float, start: int, end: int) 
 # the rate is a closed form lr(t), set on every param group; past ``total_steps`` it stays
 # at lr(total_steps).
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
 
 def _rate(name: str, value: object, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
@@ -66,7 +63,7 @@ def lr_trace(make_scheduler: Callable, steps: int, lr: float) -> list[float]:
     ``original_lrs`` LRW and SLR replay. ``make_scheduler(optimizer)`` builds the original
     schedule on an optimizer whose rate starts at ``lr`` (a one-parameter SGD; nothing is
     trained). Entry i is the rate optimizer step i + 1 used."""
-    steps = _positive_int("steps", steps)
+    steps = check_int("steps", steps)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=_rate("lr", lr, positive=True))
     sched = make_scheduler(opt)
     out = []
@@ -83,7 +80,7 @@ class _RetrainSchedule(LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float,
                  target: float) -> None:
-        self.total_steps = _positive_int("total_steps", total_steps)
+        self.total_steps = check_int("total_steps", total_steps)
         if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)) \
                 or not 0.0 <= float(warmup_fraction) < 1.0:
             raise ValueError(f"warmup_fraction must be a number in [0, 1), got {warmup_fraction!r}")
@@ -196,7 +193,7 @@ def allr_initial_lr(max_lr: float, relative_norm_drop: float, density: float, to
     d = _rate("relative_norm_drop", relative_norm_drop)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-    t, t_orig = _positive_int("total_steps", total_steps), _positive_int("original_steps", original_steps)
+    t, t_orig = check_int("total_steps", total_steps), check_int("original_steps", original_steps)
     floor = min(t / t_orig, 1.0) * max_lr
     s = 1.0 - float(density)
     scaled = max_lr * d / math.sqrt(s) if s > 0 else max_lr

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..topology import grow_random
-from .base import SparseTrainingMethod, _check_fraction, _check_positive_int
+from .base import SparseTrainingMethod, _check_fraction
 
 
 class SET(SparseTrainingMethod):
@@ -26,8 +27,8 @@ class SET(SparseTrainingMethod):
                  t_end: int | None = None, total_steps: int | None = None, seed: int = 0,
                  include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
         self.drop_fraction = _check_fraction("drop_fraction", drop_fraction)
-        total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
-        t_end = _check_positive_int("t_end", t_end, allow_none=True)
+        total_steps = check_int("total_steps", total_steps, allow_none=True)
+        t_end = check_int("t_end", t_end, allow_none=True)
         self.t_end = total_steps if t_end is None else t_end
         super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
                          update_interval=update_interval, seed=seed, total_steps=total_steps, include=include,

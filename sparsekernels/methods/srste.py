@@ -7,9 +7,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..nn import Sparse24Linear, eligible_layers, left_dense_layers
 from ..ops.sparse24 import check_srste_lambda
-from .base import _check_positive_int, restore_on_error, unwrap_optimizer
+from .base import restore_on_error, unwrap_optimizer
 
 
 class SRSTE:
@@ -36,7 +37,7 @@ class SRSTE:
             optimizer = unwrap_optimizer(optimizer)
         except TypeError as e:
             raise TypeError(f"SRSTE: {e}") from None
-        self.total_steps = _check_positive_int("total_steps", total_steps, allow_none=True)
+        self.total_steps = check_int("total_steps", total_steps, allow_none=True)
         if not isinstance(transposable, bool):
             raise TypeError(f"SRSTE: transposable must be a bool, got {transposable!r}")
         self.srste_lambda, self.update_every, self.transposable = srste_lambda, update_every, transposable
@@ -116,15 +117,14 @@ class SRSTE:
             raise ValueError(f"{owner}: 'forwards' must name the layers {sorted(self.layers)}, got "
                              f"{sorted(forwards) if isinstance(forwards, dict) else forwards!r}")
         for n, count in forwards.items():
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                raise ValueError(f"{owner}: forward count of '{n}' must be a non-negative int, got {count!r}")
+            check_int(f"forward count of '{n}'", count, owner, minimum=0)
         frozen = state.get("frozen", {})
         if not isinstance(frozen, dict) or not set(frozen) <= set(self.layers) or not all(
                 isinstance(v, bool) for v in frozen.values()):
             raise ValueError(f"{owner}: 'frozen' must map layer names to bools, got {frozen!r}")
-        total_steps = _check_positive_int("total_steps", state.get("total_steps", self.total_steps), allow_none=True)
+        total_steps = check_int("total_steps", state.get("total_steps", self.total_steps), allow_none=True)
         lam = check_srste_lambda(owner, "srste_lambda", state.get("srste_lambda", self.srste_lambda))
-        update_every = _check_positive_int("update_every", state.get("update_every", self.update_every))
+        update_every = check_int("update_every", state.get("update_every", self.update_every))
         if state.get("transposable", self.transposable) != self.transposable:
             raise ValueError(f"{owner}: the state was saved with transposable={state['transposable']}, these layers "
                              f"are transposable={self.transposable}")

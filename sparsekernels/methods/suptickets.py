@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import CSR
 from ..topology import grow_random
-from .base import _check_positive_int
 from .batchnorm import recalibrate_batchnorm
 from .registry import register_method
 from .rigl import RigL
@@ -122,9 +122,9 @@ class SupTickets(RigL):
                  lr2: float | None = None, explore: str = "rigl", average: str = "cumulative",
                  drop_fraction: float = 0.5, reexplore_fraction: float = 0.05, update_interval: int = 100,
                  distribution: str = "erk", seed: int = 0, include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
-        total_steps = _check_positive_int("total_steps", total_steps)
+        total_steps = check_int("total_steps", total_steps)
         self.cycle_fraction = _check_open("cycle_fraction", cycle_fraction)
-        self.cycles = _check_positive_int("cycles", cycles)
+        self.cycles = check_int("cycles", cycles)
         self.reexplore_fraction = _check_open("reexplore_fraction", reexplore_fraction)
         if explore not in ("rigl", "set"):
             raise ValueError(f"SupTickets: explore must be 'rigl' or 'set', got {explore!r}")
@@ -259,11 +259,11 @@ class SupTickets(RigL):
     def _check_schedule(self, schedule: dict) -> None:
         super()._check_schedule(schedule)
         if "total_steps" in schedule:
-            _check_positive_int("total_steps", schedule["total_steps"])  # the cycles need it
+            check_int("total_steps", schedule["total_steps"])  # the cycles need it
         if "cycle_fraction" in schedule:
             _check_open("cycle_fraction", schedule["cycle_fraction"])
         if "cycles" in schedule:
-            _check_positive_int("cycles", schedule["cycles"])
+            check_int("cycles", schedule["cycles"])
         if "reexplore_fraction" in schedule:
             _check_open("reexplore_fraction", schedule["reexplore_fraction"])
         if schedule.get("average", "cumulative") not in AVERAGES:

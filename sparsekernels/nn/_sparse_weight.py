@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from .._checks import check_int
 from ..formats import CSR, check_sparsity, magnitude_mask
 from ..formats.masks import check_mask
 from ..formats.csr import check_csr_structure
@@ -108,8 +109,7 @@ def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor |
 def check_features(owner: str, in_features: object, out_features: object) -> None:
     """in_features / out_features of a linear layer: non-negative ints (as nn.Linear takes)."""
     for name, v in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{owner}: {name} must be a non-negative int, got {v!r}")
+        check_int(name, v, owner, minimum=0)
 
 
 def check_loaded_pattern(layer: nn.Module, state_dict, prefix: str, names: tuple[str, ...],

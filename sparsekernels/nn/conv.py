@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import CSR, check_sparsity, random_mask
 from ..ops import spmm, spmm_t
 from ..ops._functorch import tangents_possible
@@ -118,8 +119,7 @@ class SparseConv2d(SparseWeightMixin):
     # ------------------------------------------------------------------ configuration
     def _configure(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode):
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"SparseConv2d: {name} must be a positive int, got {v!r}")
+            check_int(name, v, "SparseConv2d")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"SparseConv2d: in_channels ({in_channels}) and out_channels ({out_channels}) "
                              f"must be divisible by groups ({groups})")

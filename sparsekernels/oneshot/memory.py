@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._checks import check_int
 from .sparsegpt import sparsegpt_prune
 
 
@@ -48,8 +49,7 @@ def sparsegpt_peak_memory(k: int, rows: int | None = None, *, sparsity: float = 
     """
     rows = k if rows is None else rows
     for name, value in (("k", k), ("rows", rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"sparsegpt_peak_memory: {name} must be a positive int, got {value!r}")
+        check_int(name, value, "sparsegpt_peak_memory")
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, k, generator=g, dtype=dtype)
     X = torch.randn(64, k, generator=g, dtype=dtype)

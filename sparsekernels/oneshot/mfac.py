@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import check_sparsity, kept_count
 from ._progress import progress as progress_bar
 from .calibration import batch_call
@@ -157,8 +158,7 @@ def mfac_prune(model: nn.Module, layers: dict[str, nn.Module], batches: list, lo
     sparsity = check_sparsity(sparsity)
     nm = parse_pattern(nm)
     for name, value in (("num_grads", num_grads), ("recomputations", recomputations)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"mfac_prune: {name} must be a positive int, got {value!r}")
+        check_int(name, value, "mfac_prune")
     if not batches:
         raise ValueError("mfac_prune: batches is empty; the Fisher needs at least one (inputs, targets) batch")
     if len(batches) < num_grads:

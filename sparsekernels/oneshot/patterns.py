@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ..formats import check_sparsity
 
 
@@ -94,8 +95,7 @@ def check_layer_problem(owner: str, W: object, H: object, damp: object, sparsity
 def check_block_size(owner: str, block_size: object, nm: tuple[int, int] | None) -> int:
     """A column block size: a positive int, and a multiple of M for N:M (a block must hold
     whole groups)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"{owner}: block_size must be a positive int, got {block_size!r}")
+    check_int("block_size", block_size, owner)
     if nm is not None and block_size % nm[1]:
         raise ValueError(f"{owner}: block_size ({block_size}) must be a multiple of M = {nm[1]} for pattern "
                          f"{nm[0]}:{nm[1]}")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import check_sparsity
 from ..nn import Sparse24Linear, eligible_layers, sparse_class_for
 from ..nn._conv1d import is_conv1d
@@ -30,8 +31,7 @@ def _positive(name: str, value: object, *, integer: bool = False, allow_none: bo
     if value is None and allow_none:
         return
     if integer:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"prune: {name} must be a positive int, got {value!r}")
+        check_int(name, value, "prune")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"prune: {name} must be a number > 0, got {type(value).__name__}")

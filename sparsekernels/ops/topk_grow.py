@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from .._checks import check_int
 from . import _checks
 
 # Gradient entries formed at once: 1 Mi fp32 = 4 MiB. torch's topk copies a tile into
@@ -86,8 +87,7 @@ def topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
     inactive = dy.shape[1] * x.shape[1] - col_idx.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= inactive:
         raise ValueError(f"topk_grow: k must be an int in [0, {inactive}] (inactive positions), got {k!r}")
-    if isinstance(tile_elems, bool) or not isinstance(tile_elems, int) or tile_elems <= 0:
-        raise ValueError(f"topk_grow: tile_elems must be a positive int, got {tile_elems!r}")
+    check_int("tile_elems", tile_elems, "topk_grow")
     # NaN has no rank among the scores (it broke the compiled kernel's cut-off), and a
     # non-finite gradient means the step diverged: refuse it by name on every backend (the
     # compiled kernels check this themselves, with the same message).

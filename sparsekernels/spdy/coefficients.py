@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ..oneshot._progress import progress as progress_bar
 
 SEARCH_STEPS = 30
@@ -45,8 +46,7 @@ def coefficient_search(layers: int, score: Callable[[Tensor], float], *, steps: 
     candidate with ``step``, ``phase`` ("uniform" / "random" / "local"), ``score`` and
     ``best`` (the best score so far, never increasing)."""
     for name, value, minimum in (("layers", layers, 1), ("steps", steps, 1), ("patience", patience, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"coefficient_search: {name} must be an int >= {minimum}, got {value!r}")
+        check_int(name, value, "coefficient_search", minimum=minimum)
     if not callable(score):
         raise TypeError(f"coefficient_search: score must be callable score(c) -> float, got {type(score).__name__}")
     rng = torch.Generator().manual_seed(seed)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 DEFAULT_BUCKETS = 10_000
 
 
@@ -54,8 +56,7 @@ def solve(costs, times, budget: float, buckets: int = DEFAULT_BUCKETS) -> tuple[
         raise ValueError("solve: costs must be finite and times finite and >= 0")
     if not budget > 0:
         raise ValueError(f"solve: budget must be > 0, got {budget!r}")
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
-        raise ValueError(f"solve: buckets must be a positive int, got {buckets!r}")
+    check_int("buckets", buckets, "solve")
     steps = discretise(times, budget, buckets).tolist()
     cost = costs.tolist()
     layers, levels = costs.shape

@@ -22,14 +22,15 @@ from collections.abc import Sequence
 
 import torch
 
+from .._checks import check_int
+
 DEFAULT_LEVELS = 40
 MAX_SPARSITY = 0.99
 
 
 def default_levels(count: int = DEFAULT_LEVELS, max_sparsity: float = MAX_SPARSITY) -> tuple[float, ...]:
     """``count`` >= 2 levels from 0 to ``max_sparsity`` (in (0, 1)), geometric in the density."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
-        raise ValueError(f"default_levels: count must be an int >= 2, got {count!r}")
+    check_int("count", count, "default_levels", minimum=2)
     if (isinstance(max_sparsity, bool) or not isinstance(max_sparsity, (int, float))
             or not 0.0 < max_sparsity < 1.0):
         raise ValueError(f"default_levels: max_sparsity must be in (0, 1), got {max_sparsity!r}")
@@ -72,6 +73,5 @@ def check_levels(levels: object, owner: str = "spdy") -> tuple[float, ...]:
 
 def error_prior(count: int) -> torch.Tensor:
     """e(s_i) = (i / (L − 1))² for i = 0 .. L−1 (L = ``count`` >= 2), float64 [L] (CPU)."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
-        raise ValueError(f"error_prior: count must be an int >= 2 (levels), got {count!r}")
+    check_int("count (levels)", count, "error_prior", minimum=2)
     return (torch.arange(count, dtype=torch.float64) / (count - 1)) ** 2

@@ -7,6 +7,7 @@ import copy
 
 from torch import nn
 
+from .._checks import check_int
 from ..oneshot import prune
 from .timing import TimingDB, measure_speedup
 
@@ -63,8 +64,7 @@ class SPDYResult:
         ``rounds`` interleaved rounds. Returns the model (again on a second call)."""
         if self.applied:
             return self.model
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:  # before pruning, not after
-            raise ValueError(f"SPDYResult.apply: rounds must be a positive int, got {rounds!r}")
+        check_int("rounds", rounds, "SPDYResult.apply")  # before pruning, not after
         self.dense_model = copy.deepcopy(self.model)
         sparse = {name: s for name, s in self.plan.items() if s > 0}
         self.model = prune(self.model, self._batches, method=self.method, sparsity=sparse, inplace=True,

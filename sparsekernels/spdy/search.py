@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..nn import eligible_layers
 from ..nn.sparsify import DEFAULT_INCLUDE
 from ..oneshot.calibration import materialise
@@ -20,11 +21,6 @@ from .result import SPDYResult
 from .scoring import CalibrationLoss
 from .timing import DEFAULT_REPEATS, TimingDB, measure_timings
 
-
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"spdy.search: {name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_target(target_speedup: object) -> float:
@@ -111,19 +107,19 @@ def search(model: nn.Module, loader: Iterable, *, target_speedup: float, levels:
         raise ValueError(f"spdy.search: method must be one of {METHODS}, got {method!r}")
     target = _check_target(target_speedup)
     grid = check_levels(levels, "spdy.search") if timings is None else tuple(getattr(timings, "levels", ()))
-    _check_positive_int("search_steps", search_steps)
-    _check_positive_int("buckets", buckets)
-    _check_positive_int("repeats", repeats)
-    _check_positive_int("patience", patience)
+    check_int("search_steps", search_steps, "spdy.search")
+    check_int("buckets", buckets, "spdy.search")
+    check_int("repeats", repeats, "spdy.search")
+    check_int("patience", patience, "spdy.search")
     if random_candidates is not None:
-        _check_positive_int("random_candidates", random_candidates, minimum=0)
+        check_int("random_candidates", random_candidates, "spdy.search", minimum=0)
     if isinstance(mutate_fraction, bool) or not isinstance(mutate_fraction, (int, float)) or not 0 <= mutate_fraction <= 1:
         raise ValueError(f"spdy.search: mutate_fraction must be in [0, 1], got {mutate_fraction!r}")
     # Checked here, not where they are first used after the timing pass (minutes later).
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"spdy.search: damp must be a finite number > 0, got {damp!r}")
-    _check_positive_int("block_size", block_size)
-    _check_positive_int("cache_bytes", cache_bytes, minimum=0)
+    check_int("block_size", block_size, "spdy.search")
+    check_int("cache_bytes", cache_bytes, "spdy.search", minimum=0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"spdy.search: seed must be an int, got {seed!r}")
     batches = materialise(loader, "spdy.search")

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..bench.harness import machine_info, median_ratio
 from ..nn import sparse_class_for
 from ..oneshot._progress import progress as progress_bar
@@ -54,9 +55,6 @@ from ..oneshot.calibration import batch_call, forward_with_pre_hooks
 DEFAULT_REPEATS = 5
 
 
-def _check_count(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 STOP_RATIO = 1.25
 
 
@@ -295,7 +293,7 @@ def measure_timings(model: nn.Module, batch, layers: dict[str, nn.Module], level
     sparsity grid ``levels`` (levels[0] = 0). The model runs in eval mode, under no_grad,
     on its own device, with the current torch thread count; its layers are swapped for
     sparse ones during the measurement and always put back. See the module docstring."""
-    _check_count("measure_timings", "repeats", repeats)
+    check_int("repeats", repeats, "measure_timings")
     if (isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) < 2
             or levels[0] != 0):
         raise ValueError(f"measure_timings: levels must be a sequence of sparsities starting at 0 (the dense "
@@ -341,8 +339,8 @@ def measure_speedup(dense: nn.Module, other: nn.Module, batch, rounds: int = 9, 
     timing both models (the order alternating) as the median of ``inner`` forwards after
     one untimed forward of the same model (so each finds its own weights in the cache).
     Returns ``{"speedup": median per-round dense / other, "dense_s", "other_s"}`` (medians)."""
-    _check_count("measure_speedup", "rounds", rounds)
-    _check_count("measure_speedup", "inner", inner)
+    check_int("rounds", rounds, "measure_speedup")
+    check_int("inner", inner, "measure_speedup")
     args, kwargs = batch_call(batch)
     device = _device_of(dense)
     models = {"dense": dense, "other": other}

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 
 def gather_or_zero(values: Tensor, source: Tensor) -> Tensor:
     """``values[source]`` with 0 where ``source`` is -1: a gather and a fill, where masked
@@ -31,8 +33,7 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.nn.Para
     if not isinstance(source, Tensor) or source.dim() != 1 or source.dtype.is_floating_point or \
             source.dtype == torch.bool:
         raise ValueError(f"{owner}: source must be a 1-D integer tensor (old index per new entry, -1 for grown)")
-    if isinstance(old_numel, bool) or not isinstance(old_numel, int) or old_numel < 0:
-        raise ValueError(f"{owner}: old_numel must be a non-negative int, got {old_numel!r}")
+    check_int("old_numel", old_numel, owner, minimum=0)
     if source.numel() and (int(source.min()) < -1 or int(source.max()) >= old_numel):
         raise ValueError(f"{owner}: source entries must lie in [-1, old_numel = {old_numel})")
     state = optimizer.state.get(param)

@@ -168,11 +168,17 @@ def test_sampled_floor_any_gradient_scale(sampled_scale, k):
     row_ptr, col_idx = _pattern(mask)
     with sparsekernels.use_backend("reference"):
         want = topk_grow(dy, x, row_ptr, col_idx, k)
+    # The scores are fp32 dot products over the batch, summed in another order than the
+    # reference's: each may differ by the sum's rounding bound, m * eps * sum |dy_i x_i|,
+    # which cancellation makes large against the score itself (2.7e-6 relative on the
+    # AVX2 kernels at k = 2000).
+    bound = (dy.abs().double().t() @ x.abs().double()) * dy.shape[0] * torch.finfo(torch.float32).eps
     for tile in (400, 2560, 5120):  # 10, 64 and 128 rows per tile
         with sparsekernels.use_backend("cpu"):
             got = topk_grow(dy, x, row_ptr, col_idx, k, tile_elems=tile)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), tile
-        torch.testing.assert_close(got[2], want[2], rtol=2e-6, atol=1e-6)
+        err = (got[2].double() - want[2].double()).abs()
+        assert bool((err <= bound[want[0], want[1]]).all()), (tile, float((err / bound[want[0], want[1]]).max()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

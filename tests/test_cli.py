@@ -1,6 +1,7 @@
 """The command line: info and a tiny bench run (table, JSON, PNG)."""
 
 import json
+import time
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
     # was not asked for), and 2:4 (48 columns).
     assert [r["format"] for r in payload["bf16_step"]] == ["0.9", "2:4"]
     for r in payload["bf16_step"]:
-        assert r["step_vs_dense"] > 0 and set(r["auto_choice"]) == {"fwd", "dx", "dW"}
+        assert r["step_vs_dense"] > 0 and set(r["auto_choice"]) == {"fwd", "dx", "dW"} and r["rounds"] == 2
         assert all(c in ("cpu", "reference", "cpu:dense") for c in r["auto_choice"].values())
     # ... and the fp32 2:4 layer step next to the 2:4 forward.
     (s24,) = payload["sparse24"]
@@ -53,6 +54,19 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "r.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "fwd x dense" in out and "bf16 forward" in out and "bf16 layer step" in out
+
+
+def test_rounds_within_caps_slow_cases_at_their_budget():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+
+    assert 3 <= harness.rounds_within(slow, 15, budget_s=0.2) <= 4 and len(calls) == 1
+    assert harness.rounds_within(slow, 15, budget_s=0.01) == 3  # the minimum
+    assert harness.rounds_within(slow, 2, budget_s=0.01) == 2  # never more than asked
+    assert harness.rounds_within(lambda: None, 15, budget_s=1.0) == 15
 
 
 def test_median_ratio():

@@ -181,11 +181,17 @@ def run_bf16_case(batch: int, in_f: int, out_f: int, sparsity: float, rounds: in
     return out
 
 
+# Seconds of dense bf16 steps a bf16 step case may spend on its timed rounds (at least 3
+# rounds): where the CPU has no bf16 instructions nn.Linear's bf16 step takes seconds.
+BF16_STEP_BUDGET_S = 60.0
+
+
 def run_bf16_step_case(batch: int, in_f: int, out_f: int, fmt, rounds: int, seed: int = 0) -> dict:
     """bf16 layer step (forward + input and weight gradients) of the sparse layer (CSR at
     sparsity ``fmt``, or ``"2:4"``) against nn.Linear in bf16 on the same weight (the CPU's
     bf16 GEMM: oneDNN, AMX where the CPU has it), interleaved; with what measured "auto"
-    ran for each product (our kernel, or "cpu:dense")."""
+    ran for each product (our kernel, or "cpu:dense"). Fewer rounds than asked (at least
+    3, recorded as ``rounds``) where the dense steps would take over BF16_STEP_BUDGET_S."""
     from ..nn import Sparse24Linear
 
     g = torch.Generator().manual_seed(seed)
@@ -205,9 +211,11 @@ def run_bf16_step_case(batch: int, in_f: int, out_f: int, fmt, rounds: int, seed
         dense_layer.weight.copy_(w)
     x = torch.randn(batch, in_f, generator=g).bfloat16()
     dy = torch.randn(batch, out_f, generator=g).bfloat16()
-    samples = harness.time_round_robin({"dense_step": harness.layer_step(dense_layer, x, dy),
+    dense_step = harness.layer_step(dense_layer, x, dy)
+    rounds = harness.rounds_within(dense_step, rounds, BF16_STEP_BUDGET_S)
+    samples = harness.time_round_robin({"dense_step": dense_step,
                                         "sparse_step": harness.layer_step(layer, x, dy)}, rounds)
-    return {"batch": batch, "in_features": in_f, "out_features": out_f, "format": str(fmt),
+    return {"batch": batch, "in_features": in_f, "out_features": out_f, "format": str(fmt), "rounds": rounds,
             "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
             "step_vs_dense": harness.median_ratio(samples["dense_step"], samples["sparse_step"]),
             "auto_choice": {name: _auto_choice(op, x, k) for name, (op, k) in ops.items()}}

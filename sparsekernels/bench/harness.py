@@ -60,6 +60,21 @@ def calibrate(fn: Callable[[], object], device: str = "cpu", min_seconds: float 
     return max(1, int(min_seconds / once + 0.999))
 
 
+def rounds_within(fn: Callable[[], object], rounds: int, budget_s: float, device: str = "cpu",
+                  minimum: int = 3) -> int:
+    """Rounds of ``fn`` (at most ``rounds``, at least ``minimum`` of them) that fit ``budget_s``
+    seconds, from one timed call (which also warms ``fn`` up). A baseline that takes
+    seconds per call must not hold a benchmark for an hour: bf16 nn.Linear's layer step on
+    a CPU without bf16 instructions took 34 s on an AVX2 EPYC (15 rounds of three cases:
+    26 minutes)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - t0, 1e-9)
+    return min(rounds, max(minimum, int(budget_s / once)))
+
+
 def time_round_robin(fns: Mapping[str, Callable[[], object]], rounds: int, device: str = "cpu",
                      warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each fn, one sample per round, fns interleaved within a round."""

@@ -191,5 +191,5 @@ def test_a_failed_restore_detaches_the_method():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     method = RigL(model, opt, sparsity=0.5, total_steps=10)
     with pytest.raises(ValueError):
-        restore_method_state("SparseTrainingCallback", method, {"method": "set"})
+        restore_method_state(method, {"method": "set"})
     assert not opt._optimizer_step_post_hooks  # no step hook left running

@@ -24,8 +24,7 @@ BLOCK_SIZES = (16, 32, 64)
 
 def check_block_size(block_size: object, owner: str = "") -> int:
     """A BSR block size: a positive int."""
-    check_int("block_size", block_size, owner)
-    return block_size
+    return check_int("block_size", block_size, owner)
 
 
 def check_block_shape(shape: tuple[int, int], block_size: int) -> None:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 
 def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
     """Validates a sparsity level in [0, 1) and returns it as a float."""
@@ -137,8 +139,7 @@ def largest_k_masks(tensors: list[Tensor], k: int) -> list[Tensor]:
     about a fifth of that. float64 tensors are selected through a stable sort (their bit
     patterns do not fit the 32-bit keys).
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(f"largest_k_masks: k must be a non-negative int, got {k!r}")
+    check_int("k", k, "largest_k_masks", minimum=0)
     total = sum(t.numel() for t in tensors)
     if k > total:
         raise ValueError(f"largest_k_masks: k = {k} exceeds the {total} entries")

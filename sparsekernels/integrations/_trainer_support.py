@@ -18,7 +18,7 @@ from ..formats import check_sparsity
 from ..methods.base import unwrap_optimizer
 from ..methods.registry import get_method
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
-from .checkpoint import load_sparse_state_dict
+from .checkpoint import SPARSE24_OPTIONS, load_sparse_state_dict
 
 SPARSE_LAYER_TYPES = (SparseLinear, SparseConv2d, BSRLinear, Sparse24Linear)
 
@@ -58,7 +58,7 @@ def _check_common_kwargs(owner: str, kwargs: Mapping[str, object]) -> None:
         raise type(exc)(f"{owner}: {exc}") from None
 
 
-def restore_method_state(owner: str, method, state: object) -> None:
+def restore_method_state(method, state: object) -> None:
     """``method.load_state_dict(state)``; if that fails the method is detached (its step
     hook removed) before the error goes on, so a failed resume leaves no hook running."""
     try:
@@ -112,7 +112,7 @@ class SparseLayersOnLoad:
         # transposable / srste_lambda / update_every): a resumed run rebuilds its layers
         # as they were, not with the defaults.
         kwargs = method_kwargs or {}
-        self.sparse24_options = {k: kwargs[k] for k in ("transposable", "srste_lambda", "update_every") if k in kwargs}
+        self.sparse24_options = {k: kwargs[k] for k in SPARSE24_OPTIONS if k in kwargs}
         self._busy = False
         self._handle = model.register_load_state_dict_pre_hook(self._before_load)
 

@@ -29,6 +29,9 @@ from ..nn.sparsify import _as_linear
 from ..reference import csr_rows, meta_columns
 
 FORMAT_VERSION = 1
+# A 2:4 layer's options that no tensor records (they go into a file's metadata, or come
+# from a trainer callback's method).
+SPARSE24_OPTIONS = ("transposable", "srste_lambda", "update_every")
 _METADATA_KEY = "sparsekernels"
 
 # Keys of each format that a compact file leaves out: the loader rebuilds them from the rest.
@@ -357,10 +360,9 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *
     """
     options = {}
     if sparse24_options is not None:
-        if not isinstance(sparse24_options, Mapping) or not set(sparse24_options) <= {"transposable", "srste_lambda",
-                                                                                       "update_every"}:
-            raise ValueError("load_sparse_state_dict: sparse24_options must map some of 'transposable', "
-                             f"'srste_lambda', 'update_every' to values, got {sparse24_options!r}")
+        if not isinstance(sparse24_options, Mapping) or not set(sparse24_options) <= set(SPARSE24_OPTIONS):
+            raise ValueError(f"load_sparse_state_dict: sparse24_options must map some of {SPARSE24_OPTIONS} to "
+                             f"values, got {sparse24_options!r}")
         options = dict(sparse24_options)
     configs = {name: options for name, kind in _sparse_entries(state_dict).items() if kind.startswith("2:4")} \
         if options and isinstance(state_dict, Mapping) else {}
@@ -393,6 +395,12 @@ def _matrix_shape(sd: Mapping[str, Tensor], p: str, name: str, fmt: str) -> list
                          "is unknown; save the model itself or its complete state_dict()")
     b = int(sd[p + "values"].shape[-1]) if fmt == "bsr" else 1
     return [(sd[p + ptr].numel() - 1) * b, (sd[p + t_ptr].numel() - 1) * b]
+
+
+def _fspath(owner: str, path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{owner}: path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
 
 
 def save(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | os.PathLike) -> None:
@@ -451,9 +459,7 @@ def save(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | os.P
         storages.add(storage)
         tensors[k] = (v.clone() if shared else v).to("cpu").contiguous()
     meta = {"version": FORMAT_VERSION, "layers": layers, "aliases": aliases}
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"sparsekernels.save: path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
+    path = _fspath("sparsekernels.save", path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(folder):
         raise ValueError(f"sparsekernels.save: cannot write {path!r}: "
@@ -492,9 +498,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, dict]]:
     keys restored) and its per-layer records (format, shape, options), on the CPU."""
     from safetensors import safe_open
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"sparsekernels.load: path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
+    path = _fspath("sparsekernels.load", path)
     if not os.path.isfile(path):
         raise ValueError(f"sparsekernels.load: path {path!r} is not a file")
     try:

@@ -137,7 +137,7 @@ class SparseTrainingCallback(TrainerCallback):
             self.method.remove()
         self.method = build_method(self.method_class, self.method_kwargs, model, optimizer, state.max_steps)
         if stored is not None:
-            restore_method_state("SparseTrainingCallback", self.method, _decode_state(stored["method_state"]))
+            restore_method_state(self.method, _decode_state(stored["method_state"]))
 
     # ---------------------------------------------------------------- checkpoint
     # The Trainer writes trainer_state.json right after these events when it saves: keep

@@ -88,7 +88,7 @@ class SparseTraining(pl.Callback):
                                    trainer.estimated_stepping_batches)
         if self._restored_state is not None:
             state, self._restored_state = self._restored_state, None
-            restore_method_state("SparseTraining", self.method, state)
+            restore_method_state(self.method, state)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Everything is restored by now: a resumed run must have brought the method's state.
@@ -112,6 +112,6 @@ class SparseTraining(pl.Callback):
                              f"{sorted(state_dict)}")
         self._state_loaded = True
         if self.method is not None:
-            restore_method_state("SparseTraining", self.method, state_dict["method_state"])
+            restore_method_state(self.method, state_dict["method_state"])
         else:
             self._restored_state = state_dict["method_state"]

@@ -140,8 +140,7 @@ class SparseTrainingMethod:
         self.distribution = distribution
         self.update_interval = check_int("update_interval", update_interval)
         self.total_steps = check_int("total_steps", total_steps, allow_none=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        check_int("seed", seed, minimum=None)
         self.seed = seed
         self.model, self.optimizer = model, optimizer
         self.step = 0
@@ -319,8 +318,7 @@ class SparseTrainingMethod:
                 raise ValueError(f"{owner}: state lacks {key!r}")
         step, seed, history = state["step"], state["seed"], state["history"]
         check_int("step", step, owner, minimum=0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{owner}: seed must be an int, got {seed!r}")
+        check_int("seed", seed, owner, minimum=None)
         if not isinstance(history, list) or not all(isinstance(r, Mapping) and isinstance(r.get("step"), int)
                                                     and r["step"] <= step for r in history):
             raise ValueError(f"{owner}: history must be a list of update records with steps <= step {step}")

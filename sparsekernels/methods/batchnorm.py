@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .._checks import check_int
+
 
 def _inputs(batch):
     """The model input of a loader item: the item itself, or the first element of a
@@ -37,9 +39,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int |
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate_batchnorm: model must be an nn.Module, got {type(model).__name__}")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches <= 0):
-        raise ValueError(f"recalibrate_batchnorm: num_batches must be a positive int or None, got {num_batches!r}")
+    check_int("num_batches", num_batches, "recalibrate_batchnorm", allow_none=True)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     if not norms:

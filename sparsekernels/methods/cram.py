@@ -103,8 +103,7 @@ class CrAM(torch.optim.Optimizer):
             raise TypeError(f"CrAM: plus must be a bool, got {type(plus).__name__}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"CrAM: model must be an nn.Module or None, got {type(model).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"CrAM: seed must be an int, got {seed!r}")
+        check_int("seed", seed, "CrAM", minimum=None)
         if isinstance(params_or_base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
                 raise TypeError(f"CrAM: base optimizer arguments {sorted(base_kwargs)} given with an optimizer "

@@ -177,8 +177,7 @@ class EDST(RigL):
         super()._check_schedule(schedule)
         if "total_steps" in schedule:
             check_int("total_steps", schedule["total_steps"])  # EDST's phases need it
-        tickets = schedule.get("num_tickets", 1)
-        check_int("num_tickets", tickets)
+        check_int("num_tickets", schedule.get("num_tickets", 1))
         if not isinstance(schedule.get("lr_reset", True), bool):
             raise ValueError(f"lr_reset must be a bool, got {schedule['lr_reset']!r}")
         if "base_lrs" in schedule:
@@ -276,21 +275,23 @@ class DSTEnsemble:
             if not isinstance(saved, Mapping) or not all(isinstance(saved.get(k), Mapping)
                                                          for k in ("model", "optimizer", "method")):
                 raise ValueError(f"{owner}: member {i} must map 'model', 'optimizer' and 'method' to their state dicts")
-        before = [copy.deepcopy({"model": m.state_dict(), "optimizer": o.state_dict(), "method": r.state_dict()})
-                  for m, o, r in self.runs]
+        before = [copy.deepcopy(member) for member in self.state_dict()["members"]]
         done = 0
         try:
-            for (model, optimizer, method), saved in zip(self.runs, members):
+            for run, saved in zip(self.runs, members):
                 done += 1  # counted first: a member that fails halfway is restored too
-                model.load_state_dict(saved["model"])
-                optimizer.load_state_dict(saved["optimizer"])
-                method.load_state_dict(saved["method"])
+                _load_member(run, saved)
         except BaseException:
-            for (model, optimizer, method), old in zip(self.runs[:done], before):
-                model.load_state_dict(old["model"])
-                optimizer.load_state_dict(old["optimizer"])
-                method.load_state_dict(old["method"])
+            for run, old in zip(self.runs[:done], before):
+                _load_member(run, old)
             raise
+
+
+def _load_member(run: tuple[nn.Module, torch.optim.Optimizer, RigL], saved: Mapping) -> None:
+    model, optimizer, method = run
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    method.load_state_dict(saved["method"])
 
 
 register_method(EDST)  # get_method("edst"); DSTEnsemble builds M runs from factories, not one method

@@ -209,8 +209,7 @@ class LotteryTicket:
         if isinstance(output_prune_fraction, bool) or not isinstance(output_prune_fraction, (int, float)) \
                 or not 0.0 <= float(output_prune_fraction) < 1.0:
             raise ValueError(f"output_prune_fraction must be a number in [0, 1), got {output_prune_fraction!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        check_int("seed", seed, minimum=None)
         self.model, self.optimizer_fn, self.scheduler_fn = model, optimizer_fn, scheduler_fn
         self.n_rounds, self.rewind_step, self.criterion, self.scope = rounds, rewind_step, criterion, scope
         self.output_prune_fraction, self.seed, self.record_masks = float(output_prune_fraction), seed, record_masks

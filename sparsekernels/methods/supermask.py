@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import check_sparsity, kept_count
 from ..nn import SparseConv2d, SparseLinear
 from ..nn._conv1d import is_conv1d
@@ -182,8 +183,7 @@ class LearnedSupermask:
             score_init = 0.0 if self.sparsity in (None, 0.0) else math.log((1 - self.sparsity) / self.sparsity)
         if isinstance(score_init, bool) or not isinstance(score_init, (int, float)) or not math.isfinite(score_init):
             raise ValueError(f"score_init must be a finite number, got {score_init!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        check_int("seed", seed, minimum=None)
         self.model, self.generator, self.seed = model, torch.Generator().manual_seed(seed), seed
         dense = eligible_layers(model, include, exclude)
         warn_left_dense("LearnedSupermask", left_dense_layers(model, include, exclude), stacklevel=3)

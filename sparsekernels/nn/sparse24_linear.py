@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..formats import CSR, Sparse24, compress_24, is_24
 from ..formats.sparse24 import check_24_shape, check_meta_bytes
 from ..ops import sparse24_mm
@@ -56,8 +57,7 @@ class Sparse24Linear(nn.Module):
         check_24_shape((out_f, in_f))
         if mode not in MODES:
             raise ValueError(f"Sparse24Linear: mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every <= 0:
-            raise ValueError(f"Sparse24Linear: update_every must be a positive int, got {update_every!r}")
+        check_int("update_every", update_every, "Sparse24Linear")
         check_srste_lambda("Sparse24Linear", "srste_lambda", lam)
         if transposable and out_f % 4:
             raise ValueError(f"Sparse24Linear: transposable 2:4 needs out_features divisible by 4, got {out_f}")

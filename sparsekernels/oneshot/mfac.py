@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_int, check_positive_number
 from ..formats import check_sparsity, kept_count
 from ._progress import progress as progress_bar
 from .calibration import batch_call
@@ -56,11 +56,8 @@ class WoodburyFisherInverse:
         if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.shape[0] < 1 or not grads.is_floating_point():
             raise ValueError("WoodburyFisherInverse: grads must be a floating [m, d] tensor with m >= 1, got "
                              f"{tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__}")
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
-            raise ValueError(f"WoodburyFisherInverse: damp must be a finite number > 0, got {damp!r}")
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                       or block_size < 1):
-            raise ValueError(f"WoodburyFisherInverse: block_size must be a positive int or None, got {block_size!r}")
+        check_positive_number("damp", damp, "WoodburyFisherInverse")
+        check_int("block_size", block_size, "WoodburyFisherInverse", allow_none=True)
         m, d = grads.shape
         self.m, self.d, self.damp = m, d, float(damp)
         B = max(1, d if block_size is None else min(block_size, d))

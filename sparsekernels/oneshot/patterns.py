@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_int
+from .._checks import check_int, check_positive_number
 from ..formats import check_sparsity
 
 
@@ -83,8 +83,7 @@ def check_layer_problem(owner: str, W: object, H: object, damp: object, sparsity
         raise ValueError(f"{owner}: H must be a floating [{k}, {k}] tensor (k = W's columns), got {got}")
     if H.device != W.device:
         raise ValueError(f"{owner}: H is on {H.device} but W on {W.device}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0 or damp == float("inf"):
-        raise ValueError(f"{owner}: damp must be a finite number > 0, got {damp!r}")
+    check_positive_number("damp", damp, owner)
     if not bool(torch.isfinite(H).all()):
         raise ValueError(f"{owner}: H holds NaN or inf (the calibration inputs, or the activations reaching this "
                          "layer, are not finite)")

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_int, check_positive_number
 from ..nn import eligible_layers
 from ..nn.sparsify import DEFAULT_INCLUDE
 from ..oneshot.calibration import materialise
@@ -116,12 +116,10 @@ def search(model: nn.Module, loader: Iterable, *, target_speedup: float, levels:
     if isinstance(mutate_fraction, bool) or not isinstance(mutate_fraction, (int, float)) or not 0 <= mutate_fraction <= 1:
         raise ValueError(f"spdy.search: mutate_fraction must be in [0, 1], got {mutate_fraction!r}")
     # Checked here, not where they are first used after the timing pass (minutes later).
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
-        raise ValueError(f"spdy.search: damp must be a finite number > 0, got {damp!r}")
+    check_positive_number("damp", damp, "spdy.search")
     check_int("block_size", block_size, "spdy.search")
     check_int("cache_bytes", cache_bytes, "spdy.search", minimum=0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"spdy.search: seed must be an int, got {seed!r}")
+    check_int("seed", seed, "spdy.search", minimum=None)
     batches = materialise(loader, "spdy.search")
     layers = eligible_layers(model, include, exclude)
     if not layers:

@@ -11,7 +11,7 @@ import torch
 
 import sparsekernels as sk
 
-from conftest import SIMD_LEVELS as _ORDER, _levels, dense_of, make_csr, rel_error
+from conftest import SIMD_LEVELS as _ORDER, _levels, dense_of, make_csr, rel_error, with_threads
 
 pytestmark = pytest.mark.skipif(not sk._extension.compiled(), reason="compiled extension not loaded")
 
@@ -101,6 +101,24 @@ def test_sparse24_mm_at_every_level(level, batch, out_f, in_f, seed):
     bias = torch.randn(out_f, generator=g)
     y = torch.ops.sparsekernels_C.sparse24_mm(x, s24.values, s24.meta, bias)
     assert rel_error(y, x.double() @ s24.to_dense().double().t() + bias.double()) < 1e-5
+
+
+def test_sparse24_mm_bits_do_not_depend_on_panels_or_threads(level, seed):
+    """Every output element of the 2:4 kernel sums its terms in group order, whatever the
+    plan (with AVX2 a task sweeps a group of up to 4 MiB of panels: 300 rows at K = 4096
+    are 10 32-wide panels, a group of 8 and one of 2), the slices, the threads or where
+    its batch row sits: rows 37.. of a 300-row product are bit for bit the product of
+    those rows alone, at 1 and 2 threads, and match float64."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(70, 4096, generator=g, dtype=torch.float64).float()
+    s24 = sk.formats.Sparse24.from_dense(w)
+    x = torch.randn(300, 4096, generator=g)
+    C = torch.ops.sparsekernels_C
+    full = [with_threads(n, lambda: C.sparse24_mm(x, s24.values, s24.meta, None)) for n in (1, 2)]
+    part = [with_threads(n, lambda: C.sparse24_mm(x[37:], s24.values, s24.meta, None)) for n in (1, 2)]
+    for y in full[1:] + part:
+        assert torch.equal(y.view(torch.int32)[-part[0].shape[0]:], full[0][37:].view(torch.int32))
+    assert rel_error(full[0], x.double() @ s24.to_dense().double().t()) < 1e-5
 
 
 @pytest.mark.parametrize("out_f,in_f,sparsity", [(37, 61, 0.5), (70, 300, 0.97), (9, 20, 0.0), (12, 20, 1.0)])

@@ -112,8 +112,13 @@ int64_t choose_panel(int64_t m, int64_t gathered_rows, int64_t elem_bytes);
 void force_panel_width(int64_t t);
 
 // Bytes of the packed panel one K slice of the 2:4 kernel covers (sparse24_mm.cpp): 16 KiB
-// on Intel, a quarter of the L2 on AMD (at most 512 KiB).
+// on Intel and where the fp32 kernels run AVX2, a quarter of the L2 on the AVX-512 AMD (at
+// most 512 KiB).
 int64_t sparse24_slice_bytes();
+
+// Whether the 2:4 kernel's fp32 panels run its streamed plan (sparse24_mm.cpp: Plan24):
+// where the fp32 kernels run AVX2.
+bool sparse24_streams();
 
 // Calls f(std::integral_constant<int64_t, T>{}) for the panel width t (64, 32 or 16), so
 // a kernel templated on T is instantiated once per width in one place.

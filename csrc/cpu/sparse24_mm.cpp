@@ -5,12 +5,15 @@
 // Batch panels as the CSR kernels' (csr_common.h; 64 wide for batches over 16 rows, 32
 // without AVX-512: the batch-only choose_panel(m)), but the 2:4 structure lets a task
 // run several output rows in lockstep over the groups (simd_rows.inc's rows24), and
-// every row of a task reads the same groups: a task (panel, 32 rows; 64 when the panel exceeds the L2) sweeps K in
-// slices of the panel (sparse24_slice_bytes: L1-sized on Intel, a quarter of the L2 on
-// AMD), so a slice comes from the next cache level once per task and is then served to
-// all the task's rows (each panel row is read by half of them), instead of each row
-// gathering its rows from L2 as the CSR kernel must. The rows' partial sums stay in the
-// task's L1 buffer between slices.
+// every row of a task reads the same groups: a task (panel, 32 rows; 64 when the panel
+// exceeds the L2) sweeps K in slices of the panel (sparse24_slice_bytes: L1-sized on
+// Intel and with AVX2, a quarter of the L2 on the AVX-512 AMD), so a slice comes from the
+// next cache level once per task and is then served to all the task's rows (each panel
+// row is read by half of them), instead of each row gathering its rows from L2 as the CSR
+// kernel must. The rows' partial sums stay in the task's L1 buffer between slices. With
+// AVX2 a task sweeps a group of panels with the same rows (Plan24: the streamed plan).
+// Every output element sums its terms in group order, whatever the plan, the slices or
+// the threads.
 // No column indices are read at all: meta is one byte per 4 weights.
 // Decode-sized batches skip the panels (sparse24_few_rows, kFewRows rows); bf16 batches of
 // kAmxMinRows to kAmxRows rows run on AMX tiles where the CPU has them (sparse24_amx.cpp).
@@ -59,47 +62,85 @@ void rows24_generic(const acc_t* panel_x, acc_t* block, const acc_t* vals, const
 }
 
 
-// x2 [M, K]'s panels are packed once for all chunks of tasks, or each chunk packs the
-// panels its tasks read itself (chunks_pack_own_panels). Measured
-// (Sapphire Rapids, 2 threads, builds alternating, first call after a dense one, x dense):
-// (2048, 1024, 1024) 0.99-1.03 -> 1.09-1.12, (256, 4096, 4096) 1.13-1.16 -> 1.17.
+// How sparse24_panels runs its tasks. Sliced (AVX-512): a task is (panel, rows), tasks
+// in panel order, so the panel is read by a run of tasks while their rows' values stream
+// from memory. Streamed (AVX2: measured on Zen 3): a task is (a group of panels, rows) and
+// sweeps its panels one after another, so its rows' values and meta (32 rows: 288 KiB at
+// K = 4096) stay in L2 for all of them, the group's panels (kStreamGroupBytes) stay in L3
+// for all the tasks, the slices are L1-sized, and rows24 prefetches the next rows' values
+// and meta (`prefetch`). One thread, ms (dense GEMM in the same minutes): sliced /
+// streamed at (256, 4096 -> 4096) 150.8 / 121.6 (166); at 2 threads (256, 4096 -> 4096)
+// 76.0 / 63.3 (99.3), (2048, 1024 -> 1024) 36.9 / 36.1 (42.5), (256, 11008 -> 4096)
+// 246.6 / 192.3 (284.6). Without the prefetch, 16 KiB slices lose to 128 KiB (1.3 against
+// 1.7 G FMAs per second in a stand-alone copy; 2.1-2.3 G with it).
+struct Plan24 {
+  bool prefetch;          // rows24 prefetches the next rows' values and meta
+  int64_t slice_bytes;    // bytes of the packed panel a K slice covers
+  int64_t rows_per_task;  // output rows per task
+  int64_t group_panels;   // panels a task sweeps, one after another
+};
+
+// The group of panels a streamed task sweeps: at most this many bytes of packed x, or one
+// panel. Zen 3 (32 MiB L3), one thread, ms at (256, 4096 -> 4096) / (2048, 1024 -> 1024) /
+// (2048, 3072 -> 768): 1 MiB 146 / 65 / 176, 2 MiB 130 / 62 / 152, 4 MiB 122 / 66 / 150,
+// 8 MiB - / 79 / 167, 32 MiB - / 80 / 182; one panel per task (the sliced order) 194 at
+// (256, 4096 -> 4096), as its rows' values then come from memory once per panel.
+constexpr int64_t kStreamGroupBytes = 4 * 1024 * 1024;
+
+Plan24 plan24(int64_t k, int64_t t, int64_t p_count, int64_t elem_bytes, bool simd_fp32) {
+  const int64_t slice_bytes = sparse24_slice_bytes();
+  if (simd_fp32 && sparse24_streams()) {
+    const int64_t panel_bytes = std::max<int64_t>(1, k * t * elem_bytes);
+    return {true, slice_bytes, 32, std::clamp<int64_t>(kStreamGroupBytes / panel_bytes, 1, p_count)};
+  }
+  // Rows per task. Every task sweeps the whole panel; one larger
+  // than the L2 then comes from L3 once per task, so such panels get tasks of twice the
+  // rows: K = 11008 (2.8 MB), one Sapphire Rapids core, 144-151 ms instead of 155-160.
+  // Not more: 128 rows of accumulators (32 KiB) and a slice no longer fit L1 (192 ms).
+  return {false, slice_bytes, panel_fits_l2(k, t, elem_bytes) ? 32 : kMaxRowsPerTask, 1};
+}
+
+// x2 [M, K]'s panels are packed once for all chunks of tasks, or, where a task reads one
+// panel, each chunk packs the panels its tasks read itself (chunks_pack_own_panels).
+// Measured (Sapphire Rapids, 2 threads, builds alternating, first call after a dense one,
+// x dense): (2048, 1024, 1024) 0.99-1.03 -> 1.09-1.12, (256, 4096, 4096) 1.13-1.16 -> 1.17.
 template <typename acc_t, int64_t T>
 void sparse24_panels(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                      const at::Tensor* bias) {
   const int64_t k = x2.size(1), n = y.size(1), groups = k / 4;
   const int64_t p_count = (x2.size(0) + T - 1) / T;
-  // Rows per task. Every task sweeps the whole panel; one larger
-  // than the L2 then comes from L3 once per task, so such panels get tasks of twice the
-  // rows: K = 11008 (2.8 MB), one Sapphire Rapids core, 144-151 ms instead of 155-160.
-  // Not more: 128 rows of accumulators (32 KiB) and a slice no longer fit L1 (192 ms).
-  const int64_t rows_per_task = panel_fits_l2(k, T, sizeof(acc_t)) ? 32 : kMaxRowsPerTask;
+  const Plan24 plan = plan24(k, T, p_count, sizeof(acc_t), std::is_same_v<acc_t, float>);
+  const int64_t rows_per_task = plan.rows_per_task;
   const int64_t blocks = (n + rows_per_task - 1) / rows_per_task;
-  const at::Tensor px = chunks_pack_own_panels(p_count, p_count * blocks)
+  const int64_t tasks = (p_count + plan.group_panels - 1) / plan.group_panels * blocks;
+  const at::Tensor px = plan.group_panels == 1 && chunks_pack_own_panels(p_count, tasks)
                             ? at::Tensor()
                             : pack_panels(x2, T, c10::CppTypeToScalarType<acc_t>::value, /*slot=*/0);
   // A group is 4 panel rows of T values.
   const int64_t group_bytes = 4 * T * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t slice_groups = std::max<int64_t>(1, sparse24_slice_bytes() / group_bytes);
+  const int64_t slice_groups = std::max<int64_t>(1, plan.slice_bytes / group_bytes);
   const acc_t* v = vals.data_ptr<acc_t>();
   const uint8_t* m = meta.data_ptr<uint8_t>();
-  at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     ChunkPanels<acc_t, T> panels(x2, px);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / blocks, r0 = (task % blocks) * rows_per_task;
+      const int64_t p0 = task / blocks * plan.group_panels, r0 = (task % blocks) * rows_per_task;
       const int64_t r1 = std::min(n, r0 + rows_per_task);
-      const acc_t* x = panels.panel(p);
-      alignas(64) acc_t block[kMaxRowsPerTask * T];
-      for (int64_t g0 = 0; g0 < groups; g0 += slice_groups) {
-        const int64_t g1 = std::min(groups, g0 + slice_groups);
-        bool done = false;
-        if constexpr (std::is_same_v<acc_t, float>) {
-          done = with_simd_rows([&](auto rows) {
-            decltype(rows)::template rows24<T>(x, block, v, m, groups, g0, g1, r0, r1);
-          });
+      for (int64_t p = p0; p < std::min(p_count, p0 + plan.group_panels); ++p) {
+        const acc_t* x = panels.panel(p);
+        alignas(64) acc_t block[kMaxRowsPerTask * T];
+        for (int64_t g0 = 0; g0 < groups; g0 += slice_groups) {
+          const int64_t g1 = std::min(groups, g0 + slice_groups);
+          bool done = false;
+          if constexpr (std::is_same_v<acc_t, float>) {
+            done = with_simd_rows([&](auto rows) {
+              decltype(rows)::template rows24<T>(x, block, v, m, groups, g0, g1, r0, r1, plan.prefetch);
+            });
+          }
+          if (!done) rows24_generic<acc_t, T>(x, block, v, m, groups, g0, g1, r0, r1);
         }
-        if (!done) rows24_generic<acc_t, T>(x, block, v, m, groups, g0, g1, r0, r1);
+        store_block(block, T, r1 - r0, p, r0, y, bias);
       }
-      store_block(block, T, r1 - r0, p, r0, y, bias);
     }
   });
 }
@@ -190,10 +231,13 @@ void check_meta24(const char* what, const at::Tensor& meta) {
   if (!ok.load()) meta24_invalid(what);
 }
 
+bool sparse24_streams() { return simd_level() == SimdLevel::kAvx2; }
+
 int64_t sparse24_slice_bytes() {
   // Capped so a VM reporting an inflated L2 does not turn the slicing off (measured up to
   // 512 KiB slices on the 1 MiB-L2 EPYC: 30.7 ms against 29.6 at 256 KiB).
-  return cpu_is_amd() ? std::clamp<int64_t>(l2_cache_bytes() / 4, kL1SliceBytes, 512 * 1024) : kL1SliceBytes;
+  if (sparse24_streams() || !cpu_is_amd()) return kL1SliceBytes;
+  return std::clamp<int64_t>(l2_cache_bytes() / 4, kL1SliceBytes, 512 * 1024);
 }
 
 // bias (optional [N], x's dtype) is added to every output row as y is written.

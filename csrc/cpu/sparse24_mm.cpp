@@ -62,17 +62,18 @@ void rows24_generic(const acc_t* panel_x, acc_t* block, const acc_t* vals, const
 }
 
 
-// How sparse24_panels runs its tasks. Sliced (AVX-512): a task is (panel, rows), tasks
-// in panel order, so the panel is read by a run of tasks while their rows' values stream
-// from memory. Streamed (AVX2: measured on Zen 3): a task is (a group of panels, rows) and
-// sweeps its panels one after another, so its rows' values and meta (32 rows: 288 KiB at
-// K = 4096) stay in L2 for all of them, the group's panels (kStreamGroupBytes) stay in L3
-// for all the tasks, the slices are L1-sized, and rows24 prefetches the next rows' values
-// and meta (`prefetch`). One thread, ms (dense GEMM in the same minutes): sliced /
-// streamed at (256, 4096 -> 4096) 150.8 / 121.6 (166); at 2 threads (256, 4096 -> 4096)
-// 76.0 / 63.3 (99.3), (2048, 1024 -> 1024) 36.9 / 36.1 (42.5), (256, 11008 -> 4096)
-// 246.6 / 192.3 (284.6). Without the prefetch, 16 KiB slices lose to 128 KiB (1.3 against
-// 1.7 G FMAs per second in a stand-alone copy; 2.1-2.3 G with it).
+// How sparse24_panels runs its tasks. Sliced (AVX-512, and the portable loops): a task is
+// (panel, rows), tasks in panel order, so the panel is read by a run of tasks while their
+// rows' values stream from memory. Streamed (AVX2: measured on Zen 3): a task is (a group
+// of panels, rows) and sweeps its panels one after another, so its rows' values and meta
+// (32 rows: 288 KiB at K = 4096) stay in L2 for all of them, the group's panels
+// (kStreamGroupBytes) stay in L3 for all the tasks, the slices are L1-sized, and rows24
+// prefetches the next rows' values and meta (`prefetch`). One thread, ms (dense GEMM in
+// the same minutes): sliced / streamed at (256, 4096 -> 4096) 150.8 / 121.6 (166); at 2
+// threads (256, 4096 -> 4096) 76.0 / 63.3 (99.3), (2048, 1024 -> 1024) 36.9 / 36.1
+// (42.5), (256, 11008 -> 4096) 246.6 / 192.3 (284.6). Without the prefetch, 16 KiB slices
+// lose to 128 KiB (1.3 against 1.7 G FMAs per second in a stand-alone copy; 2.1-2.3 G
+// with it).
 struct Plan24 {
   bool prefetch;          // rows24 prefetches the next rows' values and meta
   int64_t slice_bytes;    // bytes of the packed panel a K slice covers
@@ -87,9 +88,9 @@ struct Plan24 {
 // (256, 4096 -> 4096), as its rows' values then come from memory once per panel.
 constexpr int64_t kStreamGroupBytes = 4 * 1024 * 1024;
 
-Plan24 plan24(int64_t k, int64_t t, int64_t p_count, int64_t elem_bytes, bool simd_fp32) {
+Plan24 plan24(int64_t k, int64_t t, int64_t p_count, int64_t elem_bytes, bool fp32) {
   const int64_t slice_bytes = sparse24_slice_bytes();
-  if (simd_fp32 && sparse24_streams()) {
+  if (fp32 && sparse24_streams()) {
     const int64_t panel_bytes = std::max<int64_t>(1, k * t * elem_bytes);
     return {true, slice_bytes, 32, std::clamp<int64_t>(kStreamGroupBytes / panel_bytes, 1, p_count)};
   }

@@ -98,8 +98,8 @@ def test_sparse24_mm_matches_dense(backend, dtype, shape, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [33, 9])
 def test_sparse24_mm_spans_this_cpus_slices(dtype, batch, seed):
-    # The kernel's K slice depends on the CPU (16 KiB of the packed panel on Intel, a
-    # quarter of the L2 on AMD): K is 2.5 of this machine's slices, so two are full and the
+    # The kernel's K slice depends on the CPU (16 KiB of the packed panel on Intel and with
+    # AVX2, a quarter of the L2 on the AVX-512 AMD): K is 2.5 of this machine's slices, so two are full and the
     # last one partial, for 64-wide (33 rows) and 16-wide (9 rows) panels, with 37 output
     # rows (not a multiple of the 4 run in lockstep).
     if not sk._extension.compiled():

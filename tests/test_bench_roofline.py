@@ -123,7 +123,10 @@ def test_marginal_probe_and_ceiling(one_thread):
     assert empty == {} and "marginal_ns_per_gather" not in none
 
 
-def test_sparse24_limits_arithmetic():
+def test_sparse24_limits_arithmetic(monkeypatch):
+    from sparsekernels import _extension
+    monkeypatch.setattr(_extension, "compiled", lambda: True)
+    monkeypatch.setattr(_extension, "cpu_simd_level", lambda: "avx512")
     lim = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0)
     products = 4096 * 2048 * 4                                         # kept weights x 64-wide panels
     assert lim["gathers"] == products and lim["panel_width"] == 64
@@ -133,6 +136,11 @@ def test_sparse24_limits_arithmetic():
     # narrows them for an 11008-wide one).
     wide = roofline.sparse24_limits(256, 11008, 4096, dense_ms=40.0, ours_ms=25.0)
     assert wide["panel_width"] == 64 and wide["gathers"] == 4096 * 5504 * 4
+    assert roofline.sparse24_limits(16, 4096, 4096, 1.0, 1.0)["panel_width"] == 16
+    # Without AVX-512 the kernel's panels are at most 32 wide: twice the products.
+    monkeypatch.setattr(_extension, "cpu_simd_level", lambda: "avx2")
+    avx2 = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0)
+    assert avx2["panel_width"] == 32 and avx2["gathers"] == 2 * products
     assert roofline.sparse24_limits(16, 4096, 4096, 1.0, 1.0)["panel_width"] == 16
 
 

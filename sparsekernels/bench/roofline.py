@@ -53,6 +53,19 @@ def _batch_rule_width(batch: int) -> int:
     return NARROW_PANEL if batch <= NARROW_PANEL else MID_PANEL if batch <= MID_PANEL else WIDE_PANEL
 
 
+def sparse24_panel_width(batch: int) -> int:
+    """The batch-panel width of the compiled 2:4 forward (csr_common.cpp: choose_panel(m)):
+    the batch rule, capped at 32 where the extension's fp32 kernels do not run AVX-512
+    (``widest_panel``: with AVX2's 16 registers a 64-wide row's accumulators take half of
+    them); the batch rule alone where the extension is not loaded."""
+    from .. import _extension
+
+    width = _batch_rule_width(batch)
+    if _extension.compiled() and _extension.cpu_simd_level() != "avx512":
+        width = min(width, MID_PANEL)
+    return width
+
+
 def panel_width(batch: int, in_features: int | None = None) -> int:
     """The batch-panel width the compiled forward uses for x [batch, in_features] (fp32;
     None: a narrow input): the extension's own rule (``cpu_panel_width``: on Intel 64, or
@@ -178,9 +191,9 @@ def sparse24_limits(batch: int, in_features: int, out_features: int, dense_ms: f
     dense's (the 2:4 speed-up is twice that). No L1 ceiling: the kernel reads from its
     slices, and a small-K probe of it measured slower per product than the kernel itself
     on a 4096-wide input, so it bounded nothing (DEVELOPERS.md has the stand-alone loop measurements instead)."""
-    # The 2:4 kernel's panels follow the batch alone (csr_common.h: choose_panel(m)), on
-    # every CPU and for every input width.
-    width = _batch_rule_width(batch)
+    # The 2:4 kernel's panels follow the batch and the SIMD level alone (csr_common.h:
+    # choose_panel(m)), for every input width.
+    width = sparse24_panel_width(batch)
     products = out_features * in_features // 2 * math.ceil(batch / width)
     return {"panel_width": width, "gathers": products, "ns_per_gather": ours_ms * 1e6 / products,
             "fma_rate_vs_dense": dense_ms / (2.0 * ours_ms)}

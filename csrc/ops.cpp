@@ -57,6 +57,7 @@ void cpu_force_bf16_step_op(std::optional<std::string> step) {
   cpu::force_bf16_step(s == "amx" ? cpu::Bf16Step::kAmx : s == "dot" ? cpu::Bf16Step::kDot : cpu::Bf16Step::kWiden);
 }
 int64_t cpu_sparse24_slice_bytes_op() { return cpu::sparse24_slice_bytes(); }
+double cpu_sparse24_loop_gflops_op(int64_t reps) { return cpu::sparse24_loop_gflops(reps); }
 void release_workspace_op() { cpu::release_workspace(); }
 bool built_with_cuda_op() {
 #ifdef SPARSEKERNELS_WITH_CUDA
@@ -116,6 +117,9 @@ TORCH_LIBRARY(sparsekernels_C, m) {
   m.def("cpu_force_bf16_step(str? step) -> ()", &cpu_force_bf16_step_op);
   // Bytes of the packed panel one K slice of the CPU 2:4 kernel covers (for tests).
   m.def("cpu_sparse24_slice_bytes() -> int", &cpu_sparse24_slice_bytes_op);
+  // Useful GFLOP/s of the CPU 2:4 forward's fp32 row loop with its data in L1, every
+  // thread running it `reps` times over one K slice (the benchmark's ceiling).
+  m.def("cpu_sparse24_loop_gflops(int reps) -> float", &cpu_sparse24_loop_gflops_op);
   // True when the CUDA kernels were compiled into this library.
   m.def("built_with_cuda() -> bool", &built_with_cuda_op);
   // Frees the calling thread's cached scratch buffers (packed panels).

@@ -283,7 +283,8 @@ def _cmd_bench(args) -> int:
     if payload.get("sparse24"):
         t24 = Table(title="2:4 (50%), fp32, our kernels on the compressed form vs dense: forward and layer step")
         for col in ("B", "in", "out", "dense ms", "2:4 ms", "x dense", "auto ran", "ns per kept weight x panel",
-                    "FMA rate / dense's", "dense step ms", "2:4 step ms", "step x dense", "dx / dW ran"):
+                    "FMA rate / dense's", "loop ceiling x dense", "dense step ms", "2:4 step ms", "step x dense",
+                    "dx / dW ran"):
             t24.add_column(col, justify="right")
         for r in payload["sparse24"]:
             lim = r.get("limits") or {}
@@ -292,6 +293,7 @@ def _cmd_bench(args) -> int:
                         f"{ms['sparse24_fwd']:.2f}", f"{r['fwd_vs_dense']:.2f}", r.get("auto_choice", ""),
                         "-" if not lim else f"{lim['ns_per_gather']:.3f}",
                         "-" if not lim else f"{lim['fma_rate_vs_dense']:.2f}",
+                        "-" if "loop_ceiling_vs_dense" not in lim else f"{lim['loop_ceiling_vs_dense']:.2f}",
                         f"{ms.get('dense_step', float('nan')):.2f}", f"{ms.get('sparse24_step', float('nan')):.2f}",
                         f"{r.get('step_vs_dense', float('nan')):.2f}",
                         f"{bwd.get('sparse24_mm_t', '-')} / {bwd.get('sparse24_sddmm', '-')}")

@@ -142,6 +142,34 @@ def test_sparse24_limits_arithmetic(monkeypatch):
     avx2 = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0)
     assert avx2["panel_width"] == 32 and avx2["gathers"] == 2 * products
     assert roofline.sparse24_limits(16, 4096, 4096, 1.0, 1.0)["panel_width"] == 16
+    assert "loop_ceiling_vs_dense" not in avx2                       # no loop rate given
+    # The loop's rate bounds the forward: the products (every lane of a 32-wide panel row,
+    # 2 FLOPs each) at 100 GFLOP/s take 5.37 ms; dense took 40 (a ceiling of 7.45x) and
+    # ours 25 ms, a fifth of the loop's rate.
+    bound = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0, loop_gflops=100.0)
+    ceiling_ms = 2 * products * 2 * 32 / 100e9 * 1e3
+    assert bound["loop_ceiling_vs_dense"] == pytest.approx(40.0 / ceiling_ms)
+    assert bound["share_of_loop_rate"] == pytest.approx(ceiling_ms / 25.0)
+
+
+def test_sparse24_loop_probe():
+    """The compiled loop probe: a positive rate, at every SIMD level; a bad reps count is
+    a ValueError naming it."""
+    import torch
+    from sparsekernels import _extension
+    if not _extension.compiled():
+        pytest.skip("needs the compiled extension")
+    C = torch.ops.sparsekernels_C
+    try:
+        for level in ("generic", "avx2", None):
+            C.cpu_force_simd_level(level)
+            assert 0 < C.cpu_sparse24_loop_gflops(3) < float("inf")
+    finally:
+        C.cpu_force_simd_level(None)
+    rate = roofline.sparse24_loop_gflops(rounds=3, seconds_per_call=0.002)
+    assert rate is not None and rate > 0
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        C.cpu_sparse24_loop_gflops(0)
 
 
 def test_benchmark_reports_marginal_and_sparse24_limits(monkeypatch):
@@ -151,6 +179,7 @@ def test_benchmark_reports_marginal_and_sparse24_limits(monkeypatch):
     if s24["auto_choice"] == "cpu":
         assert s24["limits"]["gathers"] == 40 * 32 * 1 and s24["limits"]["ns_per_gather"] > 0
         assert s24["limits"]["fma_rate_vs_dense"] > 0
+        assert s24["limits"]["loop_ceiling_vs_dense"] > 0 and s24["limits"]["share_of_loop_rate"] > 0
     else:
         assert "limits" not in s24
     # Only target cases get the marginal probe.

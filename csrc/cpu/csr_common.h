@@ -116,6 +116,10 @@ void force_panel_width(int64_t t);
 // most 512 KiB).
 int64_t sparse24_slice_bytes();
 
+// The useful GFLOP/s of the 2:4 forward's row loop with its data in L1, all threads
+// (sparse24_mm.cpp; the benchmark's ceiling for the 2:4 forward).
+double sparse24_loop_gflops(int64_t reps);
+
 // Whether the 2:4 kernel's fp32 panels run its streamed plan (sparse24_mm.cpp: Plan24):
 // where the fp32 kernels run AVX2.
 bool sparse24_streams();

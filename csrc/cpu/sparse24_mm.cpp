@@ -24,6 +24,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstring>
 #include <type_traits>
 
 namespace sparsekernels::cpu {
@@ -285,6 +287,52 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     else sparse24_panels<float, T>(x2, y, v, mc, bp);
   });
   return out;
+}
+
+// The row loop of the fp32 panels alone (rows24 at the panel width of a large batch), for
+// the benchmark's ceiling of the 2:4 forward (sparsekernels/bench/roofline.py): each
+// thread sweeps 32 rows over one L1-sized slice `reps` times, its x slice (16 KiB), values
+// and meta read again every sweep, so they stay in the caches nearest the core. No x
+// packing, no streaming of values, no writes to y: no plan of this loop runs faster.
+// Returns the useful GFLOP/s of all threads together (2 FLOPs per kept weight per batch
+// column).
+double sparse24_loop_gflops(int64_t reps) {
+  TORCH_CHECK_VALUE(reps >= 1, "cpu_sparse24_loop_gflops: reps must be >= 1, got ", reps);
+  constexpr int64_t kRows = 32;
+  const int64_t threads = at::get_num_threads();
+  double seconds = 0.0, flops = 0.0;
+  with_panel_width(choose_panel(kWidePanel), [&](auto width) {
+    constexpr int64_t T = decltype(width)::value;
+    constexpr int64_t kGroups = kL1SliceBytes / (4 * T * static_cast<int64_t>(sizeof(float)));
+    std::atomic<uint32_t> sink{0};
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        alignas(64) float x[4 * kGroups * T];
+        alignas(64) float vals[kRows * 2 * kGroups];
+        alignas(64) float block[kRows * T];
+        uint8_t meta[kRows * kGroups];
+        constexpr uint8_t kCodes[6] = {0 | 1 << 2, 0 | 2 << 2, 0 | 3 << 2, 1 | 2 << 2, 1 | 3 << 2, 2 | 3 << 2};
+        for (int64_t j = 0; j < 4 * kGroups * T; ++j) x[j] = static_cast<float>(j % 7) * 0.125f;
+        for (int64_t j = 0; j < kRows * 2 * kGroups; ++j) vals[j] = static_cast<float>(j % 5) * 0.25f;
+        // Positions vary from row to row and group to group, as a pruned weight's do.
+        for (int64_t j = 0; j < kRows * kGroups; ++j) meta[j] = kCodes[(j * 7 + j / kGroups) % 6];
+        for (int64_t rep = 0; rep < reps; ++rep) {
+          const bool simd = with_simd_rows([&](auto rows) {
+            decltype(rows)::template rows24<T>(x, block, vals, meta, kGroups, 0, kGroups, 0, kRows);
+          });
+          if (!simd) rows24_generic<float, T>(x, block, vals, meta, kGroups, 0, kGroups, 0, kRows);
+        }
+        uint32_t bits;
+        std::memcpy(&bits, &block[(kRows - 1) * T], sizeof(bits));
+        sink.fetch_add(bits, std::memory_order_relaxed);  // the results are used
+      }
+    });
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    flops = 2.0 * static_cast<double>(threads) * static_cast<double>(reps) * kRows * 2 * kGroups * T;
+    (void)sink.load();
+  });
+  return flops / std::max(seconds, 1e-9) / 1e9;
 }
 
 TORCH_LIBRARY_IMPL(sparsekernels_C, CPU, m) { m.impl("sparse24_mm", &sparse24_mm_cpu); }

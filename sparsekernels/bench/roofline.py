@@ -28,12 +28,15 @@ A target with ``needed < l1`` is out of reach for this instruction mix; one with
 ``marginal_ns_per_gather`` measures what one more gather costs in a case (its pattern
 against every other non-zero of it, interleaved: fixed costs and drift cancel) and
 ``add_marginal`` the ratio that allows with no fixed cost at all;
-``sparse24_limits`` the 2:4 forward's rate.
+``sparse24_limits`` the 2:4 forward's rate and, from ``sparse24_loop_gflops`` (the
+kernel's row loop with its data in L1), the 2:4 speed-up that loop allows at best.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 
@@ -183,17 +186,44 @@ def add_marginal(limits: dict, marginal_ns: float | None, dense_ms: float) -> No
     limits["ceiling_at_marginal"] = dense_ms * 1e6 / (limits["gathers"] * marginal_ns)
 
 
-def sparse24_limits(batch: int, in_features: int, out_features: int, dense_ms: float, ours_ms: float) -> dict:
+def sparse24_loop_gflops(rounds: int = 5, seconds_per_call: float = 0.01) -> float | None:
+    """Useful GFLOP/s of the compiled 2:4 forward's fp32 row loop with its data in L1, all
+    threads (``cpu_sparse24_loop_gflops``): the median of ``max(5, rounds // 3)`` calls of
+    about ``seconds_per_call`` each. None without the extension."""
+    from .. import _extension
+
+    if not _extension.compiled() or not hasattr(torch.ops.sparsekernels_C, "cpu_sparse24_loop_gflops"):
+        return None
+    probe = torch.ops.sparsekernels_C.cpu_sparse24_loop_gflops
+    reps = 200
+    # Calibrated on a warm call: the first one also wakes the threads.
+    probe(reps)
+    t0 = time.perf_counter()
+    probe(reps)
+    once = max(time.perf_counter() - t0, 1e-7)
+    reps = max(1, int(reps * seconds_per_call / once))
+    return statistics.median(probe(reps) for _ in range(max(5, rounds // 3)))
+
+
+def sparse24_limits(batch: int, in_features: int, out_features: int, dense_ms: float, ours_ms: float,
+                    loop_gflops: float | None = None) -> dict:
     """The 2:4 forward's rate (``csrc/cpu/sparse24_mm.cpp``): each kept weight of each
     panel is one T-float row read from a K slice (L1-sized on Intel, a quarter of the L2 on
     AMD) and T FMAs; ``gathers`` is kept weights x panels, ``ns_per_gather`` the measured
     forward per one of them, and ``fma_rate_vs_dense`` our useful FMAs per second over
-    dense's (the 2:4 speed-up is twice that). No L1 ceiling: the kernel reads from its
-    slices, and a small-K probe of it measured slower per product than the kernel itself
-    on a 4096-wide input, so it bounded nothing (DEVELOPERS.md has the stand-alone loop measurements instead)."""
+    dense's (the 2:4 speed-up is twice that). With ``loop_gflops`` (``sparse24_loop_gflops``,
+    the kernel's own row loop with x, values and meta in L1): ``loop_ceiling_vs_dense``, the
+    speed-up no plan of that loop can pass (the products at the loop's rate against this
+    run's dense time), and ``share_of_loop_rate``, the part of it the forward reached."""
     # The 2:4 kernel's panels follow the batch and the SIMD level alone (csr_common.h:
     # choose_panel(m)), for every input width.
     width = sparse24_panel_width(batch)
     products = out_features * in_features // 2 * math.ceil(batch / width)
-    return {"panel_width": width, "gathers": products, "ns_per_gather": ours_ms * 1e6 / products,
-            "fma_rate_vs_dense": dense_ms / (2.0 * ours_ms)}
+    out = {"panel_width": width, "gathers": products, "ns_per_gather": ours_ms * 1e6 / products,
+           "fma_rate_vs_dense": dense_ms / (2.0 * ours_ms)}
+    if loop_gflops:
+        # The loop's FLOPs count every lane of a panel row, as the kernel's do.
+        ceiling_ms = 2.0 * products * width / (loop_gflops * 1e9) * 1e3
+        out.update(loop_gflops=loop_gflops, loop_ceiling_vs_dense=dense_ms / ceiling_ms,
+                   share_of_loop_rate=ceiling_ms / ours_ms)
+    return out

@@ -144,10 +144,11 @@ def test_sparse24_limits_arithmetic(monkeypatch):
     assert roofline.sparse24_limits(16, 4096, 4096, 1.0, 1.0)["panel_width"] == 16
     assert "loop_ceiling_vs_dense" not in avx2                       # no loop rate given
     # The loop's rate bounds the forward: the products (every lane of a 32-wide panel row,
-    # 2 FLOPs each) at 100 GFLOP/s take 5.37 ms; dense took 40 (a ceiling of 7.45x) and
-    # ours 25 ms, a fifth of the loop's rate.
-    bound = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0, loop_gflops=100.0)
-    ceiling_ms = 2 * products * 2 * 32 / 100e9 * 1e3
+    # 2 FLOPs each: 4.29 GFLOP) at 400 GFLOP/s take 10.7 ms; dense took 40 (a ceiling of
+    # 3.73x) and ours 25 ms, 0.43 of the loop's rate.
+    bound = roofline.sparse24_limits(256, 4096, 4096, dense_ms=40.0, ours_ms=25.0, loop_gflops=400.0)
+    ceiling_ms = 2 * products * 2 * 32 / 400e9 * 1e3
+    assert ceiling_ms == pytest.approx(10.74, abs=0.01)
     assert bound["loop_ceiling_vs_dense"] == pytest.approx(40.0 / ceiling_ms)
     assert bound["share_of_loop_rate"] == pytest.approx(ceiling_ms / 25.0)
 

@@ -140,6 +140,23 @@ def test_sparse24_mm_bits_do_not_depend_on_who_packs_x(dtype, batch, seed):
     assert_close_rel(ys[0], want, 1e-5 if dtype == torch.float32 else 1e-12, "sparse24_mm")
 
 
+def test_sparse24_mm_many_panel_groups(seed):
+    # With AVX2 the fp32 kernel's tasks sweep groups of panels (at most 4 MiB of packed x,
+    # csrc/cpu/sparse24_mm.cpp: balanced_group): 2085 rows at K = 768 are 66 panels of 32
+    # rows (96 KiB each), at most 42 to a group, cut into two groups of 33, the last panel
+    # 5 rows. Every row of the batch, in either group, must come out right, with the same
+    # bits on one thread and two.
+    if not sk._extension.compiled():
+        pytest.skip("extension not built")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(37, 768, generator=g)
+    vals, meta, mask = torch.ops.sparsekernels_C.sparse24_compress(w, False)
+    x = torch.randn(2085, 768, generator=g)
+    ys = [with_threads(n, lambda: torch.ops.sparsekernels_C.sparse24_mm(x, vals, meta, None)) for n in (1, 2)]
+    assert torch.equal(ys[0].view(torch.int32), ys[1].view(torch.int32))
+    assert_close_rel(ys[0], x.double() @ (w.double() * mask).t(), 1e-5, "sparse24_mm")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sparse24_mm_panel_larger_than_l2(dtype, seed):
     # A 64-wide panel of 8192 rows (2 / 4 MiB) exceeds the kernel's L2 budget, so its

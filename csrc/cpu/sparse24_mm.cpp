@@ -90,11 +90,23 @@ struct Plan24 {
 // (256, 4096 -> 4096), as its rows' values then come from memory once per panel.
 constexpr int64_t kStreamGroupBytes = 4 * 1024 * 1024;
 
+// Panels per group when p_count panels are cut into groups of at most `most`: as many
+// groups as `most` needs, of equal size (the last may be short by less than one panel
+// per group). Tasks are numbered group-major and the threads take contiguous runs of
+// them, so a short last group left a thread idle: (2048, 768 -> 3072) has 64 panels of
+// 96 KiB, groups of at most 42, and cut greedily into 42 + 22 one of two threads did
+// two thirds of the work.
+int64_t balanced_group(int64_t p_count, int64_t most) {
+  const int64_t count = (p_count + most - 1) / most;
+  return (p_count + count - 1) / count;
+}
+
 Plan24 plan24(int64_t k, int64_t t, int64_t p_count, int64_t elem_bytes, bool fp32) {
   const int64_t slice_bytes = sparse24_slice_bytes();
   if (fp32 && sparse24_streams()) {
     const int64_t panel_bytes = std::max<int64_t>(1, k * t * elem_bytes);
-    return {true, slice_bytes, 32, std::clamp<int64_t>(kStreamGroupBytes / panel_bytes, 1, p_count)};
+    const int64_t most = std::clamp<int64_t>(kStreamGroupBytes / panel_bytes, 1, p_count);
+    return {true, slice_bytes, 32, balanced_group(p_count, most)};
   }
   // Rows per task. Every task sweeps the whole panel; one larger
   // than the L2 then comes from L3 once per task, so such panels get tasks of twice the

@@ -97,9 +97,11 @@ def test_growth_checks_keep_and_update_checks_grown_positions():
     with pytest.raises(ValueError, match="keep"):
         grow_by_gradient(layer, torch.randn(4, 12), torch.randn(4, 8), 2, short)
     keep = torch.ones(layer.nnz, dtype=torch.bool)
-    for rows, cols, match in (([0], [12], "outside"), ([0, 1], [0], "one length"), ([0.0], [1], "integer")):
+    for rows, cols, match in (([0], [12], "outside"), ([0, 1], [0], "one length")):
         with pytest.raises(ValueError, match=match):
             update_layer(layer, keep, torch.tensor(rows), torch.tensor(cols))
+    with pytest.raises(TypeError, match="grow_rows must be an integer tensor"):
+        update_layer(layer, keep, torch.tensor([0.0]), torch.tensor([1]))
     conv = SparseConv2d(4, 4, 1, groups=2, sparsity=0.5)
     keep = torch.ones(conv.nnz, dtype=torch.bool)
     with pytest.raises(ValueError, match="group's block"):
@@ -113,10 +115,14 @@ def test_remap_optimizer_state_and_drop_smallest_check_their_arguments():
     opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
     param.grad = torch.randn(6)
     opt.step()
-    for source, old, match in ((torch.tensor([0, 9]), 6, "source entries"), (torch.tensor([0.0, 1.0]), 6, "integer"),
-                               (torch.tensor([0, 1]), 4, "per-element state holds"), (torch.tensor([0]), -1, "old_numel")):
+    for source, old, match in ((torch.tensor([0, 9]), 6, "source entries"),
+                               (torch.tensor([[0, 1]]), 6, "source must be 1-D"),
+                               (torch.tensor([0, 1]), 4, "per-element state holds"),
+                               (torch.tensor([0]), -1, "old_numel")):
         with pytest.raises(ValueError, match=match):
             remap_optimizer_state(opt, param, source, old)
+    with pytest.raises(TypeError, match="source must be an integer tensor"):
+        remap_optimizer_state(opt, param, torch.tensor([0.0, 1.0]), 6)
     assert opt.state[param]["momentum_buffer"].numel() == 6  # untouched by the refusals
     with pytest.raises(TypeError, match="optimizer"):
         remap_optimizer_state(None, param, torch.tensor([0]), 6)

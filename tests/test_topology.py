@@ -344,6 +344,12 @@ def test_update_layer_errors():
         update_layer(layer, keep[1:], t(), t())
     with pytest.raises(ValueError, match="keep"):
         update_layer(layer, keep.long(), t(), t())
+    with pytest.raises(ValueError, match="update_layer: keep"):
+        update_layer(layer, None, t(), t())
+    with pytest.raises(TypeError, match="update_layer: grow_rows must be an integer tensor"):
+        update_layer(layer, keep, t(free[0]).float(), t(free[1]))
+    with pytest.raises(ValueError, match="update_layer: grow_cols must be 1-D"):
+        update_layer(layer, keep, t(free[0]), t(free[1]).reshape(1, 1))
     # a failed update leaves the layer untouched
     assert torch.equal(layer.values.detach(), before[0])
     assert torch.equal(layer.col_idx, before[1]) and torch.equal(layer.row_ptr, before[2])

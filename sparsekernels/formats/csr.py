@@ -67,7 +67,10 @@ def check_pattern_contents(op: str, ptr: Tensor, idx: Tensor, n_cols: int, ptr_n
         raise ValueError(f"{op}: {idx_name} entries must lie in [0, {n_cols})")
 
 
-def _check_index_tensor(op: str, name: str, t: object, length: int | None = None) -> Tensor:
+def check_index_tensor(op: str, name: str, t: object, length: int | None = None) -> Tensor:
+    """``t`` unchanged if it is a 1-D integer tensor (of ``length`` entries when given);
+    else TypeError (not a tensor, or a float / complex / bool dtype) or ValueError (shape),
+    naming ``op`` and ``name``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -111,7 +114,7 @@ def check_csr_structure(owner: str, nnz: int, pattern: tuple[Tensor, ...], shape
     n_rows, n_cols = shape
     lengths = (n_rows + 1, nnz, n_cols + 1, nnz, nnz)
     for name, t, length in zip(names, pattern, lengths):
-        _check_index_tensor(owner, name, t, length)
+        check_index_tensor(owner, name, t, length)
     row_ptr, col_idx = pattern[0], pattern[1]
     check_pattern_contents(owner, row_ptr, col_idx, n_cols, names[0], names[1])
     row_ptr, col_idx = row_ptr.to(torch.int32), col_idx.to(torch.int32)
@@ -178,8 +181,8 @@ class CSR:
         the package's own callers, whose entries are so by construction, skip it)."""
         if check:
             n_rows, n_cols = _check_shape("CSR.from_indices", shape)
-            rows = _check_index_tensor("CSR.from_indices", "rows", rows)
-            cols = _check_index_tensor("CSR.from_indices", "cols", cols, rows.shape[0])
+            rows = check_index_tensor("CSR.from_indices", "rows", rows)
+            cols = check_index_tensor("CSR.from_indices", "cols", cols, rows.shape[0])
             _check_values("CSR.from_indices", values, rows.shape[0])
             if rows.numel():
                 r, c = rows.long(), cols.long()
@@ -208,8 +211,8 @@ class CSR:
         callers), before the indices are narrowed to int32."""
         if check:
             n_rows, n_cols = _check_shape("CSR.from_pattern", shape)
-            row_ptr = _check_index_tensor("CSR.from_pattern", "row_ptr", row_ptr, n_rows + 1)
-            col_idx = _check_index_tensor("CSR.from_pattern", "col_idx", col_idx)
+            row_ptr = check_index_tensor("CSR.from_pattern", "row_ptr", row_ptr, n_rows + 1)
+            col_idx = check_index_tensor("CSR.from_pattern", "col_idx", col_idx)
             _check_values("CSR.from_pattern", values, col_idx.shape[0])
             check_pattern_contents("CSR.from_pattern", row_ptr, col_idx, n_cols)
         n_rows, n_cols = int(shape[0]), int(shape[1])

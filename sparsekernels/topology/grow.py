@@ -15,14 +15,17 @@ from ..formats.csr import kept_pattern, row_ptr_from_rows
 from ..ops import topk_grow
 
 
-def check_keep(layer, keep: object) -> None:
-    """``keep``: None or a bool tensor [nnz] (one flag per stored entry of the layer). A
-    shorter one had been indexed as it was: positions already active were grown again."""
-    if keep is None:
+def check_keep(layer, keep: object, owner: str | None = None, optional: bool = True) -> None:
+    """``keep``: a bool tensor [nnz] (one flag per stored entry of the layer), or None where
+    ``optional``. A shorter one had been indexed as it was: positions already active were
+    grown again. ``owner`` prefixes the message."""
+    if keep is None and optional:
         return
     if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (layer.nnz,):
         got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
-        raise ValueError(f"keep must be a bool tensor [nnz = {layer.nnz}] (one flag per stored entry), got {got}")
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(f"{prefix}keep must be a bool tensor [nnz = {layer.nnz}] (one flag per stored entry), "
+                         f"got {got}")
 
 
 def _active_keys(layer, keep: Tensor | None) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
+from ..formats.csr import check_index_tensor
 
 
 def gather_or_zero(values: Tensor, source: Tensor) -> Tensor:
@@ -30,9 +31,7 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.nn.Para
     owner = "remap_optimizer_state"
     if not isinstance(getattr(optimizer, "state", None), Mapping):
         raise TypeError(f"{owner}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not isinstance(source, Tensor) or source.dim() != 1 or source.dtype.is_floating_point or \
-            source.dtype == torch.bool:
-        raise ValueError(f"{owner}: source must be a 1-D integer tensor (old index per new entry, -1 for grown)")
+    check_index_tensor(owner, "source", source)
     check_int("old_numel", old_numel, owner, minimum=0)
     if source.numel() and (int(source.min()) < -1 or int(source.max()) >= old_numel):
         raise ValueError(f"{owner}: source entries must lie in [-1, old_numel = {old_numel})")

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ..formats import CSR
-from ..formats.csr import kept_pattern
+from ..formats.csr import check_index_tensor, kept_pattern
+from .grow import check_keep
 from .optimizer_state import gather_or_zero, remap_optimizer_state
 
 
@@ -36,10 +37,8 @@ def _check_grown(layer, grow_rows: object, grow_cols: object, shape: tuple[int, 
     """Grown positions: two 1-D integer tensors of one length, inside the stored matrix and,
     for a grouped convolution, inside their group's block (the merge would otherwise place
     an out-of-range column in the next row, or grow a weight the convolution never reads)."""
-    for name, t in (("grow_rows", grow_rows), ("grow_cols", grow_cols)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"update_layer: {name} must be a 1-D integer tensor, got "
-                             f"{f'{t.dtype} {tuple(t.shape)}' if isinstance(t, Tensor) else type(t).__name__}")
+    check_index_tensor("update_layer", "grow_rows", grow_rows)
+    check_index_tensor("update_layer", "grow_cols", grow_cols)
     if grow_rows.shape != grow_cols.shape:
         raise ValueError(f"update_layer: grow_rows and grow_cols must have one length, got {grow_rows.shape[0]} and "
                          f"{grow_cols.shape[0]}")
@@ -73,8 +72,7 @@ def update_layer(layer, keep: Tensor, grow_rows: Tensor, grow_cols: Tensor, opti
     csr = layer.csr()
     n_cols = csr.shape[1]
     nnz = csr.values.numel()
-    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (nnz,):
-        raise ValueError(f"update_layer: keep must be a bool tensor of shape [{nnz}]")
+    check_keep(layer, keep, "update_layer", optional=False)
     _check_grown(layer, grow_rows, grow_cols, csr.shape)
     old_values = layer.values.detach()
     n_kept = int(keep.sum())

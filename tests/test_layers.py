@@ -434,6 +434,32 @@ def test_values_is_the_only_weight_parameter(kind):
     assert layer.values.dtype == torch.float64 and layer.row_ptr.dtype == torch.int32
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr", "2:4"])
+def test_weight_attribute_points_to_values_and_dense_weight(kind):
+    """Code written for nn.Linear reaches for ``.weight``: it gets an AttributeError (so
+    ``hasattr`` stays False) that names ``values``, ``dense_weight()`` and ``to_dense()``;
+    ``dense_weight()`` is the dense layer's weight."""
+    from sparsekernels.nn import BSRLinear, Sparse24Linear
+
+    torch.manual_seed(0)
+    layer = {"linear": lambda: SparseLinear(20, 12, sparsity=0.7),
+             "conv": lambda: SparseConv2d(3, 4, 3, sparsity=0.7),
+             "bsr": lambda: BSRLinear(32, 16, sparsity=0.5, block_size=8),
+             "2:4": lambda: Sparse24Linear(16, 8)}[kind]()
+    assert not hasattr(layer, "weight")
+    with pytest.raises(AttributeError, match=r"no dense `weight`.*`values`.*dense_weight\(\).*to_dense\(\)"):
+        layer.weight  # noqa: B018
+    with pytest.raises(AttributeError, match="'no_such_thing'"):  # other names: the stock message
+        layer.no_such_thing  # noqa: B018
+    w = layer.dense_weight()
+    assert not w.requires_grad
+    assert torch.equal(w, layer.to_dense().weight.detach())
+    assert int((w != 0).sum()) <= layer.nnz
+    # SR-STE's layer trains a dense weight: there `.weight` is that parameter
+    srste = Sparse24Linear(16, 8, mode="srste")
+    assert isinstance(srste.weight, nn.Parameter)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])
 def test_optimizer_steps_only_values(opt_name, seed):
     dense = _dense_linear(25, 15, seed)

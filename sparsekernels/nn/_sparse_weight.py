@@ -137,7 +137,25 @@ def check_loaded_pattern(layer: nn.Module, state_dict, prefix: str, names: tuple
             raise ValueError(f"{owner}: {names[1]} has entries outside their group's block ({groups} groups)")
 
 
-class SparseWeightMixin(nn.Module):
+class CompressedWeightModule(nn.Module):
+    """Base of the layers that store only their kept weights: ``layer.weight`` (which code
+    written for ``nn.Linear`` / ``nn.Conv2d`` reaches for) says where the weight is, as an
+    AttributeError, so ``hasattr(layer, "weight")`` stays False. A dense ``weight`` view
+    would take writes (``layer.weight.data.normal_()``) without effect."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        raise AttributeError(
+            f"{type(self).__name__} has no dense `weight`: it stores only the kept weights, in `values` (the "
+            f"trainable parameter); `dense_weight()` gives the weight with zeros where pruned (a copy, no grad) "
+            f"and `to_dense()` the equivalent dense layer") from None
+
+
+class SparseWeightMixin(CompressedWeightModule):
     """Holds ``values`` [nnz] (Parameter) and the CSR pattern of a ``[rows, cols]`` matrix
     (buffers ``row_ptr``, ``col_idx``, ``t_row_ptr``, ``t_col_idx``, ``t_perm``)."""
 

@@ -11,13 +11,13 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import autocast, bsr_mm
-from ._sparse_weight import (carry_flags, check_features, check_layer_input, check_loaded_pattern, dense_linear,
+from ._sparse_weight import (CompressedWeightModule, carry_flags, check_features, check_layer_input, check_loaded_pattern, dense_linear,
                              resize_parameter)
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
 
 
-class BSRLinear(nn.Module):
+class BSRLinear(CompressedWeightModule):
     """``y = x W^T + b`` with W [out, in] stored as ``values [nb, b, b]`` (the trainable
     parameter) plus int32 block indices (buffers).
 
@@ -90,9 +90,13 @@ class BSRLinear(nn.Module):
         return BSR(self.values, self.crow, self.ccol, self.t_crow, self.t_ccol, self.t_perm,
                    (self.out_features, self.in_features), self.block_size)
 
+    def dense_weight(self) -> Tensor:
+        """The weight [out_features, in_features] with zeros in the pruned blocks (no grad)."""
+        return self.bsr().to_dense().detach()
+
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with this layer's weights and zeros in the pruned blocks."""
-        return carry_flags(self, dense_linear(self.bsr().to_dense(), self.bias, self.training))
+        return carry_flags(self, dense_linear(self.dense_weight(), self.bias, self.training))
 
     def mask(self) -> Tensor:
         return self.bsr().mask()

@@ -97,10 +97,14 @@ class SparseLinear(SparseWeightMixin):
             layer.dense_origin = type(linear)
         return carry_flags(linear, layer)
 
+    def dense_weight(self) -> Tensor:
+        """The weight [out_features, in_features] with zeros where pruned (no grad)."""
+        return self.csr().to_dense().detach()
+
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with this layer's weights and zeros where pruned (also for a
         layer built from a Conv1D: :func:`sparsekernels.densify` restores that class)."""
-        return carry_flags(self, dense_linear(self.csr().to_dense(), self.bias, self.training))
+        return carry_flags(self, dense_linear(self.dense_weight(), self.bias, self.training))
 
     def mask(self) -> Tensor:
         """Boolean [out_features, in_features] pattern."""

@@ -26,14 +26,14 @@ from ..ops import sparse24_mm
 from ..ops.sparse24 import check_srste_lambda, srste_product
 from ..ops._functorch import transforms_active
 from ..reference import meta_columns
-from ._sparse_weight import carry_flags, check_features, check_layer_input, dense_linear
+from ._sparse_weight import CompressedWeightModule, carry_flags, check_features, check_layer_input, dense_linear
 
 MODES = ("fixed", "srste")
 
 _BUFFERS = ("meta", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 
 
-class Sparse24Linear(nn.Module):
+class Sparse24Linear(CompressedWeightModule):
     """``y = x W^T + b`` with W [out, in] 2:4 sparse along ``in`` (in % 4 == 0).
 
     Args:

@@ -241,6 +241,23 @@ def test_conv_channels_last_input(backend, seed):
     _conv_check(layer, dense64, mask, x)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_output_memory_format_follows_input(memory_format):
+    """As nn.Conv2d: a contiguous input gives a contiguous output (``.view`` after the
+    convolution works), a channels_last one a channels_last output."""
+    torch.manual_seed(0)
+    layer = SparseConv2d(4, 6, 3, padding=1, sparsity=0.5)
+    dense = layer.to_dense()
+    x = torch.randn(2, 4, 7, 8).contiguous(memory_format=memory_format)
+    y = layer(x)
+    assert y.stride() == dense(x).stride()
+    assert y.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(y, dense(x), rtol=1e-4, atol=1e-5)
+    if memory_format == torch.contiguous_format:
+        assert y.view(2, -1).shape == (2, 6 * 7 * 8)
+    assert layer(x[0]).is_contiguous()  # unbatched
+
+
 def test_set_csr_replaces_pattern(backend, seed):
     from sparsekernels import CSR
 
@@ -408,11 +425,38 @@ def test_state_dict_in_container(seed):
     dst.load_state_dict(src.state_dict())
     x = torch.randn(5, 10)
     assert torch.equal(dst(x), src(x))
-    # a missing key still raises under strict loading
+    # part of a pattern is refused, strict or not (the parts would not describe one matrix)
     sd = src.state_dict()
     del sd["0.t_perm"]
-    with pytest.raises(RuntimeError, match="t_perm"):
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="not t_perm: a pattern loads whole"):
+            dst.load_state_dict(sd, strict=strict)
+    # a missing layer still raises under strict loading
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("2.")}
+    with pytest.raises(RuntimeError, match="2.values"):
         dst.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", ["linear", "bsr"])
+def test_partial_load_of_another_size_is_refused_and_leaves_the_layer_whole(kind):
+    """values of another nnz without their pattern (strict=False) had been taken, leaving
+    values and pattern of different lengths: now torch's size mismatch; a pattern without
+    its values a ValueError; either way the layer still runs as before."""
+    from sparsekernels.nn import BSRLinear
+
+    torch.manual_seed(0)
+    make = {"linear": lambda s: SparseLinear(16, 8, sparsity=s),
+            "bsr": lambda s: BSRLinear(16, 8, sparsity=s, block_size=4)}[kind]
+    a, b = make(0.5), make(0.75)
+    x = torch.randn(3, 16)
+    before = b(x)
+    for sd, error, match in (({"values": a.values.detach().clone()}, RuntimeError, "size mismatch"),
+                             ({k: v for k, v in a.state_dict().items() if k != "values"}, ValueError, "no values")):
+        with pytest.raises(error, match=match):
+            b.load_state_dict(sd, strict=False)
+        torch.testing.assert_close(b(x), before)
+    b.load_state_dict(a.state_dict())  # the whole checkpoint: taken, another nnz and all
+    torch.testing.assert_close(b(x), a(x))
 
 
 # =========================================================================== parameters / optimizers
@@ -458,6 +502,49 @@ def test_weight_attribute_points_to_values_and_dense_weight(kind):
     # SR-STE's layer trains a dense weight: there `.weight` is that parameter
     srste = Sparse24Linear(16, 8, mode="srste")
     assert isinstance(srste.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr", "2:4"])
+def test_meta_device_construction_is_a_clear_error(kind):
+    """The pattern is chosen from data: on the meta device (argument or default-device
+    context, and from_dense of a meta layer) a ValueError says so, not torch's error from
+    nonzero / item on a meta tensor."""
+    from sparsekernels.nn import BSRLinear, Sparse24Linear
+
+    build = {"linear": lambda **kw: SparseLinear(16, 8, **kw), "conv": lambda **kw: SparseConv2d(4, 4, 3, **kw),
+             "bsr": lambda **kw: BSRLinear(16, 8, block_size=4, **kw), "2:4": lambda **kw: Sparse24Linear(16, 8, **kw)}
+    with pytest.raises(ValueError, match="meta device"):
+        build[kind](device="meta")
+    with torch.device("meta"), pytest.raises(ValueError, match="meta device"):
+        build[kind]()
+    dense = nn.Conv2d(4, 4, 3, device="meta") if kind == "conv" else nn.Linear(16, 8, device="meta")
+    from_dense = {"linear": SparseLinear.from_dense, "conv": SparseConv2d.from_dense,
+                  "bsr": lambda d: BSRLinear.from_dense(d, block_size=4), "2:4": Sparse24Linear.from_dense}[kind]
+    with pytest.raises(ValueError, match="from_dense: cannot be built on the meta device"):
+        from_dense(dense)
+    assert build[kind](device="cpu").values.device.type == "cpu"
+
+
+@pytest.mark.parametrize("mode", ["fixed", "srste"])
+def test_sparse24_reset_parameters_draws_as_the_constructor(mode):
+    """Sparse24Linear.reset_parameters: the draws of a new layer (same seed, same weights,
+    pattern and bias), into the same Parameter objects; the layer stays consistent."""
+    from sparsekernels.nn import Sparse24Linear
+
+    torch.manual_seed(1)
+    layer = Sparse24Linear(16, 8, mode=mode)
+    params = [p for _, p in layer.named_parameters()]
+    old_meta = layer.meta.clone()
+    torch.manual_seed(7)
+    fresh = Sparse24Linear(16, 8, mode=mode)
+    torch.manual_seed(7)
+    layer.reset_parameters()
+    assert all(a is b for a, b in zip(params, [p for _, p in layer.named_parameters()]))
+    assert not torch.equal(layer.meta, old_meta)
+    assert torch.equal(layer.meta, fresh.meta) and torch.equal(layer.bias, fresh.bias)
+    assert torch.equal(layer.dense_weight(), fresh.dense_weight())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam"])

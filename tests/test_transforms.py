@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import sparsekernels as sk
@@ -406,6 +407,57 @@ def test_srste_training_compiles_fullgraph_with_its_mask_updates(seed):
         torch.testing.assert_close(layer.weight, eager.weight, rtol=1e-5, atol=1e-6)
         masks.append(layer.mask())
     assert not all(torch.equal(masks[0], m) for m in masks[1:])  # the mask did move
+
+
+@pytest.mark.skipif(not sk._extension.compiled(), reason="the compiled 2:4 compress op")
+def test_srste_compiled_by_inductor_matches_eager(seed):
+    """torch.compile's default backend on SR-STE's backward: Inductor had dropped the alpha
+    of ``gw.add_(..., alpha=lam)`` and added 1 * W at the pruned positions."""
+    from sparsekernels.nn import Sparse24Linear
+
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    layer = Sparse24Linear(16, 8, mode="srste", srste_lambda=0.5)
+    eager = copy.deepcopy(layer)
+    x = torch.randn(3, 16)
+    torch.compile(layer)(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    pruned = ~eager.mask()
+    assert pruned.any() and eager.weight.grad[pruned].abs().max() > 0
+    torch.testing.assert_close(layer.weight.grad, eager.weight.grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not sk._extension.compiled(), reason="the compiled 2:4 compress op")
+@pytest.mark.parametrize("update_every", [1, 3])
+def test_srste_compiled_training_does_not_recompile_per_step(update_every):
+    """SR-STE's forward count was a Python int each compiled graph guarded on: a recompile
+    per step, then (past the recompile limit) the whole model ran uncompiled. Now one graph
+    for update_every = 1; a graph break, not a guard, where the count decides (3); the mask
+    updates as in eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from sparsekernels.nn import Sparse24Linear
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(Sparse24Linear(16, 16, mode="srste", update_every=update_every), nn.ReLU(),
+                          nn.Linear(16, 4))
+    eager = copy.deepcopy(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    for _ in range(8):
+        x = torch.randn(3, 16)
+        for m, run in ((model, compiled), (eager, eager)):
+            run(x).square().sum().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.5 * p.grad
+                    p.grad = None
+        assert torch.equal(model[0].meta, eager[0].meta)
+    assert model[0]._forwards == eager[0]._forwards == 8
+    assert counter.frame_count <= (1 if update_every == 1 else 3), counter.frame_count
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("kind", ["csr", "2:4", "bsr", "conv"])

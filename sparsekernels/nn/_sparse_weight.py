@@ -106,6 +106,15 @@ def kept_mask(owner: str, weight: Tensor, sparsity: float | None, mask: Tensor |
     return check_mask(owner, mask, tuple(weight.shape))
 
 
+def check_not_meta(owner: str, device=None) -> None:
+    """A sparse layer chooses or reads its pattern from data when it is built: on the meta
+    device (``device="meta"``, or None under ``with torch.device("meta")``) there is none,
+    and torch's own error (nonzero / item on a meta tensor) did not say so. ValueError."""
+    if torch.empty(0, device=device).is_meta:
+        raise ValueError(f"{owner}: cannot be built on the meta device: the sparsity pattern is chosen from the "
+                         f"weights' data (build on 'cpu' or a GPU, or sparsify a model whose weights exist)")
+
+
 def check_features(owner: str, in_features: object, out_features: object) -> None:
     """in_features / out_features of a linear layer: non-negative ints (as nn.Linear takes)."""
     for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -135,6 +144,35 @@ def check_loaded_pattern(layer: nn.Module, state_dict, prefix: str, names: tuple
         rows = reference.csr_rows(row_ptr)
         if bool((rows // rows_per_group != col_idx.long() // cols_per_group).any()):
             raise ValueError(f"{owner}: {names[1]} has entries outside their group's block ({groups} groups)")
+
+
+def take_checkpoint_sizes(layer: nn.Module, state_dict, prefix: str, names: tuple[str, ...]) -> None:
+    """Before a layer loads a checkpoint: where it holds another number of entries (another
+    sparsity, a later topology) in ``values`` and the whole pattern (the index buffers
+    ``names``), resizes the layer's to the checkpoint's, so the load takes them wholesale.
+    Values of another size without their pattern are left to torch's size-mismatch error,
+    which ``strict=False`` raises too (resized alone they had loaded, and left values and
+    pattern of different lengths); a pattern of another size without values, and part of
+    a pattern, are a ValueError: the parts would no longer describe one matrix."""
+    keys = [prefix + n for n in names]
+    present = [k in state_dict for k in keys]
+    owner = f"{type(layer).__name__}.load_state_dict ({prefix.rstrip('.') or 'root'})"
+    if any(present) and not all(present):
+        have = ", ".join(n for n, p in zip(names, present) if p)
+        missing = ", ".join(n for n, p in zip(names, present) if not p)
+        raise ValueError(f"{owner}: the checkpoint holds {have} but not {missing}: a pattern loads whole or not at "
+                         f"all")
+    values = state_dict.get(prefix + "values")
+    entries = state_dict[keys[1]].shape[0] if all(present) and isinstance(state_dict[keys[1]], Tensor) else None
+    if values is None and entries is not None and entries != layer.values.shape[0]:
+        # Its row pointers have the layer's size and would load: over the layer's values.
+        raise ValueError(f"{owner}: the checkpoint holds a pattern of {entries} entries and no values; the layer holds "
+                         f"{layer.values.shape[0]}")
+    if all(present) and isinstance(values, Tensor) and values.shape != layer.values.shape:
+        resize_parameter(layer.values, torch.empty_like(values, dtype=layer.values.dtype, device=layer.values.device))
+        for name, key in zip(names, keys):
+            setattr(layer, name, torch.empty_like(state_dict[key], dtype=getattr(layer, name).dtype,
+                                                  device=layer.values.device))
 
 
 class CompressedWeightModule(nn.Module):
@@ -295,16 +333,7 @@ class SparseWeightMixin(CompressedWeightModule):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         check_loaded_pattern(self, state_dict, prefix, _PATTERN, self._matrix_shape)
-        # A checkpoint may hold a different nnz (another sparsity, or a later topology):
-        # take its pattern wholesale instead of failing on a size mismatch.
-        key = prefix + "values"
-        if key in state_dict and state_dict[key].shape != self.values.shape:
-            resize_parameter(self.values, torch.empty_like(state_dict[key], dtype=self.values.dtype,
-                                                           device=self.values.device))
-            for name in _PATTERN:
-                if prefix + name in state_dict:
-                    setattr(self, name, torch.empty_like(state_dict[prefix + name], dtype=getattr(self, name).dtype,
-                                                         device=self.values.device))
+        take_checkpoint_sizes(self, state_dict, prefix, _PATTERN)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from ..formats import BSR, check_sparsity, kept_count
 from ..formats.bsr import check_block_shape
 from ..ops import autocast, bsr_mm
-from ._sparse_weight import (CompressedWeightModule, carry_flags, check_features, check_layer_input, check_loaded_pattern, dense_linear,
-                             resize_parameter)
+from ._sparse_weight import (CompressedWeightModule, carry_flags, check_features, check_layer_input,
+                             check_loaded_pattern, check_not_meta, dense_linear, take_checkpoint_sizes)
 
 _PATTERN = ("crow", "ccol", "t_crow", "t_ccol", "t_perm")
 
@@ -32,6 +32,7 @@ class BSRLinear(CompressedWeightModule):
                  block_size: int = 32, device=None, dtype=None, generator: torch.Generator | None = None) -> None:
         super().__init__()
         check_features("BSRLinear", in_features, out_features)
+        check_not_meta("BSRLinear", device)
         sparsity = check_sparsity(sparsity)
         check_block_shape((out_features, in_features), block_size)
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
@@ -69,6 +70,7 @@ class BSRLinear(CompressedWeightModule):
         if block_mask is not None and sparsity is not None:
             raise ValueError("BSRLinear.from_dense: give block_mask or sparsity, not both")
         w = linear.weight.detach()
+        check_not_meta("BSRLinear.from_dense", w.device)
         check_block_shape(tuple(w.shape), block_size)
         b = block_size
         nbr, nbc = w.shape[0] // b, w.shape[1] // b
@@ -126,14 +128,7 @@ class BSRLinear(CompressedWeightModule):
         if isinstance(values, Tensor) and tuple(values.shape[1:]) != (b, b):
             raise ValueError(f"BSRLinear.load_state_dict ({prefix.rstrip('.') or 'root'}): values must be "
                              f"[blocks, {b}, {b}], got {tuple(values.shape)}")
-        key = prefix + "values"
-        if key in state_dict and state_dict[key].shape != self.values.shape:  # another number of blocks
-            resize_parameter(self.values, torch.empty_like(state_dict[key], dtype=self.values.dtype,
-                                                           device=self.values.device))
-            for name in _PATTERN:
-                if prefix + name in state_dict:
-                    setattr(self, name, torch.empty_like(state_dict[prefix + name], dtype=getattr(self, name).dtype,
-                                                         device=self.values.device))
+        take_checkpoint_sizes(self, state_dict, prefix, _PATTERN)  # another number of blocks
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from .._checks import check_int
 from ..formats import CSR, check_sparsity, random_mask
 from ..ops import spmm, spmm_t
-from ..ops._functorch import tangents_possible
-from ._sparse_weight import SparseWeightMixin, carry_flags, kept_mask
+from ..ops._functorch import tangents_possible, transforms_active
+from ._sparse_weight import SparseWeightMixin, carry_flags, check_not_meta, kept_mask
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -109,6 +109,7 @@ class SparseConv2d(SparseWeightMixin):
                  device=None, dtype=None, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self._configure(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        check_not_meta("SparseConv2d", device)
         sparsity = check_sparsity(sparsity)
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
         mask = random_mask(self.weight_shape, sparsity, device=device, generator=generator)
@@ -175,6 +176,7 @@ class SparseConv2d(SparseWeightMixin):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense: expected an nn.Conv2d, got {type(conv).__name__}")
         w = conv.weight.detach()
+        check_not_meta("SparseConv2d.from_dense", w.device)
         mask = kept_mask("SparseConv2d.from_dense", w, sparsity, mask)
         layer = cls.__new__(cls)
         SparseWeightMixin.__init__(layer)
@@ -246,7 +248,13 @@ class SparseConv2d(SparseWeightMixin):
             bridge = _Fp32InputGradForwardMode if tangents_possible() else _Fp32InputGrad
             y = bridge.apply(y, x, self.values, self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx,
                                      self.t_perm, ((h, w), self.kernel_size, self.dilation, self.stride))
-        y = y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)
+        y = y.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)  # channels_last strides
+        # The output's memory format follows the input's, as nn.Conv2d's: a contiguous input
+        # gets a contiguous output (code after a convolution flattens with .view). Under
+        # functorch transforms (vmap) only the contiguous format can be asked about.
+        if unbatched or input.is_contiguous() or transforms_active() or \
+                not input.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous()
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from ..formats import CSR, check_sparsity, random_mask
 from ._conv1d import is_conv1d
-from ._sparse_weight import SparseWeightMixin, carry_flags, check_features, check_layer_input, dense_linear, kept_mask
+from ._sparse_weight import (SparseWeightMixin, carry_flags, check_features, check_layer_input, check_not_meta,
+                             dense_linear, kept_mask)
 
 
 class SparseLinear(SparseWeightMixin):
@@ -50,6 +51,7 @@ class SparseLinear(SparseWeightMixin):
                  block_size: int = 32) -> None:
         super().__init__()
         check_features("SparseLinear", in_features, out_features)
+        check_not_meta("SparseLinear", device)
         sparsity = check_sparsity(sparsity)
         self.in_features, self.out_features = in_features, out_features
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.get_default_dtype()}
@@ -82,6 +84,7 @@ class SparseLinear(SparseWeightMixin):
             raise TypeError("SparseLinear.from_dense: expected an nn.Linear or a transformers Conv1D, got "
                             f"{type(linear).__name__}")
         w = linear.weight.detach()
+        check_not_meta("SparseLinear.from_dense", w.device)
         if conv1d:
             if w.dim() != 2:
                 raise ValueError(f"SparseLinear.from_dense: a Conv1D weight must be 2-D [in, out], got "

@@ -26,7 +26,8 @@ from ..ops import sparse24_mm
 from ..ops.sparse24 import check_srste_lambda, srste_product
 from ..ops._functorch import transforms_active
 from ..reference import meta_columns
-from ._sparse_weight import CompressedWeightModule, carry_flags, check_features, check_layer_input, dense_linear
+from ._sparse_weight import (CompressedWeightModule, carry_flags, check_features, check_layer_input, check_not_meta,
+                             dense_linear)
 
 MODES = ("fixed", "srste")
 
@@ -48,12 +49,13 @@ class Sparse24Linear(CompressedWeightModule):
                  dtype=None) -> None:
         super().__init__()
         check_features("Sparse24Linear", in_features, out_features)
-        self._configure(in_features, out_features, mode, srste_lambda, update_every, transposable)
+        check_not_meta("Sparse24Linear", device)
+        self._configure(in_features, out_features, mode, srste_lambda, update_every, transposable, device)
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_from(dense.weight.detach(), None)
         self.bias = dense.bias
 
-    def _configure(self, in_f, out_f, mode, lam, update_every, transposable):
+    def _configure(self, in_f, out_f, mode, lam, update_every, transposable, device=None):
         check_24_shape((out_f, in_f))
         if mode not in MODES:
             raise ValueError(f"Sparse24Linear: mode must be one of {MODES}, got {mode!r}")
@@ -63,7 +65,11 @@ class Sparse24Linear(CompressedWeightModule):
             raise ValueError(f"Sparse24Linear: transposable 2:4 needs out_features divisible by 4, got {out_f}")
         self.in_features, self.out_features = in_f, out_f
         self.mode, self.srste_lambda, self.update_every, self.transposable = mode, float(lam), update_every, transposable
-        self._forwards = 0
+        # SR-STE's count of training forwards, as a tensor: torch.compile traces its
+        # increment into the graph, where a Python int was a constant every graph guarded
+        # on (one recompile per step, and past the recompile limit the whole model ran
+        # uncompiled). Not in the state_dict (the SRSTE method's state carries it).
+        self.register_buffer("_forward_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.freeze_mask = False  # SR-STE: stop recomputing the mask (kept at its last value)
 
     def _set_pattern(self, weight: Tensor, mask: Tensor | None) -> Sparse24:
@@ -111,15 +117,32 @@ class Sparse24Linear(CompressedWeightModule):
         else:
             self.weight = nn.Parameter(weight.clone())
 
+    def reset_parameters(self) -> None:
+        """Draws the weights anew as the constructor does: ``nn.Linear``'s initialization
+        (uniform, bound 1 / sqrt(in_features), the bias too) pruned 2:4 by magnitude, so the
+        pattern is drawn anew with them (values, meta and the CSR view in fixed mode; the
+        weight and its mask with SR-STE). The parameters stay the same objects, so an
+        optimizer built on them keeps working."""
+        held = self.values if self.mode == "fixed" else self.weight
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=held.device,
+                          dtype=held.dtype)
+        with torch.no_grad():
+            kept = self._set_pattern(dense.weight, None).values
+            held.copy_(kept if self.mode == "fixed" else dense.weight)
+            if self.bias is not None:
+                self.bias.copy_(dense.bias)
+
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, mask: Tensor | None = None, mode: str = "fixed",
                    srste_lambda: float = 2e-4, update_every: int = 1, transposable: bool = False) -> "Sparse24Linear":
         """From an ``nn.Linear``: keeps ``mask`` (must be 2:4) or the 2:4 magnitude mask."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Sparse24Linear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
+        check_not_meta("Sparse24Linear.from_dense", linear.weight.device)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._configure(linear.in_features, linear.out_features, mode, srste_lambda, update_every, transposable)
+        layer._configure(linear.in_features, linear.out_features, mode, srste_lambda, update_every, transposable,
+                         linear.weight.device)
         layer._init_from(linear.weight.detach(), mask)
         layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         return carry_flags(linear, layer)
@@ -175,6 +198,37 @@ class Sparse24Linear(CompressedWeightModule):
         return 0.5
 
     # ------------------------------------------------------------------ forward
+    @property
+    def _forwards(self) -> int:
+        """SR-STE: training forwards counted so far (the mask is recomputed at multiples of
+        ``update_every``)."""
+        return int(self._forward_count)
+
+    @_forwards.setter
+    def _forwards(self, count: int) -> None:
+        self._forward_count.fill_(count)
+
+    def _count_forward(self) -> Tensor | None:
+        """SR-STE: counts a training forward and, every ``update_every``, prunes the current
+        weight again; returns the new kept values [out, in/2] then (None otherwise)."""
+        if self.update_every == 1:  # every forward: no decision on the count, one graph under torch.compile
+            kept = self._set_pattern(self.weight.detach(), None).values
+            self._forward_count.add_(1)
+            return kept
+        return self._count_forward_every()
+
+    @torch.compiler.disable
+    def _count_forward_every(self) -> Tensor | None:
+        # Which forward this is decides whether to prune: under torch.compile that runs
+        # here, between graphs (a graph break), not as a guard on the count.
+        kept = None
+        if self._forwards % self.update_every == 0:
+            # Pruned from the current weight just now: its compressed values are the kept
+            # weights (no second gather).
+            kept = self._set_pattern(self.weight.detach(), None).values
+        self._forward_count.add_(1)
+        return kept
+
     def forward(self, input: Tensor) -> Tensor:
         check_layer_input("Sparse24Linear", input, self.values if self.mode == "fixed" else self.weight,
                           self.in_features)
@@ -189,11 +243,7 @@ class Sparse24Linear(CompressedWeightModule):
         # layer's buffers (and under vmap over weights one mask would serve every entry).
         if (self.training and torch.is_grad_enabled() and not self.freeze_mask
                 and not transforms_active()):
-            if self._forwards % self.update_every == 0:
-                # Pruned from the current weight just now: its compressed values are the
-                # kept weights (no second gather).
-                kept = self._set_pattern(self.weight.detach(), None).values
-            self._forwards += 1
+            kept = self._count_forward()
         return srste_product(input, self.weight, self.meta, self.stored_mask, self.srste_lambda, bias=self.bias,
                              transposable=self.transposable, kept_values=kept)
 

@@ -452,7 +452,10 @@ class _SRSTE(torch.autograd.Function):
         g2 = _rows2d(grad)
         if ctx.needs_input_grad[1]:
             gw = g2.t() @ _rows2d(x)
-            gw.add_(torch.where(mask, 0.0, weight), alpha=ctx.lam)  # in the weight's dtype, in place
+            # In the weight's dtype, in place. lam scales the tensor, not through add_'s alpha:
+            # Inductor (torch.compile's default backend, torch 2.14) dropped that alpha and
+            # added 1 * W at the pruned positions.
+            gw.add_(torch.where(mask, 0.0, weight * ctx.lam))
         if ctx.has_bias and ctx.needs_input_grad[5]:
             gb = g2.sum(0)
         return gx, gw, None, None, None, gb, None, None

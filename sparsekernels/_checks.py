@@ -3,6 +3,7 @@ importing nothing of it), so one mistake is worded the same way wherever it is m
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def check_int(name: str, value: object, owner: str = "", *, minimum: int | None = 1,
@@ -13,12 +14,13 @@ def check_int(name: str, value: object, owner: str = "", *, minimum: int | None 
     "or None" added where ``allow_none`` (None then passes through)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+            (minimum is not None and value < minimum):
         what = "an int" if minimum is None else \
             {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{owner + ': ' if owner else ''}{name} must be {what}{' or None' if allow_none else ''}, "
                          f"got {value!r}")
-    return value
+    return int(value)  # numpy's integers too
 
 
 def check_positive_number(name: str, value: object, owner: str = "") -> float:

@@ -68,6 +68,42 @@ def test_custom_ops_called_directly_reject_operands_of_another_width(backend, se
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_called_directly_check_values_against_the_pattern(backend, seed):
+    """A direct call with fewer (or more) blocks of values than the pattern, values of
+    another dtype than x, or a pattern index of the wrong dtype: a ValueError / TypeError
+    naming it (values one block short had been read past their end: a segfault under
+    Triton's interpreter)."""
+    bsr, _ = _bsr(32, 48, 16, 0.5, torch.float32, torch.Generator().manual_seed(seed))
+    p = bsr.pattern()
+    x, dy = torch.randn(3, 48), torch.randn(3, 32)
+    ops = torch.ops.sparsekernels
+    with sk.use_backend(backend):
+        for values in (bsr.values[:1], bsr.values[:-1], torch.cat([bsr.values, bsr.values[:1]])):
+            for call in (lambda v: ops.bsr_mm(x, v, *p), lambda v: ops.bsr_mm_t(dy, v, *p),
+                         lambda v: ops.bsr_sddmm(dy, x, *p, v)):
+                with pytest.raises(ValueError, match="ccol must have nnz"):
+                    call(values)
+        with pytest.raises(TypeError, match="x has dtype torch.float64 but the weight values have torch.float32"):
+            ops.bsr_mm(x.double(), bsr.values, *p)
+        with pytest.raises(TypeError, match="crow must be int32"):
+            ops.bsr_mm(x, bsr.values, p[0].long(), *p[1:])
+        with pytest.raises(ValueError, match=r"values must be \[nb, b, b\]"):
+            ops.bsr_mm(x, bsr.values.reshape(bsr.values.shape[0], -1), *p)
+
+
+@pytest.mark.parametrize("b", [1, 3, 8, 48])
+def test_block_sizes_the_triton_kernels_do_not_take_run_on_the_reference(b, seed):
+    """Triton's tiles are powers of two of at least 16 (BLOCK_SIZES): other block sizes run
+    on the reference, also where Triton is asked for, with the same results."""
+    g = torch.Generator().manual_seed(seed)
+    bsr, _ = _bsr(2 * b, 3 * b, b, 0.7, torch.float32, g)
+    x = torch.randn(5, 3 * b, generator=g)
+    with sk.use_backend("triton" if TRITON else "reference"):
+        y = sk.ops.bsr_mm(x, bsr.values, *bsr.pattern())
+    torch.testing.assert_close(y, x @ bsr.to_dense().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("b,density,batch", [(16, 0.5, 5), (16, 1.0, 1), (32, 0.3, 17), (16, 0.0, 3)])
 def test_bsr_ops_match_dense(backend, dtype, b, density, batch, seed):

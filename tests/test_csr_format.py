@@ -375,3 +375,52 @@ def test_masks_check_their_sparsity_and_masks_their_dtype():
         Sparse24.from_dense(torch.randn(4, 8), [[True]])
     with pytest.raises(ValueError, match="mask must be boolean"):
         Sparse24.from_dense(torch.randn(4, 8), torch.rand(4, 8))
+
+
+def test_from_pattern_and_validate_refuse_unsorted_or_repeated_columns():
+    """A position stored twice is summed by the kernels but written once by to_dense: the
+    two disagreed silently. from_pattern (checked) and validate() refuse it, and unsorted
+    columns, as from_indices does; a row boundary may go down."""
+    values = torch.tensor([1.0, 2.0, 3.0])
+    for cols in ([1, 1, 0], [3, 1, 0]):
+        with pytest.raises(ValueError, match="col_idx must increase strictly within each row"):
+            CSR.from_pattern(values, torch.tensor([0, 2, 2, 3]), torch.tensor(cols), (3, 4))
+        bad = CSR.from_pattern(values, torch.tensor([0, 2, 2, 3]), torch.tensor(cols), (3, 4), check=False)
+        with pytest.raises(ValueError, match="increase strictly"):
+            bad.validate()
+    ok = CSR.from_pattern(values, torch.tensor([0, 2, 2, 3]), torch.tensor([1, 3, 0]), (3, 4))
+    ok.validate()
+    assert torch.equal(ok.to_dense(), torch.tensor([[0, 1, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0]], dtype=torch.float))
+
+
+def test_build_transpose_checks_int64_indices():
+    """The torch-op path (int64 indices, or no compiled extension) names the bad argument
+    as the compiled op does, instead of a bincount / repeat error."""
+    rp = torch.tensor([0, 2, 2, 3])
+    for col_idx, n_cols, match in ((torch.tensor([1, 3, 0]), 2, "col_idx entries must lie in"),
+                                   (torch.tensor([1, -1, 0]), 4, "col_idx entries must lie in")):
+        with pytest.raises(ValueError, match=match):
+            build_transpose(rp, col_idx, n_cols)
+    with pytest.raises(ValueError, match="row_ptr must be non-decreasing"):
+        build_transpose(torch.tensor([0, 3, 2, 3]), torch.tensor([1, 3, 0]), 4)
+    with pytest.raises(TypeError, match="col_idx must be an integer tensor"):
+        build_transpose(rp, torch.tensor([1.0, 3.0, 0.0]), 4)
+    t_rp, t_ci, t_perm = build_transpose(rp, torch.tensor([1, 3, 0]), 4)
+    assert t_rp.tolist() == [0, 1, 2, 2, 3] and t_ci.tolist() == [2, 0, 0] and t_perm.tolist() == [2, 0, 1]
+
+
+def test_mask_helpers_check_their_arguments():
+    import numpy as np
+
+    for numel, sparsity in ((-4, 0.5), (10, 2.0), (10, -0.1), (10, float("nan")), (2.5, 0.5)):
+        with pytest.raises(ValueError, match="kept_count"):
+            kept_count(numel, sparsity)
+    assert kept_count(10, 1.0) == 1 and kept_count(np.int64(10), np.float32(0.5)) == 5
+    for shape in ((-3, 4), "ab", (2.0, 3)):
+        with pytest.raises(ValueError, match="random_mask: shape"):
+            random_mask(shape, 0.5)
+    assert random_mask(5, 0.4).shape == (5,) and int(random_mask((4, np.int64(5)), 0.5).sum()) == 10
+    for dtype in (torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match="magnitude_mask: weight must be a real"):
+            magnitude_mask(torch.ones(4, dtype=dtype), 0.5)
+    assert check_sparsity(np.float32(0.5)) == 0.5

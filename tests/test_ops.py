@@ -537,6 +537,26 @@ def test_custom_ops_called_directly_reject_operands_of_another_width(backend, se
             torch.ops.sparsekernels.sddmm(torch.randn(4, 8), torch.randn(3, 12), *pattern)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"] + (["triton"] if "triton" in backends.available("cpu") else []))
+def test_custom_ops_called_directly_check_values_against_the_pattern(backend, seed):
+    """A direct call with values of another length than the pattern, or of another dtype
+    than the dense operand: a ValueError / TypeError naming it on every backend (Triton's
+    kernels had read short values past their end)."""
+    csr = CSR.from_dense(torch.randn(8, 12, generator=torch.Generator().manual_seed(seed)))
+    p = csr.pattern()
+    x, dy = torch.randn(3, 12), torch.randn(3, 8)
+    ops_ = torch.ops.sparsekernels
+    with sparsekernels.use_backend(backend):
+        for values in (csr.values[:1], csr.values[:-1], torch.cat([csr.values, csr.values[:1]])):
+            for call in (lambda v: ops_.spmm(x, v, *p), lambda v: ops_.spmm_t(dy, v, *p)):
+                with pytest.raises(ValueError, match="col_idx"):
+                    call(values)
+        with pytest.raises((TypeError, ValueError), match="x"):
+            ops_.spmm(x.double(), csr.values, *p)
+        with pytest.raises((TypeError, ValueError), match="x"):
+            ops_.sddmm(dy, x.double(), *p)
+
+
 # --------------------------------------------------------------------------- compiled ops, corrupt patterns
 # A valid W [4, 5]: rows {0: cols 0, 3}, {1: col 1}, {2: -}, {3: cols 2, 4}; its transpose map.
 _CHILD = textwrap.dedent(r"""

@@ -378,3 +378,16 @@ def test_overflowing_scores_rank_nan_first_on_every_backend():
             ref = topk_grow(dy, x, empty_ptr, empty_idx, k)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), k
         assert torch.equal(got[2].isnan(), ref[2].isnan()), k
+
+
+def test_topk_grow_takes_numpy_integers_for_k():
+    import numpy as np
+
+    from sparsekernels import CSR, ops
+
+    g = torch.Generator().manual_seed(0)
+    csr = CSR.from_dense(torch.randn(6, 5, generator=g) * (torch.rand(6, 5, generator=g) < 0.3))
+    dy, x = torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
+    a = ops.topk_grow(dy, x, csr.row_ptr, csr.col_idx, np.int64(3))
+    b = ops.topk_grow(dy, x, csr.row_ptr, csr.col_idx, 3)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))

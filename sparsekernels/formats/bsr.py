@@ -19,6 +19,8 @@ from ..reference import csr_rows
 from .csr import build_transpose, row_ptr_from_rows
 from .masks import check_mask
 
+# Block sizes the Triton kernels take (tl.dot tiles: powers of two, at least 16); other
+# sizes run on the reference backend.
 BLOCK_SIZES = (16, 32, 64)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._checks import check_int
 from .masks import check_mask
 
 
@@ -37,6 +38,12 @@ def build_transpose(row_ptr: Tensor, col_idx: Tensor, n_cols: int) -> tuple[Tens
     if (row_ptr.device.type == "cpu" and _extension.compiled() and row_ptr.dtype == torch.int32
             and col_idx.dtype == torch.int32 and hasattr(torch.ops.sparsekernels_C, "csr_transpose")):
         return torch.ops.sparsekernels_C.csr_transpose(row_ptr, col_idx, int(n_cols))
+    # The compiled op checks its arguments; this path did not, and bad indices surfaced as
+    # bincount / repeat_interleave errors.
+    check_int("n_cols", n_cols, "build_transpose", minimum=0)
+    check_index_tensor("build_transpose", "row_ptr", row_ptr)
+    check_index_tensor("build_transpose", "col_idx", col_idx)
+    check_pattern_contents("build_transpose", row_ptr, col_idx, n_cols)
     return _build_transpose_sorted(row_ptr, col_idx, n_cols)
 
 
@@ -65,6 +72,22 @@ def check_pattern_contents(op: str, ptr: Tensor, idx: Tensor, n_cols: int, ptr_n
         raise ValueError(f"{op}: {ptr_name} must be non-decreasing")
     if nnz and (int(idx.min()) < 0 or int(idx.max()) >= n_cols):
         raise ValueError(f"{op}: {idx_name} entries must lie in [0, {n_cols})")
+
+
+def check_rows_sorted(op: str, ptr: Tensor, idx: Tensor, ptr_name: str = "row_ptr", idx_name: str = "col_idx") -> None:
+    """ValueError unless ``idx`` increases strictly within each row of ``ptr`` (checked by
+    :func:`check_pattern_contents` first): a position stored twice is summed by the
+    kernels but written once by ``to_dense``, so the two disagreed silently. O(nnz)."""
+    nnz = idx.shape[0]
+    if nnz < 2:
+        return
+    idx = idx.long()
+    row_start = torch.zeros(nnz, dtype=torch.bool, device=idx.device)
+    starts = ptr[:-1].long()
+    row_start[starts[starts < nnz]] = True
+    if bool(((idx[1:] <= idx[:-1]) & ~row_start[1:]).any()):
+        raise ValueError(f"{op}: {idx_name} must increase strictly within each row of {ptr_name} (sorted, each "
+                         f"position once)")
 
 
 def check_index_tensor(op: str, name: str, t: object, length: int | None = None) -> Tensor:
@@ -117,6 +140,7 @@ def check_csr_structure(owner: str, nnz: int, pattern: tuple[Tensor, ...], shape
         check_index_tensor(owner, name, t, length)
     row_ptr, col_idx = pattern[0], pattern[1]
     check_pattern_contents(owner, row_ptr, col_idx, n_cols, names[0], names[1])
+    check_rows_sorted(owner, row_ptr, col_idx, names[0], names[1])
     row_ptr, col_idx = row_ptr.to(torch.int32), col_idx.to(torch.int32)
     want = build_transpose(row_ptr, col_idx, n_cols)
     for name, t, w in zip(names[2:], pattern[2:], want):
@@ -207,14 +231,16 @@ class CSR:
                      check: bool = True) -> "CSR":
         """CSR from its row-major pattern (``row_ptr`` [rows+1], ``col_idx`` [nnz], integer,
         columns sorted within each row): builds the transpose map only. ``check``: raise
-        ValueError unless the pattern fits ``shape`` (O(nnz); skipped by the package's own
-        callers), before the indices are narrowed to int32."""
+        ValueError unless the pattern fits ``shape`` with each row's columns increasing
+        (O(nnz); skipped by the package's own callers), before the indices are narrowed to
+        int32."""
         if check:
             n_rows, n_cols = _check_shape("CSR.from_pattern", shape)
             row_ptr = check_index_tensor("CSR.from_pattern", "row_ptr", row_ptr, n_rows + 1)
             col_idx = check_index_tensor("CSR.from_pattern", "col_idx", col_idx)
             _check_values("CSR.from_pattern", values, col_idx.shape[0])
             check_pattern_contents("CSR.from_pattern", row_ptr, col_idx, n_cols)
+            check_rows_sorted("CSR.from_pattern", row_ptr, col_idx)
         n_rows, n_cols = int(shape[0]), int(shape[1])
         row_ptr, col_idx = row_ptr.to(torch.int32), col_idx.to(torch.int32)
         t_row_ptr, t_col_idx, t_perm = build_transpose(row_ptr, col_idx, n_cols)

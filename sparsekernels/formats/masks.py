@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -10,9 +12,25 @@ from torch import Tensor
 from .._checks import check_int
 
 
+def check_shape(owner: str, shape: object, name: str = "shape") -> tuple[int, ...]:
+    """``shape`` (an int, or a sequence of ints, each >= 0) as a tuple; else ValueError."""
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    try:
+        if isinstance(dims, (str, bytes, Tensor)):
+            raise TypeError
+        out = tuple(operator.index(d) for d in dims)
+        if any(isinstance(d, bool) for d in dims):
+            raise TypeError
+    except TypeError:
+        raise ValueError(f"{owner}: {name} must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in out):
+        raise ValueError(f"{owner}: {name} must hold non-negative sizes, got {out}")
+    return out
+
+
 def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
     """Validates a sparsity level in [0, 1) and returns it as a float."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {type(sparsity).__name__}")
     s = float(sparsity)
     if not math.isfinite(s) or not 0.0 <= s < 1.0:
@@ -38,8 +56,12 @@ def check_mask(owner: str, mask: object, shape: tuple[int, ...], name: str = "ma
 
 
 def kept_count(numel: int, sparsity: float) -> int:
-    """Non-zeros kept out of ``numel`` at ``sparsity`` (rounded, at least one when numel > 0
-    so no layer is cut off entirely)."""
+    """Non-zeros kept out of ``numel`` at ``sparsity`` in [0, 1] (rounded, at least one when
+    numel > 0 so no layer is cut off entirely). A negative ``numel`` or a sparsity outside
+    [0, 1] is a ValueError (they had given one kept entry)."""
+    check_int("numel", numel, "kept_count", minimum=0)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"kept_count: sparsity must be a number in [0, 1], got {sparsity!r}")
     if numel == 0:
         return 0
     return max(1, min(numel, int(round((1.0 - sparsity) * numel))))
@@ -47,7 +69,9 @@ def kept_count(numel: int, sparsity: float) -> int:
 
 def random_mask(shape: tuple[int, ...], sparsity: float, *, device=None,
                 generator: torch.Generator | None = None) -> Tensor:
-    """Boolean mask of ``shape`` with exactly ``kept_count`` true entries, uniform at random."""
+    """Boolean mask of ``shape`` (an int or a sequence of non-negative ints) with exactly
+    ``kept_count`` true entries, uniform at random."""
+    shape = check_shape("random_mask", shape)
     numel = math.prod(shape)
     keep = kept_count(numel, check_sparsity(sparsity))
     mask = torch.zeros(numel, dtype=torch.bool, device=device)
@@ -72,6 +96,8 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     sparsity = check_sparsity(sparsity)
     if not isinstance(weight, Tensor):
         raise TypeError(f"magnitude_mask: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype == torch.bool or weight.dtype.is_complex:
+        raise TypeError(f"magnitude_mask: weight must be a real floating or integer tensor, got {weight.dtype}")
     flat = weight.detach().abs().reshape(-1)
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()  # exact; the selection kernels cover fp32 / fp64 everywhere

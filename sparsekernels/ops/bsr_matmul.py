@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..formats.bsr import BLOCK_SIZES
 from ..reference import csr_rows
 from . import _checks, _functorch
 
@@ -62,10 +63,13 @@ def reference_bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values_like):
     return torch.einsum("mno,mnk->nok", dyg, xg).to(values_like.dtype)
 
 
-def _static_backend(op: str, t: Tensor) -> str:
+def _static_backend(op: str, t: Tensor, block: int) -> str:
     """"triton" or "reference": the compiled CPU / CUDA libraries have no BSR kernels, so
     "auto" takes Triton where it runs natively (GPU) and the reference (block gather + one
-    batched contraction) elsewhere; an explicit request is honoured as far as it applies."""
+    batched contraction) elsewhere; an explicit request is honoured as far as it applies:
+    the Triton kernels take the block sizes of ``BLOCK_SIZES`` only (tl.dot tiles)."""
+    if block not in BLOCK_SIZES:
+        return "reference"
     if backends.get_backend() == "auto":
         return "triton" if "triton" in backends.auto_candidates(t.device.type) else "reference"
     return "triton" if backends.resolve(op, t.device, t.dtype) == "triton" else "reference"
@@ -78,24 +82,41 @@ def _dispatch(op: str, lead: Tensor, pattern: tuple, values: Tensor, run):
     in the op's body: no BSR kernel checks them, and a bad one would wrap or read out of
     bounds. Once per pattern (no device sync on later calls); not in the entry points,
     where ``torch.export`` traces fake tensors without values."""
-    _checks.check_csr_contents(op, *pattern, names=("crow", "ccol", "t_crow", "t_ccol"))
+    _checks.check_csr_contents(op, *pattern, names=_checks.BSR_NAMES[:4])
     crow, t_crow = pattern[0], pattern[2]
     b = values.shape[-1]
     out_blocks, in_blocks = crow.shape[0] - 1, t_crow.shape[0] - 1
     m = lead.shape[:-1].numel()
     density = values.shape[0] / (out_blocks * in_blocks) if out_blocks * in_blocks else 1.0
-    cands = [c for c in ("triton", "reference") if c in backends.auto_candidates(lead.device.type)]
+    cands = [c for c in ("triton", "reference") if c in backends.auto_candidates(lead.device.type)
+             and (c != "triton" or b in BLOCK_SIZES)]
     return backends.dispatch(op, lead.device, lead.dtype, run,
                              flops=2.0 * m * out_blocks * in_blocks * b * b,
                              key=backends.shape_class(m, out_blocks * b, in_blocks * b, b, density=density),
-                             candidates=cands, static=_static_backend(op, lead))
+                             candidates=cands, static=_static_backend(op, lead, b))
+
+
+def _check_values_blocks(op: str, values: object) -> Tensor:
+    values = _checks.check_tensor(op, "values", values)
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"{op}: values must be [nb, b, b], got {tuple(values.shape)}")
+    return values
+
+
+def _check_bsr_op(op: str, values: Tensor, pattern: tuple[Tensor, ...],
+                  dense: tuple[tuple[str, Tensor, str], ...]) -> None:
+    """The entry point's checks in the op's body (no BSR kernel checks its arguments): a
+    direct call of ``torch.ops.sparsekernels.<op>`` with fewer blocks of values than the
+    pattern had read past their end."""
+    _check_values_blocks(op, values)
+    _checks.check_csr_op(op, values, pattern, dense, names=_checks.BSR_NAMES)
 
 
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("sparsekernels::bsr_mm", mutates_args=())
 def _bsr_mm_op(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
                t_perm: Tensor) -> Tensor:
-    _checks.check_features("bsr_mm", "x", x, (t_crow.shape[0] - 1) * values.shape[-1])
+    _check_bsr_op("bsr_mm", values, (crow, ccol, t_crow, t_ccol, t_perm), (("x", x, "in"),))
 
     def run(backend: str) -> Tensor:
         if backend == "triton":
@@ -115,7 +136,7 @@ def _(x, values, crow, ccol, t_crow, t_ccol, t_perm):
 @torch.library.custom_op("sparsekernels::bsr_mm_t", mutates_args=())
 def _bsr_mm_t_op(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
                  t_perm: Tensor) -> Tensor:
-    _checks.check_features("bsr_mm_t", "dy", dy, (crow.shape[0] - 1) * values.shape[-1])
+    _check_bsr_op("bsr_mm_t", values, (crow, ccol, t_crow, t_ccol, t_perm), (("dy", dy, "out"),))
 
     def run(backend: str) -> Tensor:
         if backend == "triton":
@@ -135,9 +156,8 @@ def _(dy, values, crow, ccol, t_crow, t_ccol, t_perm):
 @torch.library.custom_op("sparsekernels::bsr_sddmm", mutates_args=())
 def _bsr_sddmm_op(dy: Tensor, x: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
                   t_perm: Tensor, values_like: Tensor) -> Tensor:
-    b = values_like.shape[-1]
-    _checks.check_features("bsr_sddmm", "dy", dy, (crow.shape[0] - 1) * b)
-    _checks.check_features("bsr_sddmm", "x", x, (t_crow.shape[0] - 1) * b)
+    _check_bsr_op("bsr_sddmm", values_like, (crow, ccol, t_crow, t_ccol, t_perm),
+                  (("dy", dy, "out"), ("x", x, "in")))
     _checks.check_same_batch("bsr_sddmm", dy, x)
 
     def run(backend: str) -> Tensor:
@@ -197,11 +217,10 @@ _bsr_sddmm = _functorch.routed(_bsr_sddmm_op, _save, _bsr_sddmm_backward, "bsr_s
 # --------------------------------------------------------------------------- entry points
 def _check_bsr(op: str, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
                t_perm: Tensor) -> tuple[int, int]:
-    _checks.check_tensor(op, "values", values)
-    if values.dim() != 3 or values.shape[1] != values.shape[2]:
-        raise ValueError(f"{op}: values must be [nb, b, b], got {tuple(values.shape)}")
+    _check_values_blocks(op, values)
     flat = values.new_empty(1).expand(values.shape[0])
-    out_blocks, in_blocks = _checks.check_csr_pattern(op, flat, crow, ccol, t_crow, t_ccol, t_perm)
+    out_blocks, in_blocks = _checks.check_csr_pattern(op, flat, crow, ccol, t_crow, t_ccol, t_perm,
+                                                      names=_checks.BSR_NAMES)
     b = values.shape[-1]
     return out_blocks * b, in_blocks * b
 

@@ -137,7 +137,11 @@ def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_
             return _add_bias(_compiled("csr_dense_mm")(x, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, False),
                              bias)
         # The GPU kernels and the reference would read out of bounds or wrap on a corrupt
-        # pattern: checked once per pattern (cached, no device sync on later calls).
+        # pattern: checked once per pattern (cached, no device sync on later calls); the
+        # arguments' shapes, dtypes and devices on every call (a direct call of the op).
+        _checks.check_csr_op("spmm", values, (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), (("x", x, "in"),))
+        if bias is not None:
+            _checks.check_dense("spmm", "bias", bias, values, row_ptr.shape[0] - 1)
         _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend in ("cuda", "cuda:tiled"):
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
@@ -166,6 +170,7 @@ def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_r
             return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
         if backend == "cpu:dense":
             return _compiled("csr_dense_mm")(dy, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, True)
+        _checks.check_csr_op("spmm_t", values, (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), (("dy", dy, "out"),))
         _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend in ("cuda", "cuda:tiled"):
             order, cols = launch_plan(t_row_ptr, t_col_idx, row_ptr.shape[0] - 1)
@@ -196,6 +201,9 @@ def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr
             return _compiled("sddmm")(dy, x, row_ptr, col_idx)
         if backend == "cpu:dense":
             return _compiled("csr_dense_sddmm")(dy, x, row_ptr, col_idx)
+        _checks.check_csr_op("sddmm", dy.new_empty(1).expand(col_idx.shape[0]),
+                             (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), (("dy", dy, "out"), ("x", x, "in")),
+                             against="dy")
         _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend == "cuda":
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
@@ -420,6 +428,6 @@ def sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Te
     placeholder = dy.new_empty(1).expand(nnz)
     out_f, in_f = _checks.check_csr_pattern("sddmm", placeholder, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("sddmm", "dy", dy, placeholder, out_f)
-    _checks.check_dense("sddmm", "x", x, placeholder, in_f)
+    _checks.check_dense("sddmm", "x", x, placeholder, in_f, against="dy")
     _checks.check_same_batch("sddmm", dy, x)
     return _sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)

@@ -11,6 +11,8 @@ time (``tile_elems`` entries) and keeps a running top-k: extra memory O(tile + k
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -85,8 +87,9 @@ def topk_grow(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, k: int,
         raise ValueError(f"topk_grow: col_idx has {col_idx.shape[0]} entries, more than the out x in = "
                          f"{dy.shape[1]} x {x.shape[1]} positions of dy and x: x's width is not the pattern's")
     inactive = dy.shape[1] * x.shape[1] - col_idx.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= inactive:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= inactive:
         raise ValueError(f"topk_grow: k must be an int in [0, {inactive}] (inactive positions), got {k!r}")
+    k = int(k)  # numpy's integers too (the op's schema takes a Python int)
     check_int("tile_elems", tile_elems, "topk_grow")
     # NaN has no rank among the scores (it broke the compiled kernel's cut-off), and a
     # non-finite gradient means the step diverged: refuse it by name on every backend (the

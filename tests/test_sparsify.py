@@ -417,3 +417,20 @@ def test_densify_keeps_a_shared_layer_shared_and_sparsify_checks_its_arguments()
             sparsify(nn.Sequential(nn.Linear(8, 8)), 0.5, **kwargs)
     with pytest.raises(TypeError, match="inplace"):
         densify(nn.Sequential(layer), inplace="no")
+
+
+def test_sparsify_names_layers_whose_hooks_and_parametrizations_are_not_carried():
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4))
+    model[0].register_forward_hook(lambda m, i, o: None)
+    parametrizations.weight_norm(model[2])
+    with pytest.warns(UserWarning, match=r"hooks and parametrizations of 0, 2 are not carried"):
+        sparse = sparsify(model, 0.5)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(sparse(x), densify(sparse)(x))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(nn.Sequential(nn.Linear(8, 4)), 0.5)  # no hooks: no warning

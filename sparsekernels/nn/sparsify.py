@@ -249,6 +249,7 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
     layers, left = _scan(model, include, exclude)
     warn_left_dense("sparsify", left, stacklevel=2)
     _warn_kept_as_they_are(model, layers, sparsity, distribution, format)
+    _warn_hooks_not_carried(layers)
     if format != "csr":
         return _sparsify_structured(model, layers, sparsity, format, block_size)
     per_layer = layer_sparsities({n: tuple(linear_weight(m).shape) for n, m in layers.items()}, sparsity,
@@ -279,6 +280,22 @@ def _warn_kept_as_they_are(model: nn.Module, layers: dict, sparsity: float, dist
     elif not layers and not sparse_ones:
         warnings.warn("sparsify: the model has no layer to swap (nn.Linear, transformers' Conv1D, nn.Conv2d, as "
                       "include allows); it is returned unchanged", stacklevel=3)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _warn_hooks_not_carried(layers: dict) -> None:
+    """Names the swapped layers that had hooks or parametrizations (weight_norm, ...): the
+    sparse layers are new modules and do not run them (a hook may read ``.weight``, which
+    they do not have; a parametrization's weight is taken as it computes now)."""
+    from torch.nn.utils import parametrize
+
+    named = [name for name, m in layers.items()
+             if any(getattr(m, d, None) for d in _HOOK_DICTS) or parametrize.is_parametrized(m)]
+    if named:
+        warnings.warn(f"sparsify: the hooks and parametrizations of {', '.join(named)} are not carried to their sparse "
+                      "layers (register them again on the returned model where they still apply)", stacklevel=3)
 
 
 def _as_linear(conv1d: nn.Module) -> nn.Linear:

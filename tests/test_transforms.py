@@ -477,3 +477,28 @@ def test_gradcheck_every_mode(kind, seed):
 
     assert gradcheck(f, inputs, check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True)
     assert gradgradcheck(f, inputs, check_fwd_over_rev=True, check_batched_grad=True)
+
+
+def test_srste_count_survives_a_change_of_update_every():
+    """The count runs on the device for update_every = 1 and on the host for more: switching
+    between them (and setting it, as a resumed method does) keeps one count."""
+    from sparsekernels.nn import Sparse24Linear
+
+    torch.manual_seed(0)
+    layer = Sparse24Linear(16, 8, mode="srste")
+    x = torch.randn(3, 16)
+    for _ in range(3):
+        layer(x).sum().backward()
+    layer.update_every = 2
+    masks = []
+    for _ in range(4):  # forwards 3, 4, 5, 6: prunes at 4 and 6 only
+        before = layer.meta.clone()
+        with torch.no_grad():
+            layer.weight.mul_(torch.rand_like(layer.weight) + 0.5)  # moves the magnitudes
+        layer(x).sum().backward()
+        masks.append(not torch.equal(before, layer.meta))
+    assert layer._forwards == 7
+    assert masks[0] is False and masks[2] is False  # 3 and 5: no update
+    layer._forwards = 10
+    layer(x).sum().backward()
+    assert layer._forwards == 11

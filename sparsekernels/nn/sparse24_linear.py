@@ -70,6 +70,9 @@ class Sparse24Linear(CompressedWeightModule):
         # on (one recompile per step, and past the recompile limit the whole model ran
         # uncompiled). Not in the state_dict (the SRSTE method's state carries it).
         self.register_buffer("_forward_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        # Its value on the host, for update_every > 1 (read every forward: from a GPU tensor
+        # that would be a device sync per step); stale after counting on the device alone.
+        self._host_count, self._host_count_valid = 0, True
         self.freeze_mask = False  # SR-STE: stop recomputing the mask (kept at its last value)
 
     def _set_pattern(self, weight: Tensor, mask: Tensor | None) -> Sparse24:
@@ -207,6 +210,7 @@ class Sparse24Linear(CompressedWeightModule):
     @_forwards.setter
     def _forwards(self, count: int) -> None:
         self._forward_count.fill_(count)
+        self._host_count, self._host_count_valid = int(count), True
 
     def _count_forward(self) -> Tensor | None:
         """SR-STE: counts a training forward and, every ``update_every``, prunes the current
@@ -214,6 +218,7 @@ class Sparse24Linear(CompressedWeightModule):
         if self.update_every == 1:  # every forward: no decision on the count, one graph under torch.compile
             kept = self._set_pattern(self.weight.detach(), None).values
             self._forward_count.add_(1)
+            self._host_count_valid = False
             return kept
         return self._count_forward_every()
 
@@ -221,12 +226,15 @@ class Sparse24Linear(CompressedWeightModule):
     def _count_forward_every(self) -> Tensor | None:
         # Which forward this is decides whether to prune: under torch.compile that runs
         # here, between graphs (a graph break), not as a guard on the count.
+        if not self._host_count_valid:  # counted on the device since (update_every was 1)
+            self._host_count, self._host_count_valid = int(self._forward_count), True
         kept = None
-        if self._forwards % self.update_every == 0:
+        if self._host_count % self.update_every == 0:
             # Pruned from the current weight just now: its compressed values are the kept
             # weights (no second gather).
             kept = self._set_pattern(self.weight.detach(), None).values
         self._forward_count.add_(1)
+        self._host_count += 1
         return kept
 
     def forward(self, input: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from ..nn.distribution import DISTRIBUTIONS
 from ..nn._conv1d import is_conv1d
 from ..nn.sparsify import left_dense_layers, linear_weight, warn_left_dense
 from ..topology import drop_smallest, update_layer
-from . import _distributed
+from . import _adopted, _distributed
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
 
@@ -147,10 +147,15 @@ class SparseTrainingMethod:
         self.history: list[dict] = []
         self.layers: dict[str, nn.Module] = {}
         _distributed.check_fsdp(self, model, include, exclude)  # sharded set-ups it cannot train: say so now
+        adopted_names = {n for n, m in model.named_modules() if isinstance(m, SPARSE_LAYERS)}
         with restore_on_error(model, optimizer):
             self._attach_layers(include, exclude)
+            adopted = _adopted.capture({n: m for n, m in self.layers.items() if n in adopted_names})
             self._after_attach()
             self._arm_capture()
+        # Adopted layers the set-up changed: put back by a resume (load_state_dict), see
+        # methods/_adopted.py; forgotten at the first step.
+        self._changed_at_setup = _adopted.changed_by_setup(adopted, self.layers)
         # Last, once nothing can fail: a hook left behind by a failed attach would run.
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
@@ -250,6 +255,7 @@ class SparseTrainingMethod:
                 layer.capture_next(arm)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        self._changed_at_setup = {}
         self.step += 1
         try:
             if self.is_update_step(self.step):
@@ -344,6 +350,9 @@ class SparseTrainingMethod:
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
+        if step > 0:  # a resume: the checkpoint's layouts, where the set-up had changed them
+            _adopted.restore(getattr(self, "_changed_at_setup", {}), self.layers, self.optimizer)
+        self._changed_at_setup = {}
         self._arm_capture()
 
     def _load_extra(self, state: Mapping) -> None:

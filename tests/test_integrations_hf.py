@@ -72,6 +72,12 @@ def _snapshot(trainer: Trainer, callback: SparseTrainingCallback) -> dict:
 @pytest.mark.parametrize("method,kwargs", [("rigl", {"sparsity": 0.8, "update_interval": 1}),
                                            ("static", {"sparsity": 0.8}),
                                            ("gmp", {"sparsity": 0.8, "update_interval": 1}),
+                                           # set-ups that change the layers they adopt (the
+                                           # resumed model holds the checkpoint's first)
+                                           ("gap", {"sparsity": 0.8, "partitions": 2, "cycles": 1,
+                                                    "phase_length": 2}),
+                                           ("acdc", {"sparsity": 0.8, "warmup": 1, "phase_length": 1,
+                                                     "dense_end": 5}),
                                            ("srste", {})])
 def test_resume_equals_uninterrupted_run(tmp_path, method, kwargs):
     full_cb = SparseTrainingCallback(method, **kwargs)

@@ -91,6 +91,10 @@ def _snapshot(trainer: L.Trainer, callback: SparseTraining) -> dict:
                                            ("static", {"sparsity": 0.8}),
                                            ("set", {"sparsity": 0.8, "update_interval": 3}),
                                            ("gmp", {"sparsity": 0.8, "update_interval": 3}),
+                                           # set-ups that change the layers they adopt (the
+                                           # resumed module holds the checkpoint's first)
+                                           ("gap", {"sparsity": 0.8, "partitions": 2}),
+                                           ("acdc", {"sparsity": 0.8}),
                                            ("srste", {})])
 def test_resume_equals_uninterrupted_run(tmp_path, method, kwargs):
     full_cb = SparseTraining(method, **kwargs)

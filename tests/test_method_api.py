@@ -344,7 +344,8 @@ def test_a_method_says_when_it_adopts_sparse_layers_at_another_sparsity(distribu
     same = sparsekernels.sparsify(_mlp(), sparsity=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        SET(same, torch.optim.SGD(same.parameters(), lr=0.1), sparsity=0.9, distribution="uniform", total_steps=10)
+        SET(same, torch.optim.SGD(same.parameters(), lr=0.1), sparsity=0.9, distribution="uniform", total_steps=10,
+            update_interval=5)
 
 
 def test_every_method_has_a_history_list():

@@ -5,6 +5,7 @@ bad states and arguments by name. Found by a review of resume edge cases (12-03)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -89,7 +90,10 @@ def test_gmp_reaches_every_layers_target_whatever_initial_sparsity():
                    {"sparsity": 0.8, "initial_sparsity": 0.5, "distribution": "erk"}):
         model = _mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        gmp = GMP(model, optimizer, total_steps=40, update_interval=3, **kwargs)
+        above = kwargs["initial_sparsity"] > kwargs["sparsity"]
+        with pytest.warns(UserWarning, match="initial_sparsity .* is above sparsity") if above else \
+                contextlib.nullcontext():
+            gmp = GMP(model, optimizer, total_steps=40, update_interval=3, **kwargs)
         _train(model, optimizer, 40)
         for name, layer in gmp.layers.items():
             assert abs(layer.sparsity - gmp.final_sparsities[name]) < 0.02, (name, layer.sparsity)
@@ -215,3 +219,23 @@ def test_dst_ensemble_loads_all_members_or_none():
     with pytest.raises(ValueError, match="member 1"):
         ens.load_state_dict({"members": [saved["members"][0], {"model": {}}]})
     ens.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("cls", [RigL, "set"])
+def test_an_update_interval_past_t_end_is_named(cls):
+    """Updates every update_interval steps up to t_end: one past it never runs (the run is
+    Static in all but name), which is almost always a configuration mistake."""
+    from sparsekernels.methods import SET
+
+    cls = SET if cls == "set" else cls
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match=r"update_interval \(100\) is past t_end"):
+        cls(model, optimizer, update_interval=100, total_steps=10)
+    import warnings
+
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past t_end")
+        cls(model, optimizer, update_interval=5, total_steps=10)  # updates at step 5: no warning

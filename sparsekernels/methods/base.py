@@ -45,6 +45,15 @@ def _check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
+def warn_if_never_updated(owner: str, update_interval: object, t_end: int | None) -> None:
+    """Topology updates run every ``update_interval`` steps up to ``t_end``: one past it
+    never runs, and the method trains a fixed pattern (almost always a configuration
+    mistake, e.g. an interval meant for a longer run)."""
+    if t_end is not None and isinstance(update_interval, int) and update_interval > t_end:
+        warnings.warn(f"{owner}: update_interval ({update_interval}) is past t_end ({t_end}): the topology never "
+                      "changes (the run trains a fixed pattern, as Static)", stacklevel=3)
+
+
 def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     """The real ``torch.optim.Optimizer`` under trainer wrappers: accelerate's
     ``AcceleratedOptimizer`` (the HF Trainer's) holds it in ``.optimizer``, Lightning's

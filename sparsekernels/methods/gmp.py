@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +30,10 @@ class GMP(SparseTrainingMethod):
                  total_steps: int | None = None, update_interval: int = 100, distribution: str = "uniform",
                  seed: int = 0, include=(nn.Linear, nn.Conv2d), exclude=()) -> None:
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if self.initial_sparsity > check_sparsity(sparsity):
+            warnings.warn(f"GMP: initial_sparsity ({self.initial_sparsity}) is above sparsity ({sparsity}); GMP only "
+                          "prunes, so every layer starts at its final target and the schedule has nothing to prune",
+                          stacklevel=2)
         check_int("start_step", start_step, minimum=0)
         total_steps = check_int("total_steps", total_steps, allow_none=True)
         end_step = check_int("end_step", end_step, allow_none=True)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from ..topology import grow_by_gradient
 from . import _distributed
-from .base import SparseTrainingMethod, _check_fraction
+from .base import SparseTrainingMethod, _check_fraction, warn_if_never_updated
 from .schedules import cosine_drop_fraction
 
 
@@ -44,6 +44,7 @@ class RigL(SparseTrainingMethod):
                 raise ValueError("RigL: give total_steps (t_end defaults to 75% of it) or t_end")
             t_end = max(1, int(0.75 * total_steps))
         self.t_end, self.total_steps = t_end, total_steps
+        warn_if_never_updated("RigL", update_interval, t_end)
         super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
                          update_interval=update_interval, seed=seed, total_steps=total_steps, include=include,
                          exclude=exclude)

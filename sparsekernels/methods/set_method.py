@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..topology import grow_random
-from .base import SparseTrainingMethod, _check_fraction
+from .base import SparseTrainingMethod, _check_fraction, warn_if_never_updated
 
 
 class SET(SparseTrainingMethod):
@@ -30,6 +30,7 @@ class SET(SparseTrainingMethod):
         total_steps = check_int("total_steps", total_steps, allow_none=True)
         t_end = check_int("t_end", t_end, allow_none=True)
         self.t_end = total_steps if t_end is None else t_end
+        warn_if_never_updated("SET", update_interval, self.t_end)
         super().__init__(model, optimizer, sparsity=sparsity, distribution=distribution,
                          update_interval=update_interval, seed=seed, total_steps=total_steps, include=include,
                          exclude=exclude)

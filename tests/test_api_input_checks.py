@@ -298,3 +298,21 @@ def test_integer_arguments_share_one_check_and_wording():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="^spdy.search: buckets must be a positive int, got 0$"):
         search(model, [(torch.randn(2, 4), torch.tensor([0, 1]))], target_speedup=2.0, buckets=0)
+
+
+def test_a_bias_must_be_one_dimensional():
+    """A [1, N] bias passed the width check and was refused inside the kernel, under
+    another op's name (srste_linear's said sparse24_mm)."""
+    from sparsekernels import CSR, ops
+    from sparsekernels.formats import Sparse24
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    csr = CSR.from_dense(w)
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match=r"spmm: bias must be 1-D \[8\]"):
+        ops.spmm(x, csr.values, *csr.pattern(), bias=torch.zeros(1, 8))
+    s24 = Sparse24.from_dense(w)
+    mask = s24.mask()
+    with pytest.raises(ValueError, match=r"srste_linear: bias must be 1-D \[8\]"):
+        ops.srste_linear(x, w, s24.meta, mask, 2e-4, bias=torch.zeros(1, 8))

@@ -89,6 +89,16 @@ def check_csr_op(op: str, values: Tensor, pattern: tuple[Tensor, ...], dense: tu
         check_dense(op, name, t, values, (out_f if side == "out" else in_f) * scale, against=against)
 
 
+def check_bias(op: str, bias: object, values: Tensor, features: int) -> Tensor:
+    """A bias [features] of the weight's dtype and device: 1-D (a [1, features] one had
+    passed :func:`check_dense` and been refused inside the kernel, under another op's
+    name)."""
+    bias = check_dense(op, "bias", bias, values, features)
+    if bias.dim() != 1:
+        raise ValueError(f"{op}: bias must be 1-D [{features}], got shape {tuple(bias.shape)}")
+    return bias
+
+
 def check_features(op: str, name: str, t: Tensor, features: int) -> None:
     """The shape part of :func:`check_dense` alone, for the custom ops' bodies: the public
     entry points have checked everything, but a direct call of

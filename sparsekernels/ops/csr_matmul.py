@@ -141,7 +141,7 @@ def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_
         # arguments' shapes, dtypes and devices on every call (a direct call of the op).
         _checks.check_csr_op("spmm", values, (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), (("x", x, "in"),))
         if bias is not None:
-            _checks.check_dense("spmm", "bias", bias, values, row_ptr.shape[0] - 1)
+            _checks.check_bias("spmm", bias, values, row_ptr.shape[0] - 1)
         _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         if backend in ("cuda", "cuda:tiled"):
             order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
@@ -383,7 +383,7 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
     out_f, in_f = _checks.check_csr_pattern("spmm", values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
     _checks.check_dense("spmm", "x", x, values, in_f)
     if bias is not None:
-        _checks.check_dense("spmm", "bias", bias, values, out_f)
+        _checks.check_bias("spmm", bias, values, out_f)
         if bias.dim() != 1:
             raise ValueError(f"spmm: bias must have shape [{out_f}], got {tuple(bias.shape)}")
     if _eager.direct_call_allowed(x, values, bias) and backends.planned(

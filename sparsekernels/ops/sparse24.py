@@ -364,7 +364,7 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
         raise ValueError("sparse24_mm: the CSR view must have one row per output and values.numel() entries")
     _checks.check_dense("sparse24_mm", "x", x, values, in_f)
     if bias is not None:
-        _checks.check_dense("sparse24_mm", "bias", bias, values, out_f)
+        _checks.check_bias("sparse24_mm", bias, values, out_f)
         if bias.dim() != 1:
             raise ValueError(f"sparse24_mm: bias must be 1-D [{out_f}], got shape {tuple(bias.shape)}")
     if not isinstance(transposable, bool):
@@ -513,7 +513,7 @@ def srste_linear(x: Tensor, weight: Tensor, meta: Tensor, mask: Tensor, lam: flo
     check_srste_lambda("srste_linear", "lam", lam)
     _checks.check_dense("srste_linear", "x", x, weight, weight.shape[1])
     if bias is not None:
-        _checks.check_dense("srste_linear", "bias", bias, weight, weight.shape[0])
+        _checks.check_bias("srste_linear", bias, weight, weight.shape[0])
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
         raise TypeError(f"srste_linear: mask must be a bool tensor of the weight's shape {tuple(weight.shape)}")
     if not isinstance(meta, Tensor) or meta.dtype != torch.uint8 or tuple(meta.shape) != (weight.shape[0],

@@ -182,11 +182,10 @@ class CompressedWeightModule(nn.Module):
     would take writes (``layer.weight.data.normal_()``) without effect."""
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name != "weight":
-                raise
+        # Every parameter / buffer lookup comes here (nn.Module keeps them out of __dict__):
+        # the common case goes straight on, no super() or try (0.5 us per access otherwise).
+        if name != "weight" or "weight" in self._parameters:
+            return nn.Module.__getattr__(self, name)
         raise AttributeError(
             f"{type(self).__name__} has no dense `weight`: it stores only the kept weights, in `values` (the "
             f"trainable parameter); `dense_weight()` gives the weight with zeros where pruned (a copy, no grad) "

@@ -251,7 +251,9 @@ def test_gpu_measured_dispatch_accepts_every_backend(monkeypatch):
     assert _rel(y, x.double() @ csr.to_dense().double().t()) < TOL[torch.float32]
     (entry,) = [e for e in backends.measured() if e["op"] == "spmm"]
     assert entry["rejected"] == {}, entry
-    assert set(entry["times_ms"]) == set(backends.auto_candidates("cuda"))
+    # every backend, and the tiled launch of the CUDA kernel as a variant of its own (the
+    # H200 run of 12-04 measured it beside them)
+    assert set(entry["times_ms"]) - {"cuda:tiled"} == set(backends.auto_candidates("cuda"))
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -60,7 +60,7 @@ def test_triton_batched_noncontiguous_input(seed):
     with sk.use_backend("triton"):
         y = sk.ops.spmm(x, csr.values, *csr.pattern())
     assert y.shape == (2, 3, 6)
-    assert_close_rel(y, x.double() @ w.double().t(), 1e-5, "triton spmm 3-D")
+    assert_close_rel(y, x.double() @ w.double().to(DEVICE).t(), 1e-5, "triton spmm 3-D")
 
 
 def test_triton_layer_forward_backward(seed):

@@ -215,29 +215,17 @@ _bsr_sddmm = _functorch.routed(_bsr_sddmm_op, _save, _bsr_sddmm_backward, "bsr_s
 
 
 # --------------------------------------------------------------------------- entry points
-def _check_bsr(op: str, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
-               t_perm: Tensor) -> tuple[int, int]:
-    _check_values_blocks(op, values)
-    flat = values.new_empty(1).expand(values.shape[0])
-    out_blocks, in_blocks = _checks.check_csr_pattern(op, flat, crow, ccol, t_crow, t_ccol, t_perm,
-                                                      names=_checks.BSR_NAMES)
-    b = values.shape[-1]
-    return out_blocks * b, in_blocks * b
-
-
 def bsr_mm(x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
            t_perm: Tensor) -> Tensor:
     """``y [..., N] = x [..., K] @ W^T`` for a BSR weight (differentiable in x and values)."""
-    out_f, in_f = _check_bsr("bsr_mm", values, crow, ccol, t_crow, t_ccol, t_perm)
-    _checks.check_dense("bsr_mm", "x", x, values, in_f)
+    _check_bsr_op("bsr_mm", values, (crow, ccol, t_crow, t_ccol, t_perm), (("x", x, "in"),))
     return _bsr_mm(x, values, crow, ccol, t_crow, t_ccol, t_perm)
 
 
 def bsr_mm_t(dy: Tensor, values: Tensor, crow: Tensor, ccol: Tensor, t_crow: Tensor, t_ccol: Tensor,
              t_perm: Tensor) -> Tensor:
     """``dx [..., K] = dy [..., N] @ W`` for a BSR weight."""
-    out_f, in_f = _check_bsr("bsr_mm_t", values, crow, ccol, t_crow, t_ccol, t_perm)
-    _checks.check_dense("bsr_mm_t", "dy", dy, values, out_f)
+    _check_bsr_op("bsr_mm_t", values, (crow, ccol, t_crow, t_ccol, t_perm), (("dy", dy, "out"),))
     return _bsr_mm_t(dy, values, crow, ccol, t_crow, t_ccol, t_perm)
 
 
@@ -245,8 +233,6 @@ def bsr_sddmm(dy: Tensor, x: Tensor, values: Tensor, crow: Tensor, ccol: Tensor,
               t_perm: Tensor) -> Tensor:
     """``dvalues [nb, b, b]``: the weight gradient of :func:`bsr_mm` at the stored blocks
     (``values`` gives the block shape; its numbers are not used)."""
-    out_f, in_f = _check_bsr("bsr_sddmm", values, crow, ccol, t_crow, t_ccol, t_perm)
-    _checks.check_dense("bsr_sddmm", "dy", dy, values, out_f)
-    _checks.check_dense("bsr_sddmm", "x", x, values, in_f)
+    _check_bsr_op("bsr_sddmm", values, (crow, ccol, t_crow, t_ccol, t_perm), (("dy", dy, "out"), ("x", x, "in")))
     _checks.check_same_batch("bsr_sddmm", dy, x)
     return _bsr_sddmm(dy, x, crow, ccol, t_crow, t_ccol, t_perm, values.detach())

@@ -384,8 +384,6 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
     _checks.check_dense("spmm", "x", x, values, in_f)
     if bias is not None:
         _checks.check_bias("spmm", bias, values, out_f)
-        if bias.dim() != 1:
-            raise ValueError(f"spmm: bias must have shape [{out_f}], got {tuple(bias.shape)}")
     if _eager.direct_call_allowed(x, values, bias) and backends.planned(
             "spmm", x.device, x.dtype, **_dispatch_args(x, row_ptr, t_row_ptr, values.shape[0],
                                                          dense_variant=True)) == "cpu":

@@ -365,8 +365,6 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
     _checks.check_dense("sparse24_mm", "x", x, values, in_f)
     if bias is not None:
         _checks.check_bias("sparse24_mm", bias, values, out_f)
-        if bias.dim() != 1:
-            raise ValueError(f"sparse24_mm: bias must be 1-D [{out_f}], got shape {tuple(bias.shape)}")
     if not isinstance(transposable, bool):
         raise TypeError(f"sparse24_mm: transposable must be a bool, got {type(transposable).__name__}")
     if _eager.direct_call_allowed(x, values, meta, bias) and backends.planned(

@@ -87,6 +87,49 @@ def test_gpu_layer_training_step_matches_cpu(backend):
     assert _rel(gpu.values.grad.cpu(), layer.values.grad) < 1e-4
 
 
+@pytest.mark.parametrize("forced", ["cuda", None])
+@pytest.mark.parametrize("batch", [1, 16, 300])
+def test_gpu_eager_spmm_gives_the_ops_bits(monkeypatch, forced, batch):
+    """ops.spmm and a layer's backward on CUDA run the CUDA kernels without the custom op
+    (ops/_eager.py) where the op would run them, with the op's bits: forward and every
+    gradient; a forced Triton backend still goes through the op."""
+    if "cuda" not in _gpu_backends():
+        pytest.skip("extension built without CUDA")
+    from sparsekernels.ops import csr_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    w = torch.randn(130, 257, device="cuda", generator=g)
+    mask = torch.rand(130, 257, device="cuda", generator=g) < 0.2
+    mask[::7] = False
+    csr = sk.CSR.from_dense(w * mask, mask)
+    p = csr.pattern()
+    x = torch.randn(batch, 257, device="cuda", generator=g)
+    bias = torch.randn(130, device="cuda", generator=g)
+    dy = torch.randn(batch, 130, device="cuda", generator=g)
+    calls = []
+    for name in ("_spmm", "_spmm_t", "_sddmm"):
+        real = getattr(csr_matmul, name)
+        monkeypatch.setattr(csr_matmul, name, lambda *a, real=real, **k: (calls.append(1), real(*a, **k))[1])
+
+    def grads(fn):
+        xs, vs, bs = (t.detach().clone().requires_grad_() for t in (x, csr.values, bias))
+        y = fn(xs, vs, bs)
+        return (y.detach(), *torch.autograd.grad(y, (xs, vs, bs), dy))
+
+    with sk.use_backend(forced):
+        fast = grads(lambda xs, vs, bs: sk.ops.spmm(xs, vs, *p, bs))
+        assert not calls, "the eager path should have run the CUDA kernels"
+        via_op = grads(lambda xs, vs, bs: torch.ops.sparsekernels.spmm(xs, vs, *p, bs))
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name
+    want = x.double() @ (w * mask).double().t() + bias.double()
+    assert _rel(fast[0], want) < TOL[torch.float32]
+    if "triton" in _gpu_backends():
+        with sk.use_backend("triton"):
+            sk.ops.spmm(x, csr.values, *p, bias)
+        assert calls
+
+
 def test_gpu_topk_grow_matches_reference():
     if not sk._extension.compiled_with_cuda():
         pytest.skip("extension built without CUDA")

@@ -1,5 +1,6 @@
-"""The eager CPU path (ops/_eager.py): spmm and sparse24_mm called from Python run the
-C++ kernel without the custom op's dispatch where the op would run that kernel anyway.
+"""The eager path (ops/_eager.py): spmm and sparse24_mm called from Python run the
+compiled kernel without the custom op's dispatch where the op would run that kernel
+anyway (the CUDA side of it: tests/test_cuda.py).
 
 It must give the op's bits (forward, every gradient, double backward), and step aside
 (the custom op runs) wherever the op provides something: autocast, a forced or measured
@@ -130,13 +131,34 @@ def test_eager_path_waits_for_a_measurement(monkeypatch):
     choice = [e["choice"] for e in backends.measured() if e["op"] == "spmm"]
     assert len(choice) == 1
     ops.spmm(x, csr.values, *p, bias)
-    assert len(calls) == (1 if choice[0] == "cpu" else 2)
+    assert len(calls) == (1 if choice[0] in csr_matmul._DIRECT else 2)
+
+
+def test_eager_path_runs_the_measured_dense_variant(monkeypatch):
+    """A class measured for "cpu:dense" (the densified weight's GEMM) runs that compiled
+    kernel without the op too, with the op's bits, gradients included."""
+    monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 1.0)
+    monkeypatch.setattr(backends, "_measured", {})
+    csr, x, bias = _csr_case((8,), 32, 48, 0.2, torch.float32, seed=9)
+    p = csr.pattern()
+    args = csr_matmul._dispatch_args(x, p[0], p[2], csr.nnz, dense_variant=True)
+    full_key = ("spmm", "cpu", "float32", *args["key"])
+    backends._measured[full_key] = {"op": "spmm", "device": "cpu", "dtype": "float32", "key": args["key"],
+                                    "choice": "cpu:dense", "times_ms": {}, "rejected": {}}
+    calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm")
+    fast = _grads(lambda x, v, b: ops.spmm(x, v, *p, b), x, csr.values, bias)
+    assert not calls
+    via_op = _grads(lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b), x, csr.values, bias)
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name
 
 
 def test_direct_call_allowed_refuses_other_devices_subclasses_and_transforms():
     x = torch.randn(3)
     assert _eager.direct_call_allowed(x, None, torch.nn.Parameter(x.clone()))
     assert not _eager.direct_call_allowed(x, torch.randn(3, device="meta"))
+    assert not _eager.direct_call_allowed(torch.randn(3, device="meta"))
+    assert _eager.direct_call_allowed(None, None)
 
     class Sub(torch.Tensor):
         pass

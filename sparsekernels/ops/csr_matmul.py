@@ -116,6 +116,14 @@ def _triton(name: str):
     return {"spmm": spmm.spmm, "spmm_t": spmm.spmm_t, "sddmm": sddmm.sddmm}[name]
 
 
+# Backends whose kernels check their arguments themselves (the C++ CPU kernels): the op
+# bodies check the others' arguments on every call, as a direct call of an op skips the
+# public entry points.
+_SELF_CHECKING = ("cpu", "cpu:dense")
+# Backends an eager call may run without the custom op (``_eager``): the compiled kernels.
+_DIRECT = ("cpu", "cpu:dense", "cuda", "cuda:tiled")
+
+
 # --------------------------------------------------------------------------- spmm
 def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     """y + bias, in place where y is a fresh tensor of its own (not a view)."""
@@ -124,31 +132,40 @@ def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     return y.add_(bias) if y._base is None else y + bias
 
 
+def _run_spmm(backend: str, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+              t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None) -> Tensor:
+    """spmm on ``backend``, for arguments whose shapes, dtypes and devices are checked (by
+    the public entry point, or by the op body for a direct call of the op)."""
+    if backend == "cpu":  # the C++ CPU kernels check the pattern themselves
+        # The bias is added as the kernel writes y: no second pass over the output.
+        return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
+    if backend == "cpu:dense":
+        return _add_bias(_compiled("csr_dense_mm")(x, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, False),
+                         bias)
+    # The GPU kernels and the reference would read out of bounds or wrap on a corrupt
+    # pattern: checked once per pattern (cached, no device sync on later calls).
+    _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    if backend in ("cuda", "cuda:tiled"):
+        order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
+        return _compiled("spmm")(x, values, row_ptr, cols, order, backend == "cuda:tiled", bias)
+    if backend == "triton":
+        return _add_bias(_triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), bias)
+    return _add_bias(reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), bias)
+
+
 @torch.library.custom_op("sparsekernels::spmm", mutates_args=())
 def _spmm_op(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
              t_col_idx: Tensor, t_perm: Tensor, bias: Tensor | None = None) -> Tensor:
     _checks.check_features("spmm", "x", x, t_row_ptr.shape[0] - 1)
+    pattern = (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
     def run(backend: str) -> Tensor:
-        if backend == "cpu":  # the C++ CPU kernels check the pattern themselves
-            # The bias is added as the kernel writes y: no second pass over the output.
-            return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
-        if backend == "cpu:dense":
-            return _add_bias(_compiled("csr_dense_mm")(x, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, False),
-                             bias)
-        # The GPU kernels and the reference would read out of bounds or wrap on a corrupt
-        # pattern: checked once per pattern (cached, no device sync on later calls); the
-        # arguments' shapes, dtypes and devices on every call (a direct call of the op).
-        _checks.check_csr_op("spmm", values, (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), (("x", x, "in"),))
-        if bias is not None:
-            _checks.check_bias("spmm", bias, values, row_ptr.shape[0] - 1)
-        _checks.check_csr_contents("spmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        if backend in ("cuda", "cuda:tiled"):
-            order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
-            return _compiled("spmm")(x, values, row_ptr, cols, order, backend == "cuda:tiled", bias)
-        if backend == "triton":
-            return _add_bias(_triton("spmm")(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), bias)
-        return _add_bias(reference.spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), bias)
+        if backend not in _SELF_CHECKING:
+            # A direct call of the op: the arguments' shapes, dtypes and devices, on every call.
+            _checks.check_csr_op("spmm", values, pattern, (("x", x, "in"),))
+            if bias is not None:
+                _checks.check_bias("spmm", bias, values, row_ptr.shape[0] - 1)
+        return _run_spmm(backend, x, values, *pattern, bias)
 
     return _dispatch("spmm", x, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(row_ptr, col_idx),
                      dense_variant=True)
@@ -160,24 +177,32 @@ def _(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias=None):
 
 
 # --------------------------------------------------------------------------- spmm_t
+def _run_spmm_t(backend: str, dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+                t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """spmm_t on ``backend``, for checked arguments (as :func:`_run_spmm`)."""
+    if backend == "cpu":
+        return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+    if backend == "cpu:dense":
+        return _compiled("csr_dense_mm")(dy, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, True)
+    _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    if backend in ("cuda", "cuda:tiled"):
+        order, cols = launch_plan(t_row_ptr, t_col_idx, row_ptr.shape[0] - 1)
+        return _compiled("spmm_t")(dy, values, t_row_ptr, cols, t_perm, order, backend == "cuda:tiled")
+    if backend == "triton":
+        return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
 @torch.library.custom_op("sparsekernels::spmm_t", mutates_args=())
 def _spmm_t_op(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
                t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
     _checks.check_features("spmm_t", "dy", dy, row_ptr.shape[0] - 1)
+    pattern = (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
     def run(backend: str) -> Tensor:
-        if backend == "cpu":
-            return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
-        if backend == "cpu:dense":
-            return _compiled("csr_dense_mm")(dy, values, row_ptr, col_idx, t_row_ptr.shape[0] - 1, True)
-        _checks.check_csr_op("spmm_t", values, (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), (("dy", dy, "out"),))
-        _checks.check_csr_contents("spmm_t", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        if backend in ("cuda", "cuda:tiled"):
-            order, cols = launch_plan(t_row_ptr, t_col_idx, row_ptr.shape[0] - 1)
-            return _compiled("spmm_t")(dy, values, t_row_ptr, cols, t_perm, order, backend == "cuda:tiled")
-        if backend == "triton":
-            return _triton("spmm_t")(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        return reference.spmm_t(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        if backend not in _SELF_CHECKING:
+            _checks.check_csr_op("spmm_t", values, pattern, (("dy", dy, "out"),))
+        return _run_spmm_t(backend, dy, values, *pattern)
 
     return _dispatch("spmm_t", dy, row_ptr, t_row_ptr, values.shape[0], run, tiled_pattern=(t_row_ptr, t_col_idx),
                      dense_variant=True)
@@ -189,28 +214,35 @@ def _(dy, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm):
 
 
 # --------------------------------------------------------------------------- sddmm
+def _run_sddmm(backend: str, dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
+               t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
+    """sddmm on ``backend``, for checked arguments (as :func:`_run_spmm`)."""
+    if backend == "cpu":
+        return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+    if backend == "cpu:dense":
+        return _compiled("csr_dense_sddmm")(dy, x, row_ptr, col_idx)
+    _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    if backend == "cuda":
+        order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
+        return _compiled("sddmm")(dy, x, row_ptr, cols, order)
+    if backend == "triton":
+        return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+    return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
 @torch.library.custom_op("sparsekernels::sddmm", mutates_args=())
 def _sddmm_op(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
               t_col_idx: Tensor, t_perm: Tensor) -> Tensor:
     _checks.check_features("sddmm", "dy", dy, row_ptr.shape[0] - 1)
     _checks.check_features("sddmm", "x", x, t_row_ptr.shape[0] - 1)
     _checks.check_same_batch("sddmm", dy, x)
+    pattern = (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 
     def run(backend: str) -> Tensor:
-        if backend == "cpu":
-            return _compiled("sddmm")(dy, x, row_ptr, col_idx)
-        if backend == "cpu:dense":
-            return _compiled("csr_dense_sddmm")(dy, x, row_ptr, col_idx)
-        _checks.check_csr_op("sddmm", dy.new_empty(1).expand(col_idx.shape[0]),
-                             (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm), (("dy", dy, "out"), ("x", x, "in")),
-                             against="dy")
-        _checks.check_csr_contents("sddmm", row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        if backend == "cuda":
-            order, cols = launch_plan(row_ptr, col_idx, t_row_ptr.shape[0] - 1)
-            return _compiled("sddmm")(dy, x, row_ptr, cols, order)
-        if backend == "triton":
-            return _triton("sddmm")(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
-        return reference.sddmm(dy, x, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+        if backend not in _SELF_CHECKING:
+            _checks.check_csr_op("sddmm", dy.new_empty(1).expand(col_idx.shape[0]), pattern,
+                                 (("dy", dy, "out"), ("x", x, "in")), against="dy")
+        return _run_sddmm(backend, dy, x, *pattern)
 
     return _dispatch("sddmm", dy, row_ptr, t_row_ptr, col_idx.shape[0], run, dense_variant=True)
 
@@ -290,28 +322,36 @@ def fused_backward(eager: bool, *tensors: Tensor):
     return _compiled("spmm_backward") if eager and _eager.direct_call_allowed(*tensors) else _spmm_backward_cpu_op
 
 
-def _direct_cpu(op: str, lead: Tensor, others: tuple, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
-                dense_variant: bool) -> bool:
-    """Whether this eager CSR product may run its C++ kernel directly (``_eager``): plain
-    CPU tensors, no graph to record, and ``op`` planned on the "cpu" backend."""
-    return (not _eager.wants_graph(lead, *others) and _eager.direct_call_allowed(lead, *others)
-            and backends.planned(op, lead.device, lead.dtype,
-                                 **_dispatch_args(lead, row_ptr, t_row_ptr, nnz, dense_variant=dense_variant)) == "cpu")
+def direct_backend(op: str, lead: Tensor, others: tuple, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
+                   tiled_pattern: tuple[Tensor, Tensor] | None = None) -> str | None:
+    """The compiled backend (``_DIRECT``) an eager CSR product of these checked arguments
+    may run without the custom op (``_eager``): plain CPU or CUDA tensors, no graph to
+    record, and the op planned on that backend now. None otherwise (the op then runs:
+    it measures, routes to Triton or the reference, or records its graph).
+    ``tiled_pattern`` as for the op's own dispatch, so both see the same candidates."""
+    if _eager.wants_graph(lead, *others) or not _eager.direct_call_allowed(lead, *others):
+        return None
+    choice = backends.planned(op, lead.device, lead.dtype,
+                              **_dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern, dense_variant=True))
+    return choice if choice in _DIRECT else None
 
 
 def spmm_t_in_backward(dy: Tensor, values: Tensor, pattern: list, eager: bool) -> Tensor:
     """spmm_t for a backward: the kernel directly where ``eager`` allows, else the op."""
-    row_ptr, _, t_row_ptr, t_col_idx, t_perm = pattern
-    if eager and _direct_cpu("spmm_t", dy, (values,), row_ptr, t_row_ptr, values.shape[0], True):
-        return _compiled("spmm_t")(dy, values, t_row_ptr, t_col_idx, t_perm)
+    row_ptr, _, t_row_ptr, t_col_idx, _ = pattern
+    backend = eager and direct_backend("spmm_t", dy, (values,), row_ptr, t_row_ptr, values.shape[0],
+                                       (t_row_ptr, t_col_idx))
+    if backend:
+        return _run_spmm_t(backend, dy, values, *pattern)
     return _spmm_t(dy, values, *pattern)
 
 
 def sddmm_in_backward(dy: Tensor, x: Tensor, pattern: list, eager: bool) -> Tensor:
     """sddmm for a backward: the kernel directly where ``eager`` allows, else the op."""
     row_ptr, col_idx, t_row_ptr = pattern[:3]
-    if eager and _direct_cpu("sddmm", dy, (x,), row_ptr, t_row_ptr, col_idx.shape[0], True):
-        return _compiled("sddmm")(dy, x, row_ptr, col_idx)
+    backend = eager and direct_backend("sddmm", dy, (x,), row_ptr, t_row_ptr, col_idx.shape[0])
+    if backend:
+        return _run_sddmm(backend, dy, x, *pattern)
     return _sddmm(dy, x, *pattern)
 
 
@@ -351,19 +391,21 @@ _sddmm = _functorch.routed(_sddmm_op, _save_all, _sddmm_backward, "sddmm", batch
 
 
 class _EagerSpmm(torch.autograd.Function):
-    """spmm on the C++ CPU kernel without the custom op's dispatch (``_eager``): the same
-    kernel, the same backward (``_spmm_backward``), so the same bits; used by :func:`spmm`
-    only where the op would run that kernel itself."""
+    """spmm on a compiled kernel (``backend``: CPU or CUDA) without the custom op's
+    dispatch (``_eager``): the kernel the op would run, the op's backward
+    (``_spmm_backward``), so the same bits; used by :func:`spmm` only where the op would
+    run that kernel itself."""
 
     @staticmethod
-    def forward(ctx, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias):
+    def forward(ctx, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, backend):
+        # (backend last: needs_input_grad then lines up with the op's arguments.)
         ctx.save_for_backward(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
         ctx.has_bias = bias is not None
-        return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
+        return _run_spmm(backend, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return _spmm_backward(ctx, grad, eager=True)
+        return (*_spmm_backward(ctx, grad, eager=True), None)
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -384,13 +426,15 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
     _checks.check_dense("spmm", "x", x, values, in_f)
     if bias is not None:
         _checks.check_bias("spmm", bias, values, out_f)
-    if _eager.direct_call_allowed(x, values, bias) and backends.planned(
-            "spmm", x.device, x.dtype, **_dispatch_args(x, row_ptr, t_row_ptr, values.shape[0],
-                                                         dense_variant=True)) == "cpu":
-        # The op would run the C++ kernel: run it without the op's dispatch (``_eager``).
-        if _eager.wants_graph(x, values, bias):
-            return _EagerSpmm.apply(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
-        return _compiled("spmm")(x, values, row_ptr, col_idx, None, False, bias)
+    if _eager.direct_call_allowed(x, values, bias):
+        # Where the op would run a compiled kernel, run it without the op's dispatch (``_eager``).
+        backend = backends.planned("spmm", x.device, x.dtype,
+                                   **_dispatch_args(x, row_ptr, t_row_ptr, values.shape[0], (row_ptr, col_idx),
+                                                    dense_variant=True))
+        if backend in _DIRECT:
+            if _eager.wants_graph(x, values, bias):
+                return _EagerSpmm.apply(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, backend)
+            return _run_spmm(backend, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
     return _spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
 
 

@@ -44,7 +44,7 @@ def collect() -> dict:
                       "cuda": backends.available("cuda") if torch.cuda.is_available() else []},
         "chosen": {},
     }
-    from .ops.sparse24 import GPU_MIN_ROWS
+    from .ops.sparse24 import GPU_MIN_ROWS, GPU_SMALL_ROWS
 
     measuring = "on" if backends.measuring_enabled() else f"off ({backends.MEASURE_ENV_VAR}=0)"
     info["dispatch_policy"] = (
@@ -53,10 +53,11 @@ def collect() -> dict:
         f"reference, and the fastest kept [measuring {measuring}]; smaller ones take the first available "
         f"backend (CPU: the C++ kernels; GPU: CUDA, then Triton)")
     info["measured"] = backends.measured()
-    info["sparse24_gpu_policy"] = (f"2:4 GEMM (bias fused) through torch semi-structured tensors for fp16/bf16 "
-                                   f"with >= {GPU_MIN_ROWS} rows, measured against dense cuBLAS per shape; "
-                                   "dense otherwise, with a warning once per reason (unverified on a GPU); no "
-                                   "fused activation (torch's 2:4 GEMMs take none)")
+    info["sparse24_gpu_policy"] = (f"forward of <= {GPU_SMALL_ROWS} rows: our CUDA kernel on the compressed form "
+                                   "(any dtype; unverified on a GPU); 2:4 GEMM (bias fused) through torch "
+                                   f"semi-structured tensors for fp16/bf16 with >= {GPU_MIN_ROWS} rows; each "
+                                   "measured against dense cuBLAS per shape; dense otherwise, with a warning once "
+                                   "per reason; no fused activation (torch's 2:4 GEMMs take none)")
     info["cusparselt"] = _cusparselt()
     try:
         import triton  # noqa: F401

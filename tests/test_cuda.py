@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sparsekernels as sk
-from sparsekernels import backends
+from sparsekernels import backends, reference
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
@@ -188,6 +188,73 @@ def test_gpu_sparse24_linear_matches_dense(dtype, m):
         got = layer(x)
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
     assert _rel(got, want) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lead,n,k", [((1,), 128, 256), ((2,), 7, 4), ((3,), 33, 36), ((4,), 1000, 1028),
+                                      ((8,), 64, 4096), ((2, 5), 130, 260), ((16,), 96, 132), ((17,), 5, 40),
+                                      ((32,), 257, 516), ((0,), 9, 8)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_sparse24_small_rows_kernel_matches_dense(dtype, lead, n, k, with_bias):
+    """csrc/cuda/sparse24_mm.cu (x of at most 32 rows): every register tile (1 .. 32 rows,
+    partly filled), rows of fewer groups than a warp's lanes, odd N, leading dims, empty x,
+    against the float64 dense product; NaN-poisoned output."""
+    if not sk._extension.compiled_with_cuda():
+        pytest.skip("extension built without CUDA")
+    from sparsekernels.formats import compress_24
+
+    g = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((dtype, lead, n, k, with_bias)).encode()))
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.float64).to(dtype)
+    packed = compress_24(w.cpu())[0]
+    values, meta = packed.values.cuda(), packed.meta.cuda()
+    x = torch.randn(*lead, k, device="cuda", generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=g, dtype=torch.float64).to(dtype) if with_bias else None
+    _poison()
+    got = torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
+    torch.cuda.synchronize()
+    wd = reference.sparse24_to_dense(values, meta).double()
+    want = x.double() @ wd.t() + (bias.double() if with_bias else 0)
+    assert got.shape == (*lead, n) and got.is_contiguous()
+    assert not got.isnan().any(), "NaN (unwritten output?)"
+    if want.numel():
+        assert _rel(got, want) < TOL[dtype]
+    with pytest.raises(ValueError, match="at most 32 rows"):
+        torch.ops.sparsekernels_C.sparse24_mm(torch.zeros(33, k, device="cuda", dtype=dtype), values, meta, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [(1,), (3, 4)])
+def test_gpu_sparse24_layer_small_batch_runs_the_compressed_kernel(monkeypatch, dtype, batch):
+    """A Sparse24Linear on a few rows runs the compressed-form kernel through the eager
+    path (no custom op, no dense weight), with the op's bits, gradients included."""
+    if not sk._extension.compiled_with_cuda():
+        pytest.skip("extension built without CUDA")
+    from sparsekernels.ops import sparse24
+
+    torch.manual_seed(0)
+    layer = sk.nn.Sparse24Linear(512, 96, device="cuda", dtype=dtype)
+    x = torch.randn(*batch, 512, device="cuda", dtype=dtype)
+    dy = torch.randn(*batch, 96, device="cuda", dtype=dtype)
+    calls, dense = [], []
+    real_op, real_dense = sparse24._sparse24_mm, sparse24._dense_24
+    monkeypatch.setattr(sparse24, "_sparse24_mm", lambda *a, **k: (calls.append(1), real_op(*a, **k))[1])
+    monkeypatch.setattr(sparse24, "_dense_24", lambda *a, **k: (dense.append(1), real_dense(*a, **k))[1])
+
+    def run(fn):
+        xs = x.clone().requires_grad_()
+        layer.zero_grad()
+        y = fn(xs)
+        y.backward(dy)
+        return y.detach(), xs.grad, layer.values.grad.clone(), layer.bias.grad.clone()
+
+    p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    fast = run(layer)
+    assert not calls and not dense
+    via_op = run(lambda xs: torch.ops.sparsekernels.sparse24_mm(xs, layer.values, layer.meta, *p, layer.bias))
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name
+    want = x.double() @ layer.dense_weight().double().t() + layer.bias.double()
+    assert _rel(fast[0], want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("transposable", [False, True])

@@ -274,11 +274,20 @@ def test_compress_kernel_matches_the_python_definition(transposable, seed):
     assert torch.equal(m, prune_24_transposable(torch.ones(4, 8)) if transposable else prune_24(torch.ones(4, 8)))
 
 
-def test_gpu_plan_picks_dense_where_2_4_loses():
-    from sparsekernels.ops.sparse24 import GPU_MIN_ROWS, gpu_plan
+@pytest.mark.parametrize("small_kernel", [True, False])
+def test_gpu_plan_picks_dense_where_2_4_loses(monkeypatch, small_kernel):
+    from sparsekernels.ops import sparse24 as s24
+    from sparsekernels.ops.sparse24 import GPU_MIN_ROWS, GPU_SMALL_ROWS, gpu_plan
 
+    monkeypatch.setattr(s24, "_have_small_rows_kernel", lambda: small_kernel)
     assert gpu_plan(4096, 4096, 4096, torch.bfloat16) == "semi_structured"
-    assert gpu_plan(1, 4096, 4096, torch.bfloat16).startswith("dense")
+    # Up to GPU_SMALL_ROWS rows: the compressed-form CUDA kernel where the build has it
+    # (forward only, any dtype and shape), else dense.
+    for m, dtype, n in ((1, torch.bfloat16, 4096), (GPU_SMALL_ROWS, torch.float32, 100)):
+        assert (gpu_plan(m, n, 4096, dtype) == "compressed") == small_kernel
+        assert gpu_plan(m, n, 4096, dtype, True).startswith("dense")  # the input gradient's product
+    assert gpu_plan(1, 4096, 4096, torch.bfloat16, True).startswith("dense")
+    assert gpu_plan(GPU_SMALL_ROWS + 1, 4096, 4096, torch.float16).startswith("dense")
     assert gpu_plan(GPU_MIN_ROWS - 1, 4096, 4096, torch.float16).startswith("dense")
     assert "fp16 / bf16" in gpu_plan(4096, 4096, 4096, torch.float32)
     assert "tile" in gpu_plan(4096, 100, 4096, torch.float16)

@@ -18,12 +18,13 @@ layer keeps ``row_ptr``, ``col_idx`` and the transpose map next to ``meta``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _extension, backends, reference
 from ..formats.sparse24 import check_meta_bytes
 from ..kernels.pattern_cache import PatternCache
 from ..reference import meta_columns
@@ -40,13 +41,25 @@ def _rows2d(t: Tensor) -> Tensor:
 _dense_24 = reference.sparse24_to_dense  # the 2:4 weight [N, K] as a dense tensor
 
 
-# GPU policy (UNVERIFIED until bench/gpu_check.sh runs): 2:4 GEMMs on sparse tensor cores
+# GPU policy (run on the H200, 12-04; the small-batch kernel below not yet): 2:4 GEMMs on sparse tensor cores
 # through torch's semi-structured tensors (cuSPARSELt, or CUTLASS), bias fused by the
 # library. Below GPU_MIN_ROWS rows of x the weight's bytes dominate (torch's 2:4 was
 # measured by others at 0.11x of dense for one row) and dense cuBLAS runs; from there on
 # "auto" measures 2:4 against dense per shape (backends.dispatch) and keeps the faster.
 GPU_MIN_ROWS = 256
+# Up to this many rows of x, our CUDA kernel on the compressed form runs the forward
+# (csrc/cuda/sparse24_mm.cu: a warp per output row, the partial sums of every row of x
+# in registers; any shape and dtype):
+# at one row, torch's 2:4 GEMM (it pads x to its tile) took 18x cuBLAS's time on the H200
+# and densifying the weight per call 14x (bench/results/h200-20261204.json).
+GPU_SMALL_ROWS = 32
 _warned: set = set()
+
+
+@functools.cache
+def _have_small_rows_kernel() -> bool:
+    """Whether the extension holds the compressed-form CUDA kernel (a CUDA build)."""
+    return _extension.compiled_with_cuda()
 
 
 def _warn_once(message: str) -> None:
@@ -72,9 +85,12 @@ def gpu_support(n: int, k: int, dtype: torch.dtype) -> str | None:
     return None
 
 
-def gpu_plan(m: int, n: int, k: int, dtype: torch.dtype) -> str:
-    """``"semi_structured"`` or ``"dense: <why>"`` for a GPU product of x [m, k] with a 2:4
-    weight [n, k] (before any measurement)."""
+def gpu_plan(m: int, n: int, k: int, dtype: torch.dtype, transposed: bool = False) -> str:
+    """``"compressed"`` (our small-batch CUDA kernel, forward only), ``"semi_structured"``
+    or ``"dense: <why>"`` for a GPU product of x [m, k] with a 2:4 weight [n, k] (with
+    ``transposed``: the input gradient's product with W^T), before any measurement."""
+    if m <= GPU_SMALL_ROWS and not transposed and _have_small_rows_kernel():
+        return "compressed"
     why = gpu_support(n, k, dtype)
     if why is not None:
         return f"dense: {why}"
@@ -115,8 +131,10 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
     rows, cols = values.shape[0], 4 * meta.shape[1]
     n, k = (cols, rows) if transposed else (rows, cols)
     x2 = x.reshape(-1, x.shape[-1])
-    plan = gpu_plan(x2.shape[0], n, k, x.dtype)
-    if plan == "semi_structured":
+    plan = gpu_plan(x2.shape[0], n, k, x.dtype, transposed)
+    if plan == "compressed":
+        y = torch.ops.sparsekernels_C.sparse24_mm(x2, values, meta, bias)
+    elif plan == "semi_structured":
         # torch's 2:4 GEMM reads its dense operand as contiguous (or one plain transpose):
         # an expanded gradient or a column slice would be misread.
         y = _semi_structured_result(
@@ -129,16 +147,18 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
     return y.reshape(*x.shape[:-1], n)
 
 
-def _dispatch_args_24(x: Tensor, n: int, k: int, dense_variant: bool) -> dict:
+def _dispatch_args_24(x: Tensor, n: int, k: int, dense_variant: bool, transposed: bool = False) -> dict:
     """The flops, shape class and candidates under which a 2:4 product of x [..., k] with
-    a weight [n, k] is dispatched (``dense_variant``: as for :func:`_dispatch_24`)."""
+    a weight [n, k] is dispatched (``dense_variant``: as for :func:`_dispatch_24`;
+    ``transposed``: the product runs on W^T, as for :func:`gpu_plan`)."""
     m = x.shape[:-1].numel()
     flops = 2.0 * m * n * k
     if (small := unmeasured_args(flops)) is not None:
         return small
     cands = None
     if x.is_cuda:
-        cands = ["cuda", "reference"] if gpu_plan(m, n, k, x.dtype) == "semi_structured" else []
+        plan = gpu_plan(m, n, k, x.dtype, transposed)
+        cands = ["cuda", "reference"] if plan in ("compressed", "semi_structured") else []
     elif dense_variant:
         # Where our 2:4 kernel is not faster than the CPU's dense GEMM, run that GEMM on
         # the weight densified in C++ (the reference densifies in Python, far slower).
@@ -146,11 +166,12 @@ def _dispatch_args_24(x: Tensor, n: int, k: int, dense_variant: bool) -> dict:
     return {"flops": flops, "key": backends.shape_class(m, n, k), "candidates": cands}
 
 
-def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = False):
+def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = False, transposed: bool = False):
     """``backends.dispatch`` for a 2:4 product of x [..., k] with a weight [n, k]; on the
     GPU, says once when measurement found dense faster than 2:4 for a shape.
-    ``dense_variant``: ``run`` can also run "cpu:dense" (the weight decompressed in C++)."""
-    args = _dispatch_args_24(x, n, k, dense_variant)
+    ``dense_variant``: ``run`` can also run "cpu:dense" (the weight decompressed in C++);
+    ``transposed``: the product runs on W^T (the input gradient)."""
+    args = _dispatch_args_24(x, n, k, dense_variant, transposed)
     out = dispatch_measured(op, x, run, args)
     if x.is_cuda and backends.measured_choice(op, x.device, x.dtype, args["key"]) == "reference":
         m = x.shape[:-1].numel()
@@ -201,7 +222,7 @@ def _input_grad_24(grad: Tensor, values: Tensor, meta: Tensor, pattern: tuple) -
             return _linear_24(grad, values, meta, None, "sparse24_mm input gradient", transposed=True)
         return grad @ _dense_24(values, meta)
 
-    return _dispatch_24("sparse24_mm_t", grad, k, n, run)
+    return _dispatch_24("sparse24_mm_t", grad, k, n, run, transposed=True)
 
 
 def _setup(ctx, inputs, output):
@@ -326,7 +347,8 @@ _sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_m
 
 
 class _EagerSparse24(torch.autograd.Function):
-    """sparse24_mm on the C++ CPU kernel without the custom op's dispatch (``_eager``),
+    """sparse24_mm on its compiled kernel (the C++ CPU one, or the small-batch CUDA one)
+    without the custom op's dispatch (``_eager``),
     with the op's backward: used by :func:`sparse24_mm` only where the op would run that
     kernel itself."""
 
@@ -338,6 +360,15 @@ class _EagerSparse24(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _backward(ctx, grad, eager=True)
+
+
+def _runs_compiled_kernel(x: Tensor, n: int, k: int) -> bool:
+    """Whether the op would run ``sparsekernels_C.sparse24_mm`` for x [..., k] and W [n, k]
+    now: planned on "cpu", or on "cuda" where that means the compressed-form kernel."""
+    backend = backends.planned("sparse24_mm", x.device, x.dtype, **_dispatch_args_24(x, n, k, dense_variant=True))
+    if backend == "cpu":
+        return True
+    return backend == "cuda" and gpu_plan(x.shape[:-1].numel(), n, k, x.dtype) == "compressed"
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
@@ -367,9 +398,11 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
         _checks.check_bias("sparse24_mm", bias, values, out_f)
     if not isinstance(transposable, bool):
         raise TypeError(f"sparse24_mm: transposable must be a bool, got {type(transposable).__name__}")
-    if _eager.direct_call_allowed(x, values, meta, bias) and backends.planned(
-            "sparse24_mm", x.device, x.dtype, **_dispatch_args_24(x, out_f, in_f, dense_variant=True)) == "cpu":
-        # The op would run the C++ kernel: run it without the op's dispatch (``_eager``).
+    if _eager.direct_call_allowed(x, values, meta, bias) and _runs_compiled_kernel(x, out_f, in_f):
+        # The op would run the compiled kernel (the C++ CPU one, or the small-batch CUDA one):
+        # run it without the op's dispatch (``_eager``).
+        if x.is_cuda:
+            _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
         if _eager.wants_graph(x, values, bias):
             return _EagerSparse24.apply(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias,
                                         transposable)

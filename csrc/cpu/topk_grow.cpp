@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -24,43 +25,45 @@ namespace sparsekernels::cpu {
 
 namespace {
 
-// Permutation sorting candidates by score (descending), equal scores by flat position
-// (ascending): the one order every backend and the masked-dense reference agree on.
-at::Tensor by_score_then_position(const at::Tensor& scores, const at::Tensor& flat) {
-  const at::Tensor by_pos = at::argsort(flat);
-  const at::Tensor by_score =
-      std::get<1>(at::sort(scores.index_select(0, by_pos), /*stable=*/true, /*dim=*/0, /*descending=*/true));
-  return by_pos.index_select(0, by_score);
+// The device-generic selection below keeps every candidate list in increasing flat
+// position (tiles come in position order, and each step filters without reordering), so
+// "equal scores by position" needs no sort by position anywhere. NaN (an fp overflow of
+// inf - inf; the inputs are finite) ranks above every number, as in the reference's sort.
+
+// Which of `scores` (in position order) are among its best `take`: every score above the
+// take-th largest, NaN included, then the first of those equal to it, by position. One
+// select (kthvalue, O(n)) and masks: no k-sized index list, no sort.
+at::Tensor best_mask(const at::Tensor& scores, int64_t take) {
+  const int64_t n = scores.numel();
+  const double cut = std::get<0>(at::kthvalue(scores, n - take + 1)).item<double>();  // take-th largest
+  at::Tensor above, tied;
+  if (std::isnan(cut)) {  // at least `take` NaN: the first of them
+    above = at::zeros_like(scores, scores.options().dtype(at::kBool));
+    tied = at::isnan(scores);
+  } else {
+    above = (scores > cut).logical_or_(at::isnan(scores));
+    tied = scores == cut;
+  }
+  const int64_t need = take - above.sum().item<int64_t>();
+  // The first `need` tied entries: those whose running count of ties is at most need.
+  return above.logical_or_(tied.logical_and(tied.cumsum(0, at::kInt) <= need));
 }
 
-// The `take` best entries of a flat score tile in that order. topk alone picks an
-// arbitrary subset of the entries tied at the cut-off; the tie is resolved here by
-// position so the answer does not depend on the tiling.
-std::pair<at::Tensor, at::Tensor> tile_best(const at::Tensor& g, int64_t take) {
-  auto [scores, idx] = at::topk(g, take, 0, /*largest=*/true, /*sorted=*/false);
-  if (take == 0) return {idx, scores};
-  const at::Tensor cut = scores.min();
-  const at::Tensor above = idx.masked_select(scores > cut);
-  const at::Tensor tied = at::nonzero(g == cut).view({-1});  // ascending positions
-  const at::Tensor flat = at::cat({above, tied.narrow(0, 0, take - above.numel())});
+// The `take` best entries of a flat score tile, as (flat positions, scores) in position
+// order; `take` may not exceed the tile.
+std::pair<at::Tensor, at::Tensor> tile_best(const at::Tensor& g, int64_t take, at::ScalarType flat_type) {
+  if (take == 0) return {at::empty({0}, g.options().dtype(flat_type)), at::empty({0}, g.options())};
+  const at::Tensor flat = at::nonzero(best_mask(g, take)).view({-1}).to(flat_type);  // ascending positions
   return {flat, g.index_select(0, flat)};
 }
 
-// The best `k` of a candidate pool (scores, flat positions) under the same rule: all
-// above the cut-off value, then the tied ones of lowest position. O(pool), no sort of
-// the pool (a full ordering per tile made the op 7x slower than dense + topk at k = 30% nnz).
+// The best `k` of a candidate pool (scores, flat positions; position order), kept in
+// position order. O(pool): a full ordering per tile made the op 7x slower than dense +
+// topk at k = 30% nnz.
 std::pair<at::Tensor, at::Tensor> cut_best(const at::Tensor& scores, const at::Tensor& flat, int64_t k) {
   if (scores.numel() <= k) return {flat, scores};
-  auto [top, idx] = at::topk(scores, k, 0, /*largest=*/true, /*sorted=*/false);
-  const at::Tensor cut = top.min();
-  const at::Tensor above = scores > cut;
-  const at::Tensor tied_flat = flat.masked_select(scores == cut);
-  const at::Tensor tied_sorted = std::get<0>(at::sort(tied_flat));
-  const int64_t n_above = above.sum().item<int64_t>();
-  const at::Tensor keep_flat = at::cat({flat.masked_select(above), tied_sorted.narrow(0, 0, k - n_above)});
-  const at::Tensor keep_scores =
-      at::cat({scores.masked_select(above), at::full({k - n_above}, cut.item<double>(), scores.options())});
-  return {keep_flat, keep_scores};
+  const at::Tensor keep = best_mask(scores, k);
+  return {flat.masked_select(keep), scores.masked_select(keep)};
 }
 
 // Writes `marker` at the active positions of rows [o0, o1) of a CPU tile gp [o1 - o0, kk].
@@ -81,8 +84,68 @@ void knock_out_active(at::Tensor& g, const int64_t* rp, const int32_t* c, int64_
   });
 }
 
+// Sets the active positions of score tile g [rows, kk] (rows o0 .. o0 + rows of W) to -1,
+// on any device: CPU tiles directly, others by index_fill (the tile's pattern slice).
+void knock_out_tile(at::Tensor& g, const at::Tensor& row_ptr, const at::Tensor& ci, const int64_t* rp, int64_t o0,
+                    int64_t rows, int64_t kk) {
+  const int64_t e0 = rp[o0], e1 = rp[o0 + rows];
+  if (e1 <= e0) return;
+  if (g.is_cpu()) {
+    knock_out_active(g, rp, ci.data_ptr<int32_t>(), o0, o0 + rows, kk);
+    return;
+  }
+  const auto long_opts = g.options().dtype(at::kLong);
+  const at::Tensor counts = row_ptr.narrow(0, o0 + 1, rows) - row_ptr.narrow(0, o0, rows);
+  const at::Tensor local =
+      at::repeat_interleave(at::arange(rows, long_opts), counts.to(at::kLong), std::nullopt, e1 - e0);
+  g.view({-1}).index_fill_(0, local.mul_(kk).add_(ci.narrow(0, e0, e1 - e0).to(at::kLong)), -1.0);
+}
+
+// Rows of W whose gradient is formed ahead of the tiles to guess a floor, and how many
+// times k scores the guess leaves above it over the whole gradient (as the CPU fp32
+// path's sample_floor, below; the ATen version of it).
+constexpr int64_t kTileSampleRows = 64;
+constexpr double kTileSampleMargin = 2.0;
+constexpr double kTileMinSampleRank = 64;
+
+// A guessed lower bound of the k-th largest score over the inactive positions, from the
+// scores of up to kTileSampleRows rows spread evenly over W; undefined when the sample
+// has too few inactive positions to predict one. Only a guess: the caller selects again
+// without it when fewer than k scores reach it.
+at::Tensor sample_floor_scores(const at::Tensor& dyc, const at::Tensor& xc, const at::Tensor& row_ptr,
+                               const at::Tensor& ci, const int64_t* rp, int64_t k, int64_t inactive,
+                               int64_t rows_per_tile) {
+  const int64_t n = dyc.size(1), kk = xc.size(1), s = std::min({n, kTileSampleRows, rows_per_tile});
+  std::vector<int64_t> rows(s);
+  int64_t sample_inactive = s * kk;
+  for (int64_t i = 0; i < s; ++i) {
+    rows[i] = i * n / s;
+    sample_inactive -= rp[rows[i] + 1] - rp[rows[i]];
+  }
+  const double want = std::max(kTileMinSampleRank, std::ceil(kTileSampleMargin * static_cast<double>(k) *
+                                                             static_cast<double>(sample_inactive) /
+                                                             static_cast<double>(inactive)));
+  if (want > static_cast<double>(sample_inactive)) return at::Tensor();
+  const at::Tensor idx = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(dyc.device());
+  at::Tensor g = at::mm(dyc.index_select(1, idx).t(), xc).abs_();  // [s, K]
+  for (int64_t i = 0; i < s; ++i) {  // the sampled rows' active positions
+    at::Tensor row = g.narrow(0, i, 1);
+    knock_out_tile(row, row_ptr, ci, rp, rows[i], 1, kk);
+  }
+  return std::get<0>(at::topk(g.view({-1}), static_cast<int64_t>(want))).min();
+}
+
 // Device-generic body (ATen ops only: a cuBLAS / MKL GEMM per tile, torch's topk), so
-// the same code serves the CPU and, in a CUDA build, the GPU. Inputs are checked.
+// the same code serves the CPU (fp64) and, in a CUDA build, the GPU. Inputs are checked.
+//
+// One pass over the gradient's tiles of rows. A floor guessed from a sample of rows
+// (sample_floor_scores) bounds what a tile contributes from the first tile on: entries
+// >= the floor, about kTileSampleMargin x k in all, instead of each early tile's best k
+// (which took a topk of every tile and a pool of 2k). Once the pool holds k entries its
+// k-th score is the floor for the rest; the pool is cut back to k whenever it passes
+// 5k / 4. A guess above the true k-th score (fewer than k entries reach it) costs a
+// second pass without it, never a wrong answer. Extra memory: one tile, the sample, and
+// the pool (5k / 4 plus one tile's entries) with its cut's k-sized temporaries.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor& dy, const at::Tensor& x,
                                                                const at::Tensor& row_ptr,
                                                                const at::Tensor& col_idx, int64_t k,
@@ -91,10 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
   const auto long_opts = dy.options().dtype(at::kLong);
   // Scores are computed in fp32 at least (fp64 stays fp64) so bf16 inputs rank correctly.
   const at::ScalarType ct = compute_type(dy.scalar_type());
-  at::Tensor best_scores = at::empty({0}, dy.options().dtype(ct));
-  at::Tensor best_flat = at::empty({0}, long_opts);
   if (k == 0 || n == 0 || kk == 0) {
-    return {best_flat, best_flat.clone(), best_scores.to(dy.scalar_type())};
+    const at::Tensor none = at::empty({0}, long_opts);
+    return {none, none.clone(), at::empty({0}, dy.options())};
   }
   const at::Tensor dyc = dy.to(ct), xc = x.to(ct).contiguous();
   // Row pointers on the host (a small copy on the GPU) to slice the pattern per tile.
@@ -102,45 +164,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
   const int64_t* rp = rp_host.data_ptr<int64_t>();
   const at::Tensor ci = col_idx.contiguous();
   const int64_t rows_per_tile = std::max<int64_t>(1, std::min<int64_t>(n, tile_elems / std::max<int64_t>(kk, 1)));
-  at::Tensor threshold;  // the pool's k-th best score once the pool holds k candidates
+  const int64_t inactive = n * kk - ci.numel();
+  const int64_t cut_at = k + std::max<int64_t>(k / 4, 1);
+  // Flat positions as int32 where W's positions fit (a third less pool memory in fp32).
+  const at::ScalarType flat_type = n * kk <= std::numeric_limits<int32_t>::max() ? at::kInt : at::kLong;
 
-  for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
-    const int64_t o1 = std::min(n, o0 + rows_per_tile), rows = o1 - o0;
-    at::Tensor g = at::mm(dyc.narrow(1, o0, rows).t(), xc).abs_();  // [rows, K]
-    // Knock out the tile's active positions (set to -1; on the GPU by index_fill).
-    const int64_t e0 = rp[o0], e1 = rp[o1];
-    if (e1 > e0 && g.is_cpu()) {
-      knock_out_active(g, rp, ci.data_ptr<int32_t>(), o0, o1, kk);
-    } else if (e1 > e0) {
-      const at::Tensor counts = row_ptr.narrow(0, o0 + 1, rows) - row_ptr.narrow(0, o0, rows);
-      const at::Tensor local = at::repeat_interleave(at::arange(rows, long_opts), counts.to(at::kLong),
-                                                     std::nullopt, e1 - e0);
-      g.view({-1}).index_fill_(0, local.mul_(kk).add_(ci.narrow(0, e0, e1 - e0).to(at::kLong)), -1.0);
+  // One pass with `floor` (undefined: none) as the first tiles' bound; false when fewer
+  // than k entries reached it.
+  at::Tensor best_scores, best_flat;
+  auto one_pass = [&](const at::Tensor& guess) -> bool {
+    best_scores = at::empty({0}, dy.options().dtype(ct));
+    best_flat = at::empty({0}, long_opts.dtype(flat_type));
+    at::Tensor threshold = guess;  // entries below it cannot be among the best k
+    bool full = false;             // threshold is the pool's own k-th score
+    for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
+      const int64_t rows = std::min(n, o0 + rows_per_tile) - o0;
+      at::Tensor g = at::mm(dyc.narrow(1, o0, rows).t(), xc).abs_();  // [rows, K]
+      knock_out_tile(g, row_ptr, ci, rp, o0, rows, kk);                // active: -1
+      const at::Tensor gflat = g.view({-1});
+      at::Tensor tile_flat, tile_scores;
+      if (!threshold.defined()) {
+        // No bound yet (no usable guess): the tile's own best k, ties by position.
+        std::tie(tile_flat, tile_scores) = tile_best(gflat, std::min<int64_t>(k, rows * kk), flat_type);
+      } else {
+        // Every entry >= the bound, and NaN (ties kept: resolved by position at the cut);
+        // the active positions (-1) lie below any bound a real score set.
+        tile_flat = at::nonzero((gflat >= threshold).logical_or_(at::isnan(gflat))).view({-1}).to(flat_type);
+        tile_scores = gflat.index_select(0, tile_flat);
+      }
+      tile_flat.add_(o0 * kk);
+      best_scores = best_scores.numel() ? at::cat({best_scores, tile_scores}) : tile_scores;
+      best_flat = best_flat.numel() ? at::cat({best_flat, tile_flat}) : tile_flat;
+      if (best_scores.numel() >= cut_at || (!full && best_scores.numel() >= k && !guess.defined())) {
+        std::tie(best_flat, best_scores) = cut_best(best_scores, best_flat, k);
+        if (best_scores.numel() == k) {
+          threshold = std::get<0>(at::kthvalue(best_scores, 1));  // the least, NaN ranked last (min() gives NaN)
+          full = true;
+        }
+      }
     }
-    // Candidates of this tile: its best k while the pool is not full yet; afterwards only
-    // entries >= the pool's k-th score (ties kept, resolved by position at the cut), which
-    // is a small fraction of the tile.
-    at::Tensor tile_flat, tile_scores;
-    const at::Tensor gflat = g.view({-1});
-    if (!threshold.defined()) {
-      std::tie(tile_flat, tile_scores) = tile_best(gflat, std::min<int64_t>(k, rows * kk));
-    } else {
-      tile_flat = at::nonzero(gflat >= threshold).view({-1});
-      tile_scores = gflat.index_select(0, tile_flat);
-    }
-    tile_flat.add_(o0 * kk);
-    best_scores = best_scores.numel() ? at::cat({best_scores, tile_scores}) : tile_scores;
-    best_flat = best_flat.numel() ? at::cat({best_flat, tile_flat}) : tile_flat;
-    if (best_scores.numel() >= 2 * k || (!threshold.defined() && best_scores.numel() >= k)) {
-      std::tie(best_flat, best_scores) = cut_best(best_scores, best_flat, k);
-      if (best_scores.numel() == k) threshold = best_scores.min();
-    }
-  }
+    return best_scores.numel() >= k;
+  };
+  const at::Tensor guess =
+      rows_per_tile < n ? sample_floor_scores(dyc, xc, row_ptr, ci, rp, k, inactive, rows_per_tile) : at::Tensor();
+  // A guess of 0 bounds nothing (every inactive score is >= 0): the tiles' own best k do.
+  const bool use_guess = guess.defined() && guess.item<double>() > 0.0;
+  bool ok = one_pass(use_guess ? guess : at::Tensor());
+  if (!ok && use_guess) ok = one_pass(at::Tensor());
+  TORCH_CHECK(ok, "topk_grow: internal selection error (", k, " of ", best_scores.numel(), ")");
   std::tie(best_flat, best_scores) = cut_best(best_scores, best_flat, k);
-  const at::Tensor order = by_score_then_position(best_scores, best_flat);
+  // Score descending; the pool is in position order, so a stable sort leaves equal scores
+  // by position (NaN first, as the reference's sort).
+  auto [sorted_scores, order] = at::sort(best_scores, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+  best_scores = at::Tensor();
   best_flat = best_flat.index_select(0, order);
-  best_scores = best_scores.index_select(0, order);
-  return {at::div(best_flat, kk, "floor"), at::remainder(best_flat, kk), best_scores.to(dy.scalar_type())};
+  return {at::div(best_flat, kk, "floor").to(at::kLong), at::remainder(best_flat, kk).to(at::kLong),
+          sorted_scores.to(dy.scalar_type())};
 }
 
 // ---------------------------------------------------------------------------------

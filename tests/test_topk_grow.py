@@ -413,19 +413,23 @@ def test_key_selection_with_many_exact_ties_matches_the_reference(tile):
             assert torch.equal(a, b), k
 
 
-def test_overflowing_scores_rank_nan_first_on_every_backend():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("tile", [1, 2, 10**7])
+def test_overflowing_scores_rank_nan_first_on_every_backend(dtype, tile):
     """Finite inputs whose product overflows (inf - inf = NaN in a score): NaN ranks above
-    every number, as in the reference, and selecting every inactive position works."""
+    every number, as in the reference, and selecting every inactive position works (fp64:
+    the device-generic body, whose floors and cuts must rank NaN first too)."""
     if not sparsekernels._extension.compiled():
         pytest.skip("compiled extension not loaded")
-    m = 4096
-    dy = torch.full((m, 2), 1e30)
-    x = torch.full((m, 2), 1e30)
-    x[m // 2:, 0] = -1e30          # column 0: +inf + -inf = NaN; column 1: +inf
-    empty_ptr, empty_idx = torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
-    for k in (1, 2, 3, 4):
+    m, big = 4096, (1e30 if dtype == torch.float32 else 1e300)
+    dy = torch.full((m, 3), big, dtype=dtype)
+    x = torch.full((m, 3), big, dtype=dtype)
+    x[m // 2:, 0] = -big           # column 0: +inf + -inf = NaN; column 1: +inf
+    x[:, 2] = 1.0                  # column 2: finite scores
+    empty_ptr, empty_idx = torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    for k in (1, 2, 3, 4, 6, 9):
         with sparsekernels.use_backend("cpu"):
-            got = topk_grow(dy, x, empty_ptr, empty_idx, k, tile_elems=1)
+            got = topk_grow(dy, x, empty_ptr, empty_idx, k, tile_elems=tile)
         with sparsekernels.use_backend("reference"):
             ref = topk_grow(dy, x, empty_ptr, empty_idx, k)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), k

@@ -531,3 +531,12 @@ def test_format_helpers_name_bad_shapes():
     with pytest.raises(ValueError, match="dim"):
         sk.formats.is_24(torch.ones(4, 4, dtype=torch.bool), dim=2)
     assert sk.formats.is_24(torch.tensor([[1, 1, 0, 0]], dtype=torch.bool))
+
+
+def test_sparse24_mm_names_meta_on_another_device():
+    """meta on another device than values: a ValueError naming meta (on a CUDA machine a
+    CUDA meta with CPU values had reached the CUDA kernel, whose message names x)."""
+    layer = sk.nn.Sparse24Linear(16, 8)
+    p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    with pytest.raises(ValueError, match="meta is on meta but values is on cpu"):
+        sk.ops.sparse24_mm(torch.randn(2, 16), layer.values, layer.meta.to("meta"), *p, layer.bias)

@@ -69,3 +69,16 @@ def test_linear_24_is_layout_independent(monkeypatch, seed, layout, transposed, 
 def test_semi_structured_result_rejects_a_short_result():
     with pytest.raises(RuntimeError, match="2:4 GEMM returned shape"):
         s24._semi_structured_result(torch.zeros(3, 4), 5, 4)
+
+
+@pytest.mark.parametrize("plan", ["dense: emulated", "compressed"])
+def test_linear_24_takes_an_empty_reduction(monkeypatch, plan):
+    """K = 0 (no input features): the product is the bias alone on every plan, as the
+    compressed kernel gives it (x.reshape(-1, 0) had raised on the dense plan)."""
+    monkeypatch.setattr(s24, "gpu_plan", lambda *a: plan)
+    values, meta = torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.uint8)
+    bias = torch.tensor([1.0, 2.0, 3.0])
+    x = torch.zeros(2, 4, 0)
+    # (on the "compressed" plan the op's CPU kernel stands in for the CUDA one)
+    y = s24._linear_24(x, values, meta, bias, "test")
+    assert y.shape == (2, 4, 3) and torch.equal(y, bias.expand(2, 4, 3))

@@ -30,12 +30,27 @@ namespace {
 // "equal scores by position" needs no sort by position anywhere. NaN (an fp overflow of
 // inf - inf; the inputs are finite) ranks above every number, as in the reference's sort.
 
+// The least of `top` with NaN ranked above every number (min() would give NaN): NaN only
+// when every entry is NaN. One host sync, two when the least number is +inf.
+double least_ranked(const at::Tensor& top) {
+  const at::Tensor nan = at::isnan(top);
+  const double least = at::where(nan, std::numeric_limits<double>::infinity(), top).min().item<double>();
+  if (least == std::numeric_limits<double>::infinity() && nan.all().item<bool>()) return std::nan("");
+  return least;
+}
+
+// The take-th largest of `scores`, NaN ranked above every number: the least of torch's
+// topk (a multi-block select on the GPU; kthvalue runs one thread block per slice, and a
+// pool is one slice of millions).
+double take_th_largest(const at::Tensor& scores, int64_t take) {
+  return least_ranked(std::get<0>(at::topk(scores, take, 0, /*largest=*/true, /*sorted=*/false)));
+}
+
 // Which of `scores` (in position order) are among its best `take`: every score above the
 // take-th largest, NaN included, then the first of those equal to it, by position. One
-// select (kthvalue, O(n)) and masks: no k-sized index list, no sort.
+// select and masks: no sort.
 at::Tensor best_mask(const at::Tensor& scores, int64_t take) {
-  const int64_t n = scores.numel();
-  const double cut = std::get<0>(at::kthvalue(scores, n - take + 1)).item<double>();  // take-th largest
+  const double cut = take_th_largest(scores, take);
   at::Tensor above, tied;
   if (std::isnan(cut)) {  // at least `take` NaN: the first of them
     above = at::zeros_like(scores, scores.options().dtype(at::kBool));
@@ -177,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
     best_flat = at::empty({0}, long_opts.dtype(flat_type));
     at::Tensor threshold = guess;  // entries below it cannot be among the best k
     bool full = false;             // threshold is the pool's own k-th score
+    bool threshold_nan = false;    // ... and that score is NaN (the pool: k NaN)
     for (int64_t o0 = 0; o0 < n; o0 += rows_per_tile) {
       const int64_t rows = std::min(n, o0 + rows_per_tile) - o0;
       at::Tensor g = at::mm(dyc.narrow(1, o0, rows).t(), xc).abs_();  // [rows, K]
@@ -187,9 +203,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
         // No bound yet (no usable guess): the tile's own best k, ties by position.
         std::tie(tile_flat, tile_scores) = tile_best(gflat, std::min<int64_t>(k, rows * kk), flat_type);
       } else {
-        // Every entry >= the bound, and NaN (ties kept: resolved by position at the cut);
-        // the active positions (-1) lie below any bound a real score set.
-        tile_flat = at::nonzero((gflat >= threshold).logical_or_(at::isnan(gflat))).view({-1}).to(flat_type);
+        // Every entry at or above the bound, and NaN (ties resolved by position at the
+        // cut); the active positions (-1) lie below any bound a real score set.
+        // Below a guess, entries equal to it may still be among the best k; below the
+        // pool's own k-th score, not: they lose the tie to the k earlier positions held.
+        at::Tensor keep = full ? gflat > threshold : gflat >= threshold;
+        if (!threshold_nan) keep.logical_or_(at::isnan(gflat));
+        tile_flat = at::nonzero(keep).view({-1}).to(flat_type);
         tile_scores = gflat.index_select(0, tile_flat);
       }
       tile_flat.add_(o0 * kk);
@@ -198,7 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
       if (best_scores.numel() >= cut_at || (!full && best_scores.numel() >= k && !guess.defined())) {
         std::tie(best_flat, best_scores) = cut_best(best_scores, best_flat, k);
         if (best_scores.numel() == k) {
-          threshold = std::get<0>(at::kthvalue(best_scores, 1));  // the least, NaN ranked last (min() gives NaN)
+          const double least = least_ranked(best_scores);
+          threshold = at::scalar_tensor(least, best_scores.options());
+          threshold_nan = std::isnan(least);
           full = true;
         }
       }

@@ -222,7 +222,9 @@ def run_regrowth_case(out_f: int = 4096, in_f: int = 11008, batch: int = 2048, s
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     # The answer itself (rows and columns int64, scores fp32: 20 bytes per position) is
-    # part of that peak: 15% of the dense gradient at k = 30% of nnz at 90%.
+    # part of that peak when it comes at the end: 15% of the dense gradient at k = 30% of
+    # nnz at 90%. Peak minus answer is then the working memory; a peak reached earlier
+    # (during a cut of the pool) makes it a lower bound.
     answer = sum(t.numel() * t.element_size() for t in (rows, cols, scores))
     return {"out_features": out_f, "in_features": in_f, "batch": batch, "sparsity": sparsity, "k": k,
             "ms": {"dense_grad_topk": t_dense * 1e3, "dense_grad_gemm": t_gemm * 1e3, "topk_grow": t_ours * 1e3},

@@ -130,7 +130,7 @@ def _linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op:
     where ``gpu_plan`` allows, else dense (saying so once)."""
     rows, cols = values.shape[0], 4 * meta.shape[1]
     n, k = (cols, rows) if transposed else (rows, cols)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows2d(x)
     plan = gpu_plan(x2.shape[0], n, k, x.dtype, transposed)
     if plan == "compressed":
         y = torch.ops.sparsekernels_C.sparse24_mm(x2, values, meta, bias)
@@ -387,6 +387,8 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
                          f"{tuple(meta.shape)}")
     if meta.dtype != torch.uint8:
         raise TypeError(f"sparse24_mm: meta must be uint8, got {meta.dtype}")
+    if meta.device != values.device:
+        raise ValueError(f"sparse24_mm: meta is on {meta.device} but values is on {values.device}")
     out_f, in_f = _checks.check_csr_pattern("sparse24_mm", values.flatten(), row_ptr, col_idx, t_row_ptr,
                                             t_col_idx, t_perm)
     if in_f != 4 * meta.shape[1]:

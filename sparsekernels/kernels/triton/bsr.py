@@ -26,12 +26,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # The H200 run (12-04) had only the first three configs: 32 x 32 blocks, bf16, B = 2048 at
 # 90% took 0.26 ms against cuBLAS's 0.10. Larger batch tiles and deeper pipelines let each
 # block's W tile serve more rows of x and overlap the x loads with the dots; the
-# autotuner keeps the fastest per (M, block rows, block size).
+# autotuner keeps the fastest per (M, block rows, block size, W or W^T).
 @triton.autotune(configs=configs([{"BLOCK_M": 64}, {"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_M": 32},
                                   {"BLOCK_M": 128, "num_warps": 4, "num_stages": 4},
                                   {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3},
                                   {"BLOCK_M": 64, "num_warps": 4, "num_stages": 5}],
-                                 interpreted={"BLOCK_M": 16}), key=["M", "NB", "B"])
+                                 interpreted={"BLOCK_M": 16}), key=["M", "NB", "B", "TRANS_W"])
 @triton.jit
 def _bsr_rows_kernel(x_ptr, y_ptr, vals_ptr, perm_ptr, crow_ptr, ccol_ptr, M, NB, stride_x, stride_y,
                      B: tl.constexpr, TRANS_W: tl.constexpr, PRECISION: tl.constexpr,

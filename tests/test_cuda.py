@@ -87,14 +87,14 @@ def test_gpu_layer_training_step_matches_cpu(backend):
     assert _rel(gpu.values.grad.cpu(), layer.values.grad) < 1e-4
 
 
-@pytest.mark.parametrize("forced", ["cuda", None])
+@pytest.mark.parametrize("forced", ["cuda", "triton", "reference", None])
 @pytest.mark.parametrize("batch", [1, 16, 300])
 def test_gpu_eager_spmm_gives_the_ops_bits(monkeypatch, forced, batch):
-    """ops.spmm and a layer's backward on CUDA run the CUDA kernels without the custom op
-    (ops/_eager.py) where the op would run them, with the op's bits: forward and every
-    gradient; a forced Triton backend still goes through the op."""
-    if "cuda" not in _gpu_backends():
-        pytest.skip("extension built without CUDA")
+    """ops.spmm and a layer's backward on CUDA run the backend's kernels without the
+    custom op (ops/_eager.py) where the op would run them, with the op's bits: forward
+    and every gradient; under autocast the op runs (its cast rule)."""
+    if forced in ("cuda", "triton") and forced not in _gpu_backends():
+        pytest.skip(f"backend {forced} not available")
     from sparsekernels.ops import csr_matmul
 
     g = torch.Generator(device="cuda").manual_seed(batch)
@@ -124,10 +124,9 @@ def test_gpu_eager_spmm_gives_the_ops_bits(monkeypatch, forced, batch):
         assert torch.equal(a, b), name
     want = x.double() @ (w * mask).double().t() + bias.double()
     assert _rel(fast[0], want) < TOL[torch.float32]
-    if "triton" in _gpu_backends():
-        with sk.use_backend("triton"):
-            sk.ops.spmm(x, csr.values, *p, bias)
-        assert calls
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sk.ops.spmm(x, csr.values, *p, bias)
+    assert calls
 
 
 def test_gpu_topk_grow_matches_reference():

@@ -58,8 +58,8 @@ def direct_call_allowed(*tensors: Tensor | None) -> bool:
     (``torch.compile`` and ``torch.jit.trace`` keep the op in their graphs), no autocast
     on that device (the op's autocast rule casts), no mode or functorch transform active,
     and no forward-AD dual level open (the routed Function has the tangent rule). The
-    caller still checks that the op would run a compiled kernel (``backends.planned``):
-    measuring and the other backends stay in the op."""
+    caller still checks which backend the op would run (``backends.planned``): measuring
+    stays in the op, and so do the backends the caller does not run directly."""
     device = None
     for t in tensors:
         if t is None:

@@ -120,8 +120,12 @@ def _triton(name: str):
 # bodies check the others' arguments on every call, as a direct call of an op skips the
 # public entry points.
 _SELF_CHECKING = ("cpu", "cpu:dense")
-# Backends an eager call may run without the custom op (``_eager``): the compiled kernels.
-_DIRECT = ("cpu", "cpu:dense", "cuda", "cuda:tiled")
+# Backends an eager call may run without the custom op (``_eager``), by device: on the
+# CPU the compiled kernels (a forced reference or Triton interpreter stays in the op, as
+# tests compare against it); on the GPU every backend, as measured "auto" picks the
+# reference (dense cuBLAS on the densified weight) or Triton there too, and the op's
+# Python costs more than a small product.
+_DIRECT = {"cpu": ("cpu", "cpu:dense"), "cuda": ("cuda", "cuda:tiled", "triton", "reference")}
 
 
 # --------------------------------------------------------------------------- spmm
@@ -324,16 +328,16 @@ def fused_backward(eager: bool, *tensors: Tensor):
 
 def direct_backend(op: str, lead: Tensor, others: tuple, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
                    tiled_pattern: tuple[Tensor, Tensor] | None = None) -> str | None:
-    """The compiled backend (``_DIRECT``) an eager CSR product of these checked arguments
-    may run without the custom op (``_eager``): plain CPU or CUDA tensors, no graph to
-    record, and the op planned on that backend now. None otherwise (the op then runs:
+    """The backend (``_DIRECT``) an eager CSR product of these checked arguments may run
+    without the custom op (``_eager``): plain CPU or CUDA tensors, no graph to record,
+    and the op planned on that backend now. None otherwise (the op then runs:
     it measures, routes to Triton or the reference, or records its graph).
     ``tiled_pattern`` as for the op's own dispatch, so both see the same candidates."""
     if _eager.wants_graph(lead, *others) or not _eager.direct_call_allowed(lead, *others):
         return None
     choice = backends.planned(op, lead.device, lead.dtype,
                               **_dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern, dense_variant=True))
-    return choice if choice in _DIRECT else None
+    return choice if choice in _DIRECT.get(lead.device.type, ()) else None
 
 
 def spmm_t_in_backward(dy: Tensor, values: Tensor, pattern: list, eager: bool) -> Tensor:
@@ -391,7 +395,7 @@ _sddmm = _functorch.routed(_sddmm_op, _save_all, _sddmm_backward, "sddmm", batch
 
 
 class _EagerSpmm(torch.autograd.Function):
-    """spmm on a compiled kernel (``backend``: CPU or CUDA) without the custom op's
+    """spmm on ``backend`` (one of ``_DIRECT``) without the custom op's
     dispatch (``_eager``): the kernel the op would run, the op's backward
     (``_spmm_backward``), so the same bits; used by :func:`spmm` only where the op would
     run that kernel itself."""
@@ -431,7 +435,7 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
         backend = backends.planned("spmm", x.device, x.dtype,
                                    **_dispatch_args(x, row_ptr, t_row_ptr, values.shape[0], (row_ptr, col_idx),
                                                     dense_variant=True))
-        if backend in _DIRECT:
+        if backend in _DIRECT.get(x.device.type, ()):
             if _eager.wants_graph(x, values, bias):
                 return _EagerSpmm.apply(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, backend)
             return _run_spmm(backend, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)

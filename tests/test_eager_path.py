@@ -222,3 +222,23 @@ def test_eager_sparse24_gives_the_ops_bits(monkeypatch, dtype, batch):
         via_op = _grads(fn(torch.ops.sparsekernels.sparse24_mm), x, layer.values, layer.bias)
     for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
         assert torch.equal(a, b), name
+
+
+def test_eager_route_of_the_gpu_backends_on_cpu_tensors(monkeypatch):
+    """On CUDA the eager route also runs the Triton / reference backends (csr_matmul._DIRECT).
+    The same Python runs here on CPU tensors with the reference admitted for the CPU:
+    forward, both backward products and the bias gradient come out of the direct route
+    with the op's bits."""
+    monkeypatch.setitem(csr_matmul._DIRECT, "cpu", ("cpu", "cpu:dense", "reference"))
+    csr, x, bias = _csr_case((3, 5), 33, 70, 0.8, torch.float64, seed=21, empty_rows=True)
+    p = csr.pattern()
+    calls = []
+    for name in ("_spmm", "_spmm_t", "_sddmm"):
+        real = getattr(csr_matmul, name)
+        monkeypatch.setattr(csr_matmul, name, lambda *a, real=real, **k: (calls.append(name), real(*a, **k))[1])
+    with backends.use_backend("reference"):
+        fast = _grads(lambda x, v, b: ops.spmm(x, v, *p, b), x, csr.values, bias)
+        assert not calls
+        via_op = _grads(lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b), x, csr.values, bias)
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name

@@ -431,7 +431,8 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
     if bias is not None:
         _checks.check_bias("spmm", bias, values, out_f)
     if _eager.direct_call_allowed(x, values, bias):
-        # Where the op would run a compiled kernel, run it without the op's dispatch (``_eager``).
+        # Where the op would run a backend the eager route runs (``_DIRECT``), run it without the
+        # op's dispatch (``_eager``).
         backend = backends.planned("spmm", x.device, x.dtype,
                                    **_dispatch_args(x, row_ptr, t_row_ptr, values.shape[0], (row_ptr, col_idx),
                                                     dense_variant=True))

@@ -41,17 +41,17 @@ def _rows2d(t: Tensor) -> Tensor:
 _dense_24 = reference.sparse24_to_dense  # the 2:4 weight [N, K] as a dense tensor
 
 
-# GPU policy (run on the H200, 12-04; the small-batch kernel below not yet): 2:4 GEMMs on sparse tensor cores
-# through torch's semi-structured tensors (cuSPARSELt, or CUTLASS), bias fused by the
-# library. Below GPU_MIN_ROWS rows of x the weight's bytes dominate (torch's 2:4 was
+# GPU policy (run on the H200, 12-04; the small-batch kernel below not yet): 2:4 GEMMs on
+# sparse tensor cores through torch's semi-structured tensors (cuSPARSELt, or CUTLASS),
+# bias fused by the library. Below GPU_MIN_ROWS rows of x the weight's bytes dominate (torch's 2:4 was
 # measured by others at 0.11x of dense for one row) and dense cuBLAS runs; from there on
 # "auto" measures 2:4 against dense per shape (backends.dispatch) and keeps the faster.
 GPU_MIN_ROWS = 256
 # Up to this many rows of x, our CUDA kernel on the compressed form runs the forward
-# (csrc/cuda/sparse24_mm.cu: a warp per output row, the partial sums of every row of x
-# in registers; any shape and dtype):
-# at one row, torch's 2:4 GEMM (it pads x to its tile) took 18x cuBLAS's time on the H200
-# and densifying the weight per call 14x (bench/results/h200-20261204.json).
+# (csrc/cuda/sparse24_mm.cu: a warp per output row, the partial sums of every row of x in
+# registers; any shape and dtype): at one row, torch's 2:4 GEMM (it pads x to its tile)
+# took 18x cuBLAS's time on the H200 and densifying the weight per call 14x
+# (bench/results/h200-20261204.json).
 GPU_SMALL_ROWS = 32
 _warned: set = set()
 

@@ -242,7 +242,8 @@ def run_sparse24_cases(reps: int = 10) -> list[dict]:
     from ..nn import Sparse24Linear
 
     out = []
-    for batch, in_f, out_f in ((8192, 8192, 8192), (8192, 4096, 11008), (1, 4096, 4096)):
+    # (1 and 16 rows: the compressed-form CUDA kernel; 8192: torch's 2:4 GEMM.)
+    for batch, in_f, out_f in ((8192, 8192, 8192), (8192, 4096, 11008), (1, 4096, 4096), (16, 4096, 4096)):
         torch.manual_seed(0)
         # Transposable mask: the input gradient runs on sparse tensor cores too.
         layer = Sparse24Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16, transposable=True)

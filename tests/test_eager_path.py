@@ -242,3 +242,28 @@ def test_eager_route_of_the_gpu_backends_on_cpu_tensors(monkeypatch):
         via_op = _grads(lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b), x, csr.values, bias)
     for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
         assert torch.equal(a, b), name
+
+
+def test_eager_route_of_the_gpu_2to4_backends_on_cpu_tensors(monkeypatch):
+    """On CUDA the 2:4 eager route also runs "cuda" (compressed kernel, torch's 2:4 GEMM or
+    dense) and the reference (sparse24._DIRECT_24). Its Python on CPU tensors, with the
+    reference admitted for the CPU: the op's bits, every gradient included."""
+    monkeypatch.setitem(sparse24._DIRECT_24, "cpu", ("cpu", "cpu:dense", "reference"))
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(64, 40, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 64, generator=g, dtype=torch.float64))
+    layer = sk.nn.Sparse24Linear.from_dense(lin)
+    x = torch.randn(3, 5, 64, generator=g, dtype=torch.float64)
+    p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    calls = _count_op_calls(monkeypatch, sparse24, "_sparse24_mm")
+
+    def fn(op):
+        return lambda x, v, b: op(x, v, layer.meta, *p, b)
+
+    with backends.use_backend("reference"):
+        fast = _grads(fn(ops.sparse24_mm), x, layer.values, layer.bias)
+        assert not calls
+        via_op = _grads(fn(torch.ops.sparsekernels.sparse24_mm), x, layer.values, layer.bias)
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name

@@ -180,21 +180,25 @@ def _dispatch_24(op: str, x: Tensor, n: int, k: int, run, dense_variant: bool = 
     return out
 
 
-def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op: str = "sparse24_mm") -> Tensor:
-    """``x @ W^T + bias`` for the 2:4 weight (values, meta) on the chosen backend, measured
-    under ``op``; on the CPU "auto" also tries "cpu:dense" (the weight decompressed in C++,
-    then the dense GEMM) where our kernel is not faster."""
-    def run(backend: str) -> Tensor:
-        if backend == "cpu":  # the kernel adds the bias as it writes y (no second pass)
-            return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
-        if backend == "cpu:dense":
-            return torch.ops.sparsekernels_C.sparse24_dense_mm(x, values, meta, bias)
-        _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
-        if x.is_cuda and backend in ("cuda", "triton"):
-            return _linear_24(x, values, meta, bias, "sparse24_mm")
-        return reference.sparse24_mm(x, values, meta, bias)
+def _run_forward_24(backend: str, x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ W^T + bias`` for the 2:4 weight (values, meta) on ``backend``, for checked
+    arguments (the op's body and the eager route both run it)."""
+    if backend == "cpu":  # the kernel adds the bias as it writes y (no second pass)
+        return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
+    if backend == "cpu:dense":
+        return torch.ops.sparsekernels_C.sparse24_dense_mm(x, values, meta, bias)
+    _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
+    if x.is_cuda and backend in ("cuda", "triton"):
+        return _linear_24(x, values, meta, bias, "sparse24_mm")
+    return reference.sparse24_mm(x, values, meta, bias)
 
-    return _dispatch_24(op, x, values.shape[0], 4 * meta.shape[1], run, dense_variant=True)
+
+def _forward_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, op: str = "sparse24_mm") -> Tensor:
+    """:func:`_run_forward_24` on the chosen backend, measured under ``op``; on the CPU
+    "auto" also tries "cpu:dense" (the weight decompressed in C++, then the dense GEMM)
+    where our kernel is not faster."""
+    return _dispatch_24(op, x, values.shape[0], 4 * meta.shape[1],
+                        lambda backend: _run_forward_24(backend, x, values, meta, bias), dense_variant=True)
 
 
 @torch.library.custom_op("sparsekernels::sparse24_mm", mutates_args=())
@@ -347,28 +351,32 @@ _sparse24_mm = _functorch.routed(_sparse24_mm_op, _setup, _backward, "sparse24_m
 
 
 class _EagerSparse24(torch.autograd.Function):
-    """sparse24_mm on its compiled kernel (the C++ CPU one, or the small-batch CUDA one)
-    without the custom op's dispatch (``_eager``),
-    with the op's backward: used by :func:`sparse24_mm` only where the op would run that
-    kernel itself."""
+    """sparse24_mm on ``backend`` (one of ``_DIRECT_24``) without the custom op's dispatch
+    (``_eager``), with the op's backward: used by :func:`sparse24_mm` only where the op
+    would run that backend itself."""
 
     @staticmethod
-    def forward(ctx, x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable):
+    def forward(ctx, x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable, backend):
+        # (backend last: needs_input_grad then lines up with the op's arguments.)
         _setup(ctx, (x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable), None)
-        return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
+        return _run_forward_24(backend, x, values, meta, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, eager=True)
+        return (*_backward(ctx, grad, eager=True), None)
 
 
-def _runs_compiled_kernel(x: Tensor, n: int, k: int) -> bool:
-    """Whether the op would run ``sparsekernels_C.sparse24_mm`` for x [..., k] and W [n, k]
-    now: planned on "cpu", or on "cuda" where that means the compressed-form kernel."""
+# Backends the eager route runs without the custom op, by device: the compiled kernels on
+# the CPU; on the GPU the compressed-form kernel, torch's 2:4 GEMM and dense (all behind
+# "cuda" and "reference"), where the op's Python is a large part of a small product.
+_DIRECT_24 = {"cpu": ("cpu", "cpu:dense"), "cuda": ("cuda", "reference")}
+
+
+def _direct_backend_24(x: Tensor, n: int, k: int) -> str | None:
+    """The backend the op would run now for x [..., k] and W [n, k] when the eager route
+    may run it too (``_DIRECT_24``), else None (measuring and the rest stay in the op)."""
     backend = backends.planned("sparse24_mm", x.device, x.dtype, **_dispatch_args_24(x, n, k, dense_variant=True))
-    if backend == "cpu":
-        return True
-    return backend == "cuda" and gpu_plan(x.shape[:-1].numel(), n, k, x.dtype) == "compressed"
+    return backend if backend in _DIRECT_24.get(x.device.type, ()) else None
 
 
 def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr: Tensor,
@@ -400,15 +408,12 @@ def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, row_ptr: Tensor, col_id
         _checks.check_bias("sparse24_mm", bias, values, out_f)
     if not isinstance(transposable, bool):
         raise TypeError(f"sparse24_mm: transposable must be a bool, got {type(transposable).__name__}")
-    if _eager.direct_call_allowed(x, values, meta, bias) and _runs_compiled_kernel(x, out_f, in_f):
-        # The op would run the compiled kernel (the C++ CPU one, or the small-batch CUDA one):
-        # run it without the op's dispatch (``_eager``).
-        if x.is_cuda:
-            _checks.check_meta("sparse24_mm", meta)  # once per meta tensor; the CPU kernel checks it itself
+    if _eager.direct_call_allowed(x, values, meta, bias) and (backend := _direct_backend_24(x, out_f, in_f)):
+        # Run what the op would run, without the op's dispatch (``_eager``).
         if _eager.wants_graph(x, values, bias):
             return _EagerSparse24.apply(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias,
-                                        transposable)
-        return torch.ops.sparsekernels_C.sparse24_mm(x, values, meta, bias)
+                                        transposable, backend)
+        return _run_forward_24(backend, x, values, meta, bias)
     return _sparse24_mm(x, values, meta, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, transposable)
 
 

@@ -46,6 +46,39 @@ def _grads(fn, x, values, bias):
     return y.detach(), gx, gv, gb
 
 
+def _route_gives_the_ops_bits(entry, op, x, values, bias, calls, backend=None):
+    """``entry(x, v, b)`` (a public entry point) runs without the custom op (``calls``, the
+    op's counted callers, stays empty) and gives ``op(x, v, b)``'s bits: the output and
+    every gradient. Returns the entry's (y, dx, dvalues, dbias)."""
+    with backends.use_backend(backend):
+        fast = _grads(entry, x, values, bias)
+        assert not calls  # the eager route ran
+        via_op = _grads(op, x, values, bias)
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
+        assert torch.equal(a, b), name
+    return fast
+
+
+def _spmm_pair(p):
+    """(ops.spmm, the custom op) on the pattern ``p``, as f(x, values, bias)."""
+    return (lambda x, v, b: ops.spmm(x, v, *p, b)), (lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b))
+
+
+def _sparse24_case(dtype, batch, seed):
+    """(layer, x, (ops.sparse24_mm, the custom op) as f(x, values, bias)) for a 2:4 layer
+    64 -> 40 pruned from a random dense one."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(64, 40, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 64, generator=g))
+    layer = sk.nn.Sparse24Linear.from_dense(lin)
+    x = torch.randn(*batch, 64, generator=g).to(dtype)
+    p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    pair = tuple((lambda op: lambda x, v, b: op(x, v, layer.meta, *p, b))(op)
+                 for op in (ops.sparse24_mm, torch.ops.sparsekernels.sparse24_mm))
+    return layer, x, pair
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("batch,out_f,in_f,sparsity,empty_rows", [
     ((1,), 33, 70, 0.9, False), ((2, 3), 40, 17, 0.5, True), ((64,), 48, 96, 0.0, False),
@@ -55,12 +88,7 @@ def test_eager_spmm_gives_the_ops_bits(monkeypatch, dtype, batch, out_f, in_f, s
     csr, x, bias = _csr_case(batch, out_f, in_f, sparsity, dtype, seed=out_f + in_f, empty_rows=empty_rows)
     p = csr.pattern()
     calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm")
-    with backends.use_backend("cpu"):
-        fast = _grads(lambda x, v, b: ops.spmm(x, v, *p, b), x, csr.values, bias)
-        assert not calls  # the eager path ran
-        via_op = _grads(lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b), x, csr.values, bias)
-    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
-        assert torch.equal(a, b), name
+    fast = _route_gives_the_ops_bits(*_spmm_pair(p), x, csr.values, bias, calls, "cpu")
     with torch.no_grad(), backends.use_backend("cpu"):
         assert torch.equal(ops.spmm(x, csr.values, *p, bias), fast[0])
     assert not calls
@@ -146,11 +174,7 @@ def test_eager_path_runs_the_measured_dense_variant(monkeypatch):
     backends._measured[full_key] = {"op": "spmm", "device": "cpu", "dtype": "float32", "key": args["key"],
                                     "choice": "cpu:dense", "times_ms": {}, "rejected": {}}
     calls = _count_op_calls(monkeypatch, csr_matmul, "_spmm")
-    fast = _grads(lambda x, v, b: ops.spmm(x, v, *p, b), x, csr.values, bias)
-    assert not calls
-    via_op = _grads(lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b), x, csr.values, bias)
-    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
-        assert torch.equal(a, b), name
+    _route_gives_the_ops_bits(*_spmm_pair(p), x, csr.values, bias, calls)
 
 
 def test_direct_call_allowed_refuses_other_devices_subclasses_and_transforms():
@@ -204,24 +228,9 @@ def test_layer_capture_hook_sees_dy_on_the_eager_path():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [(1,), (3, 5), (70,)])
 def test_eager_sparse24_gives_the_ops_bits(monkeypatch, dtype, batch):
-    g = torch.Generator().manual_seed(len(batch) * 10 + batch[0])
-    lin = torch.nn.Linear(64, 40, dtype=dtype)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(40, 64, generator=g))
-    layer = sk.nn.Sparse24Linear.from_dense(lin)
-    x = torch.randn(*batch, 64, generator=g).to(dtype)
-    p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    layer, x, pair = _sparse24_case(dtype, batch, seed=len(batch) * 10 + batch[0])
     calls = _count_op_calls(monkeypatch, sparse24, "_sparse24_mm")
-
-    def fn(op):
-        return lambda x, v, b: op(x, v, layer.meta, *p, b)
-
-    with backends.use_backend("cpu"):
-        fast = _grads(fn(ops.sparse24_mm), x, layer.values, layer.bias)
-        assert not calls
-        via_op = _grads(fn(torch.ops.sparsekernels.sparse24_mm), x, layer.values, layer.bias)
-    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
-        assert torch.equal(a, b), name
+    _route_gives_the_ops_bits(*pair, x, layer.values, layer.bias, calls, "cpu")
 
 
 def test_eager_route_of_the_gpu_backends_on_cpu_tensors(monkeypatch):
@@ -236,12 +245,7 @@ def test_eager_route_of_the_gpu_backends_on_cpu_tensors(monkeypatch):
     for name in ("_spmm", "_spmm_t", "_sddmm"):
         real = getattr(csr_matmul, name)
         monkeypatch.setattr(csr_matmul, name, lambda *a, real=real, **k: (calls.append(name), real(*a, **k))[1])
-    with backends.use_backend("reference"):
-        fast = _grads(lambda x, v, b: ops.spmm(x, v, *p, b), x, csr.values, bias)
-        assert not calls
-        via_op = _grads(lambda x, v, b: torch.ops.sparsekernels.spmm(x, v, *p, b), x, csr.values, bias)
-    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
-        assert torch.equal(a, b), name
+    _route_gives_the_ops_bits(*_spmm_pair(p), x, csr.values, bias, calls, "reference")
 
 
 def test_eager_route_of_the_gpu_2to4_backends_on_cpu_tensors(monkeypatch):
@@ -249,21 +253,6 @@ def test_eager_route_of_the_gpu_2to4_backends_on_cpu_tensors(monkeypatch):
     dense) and the reference (sparse24._DIRECT_24). Its Python on CPU tensors, with the
     reference admitted for the CPU: the op's bits, every gradient included."""
     monkeypatch.setitem(sparse24._DIRECT_24, "cpu", ("cpu", "cpu:dense", "reference"))
-    g = torch.Generator().manual_seed(3)
-    lin = torch.nn.Linear(64, 40, dtype=torch.float64)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(40, 64, generator=g, dtype=torch.float64))
-    layer = sk.nn.Sparse24Linear.from_dense(lin)
-    x = torch.randn(3, 5, 64, generator=g, dtype=torch.float64)
-    p = (layer.row_ptr, layer.col_idx, layer.t_row_ptr, layer.t_col_idx, layer.t_perm)
+    layer, x, pair = _sparse24_case(torch.float64, (3, 5), seed=3)
     calls = _count_op_calls(monkeypatch, sparse24, "_sparse24_mm")
-
-    def fn(op):
-        return lambda x, v, b: op(x, v, layer.meta, *p, b)
-
-    with backends.use_backend("reference"):
-        fast = _grads(fn(ops.sparse24_mm), x, layer.values, layer.bias)
-        assert not calls
-        via_op = _grads(fn(torch.ops.sparsekernels.sparse24_mm), x, layer.values, layer.bias)
-    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), fast, via_op):
-        assert torch.equal(a, b), name
+    _route_gives_the_ops_bits(*pair, x, layer.values, layer.bias, calls, "reference")

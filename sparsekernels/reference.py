@@ -26,6 +26,21 @@ def csr_rows(row_ptr: Tensor, nnz: int | None = None) -> Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts, output_size=nnz)
 
 
+def rows_strictly_increasing(row_ptr: Tensor, col_idx: Tensor) -> bool:
+    """Whether ``col_idx`` increases strictly within every row of ``row_ptr`` (a valid
+    [rows + 1] row pointer): each row's columns sorted, each position once. O(nnz), one
+    device sync."""
+    nnz = col_idx.shape[0]
+    if nnz < 2:
+        return True
+    increasing = col_idx[1:] > col_idx[:-1]
+    # A row's first entry need not exceed the previous row's last one.
+    starts = row_ptr[1:-1].long()
+    starts = starts[(starts > 0) & (starts < nnz)]
+    increasing[starts - 1] = True
+    return bool(increasing.all())
+
+
 def meta_columns(meta: Tensor) -> Tensor:
     """Column (int64) of every stored value of a 2:4 matrix, [out, in/2], from its metadata
     ``meta [out, in/4]`` (uint8, kept positions i0 | i1 << 2 of each group of 4)."""

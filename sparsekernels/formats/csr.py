@@ -78,14 +78,7 @@ def check_rows_sorted(op: str, ptr: Tensor, idx: Tensor, ptr_name: str = "row_pt
     """ValueError unless ``idx`` increases strictly within each row of ``ptr`` (checked by
     :func:`check_pattern_contents` first): a position stored twice is summed by the
     kernels but written once by ``to_dense``, so the two disagreed silently. O(nnz)."""
-    nnz = idx.shape[0]
-    if nnz < 2:
-        return
-    idx = idx.long()
-    row_start = torch.zeros(nnz, dtype=torch.bool, device=idx.device)
-    starts = ptr[:-1].long()
-    row_start[starts[starts < nnz]] = True
-    if bool(((idx[1:] <= idx[:-1]) & ~row_start[1:]).any()):
+    if not reference.rows_strictly_increasing(ptr, idx):
         raise ValueError(f"{op}: {idx_name} must increase strictly within each row of {ptr_name} (sorted, each "
                          f"position once)")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import csr_rows
+from ..reference import csr_rows, rows_strictly_increasing
 from .pattern_cache import PatternCache
 
 INT16_MAX_COLS = 1 << 15  # columns 0 .. 32767 fit int16
@@ -60,15 +60,4 @@ _sorted = PatternCache()
 def rows_sorted(row_ptr: Tensor, col_idx: Tensor) -> bool:
     """True when every row's columns are strictly increasing (what the tiled CUDA kernel
     needs), cached per pattern; one device sync when first asked."""
-    def build() -> bool:
-        nnz = col_idx.shape[0]
-        if nnz < 2:
-            return True
-        increasing = col_idx[1:] > col_idx[:-1]
-        # A row's first entry need not exceed the previous row's last one.
-        starts = row_ptr[1:-1].long()
-        starts = starts[(starts > 0) & (starts < nnz)]
-        increasing[starts - 1] = True
-        return bool(increasing.all())
-
-    return _sorted.get((col_idx, row_ptr), (), build)
+    return _sorted.get((col_idx, row_ptr), (), lambda: rows_strictly_increasing(row_ptr, col_idx))

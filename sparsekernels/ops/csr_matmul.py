@@ -327,13 +327,14 @@ def fused_backward(eager: bool, *tensors: Tensor):
 
 
 def direct_backend(op: str, lead: Tensor, others: tuple, row_ptr: Tensor, t_row_ptr: Tensor, nnz: int,
-                   tiled_pattern: tuple[Tensor, Tensor] | None = None) -> str | None:
+                   tiled_pattern: tuple[Tensor, Tensor] | None = None, graph_ok: bool = False) -> str | None:
     """The backend (``_DIRECT``) an eager CSR product of these checked arguments may run
-    without the custom op (``_eager``): plain CPU or CUDA tensors, no graph to record,
-    and the op planned on that backend now. None otherwise (the op then runs:
-    it measures, routes to Triton or the reference, or records its graph).
-    ``tiled_pattern`` as for the op's own dispatch, so both see the same candidates."""
-    if _eager.wants_graph(lead, *others) or not _eager.direct_call_allowed(lead, *others):
+    without the custom op (``_eager``): plain CPU or CUDA tensors, no graph to record
+    (unless ``graph_ok``: the caller records it with a Function of its own), and the op
+    planned on that backend now. None otherwise (the op then runs: it measures, routes to
+    a backend the route does not take, or records its graph). ``tiled_pattern`` as for
+    the op's own dispatch, so both see the same candidates."""
+    if (not graph_ok and _eager.wants_graph(lead, *others)) or not _eager.direct_call_allowed(lead, *others):
         return None
     choice = backends.planned(op, lead.device, lead.dtype,
                               **_dispatch_args(lead, row_ptr, t_row_ptr, nnz, tiled_pattern, dense_variant=True))
@@ -430,16 +431,12 @@ def spmm(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_row_ptr:
     _checks.check_dense("spmm", "x", x, values, in_f)
     if bias is not None:
         _checks.check_bias("spmm", bias, values, out_f)
-    if _eager.direct_call_allowed(x, values, bias):
-        # Where the op would run a backend the eager route runs (``_DIRECT``), run it without the
-        # op's dispatch (``_eager``).
-        backend = backends.planned("spmm", x.device, x.dtype,
-                                   **_dispatch_args(x, row_ptr, t_row_ptr, values.shape[0], (row_ptr, col_idx),
-                                                    dense_variant=True))
-        if backend in _DIRECT.get(x.device.type, ()):
-            if _eager.wants_graph(x, values, bias):
-                return _EagerSpmm.apply(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, backend)
-            return _run_spmm(backend, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
+    backend = direct_backend("spmm", x, (values, bias), row_ptr, t_row_ptr, values.shape[0], (row_ptr, col_idx),
+                             graph_ok=True)
+    if backend:  # what the op would run, without the op's dispatch (``_eager``)
+        if _eager.wants_graph(x, values, bias):
+            return _EagerSpmm.apply(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias, backend)
+        return _run_spmm(backend, x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
     return _spmm(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, bias)
 
 

@@ -124,10 +124,10 @@ constexpr double kTileSampleMargin = 2.0;
 constexpr double kTileMinSampleRank = 64;
 
 // A guessed lower bound of the k-th largest score over the inactive positions, from the
-// scores of up to kTileSampleRows rows spread evenly over W; undefined when the sample
-// has too few inactive positions to predict one. Only a guess: the caller selects again
-// without it when fewer than k scores reach it.
-at::Tensor sample_floor_scores(const at::Tensor& dyc, const at::Tensor& xc, const at::Tensor& row_ptr,
+// scores of up to kTileSampleRows rows spread evenly over W; NaN when the sample has too
+// few inactive positions to predict one. Only a guess: the caller selects again without
+// it when fewer than k scores reach it.
+double sample_floor_scores(const at::Tensor& dyc, const at::Tensor& xc, const at::Tensor& row_ptr,
                                const at::Tensor& ci, const int64_t* rp, int64_t k, int64_t inactive,
                                int64_t rows_per_tile) {
   const int64_t n = dyc.size(1), kk = xc.size(1), s = std::min({n, kTileSampleRows, rows_per_tile});
@@ -140,14 +140,14 @@ at::Tensor sample_floor_scores(const at::Tensor& dyc, const at::Tensor& xc, cons
   const double want = std::max(kTileMinSampleRank, std::ceil(kTileSampleMargin * static_cast<double>(k) *
                                                              static_cast<double>(sample_inactive) /
                                                              static_cast<double>(inactive)));
-  if (want > static_cast<double>(sample_inactive)) return at::Tensor();
+  if (want > static_cast<double>(sample_inactive)) return std::nan("");
   const at::Tensor idx = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(dyc.device());
   at::Tensor g = at::mm(dyc.index_select(1, idx).t(), xc).abs_();  // [s, K]
   for (int64_t i = 0; i < s; ++i) {  // the sampled rows' active positions
     at::Tensor row = g.narrow(0, i, 1);
     knock_out_tile(row, row_ptr, ci, rp, rows[i], 1, kk);
   }
-  return std::get<0>(at::topk(g.view({-1}), static_cast<int64_t>(want))).min();
+  return take_th_largest(g.view({-1}), static_cast<int64_t>(want));
 }
 
 // Device-generic body (ATen ops only: a cuBLAS / MKL GEMM per tile, torch's topk), so
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
   // Flat positions as int32 where W's positions fit (a third less pool memory in fp32).
   const at::ScalarType flat_type = n * kk <= std::numeric_limits<int32_t>::max() ? at::kInt : at::kLong;
 
-  // One pass with `floor` (undefined: none) as the first tiles' bound; false when fewer
+  // One pass with `guess` (undefined: none) as the first tiles' bound; false when fewer
   // than k entries reached it.
   at::Tensor best_scores, best_flat;
   auto one_pass = [&](const at::Tensor& guess) -> bool {
@@ -203,10 +203,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
         // No bound yet (no usable guess): the tile's own best k, ties by position.
         std::tie(tile_flat, tile_scores) = tile_best(gflat, std::min<int64_t>(k, rows * kk), flat_type);
       } else {
-        // Every entry at or above the bound, and NaN (ties resolved by position at the
-        // cut); the active positions (-1) lie below any bound a real score set.
-        // Below a guess, entries equal to it may still be among the best k; below the
-        // pool's own k-th score, not: they lose the tie to the k earlier positions held.
+        // The entries that can still be among the best k, and NaN: at or above a guess
+        // (ties resolved by position at the cut); strictly above the pool's own k-th score
+        // (an equal one loses the tie to the k earlier positions held). The active
+        // positions (-1) lie below any bound a real score set.
         at::Tensor keep = full ? gflat > threshold : gflat >= threshold;
         if (!threshold_nan) keep.logical_or_(at::isnan(gflat));
         tile_flat = at::nonzero(keep).view({-1}).to(flat_type);
@@ -227,11 +227,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_grow_tiles(const at::Tensor&
     }
     return best_scores.numel() >= k;
   };
-  const at::Tensor guess =
-      rows_per_tile < n ? sample_floor_scores(dyc, xc, row_ptr, ci, rp, k, inactive, rows_per_tile) : at::Tensor();
-  // A guess of 0 bounds nothing (every inactive score is >= 0): the tiles' own best k do.
-  const bool use_guess = guess.defined() && guess.item<double>() > 0.0;
-  bool ok = one_pass(use_guess ? guess : at::Tensor());
+  const double guess =
+      rows_per_tile < n ? sample_floor_scores(dyc, xc, row_ptr, ci, rp, k, inactive, rows_per_tile) : std::nan("");
+  // A guess of 0 bounds nothing (every inactive score is >= 0): the tiles' own best k do
+  // (NaN compares false: no guess).
+  const bool use_guess = guess > 0.0;
+  bool ok = one_pass(use_guess ? at::scalar_tensor(guess, dyc.options()) : at::Tensor());
   if (!ok && use_guess) ok = one_pass(at::Tensor());
   TORCH_CHECK(ok, "topk_grow: internal selection error (", k, " of ", best_scores.numel(), ")");
   std::tie(best_flat, best_scores) = cut_best(best_scores, best_flat, k);

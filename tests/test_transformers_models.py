@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsekernels import SparseConv2d, SparseLinear, densify, sparsify
@@ -240,12 +241,14 @@ def test_one_warning_names_every_layer_left_dense():
         sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 0.5)
 
 
-def test_a_module_registered_twice_is_left_dense():
+def test_a_module_registered_twice_becomes_one_sparse_layer():
     shared = nn.Linear(8, 8)
     model = nn.Sequential(shared, nn.ReLU(), shared)
-    with pytest.warns(UserWarning, match=r"left dense: 0 \(.*2\.weight"):
-        sparsify(model, 0.5)
-    assert model[0] is shared and model[2] is shared
+    x = torch.randn(3, 8)
+    sparsify(model, 0.5)
+    assert isinstance(model[0], SparseLinear) and model[0] is model[2]
+    w = model[0].csr().to_dense()
+    torch.testing.assert_close(model(x), F.linear(torch.relu(F.linear(x, w, shared.bias)), w, shared.bias))
 
 
 def test_conv1d_detection_needs_no_transformers(monkeypatch):

@@ -25,6 +25,7 @@ from ..formats.csr import build_transpose
 from ..formats.sparse24 import check_meta_bytes
 from ..nn import BSRLinear, Sparse24Linear, SparseConv2d, SparseLinear
 from ..nn._conv1d import is_conv1d
+from ..nn._module_swap import swap_module
 from ..nn.sparsify import _as_linear
 from ..reference import csr_rows, meta_columns
 
@@ -262,11 +263,6 @@ def _check_recorded_layer(name: str, module: nn.Module, config: dict) -> None:
                 f"saved with weight shape {list(config['weight_shape'])}, the model's convolution has {shape}")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _swap_and_load(model: nn.Module, state_dict: Mapping[str, object], strict: bool,
                    configs: Mapping[str, dict], only: set | None = None) -> nn.Module:
     """``only``: the names the file says are sparse layers (None: recognised by their keys)."""
@@ -305,14 +301,14 @@ def _swap_and_load(model: nn.Module, state_dict: Mapping[str, object], strict: b
               for p in originals[name].parameters(recurse=False)
               if any(p is q for q in new.parameters(recurse=False))]
     for name, new in swaps.items():
-        _set_module(model, name, new)
+        swap_module(model, name, new)
     try:
         model.load_state_dict(state_dict, strict=strict)
     except BaseException:
         # The swapped layers go back to the dense modules they replaced, as they were (the
         # rest is as torch's own failed load leaves it).
         for name, module in originals.items():
-            _set_module(model, name, module)
+            swap_module(model, name, module)
         with torch.no_grad():
             for p, saved in shared:
                 p.copy_(saved)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from ..formats import check_sparsity
 from ..nn import densify, layer_sparsities
+from ..nn._module_swap import names_by_module
 from ._phases import check_full, compress, decompress, global_keeps, grow_full, in_block_numel, keep_largest, steps_of
 from .base import SparseTrainingMethod, weight_shape
 
@@ -164,7 +165,9 @@ class ACDC(SparseTrainingMethod):
 
     # ------------------------------------------------------------------ the dense model of the pair
     def _snapshot(self) -> dict:
-        sparse_keys = {f"{n}.{k}" for n, layer in self.layers.items()
+        # Under every name of a layer: the state dict holds a shared layer under each.
+        names = names_by_module(self.model)
+        sparse_keys = {f"{n}.{k}" for layer in self.layers.values() for n in names[id(layer)]
                        for k in ("values", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")}
         # The previous snapshot's tensors are written over where they fit: a fresh copy of
         # every dense weight at each C start would pay its page faults again (about a

@@ -17,6 +17,7 @@ from ..formats import check_sparsity, kept_count, random_mask
 from ..nn import SparseConv2d, SparseLinear, eligible_layers, layer_sparsities
 from ..nn.distribution import DISTRIBUTIONS
 from ..nn._conv1d import is_conv1d
+from ..nn._module_swap import swap_module
 from ..nn.sparsify import left_dense_layers, linear_weight, warn_left_dense
 from ..topology import drop_smallest, update_layer
 from . import _adopted, _distributed
@@ -238,10 +239,9 @@ class SparseTrainingMethod:
                 for k, v in state.items()}
 
     def _replace(self, name: str, new: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        if not child:
+        if not name:
             raise ValueError(f"{type(self).__name__}: the model itself is a single layer; wrap it in a module")
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, new)
+        swap_module(self.model, name, new)
 
     # ------------------------------------------------------------------ schedule (subclasses)
     def is_update_step(self, step: int) -> bool:

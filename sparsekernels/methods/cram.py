@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from ..formats import kept_count, prune_24
 from ..nn import eligible_layers, sparse_class_for, sparsify
+from ..nn._module_swap import swap_module
 from ..nn.sparsify import linear_weight
 from .base import check_generator_state
 
@@ -257,8 +258,7 @@ def one_shot_prune(model: nn.Module, target: float | str = 0.9, *, inplace: bool
         mask = keep[offset:offset + w.numel()].view(w.shape)
         offset += w.numel()
         new = sparse_class_for(module).from_dense(module, mask=mask)
-        parent, _, child = name.rpartition(".")
-        if not child:
+        if not name:
             raise ValueError("one_shot_prune: the model itself is a single layer; wrap it in a module")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swap_module(model, name, new)
     return model

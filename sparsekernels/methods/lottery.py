@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..nn import SparseConv2d, SparseLinear
+from ..nn._module_swap import names_by_module, swap_module
 from ..nn.sparsify import eligible_layers, left_dense_layers, linear_weight, sparse_class_for, warn_left_dense
 from ..topology import update_layer
 from .base import unwrap_optimizer, weight_shape
@@ -243,8 +244,7 @@ class LotteryTicket:
                 raise ValueError("LotteryTicket: the model itself is a single layer; wrap it in a module")
             full = torch.ones(linear_weight(module).shape, dtype=torch.bool, device=module.weight.device)
             new = sparse_class_for(module).from_dense(module, mask=full)
-            parent, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, child, new)
+            swap_module(self.model, name, new)
         layers = {n: m for n, m in self.model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
         if not layers:
             raise ValueError("LotteryTicket: the model has no nn.Linear / nn.Conv2d layer to prune")
@@ -252,7 +252,9 @@ class LotteryTicket:
 
     def _rest_keys(self) -> list[str]:
         """State-dict keys of everything but the sparse layers' values and patterns."""
-        own = {f"{n}.{s}" for n in self.layers for s in _PATTERN_SUFFIXES}
+        # Under every name of a layer: the state dict holds a shared layer under each.
+        names = names_by_module(self.model)
+        own = {f"{n}.{s}" for layer in self.layers.values() for n in names[id(layer)] for s in _PATTERN_SUFFIXES}
         return [k for k in self.model.state_dict() if k not in own]
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..nn import Sparse24Linear, eligible_layers, left_dense_layers
+from ..nn._module_swap import swap_module
 from ..ops.sparse24 import check_srste_lambda
 from .base import restore_on_error, unwrap_optimizer
 
@@ -76,10 +77,9 @@ class SRSTE:
                                               update_every=self.update_every, transposable=transposable)
             layer.weight = module.weight  # the same Parameter: optimizer state stays valid
             layer.bias = module.bias
-            parent, _, child = name.rpartition(".")
-            if not child:
+            if not name:
                 raise ValueError("SRSTE: the model itself is a single layer; wrap it in a module")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            swap_module(model, name, layer)
             self.layers[name] = layer
         if not self.layers:
             raise ValueError("SRSTE: no nn.Linear layer with in_features divisible by 4")

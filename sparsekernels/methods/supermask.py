@@ -23,6 +23,7 @@ from .._checks import check_int
 from ..formats import check_sparsity, kept_count
 from ..nn import SparseConv2d, SparseLinear
 from ..nn._conv1d import is_conv1d
+from ..nn._module_swap import swap_module
 from ..nn.sparsify import eligible_layers, left_dense_layers, sparse_class_for, warn_left_dense
 from ..ops._functorch import tangents_possible
 from .base import check_generator_state
@@ -36,10 +37,9 @@ def _dense_of(layer: nn.Module) -> nn.Module:
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    if not child:
+    if not name:
         raise ValueError("the model itself is a single layer; wrap it in a module")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    swap_module(root, name, new)
 
 
 def mask_initial_weights(initial_model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:

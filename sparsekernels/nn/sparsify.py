@@ -26,6 +26,7 @@ from torch import nn
 from ..formats import check_sparsity
 from ..formats.bsr import check_block_size
 from ._conv1d import build_conv1d, is_conv1d, is_conv1d_class
+from ._module_swap import names_by_module, swap_module
 from .bsr_linear import BSRLinear
 from .conv import SparseConv2d
 from .distribution import layer_sparsities
@@ -108,10 +109,11 @@ def dense_twin(layer: nn.Module) -> nn.Module:
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """``root`` with ``new`` in place of its submodule ``name`` (under every name that
+    module has), or ``new`` itself when ``name`` is "" (the model is the layer)."""
     if name == "":
         return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    swap_module(root, name, new)
     return root
 
 
@@ -128,15 +130,16 @@ def _check_include(include) -> tuple:
     return include
 
 
-def _parameter_holders(model: nn.Module) -> dict[int, list[str]]:
-    """id(Parameter) -> every "module.param" name holding it (a module registered under two
-    names counts twice: swapping one name would split it)."""
+def _module_names(model: nn.Module) -> tuple[dict[int, list[tuple[str, nn.Module]]], dict[int, list[str]]]:
+    """(id(Parameter) -> every ("module.param" name, module) holding it, id(module) -> every name
+    it is registered under). A module registered under several names is one layer (it is
+    swapped under all of them), so only another module holding its Parameter ties it."""
     holders = defaultdict(list)
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for p_name, p in mod._parameters.items():
             if p is not None:
-                holders[id(p)].append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    return holders
+                holders[id(p)].append((f"{mod_name}.{p_name}" if mod_name else p_name, mod))
+    return holders, names_by_module(model)
 
 
 def _looks_linear(module: nn.Module) -> bool:
@@ -160,10 +163,11 @@ def _scan(model: nn.Module, include, exclude) -> tuple[dict[str, nn.Module], dic
         raise TypeError(f"exclude must be module names / glob patterns (str) and/or module types, or an iterable of "
                         f"them, got {exclude!r}")
     exclude = tuple(exclude)
-    holders = _parameter_holders(model)
+    holders, names = _module_names(model)
     swap, left = {}, {}
     for name, m in model.named_modules():
-        if isinstance(m, SPARSE_LAYERS) or _excluded(name, m, exclude):
+        # A module excluded under any of its names stays dense under all of them.
+        if isinstance(m, SPARSE_LAYERS) or any(_excluded(n, m, exclude) for n in names[id(m)]):
             continue
         if _sparse_class(m, include) is None:
             if not _included(m, include):
@@ -175,9 +179,8 @@ def _scan(model: nn.Module, include, exclude) -> tuple[dict[str, nn.Module], dic
         shared = []
         for attr in ("weight", "bias"):
             p = m._parameters.get(attr)
-            own = f"{name}.{attr}" if name else attr
             if p is not None:
-                shared += [h for h in holders[id(p)] if h != own]
+                shared += [held for held, other in holders[id(p)] if other is not m]
         if shared:
             left[name] = (f"its parameters are shared with {', '.join(shared)} (tied weights): a sparse twin "
                           "would untie them")
@@ -187,7 +190,9 @@ def _scan(model: nn.Module, include, exclude) -> tuple[dict[str, nn.Module], dic
 
 
 def eligible_layers(model: nn.Module, include=DEFAULT_INCLUDE, exclude=()) -> dict[str, nn.Module]:
-    """The layers :func:`sparsify` would swap, by their ``named_modules()`` name."""
+    """The layers :func:`sparsify` would swap, by their ``named_modules()`` name (a layer
+    registered under several names is listed once, by its first; it is swapped under all
+    of them)."""
     return _scan(model, include, exclude)[0]
 
 
@@ -216,7 +221,9 @@ def sparsify(model: nn.Module, sparsity: float = 0.9, *, distribution: str = "un
     ``SparseLinear`` on W^T; :func:`densify` gives the Conv1D back. A layer whose weight or
     bias Parameter is shared with another module (tied weights, e.g. GPT-2's ``lm_head`` and
     its input embedding) is left dense, so the tie holds; it is named in one warning with
-    the other layers left dense on purpose (see :func:`left_dense_layers`).
+    the other layers left dense on purpose (see :func:`left_dense_layers`). One layer
+    registered under several names (``nn.ModuleList([block] * 6)``) becomes one sparse
+    layer under all of them; excluding any of its names leaves it dense.
 
     Args:
         sparsity: overall fraction of zeros over the swapped layers, in [0, 1).

@@ -15,6 +15,7 @@ from .._checks import check_int
 from ..formats import check_sparsity
 from ..nn import Sparse24Linear, eligible_layers, sparse_class_for
 from ..nn._conv1d import is_conv1d
+from ..nn._module_swap import swap_module
 from ..nn.sparsify import DEFAULT_INCLUDE
 from ._progress import progress as progress_bar
 from .calibration import collect_hessian, execution_order, materialise, weight_matrix
@@ -37,11 +38,6 @@ def _positive(name: str, value: object, *, integer: bool = False, allow_none: bo
         raise TypeError(f"prune: {name} must be a number > 0, got {type(value).__name__}")
     if not math.isfinite(float(value)) or value <= 0:
         raise ValueError(f"prune: {name} must be a finite number > 0, got {value!r}")
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 @torch.no_grad()
@@ -187,14 +183,14 @@ def prune(model: nn.Module, loader: Iterable | None, *, method: str = "sparsegpt
                                        block_size=block_size, max_columns=max_columns)
             sparse = _to_sparse(module, W, kept, nm)
             was[sparse] = was[module]
-            _replace(model, name, sparse)
+            swap_module(model, name, sparse)
             swapped.append((name, module))
     except BaseException:
         # All layers or none: a failure halfway (a non-finite Hessian, an interrupt) must not
         # leave the model part sparse, part dense. The dense layers' weights: the sparse
         # layers are built from twins, and M-FAC's in-place updates are undone.
         for name, module in reversed(swapped):
-            _replace(model, name, module)
+            swap_module(model, name, module)
         with torch.no_grad():
             for name, weight in (mfac_saved or {}).items():
                 layers[name].weight.copy_(weight)

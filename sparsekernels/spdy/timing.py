@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from ..bench.harness import machine_info, median_ratio
 from ..nn import sparse_class_for
+from ..nn._module_swap import swap_module
 from ..oneshot._progress import progress as progress_bar
 from ..oneshot.calibration import batch_call, forward_with_pre_hooks
 
@@ -228,8 +229,7 @@ class LayerClock:
 def _swap(model: nn.Module, layers: dict[str, nn.Module]) -> None:
     """Puts ``layers`` (name -> module, names of submodules of ``model``) into ``model``."""
     for name, module in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+        swap_module(model, name, module)
 
 
 class _Sweep:

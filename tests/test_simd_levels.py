@@ -241,6 +241,38 @@ def test_sparse24_mm_few_rows_bits_do_not_depend_on_the_batch(level, bf16_step, 
                                full[:m].view(torch.int16 if full.dtype == torch.bfloat16 else torch.int32)), m
 
 
+@pytest.mark.parametrize("out_f,in_f", [(37, 36), (100, 4100), (1, 8), (49, 520)])
+def test_sparse24_mm_bf16_panels_match_and_keep_a_rows_bits(bf16_step, out_f, in_f, seed):
+    """bf16 batches past the few-rows kernels: on AVX512-BF16 dot products over x expanded
+    into its 6 pairings per group (sparse24_dot.cpp; past 32 rows with AMX too), else the
+    fp32 panels. Against fp64, with a bias, odd shapes, x not contiguous and values whose
+    storage is not 4-byte aligned; with the dot step a row's bits are the same for every
+    batch (one dot product per group, in group order, whatever the panel width)."""
+    g = torch.Generator().manual_seed(seed)
+    s24 = sk.formats.Sparse24.from_dense(torch.randn(out_f, in_f, generator=g))
+    C = torch.ops.sparsekernels_C
+    # values at an odd bf16 offset of their storage: not 4-byte aligned.
+    flat = torch.empty(s24.values.numel() + 1, dtype=torch.bfloat16)
+    values = flat[1:].view(s24.values.shape)
+    values.copy_(s24.values)
+    bias = torch.randn(out_f, generator=g).bfloat16()
+    w = s24.to_dense().bfloat16().double()
+    x = torch.randn(300, in_f + 3, generator=g).bfloat16()[:, 3:]  # rows not contiguous
+    rows = {}
+    for m in (9, 17, 32, 33, 64, 65, 300):
+        y = C.sparse24_mm(x[:m], values, s24.meta, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, out_f)
+        assert rel_error(y, x[:m].double() @ w.t() + bias.double()) < 1e-2, m
+        rows[m] = y[:9].view(torch.int16)
+    if bf16_step == "dot":
+        for m, r in rows.items():
+            assert torch.equal(r, rows[9]), m
+    bad = s24.meta.clone()
+    bad[0, 0] = 0b0101  # i0 == i1
+    with pytest.raises(ValueError, match="meta"):
+        C.sparse24_mm(x[:40], values, bad, None)
+
+
 def test_bf16_step_is_reported_forced_and_restored():
     C = torch.ops.sparsekernels_C
     best = C.cpu_bf16_step()

@@ -196,6 +196,13 @@ constexpr int64_t kAmxChunk = 32;
 bool sparse24_amx(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                   const at::Tensor* bias);
 
+// sparse24_dot (sparse24_dot.cpp): y [M, N] = x2 [M, K] W^T for bf16 x2 and bf16 values
+// [N, K / 2] on AVX512-BF16 dot products, for batches past the few-rows kernels on a CPU
+// where bf16_step() >= kDot (those past kAmxRows where it has AMX). meta (contiguous) must
+// have been checked; the bias as store_block adds it.
+void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
+                  const at::Tensor* bias);
+
 // Whether a product of m rows computed in ct runs the few-rows kernels: at most `bound`
 // rows (kFewRows, kFewRowsCsr), fp32 compute, a CPU with SIMD kernels.
 inline bool runs_few_rows(at::ScalarType ct, int64_t m, int64_t bound) {

@@ -291,8 +291,12 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     if (!sparse24_few_rows(x2, y, few_rows_values(values), mc, bp)) meta24_invalid("sparse24_mm");
     return out;
   }
-  const at::Tensor v = values_in(values, ct);
   check_meta();
+  if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && bf16_step() >= Bf16Step::kDot) {
+    sparse24_dot(x2, y, values, mc, bp);
+    return out;
+  }
+  const at::Tensor v = values_in(values, ct);
   with_panel_width(t, [&](auto width) {
     constexpr int64_t T = decltype(width)::value;
     if (ct == at::kDouble) sparse24_panels<double, T>(x2, y, v, mc, bp);

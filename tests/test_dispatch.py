@@ -82,19 +82,51 @@ def test_measurement_interleaves_backends_and_keeps_the_median(measure_everythin
     timed = log[3:-1]                       # after the checked first runs, before the returned run
     assert timed == ["reference", "cpu:dense", "cpu"] * 3 and log[-1] == "cpu"
 
-    # Short products get more rounds (up to MEASURE_MAX_REPS), within the time budget.
-    backends.clear_measurements()
-    log.clear()
-    monkeypatch.setattr(backends, "MEASURE_BUDGET_S", 7.0)    # slowest first run 3 s: still 3 rounds
-    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(3,),
-                      candidates=["cpu:dense", "cpu", "reference"])
-    assert len(log) == 3 + 3 * backends.MEASURE_REPS + 1
+    # Past the first rounds only the contenders (within MEASURE_CONTENDER_RATIO of the
+    # best) are timed again: here cpu alone, so no more rounds whatever the budget.
     backends.clear_measurements()
     log.clear()
     monkeypatch.setattr(backends, "MEASURE_BUDGET_S", 1e6)
-    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(4,),
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(3,),
                       candidates=["cpu:dense", "cpu", "reference"])
-    assert len(log) == 3 + 3 * backends.MEASURE_MAX_REPS + 1
+    assert len(log) == 3 + 3 * backends.MEASURE_REPS + 1
+
+
+def test_measurement_gives_the_contenders_more_rounds(measure_everything, monkeypatch):
+    # Two backends within MEASURE_CONTENDER_RATIO of each other get more interleaved
+    # rounds (up to MEASURE_MAX_REPS in all, within the budget over the slower one's
+    # median); the far slower reference is timed in the first rounds only, so it neither
+    # costs those rounds nor churns the caches between them. A noisy first round does not
+    # decide: cpu's first timed call is slow (cold), its steady cost below cpu:dense's.
+    log = []
+    clock = [0.0]
+    monkeypatch.setattr(backends.time, "perf_counter", lambda: clock[0])
+
+    def run(backend):
+        log.append(backend)
+        cold = backend == "cpu" and log.count("cpu") <= 2     # the checked first run and round 1
+        clock[0] += {"cpu": 3.0 if cold else 1.0, "cpu:dense": 1.2, "reference": 5.0}[backend]
+        return torch.ones(3)
+
+    monkeypatch.setattr(backends, "MEASURE_BUDGET_S", 1e6)
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(5,),
+                      candidates=["cpu:dense", "cpu", "reference"])
+    (entry,) = backends.measured()
+    reps, most = backends.MEASURE_REPS, backends.MEASURE_MAX_REPS
+    timed = log[3:-1]
+    assert timed[:3 * reps] == ["reference", "cpu:dense", "cpu"] * reps
+    assert timed[3 * reps:] == ["cpu:dense", "cpu"] * (most - reps)
+    assert log.count("reference") == 1 + reps
+    assert entry["choice"] == "cpu" and log[-1] == "cpu"
+    assert entry["times_ms"] == pytest.approx({"reference": 5000.0, "cpu:dense": 1200.0, "cpu": 1000.0})
+
+    # The budget bounds the rounds by the slower contender's median: 6.1 s / 1.2 s -> 5 rounds.
+    backends.clear_measurements()
+    log.clear()
+    monkeypatch.setattr(backends, "MEASURE_BUDGET_S", 6.1)
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, run, flops=1.0, key=(6,),
+                      candidates=["cpu:dense", "cpu", "reference"])
+    assert log[3:-1].count("cpu:dense") == 5 and log.count("reference") == 1 + reps
 
 
 def test_no_backend_that_runs_is_a_clear_error(measure_everything):

@@ -146,7 +146,7 @@ def measuring_enabled() -> bool:
 def measured() -> list[dict]:
     """The choices made by measurement so far, one dict per problem class: ``op``,
     ``device``, ``dtype``, ``key`` (shape / density class), ``choice``, ``times_ms``
-    (best of ``MEASURE_REPS`` per backend) and ``rejected`` (backend -> why)."""
+    (the median of each backend's timed rounds) and ``rejected`` (backend -> why)."""
     return [dict(entry) for entry in _measured.values()]
 
 

@@ -169,7 +169,8 @@ void mm_t_buckets(const at::Tensor& dy2, at::Tensor& dx, const float* v, const u
   // Panels per task so that 32 groups' blocks fit the budget, then as many groups as fit
   // (8 to 256); at least two tasks per thread while a task keeps 8 groups.
   const int64_t group_bytes = 4 * T * static_cast<int64_t>(sizeof(float));
-  const int64_t budget = l2_cache_bytes() / 4;
+  // (Capped as sparse24_slice_bytes is: a VM may report an inflated L2.)
+  const int64_t budget = std::clamp<int64_t>(l2_cache_bytes() / 4, 64 * 1024, 512 * 1024);
   int64_t pc = std::clamp<int64_t>(budget / (32 * group_bytes), 1, p_count);
   pc = (p_count + (p_count + pc - 1) / pc - 1) / ((p_count + pc - 1) / pc);  // equal chunks
   const int64_t p_tasks = (p_count + pc - 1) / pc;

@@ -130,7 +130,7 @@ MEASURE_MIN_FLOPS = float(1 << 27)
 MEASURE_REPS = 3          # timed rounds at least ...
 MEASURE_MAX_REPS = 15     # ... and at most
 MEASURE_BUDGET_S = 0.02   # rounds = this / the slowest contender's median, within those bounds
-MEASURE_CONTENDER_RATIO = 1.5  # past the first rounds, only backends this close to the best are timed
+MEASURE_CONTENDER_RATIO = 1.5  # past the first rounds, only backends this close to the best (best rounds) are timed
 # Relative Frobenius distance to the reference above which a backend's output is rejected
 # (loose: it catches broken kernels, not rounding; TF32 alone gives ~1e-3 in fp32).
 _AGREE_TOL = {torch.float64: 1e-8, torch.float32: 5e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
@@ -339,16 +339,17 @@ def _measure(op: str, full_key: tuple, cands: list[str], run: Callable[[str], T]
                 samples[name].append(time.perf_counter() - t0)
 
     time_rounds(list(samples), MEASURE_REPS)
-    # Then more rounds for the contenders only (within MEASURE_CONTENDER_RATIO of the best
-    # median), within about MEASURE_BUDGET_S per backend: a 1 ms product's first rounds
-    # ran 1.2-3x its steady time, behind a reference 5-8x slower that churned the caches
-    # between them, and three of them picked "cpu:dense" over a 2:4 kernel 1.4x faster in
-    # a training step (64, 1024 -> 1024; DEVELOPERS.md).
-    medians = {name: statistics.median(ts) for name, ts in samples.items()}
-    fastest = min(medians.values())
-    contenders = [name for name, t in medians.items() if t <= MEASURE_CONTENDER_RATIO * fastest]
+    # Then more rounds for the contenders only, within about MEASURE_BUDGET_S per backend:
+    # a 1 ms product's first rounds ran 1.2-3x its steady time, behind a reference 5-8x
+    # slower that churned the caches between them, and three of them picked "cpu:dense"
+    # over a 2:4 kernel 1.4x faster in a training step (64, 1024 -> 1024; DEVELOPERS.md).
+    # Contenders by their best round so far (within MEASURE_CONTENDER_RATIO of the best
+    # one's): a backend whose first rounds ran cold still gets the rounds that show it.
+    best_round = {name: min(ts) for name, ts in samples.items()}
+    fastest = min(best_round.values())
+    contenders = [name for name, t in best_round.items() if t <= MEASURE_CONTENDER_RATIO * fastest]
     if len(contenders) >= 2:
-        slowest = max(medians[name] for name in contenders)
+        slowest = max(statistics.median(samples[name]) for name in contenders)
         rounds = min(MEASURE_MAX_REPS, int(MEASURE_BUDGET_S / max(slowest, 1e-9)))
         time_rounds(contenders, rounds - MEASURE_REPS)
     times = {name: statistics.median(ts) * 1e3 for name, ts in samples.items()}

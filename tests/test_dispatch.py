@@ -120,6 +120,21 @@ def test_measurement_gives_the_contenders_more_rounds(measure_everything, monkey
     assert entry["choice"] == "cpu" and log[-1] == "cpu"
     assert entry["times_ms"] == pytest.approx({"reference": 5000.0, "cpu:dense": 1200.0, "cpu": 1000.0})
 
+    # Contenders go by their best round: cold for its checked run and two of the three
+    # first rounds (median 3 s against 1.2), cpu still gets the rounds that show it faster.
+    backends.clear_measurements()
+    log.clear()
+
+    def run_cold(backend):
+        log.append(backend)
+        cold = backend == "cpu" and log.count("cpu") <= 3
+        clock[0] += {"cpu": 3.0 if cold else 1.0, "cpu:dense": 1.2, "reference": 5.0}[backend]
+        return torch.ones(3)
+
+    backends.dispatch("toy", torch.device("cpu"), torch.float32, run_cold, flops=1.0, key=(7,),
+                      candidates=["cpu:dense", "cpu", "reference"])
+    assert backends.measured()[0]["choice"] == "cpu" and log[-1] == "cpu"
+
     # The budget bounds the rounds by the slower contender's median: 6.1 s / 1.2 s -> 5 rounds.
     backends.clear_measurements()
     log.clear()

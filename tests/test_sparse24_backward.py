@@ -72,11 +72,12 @@ def test_backward_products_match_float64_at_every_level(level, batch, out_f, in_
 @pytest.mark.parametrize("batch", [17, 40, 150, 600])
 def test_input_gradient_by_combination_across_slices_panels_and_tasks(level, batch, seed):
     """dx past 16 rows with AVX-512 goes by combination (sparse24_backward.cpp:
-    mm_t_buckets; elsewhere the scatter): W with 300 rows (slices of 64 or 128 rows and a
-    short last one), 1028 columns (257 groups: tasks of several groups and a short last
-    one), rows of zeros, every combination of two kept columns present; 600 rows are ten
-    64-wide panels, cut into chunks of panels per task. Against float64, and the same bits
-    on one and two threads (the threads change how the tasks are cut)."""
+    mm_t_buckets; elsewhere the scatter): W with 300 rows (slices of 64 rows and a short
+    last one), 1028 columns (257 groups: tasks of several groups and a short last one),
+    rows of zeros, every combination of two kept columns present; 600 rows are ten
+    64-wide panels, cut into chunks of panels per task. Against float64; the same bits on
+    one and two threads (the threads change how the tasks are cut) and within a batch of
+    700 rows (17 and 40 rows run 32- and 64-wide panels)."""
     s24, dy, _ = _case(300, 1028, batch, torch.float32, seed, zero_rows=(0, 64, 299))
     codes = set(s24.meta.flatten().tolist())
     assert codes == {4, 8, 12, 9, 13, 14}  # the six c0 | c1 << 2, c0 < c1
@@ -85,10 +86,10 @@ def test_input_gradient_by_combination_across_slices_panels_and_tasks(level, bat
     one, two = with_threads(1, fn), with_threads(2, fn)
     assert_close_rel(two, want_dx, 1e-5, "sparse24_mm_t")
     assert torch.equal(one.view(torch.int32), two.view(torch.int32))
-    if batch > 17:  # (16 rows take 16-wide panels, which scatter)
-        # A row's result does not depend on the rest of the batch: the panels' lanes are
-        # independent.
-        assert torch.equal(C.sparse24_mm_t(dy[:batch - 1], s24.values, s24.meta)[0], two[0])
+    # A row's bits do not depend on the batch past 16 rows (the panels' lanes are
+    # independent, and the slices are 64 rows at every panel width).
+    big = torch.cat([dy, torch.randn(700 - batch, 300, generator=torch.Generator().manual_seed(seed))])
+    assert torch.equal(C.sparse24_mm_t(big, s24.values, s24.meta)[:batch], two)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

@@ -151,21 +151,28 @@ void sort_slice24(const uint8_t* meta, int64_t groups, int64_t o0, int64_t s, in
   }
 }
 
+// Rows of W per slice of mm_t_buckets, whatever the panel width: the slices decide the
+// order in which a dx element sums its terms, so a fixed size keeps a row's bits
+// independent of the batch (past the 16 rows where the scatter takes over); 64-wide
+// panels' dy slice is then 16 KiB.
+constexpr int64_t kBucketRows = 64;
+
 // dx [M, K] = dy2 [M, N] W (fp32 values, contiguous) over batch panels of width T, by
 // combination (Rows::buckets24_t): tasks of ng groups (dx's columns 4 ga .. 4 (ga + ng))
-// and pc panels, each sweeping W's rows in slices of s_rows; per slice the rows are
+// and pc panels, each sweeping W's rows in slices of kBucketRows; per slice the rows are
 // sorted by combination once (sort_slice24) and each of the task's panels' dx^T blocks
 // takes them. A task's blocks ([pc, 4 ng, T]) stay in a quarter of the L2, dy's slice
-// of a panel (s_rows x T floats, 16 KiB) in L1. dy is read once per group of ng groups:
+// of a panel (kBucketRows x T floats, at most 16 KiB) in L1. dy is read once per group of ng groups:
 // with all panels in a task and few groups each, a (2048, 768 -> 3072) product read its
 // 25 MB of panels 24 times, no faster than the dense GEMM.
 // Each dx element sums its terms slice by slice, within a slice by combination and row:
-// the bits depend neither on the threads nor on how the tasks were cut.
+// the bits depend neither on the threads, nor on how the tasks were cut, nor on the
+// batch (for batches of more than 16 rows).
 template <typename Rows, int64_t T>
 void mm_t_buckets(const at::Tensor& dy2, at::Tensor& dx, const float* v, const uint8_t* mt) {
   const int64_t m = dy2.size(0), n = dy2.size(1), k = dx.size(1), groups = k / 4;
   const int64_t p_count = (m + T - 1) / T;
-  const int64_t s_rows = std::min<int64_t>(256, kSliceBytes / (T * static_cast<int64_t>(sizeof(float))));
+  const int64_t s_rows = kBucketRows;
   // Panels per task so that 32 groups' blocks fit the budget, then as many groups as fit
   // (8 to 256); at least two tasks per thread while a task keeps 8 groups.
   const int64_t group_bytes = 4 * T * static_cast<int64_t>(sizeof(float));

@@ -69,19 +69,21 @@ def test_backward_products_match_float64_at_every_level(level, batch, out_f, in_
     assert_close_rel(dv, want_dv, 1e-5, "sparse24_sddmm")
 
 
+@pytest.mark.parametrize("in_f", [1028, 1024])
 @pytest.mark.parametrize("batch", [17, 40, 150, 600])
-def test_input_gradient_by_combination_across_slices_panels_and_tasks(level, batch, seed):
+def test_input_gradient_by_combination_across_slices_panels_and_tasks(level, batch, in_f, seed):
     """dx past 16 rows with AVX-512 goes by combination (sparse24_backward.cpp:
     mm_t_buckets; elsewhere the scatter): W with 300 rows (slices of 64 rows and a short
-    last one), 1028 columns (257 groups: tasks of several groups and a short last one),
+    last one), 1028 columns (257 groups: tasks of several groups and a short last one) or
+    1024 (rows 2 KiB apart: with AVX2 the values are copied in sorted order),
     rows of zeros, every combination of two kept columns present; 600 rows are ten
     64-wide panels, cut into chunks of panels per task. Against float64; the same bits on
     one and two threads (the threads change how the tasks are cut) and within a batch of
     700 rows (17 and 40 rows run 32- and 64-wide panels)."""
-    s24, dy, _ = _case(300, 1028, batch, torch.float32, seed, zero_rows=(0, 64, 299))
+    s24, dy, _ = _case(300, in_f, batch, torch.float32, seed, zero_rows=(0, 64, 299))
     codes = set(s24.meta.flatten().tolist())
     assert codes == {4, 8, 12, 9, 13, 14}  # the six c0 | c1 << 2, c0 < c1
-    want_dx, _ = _want(s24, dy, dy.new_zeros(batch, 1028))
+    want_dx, _ = _want(s24, dy, dy.new_zeros(batch, in_f))
     fn = lambda: C.sparse24_mm_t(dy, s24.values, s24.meta)  # noqa: E731
     one, two = with_threads(1, fn), with_threads(2, fn)
     assert_close_rel(two, want_dx, 1e-5, "sparse24_mm_t")

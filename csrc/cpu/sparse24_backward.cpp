@@ -12,7 +12,7 @@
 // rows by column index, with no K slicing. Here both products stream values and meta
 // in their order (no column indices, no transpose map) and slice K so that what is
 // reused stays in L1:
-// * sparse24_mm_t, with AVX-512 and more than 16 batch rows, goes by combination
+// * sparse24_mm_t, past 16 batch rows with SIMD row kernels, goes by combination
 //   (mm_t_buckets): within a slice of W's rows, each group's rows sorted by which two of
 //   its four columns they keep (6 combinations), so that the group's four dx^T rows stay
 //   in registers and each of W's rows adds its dy line, loaded once, to both of its kept
@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -130,9 +131,10 @@ constexpr int8_t kCombo24[16] = {-1, -1, -1, -1, 0, -1, -1, -1, 1, 3, -1, -1, 2,
 // For rows [o0, o0 + s) of W (s <= 256) and groups [ga, ga + ng): each group's rows, as
 // offsets in the slice, sorted by combination (stable: in row order within one) into
 // rows [ng, s], and how many each combination has into counts [ng, 6]; pos [ng, 6] is
-// scratch. Meta was checked (check_meta24).
+// scratch. With wv, also each row's two kept values (vals: fp32 [N, 2 groups]) in that
+// order into wv [ng, s, 2] (values_alias24). Meta was checked (check_meta24).
 void sort_slice24(const uint8_t* meta, int64_t groups, int64_t o0, int64_t s, int64_t ga, int64_t ng,
-                  uint8_t* rows, int32_t* counts, int32_t* pos) {
+                  uint8_t* rows, int32_t* counts, int32_t* pos, const float* vals = nullptr, float* wv = nullptr) {
   std::fill(counts, counts + 6 * ng, 0);
   for (int64_t i = 0; i < s; ++i) {
     const uint8_t* mr = meta + (o0 + i) * groups + ga;
@@ -145,9 +147,22 @@ void sort_slice24(const uint8_t* meta, int64_t groups, int64_t o0, int64_t s, in
       at += counts[6 * g + c];
     }
   }
+  if (wv == nullptr) {
+    for (int64_t i = 0; i < s; ++i) {
+      const uint8_t* mr = meta + (o0 + i) * groups + ga;
+      for (int64_t g = 0; g < ng; ++g) rows[pos[6 * g + kCombo24[mr[g]]]++] = static_cast<uint8_t>(i);
+    }
+    return;
+  }
   for (int64_t i = 0; i < s; ++i) {
     const uint8_t* mr = meta + (o0 + i) * groups + ga;
-    for (int64_t g = 0; g < ng; ++g) rows[pos[6 * g + kCombo24[mr[g]]]++] = static_cast<uint8_t>(i);
+    const float* vr = vals + (o0 + i) * 2 * groups + 2 * ga;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int32_t at = pos[6 * g + kCombo24[mr[g]]]++;
+      rows[at] = static_cast<uint8_t>(i);
+      wv[2 * at] = vr[2 * g];
+      wv[2 * at + 1] = vr[2 * g + 1];
+    }
   }
 }
 
@@ -167,8 +182,9 @@ constexpr int64_t kBucketRows = 64;
 // 25 MB of panels 24 times, no faster than the dense GEMM.
 // Each dx element sums its terms slice by slice, within a slice by combination and row:
 // the bits depend neither on the threads, nor on how the tasks were cut, nor on the
-// batch (for batches of more than 16 rows).
-template <typename Rows, int64_t T>
+// batch (for batches of more than 16 rows). kCopied: the values come from the sort's
+// copy (values_alias24).
+template <typename Rows, int64_t T, bool kCopied = false>
 void mm_t_buckets(const at::Tensor& dy2, at::Tensor& dx, const float* v, const uint8_t* mt) {
   const int64_t m = dy2.size(0), n = dy2.size(1), k = dx.size(1), groups = k / 4;
   const int64_t p_count = (m + T - 1) / T;
@@ -193,16 +209,20 @@ void mm_t_buckets(const at::Tensor& dy2, at::Tensor& dx, const float* v, const u
     std::vector<float> block(static_cast<size_t>(pc * 4 * ng * T));
     std::vector<uint8_t> rows(static_cast<size_t>(ng * s_rows));
     std::vector<int32_t> counts(static_cast<size_t>(6 * ng)), pos(static_cast<size_t>(6 * ng));
+    std::vector<float> wv(kCopied ? static_cast<size_t>(2 * ng * s_rows) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ga = (task / p_tasks) * ng, nga = std::min(ng, groups - ga);
       const int64_t pa = (task % p_tasks) * pc, pb = std::min(p_count, pa + pc);
       std::fill(block.begin(), block.end(), 0.0f);
       for (int64_t o0 = 0; o0 < n; o0 += s_rows) {
         const int64_t s = std::min(s_rows, n - o0);
-        sort_slice24(mt, groups, o0, s, ga, nga, rows.data(), counts.data(), pos.data());
+        sort_slice24(mt, groups, o0, s, ga, nga, rows.data(), counts.data(), pos.data(), v,
+                     kCopied ? wv.data() : nullptr);
         for (int64_t p = pa; p < pb; ++p)
-          Rows::template buckets24_t<T>(d + (p * n + o0) * T, block.data() + (p - pa) * 4 * nga * T, rows.data(),
-                                        counts.data(), v + o0 * 2 * groups + 2 * ga, 2 * groups, nga, s);
+          Rows::template buckets24_t<T, kCopied>(d + (p * n + o0) * T, block.data() + (p - pa) * 4 * nga * T,
+                                                 rows.data(), counts.data(),
+                                                 kCopied ? wv.data() : v + o0 * 2 * groups + 2 * ga, 2 * groups,
+                                                 nga, s);
       }
       for (int64_t p = pa; p < pb; ++p)
         store_block(block.data() + (p - pa) * 4 * nga * T, T, 4 * nga, p, 4 * ga, dx);
@@ -210,18 +230,31 @@ void mm_t_buckets(const at::Tensor& dy2, at::Tensor& dx, const float* v, const u
   });
 }
 
-// dx by combination (mm_t_buckets) at the panel width for m rows (choose_panel), where the
-// CPU's row kernels hold a group's accumulators for it in registers and it is at least
-// 32 wide; false elsewhere (the caller scatters). A row's per-row work (its offset, two
-// values, the loop) is spread over a 64-wide line with AVX-512; over the 16-wide panels of
-// AVX2's 16 registers, or of up to 16 batch rows, it was no faster than the scatter (EPYC,
-// 2 threads, (256, 4096 -> 4096) with AVX2 forced: 96.9 against 99.2 ms; 16 rows with
-// AVX-512: 10.6 against 10.6).
+// Whether mm_t_buckets should copy a slice's values into their sorted order (sort_slice24)
+// rather than read them in place, for a W with `groups` groups per row: where W's rows
+// (8 groups bytes apart) fall into fewer than 8 of the L1's 64 sets, a slice's 64 rows'
+// values do not stay in its 8 ways. With AVX2 that mattered (EPYC, AVX2 forced, 2 threads,
+// ms, in place / copied: (256, 4096 -> 4096), rows 8 KiB apart, one set: 94.6 / 45.4;
+// (2048, 1024 -> 1024), two sets: 29.5 / 22.9; (256, 4096 -> 11008's dx), eight sets:
+// 119 / 142; (2048, 768 -> 3072), eight: 53.8 / 57.3); with AVX-512 a row's 8 FMAs hide
+// the misses and in place was as fast or faster everywhere (30.5 / 31.4, 13.1 / 12.9,
+// 77.2 / 95.3, 33.8 / 37.0).
+bool values_alias24(int64_t groups) { return std::gcd<int64_t>(8 * groups, 4096) > 512; }
+
+// dx by combination (mm_t_buckets) for more than 16 batch rows; false elsewhere (the
+// caller scatters). With AVX-512 at the panel width for m rows (choose_panel: 32 or 64),
+// values read in place; with AVX2 on 16-wide panels (four accumulator rows of 2 ymm in 16
+// registers), values copied where their rows alias (values_alias24). EPYC, 2 threads, ms,
+// combination / scatter: AVX-512 (256, 4096 -> 4096) 28.5 / 115, (64, 1024 -> 1024) 0.76
+// / 1.10; AVX2 forced 45.4 / 105.3, 0.98 / 1.06, (256, 4096 -> 11008's dx) 119 / 254. At
+// up to 16 rows (16-wide panels, AVX-512) it was no faster than the scatter: 10.6 against
+// 10.6 at 4096 x 4096.
 bool mm_t_by_combination(const at::Tensor& dy2, at::Tensor& dx, const at::Tensor& vals, const at::Tensor& meta) {
-  const int64_t t = choose_panel(dy2.size(0));
-  if (t < kMidPanel) return false;
+  if (dy2.size(0) <= 16) return false;
   const float* v = vals.data_ptr<float>();
   const uint8_t* mt = meta.data_ptr<uint8_t>();
+  const int64_t t = choose_panel(dy2.size(0));
+  const bool copy = values_alias24(meta.size(1));
   bool ran = false;
   with_simd_rows([&](auto rows) {
     using Rows = decltype(rows);
@@ -233,6 +266,10 @@ bool mm_t_by_combination(const at::Tensor& dy2, at::Tensor& dx, const at::Tensor
           ran = true;
         }
       });
+    } else if constexpr (Rows::buckets24_fits(kNarrowPanel)) {
+      if (copy) mm_t_buckets<Rows, kNarrowPanel, true>(dy2, dx, v, mt);
+      else mm_t_buckets<Rows, kNarrowPanel, false>(dy2, dx, v, mt);
+      ran = true;
     }
   });
   return ran;

@@ -201,14 +201,16 @@ def test_layer_gradcheck_runs_the_2to4_products(monkeypatch, seed):
     assert "_mm_t_24" in calls and "_sddmm_24" in calls
 
 
-def test_measured_auto_picks_among_the_kernel_and_the_dense_variant(monkeypatch, seed):
+@pytest.mark.parametrize("batch,out_f", [(20, 48), (100, 200)])
+def test_measured_auto_picks_among_the_kernel_and_the_dense_variant(monkeypatch, batch, out_f, seed):
     """Large enough to be measured, each backward product measures our kernel, the dense
-    variant and the reference, keeps the fastest, and the gradients agree with float64."""
+    variant and the reference, keeps the fastest, and the gradients agree with float64
+    (100 rows and 200 outputs: dx by combination over several slices of W's rows)."""
     monkeypatch.setattr(backends, "MEASURE_MIN_FLOPS", 1.0)
     monkeypatch.setattr(backends, "_measured", {})
     g = torch.Generator().manual_seed(seed)
-    layer = sk.nn.Sparse24Linear.from_dense(torch.nn.Linear(64, 48))
-    x = torch.randn(20, 64, generator=g, requires_grad=True)
+    layer = sk.nn.Sparse24Linear.from_dense(torch.nn.Linear(64, out_f))
+    x = torch.randn(batch, 64, generator=g, requires_grad=True)
     layer(x).square().sum().backward()
     chosen = {e["op"]: e["choice"] for e in backends.measured()}
     assert chosen.keys() >= {"sparse24_mm", "sparse24_mm_t", "sparse24_sddmm"}
@@ -218,6 +220,11 @@ def test_measured_auto_picks_among_the_kernel_and_the_dense_variant(monkeypatch,
     assert_close_rel(x.grad, dy @ dense, 1e-5, "dx")
     assert_close_rel(layer.values.grad, (dy.t() @ x.detach().double())[dense != 0].view_as(layer.values), 1e-5,
                      "dvalues")
+    # And on our kernels whatever was measured (the layer's eager route into them).
+    x.grad = None
+    with sk.use_backend("cpu"):
+        layer(x).square().sum().backward()
+    assert_close_rel(x.grad, dy @ dense, 1e-5, "dx on cpu")
 
 
 def test_compiled_training_step_matches_eager(seed):

@@ -147,21 +147,16 @@ void sort_slice24(const uint8_t* meta, int64_t groups, int64_t o0, int64_t s, in
       at += counts[6 * g + c];
     }
   }
-  if (wv == nullptr) {
-    for (int64_t i = 0; i < s; ++i) {
-      const uint8_t* mr = meta + (o0 + i) * groups + ga;
-      for (int64_t g = 0; g < ng; ++g) rows[pos[6 * g + kCombo24[mr[g]]]++] = static_cast<uint8_t>(i);
-    }
-    return;
-  }
   for (int64_t i = 0; i < s; ++i) {
     const uint8_t* mr = meta + (o0 + i) * groups + ga;
-    const float* vr = vals + (o0 + i) * 2 * groups + 2 * ga;
+    const float* vr = wv != nullptr ? vals + (o0 + i) * 2 * groups + 2 * ga : nullptr;
     for (int64_t g = 0; g < ng; ++g) {
       const int32_t at = pos[6 * g + kCombo24[mr[g]]]++;
       rows[at] = static_cast<uint8_t>(i);
-      wv[2 * at] = vr[2 * g];
-      wv[2 * at + 1] = vr[2 * g + 1];
+      if (wv != nullptr) {
+        wv[2 * at] = vr[2 * g];
+        wv[2 * at + 1] = vr[2 * g + 1];
+      }
     }
   }
 }
@@ -188,7 +183,6 @@ template <typename Rows, int64_t T, bool kCopied = false>
 void mm_t_buckets(const at::Tensor& dy2, at::Tensor& dx, const float* v, const uint8_t* mt) {
   const int64_t m = dy2.size(0), n = dy2.size(1), k = dx.size(1), groups = k / 4;
   const int64_t p_count = (m + T - 1) / T;
-  const int64_t s_rows = kBucketRows;
   // Panels per task so that 32 groups' blocks fit the budget, then as many groups as fit
   // (8 to 256); at least two tasks per thread while a task keeps 8 groups.
   const int64_t group_bytes = 4 * T * static_cast<int64_t>(sizeof(float));
@@ -207,15 +201,15 @@ void mm_t_buckets(const at::Tensor& dy2, at::Tensor& dx, const float* v, const u
   const float* d = pdy.data_ptr<float>();
   at::parallel_for(0, g_tasks * p_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> block(static_cast<size_t>(pc * 4 * ng * T));
-    std::vector<uint8_t> rows(static_cast<size_t>(ng * s_rows));
+    std::vector<uint8_t> rows(static_cast<size_t>(ng * kBucketRows));
     std::vector<int32_t> counts(static_cast<size_t>(6 * ng)), pos(static_cast<size_t>(6 * ng));
-    std::vector<float> wv(kCopied ? static_cast<size_t>(2 * ng * s_rows) : 0);
+    std::vector<float> wv(kCopied ? static_cast<size_t>(2 * ng * kBucketRows) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ga = (task / p_tasks) * ng, nga = std::min(ng, groups - ga);
       const int64_t pa = (task % p_tasks) * pc, pb = std::min(p_count, pa + pc);
       std::fill(block.begin(), block.end(), 0.0f);
-      for (int64_t o0 = 0; o0 < n; o0 += s_rows) {
-        const int64_t s = std::min(s_rows, n - o0);
+      for (int64_t o0 = 0; o0 < n; o0 += kBucketRows) {
+        const int64_t s = std::min(kBucketRows, n - o0);
         sort_slice24(mt, groups, o0, s, ga, nga, rows.data(), counts.data(), pos.data(), v,
                      kCopied ? wv.data() : nullptr);
         for (int64_t p = pa; p < pb; ++p)

@@ -243,11 +243,13 @@ def test_sparse24_mm_few_rows_bits_do_not_depend_on_the_batch(level, bf16_step, 
 
 @pytest.mark.parametrize("out_f,in_f", [(37, 36), (100, 4100), (1, 8), (49, 520)])
 def test_sparse24_mm_bf16_panels_match_and_keep_a_rows_bits(bf16_step, out_f, in_f, seed):
-    """bf16 batches past the few-rows kernels: on AVX512-BF16 dot products over x expanded
-    into its 6 pairings per group (sparse24_dot.cpp; past 32 rows with AMX too), else the
-    fp32 panels. Against fp64, with a bias, odd shapes, x not contiguous and values whose
-    storage is not 4-byte aligned; with the dot step a row's bits are the same for every
-    batch (one dot product per group, in group order, whatever the panel width)."""
+    """bf16 batches past the few-rows kernels: on AVX512-BF16 dot products with 16 output
+    rows in the lanes (sparse24_dot.cpp; from 7 rows, past 32 with AMX), else the fp32
+    panels. Against fp64, with a bias, odd shapes (partial blocks of 16 and 48 rows, batch
+    tails of 1-6 rows, 4100 columns: two slices of groups), x not contiguous, values whose
+    storage is not 4-byte aligned, and 1100 rows (three batch tasks); with the dot step a
+    row's bits are the same for every batch and thread count (one dot product per group,
+    in group order, whatever the blocking), and rounding is c10's (NaN as 0x7FC0)."""
     g = torch.Generator().manual_seed(seed)
     s24 = sk.formats.Sparse24.from_dense(torch.randn(out_f, in_f, generator=g))
     C = torch.ops.sparsekernels_C
@@ -257,9 +259,9 @@ def test_sparse24_mm_bf16_panels_match_and_keep_a_rows_bits(bf16_step, out_f, in
     values.copy_(s24.values)
     bias = torch.randn(out_f, generator=g).bfloat16()
     w = s24.to_dense().bfloat16().double()
-    x = torch.randn(300, in_f + 3, generator=g).bfloat16()[:, 3:]  # rows not contiguous
+    x = torch.randn(1100, in_f + 3, generator=g).bfloat16()[:, 3:]  # rows not contiguous
     rows = {}
-    for m in (9, 17, 32, 33, 64, 65, 300):
+    for m in (9, 17, 32, 33, 64, 65, 300, 1100):
         y = C.sparse24_mm(x[:m], values, s24.meta, bias)
         assert y.dtype == torch.bfloat16 and y.shape == (m, out_f)
         assert rel_error(y, x[:m].double() @ w.t() + bias.double()) < 1e-2, m
@@ -267,6 +269,24 @@ def test_sparse24_mm_bf16_panels_match_and_keep_a_rows_bits(bf16_step, out_f, in
     if bf16_step == "dot":
         for m, r in rows.items():
             assert torch.equal(r, rows[9]), m
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = C.sparse24_mm(x, values, s24.meta, bias)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one.view(torch.int16), C.sparse24_mm(x, values, s24.meta, bias).view(torch.int16))
+        # NaNs in x make its row NaN, stored as c10 stores it; a weight row of zeros
+        # gives exact zeros, and with a bias the bias itself.
+        special = x[:12].clone()
+        special[3, :4] = float("nan")  # every row keeps two of these
+        zero_w = values.clone()
+        zero_w[0] = 0
+        y = C.sparse24_mm(special, zero_w, s24.meta, None)
+        assert (y[3].view(torch.int16) == 0x7FC0).all()
+        assert (y[torch.arange(12) != 3, 0].view(torch.int16) == 0).all()
+        y = C.sparse24_mm(special, zero_w, s24.meta, bias)
+        assert torch.equal(y[torch.arange(12) != 3, 0], bias[0].expand(11))
     bad = s24.meta.clone()
     bad[0, 0] = 0b0101  # i0 == i1
     with pytest.raises(ValueError, match="meta"):

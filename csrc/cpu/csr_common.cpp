@@ -102,7 +102,7 @@ Bf16Step cpu_bf16_step() {
   // kAmx needs the dot step too: batches the tiles do not take (1-2 rows, K not a multiple
   // of 32) run it. (Real AMX parts have AVX512-BF16; a VM could hide it.)
   static const bool dot = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
+                          __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl");
   static const Bf16Step step = !dot ? Bf16Step::kWiden : cpu_has_amx_bf16() ? Bf16Step::kAmx : Bf16Step::kDot;
   return step;
 #else
@@ -302,14 +302,12 @@ void release_workspace() {
   for (auto& buf : thread_buffers()) buf = at::Tensor();
 }
 
-namespace {
-
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // dst[c][r] = src[r][c] for a 16 x 16 fp32 tile, in registers: 64 shuffles for 256
 // elements. A scalar blocked transpose ran at ~1 ns per element here, as slow as the
 // sparse kernel itself at 99% sparsity.
 __attribute__((target("avx512f"))) void transpose16x16(const float* src, int64_t ss, float* dst,
-                                                       int64_t ds, const float* add = nullptr) {
+                                                       int64_t ds, const float* add) {
   __m512 r[16], t[16], u[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
   for (int i = 0; i < 8; ++i) {
@@ -346,7 +344,7 @@ __attribute__((target("avx512f"))) void transpose16x16(const float* src, int64_t
 // The same 16 x 16 tile with AVX2, as four 8 x 8 transposes (24 shuffles each): dst's
 // 8 x 8 block (cb, rb) is src's block (rb, cb) transposed, plus add[8 rb, 8 rb + 8).
 __attribute__((target("avx2"))) void transpose16x16_avx2(const float* src, int64_t ss, float* dst, int64_t ds,
-                                                         const float* add = nullptr) {
+                                                         const float* add) {
   for (int rb = 0; rb < 2; ++rb) {
     for (int cb = 0; cb < 2; ++cb) {
       const float* s = src + 8 * rb * ss + 8 * cb;
@@ -378,10 +376,12 @@ __attribute__((target("avx2"))) void transpose16x16_avx2(const float* src, int64
 }
 constexpr bool kHaveTranspose16 = true;
 #else
-void transpose16x16(const float*, int64_t, float*, int64_t, const float* = nullptr) {}
-void transpose16x16_avx2(const float*, int64_t, float*, int64_t, const float* = nullptr) {}
+void transpose16x16(const float*, int64_t, float*, int64_t, const float*) {}
+void transpose16x16_avx2(const float*, int64_t, float*, int64_t, const float*) {}
 constexpr bool kHaveTranspose16 = false;
 #endif
+
+namespace {
 
 // dst[c * ds + r] = src[r * ss0 + c * ss1] (+ add[r] when add is given) for r < rows,
 // c < cols (any sizes, converting; the sum is taken in the source's precision).

@@ -6,17 +6,33 @@
 // bf16 product of (32, 4096 -> 4096) took 5.7 ms there against 3.7 for the CPU's dense
 // bf16 GEMM, and the dense GEMM of the decompressed weight ("cpu:dense") as long.
 // VDPBF16PS multiplies pairs: lane j += a[2j] b[2j] + a[2j+1] b[2j+1]. A group's two kept
-// values are such a pair (values [N, K/2] holds them side by side), broadcast as one
-// 32-bit lane; x's two columns they meet must be the matching pairs of 16 batch rows. A
-// group's kept positions are one of 6 pairs of its 4 columns, so each panel of x (16 P
-// batch rows) is expanded once into all 6 pairings per group ([group][pairing][P][16]
-// pairs of bf16), and the row loop is then, per output row and group: a table lookup of
-// the meta byte, one 32-bit broadcast of the values and P loads and dot products.
-// The expansion is 3x x's bytes, shared by all N rows.
+// values are such a pair (values [N, K/2] holds them side by side as one 32-bit word).
+//
+// The lanes hold 16 output rows. For a block of 16 rows and one group, a vector holds
+// the rows' value pairs and another the rows' word indices (i0 | i1 << 16: which two of
+// the group's 4 columns each row keeps, from its meta byte). Per batch row and group the
+// group's 4 x values are one 8-byte broadcast; one VPERMW by the indices gives every lane
+// the two x values its row meets, and one dot product adds them in. The pairs and
+// indices of kBlocks blocks are loaded once per kBatch batch rows, x's 8 bytes once per
+// kBlocks dot products, and x is read in place.
+//
+// Why not the batch in the lanes (this file's first form): there each lane needed x's
+// pair at the row's two columns, so x was expanded into all 6 pairings per group (3x its
+// bytes) and every dot product loaded its own 64 bytes of them. That ran at the load
+// ports' rate, 2.3 G dot products per second and core on Zen 4 with everything in L1
+// (the unit allows 3.65), and the product of (256, 4096 -> 4096) took 22.1 ms at 2
+// threads against the dense bf16 GEMM's 20.3. There the permute runs on a pipe of its own:
+// a permute and a dot product per step still make 3.6 G per second; this loop in L1 2.7.
+//
+// The pairs and indices of a task's rows are laid out per group ([block][group][16],
+// 16 x 16 tiles transposed in registers) once per task and slice of groups: O(N K) work
+// against the product's O(M N K / 16) dot products.
 //
 // Products of bf16 values are exact in fp32 and the sums are fp32, in group order (each
-// dot product adds a group's two products, then the accumulator), so a row's result
-// does not depend on the panel, the slice or the thread.
+// dot product adds a group's two products, then the accumulator), so a result does not
+// depend on the blocking, the slice or the thread, and comes out bit for bit as the
+// batch-lane form did. The result is rounded to bf16 as c10::BFloat16 rounds (to
+// nearest even, NaN as 0x7FC0), after the bias is added in fp32.
 #include "csr_common.h"
 
 #include <torch/library.h>
@@ -35,133 +51,206 @@ namespace sparsekernels::cpu {
 #if defined(SPARSEKERNELS_DOT24)
 namespace {
 
-constexpr int kPairings = 6;
-constexpr int kLanes = 16;  // fp32 accumulator lanes: batch rows per sub-panel
-// (i0, i1) of pairing c, and the pairing of a meta byte i0 | i1 << 2 (meta is checked
-// before the kernel runs, so only valid bytes reach the table).
-constexpr int kPairI0[kPairings] = {0, 0, 0, 1, 1, 2};
-constexpr int kPairI1[kPairings] = {1, 2, 3, 2, 3, 3};
-constexpr uint8_t kPairingOf[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 2, 4, 5, 0};
-
-constexpr int64_t kRowsPerTask = 48;
-// Bytes of expanded x one slice of groups covers, at most: a quarter of the L2, up to
-// this. Zen 4 (1 MiB L2), 2 threads, 4096 -> 4096, ms for 9 / 32 / 256 rows: 16 KiB
-// slices 5.3 / 4.2 / 31.6, 64 KiB 5.1 / 3.9 / 23.3, 256 KiB 5.1 / 3.8 / 23.0.
+constexpr int kLanes = 16;   // output rows per vector
+constexpr int kBlocks = 3;   // vectors of output rows per task
+constexpr int kBatch = 7;    // batch rows per register block: 21 accumulators, 6 operand vectors
+constexpr int64_t kRowsPerTask = kBlocks * kLanes;
+// Batch rows per task at most (their fp32 partial sums: 96 KiB), so a task's sums stay
+// in L2 between slices and a few output rows still make enough tasks for the threads.
+constexpr int64_t kBatchPerTask = 512;
+// Bytes of laid-out pairs and indices per slice of groups, at most: a quarter of the L2,
+// up to this (Zen 4, 1 MiB L2, one thread, ms at (252, 4096 -> 4096): 128 groups 35.5,
+// 256 34.4, all 1024 33.0 with a scalar layout pass; the pass is what differs).
 constexpr int64_t kSliceBytes = 256 * 1024;
 
-// Panel p (batch rows [16 P p, 16 P (p + 1)) of x2 [M, K], zero past M) expanded into
-// out [groups][kPairings][P][16] uint32: the bf16 pair (x[b, 4g + i0], x[b, 4g + i1]) of
-// pairing (i0, i1) for batch row b.
-template <int P>
-void expand_panel(const uint16_t* x, int64_t m, int64_t k, int64_t p, uint32_t* out) {
-  const int64_t groups = k / 4;
-  for (int s = 0; s < P; ++s) {
-    for (int j = 0; j < kLanes; ++j) {
-      const int64_t b = (p * P + s) * kLanes + j;
-      uint32_t* dst = out + s * kLanes + j;
-      if (b >= m) {
-        for (int64_t g = 0; g < groups; ++g)
-          for (int c = 0; c < kPairings; ++c) dst[(g * kPairings + c) * P * kLanes] = 0;
+// The pairs and indices of output rows [r, r + kLanes * blocks) over groups [g0, g1), as
+// the row loop reads them: wv / iv [block][g - g0][16] (block stride `slice` groups);
+// rows past n get zero pairs (their lanes sum zeros) and index 0.
+__attribute__((target("avx512f,avx512bw"))) void lay_out_rows(const uint32_t* pairs, const uint8_t* meta,
+                                                              int64_t n, int64_t groups, int64_t r, int blocks,
+                                                              int64_t g0, int64_t g1, int64_t slice, uint32_t* wv,
+                                                              uint32_t* iv) {
+  alignas(64) uint32_t idx[kLanes * kLanes];
+  const __m512i three = _mm512_set1_epi32(3);
+  for (int bl = 0; bl < blocks; ++bl) {
+    const int64_t rb = r + bl * kLanes;
+    const int64_t rows = std::clamp<int64_t>(n - rb, 0, kLanes);
+    uint32_t* wb = wv + bl * slice * kLanes;
+    uint32_t* ib = iv + bl * slice * kLanes;
+    for (int64_t g = g0; g < g1; g += kLanes) {
+      const int64_t cols = std::min<int64_t>(kLanes, g1 - g);
+      uint32_t* wd = wb + (g - g0) * kLanes;
+      uint32_t* id = ib + (g - g0) * kLanes;
+      if (rows == kLanes && cols == kLanes) {
+        // Whole tile: the pairs transposed as they are; each row's 16 meta bytes widened
+        // to index words first.
+        transpose16x16(reinterpret_cast<const float*>(pairs + rb * groups + g), groups, reinterpret_cast<float*>(wd),
+                       kLanes);
+        for (int l = 0; l < kLanes; ++l) {
+          const __m512i m =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + (rb + l) * groups + g)));
+          const __m512i w = _mm512_or_si512(_mm512_and_si512(m, three), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(m, 2), three), 16));
+          _mm512_store_si512(idx + l * kLanes, w);
+        }
+        transpose16x16(reinterpret_cast<const float*>(idx), kLanes, reinterpret_cast<float*>(id), kLanes);
         continue;
       }
-      const uint16_t* row = x + b * k;
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint16_t* q = row + 4 * g;
-        uint32_t* d = dst + g * kPairings * P * kLanes;
-        for (int c = 0; c < kPairings; ++c)
-          d[c * P * kLanes] = static_cast<uint32_t>(q[kPairI0[c]]) | static_cast<uint32_t>(q[kPairI1[c]]) << 16;
+      for (int64_t c = 0; c < cols; ++c) {
+        for (int l = 0; l < kLanes; ++l) {
+          if (l < rows) {
+            const int64_t e = (rb + l) * groups + g + c;
+            wd[c * kLanes + l] = pairs[e];
+            id[c * kLanes + l] = static_cast<uint32_t>(meta[e] & 3) | static_cast<uint32_t>((meta[e] >> 2) & 3) << 16;
+          } else {
+            wd[c * kLanes + l] = 0;
+            id[c * kLanes + l] = 0;
+          }
+        }
       }
     }
   }
 }
 
-// Rows [r, r + R) over groups [g0, g1) into block rows [r - r0, ...) (16 P floats each):
-// overwritten when `first`, accumulated into otherwise. xs: the expanded panel at g0.
-template <int P, int R>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_dot24(const uint32_t* xs, float* block,
-                                                                        const uint32_t* pairs, const uint8_t* meta,
-                                                                        int64_t groups, int64_t g0, int64_t g1,
-                                                                        int64_t r0, int64_t r, bool first) {
+// Batch rows [0, R) of x (row stride xs, at the slice's first group) against B blocks of
+// laid-out rows over `count` groups; sums [R][kRowsPerTask] fp32, overwritten when
+// `first`, accumulated into otherwise.
+template <int B, int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(const uint16_t* x, int64_t xs,
+                                                                      const uint32_t* wv, const uint32_t* iv,
+                                                                      int64_t slice, int64_t count, float* sums,
+                                                                      bool first) {
   // Every loop over the accumulators unrolled, or they leave the registers.
-  __m512 acc[R][P];
-#pragma GCC unroll 24
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-    for (int s = 0; s < P; ++s)
-      acc[i][s] = first ? _mm512_setzero_ps() : _mm512_load_ps(block + (r - r0 + i) * P * kLanes + s * kLanes);
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint32_t* xg = xs + (g - g0) * kPairings * P * kLanes;
-#pragma GCC unroll 24
-    for (int i = 0; i < R; ++i) {
-      const int64_t e = (r + i) * groups + g;
-      const uint32_t* xc = xg + kPairingOf[meta[e] & 15] * P * kLanes;
-      const __m512i w = _mm512_set1_epi32(static_cast<int>(pairs[e]));
-#pragma GCC unroll 4
-      for (int s = 0; s < P; ++s)
-        acc[i][s] = _mm512_dpbf16_ps(acc[i][s], reinterpret_cast<__m512bh>(_mm512_load_si512(xc + s * kLanes)),
-                                     reinterpret_cast<__m512bh>(w));
+  __m512 acc[B][R];
+#pragma GCC unroll 8
+  for (int o = 0; o < B; ++o)
+#pragma GCC unroll 8
+    for (int b = 0; b < R; ++b)
+      acc[o][b] = first ? _mm512_setzero_ps() : _mm512_load_ps(sums + b * kRowsPerTask + o * kLanes);
+  for (int64_t g = 0; g < count; ++g) {
+    __m512i w[B], ix[B];
+#pragma GCC unroll 8
+    for (int o = 0; o < B; ++o) {
+      w[o] = _mm512_load_si512(wv + (o * slice + g) * kLanes);
+      ix[o] = _mm512_load_si512(iv + (o * slice + g) * kLanes);
+    }
+#pragma GCC unroll 8
+    for (int b = 0; b < R; ++b) {
+      uint64_t q;
+      std::memcpy(&q, x + b * xs + 4 * g, sizeof(q));
+      const __m512i xq = _mm512_set1_epi64(static_cast<long long>(q));
+#pragma GCC unroll 8
+      for (int o = 0; o < B; ++o)
+        acc[o][b] = _mm512_dpbf16_ps(acc[o][b], reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(ix[o], xq)),
+                                     reinterpret_cast<__m512bh>(w[o]));
     }
   }
-#pragma GCC unroll 24
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
-    for (int s = 0; s < P; ++s) _mm512_store_ps(block + (r - r0 + i) * P * kLanes + s * kLanes, acc[i][s]);
+#pragma GCC unroll 8
+  for (int o = 0; o < B; ++o)
+#pragma GCC unroll 8
+    for (int b = 0; b < R; ++b) _mm512_store_ps(sums + b * kRowsPerTask + o * kLanes, acc[o][b]);
 }
 
-template <int P>
-void sparse24_dot_panels(const at::Tensor& x2, at::Tensor& y, const uint32_t* pairs, const uint8_t* meta,
-                         const at::Tensor* bias) {
-  // Accumulators in registers: R rows x P sub-panels, at most 24 of the 32 registers.
-  constexpr int R = 24 / P;
-  constexpr int64_t T = P * kLanes;
-  const int64_t m = x2.size(0), k = x2.size(1), n = y.size(1), groups = k / 4;
-  const int64_t p_count = (m + T - 1) / T;
-  const int64_t panel_words = groups * kPairings * T;  // uint32 per expanded panel
-  // The expansion of every panel, in workspace slot 1 (64-byte aligned rows of pairs).
-  at::Tensor expanded = workspace(1, {p_count, panel_words}, at::kInt);
-  uint32_t* ex = reinterpret_cast<uint32_t*>(expanded.data_ptr<int32_t>());
-  const at::Tensor xc = x2.contiguous();
-  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
-  at::parallel_for(0, p_count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) expand_panel<P>(xb, m, k, p, ex + p * panel_words);
-  });
-  const int64_t slice_bytes = std::clamp<int64_t>(l2_cache_bytes() / 4, 16 * 1024, kSliceBytes);
-  const int64_t slice_groups = std::max<int64_t>(1, slice_bytes / (kPairings * T * 4));
-  const int64_t blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, p_count * blocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float block[kRowsPerTask * T];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / blocks, r0 = (task % blocks) * kRowsPerTask;
-      const int64_t r1 = std::min(n, r0 + kRowsPerTask);
-      const uint32_t* panel = ex + p * panel_words;
-      for (int64_t g0 = 0; g0 < groups; g0 += slice_groups) {
-        const int64_t g1 = std::min(groups, g0 + slice_groups);
-        const uint32_t* xs = panel + g0 * kPairings * T;
-        int64_t r = r0;
-        for (; r + R <= r1; r += R) rows_dot24<P, R>(xs, block, pairs, meta, groups, g0, g1, r0, r, g0 == 0);
-        for (; r < r1; ++r) rows_dot24<P, 1>(xs, block, pairs, meta, groups, g0, g1, r0, r, g0 == 0);
-      }
-      store_block(block, T, r1 - r0, p, r0, y, bias);
+template <int B>
+void dot_rows_tail(int rows, const uint16_t* x, int64_t xs, const uint32_t* wv, const uint32_t* iv, int64_t slice,
+                   int64_t count, float* sums, bool first) {
+  switch (rows) {
+    case 1: return dot_rows<B, 1>(x, xs, wv, iv, slice, count, sums, first);
+    case 2: return dot_rows<B, 2>(x, xs, wv, iv, slice, count, sums, first);
+    case 3: return dot_rows<B, 3>(x, xs, wv, iv, slice, count, sums, first);
+    case 4: return dot_rows<B, 4>(x, xs, wv, iv, slice, count, sums, first);
+    case 5: return dot_rows<B, 5>(x, xs, wv, iv, slice, count, sums, first);
+    case 6: return dot_rows<B, 6>(x, xs, wv, iv, slice, count, sums, first);
+    default: return dot_rows<B, kBatch>(x, xs, wv, iv, slice, count, sums, first);
+  }
+}
+
+// Batch rows [b0, b1) against the B blocks laid out for one slice of `count` groups.
+template <int B>
+void dot_batch(const uint16_t* x, int64_t xs, int64_t b0, int64_t b1, const uint32_t* wv, const uint32_t* iv,
+               int64_t slice, int64_t count, float* sums, bool first) {
+  for (int64_t b = b0; b < b1; b += kBatch) {
+    const int rows = static_cast<int>(std::min<int64_t>(kBatch, b1 - b));
+    dot_rows_tail<B>(rows, x + b * xs, xs, wv, iv, slice, count, sums + (b - b0) * kRowsPerTask, first);
+  }
+}
+
+// y[b, r + c] = bf16(sums[b - b0][c] (+ bias[r + c])) for c < cols, rounded as
+// c10::BFloat16 rounds (nearest even; NaN as 0x7FC0). Without a bias the sums are stored
+// as they are (adding zeros would turn -0 into +0).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float* sums, int64_t b0, int64_t b1, int64_t r,
+                                                            int64_t cols, uint16_t* y, int64_t ys,
+                                                            const uint16_t* bias) {
+  const __m512i bias_round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), nan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t c = 0; c < cols; c += kLanes) {
+    const int left = static_cast<int>(std::min<int64_t>(kLanes, cols - c));
+    const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 add = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                  _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + r + c)), 16))
+                            : _mm512_setzero_ps();
+    for (int64_t b = b0; b < b1; ++b) {
+      __m512 v = _mm512_load_ps(sums + (b - b0) * kRowsPerTask + c);
+      if (bias) v = _mm512_add_ps(v, add);
+      const __m512i u = _mm512_castps_si512(v);
+      __m512i h = _mm512_srli_epi32(
+          _mm512_add_epi32(u, _mm512_add_epi32(bias_round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+      h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+      _mm256_mask_storeu_epi16(y + b * ys + r + c, mask, _mm512_cvtepi32_epi16(h));
     }
-  });
+  }
 }
 
 }  // namespace
 
 void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                   const at::Tensor* bias) {
-  const int64_t m = x2.size(0);
+  TORCH_INTERNAL_ASSERT(y.scalar_type() == at::kBFloat16 && y.is_contiguous());
+  const int64_t m = x2.size(0), k = x2.size(1), n = y.size(1), groups = k / 4;
   // values [N, K/2] bf16 as one uint32 pair per group (2-byte aligned at least; the
   // kernel reads them as whole uint32, so a copy where the storage is not 4-byte aligned).
   at::Tensor v = vals.contiguous();
   if (reinterpret_cast<uintptr_t>(v.data_ptr()) % 4 != 0) v = v.clone();
   const uint32_t* pairs = static_cast<const uint32_t*>(v.data_ptr());
   const uint8_t* mt = meta.data_ptr<uint8_t>();
-  // Sub-panels per panel: 2 (32 rows) up to 32 rows, else 4. Not 1: with one dot product
-  // per row and group the loop's bookkeeping (meta lookup, broadcast) dominated: 9 rows,
-  // 4096 -> 4096, 5.1 ms against 3.8 for 32 rows with two.
-  if (m <= 2 * kLanes) sparse24_dot_panels<2>(x2, y, pairs, mt, bias);
-  else sparse24_dot_panels<4>(x2, y, pairs, mt, bias);
+  // x is read in place, one 8-byte group at a time: only its columns must be dense.
+  const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
+  const int64_t xs = xc.stride(0);
+  uint16_t* yb = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+  const uint16_t* bb = bias ? reinterpret_cast<const uint16_t*>(bias->data_ptr<c10::BFloat16>()) : nullptr;
+
+  // Slices of whole 16-group tiles, equal in size, each within the L2 budget.
+  const int64_t tile_bytes = 2 * kBlocks * kLanes * kLanes * static_cast<int64_t>(sizeof(uint32_t));
+  const int64_t budget = std::clamp<int64_t>(l2_cache_bytes() / 4, 16 * 1024, kSliceBytes);
+  const int64_t tiles = (groups + kLanes - 1) / kLanes;
+  const int64_t slices = (tiles + std::max<int64_t>(1, budget / tile_bytes) - 1) / std::max<int64_t>(1, budget / tile_bytes);
+  const int64_t slice = (tiles + slices - 1) / slices * kLanes;  // groups per slice
+  const int64_t row_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t batch_tasks = (m + kBatchPerTask - 1) / kBatchPerTask;
+  const int64_t batch_step = (m + batch_tasks - 1) / batch_tasks;
+  at::parallel_for(0, row_tasks * batch_tasks, 1, [&](int64_t begin, int64_t end) {
+    // This thread's laid-out rows (pairs, then indices) and partial sums, 64-byte aligned.
+    const int64_t lay_words = kBlocks * slice * kLanes;
+    at::Tensor scratch = workspace(1, {2 * lay_words + batch_step * kRowsPerTask + 16}, at::kInt);
+    uint32_t* base = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
+    base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64 / sizeof(uint32_t);
+    uint32_t* wv = base;
+    uint32_t* iv = base + lay_words;
+    float* sums = reinterpret_cast<float*>(base + 2 * lay_words);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = (task / batch_tasks) * kRowsPerTask;
+      const int64_t b0 = (task % batch_tasks) * batch_step, b1 = std::min(m, b0 + batch_step);
+      const int blocks = static_cast<int>(std::min<int64_t>(kBlocks, (n - r + kLanes - 1) / kLanes));
+      for (int64_t g0 = 0; g0 < groups; g0 += slice) {
+        const int64_t g1 = std::min(groups, g0 + slice);
+        lay_out_rows(pairs, mt, n, groups, r, blocks, g0, g1, slice, wv, iv);
+        const uint16_t* xg = xb + 4 * g0;
+        if (blocks == 3) dot_batch<3>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, sums, g0 == 0);
+        else if (blocks == 2) dot_batch<2>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, sums, g0 == 0);
+        else dot_batch<1>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, sums, g0 == 0);
+      }
+      store_rows(sums, b0, b1, r, std::min<int64_t>(kRowsPerTask, n - r), yb, n, bb);
+    }
+  });
 }
 
 #else

@@ -287,12 +287,14 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     if (!sparse24_amx(x2, y, values.contiguous(), mc, bp)) meta24_invalid("sparse24_mm");
     return out;
   }
-  if (runs_few_rows(ct, m, kFewRows)) {
+  const bool dot = x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 &&
+                   bf16_step() >= Bf16Step::kDot;
+  if (runs_few_rows(ct, m, dot ? kDotMinRows - 1 : kFewRows)) {
     if (!sparse24_few_rows(x2, y, few_rows_values(values), mc, bp)) meta24_invalid("sparse24_mm");
     return out;
   }
   check_meta();
-  if (x.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 && bf16_step() >= Bf16Step::kDot) {
+  if (dot) {
     sparse24_dot(x2, y, values, mc, bp);
     return out;
   }

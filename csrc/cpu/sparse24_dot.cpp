@@ -1,5 +1,5 @@
 // The CPU 2:4 product of bf16 batches past the few-rows kernels, on AVX512-BF16 dot
-// products: y [M, N] = x [M, K] W^T for bf16 x and values [N, K/2], M > kFewRows.
+// products: y [M, N] = x [M, K] W^T for bf16 x and values [N, K/2], M >= kDotMinRows.
 //
 // Why: the fp32 panels widen x and the values to fp32 and spend two loads and two FMAs
 // per group and 16 batch rows; on a CPU with AVX512-BF16 but no AMX (AMD Zen 4) the
@@ -9,20 +9,22 @@
 // values are such a pair (values [N, K/2] holds them side by side as one 32-bit word).
 //
 // The lanes hold 16 output rows. For a block of 16 rows and one group, a vector holds
-// the rows' value pairs and another the rows' word indices (i0 | i1 << 16: which two of
-// the group's 4 columns each row keeps, from its meta byte). Per batch row and group the
-// group's 4 x values are one 8-byte broadcast; one VPERMW by the indices gives every lane
-// the two x values its row meets, and one dot product adds them in. The pairs and
-// indices of kBlocks blocks are loaded once per kBatch batch rows, x's 8 bytes once per
-// kBlocks dot products, and x is read in place.
+// the rows' value pairs and another the rows' word indices (which two of the group's 4
+// columns each row keeps, from its meta byte, as places in x's 8-group octet). Per batch
+// row and group, x's octet around the group is one 64-byte load (from L1 for the next 7
+// groups); one VPERMW by the indices gives every lane the two x values its row meets, and
+// one dot product adds them in. The pairs and indices of kBlocks blocks are loaded once
+// per kBatch batch rows, and x is read in place.
 //
 // Why not the batch in the lanes (this file's first form): there each lane needed x's
 // pair at the row's two columns, so x was expanded into all 6 pairings per group (3x its
 // bytes) and every dot product loaded its own 64 bytes of them. That ran at the load
 // ports' rate, 2.3 G dot products per second and core on Zen 4 with everything in L1
 // (the unit allows 3.65), and the product of (256, 4096 -> 4096) took 22.1 ms at 2
-// threads against the dense bf16 GEMM's 20.3. There the permute runs on a pipe of its own:
-// a permute and a dot product per step still make 3.6 G per second; this loop in L1 2.7.
+// threads against the dense bf16 GEMM's 20.3. A permute beside each dot product costs
+// nothing there (3.6 G per second, the permutes have a pipe of their own), but a
+// broadcast of x's 8 bytes from memory takes that pipe too: 2.65 G with one per 2
+// permutes, 3.66 with a plain load instead; the product 17.9 -> 15.1 ms.
 //
 // The pairs and indices of a task's rows are laid out per group ([block][group][16],
 // 16 x 16 tiles transposed in registers) once per task and slice of groups: O(N K) work
@@ -72,6 +74,9 @@ __attribute__((target("avx512f,avx512bw"))) void lay_out_rows(const uint32_t* pa
                                                               uint32_t* iv) {
   alignas(64) uint32_t idx[kLanes * kLanes];
   const __m512i three = _mm512_set1_epi32(3);
+  // Word c of a tile (group g + c, g a multiple of 16) sits at 4 (c % 8) in its octet's load.
+  const __m512i octet = _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(4 * 0x10001));
   for (int bl = 0; bl < blocks; ++bl) {
     const int64_t rb = r + bl * kLanes;
     const int64_t rows = std::clamp<int64_t>(n - rb, 0, kLanes);
@@ -89,7 +94,10 @@ __attribute__((target("avx512f,avx512bw"))) void lay_out_rows(const uint32_t* pa
         for (int l = 0; l < kLanes; ++l) {
           const __m512i m =
               _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + (rb + l) * groups + g)));
-          const __m512i w = _mm512_or_si512(_mm512_and_si512(m, three), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(m, 2), three), 16));
+          const __m512i w = _mm512_add_epi32(
+              _mm512_or_si512(_mm512_and_si512(m, three),
+                              _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(m, 2), three), 16)),
+              octet);
           _mm512_store_si512(idx + l * kLanes, w);
         }
         transpose16x16(reinterpret_cast<const float*>(idx), kLanes, reinterpret_cast<float*>(id), kLanes);
@@ -100,7 +108,8 @@ __attribute__((target("avx512f,avx512bw"))) void lay_out_rows(const uint32_t* pa
           if (l < rows) {
             const int64_t e = (rb + l) * groups + g + c;
             wd[c * kLanes + l] = pairs[e];
-            id[c * kLanes + l] = static_cast<uint32_t>(meta[e] & 3) | static_cast<uint32_t>((meta[e] >> 2) & 3) << 16;
+            const uint32_t at = 4 * static_cast<uint32_t>((g + c) % 8);
+            id[c * kLanes + l] = (at + (meta[e] & 3)) | (at + ((meta[e] >> 2) & 3)) << 16;
           } else {
             wd[c * kLanes + l] = 0;
             id[c * kLanes + l] = 0;
@@ -111,14 +120,15 @@ __attribute__((target("avx512f,avx512bw"))) void lay_out_rows(const uint32_t* pa
   }
 }
 
-// Batch rows [0, R) of x (row stride xs, at the slice's first group) against B blocks of
-// laid-out rows over `count` groups; sums [R][kRowsPerTask] fp32, overwritten when
-// `first`, accumulated into otherwise.
+// Batch rows [0, R) of x (row stride xs, at the slice's first group, a multiple of 8)
+// against B blocks of laid-out rows over `count` groups; sums [R][kRowsPerTask] fp32,
+// overwritten when `first`, accumulated into otherwise. Groups from `full` on lie in the
+// row's last, partial octet, whose words `tail` masks.
 template <int B, int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(const uint16_t* x, int64_t xs,
                                                                       const uint32_t* wv, const uint32_t* iv,
-                                                                      int64_t slice, int64_t count, float* sums,
-                                                                      bool first) {
+                                                                      int64_t slice, int64_t count, int64_t full,
+                                                                      __mmask32 tail, float* sums, bool first) {
   // Every loop over the accumulators unrolled, or they leave the registers.
   __m512 acc[B][R];
 #pragma GCC unroll 8
@@ -135,9 +145,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(const uint1
     }
 #pragma GCC unroll 8
     for (int b = 0; b < R; ++b) {
-      uint64_t q;
-      std::memcpy(&q, x + b * xs + 4 * g, sizeof(q));
-      const __m512i xq = _mm512_set1_epi64(static_cast<long long>(q));
+      // x's 8 groups around g, as one load (a broadcast would take the permutes' pipe);
+      // past `full`, only the row's groups (the last octet of a row may be partial).
+      const uint16_t* xo = x + b * xs + 32 * (g / 8);
+      const __m512i xq = g < full ? _mm512_loadu_si512(xo) : _mm512_maskz_loadu_epi16(tail, xo);
 #pragma GCC unroll 8
       for (int o = 0; o < B; ++o)
         acc[o][b] = _mm512_dpbf16_ps(acc[o][b], reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(ix[o], xq)),
@@ -152,25 +163,25 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(const uint1
 
 template <int B>
 void dot_rows_tail(int rows, const uint16_t* x, int64_t xs, const uint32_t* wv, const uint32_t* iv, int64_t slice,
-                   int64_t count, float* sums, bool first) {
+                   int64_t count, int64_t full, __mmask32 tail, float* sums, bool first) {
   switch (rows) {
-    case 1: return dot_rows<B, 1>(x, xs, wv, iv, slice, count, sums, first);
-    case 2: return dot_rows<B, 2>(x, xs, wv, iv, slice, count, sums, first);
-    case 3: return dot_rows<B, 3>(x, xs, wv, iv, slice, count, sums, first);
-    case 4: return dot_rows<B, 4>(x, xs, wv, iv, slice, count, sums, first);
-    case 5: return dot_rows<B, 5>(x, xs, wv, iv, slice, count, sums, first);
-    case 6: return dot_rows<B, 6>(x, xs, wv, iv, slice, count, sums, first);
-    default: return dot_rows<B, kBatch>(x, xs, wv, iv, slice, count, sums, first);
+    case 1: return dot_rows<B, 1>(x, xs, wv, iv, slice, count, full, tail, sums, first);
+    case 2: return dot_rows<B, 2>(x, xs, wv, iv, slice, count, full, tail, sums, first);
+    case 3: return dot_rows<B, 3>(x, xs, wv, iv, slice, count, full, tail, sums, first);
+    case 4: return dot_rows<B, 4>(x, xs, wv, iv, slice, count, full, tail, sums, first);
+    case 5: return dot_rows<B, 5>(x, xs, wv, iv, slice, count, full, tail, sums, first);
+    case 6: return dot_rows<B, 6>(x, xs, wv, iv, slice, count, full, tail, sums, first);
+    default: return dot_rows<B, kBatch>(x, xs, wv, iv, slice, count, full, tail, sums, first);
   }
 }
 
 // Batch rows [b0, b1) against the B blocks laid out for one slice of `count` groups.
 template <int B>
 void dot_batch(const uint16_t* x, int64_t xs, int64_t b0, int64_t b1, const uint32_t* wv, const uint32_t* iv,
-               int64_t slice, int64_t count, float* sums, bool first) {
+               int64_t slice, int64_t count, int64_t full, __mmask32 tail, float* sums, bool first) {
   for (int64_t b = b0; b < b1; b += kBatch) {
     const int rows = static_cast<int>(std::min<int64_t>(kBatch, b1 - b));
-    dot_rows_tail<B>(rows, x + b * xs, xs, wv, iv, slice, count, sums + (b - b0) * kRowsPerTask, first);
+    dot_rows_tail<B>(rows, x + b * xs, xs, wv, iv, slice, count, full, tail, sums + (b - b0) * kRowsPerTask, first);
   }
 }
 
@@ -224,6 +235,10 @@ void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
   const int64_t tiles = (groups + kLanes - 1) / kLanes;
   const int64_t slices = (tiles + std::max<int64_t>(1, budget / tile_bytes) - 1) / std::max<int64_t>(1, budget / tile_bytes);
   const int64_t slice = (tiles + slices - 1) / slices * kLanes;  // groups per slice
+  // Groups before the row's last, partial octet (x is loaded 8 groups at a time), and the
+  // words of that octet the row has.
+  const int64_t whole_octets = groups / 8 * 8;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (4 * (groups % 8))) - 1);
   const int64_t row_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t batch_tasks = (m + kBatchPerTask - 1) / kBatchPerTask;
   const int64_t batch_step = (m + batch_tasks - 1) / batch_tasks;
@@ -244,9 +259,10 @@ void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
         const int64_t g1 = std::min(groups, g0 + slice);
         lay_out_rows(pairs, mt, n, groups, r, blocks, g0, g1, slice, wv, iv);
         const uint16_t* xg = xb + 4 * g0;
-        if (blocks == 3) dot_batch<3>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, sums, g0 == 0);
-        else if (blocks == 2) dot_batch<2>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, sums, g0 == 0);
-        else dot_batch<1>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, sums, g0 == 0);
+        const int64_t full = std::clamp<int64_t>(whole_octets - g0, 0, g1 - g0);
+        if (blocks == 3) dot_batch<3>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, full, tail, sums, g0 == 0);
+        else if (blocks == 2) dot_batch<2>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, full, tail, sums, g0 == 0);
+        else dot_batch<1>(xg, xs, b0, b1, wv, iv, slice, g1 - g0, full, tail, sums, g0 == 0);
       }
       store_rows(sums, b0, b1, r, std::min<int64_t>(kRowsPerTask, n - r), yb, n, bb);
     }

@@ -222,7 +222,7 @@ void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
   if (reinterpret_cast<uintptr_t>(v.data_ptr()) % 4 != 0) v = v.clone();
   const uint32_t* pairs = static_cast<const uint32_t*>(v.data_ptr());
   const uint8_t* mt = meta.data_ptr<uint8_t>();
-  // x is read in place, one 8-byte group at a time: only its columns must be dense.
+  // x is read in place, 8 groups (64 bytes) at a time: only its columns must be dense.
   const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
   const int64_t xs = xc.stride(0);
@@ -232,8 +232,8 @@ void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
   // Slices of whole 16-group tiles, equal in size, each within the L2 budget.
   const int64_t tile_bytes = 2 * kBlocks * kLanes * kLanes * static_cast<int64_t>(sizeof(uint32_t));
   const int64_t budget = std::clamp<int64_t>(l2_cache_bytes() / 4, 16 * 1024, kSliceBytes);
-  const int64_t tiles = (groups + kLanes - 1) / kLanes;
-  const int64_t slices = (tiles + std::max<int64_t>(1, budget / tile_bytes) - 1) / std::max<int64_t>(1, budget / tile_bytes);
+  const int64_t tiles = (groups + kLanes - 1) / kLanes, tiles_max = std::max<int64_t>(1, budget / tile_bytes);
+  const int64_t slices = (tiles + tiles_max - 1) / tiles_max;
   const int64_t slice = (tiles + slices - 1) / slices * kLanes;  // groups per slice
   // Groups before the row's last, partial octet (x is loaded 8 groups at a time), and the
   // words of that octet the row has.

@@ -290,3 +290,46 @@ def test_non_finite_dy_reaches_the_same_columns_on_every_path(level, bad, seed):
     assert torch.equal(few.isfinite(), panel.isfinite())
     assert torch.equal(few.isfinite(), ~kept)
     assert_close_rel(few[~kept], panel[~kept], 1e-6, "finite columns")
+
+
+_HAS_BF16_DOT = sk._extension.compiled() and sk._extension.cpu_bf16_step() in ("dot", "amx")
+
+
+@pytest.mark.skipif(not _HAS_BF16_DOT, reason="the CPU has no AVX512-BF16 dot products")
+@pytest.mark.parametrize("out_f,in_f,batch", [(40, 64, 4), (37, 4100, 9), (3, 8, 151), (5, 36, 40),
+                                              (300, 1028, 33), (17, 20, 8), (33, 100, 2)])
+def test_bf16_weight_gradient_on_dot_products(out_f, in_f, batch, seed):
+    """bf16 dvalues from 4 rows on (sparse24_dot_sddmm.cpp: pairs of batch rows, 16 rows of
+    W in the lanes): odd batches (a zero partner row), rows past the last block of 16,
+    groups past the last chunk of 4 (4100 and 20 columns), zero rows of W. Against float64,
+    against the fp32 sums the few-rows / panel kernels take (same bf16 result but where
+    two orders of fp32 sums round apart), and with the same bits on one and two threads."""
+    s24, dy, x = _case(out_f, in_f, batch, torch.bfloat16, seed, zero_rows=(1,))
+    fn = lambda: C.sparse24_sddmm(dy, x, s24.values, s24.meta)  # noqa: E731
+    one, two = with_threads(1, fn), with_threads(2, fn)
+    want = _want(s24, dy, x)[1]
+    assert two.dtype == torch.bfloat16 and two.shape == s24.values.shape
+    assert_close_rel(two, want, _TOL[torch.bfloat16], "sparse24_sddmm (dot)")
+    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+    C.cpu_force_bf16_step("widen")
+    try:
+        widened = fn()
+    finally:
+        C.cpu_force_bf16_step(None)
+    assert_close_rel(two, widened, 1e-2, "dot vs fp32 sums")
+    fp32_sums = sk.reference.sparse24_sddmm(dy.float(), x.float(), s24.meta).to(torch.bfloat16)
+    assert (two == fp32_sums).float().mean() > 0.98
+
+
+@pytest.mark.skipif(not _HAS_BF16_DOT, reason="the CPU has no AVX512-BF16 dot products")
+def test_bf16_weight_gradient_keeps_non_finite_values_to_their_entries(seed):
+    """A NaN in x reaches exactly the entries whose kept column it is; an inf in dy the
+    whole row of W it belongs to (as inf or NaN); the other entries stay finite."""
+    s24, dy, x = _case(20, 40, 12, torch.bfloat16, seed)
+    x[3, 5] = float("nan")
+    dy[7, 2] = float("inf")
+    got = C.sparse24_sddmm(dy, x, s24.values, s24.meta)
+    cols = s24.to_dense().ne(0).nonzero()[:, 1].view(20, -1)  # each row's kept columns in order
+    bad = (cols == 5)
+    bad[2] = True
+    assert torch.equal(~got.isfinite(), bad)

@@ -214,6 +214,16 @@ constexpr int64_t kDotMinRows = 7;
 void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, const at::Tensor& meta,
                   const at::Tensor* bias);
 
+// sparse24_dot_sddmm (sparse24_dot_sddmm.cpp): dvalues [N, K / 2] (bf16, contiguous) =
+// (dy2^T x2) at W's kept positions for bf16 dy2 [M, N] and x2 [M, K], on AVX512-BF16 dot
+// products over pairs of batch rows, for batches of kDotSddmmMinRows rows or more on a
+// CPU where bf16_step() >= kDot. meta (contiguous) must have been checked. From 4 rows
+// on it beats the few-rows kernels of fp32 sums at 1024 -> 1024 (2 threads, us, those /
+// dot: 1 row 71 / 93, 3 rows 92 / 98, 4 rows 102 / 99, 7 rows 140 / 113); at 4096 -> 4096
+// it does from one row (ms: 1 row 2.3 / 1.9, 4 rows 3.3 / 2.0, 7 rows 12.5 / 2.2).
+constexpr int64_t kDotSddmmMinRows = 4;
+void sparse24_dot_sddmm(const at::Tensor& dy2, const at::Tensor& x2, at::Tensor& dvalues, const at::Tensor& meta);
+
 // Whether a product of m rows computed in ct runs the few-rows kernels: at most `bound`
 // rows (kFewRows, kFewRowsCsr), fp32 compute, a CPU with SIMD kernels.
 inline bool runs_few_rows(at::ScalarType ct, int64_t m, int64_t bound) {

@@ -29,6 +29,9 @@
 //   panel rows at the row's kept columns (sddmm24), a task being a block of rows that
 //   sweeps K in L1-sized slices of x's panel, panel after panel; decode-sized batches
 //   skip the panels (sddmm24_few: per vector of kept entries, a permute per batch row).
+//   bf16 operands from kDotSddmmMinRows rows on a CPU with AVX512-BF16 take
+//   sparse24_dot_sddmm (sparse24_dot_sddmm.cpp) instead: bf16 pairs of batch rows in
+//   dot products, the result written as bf16 directly.
 #include "csr_common.h"
 #include "simd_rows.h"
 #include "sparse24_expand.h"
@@ -572,6 +575,13 @@ at::Tensor sparse24_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const a
   if (m == 0 || n == 0 || k == 0) {
     check_meta24("sparse24_sddmm", mc);
     return at::zeros(values.sizes(), values.options());
+  }
+  if (m >= kDotSddmmMinRows && dy.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 &&
+      bf16_step() >= Bf16Step::kDot) {
+    check_meta24("sparse24_sddmm", mc);
+    at::Tensor dvalues = at::empty(values.sizes(), values.options().memory_format(at::MemoryFormat::Contiguous));
+    sparse24_dot_sddmm(dy.reshape({m, n}), x.reshape({m, k}), dvalues, mc);
+    return dvalues;
   }
   // Written in the compute dtype: into the result itself where that is values' dtype.
   at::Tensor acc = at::empty(values.sizes(), values.options().dtype(ct));

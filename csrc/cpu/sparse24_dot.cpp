@@ -21,10 +21,10 @@
 // bytes) and every dot product loaded its own 64 bytes of them. That ran at the load
 // ports' rate, 2.3 G dot products per second and core on Zen 4 with everything in L1
 // (the unit allows 3.65), and the product of (256, 4096 -> 4096) took 22.1 ms at 2
-// threads against the dense bf16 GEMM's 20.3. A permute beside each dot product costs
-// nothing there (3.6 G per second, the permutes have a pipe of their own), but a
-// broadcast of x's 8 bytes from memory takes that pipe too: 2.65 G with one per 2
-// permutes, 3.66 with a plain load instead; the product 17.9 -> 15.1 ms.
+// threads against the dense bf16 GEMM's 20.3. A distinct permute before every dot
+// product bounds the pair at about 2.7 G per second (DEVELOPERS.md), and a broadcast of
+// x's 8 bytes from memory takes the permutes' pipe too: with it the loop lost a further
+// quarter against a plain 64-byte load; the product 17.9 -> 15.1 ms.
 //
 // The pairs and indices of a task's rows are laid out per group ([block][group][16],
 // 16 x 16 tiles transposed in registers) once per task and slice of groups: O(N K) work
@@ -35,6 +35,7 @@
 // depend on the blocking, the slice or the thread, and comes out bit for bit as the
 // batch-lane form did. The result is rounded to bf16 as c10::BFloat16 rounds (to
 // nearest even, NaN as 0x7FC0), after the bias is added in fp32.
+#include "bf16_round.h"
 #include "csr_common.h"
 
 #include <torch/library.h>
@@ -191,7 +192,6 @@ void dot_batch(const uint16_t* x, int64_t xs, int64_t b0, int64_t b1, const uint
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float* sums, int64_t b0, int64_t b1, int64_t r,
                                                             int64_t cols, uint16_t* y, int64_t ys,
                                                             const uint16_t* bias) {
-  const __m512i bias_round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), nan = _mm512_set1_epi32(0x7FC0);
   for (int64_t c = 0; c < cols; c += kLanes) {
     const int left = static_cast<int>(std::min<int64_t>(kLanes, cols - c));
     const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
@@ -201,11 +201,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float
     for (int64_t b = b0; b < b1; ++b) {
       __m512 v = _mm512_load_ps(sums + (b - b0) * kRowsPerTask + c);
       if (bias) v = _mm512_add_ps(v, add);
-      const __m512i u = _mm512_castps_si512(v);
-      __m512i h = _mm512_srli_epi32(
-          _mm512_add_epi32(u, _mm512_add_epi32(bias_round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
-      h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
-      _mm256_mask_storeu_epi16(y + b * ys + r + c, mask, _mm512_cvtepi32_epi16(h));
+      _mm256_mask_storeu_epi16(y + b * ys + r + c, mask, round_to_bf16(v));
     }
   }
 }

@@ -388,6 +388,13 @@ at::Tensor gather_values(const at::Tensor& vals, const at::Tensor& perm, at::Sca
 // (0.5 ms per 8 MiB measured here, as much as the kernel at high sparsity).
 constexpr int kWorkspaceSlots = 5;
 at::Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype);
+
+// p moved up to the next 64-byte boundary (a cache line, an aligned zmm load): for
+// scratch allocated with 64 bytes of slack.
+template <typename T>
+T* align64(T* p) {
+  return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(T);
+}
 // Frees this thread's scratch buffers.
 void release_workspace();
 

@@ -576,16 +576,16 @@ at::Tensor sparse24_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const a
     check_meta24("sparse24_sddmm", mc);
     return at::zeros(values.sizes(), values.options());
   }
+  const at::Tensor dy2 = dy.reshape({m, n}), x2 = x.reshape({m, k});
   if (m >= kDotSddmmMinRows && dy.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16 &&
       bf16_step() >= Bf16Step::kDot) {
     check_meta24("sparse24_sddmm", mc);
-    at::Tensor dvalues = at::empty(values.sizes(), values.options().memory_format(at::MemoryFormat::Contiguous));
-    sparse24_dot_sddmm(dy.reshape({m, n}), x.reshape({m, k}), dvalues, mc);
+    at::Tensor dvalues = at::empty(values.sizes(), values.options());
+    sparse24_dot_sddmm(dy2, x2, dvalues, mc);
     return dvalues;
   }
   // Written in the compute dtype: into the result itself where that is values' dtype.
   at::Tensor acc = at::empty(values.sizes(), values.options().dtype(ct));
-  const at::Tensor dy2 = dy.reshape({m, n}), x2 = x.reshape({m, k});
   if (runs_few_rows(ct, m, kFewRowsBackward)) {
     if (!sddmm24_few_rows(dy2, x2, acc.data_ptr<float>(), mc)) meta24_invalid("sparse24_sddmm");
   } else {

@@ -242,8 +242,7 @@ void sparse24_dot(const at::Tensor& x2, at::Tensor& y, const at::Tensor& vals, c
     // This thread's laid-out rows (pairs, then indices) and partial sums, 64-byte aligned.
     const int64_t lay_words = kBlocks * slice * kLanes;
     at::Tensor scratch = workspace(1, {2 * lay_words + batch_step * kRowsPerTask + 16}, at::kInt);
-    uint32_t* base = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
-    base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64 / sizeof(uint32_t);
+    uint32_t* base = align64(reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>()));
     uint32_t* wv = base;
     uint32_t* iv = base + lay_words;
     float* sums = reinterpret_cast<float*>(base + 2 * lay_words);

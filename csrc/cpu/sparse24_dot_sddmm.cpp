@@ -1,6 +1,6 @@
 // The CPU 2:4 weight gradient of bf16 batches on AVX512-BF16 dot products:
 // dvalues [N, K/2] (bf16) = (dy^T x) at W's kept positions, for bf16 dy [M, N] and x [M, K],
-// M >= kDotMinRows (sparse24_sddmm_cpu's other kernels widen to fp32 panels).
+// M >= kDotSddmmMinRows (sparse24_sddmm_cpu's other kernels widen to fp32 panels).
 //
 // VDPBF16PS adds pairs of products: lane j += a[2j] b[2j] + a[2j+1] b[2j+1]. Here a pair is
 // two batch rows: an entry dvalues[o, 2g + i] sums dy[b, o] x[b, c] over b, c being the
@@ -45,22 +45,20 @@ constexpr int kChunkGroups = 4;  // groups per chunk (16 columns)
 constexpr int kSums = 2 * kChunkGroups;
 
 // out[j][p][l] = src[2p, 16 j + l] | src[2p + 1, 16 j + l] << 16 (the bf16 words of two
-// rows side by side) for blocks j in [j0, j1) of 16 columns; zero past m rows and w
-// columns. src: [m, w] bf16 words, row stride ss.
+// rows side by side) for block j of 16 columns; zero past m rows and w columns.
+// src: [m, w] bf16 words, row stride ss.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_pairs(const uint16_t* src, int64_t ss, int64_t m,
-                                                                  int64_t w, int64_t pairs, int64_t j0, int64_t j1,
+                                                                  int64_t w, int64_t pairs, int64_t j,
                                                                   uint32_t* out) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t cols = std::min<int64_t>(kLanes, w - kLanes * j);
-    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
-    uint32_t* o = out + j * pairs * kLanes;
-    for (int64_t p = 0; p < pairs; ++p) {
-      const uint16_t* r0 = src + 2 * p * ss + kLanes * j;
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0));
-      const __m512i hi = 2 * p + 1 < m ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0 + ss))
-                                       : _mm512_setzero_si512();
-      _mm512_store_si512(o + p * kLanes, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
+  const int64_t cols = std::min<int64_t>(kLanes, w - kLanes * j);
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+  uint32_t* o = out + j * pairs * kLanes;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* r0 = src + 2 * p * ss + kLanes * j;
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0));
+    const __m512i hi = 2 * p + 1 < m ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0 + ss))
+                                     : _mm512_setzero_si512();
+    _mm512_store_si512(o + p * kLanes, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
   }
 }
 
@@ -150,18 +148,14 @@ void sparse24_dot_sddmm(const at::Tensor& dy2, const at::Tensor& x2, at::Tensor&
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
   // Both packed operands, 64-byte aligned (16 extra words of slack each).
   const int64_t dy_words = row_blocks * pairs * kLanes, x_words = chunks * pairs * kLanes;
-  at::Tensor dy_buf = workspace(0, {dy_words + kLanes}, at::kInt);
-  at::Tensor x_buf = workspace(1, {x_words + kLanes}, at::kInt);
-  auto aligned = [](at::Tensor& t) {
-    uint32_t* p = reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>());
-    return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(uint32_t);
-  };
-  uint32_t* dyp = aligned(dy_buf);
-  uint32_t* xp = aligned(x_buf);
+  const at::Tensor dy_buf = workspace(0, {dy_words + kLanes}, at::kInt);
+  const at::Tensor x_buf = workspace(1, {x_words + kLanes}, at::kInt);
+  uint32_t* dyp = align64(reinterpret_cast<uint32_t*>(dy_buf.data_ptr<int32_t>()));
+  uint32_t* xp = align64(reinterpret_cast<uint32_t*>(x_buf.data_ptr<int32_t>()));
   at::parallel_for(0, row_blocks + chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      if (j < row_blocks) pack_pairs(dyb, dyc.stride(0), m, n, pairs, j, j + 1, dyp);
-      else pack_pairs(xb, xc.stride(0), m, k, pairs, j - row_blocks, j - row_blocks + 1, xp);
+      if (j < row_blocks) pack_pairs(dyb, dyc.stride(0), m, n, pairs, j, dyp);
+      else pack_pairs(xb, xc.stride(0), m, k, pairs, j - row_blocks, xp);
     }
   });
 
@@ -184,7 +178,7 @@ void sparse24_dot_sddmm(const at::Tensor& dy2, const at::Tensor& x2, at::Tensor&
     // block's codes for the range, 64-byte aligned.
     const int64_t width = (kSums * per_range + kLanes - 1) / kLanes * kLanes;
     std::vector<float> buf(static_cast<size_t>((2 * width + per_range + 1) * kLanes));
-    float* tile = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64 / sizeof(float);
+    float* tile = align64(buf.data());
     float* row_major = tile + width * kLanes;
     uint32_t* codes = reinterpret_cast<uint32_t*>(row_major + width * kLanes);
     for (int64_t task = begin; task < end; ++task) {
